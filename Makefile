@@ -1,0 +1,35 @@
+# Two commands do all the set-up: `make demo` and `make test`.
+# Bring your own torch with e.g. `make TORCH="torch==2.5.1" test`, or TORCH= to keep the one installed.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+DEMO_DIR ?= demo_checkpoints
+PORT ?= 8888
+
+.PHONY: demo test venv bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# CPU torch goes in first, so the project's `torch>=2.4` finds it and pulls no CUDA build.
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(if $(strip $(TORCH)),$(BIN)/python -m pip install --quiet "$(TORCH)")
+	$(BIN)/python -m pip install --quiet -e ".[lab,test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(BIN)/python -m pytest
+
+demo: venv
+	$(BIN)/python -m ckptview.demo $(DEMO_DIR)
+	$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(PORT) --no-browser --notebook-dir=. notebooks/explore.ipynb
+
+bench: venv
+	$(BIN)/python bench/open_bench.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) test-artifacts

@@ -1,0 +1,56 @@
+"""
+ckptview: open, inspect, check, compare and run deep-learning checkpoints.
+
+    >>> import ckptview
+    >>> with ckptview.open("model.pt") as ckpt:
+    ...     for entry in ckpt.tensors():
+    ...         print(entry.name, entry.shape, entry.dtype)
+"""
+
+from __future__ import annotations
+
+import os
+
+from ckptview import errors
+from ckptview.errors import CkptviewError
+from ckptview.readers import Checkpoint, PickledObject, PickleImport, TensorEntry, open_checkpoint
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "open",
+    "Checkpoint",
+    "TensorEntry",
+    "PickledObject",
+    "PickleImport",
+    "CkptviewError",
+    "errors",
+]
+
+
+def open(path: str | os.PathLike[str], *, trust: bool = False) -> Checkpoint:  # noqa: A001 - mirrors safetensors' safe_open
+    """
+    Open a checkpoint lazily: names, shapes and dtypes come from headers; tensor data is read on demand.
+
+    Args:
+        path: a `.pt/.pth/.bin/.ckpt` file (torch zip or legacy pickle), a `.safetensors` file, a
+            sharded `*.index.json`, a TorchScript archive, a `torch.distributed.checkpoint`
+            directory, or a directory holding one of these. The format is found from the content.
+        trust: allow code named by the file to run when you ask for objects that need it (whole
+            pickled modules, TorchScript). Listing never runs code, trusted or not.
+
+    Returns:
+        A `Checkpoint`, usable as a context manager that closes its files.
+
+    Raises:
+        CheckpointNotFoundError, CheckpointPermissionError: the path cannot be read.
+        UnsupportedFormatError: not a format ckptview knows; the message says what the file is.
+        CorruptCheckpointError, TruncatedCheckpointError: a known format, damaged or cut off.
+        ShardError: a sharded set whose index and shard files disagree.
+
+    Example:
+        >>> with ckptview.open("resnet.pt") as ckpt:
+        ...     ckpt.tensor("fc.weight").shape
+        (1000, 512)
+    """
+    return open_checkpoint(path, trust=trust)

@@ -1,0 +1,77 @@
+"""
+Every error ckptview raises, in one tree. Each carries the path it is about, and its message
+says what the file is and what to do.
+
+    CkptviewError
+    ├── CheckpointNotFoundError        the path does not exist
+    ├── CheckpointPermissionError      the path exists but cannot be read
+    ├── UnsupportedFormatError         readable, but not a checkpoint format ckptview knows
+    ├── CorruptCheckpointError         a checkpoint format, but damaged
+    │   └── TruncatedCheckpointError   ... because it was cut off
+    ├── ShardError                     a sharded set with a missing, extra or inconsistent shard
+    ├── UntrustedCodeError             the operation needs to run code from the file
+    ├── ModelBuildError                a model factory could not be imported or called
+    └── TensorDataError                a tensor's bytes cannot be turned into a torch.Tensor
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = [
+    "CkptviewError",
+    "CheckpointNotFoundError",
+    "CheckpointPermissionError",
+    "UnsupportedFormatError",
+    "CorruptCheckpointError",
+    "TruncatedCheckpointError",
+    "ShardError",
+    "UntrustedCodeError",
+    "ModelBuildError",
+    "TensorDataError",
+]
+
+
+class CkptviewError(Exception):
+    """Base of every ckptview error. `path` is the file concerned (or None); `reason` the bare message."""
+
+    def __init__(self, path: str | os.PathLike[str] | None, reason: str) -> None:
+        self.path = None if path is None else os.fspath(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}" if self.path is not None else reason)
+
+
+class CheckpointNotFoundError(CkptviewError, FileNotFoundError):
+    """The path does not exist."""
+
+
+class CheckpointPermissionError(CkptviewError, PermissionError):
+    """The path exists but this user may not read it."""
+
+
+class UnsupportedFormatError(CkptviewError):
+    """The file can be read but is not a checkpoint format ckptview knows."""
+
+
+class CorruptCheckpointError(CkptviewError):
+    """The file is a known checkpoint format but its contents are damaged."""
+
+
+class TruncatedCheckpointError(CorruptCheckpointError):
+    """The file ends before its own structure says it should: it was cut off."""
+
+
+class ShardError(CkptviewError):
+    """A sharded checkpoint whose index and shard files disagree."""
+
+
+class UntrustedCodeError(CkptviewError):
+    """The operation needs to import or run code named by the file; pass trust=True if you trust it."""
+
+
+class ModelBuildError(CkptviewError):
+    """A model or factory given by the user could not be imported, called or used."""
+
+
+class TensorDataError(CkptviewError):
+    """A tensor's stored bytes cannot be turned into a torch.Tensor (unsupported layout, missing data)."""

@@ -1,0 +1,111 @@
+"""
+Many files as one checkpoint: sharded sets described by a `*.index.json` (safetensors or torch
+`.bin` shards), `torch.distributed.checkpoint` directories, and folders holding one checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from ckptview.errors import CorruptCheckpointError, ShardError, UnsupportedFormatError
+from ckptview.readers.model import Checkpoint, TensorInfo
+
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl")
+_SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<total>\d+)(?P<suffix>\.\w+)$")
+
+
+def open_directory(path: str, *, trust: bool) -> Checkpoint:
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as exc:
+        raise UnsupportedFormatError(path, f"a directory that cannot be listed ({exc.strerror})") from exc
+    if ".metadata" in names:
+        from ckptview.readers.dcp import read_dcp
+
+        return read_dcp(path, trust=trust)
+    indexes = [n for n in names if n.endswith(".index.json")]
+    if len(indexes) == 1:
+        return open_index(os.path.join(path, indexes[0]), trust=trust)
+    candidates = [n for n in names if n.endswith(_CHECKPOINT_SUFFIXES) and os.path.isfile(os.path.join(path, n))]
+    if not indexes and len(candidates) == 1:
+        from ckptview.readers import open_checkpoint
+
+        return open_checkpoint(os.path.join(path, candidates[0]), trust=trust)
+    listed = ", ".join((indexes or candidates or names)[:8]) or "nothing"
+    raise UnsupportedFormatError(
+        path, f"a directory, not a checkpoint file; it holds {listed}. Open one of these files, or a "
+              "*.index.json of a sharded set.")
+
+
+def open_index(path: str, *, trust: bool) -> Checkpoint:
+    """A sharded set: one Checkpoint whose tensors come from each shard, every shard read lazily."""
+    try:
+        with open(path, "rb") as stream:
+            index = json.load(stream)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(path, f"this JSON file cannot be parsed ({exc}); re-download it.") from exc
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        from ckptview.readers.sniff import SUPPORTED
+
+        raise UnsupportedFormatError(path, f"a JSON document without a weight_map, not a shard index; {SUPPORTED}.")
+    folder = os.path.dirname(os.path.abspath(path))
+    shard_names = list(dict.fromkeys(str(v) for v in weight_map.values()))
+    missing = [n for n in shard_names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise ShardError(path, f"shard {missing[0]} listed in the index is missing from {folder}"
+                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                               + ": download or copy every shard next to the index.")
+    _check_extra_shards(path, folder, shard_names)
+
+    from ckptview.readers import open_checkpoint
+
+    shards: dict[str, Checkpoint] = {}
+    try:
+        for name in shard_names:
+            shards[name] = open_checkpoint(os.path.join(folder, name), trust=trust)
+    except Exception:
+        for opened in shards.values():
+            opened.close()
+        raise
+    by_shard = {name: {entry.name: entry.info for entry in ckpt.tensors()} for name, ckpt in shards.items()}
+    root: dict[str, TensorInfo] = {}
+    absent: list[str] = []
+    for tensor_name, shard_name in weight_map.items():
+        info = by_shard[str(shard_name)].get(tensor_name)
+        if info is None:
+            absent.append(f"{tensor_name} (index says {shard_name})")
+        else:
+            root[tensor_name] = info
+    unlisted = [f"{n} (in {s})" for s, tensors in by_shard.items() for n in tensors if n not in weight_map]
+    problems = []
+    if absent:
+        problems.append(f"{len(absent)} weight_map entries point to tensors absent from their shard: " + ", ".join(absent[:10]))
+    if unlisted:
+        problems.append(f"{len(unlisted)} tensors in shards are not in the weight_map: " + ", ".join(unlisted[:10]))
+    kinds = {ckpt.format for ckpt in shards.values()}
+    format_name = ("safetensors" if kinds == {"safetensors"} else "torch") + "-sharded"
+    metadata = {str(k): str(v) for k, v in (index.get("metadata") or {}).items()} if isinstance(index.get("metadata"), dict) else {}
+    return Checkpoint(
+        path, format_name, root,
+        file_size=sum(ckpt.file_size for ckpt in shards.values()) + os.path.getsize(path),
+        sources=[source for ckpt in shards.values() for source in ckpt._sources],
+        metadata=metadata,
+        pickle_imports=[imp for ckpt in shards.values() for imp in ckpt.pickle_imports],
+        trust=trust,
+        details={"shards": shard_names, "missing_tensors": absent, "unlisted_tensors": unlisted, "problems": problems},
+    )
+
+
+def _check_extra_shards(path: str, folder: str, shard_names: list[str]) -> None:
+    """A file named like a shard of this set (`stem-000NN-of-000MM.ext`) that the index does not list."""
+    patterns = {(m["stem"], m["total"], m["suffix"]) for m in map(_SHARD_NAME.match, shard_names) if m}
+    listed = set(shard_names)
+    for name in sorted(os.listdir(folder)):
+        match = _SHARD_NAME.match(name)
+        if match and (match["stem"], match["total"], match["suffix"]) in patterns and name not in listed:
+            raise ShardError(path, f"shard file {name} is in {folder} but the index does not list it: the index "
+                                   "belongs to a different save, or a shard was left over. Remove the stray file "
+                                   "or use the matching index.")
+

@@ -1,0 +1,524 @@
+"""
+The lazy tree every layer above the readers sees: `Checkpoint`, its `TensorEntry`s, and the
+stand-ins for objects the file describes but ckptview does not build (`PickledObject`).
+
+A reader turns a file into a tree of plain containers, numbers, strings, `TensorInfo` leaves
+(shape, dtype and where the bytes live: nothing is read) and `PickledObject`s. Names are given
+by walking the tree, so one stored tensor reachable under two names (tied weights) is one
+`TensorInfo` with two `TensorEntry`s.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from ckptview.errors import CorruptCheckpointError, TensorDataError, TruncatedCheckpointError
+
+DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+class FileSource:
+    """
+    Positional reads from one file, shared by every storage in it. `os.preadv` reads straight
+    into the caller's buffer and keeps no file position, so threads can read concurrently.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+
+    def _fileno(self) -> int:
+        if self._fd is None:
+            with self._lock:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return self._fd
+
+    def read_into(self, buffer: memoryview, offset: int) -> None:
+        fd = self._fileno()
+        done = 0
+        while done < len(buffer):
+            got = os.preadv(fd, [buffer[done:]], offset + done)
+            if got == 0:
+                raise TruncatedCheckpointError(
+                    self.path,
+                    f"the file ends at byte {offset + done:,} but a tensor's data continues to byte "
+                    f"{offset + len(buffer):,}: the file was cut off while copying or saving. "
+                    "Copy it again or re-save it.",
+                )
+            done += got
+
+    def read(self, offset: int, size: int) -> bytes:
+        buffer = bytearray(size)
+        self.read_into(memoryview(buffer), offset)
+        return bytes(buffer)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+@dataclass(frozen=True)
+class Storage:
+    """One stored block of bytes that tensors view; `key` is unique within its checkpoint."""
+
+    key: str
+    source: FileSource
+    offset: int  # absolute byte offset in `source`
+    nbytes: int
+    location: str  # the device it was saved on, as torch wrote it: "cpu", "cuda:7", "mps"
+    byteorder: str = "little"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor as the file describes it; its data stays on disk until an entry loads it."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    storage: Storage | None
+    storage_offset: int = 0  # in elements of `dtype`
+    stride: tuple[int, ...] = ()
+    layout: str = "strided"  # strided | quantized | sparse_coo | sparse_csr | ... | meta | unsupported
+    requires_grad: bool = False
+    is_parameter: bool = False
+    quantizer: tuple[Any, ...] | None = None  # (qscheme name, scale(s), zero point(s)[, axis])
+    components: Mapping[str, TensorInfo] | None = None  # sparse: indices/values/...
+    subclass: str | None = None  # class path of a tensor subclass the file names
+    note: str | None = None  # why the data cannot be loaded, for unsupported layouts
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        if self.components:
+            return sum(part.nbytes for part in self.components.values())
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def device(self) -> str:
+        if self.layout == "meta":
+            return "meta"
+        if self.storage is not None:
+            return self.storage.location
+        if self.components:
+            return next(iter(self.components.values())).device
+        return "cpu"
+
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for size, stride in zip(reversed(self.shape), reversed(self.stride)):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+    def with_flags(self, **changes: Any) -> TensorInfo:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """
+    A named tensor of a checkpoint. Everything but `load()`/`iter_chunks()` comes from headers.
+
+    Example:
+        >>> entry = ckpt.tensor("conv1.weight")
+        >>> entry.shape, entry.dtype, entry.device
+        ((64, 3, 7, 7), torch.float32, 'cuda:0')
+        >>> entry.load().std()
+    """
+
+    name: str
+    info: TensorInfo = field(repr=False)
+    path: tuple[Any, ...] = field(default=(), repr=False, compare=False)  # keys from the root
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.info.dtype
+
+    @property
+    def numel(self) -> int:
+        return self.info.numel
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.nbytes
+
+    @property
+    def device(self) -> str:
+        return self.info.device
+
+    @property
+    def layout(self) -> str:
+        return self.info.layout
+
+    @property
+    def storage_key(self) -> str | None:
+        return None if self.info.storage is None else self.info.storage.key
+
+    def load(self) -> torch.Tensor:
+        """Read this tensor's bytes and return it as a CPU `torch.Tensor` (strides as saved)."""
+        return load_tensor(self.info, self.name)
+
+    def iter_chunks(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *, reuse_buffer: bool = False) -> Iterator[torch.Tensor]:
+        """
+        Yield the tensor's elements in memory order as 1-D tensors of at most `chunk_bytes`.
+
+        Memory stays bounded by one chunk. With `reuse_buffer=True` every chunk is written into
+        the same buffer, so a chunk is valid only until the next one is requested; that saves
+        an allocation per chunk when the caller only reduces each chunk (statistics, diffs).
+        """
+        return iter_tensor_chunks(self.info, self.name, chunk_bytes, reuse_buffer=reuse_buffer)
+
+
+class PickledObject:
+    """
+    Stand-in for an object of a class the pickle names but ckptview will not import.
+
+    Subclasses are made per class path by the unpickler, so `type(obj).class_path` says what
+    the file wanted; the constructor arguments and state are kept as data, never acted on.
+    """
+
+    class_path = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> PickledObject:
+        obj = super().__new__(cls)
+        obj.args = args
+        obj.kwargs = kwargs
+        obj.state = None
+        obj.items = {}
+        obj.list_items = []
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass  # REDUCE calls the class; __new__ has recorded the arguments already
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.items[key] = value
+
+    def append(self, value: Any) -> None:
+        self.list_items.append(value)
+
+    def extend(self, values: Sequence[Any]) -> None:
+        self.list_items.extend(values)
+
+    def __repr__(self) -> str:
+        return f"<{self.class_path} (not imported)>"
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        """The object's `__dict__` as the pickle stored it (empty when it stored none)."""
+        state = self.state
+        if isinstance(state, tuple) and len(state) == 2 and (state[0] is None or isinstance(state[0], dict)):
+            merged = dict(state[0] or {})
+            merged.update(state[1] or {})
+            return merged
+        return dict(state) if isinstance(state, dict) else {}
+
+    def is_module(self) -> bool:
+        """True for a pickled `nn.Module`: its state has the module's parameter/buffer/child dicts."""
+        attributes = self.attributes
+        return "_parameters" in attributes and "_modules" in attributes
+
+    def children(self) -> Iterator[tuple[Any, Any]]:
+        """(key, value) pairs under this object, named as `state_dict()` would for a module."""
+        attributes = self.attributes
+        if self.is_module():
+            for group in ("_parameters", "_buffers", "_modules"):
+                for key, value in _mapping_items(attributes.get(group)):
+                    if value is not None:
+                        yield key, value
+            return
+        if attributes:
+            yield from attributes.items()
+        elif self.state is not None:
+            yield "state", self.state
+        yield from self.items.items()
+        yield from enumerate(self.list_items)
+        if not attributes and self.state is None and self.args:
+            yield from enumerate(self.args)
+
+
+def _mapping_items(value: Any) -> Iterator[tuple[Any, Any]]:
+    if isinstance(value, Mapping):
+        yield from value.items()
+    elif isinstance(value, PickledObject):
+        yield from value.items.items()
+
+
+def children_of(node: Any) -> Iterator[tuple[Any, Any]] | None:
+    """The (key, child) pairs of a container node, or None for a leaf."""
+    if isinstance(node, Mapping):
+        return iter(node.items())
+    if isinstance(node, (list, tuple)):
+        return iter(enumerate(node))
+    if isinstance(node, PickledObject):
+        return node.children()
+    return None
+
+
+def walk_tensors(root: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], TensorInfo]]:
+    """Every (path, TensorInfo) under `root`, depth first, in the file's order; cycles visited once."""
+    stack: list[tuple[tuple[Any, ...], Any]] = [(prefix, root)]
+    seen_containers: set[int] = set()
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, TensorInfo):
+            yield path, node
+            continue
+        children = children_of(node)
+        if children is None or id(node) in seen_containers:
+            continue
+        seen_containers.add(id(node))
+        stack.extend(reversed([(path + (key,), child) for key, child in children]))
+
+
+def dotted_name(path: Sequence[Any]) -> str:
+    return ".".join(str(part) for part in path)
+
+
+@dataclass(frozen=True)
+class PickleImport:
+    """A global the file's pickle names beyond the allow-list, and how often it is used."""
+
+    name: str  # "module.qualname", e.g. "posix.system"
+    count: int
+
+
+class Checkpoint:
+    """
+    An opened checkpoint: a lazy tree of the file's contents. Use as a context manager.
+
+    Attributes:
+        path: the file (or index / directory) opened.
+        format: what the content is, e.g. "torch-zip", "torch-legacy", "safetensors".
+        root: the tree: dicts, lists, numbers, strings, `TensorInfo` leaves, `PickledObject`s.
+        metadata: free-form string metadata (safetensors `__metadata__`), else empty.
+        pickle_imports: globals outside the allow-list the file names (empty when it needs no code).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        format: str,
+        root: Any,
+        *,
+        file_size: int,
+        sources: Sequence[FileSource] = (),
+        metadata: Mapping[str, str] | None = None,
+        pickle_imports: Sequence[PickleImport] = (),
+        trust: bool = False,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.format = format
+        self.root = root
+        self.file_size = file_size
+        self.metadata = dict(metadata or {})
+        self.pickle_imports = tuple(pickle_imports)
+        self.trust = trust
+        self.details = dict(details or {})
+        self._sources = list(sources)
+        self._tensors: list[TensorEntry] | None = None
+        self._by_name: dict[str, TensorEntry] | None = None
+        self._cache: dict[str, Any] = {}
+        self._cache_lock = threading.Lock()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for source in self._sources:
+            source.close()
+
+    def __repr__(self) -> str:
+        return f"<Checkpoint {self.format} {os.path.basename(self.path)!r}: {len(self.tensors())} tensors>"
+
+    @property
+    def needs_trust(self) -> bool:
+        """True when the pickle names globals outside the allow-list (code ckptview did not run)."""
+        return bool(self.pickle_imports)
+
+    def tensors(self) -> list[TensorEntry]:
+        """Every tensor in the file, named by its dotted path in the tree, in file order."""
+        if self._tensors is None:
+            self._tensors = [TensorEntry(dotted_name(path), info, path) for path, info in walk_tensors(self.root)]
+        return self._tensors
+
+    def tensor(self, name: str) -> TensorEntry:
+        """The tensor called `name`; KeyError names the closest existing names."""
+        if self._by_name is None:
+            self._by_name = {entry.name: entry for entry in self.tensors()}
+        try:
+            return self._by_name[name]
+        except KeyError:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(self._by_name), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise KeyError(f"no tensor named {name!r} in {os.path.basename(self.path)}{hint}") from None
+
+    def get(self, path: Sequence[Any]) -> Any:
+        """The node of the tree at `path` (a sequence of keys/indices from the root)."""
+        node = self.root
+        for key in path:
+            node = dict(children_of(node) or ())[key]
+        return node
+
+    @property
+    def tensor_count(self) -> int:
+        return len(self.tensors())
+
+    def unique_tensors(self) -> list[TensorEntry]:
+        """One entry per distinct stored view: tied weights (the same storage, offset, shape) count once."""
+        seen: set[Any] = set()
+        unique = []
+        for entry in self.tensors():
+            identity = view_identity(entry.info)
+            if identity not in seen:
+                seen.add(identity)
+                unique.append(entry)
+        return unique
+
+    @property
+    def parameter_count(self) -> int:
+        """Elements over all tensors, counting a storage view shared by several names once."""
+        return sum(entry.numel for entry in self.unique_tensors())
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of tensor data, each stored block counted once."""
+        storages: dict[str, int] = {}
+        loose = 0
+        for entry in self.unique_tensors():
+            storage = entry.info.storage
+            if storage is not None:
+                storages[storage.key] = storage.nbytes
+            else:
+                loose += entry.nbytes
+        return sum(storages.values()) + loose
+
+    def cached(self, key: str, compute: Any) -> Any:
+        """Memoise an analysis of this checkpoint (analyzers call this; the second call is free)."""
+        with self._cache_lock:
+            if key in self._cache:
+                return self._cache[key]
+        value = compute()
+        with self._cache_lock:
+            return self._cache.setdefault(key, value)
+
+
+def view_identity(info: TensorInfo) -> Any:
+    if info.storage is None:
+        return id(info)
+    return (info.storage.key, info.storage_offset, info.shape, info.stride, info.dtype)
+
+
+# --- reading tensor data -------------------------------------------------------------------------
+
+def _span_elements(info: TensorInfo) -> int:
+    """Elements from the first to the last one the view touches, inclusive."""
+    if info.numel == 0:
+        return 0
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(info.shape, info.stride))
+
+
+def _read_elements(info: TensorInfo, name: str, first: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`count` elements from element `first` of the storage, as a 1-D tensor of `info.dtype`."""
+    storage = info.storage
+    assert storage is not None
+    itemsize = info.dtype.itemsize
+    start, size = first * itemsize, count * itemsize
+    if start + size > storage.nbytes:
+        raise CorruptCheckpointError(
+            storage.source.path,
+            f"tensor {name!r} reaches byte {start + size:,} of its storage, which holds only "
+            f"{storage.nbytes:,} bytes: the file's index and data disagree. Re-save the checkpoint.",
+        )
+    raw = out[:size] if out is not None else torch.empty(size, dtype=torch.uint8)
+    if size:
+        storage.source.read_into(memoryview(raw.numpy()).cast("B"), storage.offset + start)
+    if storage.byteorder == "big" and itemsize > 1:
+        raw = raw.view(-1, itemsize).flip(1).reshape(-1)
+    return raw.view(info.dtype)
+
+
+def load_tensor(info: TensorInfo, name: str) -> torch.Tensor:
+    if info.layout == "meta":
+        return torch.empty_strided(info.shape, info.stride, dtype=info.dtype, device="meta")
+    if info.layout == "quantized":
+        return _load_quantized(info, name)
+    if info.components is not None and info.layout.startswith("sparse"):
+        return _load_sparse(info, name)
+    if info.layout != "strided" or info.storage is None:
+        raise TensorDataError(
+            None, f"tensor {name!r} has layout {info.layout} whose data ckptview cannot load"
+            + (f" ({info.note})" if info.note else "")
+        )
+    if info.numel == 0:
+        return torch.empty(info.shape, dtype=info.dtype)
+    flat = _read_elements(info, name, info.storage_offset, _span_elements(info))
+    if info.is_contiguous():
+        return flat.view(info.shape)
+    return flat.as_strided(info.shape, info.stride)
+
+
+def _load_quantized(info: TensorInfo, name: str) -> torch.Tensor:
+    int_dtype = {torch.qint8: torch.int8, torch.quint8: torch.uint8, torch.qint32: torch.int32}.get(info.dtype)
+    if int_dtype is None or info.quantizer is None:
+        raise TensorDataError(None, f"tensor {name!r} uses quantized dtype {info.dtype}, which ckptview cannot load")
+    raw = load_tensor(replace(info, dtype=int_dtype, layout="strided"), name)
+    scheme = info.quantizer[0]
+    if scheme in ("per_tensor_affine", "per_tensor_symmetric"):
+        return torch._make_per_tensor_quantized_tensor(raw, float(info.quantizer[1]), int(info.quantizer[2]))
+    scales, zero_points, axis = info.quantizer[1], info.quantizer[2], info.quantizer[3]
+    scales = load_tensor(scales, name + ".scales") if isinstance(scales, TensorInfo) else torch.as_tensor(scales)
+    zero_points = load_tensor(zero_points, name + ".zero_points") if isinstance(zero_points, TensorInfo) else torch.as_tensor(zero_points)
+    return torch._make_per_channel_quantized_tensor(raw, scales, zero_points, int(axis))
+
+
+def _load_sparse(info: TensorInfo, name: str) -> torch.Tensor:
+    parts = {key: load_tensor(part, f"{name}.{key}") for key, part in (info.components or {}).items()}
+    if info.layout == "sparse_coo":
+        return torch.sparse_coo_tensor(parts["indices"], parts["values"], info.shape)
+    if info.layout == "sparse_csr":
+        return torch.sparse_csr_tensor(parts["crow_indices"], parts["col_indices"], parts["values"], info.shape)
+    raise TensorDataError(None, f"tensor {name!r} has sparse layout {info.layout}, which ckptview cannot load")
+
+
+def iter_tensor_chunks(info: TensorInfo, name: str, chunk_bytes: int, *, reuse_buffer: bool) -> Iterator[torch.Tensor]:
+    if info.layout != "strided" or info.storage is None or not info.is_contiguous():
+        flat = load_tensor(info, name).reshape(-1)
+        step = max(1, chunk_bytes // max(1, flat.element_size()))
+        for start in range(0, flat.numel(), step):
+            yield flat[start : start + step]
+        return
+    itemsize = info.dtype.itemsize
+    step = max(1, chunk_bytes // itemsize)
+    buffer = torch.empty(min(step, info.numel) * itemsize, dtype=torch.uint8) if reuse_buffer else None
+    for start in range(0, info.numel, step):
+        count = min(step, info.numel - start)
+        yield _read_elements(info, name, info.storage_offset + start, count, buffer)

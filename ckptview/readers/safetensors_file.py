@@ -1,0 +1,121 @@
+"""safetensors files: the JSON header is read and checked; tensor bytes stay on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any
+
+import torch
+
+from ckptview.errors import CorruptCheckpointError, TruncatedCheckpointError
+from ckptview.readers.model import Checkpoint, FileSource, Storage, TensorInfo
+from ckptview.readers.sniff import SAFETENSORS_MAX_HEADER
+
+# safetensors' dtype names (the `Dtype` enum of the Rust crate) and the torch dtypes they hold
+_DTYPE_NAMES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
+    "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "F64": "float64",
+    "I64": "int64", "U64": "uint64", "C64": "complex64", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+}
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, torch_name) for name, torch_name in _DTYPE_NAMES.items() if hasattr(torch, torch_name)
+}
+
+
+def read_header(source: FileSource, size: int) -> tuple[dict[str, Any], int]:
+    """The parsed JSON header and the byte offset where the data region starts."""
+    path = source.path
+    if size < 8:
+        raise TruncatedCheckpointError(path, f"the file is {size} bytes, too short to hold a safetensors header: "
+                                             "it was cut off. Copy it again or re-save it.")
+    (header_len,) = struct.unpack("<Q", source.read(0, 8))
+    if header_len > SAFETENSORS_MAX_HEADER:
+        raise CorruptCheckpointError(path, f"its safetensors header claims {header_len:,} bytes, more than the "
+                                           f"{SAFETENSORS_MAX_HEADER // 2**20} MB safetensors allows: the header is "
+                                           "damaged or the file is not safetensors. Re-save or re-download it.")
+    if 8 + header_len > size:
+        raise TruncatedCheckpointError(path, f"its safetensors header claims {header_len:,} bytes but the file has "
+                                             f"only {size - 8:,} after the length: it was cut off. Copy it again.")
+    raw = source.read(8, header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(path, f"its safetensors header is not valid JSON ({exc}): the file is damaged. "
+                                           "Re-save or re-download it.") from exc
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(path, "its safetensors header is not a JSON object: the file is damaged. "
+                                           "Re-save or re-download it.")
+    return header, 8 + header_len
+
+
+def parse_tensors(path: str, header: dict[str, Any], data_start: int, size: int) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], dict[str, str]]:
+    """Validate the header: every tensor's (dtype, shape, begin, end), and the metadata."""
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise CorruptCheckpointError(path, "its safetensors __metadata__ is not a JSON object: re-save the file.")
+    data_len = size - data_start
+    tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (begin, end) = spec["dtype"], spec["shape"], spec["data_offsets"]
+            shape = tuple(shape)
+            valid = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end))
+        except (TypeError, KeyError, ValueError) as exc:
+            raise CorruptCheckpointError(path, f"its safetensors header entry for {name!r} lacks dtype, shape or "
+                                               "data_offsets: the file is damaged. Re-save it.") from exc
+        if not valid:
+            raise CorruptCheckpointError(path, f"its safetensors header gives tensor {name!r} a negative or "
+                                               "non-integer shape or offset: the file is damaged. Re-save it.")
+        dtype = SAFETENSORS_DTYPES.get(dtype_name)
+        if dtype is None:
+            raise CorruptCheckpointError(path, f"tensor {name!r} has safetensors dtype {dtype_name!r}, which this "
+                                               f"torch {torch.__version__} has no dtype for; upgrade torch or "
+                                               "convert the tensor.")
+        expected = _prod(shape) * dtype.itemsize
+        if end < begin or end - begin != expected:
+            raise CorruptCheckpointError(path, f"tensor {name!r} has data_offsets [{begin}, {end}] "
+                                               f"({end - begin:,} bytes) but its shape {list(shape)} and dtype "
+                                               f"{dtype_name} need {expected:,} bytes: the header is damaged. Re-save it.")
+        tensors[name] = (dtype, shape, begin, end)
+    spans = sorted((begin, end, name) for name, (_, _, begin, end) in tensors.items() if end > begin)
+    for (b1, e1, n1), (b2, e2, n2) in zip(spans, spans[1:]):
+        if b2 < e1:
+            raise CorruptCheckpointError(path, f"tensors {n1!r} and {n2!r} overlap in the data region (bytes "
+                                               f"{b2:,}..{e1:,}): the header lies about where data is. Re-save it.")
+    last = max((end for _, end, _ in spans), default=0)
+    if last > data_len:
+        raise TruncatedCheckpointError(path, f"its header places data up to byte {data_start + last:,} but the file "
+                                             f"ends at byte {size:,}: it was cut off. Copy it again or re-save it.")
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    total = 1
+    for dim in shape:
+        total *= dim
+    return total
+
+
+def read_safetensors(path: str, size: int, *, trust: bool) -> Checkpoint:
+    source = FileSource(path)
+    header, data_start = read_header(source, size)
+    tensors, metadata = parse_tensors(path, header, data_start, size)
+    root: dict[str, TensorInfo] = {}
+    for name, (dtype, shape, begin, end) in sorted(tensors.items(), key=lambda item: item[1][2]):
+        storage = Storage(key=f"{os.path.basename(path)}:{name}", source=source, offset=data_start + begin,
+                          nbytes=end - begin, location="cpu")
+        root[name] = TensorInfo(shape=shape, dtype=dtype, storage=storage, stride=_contiguous_stride(shape))
+    return Checkpoint(path, "safetensors", root, file_size=size, sources=[source], metadata=metadata, trust=trust)
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, running = [], 1
+    for dim in reversed(shape):
+        stride.append(running)
+        running *= max(dim, 1)
+    return tuple(reversed(stride))

@@ -1,0 +1,70 @@
+"""What a file is, from its first bytes: the checkpoint formats, and a name for everything else."""
+
+from __future__ import annotations
+
+import struct
+
+ZIP_MAGIC = b"PK\x03\x04"
+EMPTY_ZIP_MAGIC = b"PK\x05\x06"
+SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
+
+SUPPORTED = (
+    "ckptview opens torch.save files (.pt/.pth/.bin/.ckpt, zip or legacy), safetensors files "
+    "and their *.index.json shard sets, TorchScript archives and torch.distributed.checkpoint directories"
+)
+
+_NOT_CHECKPOINTS: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"%PDF", "a PDF document"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras/TensorFlow .h5 weights?)"),
+    (b"GGUF", "a GGUF model file (llama.cpp)"),
+    (b"\x93NUMPY", "a NumPy .npy array (load it with numpy.load)"),
+    (b"\x1f\x8b", "a gzip-compressed file: decompress it (gunzip) and open the result"),
+    (b"BZh", "a bzip2-compressed file: decompress it (bunzip2) and open the result"),
+    (b"\xfd7zXZ\x00", "an xz-compressed file: decompress it (unxz) and open the result"),
+    (b"(\xb5/\xfd", "a zstd-compressed file: decompress it (unzstd) and open the result"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive: extract it and open the checkpoint inside"),
+    (b"Rar!", "a RAR archive: extract it and open the checkpoint inside"),
+    (b"version https://git-lfs", "a Git LFS pointer, not the file itself: run `git lfs pull` in its repository "
+     "(or download the real file) and open that"),
+)
+
+
+def looks_like_safetensors(head: bytes, size: int) -> bool:
+    if len(head) < 9 or size < 10:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 2 <= header_len
+
+
+def looks_like_pickle(head: bytes) -> bool:
+    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def describe(head: bytes) -> str:
+    """A short name for content that is not a checkpoint, for the error message."""
+    for magic, what in _NOT_CHECKPOINTS:
+        if head.startswith(magic):
+            return what
+    if len(head) > 262 and head[257:262] == b"ustar":
+        return ("a tar archive (the pre-1.0 torch.save tar format, or a packed directory): extract it, or load "
+                "it once with torch.load in a trusted environment and re-save it with torch.save")
+    if head.startswith(ZIP_MAGIC) or head.startswith(EMPTY_ZIP_MAGIC):
+        return "a zip archive"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    lowered = text[:64].lower()
+    if lowered.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in lowered:
+        return ("an HTML page, not a checkpoint (a download that saved an error or sign-in page instead of the "
+                "file?): download the file again")
+    if text.startswith((b"{", b"[")):
+        return "a JSON document"
+    try:
+        sample = head[:2048].decode("utf-8")
+    except UnicodeDecodeError:
+        sample = None
+    if sample is not None and sample.strip() and all(ch.isprintable() or ch in "\r\n\t" for ch in sample[:200]):
+        first_line = sample.strip().splitlines()[0][:60]
+        return f"a text file (it starts with {first_line!r})"
+    return f"unknown binary data (it starts with bytes {head[:8].hex(' ')})"
