@@ -1,0 +1,5 @@
+import sys
+
+from ckptview.cli import main
+
+sys.exit(main())

@@ -1,0 +1,175 @@
+"""
+What each part of a checkpoint is, found by content: model state dicts wherever they sit,
+optimizer state, schedulers, AMP scalers, training progress, hyper-parameters, metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ckptview.readers.model import Checkpoint, PickledObject, TensorEntry, TensorInfo, children_of, dotted_name, walk_tensors
+
+
+@dataclass(frozen=True)
+class Section:
+    """One part of a checkpoint: `kind` says what it is, `path` where it sits (keys from the root)."""
+
+    kind: str
+    path: tuple[Any, ...]
+    explanation: str
+    tensor_count: int
+
+    @property
+    def name(self) -> str:
+        return dotted_name(self.path) or "<root>"
+
+
+# Where training code usually keeps the model's weights, most likely first; EMA copies last.
+_MODEL_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "model_state",
+               "weights", "params", "params_ema", "generator", "encoder", "backbone")
+_EMA_KEYS = ("ema", "model_ema", "ema_state_dict", "ema_model", "state_dict_ema", "params_ema", "ema_state")
+_OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_states", "optim", "opt", "optimizers")
+_PROGRESS_KEYS = ("epoch", "epochs", "step", "global_step", "iteration", "iter", "steps", "loss", "best_loss",
+                  "val_loss", "train_loss", "metrics", "best_metric", "best_acc", "best_acc1", "acc", "accuracy")
+_HPARAM_KEYS = ("hyper_parameters", "hparams", "args", "config", "cfg", "opt_args", "hyperparameters",
+                "datamodule_hyper_parameters", "model_config", "training_args")
+
+_EXPLANATIONS = {
+    "state_dict": "the model's weights and buffers, as model.state_dict() returns them: load with model.load_state_dict()",
+    "ema_state_dict": "an exponential-moving-average copy of the model's weights, often better for inference",
+    "module": "a whole pickled nn.Module (torch.save(model)): its class must be importable to load it",
+    "torchscript": "a TorchScript module: weights plus compiled code, loadable with torch.jit.load without the Python class",
+    "optimizer": "optimizer.state_dict(): per-parameter state (moments, step) and param_groups (lr, betas, weight decay)",
+    "scheduler": "lr_scheduler.state_dict(): where the learning-rate schedule was",
+    "grad_scaler": "torch.amp.GradScaler state: the current loss scale for mixed-precision training",
+    "progress": "training progress: epoch, step, loss or metrics when the checkpoint was saved",
+    "hyper_parameters": "the hyper-parameters or config the run was started with",
+    "callbacks": "PyTorch Lightning callback states (checkpointing, early stopping, ...)",
+    "loops": "PyTorch Lightning loop states (where fit/validate were in their epochs and batches)",
+    "metadata": "other values saved beside the model",
+}
+
+
+def _is_state_dict(node: Any) -> bool:
+    if not isinstance(node, Mapping) or not node:
+        return False
+    return all(isinstance(k, str) for k in node) and all(isinstance(v, TensorInfo) for v in node.values())
+
+
+def _is_optimizer(node: Any) -> bool:
+    return isinstance(node, Mapping) and "state" in node and "param_groups" in node
+
+
+def _is_scheduler(node: Any) -> bool:
+    return isinstance(node, Mapping) and "last_epoch" in node and ("base_lrs" in node or "_last_lr" in node)
+
+
+def _is_grad_scaler(node: Any) -> bool:
+    return isinstance(node, Mapping) and "scale" in node and "growth_factor" in node
+
+
+def _tensor_count(node: Any) -> int:
+    return sum(1 for _ in walk_tensors(node))
+
+
+def find_sections(checkpoint: Checkpoint) -> tuple[Section, ...]:
+    """Every section of the checkpoint, in tree order. Cached per checkpoint."""
+    return checkpoint.cached("sections", lambda: tuple(_find(checkpoint)))
+
+
+def _find(checkpoint: Checkpoint) -> list[Section]:
+    root = checkpoint.root
+    if checkpoint.format == "torchscript":
+        return [Section("torchscript", (), _EXPLANATIONS["torchscript"], checkpoint.tensor_count)]
+    if isinstance(root, PickledObject) and root.is_module():
+        return [Section("module", (), _EXPLANATIONS["module"], checkpoint.tensor_count)]
+    if _is_state_dict(root):
+        return [Section("state_dict", (), _EXPLANATIONS["state_dict"], checkpoint.tensor_count)]
+    sections: list[Section] = []
+    _classify(root, (), sections, top=True)
+    return sections
+
+
+def _kind_of(key: Any, node: Any) -> str | None:
+    name = str(key).lower()
+    if _is_optimizer(node):
+        return "optimizer"
+    if _is_scheduler(node):
+        return "scheduler"
+    if _is_grad_scaler(node):
+        return "grad_scaler"
+    if _is_state_dict(node):
+        return "ema_state_dict" if name in _EMA_KEYS or "ema" in name.split("_") else "state_dict"
+    if isinstance(node, PickledObject) and node.is_module():
+        return "module"
+    if name in ("callbacks",):
+        return "callbacks"
+    if name in ("loops",):
+        return "loops"
+    if name in _HPARAM_KEYS:
+        return "hyper_parameters"
+    if name in _PROGRESS_KEYS and not isinstance(node, TensorInfo):
+        return "progress"
+    return None
+
+
+def _classify(node: Any, path: tuple[Any, ...], out: list[Section], *, top: bool) -> None:
+    children = children_of(node)
+    if children is None:
+        return
+    for key, child in children:
+        child_path = path + (key,)
+        kind = _kind_of(key, child)
+        if kind is None and isinstance(child, (list, tuple)) and child and all(_is_optimizer(c) for c in child):
+            for index, item in enumerate(child):
+                out.append(Section("optimizer", child_path + (index,), _EXPLANATIONS["optimizer"], _tensor_count(item)))
+            continue
+        if kind is None and isinstance(child, (list, tuple)) and child and all(_is_scheduler(c) or
+                                                                             (isinstance(c, Mapping) and _is_scheduler(c.get("scheduler")))
+                                                                             for c in child):
+            out.append(Section("scheduler", child_path, _EXPLANATIONS["scheduler"], 0))
+            continue
+        if kind is not None:
+            out.append(Section(kind, child_path, _EXPLANATIONS[kind], _tensor_count(child)))
+        elif _tensor_count(child):
+            _classify(child, child_path, out, top=False)
+        elif top:
+            out.append(Section("metadata", child_path, _EXPLANATIONS["metadata"], 0))
+
+
+def model_section(checkpoint: Checkpoint) -> Section | None:
+    """The section holding the model's weights: a state dict by the usual names first, EMA last."""
+    candidates = [s for s in find_sections(checkpoint) if s.kind in ("state_dict", "module", "torchscript")]
+    if not candidates:
+        candidates = [s for s in find_sections(checkpoint) if s.kind == "ema_state_dict"]
+    if not candidates:
+        return None
+
+    def rank(section: Section) -> tuple[int, int]:
+        last = str(section.path[-1]).lower() if section.path else ""
+        preferred = _MODEL_KEYS.index(last) if last in _MODEL_KEYS else len(_MODEL_KEYS)
+        return (preferred, -section.tensor_count)
+
+    return min(candidates, key=rank)
+
+
+def model_state_dict(checkpoint: Checkpoint, section: Section | None = None) -> dict[str, TensorEntry]:
+    """
+    The model's tensors named as `model.state_dict()` would name them (relative to the section).
+
+    Args:
+        checkpoint: an opened checkpoint.
+        section: which section; default `model_section(checkpoint)`, or every tensor when none is found.
+    """
+    section = section or model_section(checkpoint)
+    if section is None:
+        return {entry.name: entry for entry in checkpoint.tensors()}
+    node = checkpoint.get(section.path)
+    entries = {}
+    for path, info in walk_tensors(node):
+        name = dotted_name(path)
+        entries[name] = TensorEntry(name, info, section.path + path)
+    return entries
+

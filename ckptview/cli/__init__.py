@@ -1,0 +1,85 @@
+"""
+The `ckptview` command. Each group of subcommands lives in its own module with an
+`add_commands(subparsers)` function; a command returns its exit code.
+
+Exit codes: 0 success; 1 an error about the input (message on stderr); 2 usage error;
+3 `scan` found that the file needs foreign code; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ckptview.errors import CkptviewError
+
+_COMMAND_MODULES = (
+    "ckptview.cli.inspect",
+    "ckptview.cli.analyze",
+    "ckptview.cli.compare",
+    "ckptview.cli.run",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ckptview import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ckptview",
+        description="Open, inspect, check, compare and run deep-learning checkpoints without running their code.",
+    )
+    parser.add_argument("--version", action="version", version=f"ckptview {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # a command group that has not landed yet
+        module.add_commands(subparsers)
+    return parser
+
+
+def add_path_command(subparsers: Any, name: str, help: str, *, json_help: str = "print JSON instead of a table") -> argparse.ArgumentParser:
+    """A subcommand taking one checkpoint PATH, `--json` and `--trust`."""
+    command = subparsers.add_parser(name, help=help, description=help)
+    command.add_argument("path", metavar="PATH", help="checkpoint file, *.index.json, or directory")
+    command.add_argument("--json", action="store_true", help=json_help)
+    command.add_argument("--trust", action="store_true", help="allow code from the file to run (only for files you trust)")
+    return command
+
+
+def print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, default=_json_default, allow_nan=True)
+    sys.stdout.write("\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return str(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CkptviewError as exc:
+        print(f"ckptview: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ckptview: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `ckptview tensors big.pt | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

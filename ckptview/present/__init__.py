@@ -1,0 +1,1 @@
+"""Presentation: the only place that turns analyzer results into text tables, DataFrames and plotly figures."""
