@@ -1,0 +1,90 @@
+"""`ckptview info / tensors / scan`: the text people read and the JSON scripts rely on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ckptview.cli import main
+from conftest import SmallCNN
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> object:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_info_json_contract(capsys: pytest.CaptureFixture[str], cnn_state_dict_path: Path, trained_cnn: SmallCNN) -> None:
+    info = run_json(capsys, "info", str(cnn_state_dict_path))
+    state = trained_cnn.state_dict()
+    assert info["format"] == "torch-zip"
+    assert info["tensor_count"] == len(state)
+    assert info["parameter_count"] == sum(t.numel() for t in state.values())
+    assert info["total_bytes"] == sum(t.numel() * t.element_size() for t in state.values())
+    assert info["sections"] == [{"kind": "state_dict", "path": [], "name": "<root>", "tensor_count": len(state),
+                                 "explanation": info["sections"][0]["explanation"]}]
+    assert info["needs_code"] is False and info["pickle_imports"] == []
+
+
+def test_tied_weights_counted_once_in_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shared = torch.randn(50, 8)
+    path = tmp_path / "tied.pt"
+    torch.save({"wte.weight": shared, "lm_head.weight": shared}, path)
+    info = run_json(capsys, "info", str(path))
+    assert (info["tensor_count"], info["parameter_count"], info["total_bytes"]) == (2, 400, 1600)
+
+
+def test_tensors_json_matches_torch_load(capsys: pytest.CaptureFixture[str], tmp_path: Path, trained_cnn: SmallCNN) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file(trained_cnn.state_dict(), path)
+    rows = run_json(capsys, "tensors", str(path))
+    state = trained_cnn.state_dict()
+    assert {r["name"]: (r["shape"], r["dtype"], r["numel"], r["nbytes"]) for r in rows} == {
+        name: (list(t.shape), str(t.dtype).removeprefix("torch."), t.numel(), t.numel() * t.element_size())
+        for name, t in state.items()
+    }
+
+
+def test_tensors_table_is_aligned_with_totals(capsys: pytest.CaptureFixture[str], cnn_state_dict_path: Path) -> None:
+    assert main(["tensors", str(cnn_state_dict_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header, rule = lines[0], lines[1]
+    assert header.split() == ["name", "shape", "dtype", "params", "size"]
+    fc_row = next(line for line in lines if line.startswith("fc.weight "))
+    assert "[10, 8]" in fc_row and "float32" in fc_row and fc_row.rstrip().endswith("320 B")
+    body = lines[2:lines.index("")]
+    # the params column is right-aligned: every row ends it at the same column
+    params_end = header.index("params") + len("params")
+    assert all(row[:params_end].endswith(tuple("0123456789")) for row in body)
+    assert len({len(row) for row in body}) == 1 and len(rule) == len(body[0])
+    # totals line agrees with the column sum
+    total_params = sum(int(row[:params_end].split()[-1].replace(",", "")) for row in body)
+    assert lines[-1].startswith(f"{len(body):,} tensors, {total_params:,} elements")
+
+
+def test_info_text_names_sections(capsys: pytest.CaptureFixture[str], tmp_path: Path, trained_cnn: SmallCNN) -> None:
+    path = tmp_path / "train.pt"
+    optimizer = torch.optim.SGD(trained_cnn.parameters(), lr=0.1)
+    torch.save({"model_state_dict": trained_cnn.state_dict(), "optimizer_state_dict": optimizer.state_dict(), "epoch": 4}, path)
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    for expected in ("torch-zip", "state_dict", "model_state_dict", "optimizer", "optimizer_state_dict", "progress", "epoch"):
+        assert expected in out
+
+
+def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["info"])
+    assert raised.value.code == 2
+
+
+def test_console_script_runs(cnn_state_dict_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "ckptview", "info", "--json", str(cnn_state_dict_path)],
+                            capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout)["format"] == "torch-zip"

@@ -1,0 +1,216 @@
+"""ckptview.open on real files: exact listings, lazy data, shared storages, every dtype it can meet."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import ckptview
+from conftest import SmallCNN
+
+
+def listing(ckpt: ckptview.Checkpoint) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {e.name: (e.shape, e.dtype) for e in ckpt.tensors()}
+
+
+def flatten(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
+    """torch.load's result flattened to dotted names, the way ckptview names tensors."""
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(obj, torch.Tensor):
+        out[prefix] = obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            out.update(flatten(value, f"{prefix}.{index}" if prefix else str(index)))
+    return out
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_listing_and_data_equal_torch_load(tmp_path: Path, trained_cnn: SmallCNN, zip_format: bool) -> None:
+    optimizer = torch.optim.Adam(trained_cnn.parameters())
+    trained_cnn(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    payload = {"model_state_dict": trained_cnn.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 7,
+               "loss": 0.25, "note": "trained", "history": [torch.tensor([1.0, 2.0]), 3]}
+    path = tmp_path / "train.pth.tar"
+    torch.save(payload, path, _use_new_zipfile_serialization=zip_format)
+
+    expected = flatten(torch.load(path, weights_only=True))
+    with ckptview.open(path) as ckpt:
+        assert ckpt.format == ("torch-zip" if zip_format else "torch-legacy")
+        assert listing(ckpt) == {name: (tuple(t.shape), t.dtype) for name, t in expected.items()}
+        assert [e.name for e in ckpt.tensors()][:2] == ["model_state_dict.conv1.weight", "model_state_dict.bn1.weight"]
+        for entry in ckpt.tensors():
+            assert torch.equal(entry.load(), expected[entry.name]), entry.name
+        assert ckpt.root["epoch"] == 7 and ckpt.root["loss"] == 0.25 and ckpt.root["note"] == "trained"
+        assert not ckpt.needs_trust
+
+
+def test_bare_state_dict_names_and_counts(cnn_state_dict_path: Path, trained_cnn: SmallCNN) -> None:
+    state = trained_cnn.state_dict()
+    with ckptview.open(cnn_state_dict_path) as ckpt:
+        assert [e.name for e in ckpt.tensors()] == list(state)
+        assert ckpt.parameter_count == sum(t.numel() for t in state.values())
+        assert ckpt.total_bytes == sum(t.numel() * t.element_size() for t in state.values())
+        entry = ckpt.tensor("fc.weight")
+        assert (entry.shape, entry.dtype, entry.numel, entry.nbytes, entry.device) == ((10, 8), torch.float32, 80, 320, "cpu")
+        with pytest.raises(KeyError, match="did you mean fc.weight"):
+            ckpt.tensor("fc.weigth")
+
+
+def test_safetensors_listing_matches_safe_open(tmp_path: Path, trained_cnn: SmallCNN) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file(trained_cnn.state_dict(), path, metadata={"format": "pt", "epoch": "3"})
+    with safe_open(path, "pt") as reference, ckptview.open(path) as ckpt:
+        assert ckpt.format == "safetensors"
+        assert ckpt.metadata == {"format": "pt", "epoch": "3"}
+        assert set(listing(ckpt)) == set(reference.keys())
+        for entry in ckpt.tensors():
+            expected = reference.get_tensor(entry.name)
+            assert (entry.shape, entry.dtype) == (tuple(expected.shape), expected.dtype)
+            assert torch.equal(entry.load(), expected)
+
+
+def test_format_is_found_by_content_not_extension(tmp_path: Path, trained_cnn: SmallCNN) -> None:
+    safetensors_named_pt = tmp_path / "weights.pt"
+    save_file(trained_cnn.state_dict(), safetensors_named_pt)
+    zip_named_safetensors = tmp_path / "weights.safetensors"
+    torch.save(trained_cnn.state_dict(), zip_named_safetensors)
+    legacy_named_bin = tmp_path / "pytorch_model.bin"
+    torch.save(trained_cnn.state_dict(), legacy_named_bin, _use_new_zipfile_serialization=False)
+    formats = {p.name: ckptview.open(p).format for p in (safetensors_named_pt, zip_named_safetensors, legacy_named_bin)}
+    assert formats == {"weights.pt": "safetensors", "weights.safetensors": "torch-zip", "pytorch_model.bin": "torch-legacy"}
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_tied_weights_and_views_share_storage(tmp_path: Path, zip_format: bool) -> None:
+    embedding = nn.Embedding(100, 16)
+    head = nn.Linear(16, 100, bias=False)
+    head.weight = embedding.weight  # tied, as in GPT-2 style models
+    qkv = torch.randn(48, 16)
+    state = {"embed.weight": embedding.weight.data, "head.weight": head.weight.data,
+             "q": qkv[:16], "k": qkv[16:32], "v": qkv[32:], "k_t": qkv[16:32].t()}
+    path = tmp_path / "tied.pt"
+    torch.save(state, path, _use_new_zipfile_serialization=zip_format)
+    with ckptview.open(path) as ckpt:
+        assert ckpt.tensor("embed.weight").storage_key == ckpt.tensor("head.weight").storage_key
+        assert ckpt.tensor_count == 6
+        # tied weights once; q, k, v are distinct views; k_t views the same elements as k but differently
+        assert ckpt.parameter_count == 100 * 16 + 3 * 16 * 16 + 16 * 16
+        assert ckpt.total_bytes == (100 * 16 + 48 * 16) * 4
+        for name, tensor in state.items():
+            loaded = ckpt.tensor(name).load()
+            assert torch.equal(loaded, tensor) and loaded.stride() == tensor.stride(), name
+
+
+def _read_bytes_of_this_process() -> int:
+    with open(f"/proc/{os.getpid()}/io") as stats:
+        return int(next(line for line in stats if line.startswith("rchar:")).split()[1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux /proc/<pid>/io")
+@pytest.mark.parametrize("writer", ["torch-zip", "torch-legacy", "safetensors"])
+def test_opening_reads_headers_and_loading_reads_one_tensor(tmp_path: Path, writer: str) -> None:
+    state = {f"layer{i}.weight": torch.full((1024, 4096), float(i)) for i in range(6)}  # 6 x 16 MiB
+    path = tmp_path / "big.bin"
+    if writer == "safetensors":
+        save_file(state, path)
+    else:
+        torch.save(state, path, _use_new_zipfile_serialization=writer == "torch-zip")
+    tensor_bytes = 1024 * 4096 * 4
+
+    before = _read_bytes_of_this_process()
+    ckpt = ckptview.open(path)
+    names = [e.name for e in ckpt.tensors()]
+    opened = _read_bytes_of_this_process()
+    loaded = ckpt.tensor("layer3.weight").load()
+    after = _read_bytes_of_this_process()
+    ckpt.close()
+
+    assert names == list(state) and ckpt.format == writer
+    assert opened - before < 256 * 1024, "listing must read headers only"
+    assert tensor_bytes <= after - opened < tensor_bytes + 256 * 1024, "loading one tensor must not read the others"
+    assert torch.equal(loaded, state["layer3.weight"])
+
+
+def test_iter_chunks_streams_in_bounded_pieces(tmp_path: Path) -> None:
+    tensor = torch.randn(1000, 37)
+    path = tmp_path / "t.pt"
+    torch.save({"t": tensor, "col": tensor[:, 3]}, path)
+    with ckptview.open(path) as ckpt:
+        chunks = [c.clone() for c in ckpt.tensor("t").iter_chunks(chunk_bytes=4096)]
+        assert max(c.numel() for c in chunks) == 1024 and torch.equal(torch.cat(chunks), tensor.reshape(-1))
+        reused = list(ckpt.tensor("t").iter_chunks(chunk_bytes=4096, reuse_buffer=True))
+        assert len(reused) == len(chunks)
+        # a non-contiguous view is streamed too, in logical order
+        assert torch.equal(torch.cat(list(ckpt.tensor("col").iter_chunks(chunk_bytes=64))), tensor[:, 3])
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_every_dtype_lists_and_loads(tmp_path: Path, zip_format: bool) -> None:
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16,
+              torch.int32, torch.int64, torch.bool, torch.complex64]
+    if zip_format:
+        dtypes += [torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16, torch.uint32]
+    state = {str(d).removeprefix("torch."): (torch.arange(12).reshape(3, 4) % 3).to(d) for d in dtypes}
+    state["scalar"] = torch.tensor(3.5)
+    state["empty"] = torch.empty(0, 5)
+    path = tmp_path / "dtypes.pt"
+    torch.save(state, path, _use_new_zipfile_serialization=zip_format)
+    with ckptview.open(path) as ckpt:
+        for name, tensor in state.items():
+            entry = ckpt.tensor(name)
+            assert (entry.shape, entry.dtype) == (tuple(tensor.shape), tensor.dtype)
+            # compare bytes: float8 has no equality kernel on CPU
+            assert torch.equal(entry.load().reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+
+
+def test_quantized_sparse_and_meta_tensors(tmp_path: Path) -> None:
+    quantized = torch.quantize_per_tensor(torch.randn(4, 4), scale=0.1, zero_point=3, dtype=torch.qint8)
+    per_channel = torch.quantize_per_channel(torch.randn(3, 4), torch.tensor([0.1, 0.2, 0.3]),
+                                             torch.tensor([0, 1, 2]), axis=0, dtype=torch.quint8)
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0, 2], [1, 3]]), torch.tensor([5.0, 6.0]), (4, 4))
+    state = {"q": quantized, "qc": per_channel, "sparse": sparse, "meta": torch.empty(7, 3, device="meta")}
+    path = tmp_path / "special.pt"
+    torch.save(state, path)
+    with ckptview.open(path) as ckpt:
+        layouts = {e.name: (e.layout, e.shape, e.dtype, e.device) for e in ckpt.tensors()}
+        assert layouts == {
+            "q": ("quantized", (4, 4), torch.qint8, "cpu"),
+            "qc": ("quantized", (3, 4), torch.quint8, "cpu"),
+            "sparse": ("sparse_coo", (4, 4), torch.float32, "cpu"),
+            "meta": ("meta", (7, 3), torch.float32, "meta"),
+        }
+        assert torch.equal(ckpt.tensor("q").load().dequantize(), quantized.dequantize())
+        assert torch.equal(ckpt.tensor("qc").load().dequantize(), per_channel.dequantize())
+        assert torch.equal(ckpt.tensor("sparse").load().to_dense(), sparse.to_dense())
+        assert ckpt.tensor("meta").load().is_meta
+
+
+def test_cuda_saved_locations_are_reported_and_load_on_cpu(tmp_path: Path) -> None:
+    path = tmp_path / "gpu.pt"
+    torch.save({"w": torch.arange(6.0)}, path)
+    # Rewrite the storage location in data.pkl (a BINUNICODE string) as a GPU machine writes it,
+    # then re-zip: a "cuda:7" checkpoint without a GPU.
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    pkl_name = next(n for n in members if n.endswith("data.pkl"))
+    members[pkl_name] = members[pkl_name].replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:7")
+    rewritten = tmp_path / "gpu7.pt"
+    with zipfile.ZipFile(rewritten, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    with ckptview.open(rewritten) as ckpt:
+        entry = ckpt.tensor("w")
+        assert entry.device == "cuda:7"
+        assert torch.equal(entry.load(), torch.arange(6.0))
