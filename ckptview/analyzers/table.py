@@ -1,0 +1,244 @@
+"""
+One row per tensor: where it sits (section, module, leaf), what layer it probably belongs to,
+and what it costs. Layer kinds are inferred from names and shapes only, because a state dict
+does not record module classes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ckptview.analyzers.sections import Section, find_sections
+from ckptview.readers.model import Checkpoint, TensorEntry, view_identity
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# Sections whose tensors are a model's weights: only there do module paths and layer kinds mean anything.
+MODEL_SECTION_KINDS = ("state_dict", "ema_state_dict", "module", "torchscript")
+
+# Leaves that nn.Modules register as buffers (not trained): BatchNorm statistics, rotary tables,
+# HF position ids, GPT-2's causal mask. Any non-floating tensor is a buffer too (a Parameter must be float).
+BUFFER_LEAVES = frozenset({
+    "running_mean", "running_var", "num_batches_tracked", "inv_freq", "position_ids", "token_type_ids",
+    "masked_bias", "relative_position_index", "attn_mask", "causal_mask", "_float_tensor", "cos_cached",
+    "sin_cached", "anchors",
+})
+
+_ATTENTION = (
+    ("attention.qkv", re.compile(r"^(qkv|qkv_proj|c_attn|in_proj|wqkv|query_key_value|w_pack|qkv_linear)$")),
+    ("attention.q", re.compile(r"^(q|q_proj|query|wq|q_lin|to_q|q_linear)$")),
+    ("attention.k", re.compile(r"^(k|k_proj|key|wk|k_lin|to_k|k_linear)$")),
+    ("attention.v", re.compile(r"^(v|v_proj|value|wv|v_lin|to_v|v_linear)$")),
+    ("attention.out", re.compile(r"^(o|o_proj|out_proj|wo|out_lin|to_out|dense|c_proj|proj)$")),
+)
+_ATTENTION_CONTEXT = re.compile(r"attn|attention")
+_EMBEDDING = re.compile(r"emb|wte|wpe|tok_embeddings|word_embeddings|shared$|lookup")
+_NORM_TOKEN = re.compile(r"(^|_)(norm|ln|layernorm|layer_norm|rmsnorm|bn|batchnorm|batch_norm|gn|groupnorm)\d*(_|$)")
+
+
+@dataclass(frozen=True)
+class TensorRow:
+    """One tensor of a checkpoint as the tensor table shows it."""
+
+    name: str                 # dotted name in the file
+    section: str              # the section it belongs to ("state_dict", "optimizer", ...; "" when none)
+    module: str               # module path within its section ("layer1.0.conv1"); "" at top level
+    leaf: str                 # last name part ("weight", "running_mean", ...)
+    layer_kind: str           # "Linear", "Conv2d", "Embedding", "BatchNorm", "attention.q", ...; "" when unknown
+    layer_detail: str         # the shape read as that layer ("3072×768 (out×in)"); "" when unknown
+    role: str                 # "parameter" or "buffer"
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    numel: int
+    nbytes: int
+    device: str               # the device it was saved from
+    shared: bool              # its storage also backs another entry (tied weights, views)
+    tied_to: str = ""         # the first name of the same stored view when this one repeats it; counted there
+
+
+@dataclass(frozen=True)
+class TensorTable:
+    """
+    Every tensor of a checkpoint with totals. Tied tensors appear once per name but are counted
+    once in the totals.
+    """
+
+    rows: tuple[TensorRow, ...]
+    parameter_count: int            # elements of parameters, each stored view counted once
+    buffer_count: int               # elements of buffers, each stored view counted once
+    total_bytes: int                # bytes of tensor data, each storage counted once
+    dtype_numel: Mapping[str, int]  # elements per dtype name, views counted once
+    dtype_bytes: Mapping[str, int]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def to_frame(self) -> pd.DataFrame:
+        """The rows as a DataFrame, one column per `TensorRow` field (dtype as its name, shape as a tuple)."""
+        import pandas as pd
+
+        columns = list(TensorRow.__dataclass_fields__)
+        data = {column: [getattr(row, column) for row in self.rows] for column in columns}
+        data["dtype"] = [str(row.dtype).removeprefix("torch.") for row in self.rows]
+        return pd.DataFrame(data, columns=columns)
+
+
+def tensor_table(ckpt: Checkpoint) -> TensorTable:
+    """
+    One row per tensor with its section, module, leaf, inferred layer kind, role, shape, dtype and size.
+
+    Layer kinds come from names and shapes (a state dict holds no module classes): a 2-D `weight`
+    is a Linear (or an Embedding when named so), 3/4/5-D weights are Conv1d/2d/3d, modules with
+    `running_mean`/`running_var` are BatchNorm, 1-D weights in modules named `*norm*`/`ln*` are
+    LayerNorm or RMSNorm (RMSNorm when there is no bias), attention projections are recognised by
+    their usual names (`q_proj`, `query`, `c_attn`, `in_proj_weight`, ...).
+
+    Args:
+        ckpt: an opened checkpoint.
+
+    Returns:
+        A frozen `TensorTable`; `to_frame()` gives a pandas DataFrame. Cached per checkpoint.
+
+    Example:
+        >>> with ckptview.open("resnet18.pt") as ckpt:
+        ...     table = ckptview.tensor_table(ckpt)
+        >>> table.to_frame().query("layer_kind == 'Conv2d'").numel.sum()
+        11166912
+    """
+    return ckpt.cached("tensor_table", lambda: _build(ckpt))
+
+
+def _build(ckpt: Checkpoint) -> TensorTable:
+    entries = ckpt.tensors()
+    sections = sorted(find_sections(ckpt), key=lambda s: -len(s.path))
+    storage_users = Counter(entry.storage_key for entry in entries if entry.storage_key is not None)
+
+    located: list[tuple[TensorEntry, Section | None, tuple[Any, ...]]] = []
+    modules: dict[tuple[str, str], dict[str, TensorEntry]] = defaultdict(dict)
+    for entry in entries:
+        section = _section_of(entry.path, sections)
+        relative = entry.path[len(section.path):] if section is not None else entry.path
+        located.append((entry, section, relative))
+        if section is not None and section.kind in MODEL_SECTION_KINDS:
+            module, _, leaf = _relative_name(relative, entry).rpartition(".")
+            modules[(section.name, module)][leaf] = entry
+
+    kinds = {key: infer_layer_kind(key[1], leaves) for key, leaves in modules.items()}
+
+    first_name: dict[Any, str] = {}
+    rows = []
+    for entry, section, relative in located:
+        identity = view_identity(entry.info)
+        tied_to = first_name.setdefault(identity, entry.name)
+        section_name = section.name if section is not None else ""
+        module, _, leaf = _relative_name(relative, entry).rpartition(".")
+        kind, detail = kinds.get((section_name, module), ("", ""))
+        rows.append(TensorRow(
+            name=entry.name,
+            section=section.kind if section is not None else "",
+            module=module,
+            leaf=leaf,
+            layer_kind=kind,
+            layer_detail=detail,
+            role=tensor_role(entry, leaf),
+            shape=entry.shape,
+            dtype=entry.dtype,
+            numel=entry.numel,
+            nbytes=entry.nbytes,
+            device=entry.device,
+            shared=entry.storage_key is not None and storage_users[entry.storage_key] > 1,
+            tied_to="" if tied_to == entry.name else tied_to,
+        ))
+
+    parameters = buffers = 0
+    dtype_numel: Counter[str] = Counter()
+    dtype_bytes: Counter[str] = Counter()
+    for row in rows:
+        if row.tied_to:
+            continue
+        if row.role == "parameter":
+            parameters += row.numel
+        else:
+            buffers += row.numel
+        name = str(row.dtype).removeprefix("torch.")
+        dtype_numel[name] += row.numel
+        dtype_bytes[name] += row.nbytes
+    return TensorTable(tuple(rows), parameters, buffers, ckpt.total_bytes, dict(dtype_numel), dict(dtype_bytes))
+
+
+def _relative_name(relative: tuple[Any, ...], entry: TensorEntry) -> str:
+    # State-dict keys are themselves dotted ("layer1.0.conv1.weight" is one key), so join then split.
+    return ".".join(str(part) for part in relative) if relative else entry.name
+
+
+def _section_of(path: tuple[Any, ...], sections: Sequence[Section]) -> Section | None:
+    for section in sections:  # deepest first, so a nested section wins over its parent
+        if path[: len(section.path)] == section.path:
+            return section
+    return None
+
+
+def tensor_role(entry: TensorEntry, leaf: str) -> str:
+    """'parameter' or 'buffer': saved `nn.Parameter`s are parameters; else decided by the leaf name and dtype."""
+    if entry.info.is_parameter:
+        return "parameter"
+    if leaf in BUFFER_LEAVES or not (entry.dtype.is_floating_point or entry.dtype.is_complex):
+        return "buffer"
+    return "parameter"
+
+
+def infer_layer_kind(module: str, leaves: Mapping[str, Any]) -> tuple[str, str]:
+    """
+    The layer kind of a module from its dotted path and its tensors (leaf name -> anything with
+    `.shape`), with the weight's shape read as that layer. ("", "") when nothing fits.
+
+    Example:
+        >>> infer_layer_kind("encoder.layers.0.self_attn.q_proj", {"weight": torch.empty(512, 512)})
+        ('attention.q', '512×512 (out×in)')
+    """
+    name = module.rsplit(".", 1)[-1].lower()
+    parent = module.lower()
+    weight = leaves.get("weight")
+    shape = tuple(weight.shape) if weight is not None else None
+
+    if "running_mean" in leaves and "running_var" in leaves:
+        channels = tuple(leaves["running_mean"].shape)
+        return "BatchNorm", f"{channels[0] if channels else 0} channels"
+    if "in_proj_weight" in leaves:
+        in_proj = tuple(leaves["in_proj_weight"].shape)
+        return "attention.qkv", f"{in_proj[0]}×{in_proj[1]} (3·embed×embed)" if len(in_proj) == 2 else ""
+    if shape is None:
+        if "inv_freq" in leaves:
+            return "RotaryEmbedding", ""
+        return "", ""
+    if len(shape) == 2:
+        detail = f"{shape[0]}×{shape[1]} (out×in)"
+        in_attention = _ATTENTION_CONTEXT.search(parent) is not None
+        for kind, pattern in _ATTENTION:
+            # "q", "dense", "proj" name attention layers only inside an attention block; "q_proj" always does.
+            ambiguous = len(name) == 1 or kind == "attention.out"
+            if pattern.match(name) and (in_attention or not ambiguous):
+                return kind, detail
+        if "bias" not in leaves and _EMBEDDING.search(name):
+            return "Embedding", f"{shape[0]}×{shape[1]} (vocab×dim)"
+        return "Linear", detail
+    if len(shape) in (3, 4, 5):
+        kernel = "×".join(str(k) for k in shape[2:])
+        return f"Conv{len(shape) - 2}d", f"{shape[0]}, {shape[1]}, {kernel} (out, in/groups, kernel)"
+    if len(shape) == 1 and _NORM_TOKEN.search(name):
+        detail = f"{shape[0]} features"
+        if re.search(r"(^|_)(bn|batchnorm|batch_norm)\d*(_|$)", name):
+            return "BatchNorm", detail
+        if re.search(r"(^|_)(gn|groupnorm|group_norm)\d*(_|$)", name):
+            return "GroupNorm", detail
+        if "rms" in name or "bias" not in leaves:
+            return "RMSNorm", detail
+        return "LayerNorm", detail
+    return "", ""

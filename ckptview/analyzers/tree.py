@@ -1,0 +1,165 @@
+"""
+The dotted tensor names folded into a module tree with totals per subtree, and runs of
+identical numbered blocks (`layers.0` ... `layers.31`) folded into one node ×32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ckptview.analyzers.table import TensorTable, tensor_table
+from ckptview.readers.model import Checkpoint
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+@dataclass(frozen=True)
+class TreeNode:
+    """
+    One module (or section, or folded run of blocks) of the tree.
+
+    For a folded node (`repeat > 1`) the totals cover every block of the run, and `children`
+    describe one block (the first), since all blocks have the same tensors and shapes.
+    """
+
+    name: str                       # the last name part; "0…31" for a folded run
+    path: str                       # dotted path from the root; the first block's path for a run
+    parameter_count: int            # elements beneath, each stored view counted once
+    nbytes: int
+    share: float                    # parameter_count / the whole tree's parameter_count
+    tensor_count: int
+    layer_kinds: tuple[str, ...]    # inferred layer kinds beneath, most elements first
+    children: tuple[TreeNode, ...] = ()
+    repeat: int = 1                 # how many identical blocks this node stands for
+    tensors: tuple[str, ...] = field(default=(), repr=False)  # leaves held directly by this module
+
+
+@dataclass(frozen=True)
+class ModuleTree:
+    """The module tree of a checkpoint: `root.children` are the top-level modules (or sections)."""
+
+    root: TreeNode
+
+    def walk(self) -> list[tuple[int, TreeNode]]:
+        """(depth, node) for every node, depth first, root excluded."""
+        out: list[tuple[int, TreeNode]] = []
+        stack = [(0, child) for child in reversed(self.root.children)]
+        while stack:
+            depth, node = stack.pop()
+            out.append((depth, node))
+            stack.extend((depth + 1, child) for child in reversed(node.children))
+        return out
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per node, depth first: depth, name, path, repeat, parameter_count, nbytes, share, tensor_count, layer_kinds."""
+        import pandas as pd
+
+        columns = ["depth", "name", "path", "repeat", "parameter_count", "nbytes", "share", "tensor_count", "layer_kinds"]
+        rows = [(depth, n.name, n.path, n.repeat, n.parameter_count, n.nbytes, n.share, n.tensor_count,
+                 ", ".join(n.layer_kinds)) for depth, n in self.walk()]
+        return pd.DataFrame(rows, columns=columns)
+
+
+def module_tree(ckpt: Checkpoint, *, fold_repeats: bool = True) -> ModuleTree:
+    """
+    Fold the checkpoint's dotted tensor names into a module tree with totals per subtree.
+
+    `layer1.0.conv1.weight` becomes `layer1` → `0` → `conv1` holding `weight`. Each node has the
+    elements and bytes beneath it (tied tensors counted once, under their first name), its share
+    of the total, and the layer kinds beneath. With `fold_repeats`, consecutive numbered children
+    whose tensors have the same relative names, shapes and dtypes become one node with `repeat`
+    set to their number (`layers.0…31` ×32).
+
+    Args:
+        ckpt: an opened checkpoint.
+        fold_repeats: fold runs of identical numbered blocks.
+
+    Returns:
+        A frozen `ModuleTree`; `to_frame()` gives one DataFrame row per node. Cached per checkpoint.
+
+    Example:
+        >>> tree = ckptview.module_tree(ckpt)
+        >>> [(n.name, n.repeat) for n in tree.root.children[1].children]
+        [('0…31', 32)]
+    """
+    return ckpt.cached(f"module_tree:{fold_repeats}", lambda: build_tree(tensor_table(ckpt), fold_repeats))
+
+
+class _Builder:
+    __slots__ = ("children", "numel", "nbytes", "count", "kinds", "leaves", "signature")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Builder] = {}
+        self.numel = 0
+        self.nbytes = 0
+        self.count = 0
+        self.kinds: dict[str, int] = {}
+        self.leaves: list[str] = []
+        self.signature: Any = None
+
+
+def build_tree(table: TensorTable, fold_repeats: bool = True) -> ModuleTree:
+    """The module tree of a tensor table (what `module_tree` returns; exposed for tables built elsewhere)."""
+    root = _Builder()
+    shapes: dict[int, list[tuple[str, tuple[int, ...], str]]] = {}
+    for row in table.rows:
+        parts = row.name.split(".")
+        counted = not row.tied_to
+        node = root
+        chain = [root]
+        for part in parts[:-1]:
+            child = node.children.get(part)
+            if child is None:
+                child = node.children[part] = _Builder()
+            node = child
+            chain.append(node)
+        node.leaves.append(parts[-1])
+        for depth, member in enumerate(chain):
+            member.count += 1
+            if counted:
+                member.numel += row.numel
+                member.nbytes += row.nbytes
+                if row.layer_kind:
+                    member.kinds[row.layer_kind] = member.kinds.get(row.layer_kind, 0) + row.numel
+            shapes.setdefault(id(member), []).append((".".join(parts[depth:]), row.shape, str(row.dtype)))
+    total = root.numel or 1
+
+    def freeze(name: str, path: str, node: _Builder) -> TreeNode:
+        kids = []
+        items = list(node.children.items())
+        index = 0
+        while index < len(items):
+            key, child = items[index]
+            run = 1
+            if fold_repeats and key.isdigit():
+                signature = shapes[id(child)]
+                while (index + run < len(items) and items[index + run][0].isdigit()
+                       and int(items[index + run][0]) == int(key) + run and shapes[id(items[index + run][1])] == signature):
+                    run += 1
+            child_path = f"{path}.{key}" if path else key
+            frozen = freeze(key, child_path, child)
+            if run > 1:
+                members = [c for _, c in items[index : index + run]]
+                numel = sum(m.numel for m in members)
+                kinds: dict[str, int] = {}
+                for m in members:
+                    for kind, n in m.kinds.items():
+                        kinds[kind] = kinds.get(kind, 0) + n
+                frozen = TreeNode(
+                    name=f"{key}…{items[index + run - 1][0]}", path=child_path, parameter_count=numel,
+                    nbytes=sum(m.nbytes for m in members), share=numel / total,
+                    tensor_count=sum(m.count for m in members), layer_kinds=_ordered(kinds),
+                    children=frozen.children, repeat=run, tensors=frozen.tensors,
+                )
+            kids.append(frozen)
+            index += run
+        return TreeNode(name, path, node.numel, node.nbytes, node.numel / total, node.count, _ordered(node.kinds),
+                        tuple(kids), 1, tuple(node.leaves))
+
+    return ModuleTree(freeze("", "", root))
+
+
+def _ordered(kinds: dict[str, int]) -> tuple[str, ...]:
+    return tuple(kind for kind, _ in sorted(kinds.items(), key=lambda item: -item[1]))
