@@ -23,7 +23,7 @@ from llm_fixture import make_llm_checkpoint, make_many_tensors  # noqa: E402
 # Each snippet prints {"seconds": ..., "extra_rss_mb": ..., "tensors": ...}; imports happen before
 # the baseline so only the work itself is measured.
 _METHOD = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch, ckptview
 path, method = sys.argv[1], sys.argv[2]
 def rss_mb():

@@ -66,10 +66,7 @@ def _open_file(path: str, head: bytes, size: int, *, trust: bool) -> Checkpoint:
                                            "any data. Save or copy it again.")
     if head.startswith(ZIP_MAGIC):
         from ckptview.readers.torch_pickle import read_torch_zip
-        from ckptview.readers.torchscript import is_torchscript, read_torchscript
 
-        if is_torchscript(path, size):
-            return read_torchscript(path, size, trust=trust)
         return read_torch_zip(path, size, trust=trust)
     if head.startswith(EMPTY_ZIP_MAGIC):
         raise UnsupportedFormatError(path, f"an empty zip archive, not a checkpoint; {SUPPORTED}.")

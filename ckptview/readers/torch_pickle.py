@@ -88,7 +88,13 @@ def member_data_offset(source: FileSource, info: zipfile.ZipInfo, size: int) -> 
     return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
 
 
-def read_torch_zip(path: str, size: int, *, trust: bool, format_name: str = "torch-zip") -> Checkpoint:
+def is_torchscript_archive(names: list[str], prefix: str) -> bool:
+    """torch.jit.save writes constants.pkl and a code/ folder beside data.pkl; torch.save does not."""
+    return prefix + "constants.pkl" in names or any(n.startswith(prefix + "code/") for n in names)
+
+
+def read_torch_zip(path: str, size: int, *, trust: bool) -> Checkpoint:
+    """A torch.save zip archive, or a TorchScript archive (format "torchscript")."""
     archive = _open_zip(path, size)
     with archive:
         names = archive.namelist()
@@ -127,6 +133,7 @@ def read_torch_zip(path: str, size: int, *, trust: bool, format_name: str = "tor
 
         data = _read_member(archive, path, prefix + "data.pkl")
         root, unpickler = unpickle(data, path, "its data.pkl", storage_for)
+        format_name = "torchscript" if is_torchscript_archive(names, prefix) else "torch-zip"
         details = {"archive_prefix": prefix.rstrip("/"), "byteorder": byteorder, "members": len(names)}
         if unpickler.script_classes():
             details["script_classes"] = unpickler.script_classes()
