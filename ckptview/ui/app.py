@@ -1,0 +1,107 @@
+"""The explorer: a header with what the file is, and one tab per view; each tab computes when first opened."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ipywidgets as widgets
+
+from ckptview.present.frames import summary
+from ckptview.present.text import human_bytes, human_count
+from ckptview.ui.base import STYLE, ExplorerState, Panel, banner_html, error_message, esc
+from ckptview.ui.batchnorm import BatchNormPanel
+from ckptview.ui.compare import ComparePanel
+from ckptview.ui.inference import inference_panel
+from ckptview.ui.overview import OverviewPanel
+from ckptview.ui.statistics import StatisticsPanel
+from ckptview.ui.tensors import TensorsPanel
+from ckptview.ui.training import TrainingPanel
+from ckptview.ui.tree import TreePanel
+
+
+class Explorer(widgets.VBox):
+    """
+    The widget `ckptview.explore()` returns. `panels` maps tab titles to panels; selecting a tab
+    (in the page, or with `select(title)`) starts that panel's first computation.
+    """
+
+    def __init__(self, state: ExplorerState) -> None:
+        self.state = state
+        self.header = widgets.HTML(self._header_html())
+        if state.checkpoint is None:
+            self.panels: dict[str, Panel | widgets.Widget] = {}
+            self.tabs = widgets.Tab()
+            super().__init__([widgets.HTML(STYLE), self.header])
+            return
+        panels = [OverviewPanel(state), TensorsPanel(state), TreePanel(state), StatisticsPanel(state),
+                  BatchNormPanel(state), TrainingPanel(state), ComparePanel(state), inference_panel(state)]
+        self.panels = {panel.title: panel for panel in panels}
+        self.tabs = widgets.Tab(children=panels, titles=[panel.title for panel in panels])
+        self.tabs.observe(self._on_tabs_selected_index, names="selected_index")
+        super().__init__([widgets.HTML(STYLE), self.header, self.tabs])
+        self.add_class("ckptview-explorer")
+        self._activate(0)
+
+    def _header_html(self) -> str:
+        state = self.state
+        if state.checkpoint is None:
+            return (f"<h3 style='margin:4px 0'>{esc(state.path)}</h3>"
+                    + banner_html("error", error_message(state.open_error)))
+        facts = summary(state.checkpoint)
+        badge_class = "ckptview-badge-danger" if facts.needs_code else "ckptview-badge-ok"
+        return (
+            f"<div style='display:flex;align-items:baseline;gap:10px;flex-wrap:wrap'>"
+            f"<b style='font-size:16px'>{esc(facts.name)}</b>"
+            f"<span>{esc(facts.format)}</span><span>{human_bytes(facts.file_size)} on disk</span>"
+            f"<span>{facts.tensor_count:,} tensors</span>"
+            f"<span>{human_count(facts.parameter_count)} parameters ({human_bytes(facts.total_bytes)})</span>"
+            f"<span>sections: {esc(', '.join(facts.section_kinds) or 'none')}</span>"
+            f"<span class='ckptview-badge {badge_class}' title='{esc(', '.join(facts.imports))}'>"
+            f"{esc(facts.safety_text)}</span></div>"
+            f"<div style='color:#5f6368;font-size:11px'>{esc(facts.path)}</div>"
+        )
+
+    def _on_tabs_selected_index(self, change: dict[str, Any]) -> None:
+        self._activate(change["new"])
+
+    def _activate(self, index: int | None) -> None:
+        if index is None:
+            return
+        panel = self.tabs.children[index]
+        if isinstance(panel, Panel):
+            panel.activate()
+
+    def select(self, title: str) -> Panel | widgets.Widget:
+        """Open the tab called `title` (as a click would) and return its panel."""
+        self.tabs.selected_index = list(self.panels).index(title)
+        return self.panels[title]
+
+    def close(self) -> None:
+        if self.state.checkpoint is not None and self.state.owns_checkpoint:
+            self.state.checkpoint.close()
+        super().close()
+
+
+def explore(path_or_checkpoint: Any, *, compare_to: Any = None, model: Any = None, trust: bool = False) -> Explorer:
+    """
+    Open a checkpoint in an interactive explorer (an ipywidgets app; it displays itself as the cell's result).
+
+    Only headers are read up front; each tab computes the first time it is opened, on a worker thread
+    with a progress bar, and keeps its result. A file that cannot be opened shows the error (the same
+    message as the `ckptview` command line) instead of tabs.
+
+    Args:
+        path_or_checkpoint: a checkpoint path (anything `ckptview.open` takes) or an opened `Checkpoint`.
+        compare_to: a second checkpoint path to preselect in the Compare tab.
+        model: an `nn.Module` or a `"package.module:factory"` string for the Compare (load doctor) and
+            Inference tabs.
+        trust: allow code from the file to run (pickled classes, TorchScript). Only for files you trust.
+
+    Returns:
+        An `Explorer` widget; `explorer.panels["Tensors"]` etc. give the tabs for scripting.
+
+    Example:
+        >>> import ckptview
+        >>> ckptview.explore("runs/resnet/epoch_10.pt", compare_to="runs/resnet/epoch_9.pt")
+    """
+    return Explorer(ExplorerState(path_or_checkpoint, compare_to=compare_to, model=model, trust=trust))

@@ -1,0 +1,243 @@
+"""
+What every panel shares: the explorer's state (the opened checkpoint, a worker pool), an error
+banner, a progress bar, and running work off the kernel's main thread.
+
+Work runs on a worker thread so the kernel keeps answering the front end (a Cancel click, another
+tab) while a panel computes; widgets are updated from that thread, which ipykernel allows (comm
+messages go through its IOPub thread). Progress updates are throttled so a panel never comes
+near Jupyter's IOPub message-rate limit.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import ModuleType
+from typing import Any
+
+import ipywidgets as widgets
+
+from ckptview.errors import CkptviewError
+from ckptview.readers.model import Checkpoint
+
+log = logging.getLogger(__name__)
+
+# At most this many progress messages a second per panel: far below the IOPub limits.
+_PROGRESS_INTERVAL_S = 0.2
+
+STYLE = """
+<style>
+.ckptview-banner-error {background:#fdecea;border-left:4px solid #d93025;padding:6px 10px;margin:4px 0;color:#5f2120}
+.ckptview-banner-info {background:#e8f0fe;border-left:4px solid #1a73e8;padding:6px 10px;margin:4px 0;color:#174ea6}
+.ckptview-banner-warning {background:#fef7e0;border-left:4px solid #f9ab00;padding:6px 10px;margin:4px 0;color:#5c4400}
+.ckptview-mono select, .ckptview-mono textarea {font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px}
+.ckptview-table {border-collapse:collapse;font-size:12px}
+.ckptview-table th, .ckptview-table td {padding:2px 8px;border-bottom:1px solid #e0e0e0;text-align:left;vertical-align:top}
+.ckptview-table td.num {text-align:right;font-variant-numeric:tabular-nums}
+.ckptview-badge {display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;margin-left:6px}
+.ckptview-badge-ok {background:#e6f4ea;color:#137333}
+.ckptview-badge-danger {background:#fce8e6;color:#a50e0e}
+.ckptview-tree details {margin-left:14px} .ckptview-tree summary {cursor:pointer}
+.ckptview-tree .meta {color:#5f6368;font-size:11px;margin-left:6px}
+.sev-error {color:#a50e0e;font-weight:600} .sev-warning {color:#b06000;font-weight:600}
+.sev-info {color:#174ea6} .sev-ok {color:#137333}
+</style>
+"""
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def banner_html(kind: str, message: str) -> str:
+    return f'<div class="ckptview-banner-{kind}">{esc(message)}</div>'
+
+
+def error_message(exc: BaseException) -> str:
+    """The text the CLI prints for the same error (`ckptview: error: ...`), or the exception for a bug."""
+    if isinstance(exc, CkptviewError):
+        return f"ckptview: error: {exc}"
+    return f"ckptview: internal error ({type(exc).__name__}: {exc}); the rest of the explorer still works"
+
+
+class ExplorerState:
+    """
+    What the panels of one explorer share: the checkpoint, the options `explore()` was given, and
+    a small worker pool. The inference panel receives this object too.
+
+    Attributes:
+        path: the file or directory given (None when a `Checkpoint` was passed in).
+        checkpoint: the opened checkpoint, or None when opening failed (`open_error` says why).
+        compare_to: a second checkpoint's path to preselect in the Compare tab.
+        model: an `nn.Module` or `"package.module:factory"` for the Compare and Inference tabs.
+        trust: whether code from the file may run (pickled classes, TorchScript).
+    """
+
+    def __init__(self, source: Any, *, compare_to: Any = None, model: Any = None, trust: bool = False) -> None:
+        self.compare_to = compare_to
+        self.model = model
+        self.trust = trust
+        self.open_error: CkptviewError | None = None
+        self.checkpoint: Checkpoint | None
+        self.owns_checkpoint = not isinstance(source, Checkpoint)  # close only what explore() opened
+        if isinstance(source, Checkpoint):
+            self.path = source.path
+            self.checkpoint = source
+        else:
+            self.path = str(source)
+            import ckptview
+
+            try:
+                self.checkpoint = ckptview.open(source, trust=trust)
+            except CkptviewError as exc:
+                self.checkpoint = None
+                self.open_error = exc
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptview-ui")
+
+    def submit(self, work: Callable[[], Any]) -> Future:
+        return self._executor.submit(work)
+
+
+class Cancelled(Exception):
+    """Raised inside panel work when the user pressed Cancel."""
+
+
+class Panel(widgets.VBox):
+    """
+    A tab of the explorer. Subclasses put their controls in `body`, compute in `_compute()` (worker
+    thread, may call `self.report(done, total)`), show the result in `_show(result)`, and call
+    `_refresh()` from their handlers.
+    """
+
+    title = ""
+
+    def __init__(self, state: ExplorerState, body: list[widgets.Widget]) -> None:
+        self.state = state
+        self.banner = widgets.HTML()
+        self.progress = widgets.FloatProgress(min=0.0, max=1.0, description="", layout=widgets.Layout(display="none", width="50%"))
+        self.progress_text = widgets.HTML()
+        self.activated = False
+        self._idle = threading.Event()
+        self._idle.set()
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()
+        self._pending: tuple[Callable[[], Any], Callable[[Any], None], str] | None = None
+        self._last_report = 0.0
+        super().__init__([self.banner, widgets.HBox([self.progress, self.progress_text]), *body])
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def activate(self) -> None:
+        """First time the tab is opened: start computing (subsequent calls do nothing)."""
+        if self.activated:
+            return
+        self.activated = True
+        if self.state.checkpoint is None:
+            self.show_error(self.state.open_error)
+            return
+        self.run(self._compute, self._show)
+
+    def _compute(self) -> Any:
+        return None
+
+    def _show(self, result: Any) -> None:
+        pass
+
+    def run(self, work: Callable[[], Any], done: Callable[[Any], None], *, label: str = "computing…") -> None:
+        """
+        Run `work` on a worker thread with the progress bar shown, then `done(result)`. One job at a
+        time per panel: a request made while one runs waits for it, and only the latest request waits
+        (clicking through ten rows quickly computes the first and the last).
+        """
+        with self._lock:
+            if self.busy:
+                self._pending = (work, done, label)
+                return
+            self._idle.clear()
+        self._start(work, done, label)
+
+    def _start(self, work: Callable[[], Any], done: Callable[[Any], None], label: str) -> None:
+        self._cancel.clear()
+        self.progress.value = 0.0
+        self.progress.layout.display = ""
+        self.progress_text.value = esc(label)
+        future = self.state.submit(work)
+        future.add_done_callback(lambda f: self._finish(f, done))
+
+    def _finish(self, future: Future, done: Callable[[Any], None]) -> None:
+        try:
+            result = future.result()
+            self.show_error(None)
+            done(result)
+        except Cancelled:
+            self.banner.value = banner_html("info", "cancelled; press the button again to start over")
+        except Exception as exc:  # a bug in one panel must not take the explorer down: show it here
+            if not isinstance(exc, CkptviewError):
+                log.error("ckptview panel %s failed:\n%s", self.title, "".join(traceback.format_exception(exc)))
+            self.show_error(exc)
+        finally:
+            with self._lock:
+                pending, self._pending = self._pending, None
+                if pending is None:
+                    self.progress.layout.display = "none"
+                    self.progress_text.value = ""
+                    self._idle.set()
+        if pending is not None:
+            self._start(*pending)
+
+    def wait(self, timeout: float = 120.0) -> None:
+        """Block until the panel's current work (if any) is shown; for tests and benchmarks."""
+        if not self._idle.wait(timeout):
+            raise TimeoutError(f"the {self.title} panel did not finish within {timeout:.0f} s")
+
+    @property
+    def busy(self) -> bool:
+        return not self._idle.is_set()
+
+    # --- progress, cancel, errors ---------------------------------------------------------------
+    def report(self, done: float, total: float, text: str = "") -> None:
+        """Progress from worker code; raises `Cancelled` once the user has pressed Cancel."""
+        if self._cancel.is_set():
+            raise Cancelled()
+        now = time.monotonic()
+        if now - self._last_report < _PROGRESS_INTERVAL_S and done < total:
+            return
+        self._last_report = now
+        self.progress.value = (done / total) if total else 1.0
+        self.progress_text.value = esc(text or f"{done:,.0f} / {total:,.0f}")
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    def show_error(self, exc: BaseException | None) -> None:
+        self.banner.value = "" if exc is None else banner_html("error", error_message(exc))
+
+    def show_info(self, message: str, kind: str = "info") -> None:
+        self.banner.value = banner_html(kind, message)
+
+
+def replace_figure(widget: Any, figure: Any) -> None:
+    """Show `figure` (a plotly Figure) in an existing FigureWidget: one message, not one per trace."""
+    with widget.batch_update():
+        widget.data = ()
+        widget.add_traces(figure.data)
+        widget.layout = figure.layout
+
+
+def optional_module(name: str) -> ModuleType | None:
+    """A module from another part of ckptview that may not be installed in this build, else None."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        return None

@@ -1,0 +1,41 @@
+"""Overview tab: the checkpoint's sections with their values, and a treemap of parameters by module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ipywidgets as widgets
+import plotly.graph_objects as go
+
+from ckptview.analyzers.tree import module_tree
+from ckptview.present import figures
+from ckptview.present.frames import sections_frame, summary
+from ckptview.ui.base import ExplorerState, Panel, esc, replace_figure
+
+
+class OverviewPanel(Panel):
+    title = "Overview"
+
+    def __init__(self, state: ExplorerState) -> None:
+        self.sections = widgets.HTML()
+        self.treemap = go.FigureWidget()
+        super().__init__(state, [self.sections, self.treemap])
+
+    def _compute(self) -> tuple[Any, go.Figure]:
+        ckpt = self.state.checkpoint
+        frame = sections_frame(ckpt)
+        return frame, figures.module_treemap(module_tree(ckpt), summary(ckpt).name)
+
+    def _show(self, result: tuple[Any, go.Figure]) -> None:
+        frame, treemap = result
+        rows = "".join(
+            f"<tr><td><b>{esc(r['section'])}</b></td><td><code>{esc(r['path'])}</code></td>"
+            f"<td class='num'>{r['tensors']:,}</td><td>{esc(r['contents'])}</td>"
+            f"<td style='color:#5f6368'>{esc(r['what it is'])}</td></tr>"
+            for r in frame.to_dict("records")
+        )
+        self.sections.value = (
+            "<table class='ckptview-table'><tr><th>section</th><th>path</th><th>tensors</th><th>contents</th>"
+            f"<th>what it is</th></tr>{rows}</table>"
+        )
+        replace_figure(self.treemap, treemap)

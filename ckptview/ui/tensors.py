@@ -1,0 +1,135 @@
+"""Tensors tab: every tensor, filtered, sorted and paged; selecting one shows its statistics and plots."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import ipywidgets as widgets
+import pandas as pd
+import plotly.graph_objects as go
+
+from ckptview.analyzers.table import tensor_table
+from ckptview.present import figures
+from ckptview.present.frames import filter_frame, page
+from ckptview.present.text import human_bytes, shape_text
+from ckptview.ui.base import ExplorerState, Panel, banner_html, esc, optional_module, replace_figure
+
+PAGE_SIZE = 50
+_SORTS = (("file order", "order"), ("name", "name"), ("elements", "numel"), ("bytes", "nbytes"),
+          ("dtype", "dtype"), ("layer kind", "layer_kind"), ("module", "module"))
+
+
+class TensorsPanel(Panel):
+    title = "Tensors"
+
+    def __init__(self, state: ExplorerState) -> None:
+        self.name_filter = widgets.Text(placeholder="name regex, e.g. layer1\\..*weight", continuous_update=False,
+                                        layout=widgets.Layout(width="280px"))
+        self.dtype_filter = widgets.Dropdown(options=[("any dtype", "")], layout=widgets.Layout(width="130px"))
+        self.kind_filter = widgets.Dropdown(options=[("any layer kind", "")], layout=widgets.Layout(width="160px"))
+        self.sort_by = widgets.Dropdown(options=_SORTS, value="order", description="sort", layout=widgets.Layout(width="190px"))
+        self.descending = widgets.ToggleButton(description="descending", layout=widgets.Layout(width="100px"))
+        self.previous = widgets.Button(description="◀", layout=widgets.Layout(width="40px"))
+        self.next = widgets.Button(description="▶", layout=widgets.Layout(width="40px"))
+        self.page_label = widgets.HTML()
+        self.header_line = widgets.HTML()
+        self.rows = widgets.Select(rows=20, layout=widgets.Layout(width="100%"))
+        self.rows.add_class("ckptview-mono")
+        self.detail = widgets.HTML()
+        self.histogram = go.FigureWidget()
+        self.heatmap = go.FigureWidget()
+        self.frame = pd.DataFrame()
+        self.matching = 0
+        self.page_number = 0
+        for control in (self.name_filter, self.dtype_filter, self.kind_filter, self.sort_by, self.descending):
+            control.observe(self._on_filter_change, names="value")
+        self.previous.on_click(self._on_previous_click)
+        self.next.on_click(self._on_next_click)
+        self.rows.observe(self._on_rows_value, names="value")
+        controls = widgets.HBox([self.name_filter, self.dtype_filter, self.kind_filter, self.sort_by, self.descending,
+                                 self.previous, self.next, self.page_label], layout=widgets.Layout(flex_flow="row wrap"))
+        plots = widgets.HBox([self.histogram, self.heatmap])
+        super().__init__(state, [controls, self.header_line, self.rows, self.detail, plots])
+
+    def _compute(self) -> pd.DataFrame:
+        frame = tensor_table(self.state.checkpoint).to_frame()
+        frame.insert(0, "order", range(len(frame)))
+        return frame
+
+    def _show(self, frame: pd.DataFrame) -> None:
+        self.frame = frame
+        self.dtype_filter.options = [("any dtype", "")] + [(d, d) for d in sorted(frame["dtype"].unique())]
+        self.kind_filter.options = [("any layer kind", "")] + [(k, k) for k in sorted(frame["layer_kind"].unique()) if k]
+        self._refresh()
+
+    # --- handlers ---------------------------------------------------------------------------------
+    def _on_filter_change(self, change: dict[str, Any]) -> None:
+        self.page_number = 0
+        self._refresh()
+
+    def _on_previous_click(self, button: widgets.Button) -> None:
+        self.page_number = max(0, self.page_number - 1)
+        self._refresh()
+
+    def _on_next_click(self, button: widgets.Button) -> None:
+        self.page_number = min(self._last_page(), self.page_number + 1)
+        self._refresh()
+
+    def _on_rows_value(self, change: dict[str, Any]) -> None:
+        if change["new"]:
+            name = change["new"]
+            self.run(lambda: self._tensor_detail(name), self._show_detail, label=f"reading {name}…")
+
+    # --- view ---------------------------------------------------------------------------------------
+    def _last_page(self) -> int:
+        return max(0, (self.matching - 1) // PAGE_SIZE)
+
+    def _refresh(self) -> None:
+        if self.frame.empty:
+            return
+        try:
+            matching = filter_frame(self.frame, name_regex=self.name_filter.value,
+                                    column_values={"dtype": self.dtype_filter.value, "layer_kind": self.kind_filter.value})
+        except re.error as exc:
+            self.banner.value = banner_html("error", f"the name filter is not a valid regular expression: {exc}")
+            return
+        self.banner.value = ""
+        self.matching = len(matching)
+        self.page_number = min(self.page_number, self._last_page())
+        shown = page(matching, sort_by=self.sort_by.value, descending=self.descending.value,
+                     number=self.page_number, size=PAGE_SIZE)
+        first = self.page_number * PAGE_SIZE
+        self.page_label.value = (f"rows {first + 1 if len(shown) else 0:,}–{first + len(shown):,} of {self.matching:,}"
+                                 f" (of {len(self.frame):,})")
+        self.header_line.value = f"<pre style='margin:0;font-size:12px'>{esc(_line('name', 'shape', 'dtype', 'layer kind', 'role', 'size'))}</pre>"
+        self.rows.index = None  # else the Select picks the first row, which would load that tensor
+        self.rows.options = [(_line(r["name"], shape_text(r["shape"]), r["dtype"], r["layer_kind"], r["role"],
+                                    human_bytes(r["nbytes"])), r["name"]) for r in shown.to_dict("records")]
+
+    def _tensor_detail(self, name: str) -> dict[str, Any]:
+        ckpt = self.state.checkpoint
+        entry = ckpt.tensor(name)
+        detail: dict[str, Any] = {"row": self.frame[self.frame["name"] == name].iloc[0].to_dict(), "stats": None, "heatmap": None}
+        stats_module = optional_module("ckptview.analyzers.stats")
+        if stats_module is not None:
+            detail["stats"] = stats_module.stats(ckpt, filter=f"^{re.escape(name)}$", progress=False)
+        if len(entry.shape) == 2 and entry.dtype.is_floating_point and entry.layout == "strided":
+            detail["heatmap"] = figures.heatmap(figures.downsample_2d(entry.load()), name, original_shape=entry.shape)
+        return detail
+
+    def _show_detail(self, detail: dict[str, Any]) -> None:
+        row = detail["row"]
+        facts = [("shape", shape_text(row["shape"])), ("dtype", row["dtype"]), ("elements", f"{row['numel']:,}"),
+                 ("bytes", human_bytes(row["nbytes"])), ("layer", f"{row['layer_kind']} {row['layer_detail']}".strip() or "?"),
+                 ("role", row["role"]), ("section", row["section"] or "—"), ("saved on", row["device"]),
+                 ("storage shared", "yes" if row["shared"] else "no")]
+        cells = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts)
+        self.detail.value = f"<h4 style='margin:6px 0'>{esc(row['name'])}</h4><table class='ckptview-table'>{cells}</table>"
+        replace_figure(self.heatmap, detail["heatmap"] or go.Figure(layout=dict(height=10)))
+
+
+def _line(name: str, shape: str, dtype: str, kind: str, role: str, size: str) -> str:
+    name = name if len(name) <= 56 else "…" + name[-55:]
+    # Browsers collapse runs of spaces inside <option>; non-breaking spaces keep the columns aligned.
+    return f"{name:<56}  {shape:<20}  {dtype:<9}  {kind:<14}  {role:<9}  {size:>10}".replace(" ", "\u00a0")
