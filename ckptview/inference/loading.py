@@ -1,0 +1,351 @@
+"""
+A runnable model from a checkpoint: the module the file holds (a whole pickled `nn.Module` or a
+TorchScript archive, both only with trust), or a user's `nn.Module` / factory with the
+checkpoint's weights loaded into it.
+
+Weights go straight from the file to the target device. A model built from a factory is built on
+the `meta` device (no memory, no random init) and each parameter is then *assigned* the tensor
+read from the file, already on the target device, so RAM never holds a randomly initialised copy
+next to the real one (`load_state_dict(assign=True)`). Tensors are read by ckptview's own reader,
+which ignores the device they were saved on, so a checkpoint saved on `cuda:7` loads on a
+CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from ckptview.analyzers.sections import model_section, model_state_dict
+from ckptview.errors import ModelBuildError, UntrustedCodeError
+from ckptview.inference.devices import resolve_device
+from ckptview.readers.model import Checkpoint
+
+# What a user may give as the model: an instance, a "package.module:callable" string, or a callable.
+ModelSpec = Union[nn.Module, str, Callable[..., nn.Module]]
+
+
+@dataclass(frozen=True)
+class WeightsReport:
+    """
+    How the checkpoint's weights went into the model.
+
+    Attributes:
+        loaded: names of tensors taken from the checkpoint.
+        missing: in the model, not in the checkpoint (they keep the model's own initialisation).
+        unexpected: in the checkpoint, not in the model (ignored).
+        mismatched: (name, checkpoint shape, model shape) for tensors whose shapes differ (not loaded).
+        fixes: what was changed to make the names line up (e.g. "stripped prefix 'module.'").
+        initialised: tensors that were not loaded and were initialised by the model's own
+            `reset_parameters()` (or zeros where it has none), so the outputs are not the checkpoint's.
+        details: the load doctor's own report, when it made this one.
+    """
+
+    loaded: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    mismatched: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
+    fixes: tuple[str, ...] = ()
+    initialised: tuple[str, ...] = ()
+    details: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def complete(self) -> bool:
+        """True when every tensor of the model came from the checkpoint."""
+        return not (self.missing or self.mismatched or self.initialised)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "loaded": len(self.loaded),
+            "missing": list(self.missing),
+            "unexpected": list(self.unexpected),
+            "mismatched": [{"name": n, "checkpoint_shape": list(a), "model_shape": list(b)} for n, a, b in self.mismatched],
+            "fixes": list(self.fixes),
+            "initialised": list(self.initialised),
+            "complete": self.complete,
+        }
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """
+    A model ready to run and where it came from.
+
+    Attributes:
+        model: the module (an `nn.Module` or a `torch.jit.ScriptModule`), on `device`.
+        source: "module" (the checkpoint's pickled module), "torchscript", "instance" (the user's
+            module), or "factory" (built from a callable or "package.module:callable").
+        device: where its weights are.
+        weights: how the checkpoint's state dict was loaded; None when the model came whole
+            from the file (its weights are the file's by construction).
+        notes: anything the user should know about how it was built.
+    """
+
+    model: nn.Module
+    source: str
+    device: torch.device
+    weights: WeightsReport | None
+    notes: tuple[str, ...] = ()
+
+
+def load_model(
+    checkpoint: Checkpoint,
+    model: ModelSpec | None = None,
+    *,
+    model_kwargs: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+) -> LoadedModel:
+    """
+    A runnable model with the checkpoint's weights, on `device`.
+
+    Args:
+        checkpoint: an opened checkpoint.
+        model: None to use the module the checkpoint holds (a whole pickled module or a
+            TorchScript archive; needs `ckptview.open(..., trust=True)`); an `nn.Module` whose
+            weights are replaced by the checkpoint's (in place, like `load_state_dict`); or a
+            callable / "package.module:callable" string returning an `nn.Module`, called with
+            `model_kwargs` on the meta device.
+        model_kwargs: keyword arguments for a factory.
+        device: where to put the model; None picks the best available device.
+
+    Returns:
+        A `LoadedModel`; `weights` is the load report when a state dict was loaded.
+
+    Raises:
+        UntrustedCodeError: the checkpoint is a module or TorchScript and was not opened with trust.
+        ModelBuildError: no model was given and the checkpoint holds only weights, or the
+            factory could not be imported or called.
+
+    Example:
+        >>> with ckptview.open("cnn.pt") as ckpt:
+        ...     loaded = load_model(ckpt, "torchvision.models:resnet18", model_kwargs={"num_classes": 10})
+        >>> loaded.weights.missing
+        ()
+    """
+    target = resolve_device(device)
+    if model is None:
+        return _load_whole_model(checkpoint, target)
+    if isinstance(model, nn.Module):
+        if _has_meta_tensors(model):
+            report, notes = _assign_weights(model, checkpoint, target)
+            return LoadedModel(model, "instance", target, report, notes)
+        report = _copy_weights(model, checkpoint)
+        return LoadedModel(model, "instance", module_device(model) or target, report)
+    kwargs = dict(model_kwargs or {})
+    skeleton = _build_skeleton(model, kwargs, torch.device("meta"))
+    non_persistent = _non_persistent_buffers(skeleton)
+    if non_persistent:
+        # Buffers that __init__ computes and state_dict() leaves out (rotary tables, position ids)
+        # would stay empty on meta; building on the target device keeps their values.
+        eager = _build_skeleton(model, kwargs, target)
+        report = _copy_weights(eager, checkpoint)
+        note = (f"built directly on {target} rather than on meta, because its non-persistent buffers "
+                f"({', '.join(non_persistent[:3])}{'…' if len(non_persistent) > 3 else ''}) are computed in __init__")
+        return LoadedModel(eager, "factory", target, report, (note,))
+    report, notes = _assign_weights(skeleton, checkpoint, target)
+    return LoadedModel(skeleton, "factory", target, report, notes)
+
+
+# --- the model itself from the file --------------------------------------------------------------
+
+def _load_whole_model(checkpoint: Checkpoint, device: torch.device) -> LoadedModel:
+    section = model_section(checkpoint)
+    kind = section.kind if section is not None else None
+    if kind == "torchscript":
+        from ckptview.readers.torchscript import load_script_module
+
+        # load_script_module checks trust itself and raises UntrustedCodeError with the reason.
+        return LoadedModel(load_script_module(checkpoint).to(device), "torchscript", device, None)
+    if kind == "module":
+        if not checkpoint.trust:
+            classes = ", ".join(imp.name for imp in checkpoint.pickle_imports[:3]) or "its class"
+            raise UntrustedCodeError(
+                checkpoint.path,
+                f"the checkpoint holds a whole pickled nn.Module; building it imports and runs {classes}. "
+                "Open it with trust=True (or --trust) if you trust the file, or give the model "
+                "(model=MyNet() or 'package.module:factory') to load only its weights.",
+            )
+        return LoadedModel(_torch_load_module(checkpoint, section.path, device), "module", device, None)
+    raise ModelBuildError(
+        checkpoint.path,
+        "the checkpoint holds only weights (a state dict), not the model's code: give the model as an "
+        "nn.Module instance or a factory, e.g. model='torchvision.models:resnet18' with model_kwargs, "
+        "or --model package.module:factory on the command line.",
+    )
+
+
+def _torch_load_module(checkpoint: Checkpoint, path: tuple[Any, ...], device: torch.device) -> nn.Module:
+    try:
+        # weights_only=False runs the file's pickled code; the caller has checked checkpoint.trust.
+        # map_location puts every storage on `device`, whatever device it was saved from.
+        obj = torch.load(checkpoint.path, weights_only=False, map_location=device)
+    except Exception as exc:  # unpickling runs arbitrary code, which may raise anything
+        raise ModelBuildError(checkpoint.path, f"torch.load could not rebuild the pickled module: "
+                                               f"{type(exc).__name__}: {exc}. Its class must be importable "
+                                               "here under the same module path it was saved from.") from exc
+    for key in path:
+        obj = obj[key] if isinstance(obj, (Mapping, list, tuple)) else getattr(obj, key)
+    if not isinstance(obj, nn.Module):
+        raise ModelBuildError(checkpoint.path, f"expected an nn.Module at {'.'.join(map(str, path)) or 'the root'}, "
+                                               f"found {type(obj).__name__}")
+    return obj
+
+
+# --- building from a factory ---------------------------------------------------------------------
+
+def _build_skeleton(spec: str | Callable[..., nn.Module], kwargs: dict[str, Any], device: torch.device) -> nn.Module:
+    """Call the factory with `kwargs` under `device` (meta: no memory, no init)."""
+    factory = _resolve_factory(spec)
+    name = spec if isinstance(spec, str) else getattr(spec, "__qualname__", repr(spec))
+    try:
+        with device:
+            built = factory(**kwargs)
+    except Exception as exc:  # user code: anything may be raised
+        raise ModelBuildError(None, f"calling {name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) "
+                                    f"failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(built, nn.Module):
+        raise ModelBuildError(None, f"{name} returned {type(built).__name__}, not an nn.Module")
+    return built
+
+
+def _resolve_factory(spec: str | Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    if not isinstance(spec, str):
+        if not callable(spec):
+            raise ModelBuildError(None, f"model must be an nn.Module, a callable or 'package.module:callable', "
+                                        f"not {type(spec).__name__}")
+        return spec
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ModelBuildError(None, f"{spec!r} is not 'package.module:callable' (e.g. 'torchvision.models:resnet18')")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelBuildError(None, f"cannot import {module_name!r} for {spec!r}: {exc}. Install it or add its "
+                                    "folder to sys.path / PYTHONPATH.") from exc
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError as exc:
+            raise ModelBuildError(None, f"{module_name} has no attribute {attribute!r} (from {spec!r})") from exc
+    return target
+
+
+# --- loading weights -----------------------------------------------------------------------------
+
+def _checkpoint_state(checkpoint: Checkpoint, model: nn.Module) -> tuple[dict[str, Any], WeightsReport]:
+    """
+    The checkpoint's tensors renamed to the model's names, and the key report.
+
+    Entries are returned unread (`TensorEntry`), so the caller reads one at a time.
+    """
+    entries = model_state_dict(checkpoint)
+    expected = model.state_dict(keep_vars=True)
+    matched, mismatched = {}, []
+    for name, entry in entries.items():
+        if name not in expected:
+            continue
+        want = tuple(expected[name].shape)
+        if tuple(entry.shape) != want:
+            mismatched.append((name, tuple(entry.shape), want))
+        else:
+            matched[name] = entry
+    report = WeightsReport(
+        loaded=tuple(matched),
+        missing=tuple(n for n in expected if n not in entries),
+        unexpected=tuple(n for n in entries if n not in expected),
+        mismatched=tuple(mismatched),
+    )
+    return matched, report
+
+
+def _read(entry: Any, like: torch.Tensor, device: torch.device) -> torch.Tensor:
+    tensor = entry.load()
+    # Cast floating weights to the dtype the model declares, as load_state_dict's copy_ would,
+    # so an fp16 checkpoint in an fp32 model does not give a half-converted model.
+    dtype = like.dtype if tensor.is_floating_point() and like.is_floating_point() else tensor.dtype
+    return tensor.to(device=device, dtype=dtype)
+
+
+def _assign_weights(model: nn.Module, checkpoint: Checkpoint, device: torch.device) -> tuple[WeightsReport, tuple[str, ...]]:
+    """Load into a model whose tensors are on meta: each one is read and assigned on `device`."""
+    matched, report = _checkpoint_state(checkpoint, model)
+    expected = model.state_dict(keep_vars=True)
+    state = {name: _read(entry, expected[name], device) for name, entry in matched.items()}
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise ModelBuildError(checkpoint.path, f"load_state_dict failed: {exc}") from exc
+    del state
+    initialised = _materialise_leftovers(model, device)
+    notes = ()
+    if initialised:
+        notes = (f"{len(initialised)} tensor(s) not in the checkpoint were initialised by the model's "
+                 "reset_parameters() (or zeros): outputs depend on them",)
+    return replace(report, initialised=initialised), notes
+
+
+def _copy_weights(model: nn.Module, checkpoint: Checkpoint) -> WeightsReport:
+    """Load into a model that already has real tensors: values are copied in, the tensors stay where they are."""
+    matched, report = _checkpoint_state(checkpoint, model)
+    device = module_device(model) or torch.device("cpu")
+    expected = model.state_dict(keep_vars=True)
+    state = {name: _read(entry, expected[name], device) for name, entry in matched.items()}
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ModelBuildError(checkpoint.path, f"load_state_dict failed: {exc}") from exc
+    return report
+
+
+def _materialise_leftovers(model: nn.Module, device: torch.device) -> tuple[str, ...]:
+    """Give every tensor still on meta real memory on `device`; returns their names."""
+    leftovers = []
+    for module_name, module in model.named_modules():
+        own = [(n, t) for n, t in [*module._parameters.items(), *module._buffers.items()] if t is not None]
+        missing = [n for n, t in own if t.is_meta]
+        if not missing:
+            continue
+        for name in missing:
+            _replace_tensor(module, name, device)
+        # reset_parameters() re-initialises all of a module's tensors, so it is only safe when
+        # none of them came from the checkpoint; otherwise the missing ones are zeros.
+        if len(missing) == len(own) and hasattr(module, "reset_parameters"):
+            with torch.no_grad():
+                module.reset_parameters()
+        leftovers.extend(f"{module_name}.{n}" if module_name else n for n in missing)
+    return tuple(leftovers)
+
+
+def _replace_tensor(module: nn.Module, name: str, device: torch.device) -> None:
+    old = module._parameters.get(name)
+    if old is not None:
+        module._parameters[name] = nn.Parameter(torch.zeros_like(old, device=device), requires_grad=old.requires_grad)
+    else:
+        module._buffers[name] = torch.zeros_like(module._buffers[name], device=device)
+
+
+def _has_meta_tensors(model: nn.Module) -> bool:
+    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def _non_persistent_buffers(model: nn.Module) -> list[str]:
+    names = []
+    for module_name, module in model.named_modules():
+        for buffer in sorted(module._non_persistent_buffers_set):
+            if module._buffers.get(buffer) is not None:
+                names.append(f"{module_name}.{buffer}" if module_name else buffer)
+    return names
+
+
+def module_device(model: nn.Module) -> torch.device | None:
+    """The device of the model's first parameter or buffer (None for a module without tensors)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        return tensor.device
+    return None
+
+
