@@ -13,10 +13,9 @@ CPU-only machine.
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,10 +23,9 @@ from torch import nn
 from ckptview.analyzers.sections import model_section, model_state_dict
 from ckptview.errors import ModelBuildError, UntrustedCodeError
 from ckptview.inference.devices import resolve_device
+from ckptview.model_source import ModelSpec, build_model, meta_twin
 from ckptview.readers.model import Checkpoint
 
-# What a user may give as the model: an instance, a "package.module:callable" string, or a callable.
-ModelSpec = Union[nn.Module, str, Callable[..., nn.Module]]
 
 
 @dataclass(frozen=True)
@@ -41,8 +39,9 @@ class WeightsReport:
         unexpected: in the checkpoint, not in the model (ignored).
         mismatched: (name, checkpoint shape, model shape) for tensors whose shapes differ (not loaded).
         fixes: what was changed to make the names line up (e.g. "stripped prefix 'module.'").
-        initialised: tensors that were not loaded and were initialised by the model's own
-            `reset_parameters()` (or zeros where it has none), so the outputs are not the checkpoint's.
+        initialised: tensors that were not loaded and were initialised by their module's
+            `reset_parameters()` (zeros where it has none), or taken from the user's module, so the
+            outputs are not the checkpoint's alone.
         details: the load doctor's own report, when it made this one.
     """
 
@@ -131,18 +130,17 @@ def load_model(
     if model is None:
         return _load_whole_model(checkpoint, target)
     if isinstance(model, nn.Module):
-        if _has_meta_tensors(model):
-            report, notes = _assign_weights(model, checkpoint, target)
-            return LoadedModel(model, "instance", target, report, notes)
-        report = _copy_weights(model, checkpoint)
-        return LoadedModel(model, "instance", module_device(model) or target, report)
-    kwargs = dict(model_kwargs or {})
-    skeleton = _build_skeleton(model, kwargs, torch.device("meta"))
+        # The user's module stays untouched: the weights go into a meta twin of it, and the
+        # buffers its state dict leaves out are copied from the original.
+        twin = meta_twin(model)
+        report, notes = _assign_weights(twin, checkpoint, target, like=model)
+        return LoadedModel(twin, "instance", target, report, notes)
+    skeleton = build_model(model, device="meta", kwargs=model_kwargs)
     non_persistent = _non_persistent_buffers(skeleton)
     if non_persistent:
         # Buffers that __init__ computes and state_dict() leaves out (rotary tables, position ids)
         # would stay empty on meta; building on the target device keeps their values.
-        eager = _build_skeleton(model, kwargs, target)
+        eager = build_model(model, device=target, kwargs=model_kwargs)
         report = _copy_weights(eager, checkpoint)
         note = (f"built directly on {target} rather than on meta, because its non-persistent buffers "
                 f"({', '.join(non_persistent[:3])}{'…' if len(non_persistent) > 3 else ''}) are computed in __init__")
@@ -196,45 +194,6 @@ def _torch_load_module(checkpoint: Checkpoint, path: tuple[Any, ...], device: to
     return obj
 
 
-# --- building from a factory ---------------------------------------------------------------------
-
-def _build_skeleton(spec: str | Callable[..., nn.Module], kwargs: dict[str, Any], device: torch.device) -> nn.Module:
-    """Call the factory with `kwargs` under `device` (meta: no memory, no init)."""
-    factory = _resolve_factory(spec)
-    name = spec if isinstance(spec, str) else getattr(spec, "__qualname__", repr(spec))
-    try:
-        with device:
-            built = factory(**kwargs)
-    except Exception as exc:  # user code: anything may be raised
-        raise ModelBuildError(None, f"calling {name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) "
-                                    f"failed: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(built, nn.Module):
-        raise ModelBuildError(None, f"{name} returned {type(built).__name__}, not an nn.Module")
-    return built
-
-
-def _resolve_factory(spec: str | Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    if not isinstance(spec, str):
-        if not callable(spec):
-            raise ModelBuildError(None, f"model must be an nn.Module, a callable or 'package.module:callable', "
-                                        f"not {type(spec).__name__}")
-        return spec
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise ModelBuildError(None, f"{spec!r} is not 'package.module:callable' (e.g. 'torchvision.models:resnet18')")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelBuildError(None, f"cannot import {module_name!r} for {spec!r}: {exc}. Install it or add its "
-                                    "folder to sys.path / PYTHONPATH.") from exc
-    for part in attribute.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError as exc:
-            raise ModelBuildError(None, f"{module_name} has no attribute {attribute!r} (from {spec!r})") from exc
-    return target
-
-
 # --- loading weights -----------------------------------------------------------------------------
 
 def _checkpoint_state(checkpoint: Checkpoint, model: nn.Module) -> tuple[dict[str, Any], WeightsReport]:
@@ -271,8 +230,12 @@ def _read(entry: Any, like: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device=device, dtype=dtype)
 
 
-def _assign_weights(model: nn.Module, checkpoint: Checkpoint, device: torch.device) -> tuple[WeightsReport, tuple[str, ...]]:
-    """Load into a model whose tensors are on meta: each one is read and assigned on `device`."""
+def _assign_weights(model: nn.Module, checkpoint: Checkpoint, device: torch.device, *,
+                    like: nn.Module | None = None) -> tuple[WeightsReport, tuple[str, ...]]:
+    """
+    Load into a model whose tensors are on meta: each one is read and assigned on `device`.
+    Tensors the checkpoint does not fill are taken from `like` (the user's module) when given.
+    """
     matched, report = _checkpoint_state(checkpoint, model)
     expected = model.state_dict(keep_vars=True)
     state = {name: _read(entry, expected[name], device) for name, entry in matched.items()}
@@ -281,11 +244,12 @@ def _assign_weights(model: nn.Module, checkpoint: Checkpoint, device: torch.devi
     except RuntimeError as exc:
         raise ModelBuildError(checkpoint.path, f"load_state_dict failed: {exc}") from exc
     del state
-    initialised = _materialise_leftovers(model, device)
+    initialised = _materialise_leftovers(model, device, like)
     notes = ()
     if initialised:
-        notes = (f"{len(initialised)} tensor(s) not in the checkpoint were initialised by the model's "
-                 "reset_parameters() (or zeros): outputs depend on them",)
+        origin = "the given module's own values" if like is not None else "the model's reset_parameters() (or zeros)"
+        notes = (f"{len(initialised)} tensor(s) not loaded from the checkpoint come from {origin}: "
+                 "outputs depend on them",)
     return replace(report, initialised=initialised), notes
 
 
@@ -302,31 +266,39 @@ def _copy_weights(model: nn.Module, checkpoint: Checkpoint) -> WeightsReport:
     return report
 
 
-def _materialise_leftovers(model: nn.Module, device: torch.device) -> tuple[str, ...]:
-    """Give every tensor still on meta real memory on `device`; returns their names."""
+def _materialise_leftovers(model: nn.Module, device: torch.device, like: nn.Module | None) -> tuple[str, ...]:
+    """Give every tensor still on meta real values on `device`; returns their names."""
+    originals = dict(like.named_modules()) if like is not None else {}
     leftovers = []
     for module_name, module in model.named_modules():
         own = [(n, t) for n, t in [*module._parameters.items(), *module._buffers.items()] if t is not None]
         missing = [n for n, t in own if t.is_meta]
         if not missing:
             continue
+        original = originals.get(module_name)
         for name in missing:
-            _replace_tensor(module, name, device)
-        # reset_parameters() re-initialises all of a module's tensors, so it is only safe when
-        # none of them came from the checkpoint; otherwise the missing ones are zeros.
-        if len(missing) == len(own) and hasattr(module, "reset_parameters"):
+            source = getattr(original, name, None) if original is not None else None
+            value = (source.detach().to(device, copy=True) if isinstance(source, torch.Tensor) and not source.is_meta
+                     else torch.zeros_like(getattr(module, name), device=device))
+            _set_tensor(module, name, value)
+        if original is None and hasattr(module, "reset_parameters"):
+            # reset_parameters() re-initialises all of the module's tensors in place, so the ones
+            # that came from the checkpoint are set aside and written back afterwards.
+            kept = {n: t.detach().clone() for n, t in own if n not in missing}
             with torch.no_grad():
                 module.reset_parameters()
+                for n, value in kept.items():
+                    getattr(module, n).copy_(value)
         leftovers.extend(f"{module_name}.{n}" if module_name else n for n in missing)
     return tuple(leftovers)
 
 
-def _replace_tensor(module: nn.Module, name: str, device: torch.device) -> None:
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
     old = module._parameters.get(name)
     if old is not None:
-        module._parameters[name] = nn.Parameter(torch.zeros_like(old, device=device), requires_grad=old.requires_grad)
+        module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
     else:
-        module._buffers[name] = torch.zeros_like(module._buffers[name], device=device)
+        module._buffers[name] = value
 
 
 def _has_meta_tensors(model: nn.Module) -> bool:
