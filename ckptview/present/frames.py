@@ -148,3 +148,10 @@ def size_columns(frame: pd.DataFrame) -> pd.DataFrame:
         elif column in ("numel", "parameters", "params"):
             shown[column] = shown[column].map(human_count)
     return shown
+
+
+def optimizer_groups_frame(optimizer: Any) -> pd.DataFrame:
+    """One row per param group of an `OptimizerState`: lr, the group's other options, how many parameters."""
+    rows = [{"group": g.index, "lr": g.lr, "parameters": len(g.param_ids),
+             **{k: _short(v) for k, v in g.options.items()}} for g in optimizer.groups]
+    return pd.DataFrame(rows)

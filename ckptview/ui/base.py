@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from types import ModuleType
 from typing import Any
 
@@ -174,7 +174,7 @@ class Panel(widgets.VBox):
             result = future.result()
             self.show_error(None)
             done(result)
-        except Cancelled:
+        except (Cancelled, CancelledError):
             self.banner.value = banner_html("info", "cancelled; press the button again to start over")
         except Exception as exc:  # a bug in one panel must not take the explorer down: show it here
             if not isinstance(exc, CkptviewError):

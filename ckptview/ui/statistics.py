@@ -1,24 +1,108 @@
-"""Statistics tab."""
+"""Statistics tab: per-tensor statistics streamed from disk with progress and Cancel, plotted by depth, outliers listed."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import ipywidgets as widgets
+import plotly.graph_objects as go
 
-from ckptview.ui.base import ExplorerState, Panel, banner_html, optional_module
+from ckptview.analyzers.stats import StatsResult, stats
+from ckptview.present import figures
+from ckptview.present.text import human_bytes
+from ckptview.readers.model import TensorEntry
+from ckptview.ui.base import Cancelled, ExplorerState, Panel, banner_html, esc, replace_figure
+
+# Progress granularity: the work is handed to `stats` in batches of about this share of the bytes,
+# so the bar moves ~50 times whatever the file size (stats itself parallelises within a batch).
+_BATCHES = 50
+_MIN_BATCH_BYTES = 32 << 20
 
 
 class StatisticsPanel(Panel):
     title = "Statistics"
 
     def __init__(self, state: ExplorerState) -> None:
-        self.content = widgets.HTML()
-        super().__init__(state, [self.content])
+        self.name_filter = widgets.Text(placeholder="only tensors matching this regex", continuous_update=False,
+                                        layout=widgets.Layout(width="300px"))
+        self.compute = widgets.Button(description="Compute statistics", button_style="primary", icon="play")
+        self.cancel_button = widgets.Button(description="Cancel", icon="stop", disabled=True)
+        self.summary = widgets.HTML()
+        self.figure = go.FigureWidget()
+        self.outliers = widgets.HTML()
+        self.result: StatsResult | None = None
+        self.compute.on_click(self._on_compute_click)
+        self.cancel_button.on_click(self._on_cancel_click)
+        self.name_filter.observe(self._on_name_filter_value, names="value")
+        controls = widgets.HBox([self.name_filter, self.compute, self.cancel_button])
+        super().__init__(state, [controls, self.summary, self.figure, self.outliers])
 
-    def _compute(self) -> Any:
-        return optional_module("ckptview.analyzers.stats")
+    def _on_compute_click(self, button: widgets.Button) -> None:
+        self._refresh()
 
-    def _show(self, module: Any) -> None:
-        if module is None:
-            self.content.value = banner_html("info", "ckptview.analyzers.stats is not in this build yet.")
+    def _on_name_filter_value(self, change: dict[str, Any]) -> None:
+        self._refresh()
+
+    def _on_cancel_click(self, button: widgets.Button) -> None:
+        self.cancel()
+
+    def _compute(self) -> StatsResult:
+        self.compute.disabled, self.cancel_button.disabled = True, False
+        try:
+            return self._stream(self.name_filter.value or None)
+        finally:
+            self.compute.disabled, self.cancel_button.disabled = False, True
+
+    def _refresh(self) -> None:
+        try:
+            re.compile(self.name_filter.value)
+        except re.error as exc:
+            self.banner.value = banner_html("error", f"the name filter is not a valid regular expression: {exc}")
+            return
+        self.run(self._compute, self._show, label="reading tensors…")
+
+    def _stream(self, pattern: str | None) -> StatsResult:
+        ckpt = self.state.checkpoint
+        wanted = re.compile(pattern) if pattern else None
+        entries = [e for e in ckpt.unique_tensors() if wanted is None or wanted.search(e.name)]
+        total = sum(e.nbytes for e in entries) or 1
+        target = max(total // _BATCHES, _MIN_BATCH_BYTES)
+        done = 0
+        for batch in _batches(entries, target):
+            names = {e.name for e in batch}
+            try:
+                stats(ckpt, filter=lambda e: e.name in names, progress=False, cancel=self._cancel)
+            except Exception as exc:
+                if self.cancel_requested:
+                    raise Cancelled() from exc
+                raise
+            done += sum(e.nbytes for e in batch)
+            self.report(done, total, f"{human_bytes(done)} of {human_bytes(total)}")
+        # Every tensor is cached now: this returns at once, with outliers judged over the whole selection.
+        return stats(ckpt, filter=pattern, progress=False)
+
+    def _show(self, result: StatsResult) -> None:
+        self.result = result
+        frame = result.to_frame()
+        flagged = {o.name for o in result.outliers}
+        nonfinite = int(((frame["nan_count"] > 0) | (frame["inf_count"] > 0)).sum()) if len(frame) else 0
+        self.summary.value = (f"<b>{len(frame):,}</b> tensors; <b>{len(result.outliers)}</b> findings on "
+                              f"{len(flagged)} tensors; {nonfinite} tensors hold NaN or Inf.")
+        replace_figure(self.figure, figures.stats_by_depth(frame, flagged))
+        rows = "".join(f"<tr><td><code>{esc(o.name)}</code></td><td class='sev-warning'>{esc(o.check)}</td>"
+                       f"<td>{esc(o.message)}</td></tr>" for o in result.outliers[:200])
+        self.outliers.value = ("<table class='ckptview-table'><tr><th>tensor</th><th>finding</th><th>what it means</th></tr>"
+                               f"{rows}</table>" if rows else "<p>No outliers: no NaN/Inf, no all-zero or collapsed tensors.</p>")
+
+
+def _batches(entries: list[TensorEntry], target: int) -> list[list[TensorEntry]]:
+    batches: list[list[TensorEntry]] = [[]]
+    size = 0
+    for entry in entries:
+        if size >= target:
+            batches.append([])
+            size = 0
+        batches[-1].append(entry)
+        size += entry.nbytes
+    return [b for b in batches if b]

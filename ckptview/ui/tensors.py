@@ -9,13 +9,16 @@ import ipywidgets as widgets
 import pandas as pd
 import plotly.graph_objects as go
 
+from ckptview.analyzers.stats import stats
 from ckptview.analyzers.table import tensor_table
 from ckptview.present import figures
 from ckptview.present.frames import filter_frame, page
 from ckptview.present.text import human_bytes, shape_text
-from ckptview.ui.base import ExplorerState, Panel, banner_html, esc, optional_module, replace_figure
+from ckptview.ui.base import ExplorerState, Panel, banner_html, esc, replace_figure
 
 PAGE_SIZE = 50
+_STAT_FIELDS = (("min", "min"), ("max", "max"), ("mean", "mean"), ("std", "std"), ("abs-max", "abs_max"),
+                ("L2 norm", "l2_norm"))
 _SORTS = (("file order", "order"), ("name", "name"), ("elements", "numel"), ("bytes", "nbytes"),
           ("dtype", "dtype"), ("layer kind", "layer_kind"), ("module", "module"))
 
@@ -111,9 +114,7 @@ class TensorsPanel(Panel):
         ckpt = self.state.checkpoint
         entry = ckpt.tensor(name)
         detail: dict[str, Any] = {"row": self.frame[self.frame["name"] == name].iloc[0].to_dict(), "stats": None, "heatmap": None}
-        stats_module = optional_module("ckptview.analyzers.stats")
-        if stats_module is not None:
-            detail["stats"] = stats_module.stats(ckpt, filter=f"^{re.escape(name)}$", progress=False)
+        detail["stats"] = stats(ckpt, filter=f"^{re.escape(name)}$", progress=False)[name]
         if len(entry.shape) == 2 and entry.dtype.is_floating_point and entry.layout == "strided":
             detail["heatmap"] = figures.heatmap(figures.downsample_2d(entry.load()), name, original_shape=entry.shape)
         return detail
@@ -124,8 +125,22 @@ class TensorsPanel(Panel):
                  ("bytes", human_bytes(row["nbytes"])), ("layer", f"{row['layer_kind']} {row['layer_detail']}".strip() or "?"),
                  ("role", row["role"]), ("section", row["section"] or "—"), ("saved on", row["device"]),
                  ("storage shared", "yes" if row["shared"] else "no")]
+        numbers = detail["stats"]
+        if numbers.skipped:
+            facts.append(("statistics", numbers.skipped))
+        else:
+            facts += [(label, f"{getattr(numbers, key):.6g}") for label, key in _STAT_FIELDS]
+            facts += [("NaN", f"{numbers.nan_count:,}"), ("±Inf", f"{numbers.inf_count:,}"),
+                      ("zeros", f"{numbers.zero_fraction:.2%}")]
         cells = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts)
-        self.detail.value = f"<h4 style='margin:6px 0'>{esc(row['name'])}</h4><table class='ckptview-table'>{cells}</table>"
+        half = (len(facts) + 1) // 2
+        left, right = cells.split("</tr>")[:half], cells.split("</tr>")[half:]
+        self.detail.value = (f"<h4 style='margin:6px 0'>{esc(row['name'])}</h4><div style='display:flex;gap:24px'>"
+                             f"<table class='ckptview-table'>{'</tr>'.join(left)}</tr></table>"
+                             f"<table class='ckptview-table'>{'</tr>'.join(right)}</table></div>")
+        histogram = numbers.histogram
+        replace_figure(self.histogram, figures.histogram(histogram.edges, histogram.counts, f"histogram of {row['name']}")
+                       if histogram is not None else go.Figure(layout=dict(height=10)))
         replace_figure(self.heatmap, detail["heatmap"] or go.Figure(layout=dict(height=10)))
 
 
