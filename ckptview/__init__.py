@@ -14,6 +14,10 @@ import os
 from ckptview import errors
 from ckptview.errors import CkptviewError
 from ckptview.readers import Checkpoint, PickledObject, PickleImport, TensorEntry, open_checkpoint
+from ckptview.analyzers.batchnorm import batchnorm_checks
+from ckptview.analyzers.stats import stats
+from ckptview.analyzers.table import tensor_table
+from ckptview.analyzers.tree import module_tree
 
 __version__ = "0.1.0"
 
@@ -25,6 +29,11 @@ __all__ = [
     "PickleImport",
     "CkptviewError",
     "errors",
+    "tensor_table",
+    "module_tree",
+    "stats",
+    "batchnorm_checks",
+    "explore",
 ]
 
 
@@ -54,3 +63,14 @@ def open(path: str | os.PathLike[str], *, trust: bool = False) -> Checkpoint:  #
         (1000, 512)
     """
     return open_checkpoint(path, trust=trust)
+
+
+def explore(path_or_checkpoint: object, *, compare_to: object = None, model: object = None, trust: bool = False) -> object:
+    """
+    Open a checkpoint in the notebook explorer (an ipywidgets app). See `ckptview.ui.explore`.
+
+    Imported on call, so `import ckptview` needs neither ipywidgets nor a Jupyter kernel.
+    """
+    from ckptview.ui import explore as _explore
+
+    return _explore(path_or_checkpoint, compare_to=compare_to, model=model, trust=trust)

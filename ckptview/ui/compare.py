@@ -1,24 +1,137 @@
-"""Compare tab."""
+"""
+Compare tab: this checkpoint against a second checkpoint (key diff, value diff per module) or
+against a model (`"package.module:factory"`: the load doctor's fixes, with code to copy).
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ipywidgets as widgets
+import plotly.graph_objects as go
 
-from ckptview.ui.base import ExplorerState, Panel, banner_html, optional_module
+import ckptview
+from ckptview.analyzers.doctor import Diagnosis, diagnose
+from ckptview.analyzers.keydiff import KeyDiff, key_diff
+from ckptview.analyzers.sections import model_section, model_state_dict
+from ckptview.ui.base import ExplorerState, Panel, banner_html, esc
+
+# What the sibling dropdown offers: files a checkpoint is usually saved as, and shard indexes.
+_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar", ".pkl", ".index.json")
+
+
+def sibling_checkpoints(path: str) -> list[str]:
+    """Checkpoint-looking files next to `path` and one folder down (sharded sets live in sub-folders)."""
+    folder = os.path.dirname(os.path.abspath(path)) if not os.path.isdir(path) else os.path.abspath(path)
+    found = []
+    try:
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.is_file() and entry.name.endswith(_SUFFIXES):
+                found.append(entry.path)
+            elif entry.is_dir() and not entry.name.startswith("."):
+                found += [os.path.join(entry.path, n) for n in sorted(os.listdir(entry.path)) if n.endswith(".index.json")]
+    except OSError:
+        return []
+    own = os.path.abspath(path)
+    return [p for p in found if os.path.abspath(p) != own]
 
 
 class ComparePanel(Panel):
     title = "Compare"
 
     def __init__(self, state: ExplorerState) -> None:
-        self.content = widgets.HTML()
-        super().__init__(state, [self.content])
+        siblings = sibling_checkpoints(state.path)
+        self.other_path = widgets.Text(value=str(state.compare_to or ""), placeholder="path of a second checkpoint",
+                                       description="checkpoint", layout=widgets.Layout(width="520px"))
+        self.siblings = widgets.Dropdown(options=[("files next to this one…", "")] + [(os.path.relpath(p, os.path.dirname(
+            os.path.abspath(state.path))), p) for p in siblings], layout=widgets.Layout(width="280px"))
+        self.model_factory = widgets.Text(value=state.model if isinstance(state.model, str) else "",
+                                          placeholder="package.module:factory", description="or model",
+                                          layout=widgets.Layout(width="520px"))
+        self.compare = widgets.Button(description="Compare", button_style="primary", icon="columns")
+        self.key_report = widgets.HTML()
+        self.fixes = widgets.HTML()
+        self.code = widgets.Textarea(layout=widgets.Layout(width="100%", height="120px", display="none"))
+        self.code.add_class("ckptview-mono")
+        self.values_button = widgets.Button(description="Compute value diff", icon="bar-chart",
+                                            layout=widgets.Layout(display="none"))
+        self.values = go.FigureWidget()
+        self.diagnosis: Diagnosis | None = None
+        self.key_diff: KeyDiff | None = None
+        self.siblings.observe(self._on_siblings_value, names="value")
+        self.compare.on_click(self._on_compare_click)
+        self.values_button.on_click(self._on_values_button_click)
+        rows = [widgets.HBox([self.other_path, self.siblings]), widgets.HBox([self.model_factory, self.compare])]
+        super().__init__(state, [*rows, self.key_report, self.fixes, self.code, self.values_button, self.values])
 
-    def _compute(self) -> Any:
-        return optional_module("ckptview.analyzers.doctor")
+    def activate(self) -> None:
+        # Nothing to compute until there is something to compare with; explore(compare_to=/model=) prefills it.
+        if not self.activated and (self.other_path.value or self.model_factory.value or self.state.model is not None):
+            self.activated = True
+            self._refresh()
+        self.activated = True
 
-    def _show(self, module: Any) -> None:
-        if module is None:
-            self.content.value = banner_html("info", "ckptview.analyzers.doctor is not in this build yet.")
+    def _on_siblings_value(self, change: dict[str, Any]) -> None:
+        if change["new"]:
+            self.other_path.value = change["new"]
+            self.model_factory.value = ""
+
+    def _on_compare_click(self, button: widgets.Button) -> None:
+        self._refresh()
+
+    def _on_values_button_click(self, button: widgets.Button) -> None:
+        self.show_info("value diff needs ckptview.analyzers.valuediff, which is not in this build yet")
+
+    def _refresh(self) -> None:
+        other, model = self.other_path.value.strip(), self.model_factory.value.strip()
+        model_spec = model or (self.state.model if not isinstance(self.state.model, str) else None)
+        if not other and model_spec is None:
+            self.show_info("give a second checkpoint's path or a model factory such as ckptview.demo:build_model")
+            return
+        if model_spec is not None:
+            self.run(lambda: self._doctor(model_spec), self._show_diagnosis, label="building the model on the meta device…")
+        else:
+            self.run(lambda: self._diff(other), self._show_key_diff, label=f"opening {os.path.basename(other)}…")
+
+    def _doctor(self, model: Any) -> Diagnosis:
+        ckpt = self.state.checkpoint
+        return diagnose(model_state_dict(ckpt), model, section=model_section(ckpt))
+
+    def _diff(self, other: str) -> KeyDiff:
+        ckpt = self.state.checkpoint
+        with ckptview.open(other, trust=self.state.trust) as second:
+            return key_diff(model_state_dict(ckpt), model_state_dict(second))
+
+    def _show_key_diff(self, diff: KeyDiff) -> None:
+        self.key_diff = diff
+        self.key_report.value = _key_diff_html(diff, "this checkpoint", "the other")
+        self.fixes.value = ""
+        self.code.layout.display = "none"
+
+    def _show_diagnosis(self, diagnosis: Diagnosis) -> None:
+        self.diagnosis = diagnosis
+        self.key_report.value = _key_diff_html(diagnosis.before, "this checkpoint", "the model")
+        items = "".join(f"<li><b>{esc(f.kind)}</b>: {esc(f.description)}"
+                        + ("" if f.applicable else " <i>(advice: cannot be applied to this file)</i>")
+                        + f"<pre style='background:#f6f8fa;padding:4px'>{esc(f.code)}</pre></li>" for f in diagnosis.fixes)
+        if diagnosis.ok:
+            verdict = banner_html("info", "The checkpoint loads into the model as it is (strict=True).")
+        elif diagnosis.loads_after_fix:
+            how = "strict=True" if diagnosis.strict else f"strict=False, {len(diagnosis.leaves_missing)} key(s) left as initialised"
+            verdict = banner_html("info", f"After the fix below it loads into the model ({how}). Copy the code:")
+        else:
+            verdict = banner_html("warning", "The proposed fixes do not make it load: "
+                                  + (diagnosis.load_error or diagnosis.after.message()))
+        self.fixes.value = f"{verdict}<ol>{items}</ol>" if items else verdict
+        self.code.value = diagnosis.code
+        self.code.layout.display = "" if diagnosis.code else "none"
+
+
+def _key_diff_html(diff: KeyDiff, left: str, right: str) -> str:
+    if diff.ok:
+        return banner_html("info", f"Keys and shapes match: {diff.matched:,} tensors in both." +
+                           (f" {len(diff.dtype_mismatches)} differ in dtype (load_state_dict casts them)." if diff.dtype_mismatches else ""))
+    return (f"<p>{diff.matched:,} tensors match; {len(diff.missing):,} only in {right} (missing), "
+            f"{len(diff.unexpected):,} only in {left} (unexpected), {len(diff.shape_mismatches):,} shape mismatches.</p>"
+            f"<pre style='white-space:pre-wrap;font-size:12px;background:#fdecea;padding:6px'>{esc(diff.message())}</pre>")
