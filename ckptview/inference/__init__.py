@@ -9,6 +9,17 @@ from __future__ import annotations
 from ckptview.inference.devices import DeviceInfo, available_devices, default_device
 from ckptview.inference.inputs import InputSpec, make_input, suggest_input
 from ckptview.inference.loading import LoadedModel, WeightsReport, load_model
+from ckptview.inference.precision import (
+    ALL_PRECISIONS,
+    CheckpointComparison,
+    Deviation,
+    Precision,
+    PrecisionComparison,
+    PrecisionRow,
+    compare_checkpoints,
+    compare_precisions,
+    deviation_between,
+)
 from ckptview.inference.run import ForwardError, InferenceResult, OutputInfo, Timing, TopK, run_inference, run_model
 
 __all__ = [
@@ -28,4 +39,13 @@ __all__ = [
     "TopK",
     "run_inference",
     "run_model",
+    "ALL_PRECISIONS",
+    "Precision",
+    "PrecisionRow",
+    "PrecisionComparison",
+    "Deviation",
+    "deviation_between",
+    "compare_precisions",
+    "CheckpointComparison",
+    "compare_checkpoints",
 ]

@@ -12,7 +12,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -246,7 +246,7 @@ def run_model(
             module.training = was_training
         if original_device is not None and original_device != target:
             model.to(original_device)
-    outputs = tuple(_describe(name, tensor) for name, tensor in _output_tensors(output))
+    outputs = tuple(_describe(name, tensor) for name, tensor in output_tensors(output))
     return InferenceResult(str(target), spec, outputs, _top_k(outputs, output, top_k), Timing(max(0, warmup), tuple(times)),
                            peak, output=output)
 
@@ -289,14 +289,14 @@ def run_inference(
         >>> result = ckptview.run_inference("cnn.pt", "mypkg.models:SmallCNN", input_shape=(1, 3, 32, 32))
         >>> result.weights.missing, result.top_k[0].classes
     """
-    with _LoadedSource(source, model, model_kwargs, trust, device) as loaded:
+    with LoadedSource(source, model, model_kwargs, trust, device) as loaded:
         result = run_model(loaded.model, input, input_shape=input_shape, device=loaded.device, seed=seed,
                            warmup=warmup, repeats=repeats, top_k=top_k, progress=progress)
-    return _with_origin(result, loaded)
+    return with_origin(result, loaded)
 
 
-class _LoadedSource:
-    """Open (when given a path) and load a model; closes what it opened."""
+class LoadedSource:
+    """Context manager: open the source (when given a path) and load its model; closes what it opened."""
 
     def __init__(self, source: Any, model: ModelSpec | None, model_kwargs: Mapping[str, Any] | None,
                  trust: bool, device: str | torch.device | None) -> None:
@@ -323,9 +323,8 @@ class _LoadedSource:
         self._stack.close()
 
 
-def _with_origin(result: InferenceResult, loaded: LoadedModel) -> InferenceResult:
-    from dataclasses import replace
-
+def with_origin(result: InferenceResult, loaded: LoadedModel) -> InferenceResult:
+    """The result of running `loaded.model`, with where the model came from and its load report."""
     return replace(result, model_source=loaded.source, weights=loaded.weights, notes=loaded.notes)
 
 
@@ -366,14 +365,14 @@ def _drop_last(running: list[str]) -> None:
 
 # --- describing outputs --------------------------------------------------------------------------
 
-def _output_tensors(output: Any, name: str = "output") -> list[tuple[str, torch.Tensor]]:
+def output_tensors(output: Any, name: str = "output") -> list[tuple[str, torch.Tensor]]:
     """Every tensor in the output with its place: tensors, tuples/lists, dicts (and ModelOutput-style mappings)."""
     if isinstance(output, torch.Tensor):
         return [(name, output)]
     if isinstance(output, Mapping):
-        return [pair for key, value in output.items() for pair in _output_tensors(value, f"{name}[{key!r}]")]
+        return [pair for key, value in output.items() for pair in output_tensors(value, f"{name}[{key!r}]")]
     if isinstance(output, (list, tuple)):
-        return [pair for index, value in enumerate(output) for pair in _output_tensors(value, f"{name}[{index}]")]
+        return [pair for index, value in enumerate(output) for pair in output_tensors(value, f"{name}[{index}]")]
     return []
 
 
@@ -400,7 +399,7 @@ def classifier_logits(output: Any) -> tuple[str, torch.Tensor, str] | None:
     The first classifier-shaped output: [batch, classes] (row 0), or [batch, time, classes]
     (row 0, last position, as a language model's next-token logits). None when there is none.
     """
-    for name, tensor in _output_tensors(output):
+    for name, tensor in output_tensors(output):
         if not tensor.is_floating_point() or tensor.shape[-1:] in ((), (1,)) or tensor.shape[0:1] == (0,):
             continue
         if tensor.dim() == 2:
