@@ -13,13 +13,15 @@ CPU-only machine.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
+from ckptview.analyzers.doctor import Diagnosis, diagnose
 from ckptview.analyzers.sections import model_section, model_state_dict
 from ckptview.errors import ModelBuildError, UntrustedCodeError
 from ckptview.inference.devices import resolve_device
@@ -35,14 +37,16 @@ class WeightsReport:
 
     Attributes:
         loaded: names of tensors taken from the checkpoint.
-        missing: in the model, not in the checkpoint (they keep the model's own initialisation).
-        unexpected: in the checkpoint, not in the model (ignored).
-        mismatched: (name, checkpoint shape, model shape) for tensors whose shapes differ (not loaded).
-        fixes: what was changed to make the names line up (e.g. "stripped prefix 'module.'").
+        missing: in the model, not in the checkpoint once the fixes ran (see `initialised`).
+        unexpected: in the checkpoint, not in the model, once the fixes ran (ignored).
+        mismatched: (name, checkpoint shape, model shape) for tensors whose shapes still differ (not loaded).
+        fixes: the load doctor's fixes that were applied, as "kind: description" (e.g. a
+            stripped "module." prefix); empty when the checkpoint loaded as it is.
         initialised: tensors that were not loaded and were initialised by their module's
             `reset_parameters()` (zeros where it has none), or taken from the user's module, so the
             outputs are not the checkpoint's alone.
-        details: the load doctor's own report, when it made this one.
+        details: the load doctor's diagnosis (`ckptview.analyzers.doctor.Diagnosis`): the keys
+            before any fix, every proposal and its code.
     """
 
     loaded: tuple[str, ...] = ()
@@ -51,7 +55,7 @@ class WeightsReport:
     mismatched: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = ()
     fixes: tuple[str, ...] = ()
     initialised: tuple[str, ...] = ()
-    details: Any = field(default=None, compare=False, repr=False)
+    details: Diagnosis | None = field(default=None, compare=False, repr=False)
 
     @property
     def complete(self) -> bool:
@@ -67,6 +71,7 @@ class WeightsReport:
             "fixes": list(self.fixes),
             "initialised": list(self.initialised),
             "complete": self.complete,
+            "doctor": None if self.details is None else self.details.to_dict(),
         }
 
 
@@ -196,34 +201,35 @@ def _torch_load_module(checkpoint: Checkpoint, path: tuple[Any, ...], device: to
 
 # --- loading weights -----------------------------------------------------------------------------
 
-def _checkpoint_state(checkpoint: Checkpoint, model: nn.Module) -> tuple[dict[str, Any], WeightsReport]:
+def _checkpoint_state(checkpoint: Checkpoint, model: nn.Module) -> tuple[dict[str, Callable[[], torch.Tensor]], WeightsReport]:
     """
-    The checkpoint's tensors renamed to the model's names, and the key report.
+    The checkpoint's state dict as the load doctor repairs it (prefixes, renames, tied weights,
+    transposes, ...), keyed by the model's names, and the load report.
 
-    Entries are returned unread (`TensorEntry`), so the caller reads one at a time.
+    Values are readers, not tensors: the caller reads one tensor at a time, so at most one tensor
+    beyond the model is in memory.
     """
-    entries = model_state_dict(checkpoint)
+    diagnosis = diagnose(model_state_dict(checkpoint), model, section=model_section(checkpoint))
+    fixed = diagnosis.fixed_state_dict()
     expected = model.state_dict(keep_vars=True)
-    matched, mismatched = {}, []
-    for name, entry in entries.items():
-        if name not in expected:
-            continue
-        want = tuple(expected[name].shape)
-        if tuple(entry.shape) != want:
-            mismatched.append((name, tuple(entry.shape), want))
-        else:
-            matched[name] = entry
+    after = diagnosis.after
+    mismatched = {m.key for m in after.shape_mismatches}
+    readers = {key: partial(fixed.__getitem__, key) for key in fixed if key in expected and key not in mismatched}
+    applied = tuple(f"{fix.kind}: {fix.description}" for fix in diagnosis.fixes
+                    if fix.applicable and fix.code and fix.kind != "section" and not diagnosis.ok)
     report = WeightsReport(
-        loaded=tuple(matched),
-        missing=tuple(n for n in expected if n not in entries),
-        unexpected=tuple(n for n in entries if n not in expected),
-        mismatched=tuple(mismatched),
+        loaded=tuple(readers),
+        missing=tuple(after.missing),
+        unexpected=tuple(after.unexpected),
+        mismatched=tuple((m.key, tuple(m.left), tuple(m.right)) for m in after.shape_mismatches),
+        fixes=applied,
+        details=diagnosis,
     )
-    return matched, report
+    return readers, report
 
 
-def _read(entry: Any, like: torch.Tensor, device: torch.device) -> torch.Tensor:
-    tensor = entry.load()
+def _read(read: Callable[[], torch.Tensor], like: torch.Tensor, device: torch.device) -> torch.Tensor:
+    tensor = read()
     # Cast floating weights to the dtype the model declares, as load_state_dict's copy_ would,
     # so an fp16 checkpoint in an fp32 model does not give a half-converted model.
     dtype = like.dtype if tensor.is_floating_point() and like.is_floating_point() else tensor.dtype
@@ -238,7 +244,7 @@ def _assign_weights(model: nn.Module, checkpoint: Checkpoint, device: torch.devi
     """
     matched, report = _checkpoint_state(checkpoint, model)
     expected = model.state_dict(keep_vars=True)
-    state = {name: _read(entry, expected[name], device) for name, entry in matched.items()}
+    state = {name: _read(read, expected[name], device) for name, read in matched.items()}
     try:
         model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:
@@ -258,7 +264,7 @@ def _copy_weights(model: nn.Module, checkpoint: Checkpoint) -> WeightsReport:
     matched, report = _checkpoint_state(checkpoint, model)
     device = module_device(model) or torch.device("cpu")
     expected = model.state_dict(keep_vars=True)
-    state = {name: _read(entry, expected[name], device) for name, entry in matched.items()}
+    state = {name: _read(read, expected[name], device) for name, read in matched.items()}
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
