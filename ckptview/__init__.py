@@ -18,6 +18,10 @@ from ckptview.analyzers.batchnorm import batchnorm_checks
 from ckptview.analyzers.stats import stats
 from ckptview.analyzers.table import tensor_table
 from ckptview.analyzers.tree import module_tree
+from ckptview.analyzers.batchnorm import batchnorm_checks
+from ckptview.analyzers.stats import stats
+from ckptview.analyzers.table import tensor_table
+from ckptview.analyzers.tree import module_tree
 
 __version__ = "0.1.0"
 
@@ -29,6 +33,10 @@ __all__ = [
     "PickleImport",
     "CkptviewError",
     "errors",
+    "tensor_table",
+    "module_tree",
+    "stats",
+    "batchnorm_checks",
     "tensor_table",
     "module_tree",
     "stats",

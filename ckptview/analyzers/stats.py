@@ -1,0 +1,494 @@
+"""
+Per-tensor statistics streamed from disk in chunks, in parallel over tensors.
+
+How one tensor is read: its chunks arrive in one reused buffer (`iter_chunks(reuse_buffer=True)`)
+and each chunk is reduced while it is still in the CPU cache: a float32 sum first, and if that
+sum is finite the chunk holds no NaN/Inf, so min/max, zero count, centred sum of squares and a
+histogram sample are taken with no masking at all. Only a chunk whose sum is not finite takes
+the slow path (masks, float64). Chunk moments are merged in float64 with Chan's parallel formula,
+so the variance does not lose precision when the mean is large against the spread.
+
+Why the histogram is taken from a sample: its bins span the tensor's finite [min, max], which is
+known only after the last chunk. The alternatives are a second read of every tensor (halves the
+throughput) or merging per-chunk histograms with different ranges (smears the counts). Instead
+every k-th element (k = ceil(numel / histogram_sample)) is copied aside during the single pass,
+at most `histogram_sample` values per tensor, and binned at the end: exact for tensors up to
+that size, an unbiased systematic sample beyond it. `histogram_sample=None` reads each tensor a
+second time for exact counts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import statistics
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from concurrent.futures import CancelledError, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ckptview.analyzers.table import tensor_table
+from ckptview.readers.model import Checkpoint, TensorEntry, view_identity
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+DEFAULT_BINS = 64
+DEFAULT_HISTOGRAM_SAMPLE = 1 << 15
+# 1 MiB of stored data per chunk: its float32 copy stays in L2/L3 while the chunk is reduced
+# several times; larger chunks measured slower (each reduction then streams from DRAM).
+DEFAULT_CHUNK_BYTES = 1 << 20
+# A tensor whose abs-max exceeds this many times the median abs-max of its siblings is flagged.
+ABS_MAX_RATIO = 10.0
+
+CancelHook = threading.Event | Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Counts in `len(counts)` equal bins from `edges[0]` (the finite min) to `edges[-1]` (the finite max)."""
+
+    edges: tuple[float, ...]
+    counts: tuple[int, ...]
+    stride: int  # every `stride`-th element was counted; 1 = every finite element
+
+    @property
+    def sampled(self) -> int:
+        return sum(self.counts)
+
+    def log_counts(self) -> tuple[float, ...]:
+        """log10(1 + count) per bin, for showing tails next to a dominant peak."""
+        return tuple(math.log10(1 + c) for c in self.counts)
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """
+    Statistics of one tensor. min/max/mean/std/abs_max/l2_norm are over the finite values only;
+    NaN and ±Inf are counted apart. `std` is the sample standard deviation (torch's default,
+    correction=1), 0 for one value; statistics of no values are NaN.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    numel: int
+    min: float
+    max: float
+    mean: float
+    std: float
+    abs_max: float
+    l2_norm: float
+    zero_fraction: float  # zeros / numel (NaN for an empty tensor)
+    nan_count: int
+    posinf_count: int
+    neginf_count: int
+    histogram: Histogram | None = field(default=None, repr=False)
+    skipped: str = ""  # why no statistics were computed (complex dtype, quantized/sparse layout)
+
+    @property
+    def inf_count(self) -> int:
+        return self.posinf_count + self.neginf_count
+
+    @property
+    def finite_count(self) -> int:
+        return self.numel - self.nan_count - self.inf_count
+
+
+@dataclass(frozen=True)
+class Outlier:
+    """A tensor whose statistics look wrong, with why."""
+
+    name: str
+    check: str  # "non_finite" | "all_zero" | "abs_max_outlier" | "collapsed_std"
+    message: str
+
+
+@dataclass(frozen=True)
+class StatsResult:
+    """Statistics per tensor, in checkpoint order, and the tensors flagged as outliers."""
+
+    tensors: tuple[TensorStats, ...]
+    outliers: tuple[Outlier, ...]
+
+    def __getitem__(self, name: str) -> TensorStats:
+        for item in self.tensors:
+            if item.name == name:
+                return item
+        raise KeyError(f"no statistics for {name!r}; was it excluded by the filter?")
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def to_frame(self) -> pd.DataFrame:
+        """
+        One row per tensor: name, dtype, shape, numel, min, max, mean, std, abs_max, l2_norm,
+        zero_fraction, nan_count, inf_count, posinf_count, neginf_count, outliers (comma-separated
+        checks), skipped.
+        """
+        import pandas as pd
+
+        flags: dict[str, list[str]] = defaultdict(list)
+        for outlier in self.outliers:
+            flags[outlier.name].append(outlier.check)
+        rows = [stats_row(item) | {"outliers": ", ".join(flags.get(item.name, ())), "skipped": item.skipped}
+                for item in self.tensors]
+        return pd.DataFrame(rows)
+
+
+def stats_row(item: TensorStats) -> dict[str, Any]:
+    """The scalar fields of one tensor's statistics as a flat dict (the CLI's --json row)."""
+    return {
+        "name": item.name, "dtype": item.dtype, "shape": list(item.shape), "numel": item.numel,
+        "min": item.min, "max": item.max, "mean": item.mean, "std": item.std, "abs_max": item.abs_max,
+        "l2_norm": item.l2_norm, "zero_fraction": item.zero_fraction, "nan_count": item.nan_count,
+        "inf_count": item.inf_count, "posinf_count": item.posinf_count, "neginf_count": item.neginf_count,
+    }
+
+
+def stats(
+    ckpt: Checkpoint,
+    *,
+    filter: str | Callable[[TensorEntry], bool] | None = None,  # noqa: A002 - the issue's public name
+    progress: bool = True,
+    cancel: CancelHook | None = None,
+    bins: int = DEFAULT_BINS,
+    histogram_sample: int | None = DEFAULT_HISTOGRAM_SAMPLE,
+    workers: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> StatsResult:
+    """
+    Statistics of every tensor (or those matching `filter`), streamed from disk with bounded memory.
+
+    Each tensor is read once in chunks of `chunk_bytes` (see the module docstring for how the
+    histogram fits in one pass); tensors are spread over `workers` threads. Results are cached per
+    checkpoint and per (bins, histogram_sample), tensor by tensor, so a second call, or a call with
+    a narrower filter, reads nothing. Tied tensors are read once.
+
+    Args:
+        ckpt: an opened checkpoint.
+        filter: a regular expression searched in each tensor name, or a predicate on `TensorEntry`.
+        progress: show a tqdm progress bar (a widget in Jupyter, text in a terminal).
+        cancel: a `threading.Event` (set it to stop) or a callable returning True to stop; checked
+            between chunks.
+        bins: histogram bins between the finite min and max.
+        histogram_sample: at most this many values per tensor go into its histogram; None counts
+            every value at the cost of a second read.
+        workers: threads; default the number of CPUs.
+        chunk_bytes: stored bytes per chunk; each thread holds about 3 chunks of memory.
+
+    Returns:
+        A frozen `StatsResult`: per-tensor `TensorStats` in checkpoint order and flagged `outliers`.
+
+    Raises:
+        concurrent.futures.CancelledError: `cancel` asked to stop; nothing partial is cached.
+        re.error: `filter` is not a valid regular expression.
+        CorruptCheckpointError, TruncatedCheckpointError: the tensor data cannot be read.
+
+    Example:
+        >>> with ckptview.open("llama.safetensors") as ckpt:
+        ...     result = ckptview.stats(ckpt, filter=r"layers\\.0\\.")
+        >>> result.to_frame()[["name", "mean", "std", "nan_count"]]
+        >>> [o.name for o in result.outliers if o.check == "non_finite"]
+    """
+    if bins < 1:
+        raise ValueError(f"bins must be at least 1, not {bins}")
+    if histogram_sample is not None and histogram_sample < 1:
+        raise ValueError(f"histogram_sample must be at least 1 or None, not {histogram_sample}")
+    selected = _select(ckpt.tensors(), filter)
+    cache: dict[Any, TensorStats] = ckpt.cached(f"stats:{bins}:{histogram_sample}", dict)
+    todo: dict[Any, TensorEntry] = {}
+    for entry in selected:
+        key = view_identity(entry.info)
+        if key not in cache:
+            todo.setdefault(key, entry)
+    if todo:
+        cache.update(_compute(list(todo.items()), bins, histogram_sample, workers, chunk_bytes, progress, cancel))
+    results = []
+    for entry in selected:
+        item = cache[view_identity(entry.info)]
+        results.append(item if item.name == entry.name else replace(item, name=entry.name))
+    return StatsResult(tuple(results), find_outliers(ckpt, results))
+
+
+def _select(entries: Iterable[TensorEntry], filter: str | Callable[[TensorEntry], bool] | None) -> list[TensorEntry]:  # noqa: A002
+    if filter is None:
+        return list(entries)
+    if isinstance(filter, str):
+        pattern = re.compile(filter)
+        return [entry for entry in entries if pattern.search(entry.name)]
+    return [entry for entry in entries if filter(entry)]
+
+
+def _is_cancelled(cancel: CancelHook | None) -> bool:
+    if cancel is None:
+        return False
+    return cancel.is_set() if isinstance(cancel, threading.Event) else bool(cancel())
+
+
+def _compute(
+    todo: list[tuple[Any, TensorEntry]], bins: int, histogram_sample: int | None, workers: int | None,
+    chunk_bytes: int, progress: bool, cancel: CancelHook | None,
+) -> dict[Any, TensorStats]:
+    from tqdm.auto import tqdm
+
+    total = sum(entry.nbytes for _, entry in todo)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="statistics", disable=not progress,
+               leave=False)
+    buffers = threading.local()
+    stop = threading.Event()
+
+    def one(entry: TensorEntry) -> TensorStats:
+        if stop.is_set():
+            raise CancelledError()
+        reducer = _Reducer(entry, bins, histogram_sample, chunk_bytes, buffers)
+        return reducer.run(lambda nbytes: _step(bar, nbytes, cancel, stop))
+
+    # Largest first, so the last tensors to finish are small and the threads end together.
+    order = sorted(todo, key=lambda item: -item[1].nbytes)
+    try:
+        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="ckptview-stats") as pool:
+            futures = {key: pool.submit(one, entry) for key, entry in order}
+            try:
+                return {key: future.result() for key, future in futures.items()}
+            except BaseException:
+                stop.set()
+                for future in futures.values():
+                    future.cancel()
+                raise
+    finally:
+        bar.close()
+
+
+def _step(bar: Any, nbytes: int, cancel: CancelHook | None, stop: threading.Event) -> None:
+    bar.update(nbytes)
+    if stop.is_set() or _is_cancelled(cancel):
+        stop.set()
+        raise CancelledError()
+
+
+class _Reducer:
+    """Accumulates one tensor's statistics over its chunks (float64 totals, Chan's merge for M2)."""
+
+    def __init__(self, entry: TensorEntry, bins: int, histogram_sample: int | None, chunk_bytes: int,
+                 buffers: threading.local) -> None:
+        self.entry = entry
+        self.bins = bins
+        self.exact_histogram = histogram_sample is None
+        self.stride = 1 if histogram_sample is None else max(1, -(-entry.numel // histogram_sample))
+        self.chunk_bytes = chunk_bytes
+        self.buffers = buffers
+        self.count = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+        self.zeros = 0
+        self.nan = 0
+        self.posinf = 0
+        self.neginf = 0
+        self.samples: list[torch.Tensor] = []
+        dtype = entry.dtype
+        self.is_float = dtype.is_floating_point
+        # float32 work is exact for the conversion of every 16-bit float; wider types keep their precision.
+        self.work_dtype = torch.float32 if self.is_float and dtype.itemsize <= 4 else torch.float64
+
+    def _work_buffer(self, count: int) -> torch.Tensor:
+        key = f"work_{self.work_dtype}"
+        buffer = getattr(self.buffers, key, None)
+        if buffer is None or buffer.numel() < count:
+            buffer = torch.empty(count, dtype=self.work_dtype)
+            setattr(self.buffers, key, buffer)
+        return buffer[:count]
+
+    def run(self, step: Callable[[int], None]) -> TensorStats:
+        entry = self.entry
+        skipped = _unsupported(entry)
+        if skipped:
+            step(entry.nbytes)
+            return _empty(entry, skipped)
+        start = 0
+        for chunk in entry.iter_chunks(self.chunk_bytes, reuse_buffer=True):
+            self._reduce(chunk, start)
+            start += chunk.numel()
+            step(chunk.numel() * entry.dtype.itemsize)
+        return self._finish(step)
+
+    def _reduce(self, chunk: torch.Tensor, start: int) -> None:
+        count = chunk.numel()
+        if chunk.dtype == torch.bool:
+            chunk = chunk.view(torch.uint8)
+        if chunk.dtype == self.work_dtype:
+            work = chunk  # the reader's reused buffer: ours to overwrite until the next chunk
+        else:
+            work = self._work_buffer(count)
+            work.copy_(chunk)
+        if self.is_float:
+            total = float(work.sum())
+            if not math.isfinite(total):
+                self._reduce_nonfinite(work, start)
+                return
+            # A finite float32 sum means no NaN/Inf in the chunk, so nothing below needs a mask.
+            # min/max on the stored 16-bit values read half the bytes of the float32 copy.
+            low, high = torch.aminmax(chunk if chunk.dtype.itemsize == 2 else work)
+        else:
+            low, high = torch.aminmax(chunk)  # on the integers themselves: exact beyond 2**53
+            total = float(work.sum())
+        self.zeros += count - int(torch.count_nonzero(work))
+        self._sample(work, start, finite=True)
+        chunk_mean = total / count
+        work.sub_(chunk_mean)
+        self._merge(count, chunk_mean, float(torch.dot(work, work)), float(low), float(high))
+
+    def _reduce_nonfinite(self, work: torch.Tensor, start: int) -> None:
+        # Rare: masks and float64, so huge finite values whose float32 sum overflowed come out right too.
+        nan = torch.isnan(work)
+        self.nan += int(nan.sum())
+        self.posinf += int((work == math.inf).sum())
+        self.neginf += int((work == -math.inf).sum())
+        self._sample(work, start, finite=False)
+        finite = work[torch.isfinite(work)].double()
+        count = finite.numel()
+        if count == 0:
+            return
+        self.zeros += count - int(torch.count_nonzero(finite))
+        low, high = torch.aminmax(finite)
+        chunk_mean = float(finite.mean())
+        finite.sub_(chunk_mean)
+        self._merge(count, chunk_mean, float(torch.dot(finite, finite)), float(low), float(high))
+
+    def _sample(self, work: torch.Tensor, start: int, *, finite: bool) -> None:
+        if self.exact_histogram:
+            return
+        first = -start % self.stride  # the stride runs over the whole tensor, across chunk borders
+        if first < work.numel():
+            picked = work[first :: self.stride].clone()
+            self.samples.append(picked if finite else picked[torch.isfinite(picked)])
+
+    def _merge(self, count: int, mean: float, m2: float, low: float, high: float) -> None:
+        # Chan, Golub & LeVeque: combine two (count, mean, M2) summaries without revisiting the data.
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean += delta * count / total
+        self.m2 += m2 + delta * delta * self.count * count / total
+        self.count = total
+        self.min = min(self.min, low)
+        self.max = max(self.max, high)
+
+    def _finish(self, step: Callable[[int], None]) -> TensorStats:
+        entry = self.entry
+        n = self.count
+        histogram = None
+        if n:
+            low, high = (self.min, self.max) if self.min < self.max else (self.min - 0.5, self.max + 0.5)
+            if self.exact_histogram:
+                counts = self._exact_counts(low, high, step)
+            else:
+                sample = torch.cat(self.samples) if self.samples else torch.empty(0, dtype=torch.float64)
+                counts = bin_counts(sample, self.bins, low, high)
+            edges = torch.linspace(low, high, self.bins + 1, dtype=torch.float64)
+            histogram = Histogram(tuple(edges.tolist()), tuple(int(c) for c in counts.tolist()), self.stride)
+        nan = math.nan
+        mean = self.mean if n else nan
+        sum_squares = self.m2 + n * self.mean * self.mean
+        return TensorStats(
+            name=entry.name,
+            dtype=str(entry.dtype).removeprefix("torch."),
+            shape=entry.shape,
+            numel=entry.numel,
+            min=self.min if n else nan,
+            max=self.max if n else nan,
+            mean=mean,
+            std=math.sqrt(self.m2 / (n - 1)) if n > 1 else (0.0 if n == 1 else nan),
+            abs_max=max(abs(self.min), abs(self.max)) if n else nan,
+            l2_norm=math.sqrt(sum_squares),
+            zero_fraction=self.zeros / entry.numel if entry.numel else nan,
+            nan_count=self.nan,
+            posinf_count=self.posinf,
+            neginf_count=self.neginf,
+            histogram=histogram,
+        )
+
+    def _exact_counts(self, low: float, high: float, step: Callable[[int], None]) -> torch.Tensor:
+        counts = torch.zeros(self.bins, dtype=torch.float64)
+        for chunk in self.entry.iter_chunks(self.chunk_bytes, reuse_buffer=True):
+            values = chunk.view(torch.uint8) if chunk.dtype == torch.bool else chunk
+            if self.is_float:
+                values = values[torch.isfinite(values)]
+            counts += bin_counts(values, self.bins, low, high)
+            step(0)
+        return counts
+
+
+def bin_counts(values: torch.Tensor, bins: int, low: float, high: float) -> torch.Tensor:
+    """
+    Counts of `values` in `bins` equal bins over [low, high] (the last bin closed), as
+    `torch.histogram(values.double(), bins, range=(low, high))` counts them, about 4× faster:
+    bin indices by arithmetic in float64, then `bincount`. Every value must lie in [low, high].
+    """
+    values = values.double()
+    index = (values - low).mul_(bins / (high - low)).floor_().clamp_(max=bins - 1).long()
+    return torch.bincount(index, minlength=bins).double()
+
+
+def _unsupported(entry: TensorEntry) -> str:
+    if entry.layout != "strided":
+        return f"{entry.layout} layout: statistics are computed for dense tensors only"
+    if entry.dtype.is_complex:
+        return "complex dtype: statistics are computed for real tensors only"
+    if entry.info.storage is None:
+        return "no stored data"
+    return ""
+
+
+def _empty(entry: TensorEntry, skipped: str) -> TensorStats:
+    nan = math.nan
+    return TensorStats(entry.name, str(entry.dtype).removeprefix("torch."), entry.shape, entry.numel,
+                       nan, nan, nan, nan, nan, nan, nan, 0, 0, 0, None, skipped)
+
+
+def find_outliers(ckpt: Checkpoint, results: Iterable[TensorStats], *, abs_max_ratio: float = ABS_MAX_RATIO) -> tuple[Outlier, ...]:
+    """
+    Tensors whose statistics look wrong: NaN/Inf, all zeros, a constant value, or an abs-max more
+    than `abs_max_ratio` times the median abs-max of at least two siblings (tensors with the same
+    inferred layer kind and leaf name, e.g. every attention q weight).
+    """
+    results = [r for r in results if not r.skipped]
+    rows = {row.name: row for row in tensor_table(ckpt).rows}
+    groups: dict[tuple[str, str], list[TensorStats]] = defaultdict(list)
+    out: list[Outlier] = []
+    for item in results:
+        if item.nan_count or item.inf_count:
+            out.append(Outlier(item.name, "non_finite",
+                               f"{item.nan_count:,} NaN, {item.posinf_count:,} +Inf, {item.neginf_count:,} -Inf of "
+                               f"{item.numel:,} values: training diverged or the file was damaged; use an earlier "
+                               "checkpoint or find the step where the loss became NaN"))
+        if item.numel and item.zero_fraction == 1.0:
+            out.append(Outlier(item.name, "all_zero",
+                               "every value is 0: fine for a freshly initialised bias, otherwise the layer was "
+                               "never trained, was pruned, or was overwritten"))
+        elif (item.numel > 1 and item.dtype.startswith(("float", "bfloat")) and item.finite_count > 1
+              and item.std <= 1e-7 * max(item.abs_max, 1e-30)):
+            out.append(Outlier(item.name, "collapsed_std",
+                               f"all values equal {item.mean:.6g} (std {item.std:.3g}): normal for a freshly "
+                               "initialised norm scale, otherwise the tensor stopped learning"))
+        row = rows.get(item.name)
+        if row is not None and row.layer_kind and math.isfinite(item.abs_max) and item.dtype.startswith(("float", "bfloat")):
+            groups[(row.layer_kind, row.leaf)].append(item)
+    for (kind, leaf), members in groups.items():
+        if len(members) < 3:
+            continue
+        for item in members:
+            siblings = [m.abs_max for m in members if m is not item]
+            median = statistics.median(siblings)
+            if median > 0 and item.abs_max > abs_max_ratio * median:
+                out.append(Outlier(item.name, "abs_max_outlier",
+                                   f"abs-max {item.abs_max:.4g} is {item.abs_max / median:.0f}× the median "
+                                   f"({median:.4g}) of {len(siblings)} other {kind} {leaf} tensors: look for an "
+                                   "exploding layer or a weight that was scaled by mistake"))
+    return tuple(out)
