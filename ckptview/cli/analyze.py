@@ -1,0 +1,96 @@
+"""`ckptview stats`, `ckptview bn`, `ckptview tree`: per-tensor statistics, BatchNorm checks, the module tree."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Any
+
+import ckptview
+from ckptview.analyzers.batchnorm import BatchNormReport
+from ckptview.analyzers.stats import StatsResult, stats_row
+from ckptview.analyzers.tree import ModuleTree
+from ckptview.cli import add_path_command, print_json
+from ckptview.present.text import human_bytes, human_count, text_table
+
+
+def add_commands(subparsers: Any) -> None:
+    command = add_path_command(subparsers, "stats", "per-tensor statistics: min, max, mean, std, zeros, NaN/Inf")
+    command.add_argument("--filter", metavar="REGEX", help="only tensors whose name matches this regular expression")
+    command.set_defaults(func=stats_command)
+    add_path_command(subparsers, "bn", "check BatchNorm layers: running statistics, counts, dead layers").set_defaults(func=bn_command)
+    add_path_command(subparsers, "tree", "the module tree with parameters per module; repeated blocks folded").set_defaults(func=tree_command)
+
+
+def stats_command(args: argparse.Namespace) -> int:
+    with ckptview.open(args.path, trust=args.trust) as ckpt:
+        result = ckptview.stats(ckpt, filter=args.filter, progress=sys.stderr.isatty())
+    if args.json:
+        flags: dict[str, list[str]] = {}
+        for outlier in result.outliers:
+            flags.setdefault(outlier.name, []).append(outlier.check)
+        print_json([stats_row(item) | {"outliers": flags.get(item.name, []), "skipped": item.skipped} for item in result.tensors])
+        return 0
+    print(render_stats(result))
+    return 0
+
+
+def render_stats(result: StatsResult) -> str:
+    """The statistics as an aligned text table followed by the outliers, one line each."""
+    rows = [(item.name, item.dtype, _num(item.min), _num(item.max), _num(item.mean), _num(item.std), _num(item.abs_max),
+             f"{item.zero_fraction:.1%}" if math.isfinite(item.zero_fraction) else "-", item.nan_count, item.inf_count)
+            for item in result.tensors]
+    lines = [text_table(rows, ("name", "dtype", "min", "max", "mean", "std", "abs max", "zeros", "NaN", "Inf"),
+                        align_right=(2, 3, 4, 5, 6, 7, 8, 9))]
+    if result.outliers:
+        lines.append(f"\n{len(result.outliers)} outlier(s):")
+        lines.extend(f"  {o.name}: {o.check}: {o.message}" for o in result.outliers)
+    return "\n".join(lines)
+
+
+def _num(value: float) -> str:
+    return f"{value:.4g}" if math.isfinite(value) else "-" if math.isnan(value) else str(value)
+
+
+def bn_command(args: argparse.Namespace) -> int:
+    with ckptview.open(args.path, trust=args.trust) as ckpt:
+        report = ckptview.batchnorm_checks(ckpt)
+    if args.json:
+        print_json([{"check": f.check, "severity": f.severity, "module": f.module, "tensors": list(f.tensors),
+                     "message": f.message} for f in report.findings])
+        return 0
+    print(render_batchnorm(report))
+    return 0
+
+
+def render_batchnorm(report: BatchNormReport) -> str:
+    """Findings grouped by severity, worst first, one paragraph each."""
+    lines = [f"{len(report.layers)} BatchNorm layer(s), {len(report.problems)} problem(s)"]
+    for severity in ("error", "warning", "info", "ok"):
+        for finding in (f for f in report.findings if f.severity == severity):
+            where = f" {finding.module}" if finding.module else ""
+            lines.append(f"[{severity}] {finding.check}{where}: {finding.message}")
+    return "\n".join(lines)
+
+
+def tree_command(args: argparse.Namespace) -> int:
+    with ckptview.open(args.path, trust=args.trust) as ckpt:
+        tree = ckptview.module_tree(ckpt)
+    if args.json:
+        print_json(tree.to_frame().to_dict(orient="records"))
+        return 0
+    print(render_tree(tree))
+    return 0
+
+
+def render_tree(tree: ModuleTree) -> str:
+    """One line per node, indented by depth: name (×repeat), parameters, bytes, share, layer kinds."""
+    rows = []
+    for depth, node in tree.walk():
+        name = "  " * depth + node.name + (f" ×{node.repeat}" if node.repeat > 1 else "")
+        rows.append((name, human_count(node.parameter_count), human_bytes(node.nbytes), f"{node.share:.1%}",
+                     ", ".join(node.layer_kinds[:3])))
+    root = tree.root
+    table = text_table(rows, ("module", "params", "size", "share", "layers"), align_right=(1, 2, 3))
+    return f"{table}\n\n{root.tensor_count:,} tensors, {root.parameter_count:,} elements, {human_bytes(root.nbytes)}"
