@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckptview.analyzers.keydiff import KeyDiff, Spec, compress_keys, key_diff, spec_of
+from ckptview.analyzers.keydiff import KeyDiff, Spec, compress_keys, key_diff, spec_of, state_dict_of
 from ckptview.analyzers.sections import Section
 from ckptview.model_source import ModelSpec, build_model, expected_state, meta_twin
 from ckptview.readers.model import TensorEntry
 
-__all__ = ["Fix", "Diagnosis", "FixedStateDict", "diagnose"]
+__all__ = ["Fix", "Diagnosis", "FixedStateDict", "diagnose", "doctor"]
 
 # Wrappers that add a prefix to every key, most common first; used to break ties between prefixes
 # that explain the keys equally well.
@@ -625,3 +625,32 @@ def _placeholder_fix(placeholders: list[Any], total: int) -> Fix:
         keys=tuple(m.key for m in placeholders),
         applicable=False,
     )
+
+
+def doctor(checkpoint: Any, model: ModelSpec, *, trust: bool = False) -> Diagnosis:
+    """
+    Explain why a checkpoint does not load into a model, and hand back the code that makes it load.
+
+    Args:
+        checkpoint: a checkpoint path, an open `Checkpoint`, or a state dict. Of a checkpoint the
+            model section is used (a Lightning file's `state_dict`); the fix code then starts from
+            what `torch.load` returns for the whole file.
+        model: an `nn.Module` (never modified: the load is checked on a meta-device copy), or a
+            factory `"package.module:callable"` built on the meta device, so no memory is used.
+        trust: passed to `ckptview.open` for paths.
+
+    Returns:
+        A `Diagnosis`: `fixes`, the combined `code`, `loads_after_fix`, `fixed_state_dict()`, `save_fixed()`.
+
+    Raises:
+        ModelBuildError: the factory cannot be imported or called.
+        CkptviewError: the checkpoint cannot be opened.
+
+    Example:
+        >>> report = ckptview.doctor("ddp_resnet.pt", "torchvision.models:resnet18")
+        >>> report.loads_after_fix, [fix.kind for fix in report.fixes]
+        (True, ['strip_prefix'])
+        >>> state_dict = torch.load("ddp_resnet.pt"); exec(report.code); model.load_state_dict(state_dict)
+    """
+    with state_dict_of(checkpoint, trust=trust) as (entries, section):
+        return diagnose(entries, model, section=section)

@@ -6,14 +6,20 @@ second checkpoint), in torch's own words, with long key lists folded the way peo
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["KeyDiff", "ShapeMismatch", "DtypeMismatch", "key_diff", "compress_keys", "spec_of"]
+from ckptview.analyzers.sections import Section, model_section, model_state_dict
+from ckptview.readers import open_checkpoint
+from ckptview.readers.model import Checkpoint
+
+__all__ = ["KeyDiff", "ShapeMismatch", "DtypeMismatch", "key_diff", "compress_keys", "spec_of", "state_dict_of"]
 
 Spec = tuple[tuple[int, ...], torch.dtype]
 
@@ -212,3 +218,37 @@ def _runs(numbers: list[int]) -> list[str]:
             runs.append(str(first) if first == last else f"{first}..{last}" if last > first + 1 else f"{first},{last}")
             start = i
     return runs
+
+
+@contextmanager
+def state_dict_of(source: Any, *, trust: bool = False) -> Iterator[tuple[dict[str, Any], Section | None]]:
+    """
+    The model state dict of a path, an open `Checkpoint` or a mapping of tensors, and where it sat.
+
+    A path is opened here and closed on exit; a `Checkpoint` stays as the caller left it. For a
+    checkpoint the model section is used (`state_dict` of a Lightning file, not its optimizer).
+
+    Args:
+        source: a checkpoint path, a `Checkpoint`, or a mapping of names to tensors / `TensorEntry`s.
+        trust: passed to `ckptview.open` for paths.
+
+    Yields:
+        (entries, section): the section is None for a mapping.
+
+    Raises:
+        CkptviewError: the path cannot be opened (see `ckptview.open`).
+        TypeError: `source` is none of these.
+    """
+    if isinstance(source, Checkpoint):
+        section = model_section(source)
+        yield model_state_dict(source, section), section
+        return
+    if isinstance(source, Mapping):
+        yield dict(source), None
+        return
+    if isinstance(source, (str, os.PathLike)):
+        with open_checkpoint(source, trust=trust) as checkpoint:
+            section = model_section(checkpoint)
+            yield model_state_dict(checkpoint, section), section
+        return
+    raise TypeError(f"expected a checkpoint path, a ckptview Checkpoint or a state dict, not {type(source).__name__}")

@@ -1,0 +1,404 @@
+"""
+Value diff: how much the tensors of two checkpoints with the same keys differ (two epochs, a
+fine-tune and its base, a model before and after conversion), per tensor, per module and per block.
+
+Tensors are streamed pair by pair in chunks small enough to stay in the CPU cache while the
+reductions run over them, so memory stays bounded and the work keeps up with the disk; several
+tensor pairs are compared at once on a thread pool (torch and `os.preadv` release the GIL).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+
+from ckptview.analyzers.keydiff import KeyDiff, key_diff, state_dict_of
+from ckptview.readers.model import TensorEntry
+
+__all__ = [
+    "TensorChange", "GroupChange", "ValueDiff", "Diff", "value_diff", "diff",
+    "IGNORE_BN_STATS", "IGNORE_EMA",
+]
+
+IGNORE_BN_STATS = ("*.running_mean", "*.running_var", "*.num_batches_tracked")
+IGNORE_EMA = ("ema.*", "ema_*", "*_ema.*", "*.ema.*", "model_ema.*", "ema_model.*")
+
+# 256K elements: the two float32 working copies and their difference (3 MiB) stay near the core's L2
+# while the seven reductions run over them; larger chunks fall to L3/DRAM and run ~1.5x slower.
+DEFAULT_CHUNK_ELEMENTS = 256 * 1024
+
+Cancel = Union[threading.Event, Callable[[], bool], None]
+Progress = Union[bool, Callable[[int, int], None]]
+
+
+@dataclass(frozen=True)
+class TensorChange:
+    """
+    How one tensor differs between the left (a) and right (b) checkpoints.
+
+    Attributes:
+        key, shape, numel: the tensor.
+        left_dtype, right_dtype: dtypes on each side (compared in float32, or float64 for
+            float64 and integer tensors).
+        max_abs_diff: max |a - b| over positions where both are finite.
+        rel_change: ||a - b|| / ||a|| (inf when a is all zero and b is not).
+        cosine: a·b / (||a|| ||b||) (1.0 when both are all zero).
+        fraction_changed: share of elements where a != b (NaN in both counts as equal).
+        nan_left, nan_right: NaN counts on each side; `nan_appeared` / `nan_disappeared` compare them.
+        sum_sq_diff, sum_sq_left, sum_sq_right, dot: the raw sums, for aggregating modules exactly.
+    """
+
+    key: str
+    shape: tuple[int, ...]
+    left_dtype: torch.dtype
+    right_dtype: torch.dtype
+    numel: int
+    max_abs_diff: float
+    rel_change: float
+    cosine: float
+    fraction_changed: float
+    nan_left: int
+    nan_right: int
+    sum_sq_diff: float
+    sum_sq_left: float
+    sum_sq_right: float
+    dot: float
+
+    @property
+    def changed(self) -> bool:
+        return self.fraction_changed > 0 or self.nan_left != self.nan_right
+
+    @property
+    def nan_appeared(self) -> bool:
+        return self.nan_right > self.nan_left
+
+    @property
+    def nan_disappeared(self) -> bool:
+        return self.nan_left > self.nan_right
+
+
+@dataclass(frozen=True)
+class GroupChange:
+    """The tensors of one module or block taken together (as if concatenated)."""
+
+    name: str
+    tensors: int
+    numel: int
+    changed_tensors: int
+    max_abs_diff: float
+    rel_change: float
+    cosine: float
+    fraction_changed: float
+
+
+@dataclass(frozen=True)
+class ValueDiff:
+    """
+    Per-tensor value differences of the keys both sides share with the same shape.
+
+    Attributes:
+        tensors: one `TensorChange` per compared tensor, in the left side's key order.
+        ignored: keys skipped by the ignore patterns.
+        complete: False when the comparison was cancelled; `tensors` then holds the finished ones.
+    """
+
+    tensors: tuple[TensorChange, ...]
+    ignored: tuple[str, ...]
+    complete: bool = True
+
+    def changed(self) -> tuple[TensorChange, ...]:
+        """The tensors that differ at all (values or NaNs)."""
+        return tuple(t for t in self.tensors if t.changed)
+
+    def by_module(self) -> tuple[GroupChange, ...]:
+        """Aggregated per module: the key without its last part (`layer1.0.conv.weight` -> `layer1.0.conv`)."""
+        return self._group(lambda key: key.rpartition(".")[0] or key)
+
+    def by_block(self) -> tuple[GroupChange, ...]:
+        """Aggregated per numbered block (`model.layers.3`), everything else by its first part (`lm_head`)."""
+        return self._group(_block_of)
+
+    def _group(self, name_of: Callable[[str], str]) -> tuple[GroupChange, ...]:
+        groups: dict[str, list[TensorChange]] = {}
+        for change in self.tensors:
+            groups.setdefault(name_of(change.key), []).append(change)
+        return tuple(_aggregate(name, members) for name, members in groups.items())
+
+    def to_frame(self) -> Any:
+        """One row per tensor, with the columns of `TensorChange`."""
+        import pandas as pd
+
+        columns = ["key", "shape", "left_dtype", "right_dtype", "numel", "max_abs_diff", "rel_change", "cosine",
+                   "fraction_changed", "nan_left", "nan_right"]
+        rows = [[getattr(t, c) for c in columns] for t in self.tensors]
+        frame = pd.DataFrame(rows, columns=columns)
+        frame["left_dtype"] = frame["left_dtype"].astype(str)
+        frame["right_dtype"] = frame["right_dtype"].astype(str)
+        return frame
+
+
+@dataclass(frozen=True)
+class Diff:
+    """`diff(a, b)`: the key diff, and the value diff when asked for."""
+
+    keys: KeyDiff
+    values: ValueDiff | None = None
+
+    def to_frame(self) -> Any:
+        """The value diff's table when values were compared, else the key diff's."""
+        return self.values.to_frame() if self.values is not None else self.keys.to_frame()
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "missing": list(self.keys.missing),
+            "unexpected": list(self.keys.unexpected),
+            "shape_mismatches": [{"key": m.key, "left": list(m.left), "right": list(m.right)}
+                                 for m in self.keys.shape_mismatches],
+            "dtype_mismatches": [{"key": m.key, "left": str(m.left).removeprefix("torch."),
+                                  "right": str(m.right).removeprefix("torch.")} for m in self.keys.dtype_mismatches],
+            "matched": self.keys.matched,
+        }
+        if self.values is not None:
+            data["changed"] = [
+                {"key": t.key, "max_abs_diff": t.max_abs_diff, "rel_change": t.rel_change, "cosine": t.cosine,
+                 "fraction_changed": t.fraction_changed, "nan_left": t.nan_left, "nan_right": t.nan_right}
+                for t in self.values.changed()
+            ]
+            data["compared"] = len(self.values.tensors)
+            data["ignored"] = list(self.values.ignored)
+            data["complete"] = self.values.complete
+        return data
+
+
+def diff(a: Any, b: Any, *, values: bool = False, ignore: Sequence[str] = (), threads: int | None = None,
+         progress: Progress = False, cancel: Cancel = None, trust: bool = False) -> Diff:
+    """
+    Compare two checkpoints: keys, shapes and dtypes, and with `values=True` the numbers.
+
+    The vocabulary is torch's for `load_state_dict(a)` into a model shaped like `b`: `missing`
+    keys are in b only, `unexpected` ones in a only.
+
+    Args:
+        a, b: each a checkpoint path, an open `Checkpoint`, or a state dict (tensors or
+            `TensorEntry`s). Of a checkpoint the model section is compared (a Lightning file's
+            `state_dict`), so a `.ckpt` compares with the `.safetensors` exported from it.
+        values: also compare values, streaming both files (see `value_diff`).
+        ignore: glob patterns of keys to leave out of the value diff, e.g. `IGNORE_BN_STATS`.
+        threads, progress, cancel: see `value_diff`.
+        trust: passed to `ckptview.open` for paths.
+
+    Returns:
+        A `Diff` with `.keys` (`KeyDiff`) and `.values` (`ValueDiff` or None).
+
+    Raises:
+        CkptviewError: a path cannot be opened, or a tensor's data cannot be read.
+
+    Example:
+        >>> d = ckptview.diff("epoch1.pt", "epoch2.pt", values=True, ignore=IGNORE_BN_STATS)
+        >>> d.keys.ok, max(t.rel_change for t in d.values.tensors)
+        (True, 0.0132)
+    """
+    with ExitStack() as stack:
+        left, _ = stack.enter_context(state_dict_of(a, trust=trust))
+        right, _ = stack.enter_context(state_dict_of(b, trust=trust))
+        keys = key_diff(left, right)
+        changes = value_diff(left, right, ignore=ignore, threads=threads, progress=progress, cancel=cancel) if values else None
+    return Diff(keys, changes)
+
+
+def value_diff(a: Mapping[str, Any], b: Mapping[str, Any], *, ignore: Sequence[str] = (), threads: int | None = None,
+               chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, progress: Progress = False, cancel: Cancel = None) -> ValueDiff:
+    """
+    Compare the values of the tensors two state dicts share (same key, same shape).
+
+    Memory stays bounded by a few chunks per thread whatever the tensor sizes: every tensor is read
+    with `TensorEntry.iter_chunks(reuse_buffer=True)` into buffers the thread reuses.
+
+    Args:
+        a, b: mappings of key to `TensorEntry` (streamed from disk) or `torch.Tensor`.
+        ignore: glob patterns (`fnmatch`) of keys to skip, e.g. `IGNORE_BN_STATS + IGNORE_EMA`.
+        threads: tensor pairs compared at once; default the CPU count (at most 8).
+        chunk_elements: elements per chunk.
+        progress: True for a tqdm bar (bytes of both sides), or a callable `(done_bytes, total_bytes)`.
+        cancel: a `threading.Event` or a callable returning True to stop early; the result then has
+            `complete=False` and the tensors finished so far.
+
+    Returns:
+        A `ValueDiff`.
+
+    Raises:
+        CkptviewError: a tensor's data cannot be read (truncated file, unsupported layout).
+
+    Example:
+        >>> with ckptview.open("base.safetensors") as base, ckptview.open("tuned.safetensors") as tuned:
+        ...     changes = value_diff(model_state_dict(base), model_state_dict(tuned), progress=True)
+        >>> [t.key for t in changes.changed()][:3]
+    """
+    ignored = tuple(key for key in a if key in b and any(fnmatch.fnmatchcase(key, p) for p in ignore))
+    skip = set(ignored)
+    pairs = [(key, a[key], b[key]) for key in a
+             if key in b and key not in skip and tuple(a[key].shape) == tuple(b[key].shape)]
+    total = sum(_nbytes(x) + _nbytes(y) for _, x, y in pairs)
+    report, close = _progress_reporter(progress, total)
+    stop = cancel.is_set if isinstance(cancel, threading.Event) else (cancel or (lambda: False))
+    local = threading.local()
+    results: dict[str, TensorChange] = {}
+    workers = max(1, min(threads or min(os.cpu_count() or 1, 8), len(pairs) or 1))
+    complete = True
+    try:
+        # Largest first, so the pool does not end waiting on one big tensor started last.
+        order = sorted(pairs, key=lambda pair: -_nbytes(pair[1]))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckptview-diff") as pool:
+            pending = {pool.submit(_compare, key, x, y, chunk_elements, local, stop): (key, x, y) for key, x, y in order}
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    key, x, y = pending.pop(future)
+                    change = future.result()
+                    if change is None:
+                        complete = False
+                        continue
+                    results[key] = change
+                    report(_nbytes(x) + _nbytes(y))
+    finally:
+        close()
+    return ValueDiff(tuple(results[key] for key, _, _ in pairs if key in results), ignored, complete)
+
+
+def _nbytes(value: Any) -> int:
+    return int(value.numel() * value.element_size()) if isinstance(value, torch.Tensor) else int(value.nbytes)
+
+
+def _progress_reporter(progress: Progress, total: int) -> tuple[Callable[[int], None], Callable[[], None]]:
+    if callable(progress):
+        done = [0]
+        lock = threading.Lock()
+
+        def report(nbytes: int) -> None:
+            with lock:
+                done[0] += nbytes
+                progress(done[0], total)
+
+        return report, lambda: None
+    if not progress:
+        return (lambda nbytes: None), (lambda: None)
+    from tqdm.auto import tqdm  # imported here: in a notebook tqdm.auto pulls in ipywidgets
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="diff")
+    return bar.update, bar.close
+
+
+def _compute_dtype(left: torch.dtype, right: torch.dtype) -> torch.dtype:
+    wide = torch.float64 in (left, right) or not (left.is_floating_point and right.is_floating_point)
+    return torch.float64 if wide else torch.float32
+
+
+def _buffers(local: threading.local, dtype: torch.dtype, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    key = (dtype, count)
+    cache = getattr(local, "buffers", None)
+    if cache is None or cache[0] != key:
+        cache = (key, tuple(torch.empty(count, dtype=dtype) for _ in range(3)))
+        local.buffers = cache
+    return cache[1]  # type: ignore[return-value]
+
+
+def _chunks(value: Any, elements: int) -> Iterator[torch.Tensor]:
+    if isinstance(value, TensorEntry):
+        yield from value.iter_chunks(elements * value.dtype.itemsize, reuse_buffer=True)
+        return
+    flat = value.detach().reshape(-1)
+    for start in range(0, flat.numel(), elements):
+        yield flat[start:start + elements]
+
+
+def _compare(key: str, left: Any, right: Any, elements: int, local: threading.local,
+             stop: Callable[[], bool]) -> TensorChange | None:
+    dtype = _compute_dtype(left.dtype, right.dtype)
+    buf_a, buf_b, buf_d = _buffers(local, dtype, elements)
+    max_abs = dd = aa = bb = ab = 0.0
+    changed = nan_a = nan_b = 0
+    for chunk_a, chunk_b in zip(_chunks(left, elements), _chunks(right, elements)):
+        if stop():
+            return None
+        n = chunk_a.numel()
+        xa = _as(chunk_a, buf_a[:n], dtype)
+        xb = _as(chunk_b, buf_b[:n], dtype)
+        d = torch.sub(xa, xb, out=buf_d[:n])
+        chunk_dd = torch.dot(d, d).item()
+        chunk_aa = torch.dot(xa, xa).item()
+        chunk_bb = torch.dot(xb, xb).item()
+        if math.isfinite(chunk_dd) and math.isfinite(chunk_aa) and math.isfinite(chunk_bb):
+            max_abs = max(max_abs, torch.linalg.vector_norm(d, math.inf).item())
+            changed += int(torch.count_nonzero(d))
+            dd, aa, bb, ab = dd + chunk_dd, aa + chunk_aa, bb + chunk_bb, ab + torch.dot(xa, xb).item()
+            continue
+        # NaN or Inf somewhere in this chunk (rare): measure over the positions finite on both sides.
+        na, nb = torch.isnan(xa), torch.isnan(xb)
+        nan_a, nan_b = nan_a + int(na.sum()), nan_b + int(nb.sum())
+        changed += int(((xa != xb) & ~(na & nb)).sum())
+        finite = torch.isfinite(xa) & torch.isfinite(xb)
+        fa, fb = xa[finite].double(), xb[finite].double()
+        fd = fa - fb
+        if fd.numel():
+            max_abs = max(max_abs, fd.abs().max().item())
+        dd, aa, bb, ab = dd + float(fd @ fd), aa + float(fa @ fa), bb + float(fb @ fb), ab + float(fa @ fb)
+    numel = math.prod(left.shape)
+    return TensorChange(
+        key=key, shape=tuple(left.shape), left_dtype=left.dtype, right_dtype=right.dtype, numel=numel,
+        max_abs_diff=max_abs, rel_change=_rel(dd, aa), cosine=_cosine(ab, aa, bb),
+        fraction_changed=changed / numel if numel else 0.0, nan_left=nan_a, nan_right=nan_b,
+        sum_sq_diff=dd, sum_sq_left=aa, sum_sq_right=bb, dot=ab,
+    )
+
+
+def _as(chunk: torch.Tensor, buffer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if chunk.is_quantized:
+        chunk = chunk.dequantize()
+    if chunk.dtype == dtype and chunk.is_contiguous():
+        return chunk
+    return buffer.copy_(chunk)
+
+
+def _rel(dd: float, aa: float) -> float:
+    if dd == 0:
+        return 0.0
+    return math.sqrt(dd) / math.sqrt(aa) if aa > 0 else math.inf
+
+
+def _cosine(ab: float, aa: float, bb: float) -> float:
+    if aa == 0 and bb == 0:
+        return 1.0
+    if aa == 0 or bb == 0:
+        return 0.0
+    return ab / math.sqrt(aa * bb)
+
+
+def _block_of(key: str) -> str:
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return parts[0]
+
+
+def _aggregate(name: str, members: list[TensorChange]) -> GroupChange:
+    numel = sum(m.numel for m in members)
+    dd = sum(m.sum_sq_diff for m in members)
+    aa = sum(m.sum_sq_left for m in members)
+    bb = sum(m.sum_sq_right for m in members)
+    ab = sum(m.dot for m in members)
+    changed_elements = sum(m.fraction_changed * m.numel for m in members)
+    return GroupChange(
+        name=name, tensors=len(members), numel=numel, changed_tensors=sum(m.changed for m in members),
+        max_abs_diff=max((m.max_abs_diff for m in members), default=0.0), rel_change=_rel(dd, aa),
+        cosine=_cosine(ab, aa, bb), fraction_changed=changed_elements / numel if numel else 0.0,
+    )
