@@ -14,14 +14,14 @@ import os
 from ckptview import errors
 from ckptview.errors import CkptviewError
 from ckptview.readers import Checkpoint, PickledObject, PickleImport, TensorEntry, open_checkpoint
+from ckptview.analyzers.sections import find_sections as sections, model_state_dict, pickled_modules
+from ckptview.analyzers.training import training_state
 from ckptview.analyzers.batchnorm import batchnorm_checks
 from ckptview.analyzers.stats import stats
 from ckptview.analyzers.table import tensor_table
 from ckptview.analyzers.tree import module_tree
-from ckptview.analyzers.batchnorm import batchnorm_checks
-from ckptview.analyzers.stats import stats
-from ckptview.analyzers.table import tensor_table
-from ckptview.analyzers.tree import module_tree
+from ckptview.analyzers.doctor import doctor
+from ckptview.analyzers.valuediff import diff
 
 __version__ = "0.1.0"
 
@@ -33,15 +33,17 @@ __all__ = [
     "PickleImport",
     "CkptviewError",
     "errors",
-    "tensor_table",
-    "module_tree",
-    "stats",
-    "batchnorm_checks",
+    "sections",
+    "model_state_dict",
+    "pickled_modules",
+    "training_state",
     "tensor_table",
     "module_tree",
     "stats",
     "batchnorm_checks",
     "explore",
+    "diff",
+    "doctor",
 ]
 
 

@@ -173,3 +173,40 @@ def model_state_dict(checkpoint: Checkpoint, section: Section | None = None) -> 
         entries[name] = TensorEntry(name, info, section.path + path)
     return entries
 
+
+
+@dataclass(frozen=True)
+class PickledModule:
+    """One module of a whole pickled `nn.Module`, read from the pickle without importing its class."""
+
+    name: str  # dotted path from the root module ("" for the root)
+    class_path: str  # e.g. "torchvision.models.resnet.BasicBlock"
+    parameters: tuple[str, ...]
+    buffers: tuple[str, ...]
+
+
+def pickled_modules(checkpoint: Checkpoint) -> tuple[PickledModule, ...]:
+    """Every module of each whole pickled `nn.Module` in the file, with the class path the pickle names."""
+    found: list[PickledModule] = []
+    for section in find_sections(checkpoint):
+        root = checkpoint.get(section.path)
+        if section.kind != "module" or not isinstance(root, PickledObject):
+            continue
+        stack: list[tuple[str, PickledObject]] = [("", root)]  # names relative to the module, as state_dict() gives them
+        while stack:
+            name, module = stack.pop()
+            attributes = module.attributes
+            found.append(PickledModule(
+                name, type(module).class_path,
+                tuple(k for k, v in _present(attributes.get("_parameters"))),
+                tuple(k for k, v in _present(attributes.get("_buffers"))),
+            ))
+            children = [(f"{name}.{k}" if name else str(k), v) for k, v in _present(attributes.get("_modules"))
+                        if isinstance(v, PickledObject) and v.is_module()]
+            stack.extend(reversed(children))
+    return tuple(found)
+
+
+def _present(group: Any) -> list[tuple[str, Any]]:
+    items = group.items() if isinstance(group, Mapping) else (group.items.items() if isinstance(group, PickledObject) else ())
+    return [(str(k), v) for k, v in items if v is not None]

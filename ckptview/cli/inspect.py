@@ -7,7 +7,8 @@ from collections import Counter
 from typing import Any
 
 import ckptview
-from ckptview.analyzers.sections import find_sections
+from ckptview.analyzers.sections import find_sections, pickled_modules
+from ckptview.analyzers.training import training_state
 from ckptview.cli import add_path_command, print_json
 from ckptview.present.text import dtype_name, human_bytes, human_count, shape_text, text_table
 from ckptview.readers.model import Checkpoint
@@ -19,6 +20,8 @@ def add_commands(subparsers: Any) -> None:
     add_path_command(subparsers, "info", "format, size, sections and totals of a checkpoint").set_defaults(func=info)
     add_path_command(subparsers, "tensors", "every tensor: name, shape, dtype, parameters, size").set_defaults(func=tensors)
     add_path_command(subparsers, "scan", "list the code (pickle imports) a file wants to run; exit 3 if any").set_defaults(func=scan)
+    add_path_command(subparsers, "training", "optimizer groups and state by parameter name, schedulers, progress, "
+                                             "hyper-parameters").set_defaults(func=training)
 
 
 def info_data(ckpt: Checkpoint) -> dict[str, Any]:
@@ -42,6 +45,8 @@ def info_data(ckpt: Checkpoint) -> dict[str, Any]:
         "needs_code": needs_code(ckpt),
         "pickle_imports": [{"name": imp.name, "count": imp.count} for imp in ckpt.pickle_imports],
         "details": ckpt.details,
+        "modules": [{"name": m.name, "class_path": m.class_path, "parameters": list(m.parameters),
+                     "buffers": list(m.buffers)} for m in pickled_modules(ckpt)],
     }
 
 
@@ -52,6 +57,12 @@ def needs_code(ckpt: Checkpoint) -> bool:
 def info(args: argparse.Namespace) -> int:
     with ckptview.open(args.path, trust=args.trust) as ckpt:
         data = info_data(ckpt)
+        if ckpt.format == "torchscript" and args.trust:
+            from ckptview.readers.torchscript import describe_script_module
+
+            script = describe_script_module(ckpt)
+            data["script_modules"] = [{"name": name, "type": kind} for name, kind in script.modules]
+            data["forward_code"] = script.forward_code
     if args.json:
         print_json(data)
         return 0
@@ -71,6 +82,14 @@ def info(args: argparse.Namespace) -> int:
     print()
     rows = [(s["kind"], s["name"], s["tensor_count"], s["explanation"]) for s in data["sections"]]
     print(text_table(rows, ("section", "path", "tensors", "what it is"), align_right=(2,)))
+    if data["modules"]:
+        print("\nwhole pickled module (classes named by the pickle, not imported):")
+        print(text_table([(m["name"] or "<root>", m["class_path"], ", ".join(m["parameters"] + m["buffers"]))
+                          for m in data["modules"]], ("module", "class", "tensors")))
+    if "script_modules" in data:
+        print("\nTorchScript modules:")
+        print(text_table([(m["name"], m["type"]) for m in data["script_modules"]], ("module", "type")))
+        print("\nforward:\n" + data["forward_code"])
     return 0
 
 
@@ -123,3 +142,44 @@ def scan(args: argparse.Namespace) -> int:
             print(f"{ckpt.path}: needs no foreign code ({ckpt.format}); safe to load with torch.load(weights_only=True)"
                   if ckpt.format.startswith("torch") else f"{ckpt.path}: needs no foreign code ({ckpt.format})")
     return EXIT_NEEDS_CODE if verdict else 0
+
+
+def training(args: argparse.Namespace) -> int:
+    with ckptview.open(args.path, trust=args.trust) as ckpt:
+        state = training_state(ckpt)
+    if args.json:
+        print_json({
+            "optimizers": [{
+                "path": list(opt.path), "optimizer": opt.optimizer_kind, "mapping": opt.mapping, "mapping_note": opt.mapping_note,
+                "groups": [{"index": g.index, "lr": g.lr, "params": len(g.param_ids), **g.options} for g in opt.groups],
+                "params": [{"id": p.param_id, "name": p.name, "group": p.group, "step": p.step,
+                            "state": {k: {"shape": list(shape), "dtype": dtype} for k, (shape, dtype) in p.tensors.items()}}
+                           for p in opt.params],
+            } for opt in state.optimizers],
+            "schedulers": list(state.schedulers), "grad_scaler": state.grad_scaler, "progress": state.progress,
+            "hyper_parameters": state.hyper_parameters, "lightning": state.lightning,
+        })
+        return 0
+    if state.progress:
+        print("progress    " + ", ".join(f"{k}={v}" for k, v in state.progress.items()))
+    if state.lightning:
+        print(f"lightning   version {state.lightning['version']}, epoch {state.lightning['epoch']}, "
+              f"global_step {state.lightning['global_step']}, callbacks: {', '.join(state.lightning['callbacks']) or 'none'}")
+    for opt in state.optimizers:
+        print(f"\noptimizer at {'.'.join(map(str, opt.path))}: {opt.optimizer_kind}; {opt.mapping_note}")
+        print(text_table([(g.index, g.lr, len(g.param_ids), ", ".join(f"{k}={v}" for k, v in g.options.items()
+                                                                        if k in ("betas", "eps", "weight_decay", "momentum")))
+                          for g in opt.groups], ("group", "lr", "params", "options"), align_right=(2,)))
+        print()
+        print(text_table([(p.param_id, p.name or "?", p.step if p.step is not None else "",
+                           ", ".join(f"{k} {shape_text(shape)}" for k, (shape, _) in p.tensors.items()))
+                          for p in opt.params], ("id", "parameter", "step", "state")))
+    for scheduler in state.schedulers:
+        print("\nscheduler   " + ", ".join(f"{k}={v}" for k, v in scheduler.items() if not str(k).startswith("_")))
+    if state.grad_scaler:
+        print("\ngrad scaler " + ", ".join(f"{k}={v}" for k, v in state.grad_scaler.items()))
+    for name, values in state.hyper_parameters.items():
+        print(f"\n{name}: {values}")
+    if not (state.optimizers or state.progress or state.hyper_parameters or state.schedulers):
+        print("no training state: the checkpoint holds weights only")
+    return 0

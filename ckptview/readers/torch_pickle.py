@@ -12,6 +12,7 @@ import os
 import pickle
 import struct
 import zipfile
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -75,9 +76,10 @@ def zip_prefix(names: list[str], marker: str) -> str | None:
     return None
 
 
-def member_data_offset(source: FileSource, info: zipfile.ZipInfo, size: int) -> int:
-    """Where a stored member's bytes start: after its local header, whose extra field varies."""
-    header = source.read(info.header_offset, _LOCAL_HEADER.size) if info.header_offset + 30 <= size else b""
+def member_data_offset(source: FileSource, info: zipfile.ZipInfo, size: int, base_offset: int = 0) -> int:
+    """Where a stored member's bytes start in `source`: after its local header, whose extra field varies."""
+    header_at = base_offset + info.header_offset
+    header = source.read(header_at, _LOCAL_HEADER.size) if header_at + _LOCAL_HEADER.size <= size else b""
     if len(header) < _LOCAL_HEADER.size:
         raise TruncatedCheckpointError(source.path, f"archive member {info.filename} starts beyond the end of the "
                                                     "file: it was cut off. Copy it again.")
@@ -85,7 +87,7 @@ def member_data_offset(source: FileSource, info: zipfile.ZipInfo, size: int) -> 
     if signature != b"PK\x03\x04":
         raise CorruptCheckpointError(source.path, f"archive member {info.filename} has a damaged local header: "
                                                   "the file was corrupted. Copy it again or re-save it.")
-    return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+    return header_at + _LOCAL_HEADER.size + name_len + extra_len
 
 
 def is_torchscript_archive(names: list[str], prefix: str) -> bool:
@@ -95,53 +97,73 @@ def is_torchscript_archive(names: list[str], prefix: str) -> bool:
 
 def read_torch_zip(path: str, size: int, *, trust: bool) -> Checkpoint:
     """A torch.save zip archive, or a TorchScript archive (format "torchscript")."""
+    source = FileSource(path)
     archive = _open_zip(path, size)
     with archive:
-        names = archive.namelist()
-        prefix = zip_prefix(names, "data.pkl")
-        if prefix is None:
-            from ckptview.readers.sniff import SUPPORTED
+        parsed = parse_torch_zip(archive, path, source, size)
+    format_name = "torchscript" if is_torchscript_archive(parsed.names, parsed.prefix) else "torch-zip"
+    details: dict[str, Any] = {"archive_prefix": parsed.prefix.rstrip("/"), "byteorder": parsed.byteorder,
+                               "members": len(parsed.names)}
+    script_classes = parsed.unpickler.script_classes()
+    if script_classes:
+        details["script_classes"] = script_classes
+        details["code_files"] = sorted(n[len(parsed.prefix):] for n in parsed.names
+                                       if n.startswith(parsed.prefix + "code/") and n.endswith(".py"))
+    return Checkpoint(path, format_name, parsed.root, file_size=size, sources=[source],
+                      pickle_imports=parsed.unpickler.pickle_imports(), trust=trust, details=details)
 
-            sample = ", ".join(names[:5]) + (" …" if len(names) > 5 else "")
-            raise UnsupportedFormatError(path, f"a zip archive, but not one written by torch.save (no data.pkl; it "
-                                               f"holds {sample or 'nothing'}); {SUPPORTED}.")
-        byteorder = "little"
-        if prefix + "byteorder" in names:
-            byteorder = _read_member(archive, path, prefix + "byteorder").decode("ascii", "replace").strip() or "little"
-        source = FileSource(path)
-        members = {info.filename: info for info in archive.infolist()}
 
-        def storage_for(dtype: torch.dtype, key: str, location: str, numel: int, view_metadata: Any) -> Storage:
-            member = f"{prefix}data/{key}"
-            info = members.get(member)
-            if info is None:
-                raise CorruptCheckpointError(path, f"data.pkl refers to storage {key!r} but the archive has no "
-                                                   f"member {member}: the file is incomplete. Re-save it.")
-            nbytes = numel * dtype.itemsize
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise UnsupportedFormatError(path, f"archive member {member} is compressed; torch.save never "
-                                                   "compresses, so the file was re-zipped. Unzip and re-zip it with "
-                                                   "`zip -0` (store only), or re-save it with torch.save.")
-            if info.file_size < nbytes:
-                raise CorruptCheckpointError(path, f"storage {key!r} should hold {nbytes:,} bytes but its archive "
-                                                   f"member has {info.file_size:,}: the file is damaged. Re-save it.")
-            offset = member_data_offset(source, info, size)
-            if offset + nbytes > size:
-                raise TruncatedCheckpointError(path, f"storage {key!r} runs to byte {offset + nbytes:,} but the file "
-                                                     f"ends at {size:,}: it was cut off. Copy it again.")
-            return Storage(key=key, source=source, offset=offset, nbytes=nbytes, location=location, byteorder=byteorder)
+@dataclass
+class ParsedZip:
+    root: Any
+    unpickler: SafeUnpickler
+    names: list[str]
+    prefix: str
+    byteorder: str
 
-        data = _read_member(archive, path, prefix + "data.pkl")
-        root, unpickler = unpickle(data, path, "its data.pkl", storage_for)
-        format_name = "torchscript" if is_torchscript_archive(names, prefix) else "torch-zip"
-        details = {"archive_prefix": prefix.rstrip("/"), "byteorder": byteorder, "members": len(names)}
-        if unpickler.script_classes():
-            details["script_classes"] = unpickler.script_classes()
-            details["code_files"] = sorted(n[len(prefix):] for n in names if n.startswith(prefix + "code/") and n.endswith(".py"))
-        if prefix + ".format_version" in names:
-            details["format_version"] = _read_member(archive, path, prefix + ".format_version").decode("ascii", "replace").strip()
-    return Checkpoint(path, format_name, root, file_size=size, sources=[source],
-                      pickle_imports=unpickler.pickle_imports(), trust=trust, details=details)
+
+def parse_torch_zip(archive: zipfile.ZipFile, path: str, source: FileSource, size: int, base_offset: int = 0) -> ParsedZip:
+    """
+    Parse the data.pkl of a torch zip whose bytes start at `base_offset` of `source` (0 for a file;
+    DCP embeds one torch.save archive per item inside its .distcp files).
+    """
+    names = archive.namelist()
+    prefix = zip_prefix(names, "data.pkl")
+    if prefix is None:
+        from ckptview.readers.sniff import SUPPORTED
+
+        sample = ", ".join(names[:5]) + (" …" if len(names) > 5 else "")
+        raise UnsupportedFormatError(path, f"a zip archive, but not one written by torch.save (no data.pkl; it "
+                                           f"holds {sample or 'nothing'}); {SUPPORTED}.")
+    byteorder = "little"
+    if prefix + "byteorder" in names:
+        byteorder = _read_member(archive, path, prefix + "byteorder").decode("ascii", "replace").strip() or "little"
+    members = {info.filename: info for info in archive.infolist()}
+
+    def storage_for(dtype: torch.dtype, key: str, location: str, numel: int, view_metadata: Any) -> Storage:
+        member = f"{prefix}data/{key}"
+        info = members.get(member)
+        if info is None:
+            raise CorruptCheckpointError(path, f"data.pkl refers to storage {key!r} but the archive has no "
+                                               f"member {member}: the file is incomplete. Re-save it.")
+        nbytes = numel * dtype.itemsize
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise UnsupportedFormatError(path, f"archive member {member} is compressed; torch.save never "
+                                               "compresses, so the file was re-zipped. Unzip and re-zip it with "
+                                               "`zip -0` (store only), or re-save it with torch.save.")
+        if info.file_size < nbytes:
+            raise CorruptCheckpointError(path, f"storage {key!r} should hold {nbytes:,} bytes but its archive "
+                                               f"member has {info.file_size:,}: the file is damaged. Re-save it.")
+        offset = member_data_offset(source, info, size, base_offset)
+        if offset + nbytes > size:
+            raise TruncatedCheckpointError(path, f"storage {key!r} runs to byte {offset + nbytes:,} but the file "
+                                                 f"ends at {size:,}: it was cut off. Copy it again.")
+        return Storage(key=f"{base_offset}:{key}" if base_offset else key, source=source, offset=offset,
+                       nbytes=nbytes, location=location, byteorder=byteorder)
+
+    data = _read_member(archive, path, prefix + "data.pkl")
+    root, unpickler = unpickle(data, path, "its data.pkl", storage_for)
+    return ParsedZip(root, unpickler, names, prefix, byteorder)
 
 
 def read_pickle_stream(path: str, size: int, *, trust: bool) -> Checkpoint:

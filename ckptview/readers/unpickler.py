@@ -10,8 +10,10 @@ file names is imported or called, so a malicious pickle is listed, not run.
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickle
+import collections
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -20,8 +22,6 @@ import torch
 
 from ckptview.readers.model import PickledObject, PickleImport, Storage, TensorInfo
 
-# Python 2 era pickles name builtins differently; map them the way pickle's fix_imports does.
-_RENAMED_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 
 class StorageType:
@@ -192,6 +192,10 @@ def _build_allow_list() -> dict[str, Any]:
         "builtins.complex": complex,
         "builtins.bytearray": bytearray,
         "builtins.slice": slice,
+        # plain types named as values (config objects record the type of a field) or used as factories
+        **{f"builtins.{t.__name__}": t for t in (dict, list, tuple, int, float, str, bytes, bool)},
+        "collections.defaultdict": collections.defaultdict,
+        "collections.deque": collections.deque,
         "_codecs.encode": _encode,
         "torch.Size": tuple,
         "torch.device": lambda *args: str(torch.device(*args)),
@@ -281,7 +285,11 @@ class SafeUnpickler(pickle.Unpickler):
         self._stand_ins: dict[str, type[PickledObject]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        module = _RENAMED_MODULES.get(module, module)
+        # Python 2 era names (__builtin__.long, copy_reg), mapped as pickle's fix_imports does
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        else:
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         full_name = f"{module}.{name}"
         allowed = _allowed()
         if full_name in allowed:

@@ -1,0 +1,152 @@
+"""
+`torch.distributed.checkpoint` directories: a `.metadata` pickle describing every item, and
+`*.distcp` files holding one `torch.save` archive per item. The metadata is parsed with the same
+allow-listed unpickler as any checkpoint (DCP's own reader would `pickle.load` it), and each
+item's archive is parsed in place: tensor bytes stay in the .distcp files until asked for.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from typing import Any
+
+import torch
+
+from ckptview.errors import CorruptCheckpointError, ShardError
+from ckptview.readers.model import Checkpoint, FileSource, PickledObject, TensorInfo
+from ckptview.readers.torch_pickle import parse_torch_zip, unpickle
+
+_DCP_MODULES = ("torch.distributed.checkpoint.", "pathlib.")  # DCP's own metadata classes, not foreign code
+
+
+class _FileWindow(io.RawIOBase):
+    """A read-only view of bytes [start, start + length) of a file, so zipfile can parse an embedded archive."""
+
+    def __init__(self, source: FileSource, start: int, length: int) -> None:
+        self._source, self._start, self._length, self._position = source, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        count = max(0, min(len(buffer), self._length - self._position))
+        if count:
+            self._source.read_into(memoryview(buffer)[:count], self._start + self._position)
+        self._position += count
+        return count
+
+
+def _field(obj: Any, name: str, position: int | None = None) -> Any:
+    """A dataclass field of a stand-in: from its state dict, or from a tuple state (TensorProperties)."""
+    if isinstance(obj, PickledObject):
+        attributes = obj.attributes
+        if name in attributes:
+            return attributes[name]
+        if position is not None and isinstance(obj.state, tuple) and len(obj.state) > position:
+            return obj.state[position]
+    return None
+
+
+def read_dcp(path: str, *, trust: bool) -> Checkpoint:
+    metadata_path = os.path.join(path, ".metadata")
+    with open(metadata_path, "rb") as stream:
+        metadata, unpickler = unpickle(stream, metadata_path, "its .metadata")
+    items = _field(metadata, "state_dict_metadata")
+    storage_data = _field(metadata, "storage_data")
+    if not isinstance(items, dict) or not isinstance(storage_data, dict):
+        raise CorruptCheckpointError(metadata_path, "this .metadata does not describe a torch.distributed.checkpoint "
+                                                    "(no state_dict_metadata/storage_data). Re-save the checkpoint.")
+    planner = _field(metadata, "planner_data") or {}
+    locations: dict[str, list[tuple[Any, Any]]] = {}
+    for index, info in storage_data.items():
+        locations.setdefault(str(_field(index, "fqn")), []).append((_field(index, "offset"), info))
+
+    sources: dict[str, FileSource] = {}
+    root: dict[Any, Any] = {}
+    for fqn, item in items.items():
+        value = _read_item(path, str(fqn), item, locations.get(str(fqn), []), sources)
+        _insert(root, planner.get(fqn) if isinstance(planner, dict) else None, str(fqn), value)
+
+    imports = [imp for imp in unpickler.pickle_imports() if not imp.name.startswith(_DCP_MODULES)]
+    size = sum(os.path.getsize(s.path) for s in sources.values()) + os.path.getsize(metadata_path)
+    return Checkpoint(path, "torch-dcp", root, file_size=size, sources=list(sources.values()), pickle_imports=imports,
+                      trust=trust, details={"files": sorted(os.path.basename(p) for p in sources)})
+
+
+def _source(path: str, relative: str, sources: dict[str, FileSource]) -> FileSource:
+    full = os.path.join(path, relative)
+    if full not in sources:
+        if not os.path.isfile(full):
+            raise ShardError(path, f"data file {relative} named by .metadata is missing: copy the whole checkpoint "
+                                   "directory.")
+        sources[full] = FileSource(full)
+    return sources[full]
+
+
+def _read_item(path: str, fqn: str, item: Any, locations: list[tuple[Any, Any]], sources: dict[str, FileSource]) -> Any:
+    """A tensor item as TensorInfo (bytes left in place), a bytes item as its unpickled value."""
+    is_tensor = type(item).class_path.endswith("TensorStorageMetadata") if isinstance(item, PickledObject) else False
+    if is_tensor:
+        shape = tuple(int(d) for d in _field(item, "size") or ())
+        dtype = _field(_field(item, "properties"), "dtype", 0)
+        dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+        chunks = _field(item, "chunks") or []
+        if len(chunks) != 1 or len(locations) != 1:
+            return TensorInfo(shape=shape, dtype=dtype, storage=None, layout="unsupported",
+                              note=f"saved in {len(chunks)} chunks by several ranks; consolidate it with "
+                                   "torch.distributed.checkpoint.format_utils.dcp_to_torch_save")
+    if not locations:
+        raise CorruptCheckpointError(path, f"item {fqn!r} has no storage location in .metadata: re-save it.")
+    info = locations[0][1]
+    relative, start, length = _field(info, "relative_path"), int(_field(info, "offset")), int(_field(info, "length"))
+    if _field(info, "transform_descriptors"):
+        return TensorInfo(shape=(), dtype=torch.uint8, storage=None, layout="unsupported",
+                          note="stored with transforms (compression); load it with torch.distributed.checkpoint")
+    source = _source(path, str(relative), sources)
+    file_size = os.path.getsize(source.path)
+    if start + length > file_size:
+        raise CorruptCheckpointError(source.path, f"item {fqn!r} runs to byte {start + length:,} but the file ends at "
+                                                  f"{file_size:,}: it was cut off. Copy the checkpoint again.")
+    try:
+        archive = zipfile.ZipFile(_FileWindow(source, start, length))
+    except zipfile.BadZipFile as exc:
+        raise CorruptCheckpointError(source.path, f"item {fqn!r} at byte {start:,} is not a torch.save archive: the "
+                                                  "file is damaged. Re-save the checkpoint.") from exc
+    with archive:
+        parsed = parse_torch_zip(archive, source.path, source, file_size, base_offset=start)
+    return parsed.root
+
+
+def _insert(root: dict[Any, Any], keys: Any, fqn: str, value: Any) -> None:
+    """Place an item at its nested position (DCP's planner_data), so sections see {"model": {...}, "optim": {...}}."""
+    if not isinstance(keys, (list, tuple)) or not keys:
+        root[fqn] = value
+        return
+    node: Any = root
+    for key, following in zip(keys[:-1], keys[1:]):
+        container: Any = [] if isinstance(following, int) else {}
+        if isinstance(node, list):
+            while len(node) <= key:
+                node.append(None)
+            node[key] = node[key] if node[key] is not None else container
+            node = node[key]
+        else:
+            node = node.setdefault(key, container)
+    last = keys[-1]
+    if isinstance(node, list):
+        while len(node) <= last:
+            node.append(None)
+    node[last] = value
