@@ -40,7 +40,11 @@ class DemoCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn1(self.conv1(x)))
-        for block in (*self.layer1, *self.layer2):
+        # Two plain loops, not one over both stages: TorchScript (the teaching notebook scripts it) can iterate
+        # an nn.Sequential but not a tuple of modules.
+        for block in self.layer1:
+            x = x + block(x)
+        for block in self.layer2:
             x = x + block(x)
         return self.fc(self.pool(x).flatten(1))
 
