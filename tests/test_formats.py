@@ -1,0 +1,411 @@
+"""Every checkpoint people have: training dicts, Lightning, sharded sets, TorchScript, whole modules, DCP."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import ckptview
+from ckptview.analyzers.sections import find_sections, model_state_dict, pickled_modules
+from ckptview.analyzers.training import training_state
+from ckptview.cli import main
+from ckptview.errors import ModelBuildError, UntrustedCodeError
+from ckptview.readers.torchscript import describe_script_module
+from ckptview.readers.trusted import load_module
+from conftest import SmallCNN, train_a_few_steps
+from test_open import flatten
+from test_safety import RunsACommand
+
+
+def kinds(ckpt: ckptview.Checkpoint) -> dict[str, str]:
+    return {s.name: s.kind for s in find_sections(ckpt)}
+
+
+# --- sections ------------------------------------------------------------------------------------
+
+def test_training_dict_sections(tmp_path: Path, trained_cnn: SmallCNN) -> None:
+    optimizer = train_a_few_steps(trained_cnn, steps=1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    scaler = torch.amp.GradScaler("cpu")
+    ema = {k: v.clone() for k, v in trained_cnn.state_dict().items()}
+    path = tmp_path / "train.pt"
+    torch.save({"model_state_dict": trained_cnn.state_dict(), "model_ema": ema, "optimizer_state_dict": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": 12, "best_acc1": 0.71,
+                "args": {"lr": 0.1, "arch": "cnn"}, "git_sha": "abc123"}, path)
+    with ckptview.open(path) as ckpt:
+        assert kinds(ckpt) == {"model_state_dict": "state_dict", "model_ema": "ema_state_dict",
+                               "optimizer_state_dict": "optimizer", "scheduler": "scheduler", "scaler": "grad_scaler",
+                               "epoch": "progress", "best_acc1": "progress", "args": "hyper_parameters",
+                               "git_sha": "metadata"}
+        counts = {s.name: s.tensor_count for s in find_sections(ckpt)}
+        assert counts["model_state_dict"] == counts["model_ema"] == len(trained_cnn.state_dict())
+        assert list(model_state_dict(ckpt)) == list(trained_cnn.state_dict())
+        state = training_state(ckpt)
+        assert state.progress == {"epoch": 12, "best_acc1": 0.71}
+        assert state.hyper_parameters == {"args": {"lr": 0.1, "arch": "cnn"}}
+        assert state.schedulers[0]["step_size"] == 1 and state.grad_scaler["growth_factor"] == 2.0
+
+
+def test_nested_model_state_dict_is_found(tmp_path: Path, trained_cnn: SmallCNN) -> None:
+    path = tmp_path / "nested.pth"
+    torch.save({"model": {"state_dict": trained_cnn.state_dict(), "name": "cnn"}, "meta": {"epoch": 3}}, path)
+    with ckptview.open(path) as ckpt:
+        assert kinds(ckpt)["model.state_dict"] == "state_dict"
+        assert list(model_state_dict(ckpt)) == list(trained_cnn.state_dict())
+
+
+def test_bare_state_dict_is_one_section(cnn_state_dict_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", "--json", str(cnn_state_dict_path)]) == 0
+    sections = json.loads(capsys.readouterr().out)["sections"]
+    assert [(s["kind"], s["path"], s["tensor_count"]) for s in sections] == [("state_dict", [], 14)]  # SmallCNN: 14 tensors
+
+
+# --- optimizer state mapped to names -------------------------------------------------------------
+
+@pytest.mark.parametrize("optimizer_class", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD])
+@pytest.mark.parametrize("named", [False, True], ids=["ids", "param_names"])
+def test_optimizer_state_maps_to_parameter_names(tmp_path: Path, cnn: SmallCNN, optimizer_class: type, named: bool) -> None:
+    params = cnn.named_parameters() if named else cnn.parameters()
+    kwargs = {"momentum": 0.9} if optimizer_class is torch.optim.SGD else {}
+    optimizer = optimizer_class(params, lr=0.01, **kwargs)
+    cnn(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "opt.pt"
+    torch.save({"model": cnn.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    with ckptview.open(path) as ckpt:
+        (opt,) = training_state(ckpt).optimizers
+    names = [name for name, _ in cnn.named_parameters()]
+    assert [p.name for p in opt.params] == names
+    assert opt.mapping == ("param_names" if named else "order")
+    shapes = dict((n, tuple(p.shape)) for n, p in cnn.named_parameters())
+    moment = "momentum_buffer" if optimizer_class is torch.optim.SGD else "exp_avg"
+    assert all(p.tensors[moment][0] == shapes[p.name] for p in opt.params)
+    assert opt.groups[0].lr == 0.01
+    assert opt.optimizer_kind == ("SGD with momentum" if optimizer_class is torch.optim.SGD else "Adam/AdamW")
+
+
+def test_frozen_layers_mapped_by_order_and_shape(tmp_path: Path, cnn: SmallCNN) -> None:
+    for parameter in cnn.conv1.parameters():
+        parameter.requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in cnn.parameters() if p.requires_grad])
+    cnn(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "frozen.pt"
+    torch.save({"state_dict": cnn.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    with ckptview.open(path) as ckpt:
+        (opt,) = training_state(ckpt).optimizers
+    assert opt.mapping == "order+shape"
+    assert [p.name for p in opt.params] == [n for n, p in cnn.named_parameters() if p.requires_grad]
+
+
+def test_optimizer_of_another_model_is_reported(tmp_path: Path, cnn: SmallCNN) -> None:
+    other = nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 2))
+    optimizer = torch.optim.Adam(other.parameters())
+    other(torch.randn(1, 5)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "mixed.pt"
+    torch.save({"state_dict": cnn.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    with ckptview.open(path) as ckpt:
+        (opt,) = training_state(ckpt).optimizers
+    assert opt.mapping == "failed" and "cannot map" in opt.mapping_note
+    assert all(p.name is None for p in opt.params)
+
+
+# --- Lightning -----------------------------------------------------------------------------------
+
+lightning = pytest.importorskip("lightning", reason="the test extra installs lightning")
+
+
+class LitClassifier(lightning.LightningModule):
+    def __init__(self, hidden: int = 8, extra: object = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = nn.Sequential(nn.Linear(4, hidden), nn.BatchNorm1d(hidden), nn.Linear(hidden, 2))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self) -> dict:
+        optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1)}
+
+
+def _lightning_checkpoint(tmp_path: Path, extra: object) -> Path:
+    import argparse  # noqa: F401 - the hyper-parameters hold an argparse.Namespace
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    trainer = lightning.Trainer(max_steps=2, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                                enable_model_summary=False, accelerator="cpu", enable_checkpointing=True)
+    trainer.fit(LitClassifier(extra=extra), torch.utils.data.DataLoader(data, batch_size=8))
+    path = tmp_path / "lit.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_lightning_checkpoint(tmp_path: Path) -> None:
+    import argparse
+
+    from omegaconf import OmegaConf
+
+    marker = tmp_path / "lightning-pwned"
+    extra = {"ns": argparse.Namespace(depth=3, name="x"), "cfg": OmegaConf.create({"opt": {"lr": 0.1}}),
+             "payload": RunsACommand(marker)}
+    path = _lightning_checkpoint(tmp_path, extra)
+    reference = torch.load(path, weights_only=False)  # trusted: we wrote it (this runs the payload)
+    marker.unlink()
+    with ckptview.open(path) as ckpt:
+        assert {e.name: e.shape for e in ckpt.tensors()} == {n: tuple(t.shape) for n, t in flatten(reference).items()}
+        assert kinds(ckpt)["state_dict"] == "state_dict" and kinds(ckpt)["optimizer_states.0"] == "optimizer"
+        assert kinds(ckpt)["hyper_parameters"] == "hyper_parameters" and kinds(ckpt)["loops"] == "loops"
+        state = training_state(ckpt)
+        assert state.lightning["version"] == lightning.__version__
+        assert state.lightning["global_step"] == 2 and state.lightning["callbacks"][0].startswith("ModelCheckpoint")
+        assert "fit_loop" in state.lightning["loops"]
+        hparams = state.hyper_parameters["hyper_parameters"]
+        assert hparams["hidden"] == 8
+        assert hparams["extra"]["ns"] == {"__class__": "argparse.Namespace", "depth": 3, "name": "x"}
+        assert hparams["extra"]["cfg"] == {"opt": {"lr": 0.1}}
+        (opt,) = state.optimizers
+        assert [p.name for p in opt.params][:2] == ["model.0.weight", "model.0.bias"]
+        assert state.schedulers[0]["step_size"] == 1
+        assert "posix.system" in {imp.name for imp in ckpt.pickle_imports}
+    assert not marker.exists()
+
+
+# --- sharded sets --------------------------------------------------------------------------------
+
+def _shard(state: dict[str, torch.Tensor], folder: Path, shards: int, kind: str) -> Path:
+    names = list(state)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for index in range(shards):
+        suffix = "safetensors" if kind == "safetensors" else "bin"
+        stem = "model" if kind == "safetensors" else "pytorch_model"
+        file = f"{stem}-{index + 1:05d}-of-{shards:05d}.{suffix}"
+        part = {n: state[n].contiguous() for n in names[index * per:(index + 1) * per]}
+        save_file(part, folder / file) if kind == "safetensors" else torch.save(part, folder / file)
+        weight_map.update({n: file for n in part})
+    index_name = "model.safetensors.index.json" if kind == "safetensors" else "pytorch_model.bin.index.json"
+    (folder / index_name).write_text(json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map}))
+    return folder / index_name
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_sharded_set_is_one_checkpoint(tmp_path: Path, trained_cnn: SmallCNN, kind: str) -> None:
+    state = trained_cnn.state_dict()
+    index = _shard(state, tmp_path, 3, kind)
+    for path in (index, tmp_path):
+        with ckptview.open(path) as ckpt:
+            assert ckpt.format == ("safetensors-sharded" if kind == "safetensors" else "torch-sharded")
+            assert [e.name for e in ckpt.tensors()] == list(state)
+            for entry in ckpt.tensors():
+                assert torch.equal(entry.load(), state[entry.name])
+            assert ckpt.details["problems"] == []
+
+
+def test_weight_map_pointing_at_absent_tensor_is_reported(tmp_path: Path, trained_cnn: SmallCNN) -> None:
+    index = _shard(trained_cnn.state_dict(), tmp_path, 2, "safetensors")
+    data = json.loads(index.read_text())
+    data["weight_map"]["head.extra.weight"] = "model-00001-of-00002.safetensors"
+    index.write_text(json.dumps(data))
+    with ckptview.open(index) as ckpt:
+        assert ckpt.details["missing_tensors"] == ["head.extra.weight (index says model-00001-of-00002.safetensors)"]
+        assert "1 weight_map entries point to tensors absent from their shard" in ckpt.details["problems"][0]
+
+
+def _sparse_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]]) -> int:
+    """A real safetensors header with the data region left as a hole: GBs that take no disk."""
+    header, offset = {}, 0
+    sizes = {"BF16": 2, "F32": 4}
+    for name, (dtype, shape) in tensors.items():
+        nbytes = sizes[dtype] * int(torch.tensor(shape).prod())
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as stream:
+        stream.write(len(raw).to_bytes(8, "little") + raw)
+        stream.truncate(8 + len(raw) + offset)
+    return offset
+
+
+def test_hundred_gigabyte_sparse_sharded_set_opens(tmp_path: Path) -> None:
+    """A 100 GB set (sparse files) opens from headers only; bench/sharded_bench.py times it."""
+    hidden, layers, shards = 8192, 80, 20
+    weight_map, total = {}, 0
+    for shard in range(shards):
+        file = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
+        tensors = {}
+        for layer in range(shard * layers // shards, (shard + 1) * layers // shards):
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                tensors[f"model.layers.{layer}.self_attn.{proj}.weight"] = ("BF16", [hidden, hidden])
+            for proj, shape in (("gate_proj", [28672, hidden]), ("up_proj", [28672, hidden]), ("down_proj", [hidden, 28672])):
+                tensors[f"model.layers.{layer}.mlp.{proj}.weight"] = ("BF16", shape)
+        total += _sparse_safetensors(tmp_path / file, tensors)
+        weight_map.update({name: file for name in tensors})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with ckptview.open(tmp_path) as ckpt:
+        assert ckpt.total_bytes == total > 100e9
+        assert ckpt.tensor_count == len(weight_map) == 560
+        assert ckpt.tensor("model.layers.79.mlp.down_proj.weight").shape == (hidden, 28672)
+
+
+# --- TorchScript ---------------------------------------------------------------------------------
+
+class Scriptable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_listed_without_loading_and_described_with_trust(tmp_path: Path, how: str) -> None:
+    torch.manual_seed(0)
+    model = Scriptable().eval()
+    scripted = torch.jit.script(model) if how == "script" else torch.jit.trace(model, torch.randn(1, 3, 8, 8))
+    path = tmp_path / f"{how}.pt"
+    torch.jit.save(scripted, path)
+    reference = torch.jit.load(path).state_dict()
+    with ckptview.open(path) as ckpt:
+        assert ckpt.format == "torchscript"
+        assert {e.name: e.shape for e in ckpt.tensors()} == {n: tuple(t.shape) for n, t in reference.items()}
+        for entry in ckpt.tensors():
+            assert torch.equal(entry.load(), reference[entry.name])
+        assert kinds(ckpt) == {"<root>": "torchscript"}
+        assert ckpt.pickle_imports == () and any(f.startswith("code/__torch__/torch/nn/modules/conv") for f in ckpt.details["code_files"])
+        with pytest.raises(UntrustedCodeError, match="trust=True"):
+            describe_script_module(ckpt)
+    with ckptview.open(path, trust=True) as ckpt:
+        summary = describe_script_module(ckpt)
+        assert [name for name, _ in summary.modules] == ["<root>", "conv", "bn", "fc"]
+        assert "def forward" in summary.forward_code
+
+
+def test_torchscript_archive_with_malicious_pickle_is_not_run(tmp_path: Path) -> None:
+    path = tmp_path / "script.pt"
+    torch.jit.save(torch.jit.script(Scriptable()), path)
+    marker = tmp_path / "ts-pwned"
+    import pickle
+
+    evil = pickle.dumps({"payload": RunsACommand(marker)}, protocol=2)
+    with zipfile.ZipFile(path) as archive:
+        members = {n: archive.read(n) for n in archive.namelist()}
+    members[next(n for n in members if n.endswith("/data.pkl"))] = evil
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    with ckptview.open(path) as ckpt:
+        assert [imp.name for imp in ckpt.pickle_imports] == ["posix.system"]
+    assert not marker.exists()
+
+
+# --- whole pickled modules -----------------------------------------------------------------------
+
+def test_whole_module_listed_without_class_and_loaded_with_trust(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = tmp_path / "userlib"
+    package.mkdir()
+    (package / "__init__.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class Block(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 4, 3)
+                self.bn = nn.BatchNorm2d(4)
+
+            def forward(self, x):
+                return self.bn(self.conv(x))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import userlib
+
+    model = nn.Sequential(userlib.Block(), nn.Flatten())
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)
+
+    with ckptview.open(path) as ckpt:
+        assert [e.name for e in ckpt.tensors()] == list(model.state_dict())
+        assert kinds(ckpt) == {"<root>": "module"}
+        assert [(m.name, m.class_path) for m in pickled_modules(ckpt)] == [
+            ("", "torch.nn.modules.container.Sequential"), ("0", "userlib.Block"),
+            ("0.conv", "torch.nn.modules.conv.Conv2d"), ("0.bn", "torch.nn.modules.batchnorm.BatchNorm2d"),
+            ("1", "torch.nn.modules.flatten.Flatten")]
+        with pytest.raises(UntrustedCodeError, match="userlib.Block"):
+            load_module(ckpt)
+    with ckptview.open(path, trust=True) as ckpt:
+        loaded = load_module(ckpt)
+        x = torch.randn(1, 3, 8, 8)
+        assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+    monkeypatch.delitem(sys.modules, "userlib")
+    monkeypatch.syspath_prepend(str(tmp_path / "elsewhere"))
+    os.rename(package, tmp_path / "moved")
+    with ckptview.open(path, trust=True) as ckpt, pytest.raises(ModelBuildError) as raised:
+        load_module(ckpt)
+    assert "userlib" in str(raised.value) and "torch.save(model.state_dict())" in str(raised.value)
+
+
+def test_whole_module_payload_not_run(tmp_path: Path) -> None:
+    marker = tmp_path / "module-pwned"
+    model = nn.Linear(2, 2)
+    model.hook = RunsACommand(marker)  # an attribute that runs a command when unpickled
+    path = tmp_path / "evil_module.pt"
+    torch.save(model, path)
+    with ckptview.open(path) as ckpt:
+        assert [e.name for e in ckpt.tensors()] == ["weight", "bias"]
+        assert "posix.system" in {imp.name for imp in ckpt.pickle_imports}
+    assert not marker.exists()
+
+
+# --- torch.distributed.checkpoint ----------------------------------------------------------------
+
+def test_dcp_directory_listing_equals_dcp_reader(tmp_path: Path, trained_cnn: SmallCNN) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    optimizer = train_a_few_steps(trained_cnn, steps=1)
+    state = {"model": trained_cnn.state_dict(), "optim": optimizer.state_dict(), "epoch": 4}
+    folder = tmp_path / "dcp"
+    dcp.save(state, checkpoint_id=str(folder))
+    dcp_to_torch_save(str(folder), str(tmp_path / "consolidated.pt"))
+    reference = flatten(torch.load(tmp_path / "consolidated.pt", weights_only=False))
+    with ckptview.open(folder) as ckpt:
+        assert ckpt.format == "torch-dcp" and not ckpt.needs_trust
+        assert {e.name: e.shape for e in ckpt.tensors()} == {n: tuple(t.shape) for n, t in reference.items()}
+        for entry in ckpt.tensors():
+            assert torch.equal(entry.load(), reference[entry.name])
+        assert kinds(ckpt) == {"model": "state_dict", "optim": "optimizer", "epoch": "progress"}
+        (opt,) = training_state(ckpt).optimizers
+        assert [p.name for p in opt.params] == [n for n, _ in trained_cnn.named_parameters()]
+
+
+def test_dcp_metadata_payload_not_run(tmp_path: Path) -> None:
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "dcp"
+    dcp.save({"w": torch.ones(3)}, checkpoint_id=str(folder))
+    marker = tmp_path / "dcp-pwned"
+    metadata = (folder / ".metadata").read_bytes()
+    (folder / ".metadata").write_bytes(pickle.dumps(RunsACommand(marker)) + metadata)
+    with pytest.raises(ckptview.CkptviewError):
+        ckptview.open(folder)  # the leading pickle is not DCP metadata: refused, not run
+    assert not marker.exists()
