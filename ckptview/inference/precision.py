@@ -156,6 +156,7 @@ def compare_precisions(
     seed: int = DEFAULT_SEED,
     warmup: int = 1,
     repeats: int = 5,
+    top_k: int = 5,
     progress: Progress | None = None,
 ) -> PrecisionComparison:
     """
@@ -169,8 +170,8 @@ def compare_precisions(
     Args:
         source, model, model_kwargs, trust, device: as for `run_inference`.
         precisions: any of "fp32", "fp16", "bf16", "int8".
-        input, input_shape, seed, warmup, repeats, progress: as for `run_model`. A float input
-            is cast to each precision's dtype.
+        input, input_shape, seed, warmup, repeats, top_k, progress: as for `run_model`. A float
+            input is cast to each precision's dtype.
 
     Returns:
         A `PrecisionComparison`; `to_frame()` has latency, size and deviation per precision.
@@ -196,7 +197,7 @@ def compare_precisions(
         reference: InferenceResult | None = None
         for number, precision in enumerate(ordered):
             step = _step_progress(progress, number, len(ordered), precision)
-            row = _run_precision(base, precision, loaded.device, args, warmup, repeats, step, reference)
+            row = _run_precision(base, precision, loaded.device, args, spec, warmup, repeats, top_k, step, reference)
             if precision == Precision.FP32:
                 if row.result is None:
                     raise CkptviewError(None, f"the fp32 reference run did not work: {row.status}")
@@ -214,7 +215,7 @@ def _step_progress(progress: Progress | None, number: int, count: int, precision
 
 
 def _run_precision(model: nn.Module, precision: Precision, device: torch.device, args: tuple[Any, ...],
-                   warmup: int, repeats: int, progress: Progress | None,
+                   spec: InputSpec, warmup: int, repeats: int, top_k: int, progress: Progress | None,
                    reference: InferenceResult | None) -> PrecisionRow:
     run_device = torch.device("cpu") if precision == Precision.INT8 else device
     unsupported = _unsupported(model, precision, run_device)
@@ -227,7 +228,7 @@ def _run_precision(model: nn.Module, precision: Precision, device: torch.device,
     cast = tuple(_cast_input(a, precision.dtype, run_device) for a in args)
     try:
         result = run_model(variant, list(cast) if len(cast) > 1 else cast[0], device=run_device,
-                           warmup=warmup, repeats=repeats, top_k=5, progress=progress)
+                           warmup=warmup, repeats=repeats, top_k=top_k, progress=progress)
     except CkptviewError as exc:
         if precision == Precision.FP32:
             raise
@@ -236,6 +237,8 @@ def _run_precision(model: nn.Module, precision: Precision, device: torch.device,
         if variant is not model:
             _free(run_device)
     deviation = None if reference is None else deviation_between(reference.output, result.output)
+    # run_model saw a given tensor; the spec says where it came from (and its dtype in this precision).
+    result = replace(result, input=replace(spec, dtype=cast[0].dtype if isinstance(cast[0], torch.Tensor) else spec.dtype))
     return PrecisionRow(precision, str(run_device), "ok", _size_bytes(variant), result, deviation)
 
 
