@@ -22,6 +22,7 @@ from ckptview.analyzers.table import tensor_table
 from ckptview.analyzers.tree import module_tree
 from ckptview.analyzers.doctor import doctor
 from ckptview.analyzers.valuediff import diff
+from ckptview.inference import available_devices, compare_checkpoints, compare_precisions, load_model, run_inference
 
 __version__ = "0.1.0"
 
@@ -44,6 +45,11 @@ __all__ = [
     "explore",
     "diff",
     "doctor",
+    "run_inference",
+    "compare_precisions",
+    "compare_checkpoints",
+    "load_model",
+    "available_devices",
 ]
 
 
