@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckptview.analyzers.doctor import Diagnosis, diagnose
-from ckptview.analyzers.sections import model_section, model_state_dict
+from ckptview.analyzers.doctor import Diagnosis, doctor
+from ckptview.analyzers.sections import model_section
 from ckptview.errors import ModelBuildError, UntrustedCodeError
 from ckptview.inference.devices import resolve_device
 from ckptview.model_source import ModelSpec, build_model, meta_twin
@@ -209,7 +209,7 @@ def _checkpoint_state(checkpoint: Checkpoint, model: nn.Module) -> tuple[dict[st
     Values are readers, not tensors: the caller reads one tensor at a time, so at most one tensor
     beyond the model is in memory.
     """
-    diagnosis = diagnose(model_state_dict(checkpoint), model, section=model_section(checkpoint))
+    diagnosis = doctor(checkpoint, model)
     fixed = diagnosis.fixed_state_dict()
     expected = model.state_dict(keep_vars=True)
     after = diagnosis.after
