@@ -120,6 +120,7 @@ def _build(ckpt: Checkpoint) -> TensorTable:
     sections = sorted(find_sections(ckpt), key=lambda s: -len(s.path))
     storage_users = Counter(entry.storage_key for entry in entries if entry.storage_key is not None)
 
+    section_names = {id(section): section.name for section in sections}
     located: list[tuple[TensorEntry, Section | None, tuple[Any, ...]]] = []
     modules: dict[tuple[str, str], dict[str, TensorEntry]] = defaultdict(dict)
     for entry in entries:
@@ -128,7 +129,7 @@ def _build(ckpt: Checkpoint) -> TensorTable:
         located.append((entry, section, relative))
         if section is not None and section.kind in MODEL_SECTION_KINDS:
             module, _, leaf = _relative_name(relative, entry).rpartition(".")
-            modules[(section.name, module)][leaf] = entry
+            modules[(section_names[id(section)], module)][leaf] = entry
 
     kinds = {key: infer_layer_kind(key[1], leaves) for key, leaves in modules.items()}
 
@@ -137,7 +138,7 @@ def _build(ckpt: Checkpoint) -> TensorTable:
     for entry, section, relative in located:
         identity = view_identity(entry.info)
         tied_to = first_name.setdefault(identity, entry.name)
-        section_name = section.name if section is not None else ""
+        section_name = section_names[id(section)] if section is not None else ""
         module, _, leaf = _relative_name(relative, entry).rpartition(".")
         kind, detail = kinds.get((section_name, module), ("", ""))
         rows.append(TensorRow(
@@ -175,7 +176,9 @@ def _build(ckpt: Checkpoint) -> TensorTable:
 
 def _relative_name(relative: tuple[Any, ...], entry: TensorEntry) -> str:
     # State-dict keys are themselves dotted ("layer1.0.conv1.weight" is one key), so join then split.
-    return ".".join(str(part) for part in relative) if relative else entry.name
+    if len(relative) == 1 and isinstance(relative[0], str):
+        return relative[0]
+    return ".".join(map(str, relative)) if relative else entry.name
 
 
 def _section_of(path: tuple[Any, ...], sections: Sequence[Section]) -> Section | None:

@@ -96,34 +96,29 @@ class _Builder:
         self.nbytes = 0
         self.count = 0
         self.kinds: dict[str, int] = {}
-        self.leaves: list[str] = []
+        self.leaves: list[tuple[str, tuple[int, ...], Any]] = []
         self.signature: Any = None
 
 
 def build_tree(table: TensorTable, fold_repeats: bool = True) -> ModuleTree:
     """The module tree of a tensor table (what `module_tree` returns; exposed for tables built elsewhere)."""
     root = _Builder()
-    shapes: dict[int, list[tuple[str, tuple[int, ...], str]]] = {}
     for row in table.rows:
-        parts = row.name.split(".")
-        counted = not row.tied_to
+        *modules, leaf = row.name.split(".")
         node = root
-        chain = [root]
-        for part in parts[:-1]:
+        for part in modules:
             child = node.children.get(part)
             if child is None:
                 child = node.children[part] = _Builder()
             node = child
-            chain.append(node)
-        node.leaves.append(parts[-1])
-        for depth, member in enumerate(chain):
-            member.count += 1
-            if counted:
-                member.numel += row.numel
-                member.nbytes += row.nbytes
-                if row.layer_kind:
-                    member.kinds[row.layer_kind] = member.kinds.get(row.layer_kind, 0) + row.numel
-            shapes.setdefault(id(member), []).append((".".join(parts[depth:]), row.shape, str(row.dtype)))
+        node.leaves.append((leaf, row.shape, row.dtype))
+        node.count += 1
+        if not row.tied_to:
+            node.numel += row.numel
+            node.nbytes += row.nbytes
+            if row.layer_kind:
+                node.kinds[row.layer_kind] = node.kinds.get(row.layer_kind, 0) + row.numel
+    _total(root)
     total = root.numel or 1
 
     def freeze(name: str, path: str, node: _Builder) -> TreeNode:
@@ -134,9 +129,8 @@ def build_tree(table: TensorTable, fold_repeats: bool = True) -> ModuleTree:
             key, child = items[index]
             run = 1
             if fold_repeats and key.isdigit():
-                signature = shapes[id(child)]
-                while (index + run < len(items) and items[index + run][0].isdigit()
-                       and int(items[index + run][0]) == int(key) + run and shapes[id(items[index + run][1])] == signature):
+                while (index + run < len(items) and items[index + run][0] == str(int(key) + run)
+                       and items[index + run][1].signature == child.signature):
                     run += 1
             child_path = f"{path}.{key}" if path else key
             frozen = freeze(key, child_path, child)
@@ -156,9 +150,22 @@ def build_tree(table: TensorTable, fold_repeats: bool = True) -> ModuleTree:
             kids.append(frozen)
             index += run
         return TreeNode(name, path, node.numel, node.nbytes, node.numel / total, node.count, _ordered(node.kinds),
-                        tuple(kids), 1, tuple(node.leaves))
+                        tuple(kids), 1, tuple(leaf for leaf, _, _ in node.leaves))
 
     return ModuleTree(freeze("", "", root))
+
+
+def _total(node: _Builder) -> None:
+    """Add each subtree's totals into its root and give it a signature: its leaves and its children's signatures."""
+    for child in node.children.values():
+        _total(child)
+        node.numel += child.numel
+        node.nbytes += child.nbytes
+        node.count += child.count
+        for kind, n in child.kinds.items():
+            node.kinds[kind] = node.kinds.get(kind, 0) + n
+    # Two blocks fold together when their tensors have the same names, shapes and dtypes.
+    node.signature = (tuple(node.leaves), tuple((key, child.signature) for key, child in node.children.items()))
 
 
 def _ordered(kinds: dict[str, int]) -> tuple[str, ...]:

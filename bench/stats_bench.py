@@ -1,0 +1,157 @@
+"""
+How fast are per-tensor statistics? On a ~2 GB LLM-shaped bfloat16 state dict (327 tensors, a
+few with NaN/Inf), side by side in one run:
+
+- ckptview.stats (streamed in chunks, threads over tensors),
+- the obvious alternative: torch.load(weights_only=True), then a loop computing the same
+  statistics with torch (finite mask, min, max, mean, std, abs-max, L2, zeros, NaN/Inf, histogram),
+- the raw read limit: reading the file in 16 MB blocks,
+
+with a warm page cache and a cold one (posix_fadvise(DONTNEED) before each run), plus the
+extra anonymous memory (RssAnon growth) of each, and the tensor table + module tree of a
+20,000-tensor file. Each measurement runs in a fresh subprocess so memory figures are its own.
+
+    python bench/stats_bench.py [--dir /tmp/somewhere] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from llm_fixture import drop_page_cache, make_llm_checkpoint, make_many_tensors  # noqa: E402
+
+# Each snippet prints {"seconds": ..., "extra_anon_mb": ...}. A thread samples RssAnon every 2 ms
+# (anonymous memory only: the page cache the reads go through is not the process's memory).
+_PRELUDE = r"""
+import json, sys, threading, time
+import torch, ckptview
+path = sys.argv[1]
+def anon_mb():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("RssAnon:")) / 1024
+base = anon_mb()
+peak = [base]
+done = threading.Event()
+def sample():
+    while not done.wait(0.002):
+        peak[0] = max(peak[0], anon_mb())
+threading.Thread(target=sample, daemon=True).start()
+start = time.perf_counter()
+"""
+_REPORT = r"""
+seconds = time.perf_counter() - start
+done.set()
+peak[0] = max(peak[0], anon_mb())
+print(json.dumps({"seconds": seconds, "extra_anon_mb": peak[0] - base}))
+"""
+METHODS = {
+    "raw read (16 MB blocks)": r"""
+buffer = bytearray(16 << 20)
+view = memoryview(buffer)
+with open(path, "rb", buffering=0) as f:
+    while f.readinto(view):
+        pass
+""",
+    "ckptview.stats": r"""
+with ckptview.open(path) as ckpt:
+    result = ckptview.stats(ckpt, progress=False)
+assert sum(t.nan_count for t in result.tensors) > 0
+""",
+    "torch.load + loop": r"""
+state = torch.load(path, weights_only=True)
+rows = {}
+for name, tensor in state.items():
+    x = tensor.float().reshape(-1)
+    finite = x[torch.isfinite(x)]
+    low, high = finite.min(), finite.max()
+    rows[name] = dict(min=float(low), max=float(high), mean=float(finite.double().mean()),
+                      std=float(finite.double().std()), abs_max=float(finite.abs().max()),
+                      l2=float(finite.double().norm()), zeros=float((x == 0).sum()) / x.numel(),
+                      nan=int(torch.isnan(x).sum()), posinf=int((x == float("inf")).sum()),
+                      neginf=int((x == -float("inf")).sum()), hist=torch.histc(finite, 64, float(low), float(high)))
+assert sum(r["nan"] for r in rows.values()) > 0
+""",
+}
+_TABLE_TREE = r"""
+import json, sys, time
+import ckptview
+path = sys.argv[1]
+t0 = time.perf_counter()
+ckpt = ckptview.open(path)
+ckpt.tensors()
+t1 = time.perf_counter()
+table = ckptview.tensor_table(ckpt)
+t2 = time.perf_counter()
+tree = ckptview.module_tree(ckpt)
+t3 = time.perf_counter()
+print(json.dumps({"open": t1 - t0, "table": t2 - t1, "tree": t3 - t2, "rows": len(table.rows),
+                  "folded": [(n.name, n.repeat) for n in tree.root.children[0].children[0].children][:3]}))
+"""
+
+
+def run(code: str, path: Path) -> dict[str, float]:
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(path: Path, method: str, *, cold: bool, repeat: int) -> dict[str, float]:
+    runs = []
+    for _ in range(repeat):
+        if cold:
+            drop_page_cache(path)
+        runs.append(run(_PRELUDE + METHODS[method] + _REPORT, path))
+    return {"seconds": statistics.median(r["seconds"] for r in runs),
+            "extra_anon_mb": max(r["extra_anon_mb"] for r in runs)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", help="where to write the files (default: a temp dir, removed afterwards)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per fast method (median); torch.load+loop runs once")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        t0 = time.perf_counter()
+        llm = make_llm_checkpoint(Path(tmp) / "llm.pt")
+        many = make_many_tensors(Path(tmp) / "many.pt")
+        size = llm.stat().st_size
+        print(f"wrote {llm.name} ({size / 2**30:.2f} GiB) and {many.name} in {time.perf_counter() - t0:.0f}s; "
+              f"{os.cpu_count()} CPUs, torch threads {__import__('torch').get_num_threads()}\n")
+
+        results: dict[tuple[str, str], dict[str, float]] = {}
+        for cache in ("warm", "cold"):
+            if cache == "warm":
+                run(_PRELUDE + METHODS["raw read (16 MB blocks)"] + _REPORT, llm)  # fill the page cache
+            for method in METHODS:
+                repeat = 1 if method.startswith("torch") else args.repeat
+                results[(cache, method)] = measure(llm, method, cold=cache == "cold", repeat=repeat)
+
+        print(f"{'cache':<6} {'method':<26} {'seconds':>8} {'GB/s':>7} {'extra anon':>11} {'vs torch.load+loop':>19} "
+              f"{'% of raw read':>14}")
+        for (cache, method), r in results.items():
+            ours = results[(cache, "ckptview.stats")]["seconds"]
+            raw = results[(cache, "raw read (16 MB blocks)")]["seconds"]
+            speedup = f"{r['seconds'] / ours:.1f}x slower" if method.startswith("torch") else ""
+            share = f"{raw / r['seconds']:.0%}" if method == "ckptview.stats" else ""
+            print(f"{cache:<6} {method:<26} {r['seconds']:>8.3f} {size / r['seconds'] / 1e9:>7.2f} "
+                  f"{r['extra_anon_mb']:>9.0f}MB {speedup:>19} {share:>14}")
+
+        timings = [run(_TABLE_TREE, many) for _ in range(args.repeat)]
+        best = {key: min(t[key] for t in timings) for key in ("open", "table", "tree")}
+        print(f"\n20,000-tensor file ({timings[0]['rows']:,} rows): open {best['open']:.3f}s, tensor_table "
+              f"{best['table']:.3f}s, module_tree {best['tree']:.3f}s, table+tree {best['table'] + best['tree']:.3f}s "
+              f"(best of {args.repeat}); folded {timings[0]['folded']}")
+
+
+if __name__ == "__main__":
+    main()
