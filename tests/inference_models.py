@@ -123,3 +123,17 @@ def saved_on(location: str) -> Iterator[None]:
         yield
     finally:
         _LOCATIONS.pop()
+
+
+class TiedLM(nn.Module):
+    """A language model whose output layer shares the embedding matrix (weight tying, as GPT-2 does)."""
+
+    def __init__(self, vocab: int = 40, dim: int = 12) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.tokens.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.tokens(ids))))

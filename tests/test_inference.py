@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from inference_models import BNCNN, MLP, BrokenMLP, TinyTransformer, make_cnn, make_mlp, saved_on, trained
+from inference_models import BNCNN, MLP, BrokenMLP, TiedLM, TinyTransformer, make_cnn, make_mlp, saved_on, trained
 from torch import nn
 
 import ckptview
@@ -144,6 +144,18 @@ def test_user_module_is_left_untouched(cnn_path: Path, cnn: BNCNN) -> None:
     assert torch.equal(result.output, direct(cnn, seeded((2, 3, 16, 16))))
     assert result.model_source == "instance"
     assert mine.training and all(torch.equal(before[k], v) for k, v in mine.state_dict().items())
+
+
+def test_tied_weights_are_read_once_and_stay_shared(tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    model = TiedLM().eval()
+    path = tmp_path / "tied.pt"
+    torch.save(model.state_dict(), path)
+    with ckptview.open(path) as ckpt:
+        loaded = load_model(ckpt, TiedLM, device=CPU)
+    assert loaded.model.head.weight.data_ptr() == loaded.model.tokens.weight.data_ptr()
+    ids, _ = make_input(model, (2, 5))
+    assert torch.equal(run_model(loaded.model, ids).output, direct(model, ids))
 
 
 # --- load report through the doctor --------------------------------------------------------------

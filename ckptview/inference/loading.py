@@ -26,7 +26,7 @@ from ckptview.analyzers.sections import model_section
 from ckptview.errors import ModelBuildError, UntrustedCodeError
 from ckptview.inference.devices import resolve_device
 from ckptview.model_source import ModelSpec, build_model, meta_twin
-from ckptview.readers.model import Checkpoint
+from ckptview.readers.model import Checkpoint, view_identity
 
 
 
@@ -206,15 +206,22 @@ def _checkpoint_state(checkpoint: Checkpoint, model: nn.Module) -> tuple[dict[st
     The checkpoint's state dict as the load doctor repairs it (prefixes, renames, tied weights,
     transposes, ...), keyed by the model's names, and the load report.
 
-    Values are readers, not tensors: the caller reads one tensor at a time, so at most one tensor
-    beyond the model is in memory.
+    Values are readers, not tensors, so the caller decides when each tensor is read. Names that
+    view the same stored tensor (tied weights) share one reader, so it is read once.
     """
     diagnosis = doctor(checkpoint, model)
     fixed = diagnosis.fixed_state_dict()
     expected = model.state_dict(keep_vars=True)
     after = diagnosis.after
     mismatched = {m.key for m in after.shape_mismatches}
-    readers = {key: partial(fixed.__getitem__, key) for key in fixed if key in expected and key not in mismatched}
+    readers: dict[str, Callable[[], torch.Tensor]] = {}
+    shared: dict[Any, Callable[[], torch.Tensor]] = {}
+    for key in fixed:
+        if key not in expected or key in mismatched:
+            continue
+        entry = fixed.entry(key)
+        identity = (view_identity(entry.info), fixed.spec(key)) if entry is not None else key
+        readers[key] = shared.setdefault(identity, partial(fixed.__getitem__, key))
     applied = tuple(f"{fix.kind}: {fix.description}" for fix in diagnosis.fixes
                     if fix.applicable and fix.code and fix.kind != "section" and not diagnosis.ok)
     report = WeightsReport(
@@ -239,12 +246,19 @@ def _read(read: Callable[[], torch.Tensor], like: torch.Tensor, device: torch.de
 def _assign_weights(model: nn.Module, checkpoint: Checkpoint, device: torch.device, *,
                     like: nn.Module | None = None) -> tuple[WeightsReport, tuple[str, ...]]:
     """
-    Load into a model whose tensors are on meta: each one is read and assigned on `device`.
-    Tensors the checkpoint does not fill are taken from `like` (the user's module) when given.
+    Load into a model whose tensors are on meta: each one is read, put on `device` and assigned,
+    so the tensors read are the model's memory (one copy). Tensors the checkpoint does not fill
+    are taken from `like` (the user's module) when given.
     """
     matched, report = _checkpoint_state(checkpoint, model)
     expected = model.state_dict(keep_vars=True)
-    state = {name: _read(read, expected[name], device) for name, read in matched.items()}
+    state: dict[str, torch.Tensor] = {}
+    read_once: dict[int, torch.Tensor] = {}
+    for name, read in matched.items():
+        if id(read) not in read_once:
+            read_once[id(read)] = _read(read, expected[name], device)
+        state[name] = read_once[id(read)]  # tied names get the very same tensor: one copy, still tied in memory
+    del read_once
     try:
         model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:
@@ -260,15 +274,19 @@ def _assign_weights(model: nn.Module, checkpoint: Checkpoint, device: torch.devi
 
 
 def _copy_weights(model: nn.Module, checkpoint: Checkpoint) -> WeightsReport:
-    """Load into a model that already has real tensors: values are copied in, the tensors stay where they are."""
+    """
+    Load into a model that already has real tensors: values are copied in, the tensors stay where
+    they are. One tensor at a time, through load_state_dict (so modules' own load hooks run), so
+    memory holds the model plus one tensor.
+    """
     matched, report = _checkpoint_state(checkpoint, model)
     device = module_device(model) or torch.device("cpu")
     expected = model.state_dict(keep_vars=True)
-    state = {name: _read(read, expected[name], device) for name, read in matched.items()}
-    try:
-        model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise ModelBuildError(checkpoint.path, f"load_state_dict failed: {exc}") from exc
+    for name, read in matched.items():
+        try:
+            model.load_state_dict({name: _read(read, expected[name], device)}, strict=False)
+        except RuntimeError as exc:
+            raise ModelBuildError(checkpoint.path, f"load_state_dict failed for {name}: {exc}") from exc
     return report
 
 
