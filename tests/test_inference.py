@@ -200,6 +200,14 @@ def test_whole_pickled_module_needs_trust_then_matches(tmp_path: Path, cnn: BNCN
     assert torch.equal(result.output, direct(cnn, seeded((1, 3, 16, 16))))
 
 
+def test_pickled_module_inside_a_training_checkpoint(tmp_path: Path, cnn: BNCNN) -> None:
+    path = tmp_path / "train.pt"
+    torch.save({"epoch": 4, "model": cnn, "optimizer": torch.optim.SGD(cnn.parameters(), lr=0.1).state_dict()}, path)
+    result = run_inference(path, trust=True, input_shape=(1, 3, 16, 16), device=CPU)
+    assert result.model_source == "module"
+    assert torch.equal(result.output, direct(cnn, seeded((1, 3, 16, 16))))
+
+
 @pytest.mark.parametrize("how", ["script", "trace"])
 def test_torchscript_needs_trust_then_matches(tmp_path: Path, cnn: BNCNN, how: str) -> None:
     x = seeded((1, 3, 16, 16))

@@ -1,14 +1,17 @@
 """
 A runnable model from a checkpoint: the module the file holds (a whole pickled `nn.Module` or a
 TorchScript archive, both only with trust), or a user's `nn.Module` / factory with the
-checkpoint's weights loaded into it.
+checkpoint's weights loaded into it through the load doctor (`ckptview.doctor`), whose fixes
+(prefixes, renames, tied weights, ...) are applied and reported.
 
 Weights go straight from the file to the target device. A model built from a factory is built on
 the `meta` device (no memory, no random init) and each parameter is then *assigned* the tensor
 read from the file, already on the target device, so RAM never holds a randomly initialised copy
-next to the real one (`load_state_dict(assign=True)`). Tensors are read by ckptview's own reader,
-which ignores the device they were saved on, so a checkpoint saved on `cuda:7` loads on a
-CPU-only machine.
+next to the real one (`load_state_dict(assign=True)`). A user's module is never modified: its
+meta twin (`model_source.meta_twin`) receives the weights. Tensors are read by ckptview's own
+reader, which ignores the device they were saved on (the `map_location` of `torch.load`), so a
+checkpoint saved on `cuda:7` loads on a CPU-only machine; pickled modules load on the CPU first
+for the same reason.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ckptview.errors import ModelBuildError, UntrustedCodeError
 from ckptview.inference.devices import resolve_device
 from ckptview.model_source import ModelSpec, build_model, meta_twin
 from ckptview.readers.model import Checkpoint, view_identity
+from ckptview.readers.trusted import load_pickled_object
 
 
 
@@ -173,7 +177,7 @@ def _load_whole_model(checkpoint: Checkpoint, device: torch.device) -> LoadedMod
                 "Open it with trust=True (or --trust) if you trust the file, or give the model "
                 "(model=MyNet() or 'package.module:factory') to load only its weights.",
             )
-        return LoadedModel(_torch_load_module(checkpoint, section.path, device), "module", device, None)
+        return LoadedModel(_pickled_module(checkpoint, section.path, device), "module", device, None)
     raise ModelBuildError(
         checkpoint.path,
         "the checkpoint holds only weights (a state dict), not the model's code: give the model as an "
@@ -182,21 +186,16 @@ def _load_whole_model(checkpoint: Checkpoint, device: torch.device) -> LoadedMod
     )
 
 
-def _torch_load_module(checkpoint: Checkpoint, path: tuple[Any, ...], device: torch.device) -> nn.Module:
-    try:
-        # weights_only=False runs the file's pickled code; the caller has checked checkpoint.trust.
-        # map_location puts every storage on `device`, whatever device it was saved from.
-        obj = torch.load(checkpoint.path, weights_only=False, map_location=device)
-    except Exception as exc:  # unpickling runs arbitrary code, which may raise anything
-        raise ModelBuildError(checkpoint.path, f"torch.load could not rebuild the pickled module: "
-                                               f"{type(exc).__name__}: {exc}. Its class must be importable "
-                                               "here under the same module path it was saved from.") from exc
+def _pickled_module(checkpoint: Checkpoint, path: tuple[Any, ...], device: torch.device) -> nn.Module:
+    """The module the pickle holds at `path` (the root, or e.g. checkpoint["model"]), moved to `device`."""
+    # Loads on the CPU whatever device the file names, so a module saved on cuda:7 loads anywhere.
+    obj = load_pickled_object(checkpoint)
     for key in path:
         obj = obj[key] if isinstance(obj, (Mapping, list, tuple)) else getattr(obj, key)
     if not isinstance(obj, nn.Module):
         raise ModelBuildError(checkpoint.path, f"expected an nn.Module at {'.'.join(map(str, path)) or 'the root'}, "
                                                f"found {type(obj).__name__}")
-    return obj
+    return obj.to(device)
 
 
 # --- loading weights -----------------------------------------------------------------------------
