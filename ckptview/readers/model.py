@@ -467,6 +467,16 @@ def _read_elements(info: TensorInfo, name: str, first: int, count: int, out: tor
 
 
 def load_tensor(info: TensorInfo, name: str) -> torch.Tensor:
+    try:
+        return _load_tensor(info, name)
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        # torch refusing the sizes, strides or quantizer the file describes: the file is at fault
+        source = info.storage.source.path if info.storage is not None else None
+        raise TensorDataError(source, f"tensor {name!r} cannot be rebuilt from what the file says "
+                                      f"({str(exc).splitlines()[0][:200]}): the file is damaged. Re-save it.") from exc
+
+
+def _load_tensor(info: TensorInfo, name: str) -> torch.Tensor:
     if info.layout == "meta":
         return torch.empty_strided(info.shape, info.stride, dtype=info.dtype, device="meta")
     if info.layout == "quantized":
@@ -490,22 +500,24 @@ def _load_quantized(info: TensorInfo, name: str) -> torch.Tensor:
     int_dtype = {torch.qint8: torch.int8, torch.quint8: torch.uint8, torch.qint32: torch.int32}.get(info.dtype)
     if int_dtype is None or info.quantizer is None:
         raise TensorDataError(None, f"tensor {name!r} uses quantized dtype {info.dtype}, which ckptview cannot load")
-    raw = load_tensor(replace(info, dtype=int_dtype, layout="strided"), name)
+    raw = _load_tensor(replace(info, dtype=int_dtype, layout="strided"), name)
     scheme = info.quantizer[0]
     if scheme in ("per_tensor_affine", "per_tensor_symmetric"):
         return torch._make_per_tensor_quantized_tensor(raw, float(info.quantizer[1]), int(info.quantizer[2]))
     scales, zero_points, axis = info.quantizer[1], info.quantizer[2], info.quantizer[3]
-    scales = load_tensor(scales, name + ".scales") if isinstance(scales, TensorInfo) else torch.as_tensor(scales)
-    zero_points = load_tensor(zero_points, name + ".zero_points") if isinstance(zero_points, TensorInfo) else torch.as_tensor(zero_points)
+    scales = _load_tensor(scales, name + ".scales") if isinstance(scales, TensorInfo) else torch.as_tensor(scales)
+    zero_points = _load_tensor(zero_points, name + ".zero_points") if isinstance(zero_points, TensorInfo) else torch.as_tensor(zero_points)
     return torch._make_per_channel_quantized_tensor(raw, scales, zero_points, int(axis))
 
 
 def _load_sparse(info: TensorInfo, name: str) -> torch.Tensor:
-    parts = {key: load_tensor(part, f"{name}.{key}") for key, part in (info.components or {}).items()}
+    parts = {key: _load_tensor(part, f"{name}.{key}") for key, part in (info.components or {}).items()}
     if info.layout == "sparse_coo":
-        return torch.sparse_coo_tensor(parts["indices"], parts["values"], info.shape)
+        # invariants checked: a sparse tensor with out-of-range indices would read outside its memory
+        return torch.sparse_coo_tensor(parts["indices"], parts["values"], info.shape, check_invariants=True)
     if info.layout == "sparse_csr":
-        return torch.sparse_csr_tensor(parts["crow_indices"], parts["col_indices"], parts["values"], info.shape)
+        return torch.sparse_csr_tensor(parts["crow_indices"], parts["col_indices"], parts["values"], info.shape,
+                                       check_invariants=True)
     raise TensorDataError(None, f"tensor {name!r} has sparse layout {info.layout}, which ckptview cannot load")
 
 

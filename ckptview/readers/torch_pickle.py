@@ -27,7 +27,8 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra-fiel
 
 # What the C unpickler and our stand-ins raise on a malformed pickle; all become one clear error.
 PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError,
-                 IndexError, struct.error, UnicodeDecodeError, RecursionError, MemoryError, ImportError)
+                 IndexError, struct.error, UnicodeDecodeError, RecursionError, MemoryError, ImportError,
+                 OverflowError, SystemError)
 
 
 def unpickle(data: bytes | io.BufferedIOBase, path: str, what: str, storage_for: Any = None) -> tuple[Any, SafeUnpickler]:
@@ -52,7 +53,8 @@ def _open_zip(path: str, size: int) -> zipfile.ZipFile:
             path, f"the zip archive has no end-of-archive directory (the file is {size:,} bytes): it was cut off "
                   "while copying, downloading or saving. Copy it again or re-save it with torch.save.",
         ) from exc
-    except (OSError, EOFError, ValueError, struct.error) as exc:
+    except (OSError, EOFError, ValueError, struct.error, NotImplementedError) as exc:
+        # NotImplementedError: zipfile's answer to a damaged "version needed" field
         raise CorruptCheckpointError(path, f"the zip archive's directory is damaged ({exc}). Re-save it with torch.save.") from exc
 
 

@@ -78,12 +78,16 @@ def _rebuild_tensor_v3(storage: Any, storage_offset: int, size: Any, stride: Any
 def _strided(storage: Any, storage_offset: int, size: Any, stride: Any, dtype: torch.dtype | None, requires_grad: Any = False) -> TensorInfo:
     if not isinstance(storage, _StorageRef):
         raise pickle.UnpicklingError(f"a tensor refers to {type(storage).__name__}, not to a storage")
+    shape, strides, offset = _as_tuple(size), _as_tuple(stride), int(storage_offset)
+    if len(shape) != len(strides) or min((*shape, *strides, offset), default=0) < 0:
+        raise pickle.UnpicklingError(f"a tensor has size {list(shape)}, stride {list(strides)} and offset {offset}, "
+                                     "which do not describe a tensor")
     return TensorInfo(
-        shape=_as_tuple(size),
-        dtype=dtype or storage.dtype,
+        shape=shape,
+        dtype=dtype if isinstance(dtype, torch.dtype) else storage.dtype,
         storage=storage.storage,
-        storage_offset=int(storage_offset),
-        stride=_as_tuple(stride),
+        storage_offset=offset,
+        stride=strides,
         requires_grad=bool(requires_grad),
     )
 
@@ -97,6 +101,8 @@ def _rebuild_parameter(data: Any, requires_grad: Any = True, *_: Any) -> Any:
 def _rebuild_qtensor(storage: Any, storage_offset: int, size: Any, stride: Any, quantizer_params: Any, requires_grad: Any = False, *_: Any) -> TensorInfo:
     info = _strided(storage, storage_offset, size, stride, None, requires_grad)
     scheme, *params = quantizer_params
+    if len(params) != (2 if "per_tensor" in str(scheme) else 3):
+        raise pickle.UnpicklingError(f"quantized tensor with scheme {scheme} has {len(params)} parameters")
     return info.with_flags(layout="quantized", quantizer=(str(scheme).replace("torch.", ""), *params))
 
 
@@ -152,6 +158,17 @@ def _rebuild_device_tensor_from_cpu_tensor(data: Any, dtype: Any, device: Any, r
     return data
 
 
+def _bytes_source(data: Any = b"", encoding: str | None = None, *_: Any) -> bytes | bytearray:
+    # bytes(n) / bytearray(n) allocate n zero bytes: a 16-byte pickle could ask for terabytes
+    if isinstance(data, (bytes, bytearray)):
+        return data
+    if isinstance(data, str):
+        return data.encode(encoding or "latin1")
+    if isinstance(data, (list, tuple)) and all(isinstance(b, int) for b in data):
+        return bytes(data)
+    raise pickle.UnpicklingError(f"bytes/bytearray from {type(data).__name__} is not accepted")
+
+
 def _encode(text: str, encoding: str = "latin1") -> bytes:
     # protocol 2 pickles bytes as _codecs.encode(str, "latin1"); refuse every other use
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
@@ -190,10 +207,11 @@ def _build_allow_list() -> dict[str, Any]:
         "builtins.set": set,
         "builtins.frozenset": frozenset,
         "builtins.complex": complex,
-        "builtins.bytearray": bytearray,
+        "builtins.bytearray": lambda *args: bytearray(_bytes_source(*args)),
         "builtins.slice": slice,
         # plain types named as values (config objects record the type of a field) or used as factories
-        **{f"builtins.{t.__name__}": t for t in (dict, list, tuple, int, float, str, bytes, bool)},
+        **{f"builtins.{t.__name__}": t for t in (dict, list, tuple, int, float, str, bool)},
+        "builtins.bytes": lambda *args: bytes(_bytes_source(*args)),
         "collections.defaultdict": collections.defaultdict,
         "collections.deque": collections.deque,
         "_codecs.encode": _encode,
