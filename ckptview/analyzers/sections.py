@@ -115,9 +115,12 @@ def _kind_of(key: Any, node: Any) -> str | None:
     return None
 
 
+_MAX_SECTION_DEPTH = 16  # sections sit near the root; deeper nesting is data, not structure
+
+
 def _classify(node: Any, path: tuple[Any, ...], out: list[Section], *, top: bool) -> None:
     children = children_of(node)
-    if children is None:
+    if children is None or len(path) > _MAX_SECTION_DEPTH:
         return
     for key, child in children:
         child_path = path + (key,)
