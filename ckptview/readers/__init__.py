@@ -15,7 +15,7 @@ from ckptview.errors import (
     CorruptCheckpointError,
     UnsupportedFormatError,
 )
-from ckptview.readers.model import Checkpoint, PickledObject, PickleImport, TensorEntry, TensorInfo
+from ckptview.readers.model import Checkpoint, PickledObject, PickleImport, TensorEntry, TensorInfo, gc_paused
 from ckptview.readers.sniff import (
     EMPTY_ZIP_MAGIC,
     SUPPORTED,
@@ -45,7 +45,8 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Che
     if stat.S_ISDIR(info.st_mode):
         from ckptview.readers.directory import open_directory
 
-        return open_directory(path, trust=trust)
+        with gc_paused():
+            return open_directory(path, trust=trust)
     if not stat.S_ISREG(info.st_mode):
         raise UnsupportedFormatError(path, "not a regular file (a device, socket or pipe); give the path of a "
                                            "checkpoint file")
@@ -57,7 +58,8 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Che
                                               "permissions (chmod/chown) or copy it somewhere readable") from exc
     except OSError as exc:
         raise CkptviewError(path, f"cannot read it: {exc.strerror or exc}") from exc
-    return _open_file(path, head, info.st_size, trust=trust)
+    with gc_paused():
+        return _open_file(path, head, info.st_size, trust=trust)
 
 
 def _open_file(path: str, head: bytes, size: int, *, trust: bool) -> Checkpoint:

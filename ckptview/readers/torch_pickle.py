@@ -156,12 +156,15 @@ def parse_torch_zip(archive: zipfile.ZipFile, path: str, source: FileSource, siz
         if info.file_size < nbytes:
             raise CorruptCheckpointError(path, f"storage {key!r} should hold {nbytes:,} bytes but its archive "
                                                f"member has {info.file_size:,}: the file is damaged. Re-save it.")
-        offset = member_data_offset(source, info, size, base_offset)
-        if offset + nbytes > size:
-            raise TruncatedCheckpointError(path, f"storage {key!r} runs to byte {offset + nbytes:,} but the file "
-                                                 f"ends at {size:,}: it was cut off. Copy it again.")
-        return Storage(key=f"{base_offset}:{key}" if base_offset else key, source=source, offset=offset,
-                       nbytes=nbytes, location=location, byteorder=byteorder)
+        def locate() -> int:
+            offset = member_data_offset(source, info, size, base_offset)
+            if offset + nbytes > size:
+                raise TruncatedCheckpointError(path, f"storage {key!r} runs to byte {offset + nbytes:,} but the file "
+                                                     f"ends at {size:,}: it was cut off. Copy it again.")
+            return offset
+
+        return Storage(key=f"{base_offset}:{key}" if base_offset else key, source=source, offset=-1,
+                       nbytes=nbytes, location=location, byteorder=byteorder, locate=locate)
 
     data = _read_member(archive, path, prefix + "data.pkl")
     root, unpickler = unpickle(data, path, "its data.pkl", storage_for)
