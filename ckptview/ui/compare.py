@@ -66,11 +66,10 @@ class ComparePanel(Panel):
         super().__init__(state, [*rows, self.key_report, self.fixes, self.code, self.values_button, self.values])
 
     def activate(self) -> None:
-        # Nothing to compute until there is something to compare with; explore(compare_to=/model=) prefills it.
-        if not self.activated and (self.other_path.value or self.model_factory.value or self.state.model is not None):
+        # Compares at once when explore(compare_to=/model=) prefilled the boxes, else says what to give.
+        if not self.activated:
             self.activated = True
             self._refresh()
-        self.activated = True
 
     def _on_siblings_value(self, change: dict[str, Any]) -> None:
         if change["new"]:

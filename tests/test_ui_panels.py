@@ -1,0 +1,299 @@
+"""
+The explorer in plain pytest: build `explore(...)` on real checkpoints, drive its widgets by setting
+`.value` and clicking, and check what the widgets then hold (tables, figure data, banners).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckptview
+from ckptview.cli import main as cli_main
+from ckptview.demo import build_model, write_samples
+from ckptview.present.figures import MAX_TREE_NODES
+from ckptview.ui import Explorer, explore
+from ckptview.ui.tensors import PAGE_SIZE
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_samples(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="module")
+def many_tensors(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20,000 small tensors: 2,000 blocks of 10 layers, a few of them poisoned."""
+    path = tmp_path_factory.mktemp("many") / "many.pt"
+    torch.manual_seed(0)
+    state = {f"blocks.{i}.layer{j}.weight": torch.randn(4, 4) for i in range(2000) for j in range(10)}
+    state["blocks.7.layer3.weight"][0, 0] = float("nan")
+    state["blocks.9.layer1.weight"] = state["blocks.9.layer1.weight"].to(torch.float16)
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2,000 small tensors, one holding a NaN, one scaled far above its siblings."""
+    path = tmp_path_factory.mktemp("poisoned") / "poisoned.pt"
+    torch.manual_seed(0)
+    state = {f"blocks.{i}.layer{j}.weight": torch.randn(8, 8) for i in range(200) for j in range(10)}
+    state["blocks.7.layer3.weight"][0, 0] = float("nan")
+    state["blocks.50.layer2.weight"] *= 1000
+    torch.save(state, path)
+    return path
+
+
+def opened(app: Explorer, title: str):  # noqa: ANN201 - a Panel subclass
+    panel = app.select(title)
+    panel.wait()
+    return panel
+
+
+def cli_error(path: Path) -> str:
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        assert cli_main(["info", str(path)]) == 1
+    return stderr.getvalue().strip()
+
+
+def test_import_ckptview_does_not_import_widgets() -> None:
+    code = "import sys, ckptview; print(any(m.split('.')[0] in ('ipywidgets', 'IPython', 'plotly') for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert "explore" in ckptview.__all__
+
+
+def test_header_says_what_the_file_is(demo: dict[str, Path]) -> None:
+    app = ckptview.explore(demo["training.pt"])
+    header = app.header.value
+    assert "training.pt" in header and "torch-zip" in header
+    with ckptview.open(demo["training.pt"]) as ckpt:
+        assert f"{ckpt.tensor_count:,} tensors" in header
+    assert "no foreign code needed" in header
+    assert "optimizer" in header and "state_dict" in header
+    assert app.tabs.titles == ("Overview", "Tensors", "Module tree", "Statistics", "BatchNorm", "Training state",
+                               "Compare", "Inference")
+
+
+def test_header_badge_lists_the_code_a_pickled_module_wants(tmp_path: Path) -> None:
+    path = tmp_path / "whole.pt"
+    torch.save(build_model(), path)
+    header = explore(path).header.value
+    assert "needs foreign code" in header and "ckptview.demo.DemoCNN" in header
+
+
+def test_broken_file_shows_the_cli_message_and_no_tabs(demo: dict[str, Path]) -> None:
+    app = explore(demo["broken.pt"])
+    assert not app.panels
+    assert cli_error(demo["broken.pt"]) in app.header.value.replace("&#x27;", "'")
+
+
+def test_tabs_compute_only_when_opened(demo: dict[str, Path]) -> None:
+    app = explore(demo["training.pt"])
+    tensors = app.panels["Tensors"]
+    assert not tensors.activated and tensors.frame.empty and not tensors.rows.options
+    opened(app, "Tensors")
+    assert len(tensors.frame) == 83
+
+
+def test_overview_lists_sections_with_their_values_and_a_treemap(demo: dict[str, Path]) -> None:
+    overview = opened(explore(demo["training.pt"]), "Overview")
+    assert "epoch=3" in overview.sections.value and "arch=DemoCNN" in overview.sections.value
+    assert "optimizer_state_dict" in overview.sections.value
+    treemap = overview.treemap.data[0]
+    assert treemap.type == "treemap"
+    assert "layer1 ×2" in treemap.labels or "layer1" in treemap.labels
+    assert treemap.values[0] == sum(v for v, parent in zip(treemap.values, treemap.parents) if parent == treemap.ids[0])
+
+
+def test_tensor_table_filters_sorts_and_pages_20000_tensors(many_tensors: Path) -> None:
+    app = explore(many_tensors)
+    panel = opened(app, "Tensors")
+    assert len(panel.rows.options) == PAGE_SIZE
+    assert panel.page_label.value.startswith("rows 1–50 of 20,000")
+    panel.next.click()
+    assert panel.rows.options[0][1] == "blocks.5.layer0.weight"
+    panel.name_filter.value = r"^blocks\.1\d\.layer[12]\."
+    assert [value for _, value in panel.rows.options][:3] == ["blocks.10.layer1.weight", "blocks.10.layer2.weight",
+                                                               "blocks.11.layer1.weight"]
+    assert "of 20 (of 20,000)" in panel.page_label.value
+    panel.name_filter.value = ""
+    panel.dtype_filter.value = "float16"
+    assert [value for _, value in panel.rows.options] == ["blocks.9.layer1.weight"]
+    panel.dtype_filter.value = ""
+    panel.sort_by.value = "name"
+    panel.descending.value = True
+    assert panel.rows.options[0][1] == "blocks.999.layer9.weight"
+    panel.name_filter.value = "(("
+    assert "not a valid regular expression" in panel.banner.value
+
+
+def test_tensor_kind_filter_uses_inferred_layer_kinds(demo: dict[str, Path]) -> None:
+    panel = opened(explore(demo["cnn.pt"]), "Tensors")
+    assert "Conv2d" in [value for _, value in panel.kind_filter.options]
+    panel.kind_filter.value = "Linear"
+    assert [value for _, value in panel.rows.options] == ["fc.weight", "fc.bias"]
+
+
+def test_selecting_a_tensor_shows_its_statistics_histogram_and_heatmap(demo: dict[str, Path]) -> None:
+    panel = opened(explore(demo["cnn.pt"]), "Tensors")
+    panel.rows.value = "fc.weight"
+    panel.wait()
+    weight = torch.load(demo["cnn.pt"], weights_only=True)["fc.weight"]
+    assert f"{weight.std().item():.6g}" in panel.detail.value
+    assert f"{weight.abs().max().item():.6g}" in panel.detail.value
+    histogram = panel.histogram.data[0]
+    assert sum(histogram.y) == weight.numel()
+    heatmap = panel.heatmap.data[0]
+    assert heatmap.type == "heatmap" and len(heatmap.z) == 10 and len(heatmap.z[0]) == 16
+    assert heatmap.z[3][5] == pytest.approx(weight[3, 5].item())
+    panel.rows.value = "conv1.weight"  # 4-D: statistics and histogram, no heatmap
+    panel.wait()
+    assert "conv1.weight" in panel.detail.value and not panel.heatmap.data
+
+
+def test_large_weights_are_downsampled_for_the_heatmap(tmp_path: Path) -> None:
+    path = tmp_path / "wide.pt"
+    torch.save({"proj.weight": torch.randn(1000, 300)}, path)
+    panel = opened(explore(path), "Tensors")
+    panel.rows.value = "proj.weight"
+    panel.wait()
+    z = panel.heatmap.data[0].z
+    assert (len(z), len(z[0])) == (96, 96)
+    assert "block means" in panel.heatmap.layout.title.text
+
+
+def test_module_tree_folds_repeated_blocks_and_expands(many_tensors: Path, demo: dict[str, Path]) -> None:
+    tree = opened(explore(many_tensors), "Module tree")
+    # Block 9 holds a float16 tensor, so it breaks the run: 0…8 and 10…1999 fold, 9 stands alone.
+    assert "<code>0…8</code> <b>×9</b>" in tree.tree_html.value
+    assert "<code>10…1999</code> <b>×1990</b>" in tree.tree_html.value
+    assert tree.tree_html.value.count("<details") < 40
+    small = opened(explore(demo["cnn.pt"]), "Module tree")
+    assert "<details open><summary><code>layer1</code>" in small.tree_html.value
+    small.open_depth.value = 0
+    assert "<details open>" not in small.tree_html.value
+
+
+def test_statistics_plot_by_depth_and_flag_outliers(poisoned: Path) -> None:
+    panel = opened(explore(poisoned), "Statistics")
+    assert "<b>2,000</b> tensors" in panel.summary.value
+    assert "1 tensors hold NaN or Inf" in panel.summary.value
+    std, abs_max, flagged = panel.figure.data
+    assert set(flagged.text) == {"blocks.7.layer3.weight", "blocks.50.layer2.weight"}
+    assert len(std.x) == 2000 and std.y[1] == pytest.approx(torch.load(poisoned)["blocks.0.layer1.weight"].std().item())
+    assert "non_finite" in panel.outliers.value and "abs_max_outlier" in panel.outliers.value
+    panel.name_filter.value = r"^blocks\.7\."
+    panel.wait()
+    assert "<b>10</b> tensors" in panel.summary.value
+    assert list(panel.figure.data[0].x) == list(range(10))
+
+
+def test_statistics_cancel_stops_and_says_so(poisoned: Path) -> None:
+    app = explore(poisoned)
+    panel = app.panels["Statistics"]
+    panel.activated = True  # open the tab without its automatic start, to press the buttons ourselves
+    panel.compute.click()
+    panel.cancel_button.click()
+    panel.wait()
+    assert "cancelled" in panel.banner.value
+    assert panel.result is None and not panel.compute.disabled
+    panel.compute.click()
+    panel.wait()
+    assert "<b>2,000</b> tensors" in panel.summary.value
+
+
+def test_batchnorm_findings_by_severity_and_running_stat_plots(tmp_path: Path, demo: dict[str, Path]) -> None:
+    state = torch.load(demo["cnn.pt"], weights_only=True)
+    state["layer1.0.1.running_var"][2] = -1.0
+    path = tmp_path / "bad_bn.pt"
+    torch.save(state, path)
+    panel = opened(explore(path), "BatchNorm")
+    html = panel.findings.value
+    assert "<b>5</b> BatchNorm layers" in html
+    first_row = html.split("</th></tr>", 1)[1]
+    assert first_row.startswith("<tr><td class='sev-error'>error</td>") and "layer1.0.1" in first_row.split("</tr>")[0]
+    boxes = [trace for trace in panel.figure.data if trace.type == "box"]
+    assert len(boxes) == 10
+    assert min(boxes[3].y) == -1.0  # the second layer's running_var box holds the negative value
+
+
+def test_training_state_shows_optimizer_mapped_to_names(demo: dict[str, Path]) -> None:
+    panel = opened(explore(demo["training.pt"]), "Training state")
+    html = panel.content.value
+    assert "Adam/AdamW" in html and "<td>conv1.weight</td>" in html
+    assert "<th>epoch</th><td>3</td>" in html and "<th>step_size</th><td>2</td>" in html
+    lightning = opened(explore(demo["lightning.ckpt"]), "Training state")
+    assert "<h4>Lightning</h4>" in lightning.content.value and "2.4.0" in lightning.content.value
+    weights_only = opened(explore(demo["cnn.pt"]), "Training state")
+    assert "No training state" in weights_only.content.value
+
+
+def test_compare_with_a_model_gives_code_that_loads(demo: dict[str, Path]) -> None:
+    app = explore(demo["cnn_dataparallel.pt"], model="ckptview.demo:build_model")
+    panel = opened(app, "Compare")
+    assert "32 only in this checkpoint (unexpected)" in panel.key_report.value
+    assert "module." in panel.fixes.value and "strict=True" in panel.fixes.value
+    scope = {"state_dict": torch.load(demo["cnn_dataparallel.pt"], weights_only=True)}
+    exec(panel.code.value, scope)
+    model = build_model()
+    model.load_state_dict(scope["state_dict"], strict=True)
+
+
+def test_compare_with_a_sibling_checkpoint(demo: dict[str, Path]) -> None:
+    panel = opened(explore(demo["cnn.pt"]), "Compare")
+    assert "give a second checkpoint" in panel.banner.value
+    siblings = [value for _, value in panel.siblings.options]
+    assert str(demo["cnn_dataparallel.pt"]) in siblings and str(demo["sharded/model.safetensors.index.json"]) in siblings
+    panel.siblings.value = str(demo["cnn.safetensors"])
+    panel.compare.click()
+    panel.wait()
+    assert "Keys and shapes match: 32 tensors in both" in panel.key_report.value
+    panel.siblings.value = str(demo["cnn_dataparallel.pt"])
+    panel.compare.click()
+    panel.wait()
+    assert "module.conv1.weight" in panel.key_report.value
+
+
+def test_errors_stay_inside_their_panel(demo: dict[str, Path]) -> None:
+    app = explore(demo["cnn.pt"])
+    compare = opened(app, "Compare")
+    compare.other_path.value = str(demo["broken.pt"])
+    compare.compare.click()
+    compare.wait()
+    assert cli_error(demo["broken.pt"]) in compare.banner.value.replace("&#x27;", "'")
+    compare.other_path.value = ""
+    compare.model_factory.value = "no_such_package.models:resnet"
+    compare.compare.click()
+    compare.wait()
+    assert "ckptview: error: cannot import 'no_such_package.models'" in compare.banner.value.replace("&#x27;", "'")
+    tensors = opened(app, "Tensors")  # the rest keeps working
+    assert len(tensors.rows.options) == 32 and not tensors.banner.value
+
+
+def test_treemap_stays_small_on_a_20000_tensor_file(many_tensors: Path) -> None:
+    overview = opened(explore(many_tensors), "Overview")
+    assert len(overview.treemap.data[0].ids) <= MAX_TREE_NODES
+
+
+def test_inference_tab_is_present(demo: dict[str, Path]) -> None:
+    app = explore(demo["cnn.pt"])
+    app.select("Inference")
+    assert app.panels["Inference"] is app.tabs.children[-1]
+
+
+def test_explore_accepts_an_open_checkpoint_and_leaves_it_open(demo: dict[str, Path]) -> None:
+    with ckptview.open(demo["cnn.safetensors"]) as ckpt:
+        app = explore(ckpt)
+        panel = opened(app, "Tensors")
+        assert re.search(r"rows 1–32 of 32", panel.page_label.value)
+        app.close()
+        assert ckpt.tensor("fc.weight").load().shape == (10, 16)
