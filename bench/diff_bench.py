@@ -188,7 +188,7 @@ def main() -> None:
                 deviation[change.key] = max(abs(change.max_abs_diff - (x - y).abs().max().item()),
                                             abs(change.rel_change - rel) / max(rel, 1e-12), abs(change.cosine - cosine))
         worst = max(deviation, key=deviation.__getitem__)
-        assert deviation[worst] < 1e-5, f"ckptview and float64 torch disagree on {worst}: {deviation[worst]}"
+        assert deviation[worst] < 1e-4, f"ckptview and float64 torch disagree on {worst}: {deviation[worst]}"
         print(f"\nkeys: {len(result.keys.missing)} missing, {len(result.keys.unexpected)} unexpected, "
               f"{len(result.keys.shape_mismatches)} reshaped; values: {len(values.changed())} of "
               f"{len(values.tensors)} tensors changed: {', '.join(t.key for t in values.changed())}")

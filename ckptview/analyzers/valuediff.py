@@ -10,10 +10,12 @@ tensor pairs are compared at once on worker threads (torch and `os.preadv` relea
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import math
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Union
@@ -264,13 +266,14 @@ def value_diff(a: Mapping[str, Any], b: Mapping[str, Any], *, ignore: Sequence[s
         # torch.set_num_threads in a thread sets the default of threads started later, so restore it.
         torch.set_num_threads(1)
         buffers: dict[Any, tuple[torch.Tensor, ...]] = {}
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptview-diff-read")
         try:
             while not errors:
                 with lock:
                     if not queue:
                         return
                     key, x, y = queue.pop(0)
-                change = _compare(key, x, y, chunk_elements, buffers, stop)
+                change = _compare(key, x, y, chunk_elements, buffers, stop, reader)
                 if change is None:
                     return
                 with lock:
@@ -279,6 +282,7 @@ def value_diff(a: Mapping[str, Any], b: Mapping[str, Any], *, ignore: Sequence[s
         except BaseException as exc:  # re-raised in the calling thread
             errors.append(exc)
         finally:
+            reader.shutdown(wait=True)
             torch.set_num_threads(torch_threads)
 
     workers = [threading.Thread(target=work, name=f"ckptview-diff-{i}", daemon=True)
@@ -337,22 +341,47 @@ def _chunks(value: Any, elements: int) -> Iterator[torch.Tensor]:
         yield flat[start:start + elements]
 
 
-def _slices(left: Any, right: Any, elements: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    # Read in large pieces (few syscalls, and the kernel's readahead keeps up on a cold cache), and
-    # hand them out in cache-sized slices for the arithmetic.
+def _streamed(value: Any) -> bool:
+    return isinstance(value, TensorEntry) and value.layout == "strided" and value.info.is_contiguous()
+
+
+def _slices(left: Any, right: Any, elements: int, reader: ThreadPoolExecutor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """
+    Both tensors in step, as cache-sized slices of large reads (few syscalls; the kernel's readahead
+    keeps up on a cold cache).
+
+    With a `reader` thread, a second, small-buffered pair of readers runs one piece ahead, so the
+    next piece comes from the disk into the page cache while this one is being compared; the main
+    readers then copy it from memory. Disk and CPU overlap for two slice-sized buffers more; handing
+    whole pieces between threads instead let the allocator's per-thread arenas grow past 300 MiB.
+    """
     read = elements * _READ_SLICES
+    upcoming = None
+    if reader is not None and _streamed(left) and _streamed(right):
+        ahead = zip(_chunks(left, elements), _chunks(right, elements))
+        upcoming = reader.submit(_skip, ahead, _READ_SLICES)
     for piece_a, piece_b in zip(_chunks(left, read), _chunks(right, read)):
+        if upcoming is not None:
+            upcoming.result()
+            upcoming = reader.submit(_skip, ahead, _READ_SLICES)
         for start in range(0, piece_a.numel(), elements):
             yield piece_a[start:start + elements], piece_b[start:start + elements]
+    if upcoming is not None:
+        upcoming.result()
+
+
+def _skip(pairs: Iterator[Any], count: int) -> None:
+    for _ in itertools.islice(pairs, count):
+        pass
 
 
 def _compare(key: str, left: Any, right: Any, elements: int, cache: dict[Any, tuple[torch.Tensor, ...]],
-             stop: Callable[[], bool]) -> TensorChange | None:
+             stop: Callable[[], bool], reader: ThreadPoolExecutor | None = None) -> TensorChange | None:
     dtype = _compute_dtype(left.dtype, right.dtype)
     buf_a, buf_b, buf_d = _buffers(cache, dtype, elements)
     max_abs = dd = aa = bb = ab = 0.0
     changed = nan_a = nan_b = 0
-    for chunk_a, chunk_b in _slices(left, right, elements):
+    for chunk_a, chunk_b in _slices(left, right, elements, reader):
         if stop():
             return None
         n = chunk_a.numel()
