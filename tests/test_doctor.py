@@ -298,3 +298,15 @@ def test_model_factory_is_built_on_meta_and_the_user_model_is_left_alone() -> No
 def test_bad_factories_raise_model_build_error(spec: str, message: str) -> None:
     with pytest.raises(ModelBuildError, match=message):
         ckptview.doctor({"w": torch.zeros(1)}, spec)
+
+
+def test_matching_keys_inside_a_training_checkpoint_still_need_the_section(tmp_path: Path, trained: nn.Module) -> None:
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model_state_dict": trained.state_dict(), "optimizer_state_dict": {"state": {}, "param_groups": []},
+                "epoch": 4}, path)
+    report = ckptview.doctor(path, FACTORY)
+    assert report.before.ok and not report.ok
+    assert [fix.kind for fix in report.fixes] == ["section"] and report.code == "state_dict = state_dict['model_state_dict']"
+    model = make_cnn()
+    model.load_state_dict(apply_fix(report.code, torch.load(path, weights_only=True)), strict=True)
+    assert_same_weights(model, trained)

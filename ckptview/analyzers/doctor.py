@@ -160,8 +160,8 @@ class Diagnosis:
 
     @property
     def ok(self) -> bool:
-        """True when the checkpoint loads with `strict=True` as it is."""
-        return self.before.ok
+        """True when what `torch.load` returns loads with `strict=True` as it is: no fix needed."""
+        return self.before.ok and not self.fixes
 
     def fixed_state_dict(self) -> FixedStateDict:
         """
@@ -289,14 +289,14 @@ def diagnose(entries: Mapping[str, Any], model: ModelSpec, *, section: Section |
         ...     report = diagnose(model_state_dict(ckpt), "torchvision.models:resnet18")
         >>> print(report.code)
         from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
-        consume_prefix_in_state_dict_if_present(state_dict, "module.")
+        consume_prefix_in_state_dict_if_present(state_dict, 'module.')
     """
     module = build_model(model)
     target = expected_state(module)
     source = {key: spec_of(value) for key, value in entries.items()}
     before = key_diff(source, target)
     fixes: list[Fix] = []
-    if section is not None and section.path and not before.ok:
+    if section is not None and section.path:
         fixes.append(_section_fix(section))
     if not before.ok:
         current = dict(source)
@@ -318,7 +318,7 @@ def diagnose(entries: Mapping[str, Any], model: ModelSpec, *, section: Section |
     placeholders = any(not fix.applicable for fix in fixes)
     loads, load_error = (False, "the checkpoint holds sharded placeholders; consolidate it first") if placeholders \
         else _try_load(module, values, leaves_missing)
-    return Diagnosis(before=before, after=after, fixes=tuple(fixes), code=code if not before.ok else "",
+    return Diagnosis(before=before, after=after, fixes=tuple(fixes), code=code,
                      loads_after_fix=loads, strict=loads and not leaves_missing, leaves_missing=leaves_missing,
                      load_error=load_error, _values=values)
 
@@ -355,11 +355,11 @@ def _simulate(code: str, specs: Mapping[str, Spec]) -> dict[str, Spec]:
 
 def _try_load(model: nn.Module, values: Mapping[str, Any], leaves_missing: tuple[str, ...]) -> tuple[bool, str | None]:
     twin = meta_twin(model)
-    tensors = {key: value.meta() if isinstance(value, _Pending) else value for key, value in values.items()}
     strict = not leaves_missing
     try:
+        tensors = {key: value.meta() if isinstance(value, _Pending) else value for key, value in values.items()}
         result = twin.load_state_dict(tensors, strict=strict, assign=True)
-    except RuntimeError as exc:
+    except (RuntimeError, NotImplementedError) as exc:  # NotImplementedError: quantized dtypes have no meta tensors
         return False, str(exc)
     if not strict and (result.unexpected_keys or sorted(result.missing_keys) != sorted(leaves_missing)):
         return False, (f"with strict=False, missing {compress_keys(result.missing_keys)} "

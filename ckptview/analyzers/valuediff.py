@@ -252,7 +252,12 @@ def value_diff(a: Mapping[str, Any], b: Mapping[str, Any], *, ignore: Sequence[s
              if key in b and key not in skip and tuple(a[key].shape) == tuple(b[key].shape)]
     total = sum(_nbytes(x) + _nbytes(y) for _, x, y in pairs)
     report, close = _progress_reporter(progress, total)
-    stop = cancel.is_set if isinstance(cancel, threading.Event) else (cancel or (lambda: False))
+    cancelled = cancel.is_set if isinstance(cancel, threading.Event) else (cancel or (lambda: False))
+    halt = threading.Event()  # set when the caller is interrupted (Ctrl-C), so the workers stop too
+
+    def stop() -> bool:
+        return halt.is_set() or cancelled()
+
     # Largest first, so the workers do not end waiting on one big tensor started last.
     queue = sorted(pairs, key=lambda pair: -_nbytes(pair[1]))
     results: dict[str, TensorChange] = {}
@@ -292,6 +297,9 @@ def value_diff(a: Mapping[str, Any], b: Mapping[str, Any], *, ignore: Sequence[s
             worker.start()
         for worker in workers:
             worker.join()
+    except BaseException:
+        halt.set()
+        raise
     finally:
         close()
     if errors:
@@ -345,19 +353,19 @@ def _streamed(value: Any) -> bool:
     return isinstance(value, TensorEntry) and value.layout == "strided" and value.info.is_contiguous()
 
 
-def _slices(left: Any, right: Any, elements: int, reader: ThreadPoolExecutor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _slices(left: Any, right: Any, elements: int, reader: ThreadPoolExecutor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """
     Both tensors in step, as cache-sized slices of large reads (few syscalls; the kernel's readahead
     keeps up on a cold cache).
 
-    With a `reader` thread, a second, small-buffered pair of readers runs one piece ahead, so the
+    On the `reader` thread a second, small-buffered pair of readers runs one piece ahead, so the
     next piece comes from the disk into the page cache while this one is being compared; the main
     readers then copy it from memory. Disk and CPU overlap for two slice-sized buffers more; handing
     whole pieces between threads instead let the allocator's per-thread arenas grow past 300 MiB.
     """
     read = elements * _READ_SLICES
     upcoming = None
-    if reader is not None and _streamed(left) and _streamed(right):
+    if _streamed(left) and _streamed(right):
         ahead = zip(_chunks(left, elements), _chunks(right, elements))
         upcoming = reader.submit(_skip, ahead, _READ_SLICES)
     for piece_a, piece_b in zip(_chunks(left, read), _chunks(right, read)):
@@ -376,7 +384,7 @@ def _skip(pairs: Iterator[Any], count: int) -> None:
 
 
 def _compare(key: str, left: Any, right: Any, elements: int, cache: dict[Any, tuple[torch.Tensor, ...]],
-             stop: Callable[[], bool], reader: ThreadPoolExecutor | None = None) -> TensorChange | None:
+             stop: Callable[[], bool], reader: ThreadPoolExecutor) -> TensorChange | None:
     dtype = _compute_dtype(left.dtype, right.dtype)
     buf_a, buf_b, buf_d = _buffers(cache, dtype, elements)
     max_abs = dd = aa = bb = ab = 0.0
