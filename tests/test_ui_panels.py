@@ -248,7 +248,7 @@ def test_compare_with_a_model_gives_code_that_loads(demo: dict[str, Path]) -> No
     model.load_state_dict(scope["state_dict"], strict=True)
 
 
-def test_compare_with_a_sibling_checkpoint(demo: dict[str, Path]) -> None:
+def test_compare_with_a_sibling_checkpoint_keys_fix_and_values(demo: dict[str, Path]) -> None:
     panel = opened(explore(demo["cnn.pt"]), "Compare")
     assert "give a second checkpoint" in panel.banner.value
     siblings = [value for _, value in panel.siblings.options]
@@ -256,11 +256,24 @@ def test_compare_with_a_sibling_checkpoint(demo: dict[str, Path]) -> None:
     panel.siblings.value = str(demo["cnn.safetensors"])
     panel.compare.click()
     panel.wait()
-    assert "Keys and shapes match: 32 tensors in both" in panel.key_report.value
+    assert "Keys and shapes match: 32 tensors in both" in panel.key_report.value and not panel.fixes.value
+    panel.values_button.click()
+    panel.wait()
+    assert "32 tensors compared, 0 differ" in panel.banner.value  # the .pt and its safetensors conversion are equal
+    heatmap = panel.values.data[0]
+    assert "layer1.0.1" in heatmap.y and float(max(max(row) for row in heatmap.z)) == 0.0
+
     panel.siblings.value = str(demo["cnn_dataparallel.pt"])
     panel.compare.click()
     panel.wait()
     assert "module.conv1.weight" in panel.key_report.value
+    assert "strip_prefix" in panel.fixes.value and "consume_prefix_in_state_dict_if_present" in panel.code.value
+    scope = {"state_dict": torch.load(demo["cnn_dataparallel.pt"], weights_only=True)}
+    exec(panel.code.value, scope)
+    assert scope["state_dict"].keys() == torch.load(demo["cnn.pt"], weights_only=True).keys()
+    panel.values_button.click()  # values line up through the fix: the same weights
+    panel.wait()
+    assert "32 tensors compared, 0 differ" in panel.banner.value
 
 
 def test_errors_stay_inside_their_panel(demo: dict[str, Path]) -> None:

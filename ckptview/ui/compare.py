@@ -9,13 +9,21 @@ import os
 from typing import Any
 
 import ipywidgets as widgets
+import pandas as pd
 import plotly.graph_objects as go
 
 import ckptview
+import torch
+from torch import nn
+
 from ckptview.analyzers.doctor import Diagnosis, diagnose
 from ckptview.analyzers.keydiff import KeyDiff, key_diff
 from ckptview.analyzers.sections import model_section, model_state_dict
-from ckptview.ui.base import ExplorerState, Panel, banner_html, esc
+from ckptview.analyzers.valuediff import ValueDiff, value_diff
+from ckptview.present import figures
+from ckptview.present.text import human_bytes
+from ckptview.readers.model import Checkpoint, TensorEntry
+from ckptview.ui.base import ExplorerState, Panel, banner_html, esc, replace_figure
 
 # What the sibling dropdown offers: files a checkpoint is usually saved as, and shard indexes.
 _SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar", ".pkl", ".index.json")
@@ -59,6 +67,8 @@ class ComparePanel(Panel):
         self.values = go.FigureWidget()
         self.diagnosis: Diagnosis | None = None
         self.key_diff: KeyDiff | None = None
+        self.value_diff: ValueDiff | None = None
+        self._other: Checkpoint | None = None  # kept open for the value diff
         self.siblings.observe(self._on_siblings_value, names="value")
         self.compare.on_click(self._on_compare_click)
         self.values_button.on_click(self._on_values_button_click)
@@ -80,7 +90,7 @@ class ComparePanel(Panel):
         self._refresh()
 
     def _on_values_button_click(self, button: widgets.Button) -> None:
-        self.show_info("value diff needs ckptview.analyzers.valuediff, which is not in this build yet")
+        self.run(self._values, self._show_values, label="comparing values…")
 
     def _refresh(self) -> None:
         other, model = self.other_path.value.strip(), self.model_factory.value.strip()
@@ -91,40 +101,104 @@ class ComparePanel(Panel):
         if model_spec is not None:
             self.run(lambda: self._doctor(model_spec), self._show_diagnosis, label="building the model on the meta device…")
         else:
-            self.run(lambda: self._diff(other), self._show_key_diff, label=f"opening {os.path.basename(other)}…")
+            self.run(lambda: self._diff(other), self._show_comparison, label=f"opening {os.path.basename(other)}…")
 
     def _doctor(self, model: Any) -> Diagnosis:
         ckpt = self.state.checkpoint
         return diagnose(model_state_dict(ckpt), model, section=model_section(ckpt))
 
-    def _diff(self, other: str) -> KeyDiff:
+    def _diff(self, other: str) -> tuple[KeyDiff, Diagnosis | None]:
         ckpt = self.state.checkpoint
-        with ckptview.open(other, trust=self.state.trust) as second:
-            return key_diff(model_state_dict(ckpt), model_state_dict(second))
+        if self._other is not None:
+            self._other.close()
+            self._other = None
+        second = ckptview.open(other, trust=self.state.trust)
+        self._other = second
+        mine, theirs = model_state_dict(ckpt), model_state_dict(second)
+        keys = key_diff(mine, theirs)
+        # When the keys disagree, ask the load doctor how the other checkpoint would load where this
+        # one's keys are expected (e.g. strip DataParallel's `module.`).
+        diagnosis = None if keys.ok else diagnose(theirs, _shaped_like(mine), section=model_section(second))
+        return keys, diagnosis
 
-    def _show_key_diff(self, diff: KeyDiff) -> None:
-        self.key_diff = diff
-        self.key_report.value = _key_diff_html(diff, "this checkpoint", "the other")
-        self.fixes.value = ""
-        self.code.layout.display = "none"
+    def _values(self) -> ValueDiff:
+        if self._other is None:
+            raise RuntimeError("compare with a second checkpoint first")
+        mine = model_state_dict(self.state.checkpoint)
+        theirs: Any = model_state_dict(self._other)
+        if self.diagnosis is not None and self.diagnosis.loads_after_fix:
+            theirs = self.diagnosis.fixed_state_dict()  # compare the values the keys' fix lines up
+
+        def progress(done: int, total: int) -> None:
+            if not self.cancel_requested:
+                self.report(done, total, f"{human_bytes(done)} of {human_bytes(total)}")
+
+        return value_diff(mine, theirs, progress=progress, cancel=self._cancel)
+
+    def _show_comparison(self, result: tuple[KeyDiff, Diagnosis | None]) -> None:
+        keys, diagnosis = result
+        self.key_diff = keys
+        self.key_report.value = _key_diff_html(keys, "this checkpoint", "the other")
+        self.values_button.layout.display = ""
+        if diagnosis is None:
+            self.diagnosis = None
+            self.fixes.value = ""
+            self.code.value = ""
+            self.code.layout.display = "none"
+        else:
+            self._show_fixes(diagnosis, "To load the other checkpoint where this one's keys are expected")
+
+    def _show_values(self, changes: ValueDiff) -> None:
+        self.value_diff = changes
+        groups = changes.by_module()
+        if not groups:
+            self.show_info("no tensors with the same name and shape on both sides: nothing to compare")
+            return
+        frame = pd.DataFrame([{"module": g.name, "max_abs_diff": g.max_abs_diff, "rel_change": g.rel_change,
+                               "cosine": g.cosine} for g in groups])
+        note = "" if changes.complete else " (cancelled: partial)"
+        self.show_info(f"{len(changes.tensors):,} tensors compared, {len(changes.changed()):,} differ{note}.")
+        replace_figure(self.values, figures.value_diff_by_module(frame))
 
     def _show_diagnosis(self, diagnosis: Diagnosis) -> None:
-        self.diagnosis = diagnosis
         self.key_report.value = _key_diff_html(diagnosis.before, "this checkpoint", "the model")
+        self.values_button.layout.display = "none"
+        self._show_fixes(diagnosis, "It loads into the model")
+
+    def _show_fixes(self, diagnosis: Diagnosis, goal: str) -> None:
+        self.diagnosis = diagnosis
         items = "".join(f"<li><b>{esc(f.kind)}</b>: {esc(f.description)}"
                         + ("" if f.applicable else " <i>(advice: cannot be applied to this file)</i>")
                         + f"<pre style='background:#f6f8fa;padding:4px'>{esc(f.code)}</pre></li>" for f in diagnosis.fixes)
         if diagnosis.ok:
-            verdict = banner_html("info", "The checkpoint loads into the model as it is (strict=True).")
+            verdict = banner_html("info", f"{goal} as it is (strict=True).")
         elif diagnosis.loads_after_fix:
             how = "strict=True" if diagnosis.strict else f"strict=False, {len(diagnosis.leaves_missing)} key(s) left as initialised"
-            verdict = banner_html("info", f"After the fix below it loads into the model ({how}). Copy the code:")
+            verdict = banner_html("info", f"{goal} after the fix below ({how}). Copy the code:")
         else:
             verdict = banner_html("warning", "The proposed fixes do not make it load: "
                                   + (diagnosis.load_error or diagnosis.after.message()))
         self.fixes.value = f"{verdict}<ol>{items}</ol>" if items else verdict
         self.code.value = diagnosis.code
         self.code.layout.display = "" if diagnosis.code else "none"
+
+
+def _shaped_like(entries: dict[str, TensorEntry]) -> nn.Module:
+    """A meta-device module whose state_dict has exactly these keys, shapes and dtypes: a checkpoint as a load target."""
+    root = nn.Module()
+    for key, entry in entries.items():
+        *path, leaf = key.split(".")
+        module = root
+        for part in path:
+            if part not in module._modules:
+                module.add_module(part, nn.Module())
+            module = module._modules[part]
+        tensor = torch.empty(entry.shape, dtype=entry.dtype, device="meta")
+        if entry.dtype.is_floating_point or entry.dtype.is_complex:
+            module.register_parameter(leaf, nn.Parameter(tensor, requires_grad=False))
+        else:
+            module.register_buffer(leaf, tensor)
+    return root
 
 
 def _key_diff_html(diff: KeyDiff, left: str, right: str) -> str:
