@@ -114,6 +114,20 @@ def test_state_dict_of_uses_the_model_section_of_a_lightning_file(tmp_path: Path
         assert list(entries) == list(weights) and section is not None and section.path == ("state_dict",)
     with state_dict_of(dict(weights)) as (entries, section):
         assert section is None and entries.keys() == weights.keys()
+    model = make_cnn()
+    with state_dict_of(model) as (entries, section):
+        assert section is None and all(entries[k].data_ptr() == v.data_ptr() for k, v in model.state_dict().items())
     with pytest.raises(TypeError, match="checkpoint path"):
         with state_dict_of(42):
             pass
+
+
+def test_diff_of_a_checkpoint_against_a_live_model(tmp_path: Path) -> None:
+    model = make_cnn()
+    path = tmp_path / "m.safetensors"
+    save_file(model.state_dict(), path)
+    with torch.no_grad():
+        model.fc.bias.add_(1.0)
+    result = ckptview.diff(path, model, values=True)
+    assert result.keys.ok
+    assert [(t.key, t.max_abs_diff) for t in result.values.changed()] == [("fc.bias", 1.0)]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from ckptview.analyzers.sections import Section, model_section, model_state_dict
 from ckptview.readers import open_checkpoint
@@ -229,11 +230,12 @@ def state_dict_of(source: Any, *, trust: bool = False) -> Iterator[tuple[dict[st
     checkpoint the model section is used (`state_dict` of a Lightning file, not its optimizer).
 
     Args:
-        source: a checkpoint path, a `Checkpoint`, or a mapping of names to tensors / `TensorEntry`s.
+        source: a checkpoint path, a `Checkpoint`, a mapping of names to tensors / `TensorEntry`s, or
+            an `nn.Module` (its `state_dict()`).
         trust: passed to `ckptview.open` for paths.
 
     Yields:
-        (entries, section): the section is None for a mapping.
+        (entries, section): the section is None for a mapping or a module.
 
     Raises:
         CkptviewError: the path cannot be opened (see `ckptview.open`).
@@ -246,9 +248,13 @@ def state_dict_of(source: Any, *, trust: bool = False) -> Iterator[tuple[dict[st
     if isinstance(source, Mapping):
         yield dict(source), None
         return
+    if isinstance(source, nn.Module):
+        yield dict(source.state_dict()), None
+        return
     if isinstance(source, (str, os.PathLike)):
         with open_checkpoint(source, trust=trust) as checkpoint:
             section = model_section(checkpoint)
             yield model_state_dict(checkpoint, section), section
         return
-    raise TypeError(f"expected a checkpoint path, a ckptview Checkpoint or a state dict, not {type(source).__name__}")
+    raise TypeError(f"expected a checkpoint path, a ckptview Checkpoint, a state dict or an nn.Module, "
+                    f"not {type(source).__name__}")

@@ -191,8 +191,8 @@ def diff(a: Any, b: Any, *, values: bool = False, ignore: Sequence[str] = (), th
     keys are in b only, `unexpected` ones in a only.
 
     Args:
-        a, b: each a checkpoint path, an open `Checkpoint`, or a state dict (tensors or
-            `TensorEntry`s). Of a checkpoint the model section is compared (a Lightning file's
+        a, b: each a checkpoint path, an open `Checkpoint`, a state dict (tensors or
+            `TensorEntry`s) or an `nn.Module` (its weights). Of a checkpoint the model section is compared (a Lightning file's
             `state_dict`), so a `.ckpt` compares with the `.safetensors` exported from it.
         values: also compare values, streaming both files (see `value_diff`).
         ignore: glob patterns of keys to leave out of the value diff, e.g. `IGNORE_BN_STATS`.
