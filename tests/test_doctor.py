@@ -7,6 +7,7 @@ makes it load.
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -310,3 +311,38 @@ def test_matching_keys_inside_a_training_checkpoint_still_need_the_section(tmp_p
     model = make_cnn()
     model.load_state_dict(apply_fix(report.code, torch.load(path, weights_only=True)), strict=True)
     assert_same_weights(model, trained)
+
+
+def test_quantized_weights_into_a_float_model(tmp_path: Path) -> None:
+    reference = make_with_layernorm()
+    state = dict(reference.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch 2.13 deprecates quantized tensors, still saves them
+        state["0.weight"] = torch.quantize_per_tensor(state["0.weight"], 0.01, 0, torch.qint8)
+    path = tmp_path / "quantized.pt"
+    torch.save(state, path)
+    with pytest.raises(RuntimeError, match="quantized Tensor to non-quantized"):
+        make_with_layernorm().load_state_dict(torch.load(path, weights_only=True))
+    report = ckptview.doctor(path, make_with_layernorm)
+    assert not report.before.ok and [fix.kind for fix in report.fixes] == ["dequantize"]
+    assert report.loads_after_fix and report.strict
+    model = make_with_layernorm()
+    model.load_state_dict(apply_fix(report.code, torch.load(path, weights_only=True)), strict=True)
+    assert torch.allclose(model[0].weight, reference[0].weight, atol=0.005)
+    assert torch.equal(report.fixed_state_dict()["0.weight"], model[0].weight)
+
+
+def test_renamed_head_with_the_same_shape_is_renamed(tmp_path: Path, trained: nn.Module) -> None:
+    path = tmp_path / "old_names.pt"
+    torch.save({k.replace("fc.", "head."): v for k, v in trained.state_dict().items()}, path)
+    report = ckptview.doctor(path, FACTORY)
+    assert [fix.kind for fix in report.fixes] == ["rename"] and "renames = {'head': 'fc'}" in report.code
+    model = make_cnn()
+    model.load_state_dict(apply_fix(report.code, torch.load(path, weights_only=True)), strict=True)
+    assert_same_weights(model, trained)
+
+
+def test_diff_and_doctor_are_public() -> None:
+    assert {"diff", "doctor"} <= set(ckptview.__all__)
+    assert ckptview.doctor.__module__ == "ckptview.analyzers.doctor"
+    assert ckptview.diff.__module__ == "ckptview.analyzers.valuediff"

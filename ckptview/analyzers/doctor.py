@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckptview.analyzers.keydiff import KeyDiff, Spec, compress_keys, key_diff, spec_of, state_dict_of
+from ckptview.analyzers.keydiff import QUANTIZED_DTYPES, KeyDiff, Spec, compress_keys, key_diff, spec_of, state_dict_of
 from ckptview.analyzers.sections import Section
 from ckptview.model_source import ModelSpec, build_model, expected_state, meta_twin
 from ckptview.readers.model import TensorEntry
@@ -82,7 +82,7 @@ class _Pending:
 
     @property
     def is_quantized(self) -> bool:
-        return self.dtype in (torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4)
+        return self.dtype in QUANTIZED_DTYPES
 
     def t(self) -> _Pending:
         return _Pending(tuple(reversed(self.shape)), self.dtype, self.entry, self.ops + ("t",))
@@ -554,8 +554,7 @@ def _leftover_fixes(current: dict[str, Spec], target: dict[str, Spec], model: nn
             keys=keys,
         ))
 
-    quantized = [m for m in diff.dtype_mismatches
-                 if m.left in (torch.qint8, torch.quint8, torch.qint32) and m.right.is_floating_point]
+    quantized = [m for m in diff.dtype_mismatches if m.blocks_loading and m.left in QUANTIZED_DTYPES]
     if quantized:
         keys = tuple(m.key for m in quantized)
         fixes.append(Fix(

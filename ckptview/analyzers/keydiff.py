@@ -20,9 +20,11 @@ from ckptview.analyzers.sections import Section, model_section, model_state_dict
 from ckptview.readers import open_checkpoint
 from ckptview.readers.model import Checkpoint
 
-__all__ = ["KeyDiff", "ShapeMismatch", "DtypeMismatch", "key_diff", "compress_keys", "spec_of", "state_dict_of"]
+__all__ = ["QUANTIZED_DTYPES", "KeyDiff", "ShapeMismatch", "DtypeMismatch", "key_diff", "compress_keys", "spec_of", "state_dict_of"]
 
 Spec = tuple[tuple[int, ...], torch.dtype]
+
+QUANTIZED_DTYPES = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4})
 
 
 def spec_of(value: Any) -> Spec:
@@ -49,6 +51,15 @@ class DtypeMismatch:
     left: torch.dtype
     right: torch.dtype
 
+    @property
+    def blocks_loading(self) -> bool:
+        """Quantized on one side only: load_state_dict's copy_ refuses it, where it casts other dtypes."""
+        return (self.left in QUANTIZED_DTYPES) != (self.right in QUANTIZED_DTYPES)
+
+    def message(self) -> str:
+        return (f"dtype mismatch for {self.key}: the checkpoint has {self.left}, the current model {self.right}; "
+                "copying between quantized and non-quantized tensors is not allowed (dequantize first).")
+
 
 @dataclass(frozen=True)
 class KeyDiff:
@@ -61,7 +72,7 @@ class KeyDiff:
         unexpected: keys of the left side the right lacks ("Unexpected key(s) in state_dict").
         shape_mismatches: common keys whose shapes differ ("size mismatch for ...").
         dtype_mismatches: common keys with the same shape but another dtype; `load_state_dict`
-            casts these silently, so they are not errors, but worth knowing (fp16 vs fp32).
+            casts these silently (fp16 vs fp32), except quantized vs float (`blocks_loading`).
         matched: common keys with equal shapes.
     """
 
@@ -73,8 +84,9 @@ class KeyDiff:
 
     @property
     def ok(self) -> bool:
-        """True when `load_state_dict(strict=True)` would accept the keys and shapes."""
-        return not (self.missing or self.unexpected or self.shape_mismatches)
+        """True when `load_state_dict(strict=True)` would accept the keys, shapes and dtypes."""
+        return not (self.missing or self.unexpected or self.shape_mismatches
+                    or any(m.blocks_loading for m in self.dtype_mismatches))
 
     def message(self, *, compress: bool = True) -> str:
         """The error `load_state_dict` would raise (keys folded unless `compress=False`), or a line saying all match."""
@@ -87,6 +99,7 @@ class KeyDiff:
         if self.unexpected:
             lines.append("\tUnexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in fold(self.unexpected)) + ". ")
         lines.extend("\t" + mismatch.message() for mismatch in self.shape_mismatches)
+        lines.extend("\t" + mismatch.message() for mismatch in self.dtype_mismatches if mismatch.blocks_loading)
         return "\n".join(lines)
 
     def __str__(self) -> str:
