@@ -158,6 +158,18 @@ def test_tied_weights_are_read_once_and_stay_shared(tmp_path: Path) -> None:
     assert torch.equal(run_model(loaded.model, ids).output, direct(model, ids))
 
 
+def test_given_transformer_keeps_its_non_persistent_buffers(tmp_path: Path, transformer: TinyTransformer) -> None:
+    path = tmp_path / "lm.pt"
+    torch.save(transformer.state_dict(), path)
+    torch.manual_seed(5)
+    result = run_inference(path, TinyTransformer(), device=CPU, repeats=1)
+    assert result.weights.complete and result.notes == ()
+    ids, _ = make_input(transformer)
+    assert torch.equal(result.output["logits"], direct(transformer, ids)["logits"])
+    with pytest.raises(ModelBuildError, match="factory"):
+        run_inference(path, TinyTransformer(), model_kwargs={"vocab": 50}, device=CPU)
+
+
 # --- load report through the doctor --------------------------------------------------------------
 
 def test_ddp_prefix_is_fixed_and_reported(tmp_path: Path, cnn: BNCNN) -> None:

@@ -114,9 +114,10 @@ def load_model(
     Args:
         checkpoint: an opened checkpoint.
         model: None to use the module the checkpoint holds (a whole pickled module or a
-            TorchScript archive; needs `ckptview.open(..., trust=True)`); an `nn.Module` whose
-            weights are replaced by the checkpoint's (in place, like `load_state_dict`); or a
-            callable / "package.module:callable" string returning an `nn.Module`, called with
+            TorchScript archive; needs `ckptview.open(..., trust=True)`); an `nn.Module`, whose
+            meta twin receives the checkpoint's weights (the module itself is not modified;
+            tensors the checkpoint lacks are copied from it); or a callable /
+            "package.module:callable" string returning an `nn.Module`, called with
             `model_kwargs` on the meta device.
         model_kwargs: keyword arguments for a factory.
         device: where to put the model; None picks the best available device.
@@ -139,6 +140,9 @@ def load_model(
     if model is None:
         return _load_whole_model(checkpoint, target)
     if isinstance(model, nn.Module):
+        if model_kwargs:
+            raise ModelBuildError(None, "model_kwargs were given with an already built nn.Module: pass a factory "
+                                        "to build it with those arguments, or drop them")
         # The user's module stays untouched: the weights go into a meta twin of it, and the
         # buffers its state dict leaves out are copied from the original.
         twin = meta_twin(model)
@@ -290,8 +294,12 @@ def _copy_weights(model: nn.Module, checkpoint: Checkpoint) -> WeightsReport:
 
 
 def _materialise_leftovers(model: nn.Module, device: torch.device, like: nn.Module | None) -> tuple[str, ...]:
-    """Give every tensor still on meta real values on `device`; returns their names."""
+    """
+    Give every tensor still on meta real values on `device`; returns the names of those a
+    checkpoint could have held (non-persistent buffers never are, so they are not reported).
+    """
     originals = dict(like.named_modules()) if like is not None else {}
+    never_saved = set(_non_persistent_buffers(model))
     leftovers = []
     for module_name, module in model.named_modules():
         own = [(n, t) for n, t in [*module._parameters.items(), *module._buffers.items()] if t is not None]
@@ -313,7 +321,7 @@ def _materialise_leftovers(model: nn.Module, device: torch.device, like: nn.Modu
                 for n, value in kept.items():
                     getattr(module, n).copy_(value)
         leftovers.extend(f"{module_name}.{n}" if module_name else n for n in missing)
-    return tuple(leftovers)
+    return tuple(name for name in leftovers if name not in never_saved)
 
 
 def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
