@@ -297,6 +297,26 @@ def test_failing_forward_through_run_inference(tmp_path: Path) -> None:
         run_inference(path, BrokenMLP, device=CPU)
 
 
+class FailsAfterFirstCall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError("state went bad")
+        return self.linear(x)
+
+
+def test_failure_after_the_first_call_is_a_forward_error_too() -> None:
+    model = FailsAfterFirstCall().train()
+    with pytest.raises(ForwardError, match="warm-up call 1 failed.*state went bad"):
+        run_model(model, input_shape=(1, 4))
+    assert model.training and _hook_count(model) == 0
+
+
 def test_nan_outputs_are_counted(tmp_path: Path, mlp: MLP) -> None:
     state = mlp.state_dict()
     state["net.5.bias"][0] = float("nan")
@@ -350,6 +370,17 @@ def test_precision_comparison_table(tmp_path: Path, mlp: MLP) -> None:
     frame = comparison.to_frame()
     assert list(frame.index) == ["fp32", "fp16", "bf16", "int8"]
     assert {"latency_ms", "size_bytes", "max_abs_diff", "cosine", "top1_agreement"} <= set(frame.columns)
+
+
+def test_int8_transformer_runs_with_the_fused_fast_path_off_and_back_on(tmp_path: Path,
+                                                                          transformer: TinyTransformer) -> None:
+    path = tmp_path / "lm.pt"
+    torch.save(transformer.state_dict(), path)
+    comparison = compare_precisions(path, TinyTransformer, precisions=["int8"], device=CPU, repeats=1)
+    row = comparison.row("int8")
+    assert row.ok, row.status
+    assert row.deviation.cosine > 0.99 and row.deviation.top1_agreement is not None
+    assert torch.backends.mha.get_fastpath_enabled()
 
 
 def test_precision_names_are_checked_and_int8_needs_python_linear(tmp_path: Path, cnn: BNCNN) -> None:

@@ -10,7 +10,8 @@ import copy
 import enum
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -227,8 +228,9 @@ def _run_precision(model: nn.Module, precision: Precision, device: torch.device,
         return PrecisionRow(precision, str(run_device), f"unsupported: {_first_line(exc)}", None, None, None)
     cast = tuple(_cast_input(a, precision.dtype, run_device) for a in args)
     try:
-        result = run_model(variant, list(cast) if len(cast) > 1 else cast[0], device=run_device,
-                           warmup=warmup, repeats=repeats, top_k=top_k, progress=progress)
+        with _fastpath_off() if precision == Precision.INT8 else nullcontext():
+            result = run_model(variant, list(cast) if len(cast) > 1 else cast[0], device=run_device,
+                               warmup=warmup, repeats=repeats, top_k=top_k, progress=progress)
     except CkptviewError as exc:
         if precision == Precision.FP32:
             raise
@@ -240,6 +242,22 @@ def _run_precision(model: nn.Module, precision: Precision, device: torch.device,
     # run_model saw a given tensor; the spec says where it came from (and its dtype in this precision).
     result = replace(result, input=replace(spec, dtype=cast[0].dtype if isinstance(cast[0], torch.Tensor) else spec.dtype))
     return PrecisionRow(precision, str(run_device), "ok", _size_bytes(variant), result, deviation)
+
+
+@contextmanager
+def _fastpath_off() -> Iterator[None]:
+    """
+    Turn off the fused transformer/MHA fast path for the int8 run: its eligibility check reads
+    `linear.weight` as a tensor, which a dynamically quantized Linear has as a method, and it
+    cannot use quantized weights anyway. The flag is process-wide, so it is put back at once.
+    """
+    mha = torch.backends.mha
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
 
 
 def _unsupported(model: nn.Module, precision: Precision, device: torch.device) -> str | None:

@@ -227,14 +227,14 @@ def run_model(
             if progress:
                 progress(1, total, "first call")
             for number in range(max(0, warmup)):
-                model(*args)
+                _later_call(model, args, f"warm-up call {number + 1}")
                 if progress:
                     progress(2 + number, total, "warm-up")
             times = []
             for number in range(max(1, repeats)):
                 synchronize(target)
                 start = time.perf_counter()
-                model(*args)
+                _later_call(model, args, f"timed call {number + 1}")
                 synchronize(target)
                 times.append(time.perf_counter() - start)
                 if progress:
@@ -242,12 +242,14 @@ def run_model(
         if target.type == "cuda":
             peak = torch.cuda.max_memory_allocated(target)
     finally:
+        # Flags are set back directly rather than through train(mode): a model may override
+        # train() (e.g. to keep BatchNorm frozen), and what must come back is the exact state.
         for module, was_training in training:
             module.training = was_training
         if original_device is not None and original_device != target:
             model.to(original_device)
     outputs = tuple(_describe(name, tensor) for name, tensor in output_tensors(output))
-    return InferenceResult(str(target), spec, outputs, _top_k(outputs, output, top_k), Timing(max(0, warmup), tuple(times)),
+    return InferenceResult(str(target), spec, outputs, _top_k(output, top_k), Timing(max(0, warmup), tuple(times)),
                            peak, output=output)
 
 
@@ -342,8 +344,7 @@ def _first_call(model: nn.Module, args: tuple[Any, ...]) -> Any:
     try:
         return model(*args)
     except Exception as exc:  # any error from user code becomes a ForwardError naming the layer
-        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
-        shape_text = ", ".join("[" + ", ".join(map(str, s)) + "]" for s in shapes)
+        shapes = _shapes(args)
         if isinstance(model, torch.jit.ScriptModule):
             layer = None
             where = "in the TorchScript module (its traceback below names the code)"
@@ -351,11 +352,30 @@ def _first_call(model: nn.Module, args: tuple[Any, ...]) -> Any:
             layer = running[-1] if running else None
             where = f"in layer {layer}" if layer else "before any layer ran (in the model's own forward code)"
         message = str(exc).strip()
-        raise ForwardError(None, f"forward failed {where} with input shape {shape_text}: "
+        raise ForwardError(None, f"forward failed {where} with input shape {_shape_text(shapes)}: "
                                  f"{type(exc).__name__}: {message}", layer=layer, input_shapes=shapes) from exc
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _later_call(model: nn.Module, args: tuple[Any, ...], what: str) -> None:
+    """A call after the hooked first one; modules may take other code paths once unhooked (fast paths)."""
+    try:
+        model(*args)
+    except Exception as exc:  # user code: anything may be raised
+        shapes = _shapes(args)
+        raise ForwardError(None, f"the first call worked but {what} failed (without the layer-tracking hooks, "
+                                 f"which some modules' fast paths skip) with input shape {_shape_text(shapes)}: "
+                                 f"{type(exc).__name__}: {str(exc).strip()}", layer=None, input_shapes=shapes) from exc
+
+
+def _shapes(args: tuple[Any, ...]) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+
+
+def _shape_text(shapes: tuple[tuple[int, ...], ...]) -> str:
+    return ", ".join("[" + ", ".join(map(str, s)) + "]" for s in shapes)
 
 
 def _drop_last(running: list[str]) -> None:
@@ -409,7 +429,7 @@ def classifier_logits(output: Any) -> tuple[str, torch.Tensor, str] | None:
     return None
 
 
-def _top_k(outputs: tuple[OutputInfo, ...], output: Any, k: int) -> tuple[TopK, ...]:
+def _top_k(output: Any, k: int) -> tuple[TopK, ...]:
     found = classifier_logits(output)
     if found is None or k <= 0:
         return ()
