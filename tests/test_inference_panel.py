@@ -97,3 +97,14 @@ def test_whole_module_with_trust_and_a_given_module(tmp_path: Path) -> None:
     given.input_shape.value = "1,3,16,16"
     press_run(given)
     assert torch.equal(given.comparison.row("fp32").result.output, expected)
+
+
+def test_explorer_has_the_inference_tab(mlp_path: Path) -> None:
+    import ckptview
+
+    explorer = ckptview.explore(str(mlp_path), model="inference_models:make_mlp")
+    panel = explorer.select("Inference")
+    assert isinstance(panel, InferencePanel)
+    assert panel.model_factory.value == "inference_models:make_mlp"
+    assert panel.comparison is None and "Run builds the model" in panel.banner.value  # nothing ran on opening
+    explorer.close()
