@@ -227,6 +227,8 @@ def _run_precision(model: nn.Module, precision: Precision, device: torch.device,
     except (RuntimeError, TypeError) as exc:
         return PrecisionRow(precision, str(run_device), f"unsupported: {_first_line(exc)}", None, None, None)
     cast = tuple(_cast_input(a, precision.dtype, run_device) for a in args)
+    size = _size_bytes(variant)
+    copied = variant is not model
     try:
         with _fastpath_off() if precision == Precision.INT8 else nullcontext():
             result = run_model(variant, list(cast) if len(cast) > 1 else cast[0], device=run_device,
@@ -234,14 +236,15 @@ def _run_precision(model: nn.Module, precision: Precision, device: torch.device,
     except CkptviewError as exc:
         if precision == Precision.FP32:
             raise
-        return PrecisionRow(precision, str(run_device), f"failed: {_first_line(exc)}", _size_bytes(variant), None, None)
+        return PrecisionRow(precision, str(run_device), f"failed: {_first_line(exc)}", size, None, None)
     finally:
-        if variant is not model:
+        del variant  # the converted copy goes before the next precision is built
+        if copied:
             _free(run_device)
     deviation = None if reference is None else deviation_between(reference.output, result.output)
     # run_model saw a given tensor; the spec says where it came from (and its dtype in this precision).
     result = replace(result, input=replace(spec, dtype=cast[0].dtype if isinstance(cast[0], torch.Tensor) else spec.dtype))
-    return PrecisionRow(precision, str(run_device), "ok", _size_bytes(variant), result, deviation)
+    return PrecisionRow(precision, str(run_device), "ok", size, result, deviation)
 
 
 @contextmanager
