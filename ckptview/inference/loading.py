@@ -332,10 +332,6 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[name] = value
 
 
-def _has_meta_tensors(model: nn.Module) -> bool:
-    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
-
-
 def _non_persistent_buffers(model: nn.Module) -> list[str]:
     names = []
     for module_name, module in model.named_modules():
