@@ -268,6 +268,14 @@ def _hook_count(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
+def test_a_ready_module_runs_as_it_is(mlp: MLP) -> None:
+    result = run_inference(mlp, device=CPU, input_shape=(2, 8))
+    assert result.model_source == "given" and result.weights is None
+    assert torch.equal(result.output[0], direct(copy.deepcopy(mlp), seeded((2, 8)))[0])
+    with pytest.raises(ModelBuildError, match="already a model"):
+        run_inference(mlp, MLP, device=CPU)
+
+
 def test_run_model_restores_every_training_flag(mlp: MLP) -> None:
     mlp.train()
     mlp.net[2].eval()  # a mixed state (a frozen dropout) must come back exactly

@@ -308,6 +308,9 @@ class LoadedSource:
     def __enter__(self) -> LoadedModel:
         source, model, model_kwargs, trust, device = self._args
         if isinstance(source, nn.Module):
+            if model is not None or model_kwargs:
+                raise ModelBuildError(None, "the source is already a model; model= and model_kwargs= are for "
+                                            "building one to load a checkpoint into")
             target = resolve_device(device)
             return LoadedModel(source, "given", target, None)
         checkpoint = source
