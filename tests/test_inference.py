@@ -95,6 +95,30 @@ def test_factory_model_is_materialised_from_meta_with_checkpoint_values(cnn_path
     assert loaded.notes == ()
 
 
+class RecordsWhereItWasBuilt(nn.Module):
+    built_on: list[str] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        RecordsWhereItWasBuilt.built_on.append(self.fc.weight.device.type)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def test_factory_is_called_once_on_meta_so_no_initialised_copy_exists(tmp_path: Path) -> None:
+    torch.manual_seed(6)
+    reference = RecordsWhereItWasBuilt()
+    path = tmp_path / "fc.pt"
+    torch.save(reference.state_dict(), path)
+    RecordsWhereItWasBuilt.built_on.clear()
+    with ckptview.open(path) as ckpt:
+        loaded = load_model(ckpt, RecordsWhereItWasBuilt, device=CPU)
+    assert RecordsWhereItWasBuilt.built_on == ["meta"]
+    assert torch.equal(loaded.model.fc.weight, reference.fc.weight)
+
+
 def test_transformer_with_embedding_and_dict_output(tmp_path: Path, transformer: TinyTransformer) -> None:
     path = tmp_path / "lm.pt"
     torch.save(transformer.state_dict(), path)
