@@ -35,6 +35,14 @@ _PRELUDE = r"""
 import json, sys, threading, time
 import torch, ckptview
 path = sys.argv[1]
+if sys.argv[2] == "warm":
+    # Re-read just before timing: this VM reclaims idle page cache within seconds (DAMON), so a
+    # file read by the previous run may already be cold again.
+    with open(path, "rb", buffering=0) as f:
+        block = memoryview(bytearray(16 << 20))
+        while f.readinto(block):
+            pass
+    del block
 def anon_mb():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith("RssAnon:")) / 1024
@@ -98,8 +106,8 @@ print(json.dumps({"open": t1 - t0, "table": t2 - t1, "tree": t3 - t2, "rows": le
 """
 
 
-def run(code: str, path: Path) -> dict[str, float]:
-    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+def run(code: str, path: Path, cache: str = "cold") -> dict[str, float]:
+    done = subprocess.run([sys.executable, "-c", code, str(path), cache], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(done.stderr)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -110,7 +118,7 @@ def measure(path: Path, method: str, *, cold: bool, repeat: int) -> dict[str, fl
     for _ in range(repeat):
         if cold:
             drop_page_cache(path)
-        runs.append(run(_PRELUDE + METHODS[method] + _REPORT, path))
+        runs.append(run(_PRELUDE + METHODS[method] + _REPORT, path, "cold" if cold else "warm"))
     return {"seconds": statistics.median(r["seconds"] for r in runs),
             "extra_anon_mb": max(r["extra_anon_mb"] for r in runs)}
 
@@ -126,12 +134,11 @@ def main() -> None:
         many = make_many_tensors(Path(tmp) / "many.pt")
         size = llm.stat().st_size
         print(f"wrote {llm.name} ({size / 2**30:.2f} GiB) and {many.name} in {time.perf_counter() - t0:.0f}s; "
-              f"{os.cpu_count()} CPUs, torch threads {__import__('torch').get_num_threads()}\n")
+              f"{os.cpu_count()} CPUs, torch threads {__import__('torch').get_num_threads()}, "
+              f"load average {os.getloadavg()[0]:.1f} (other work on the machine slows every row)\n")
 
         results: dict[tuple[str, str], dict[str, float]] = {}
         for cache in ("warm", "cold"):
-            if cache == "warm":
-                run(_PRELUDE + METHODS["raw read (16 MB blocks)"] + _REPORT, llm)  # fill the page cache
             for method in METHODS:
                 repeat = 1 if method.startswith("torch") else args.repeat
                 results[(cache, method)] = measure(llm, method, cold=cache == "cold", repeat=repeat)
@@ -151,6 +158,7 @@ def main() -> None:
         print(f"\n20,000-tensor file ({timings[0]['rows']:,} rows): open {best['open']:.3f}s, tensor_table "
               f"{best['table']:.3f}s, module_tree {best['tree']:.3f}s, table+tree {best['table'] + best['tree']:.3f}s "
               f"(best of {args.repeat}); folded {timings[0]['folded']}")
+        print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,11 @@ def _mixed_tensors() -> dict[str, torch.Tensor]:
     with_nonfinite.view(-1)[[7, 8]] = float("inf")
     with_nonfinite.view(-1)[9] = -float("inf")
     with_nonfinite.view(-1)[100:150] = 0.0
+    signed_zeros = (randn(3000) * 0.1).bfloat16()
+    signed_zeros[:300] = 0.0
+    signed_zeros[300:500] = -0.0
+    half_zeros = (randn(3000) * 0.1).half()
+    half_zeros[1000:1100] = -0.0
     half_nonfinite = (randn(5000) * 3).half()
     half_nonfinite[[1, 2]] = float("nan")
     half_nonfinite[4] = -float("inf")
@@ -44,6 +49,8 @@ def _mixed_tensors() -> dict[str, torch.Tensor]:
         "bool": randn(2000) > 0.4,
         "nonfinite": with_nonfinite,
         "f16_nonfinite": half_nonfinite,
+        "bf16_signed_zeros": signed_zeros,
+        "f16_signed_zeros": half_zeros,
         "all_nan": torch.full((10,), float("nan")),
         "empty": torch.empty(0, 8),
         "scalar": torch.tensor(2.5),
@@ -118,6 +125,14 @@ def test_nan_and_inf_do_not_hide_the_rest(mixed_file: tuple[Path, dict[str, torc
     assert item.finite_count == 300 * 70 - 6
 
 
+def test_negative_zero_counts_as_zero(mixed_file: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, _ = mixed_file
+    with ckptview.open(path) as ckpt:
+        result = ckptview.stats(ckpt, progress=False, chunk_bytes=1000)
+    assert result["bf16_signed_zeros"].zero_fraction == 500 / 3000
+    assert result["f16_signed_zeros"].zero_fraction == 100 / 3000
+
+
 def test_integer_and_bool_statistics_are_exact(tmp_path: Path) -> None:
     big = torch.tensor([2**62, -(2**62), 5, 0])
     flags = torch.tensor([True, False, True, True])
@@ -186,7 +201,7 @@ def test_filter_by_regex_and_predicate(mixed_file: tuple[Path, dict[str, torch.T
     with ckptview.open(path) as ckpt:
         assert {t.name for t in ckptview.stats(ckpt, progress=False, filter=r"^f(16|32)$").tensors} == {"f32", "f16"}
         by_dtype = ckptview.stats(ckpt, progress=False, filter=lambda entry: entry.dtype == torch.bfloat16)
-    assert [t.name for t in by_dtype.tensors] == ["bf16"]
+    assert {t.name for t in by_dtype.tensors} == {"bf16", "bf16_signed_zeros"}
 
 
 def test_cancel_stops_and_caches_nothing(tmp_path: Path) -> None:
