@@ -80,8 +80,10 @@ def module_tree(ckpt: Checkpoint, *, fold_repeats: bool = True) -> ModuleTree:
         A frozen `ModuleTree`; `to_frame()` gives one DataFrame row per node. Cached per checkpoint.
 
     Example:
-        >>> tree = ckptview.module_tree(ckpt)
-        >>> [(n.name, n.repeat) for n in tree.root.children[1].children]
+        >>> tree = ckptview.module_tree(ckpt)       # a Hugging Face LLaMA-7B state dict
+        >>> [child.name for child in tree.root.children[0].children]
+        ['embed_tokens', 'layers', 'norm']
+        >>> [(n.name, n.repeat) for n in tree.root.children[0].children[1].children]
         [('0…31', 32)]
     """
     return ckpt.cached(f"module_tree:{fold_repeats}", lambda: build_tree(tensor_table(ckpt), fold_repeats))
