@@ -11,6 +11,7 @@ says what the file is and what to do.
     ├── ShardError                     a sharded set with a missing, extra or inconsistent shard
     ├── UntrustedCodeError             the operation needs to run code from the file
     ├── ModelBuildError                a model factory could not be imported or called
+    │   └── ForwardError               the model's forward raised (names the layer and input shape)
     └── TensorDataError                a tensor's bytes cannot be turned into a torch.Tensor
 """
 
@@ -28,6 +29,7 @@ __all__ = [
     "ShardError",
     "UntrustedCodeError",
     "ModelBuildError",
+    "ForwardError",
     "TensorDataError",
 ]
 
@@ -71,6 +73,18 @@ class UntrustedCodeError(CkptviewError):
 
 class ModelBuildError(CkptviewError):
     """A model or factory given by the user could not be imported, called or used."""
+
+
+class ForwardError(ModelBuildError):
+    """
+    The model's forward raised. `layer` is the innermost module that was running (None when it
+    cannot be told, e.g. inside TorchScript) and `input_shapes` the shapes fed to the model.
+    """
+
+    def __init__(self, path: str | None, reason: str, *, layer: str | None, input_shapes: tuple[tuple[int, ...], ...]) -> None:
+        super().__init__(path, reason)
+        self.layer = layer
+        self.input_shapes = input_shapes
 
 
 class TensorDataError(CkptviewError):

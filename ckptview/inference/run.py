@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckptview.errors import ModelBuildError
+from ckptview.errors import ForwardError, ModelBuildError
 from ckptview.inference.devices import resolve_device, synchronize
 from ckptview.inference.inputs import DEFAULT_SEED, InputSpec, given_input, make_input
 from ckptview.inference.loading import LoadedModel, ModelSpec, WeightsReport, load_model, module_device
@@ -26,18 +26,6 @@ from ckptview.readers.model import Checkpoint
 
 # progress(done, total, text): the UI's progress bar; it may raise to cancel.
 Progress = Callable[[float, float, str], None]
-
-
-class ForwardError(ModelBuildError):
-    """
-    The model's forward raised. `layer` is the innermost module that was running (None when it
-    cannot be told, e.g. inside TorchScript) and `input_shapes` the shapes fed to the model.
-    """
-
-    def __init__(self, path: str | None, reason: str, *, layer: str | None, input_shapes: tuple[tuple[int, ...], ...]) -> None:
-        super().__init__(path, reason)
-        self.layer = layer
-        self.input_shapes = input_shapes
 
 
 @dataclass(frozen=True)
