@@ -8,7 +8,6 @@ pointing at its storage's bytes in the file, and nothing is read beyond the pick
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import struct
 import zipfile
