@@ -52,7 +52,7 @@ def poisoned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def opened(app: Explorer, title: str):  # noqa: ANN201 - a Panel subclass
+def opened(app: Explorer, title: str):
     panel = app.select(title)
     panel.wait()
     return panel
@@ -168,7 +168,7 @@ def test_large_weights_are_downsampled_for_the_heatmap(tmp_path: Path) -> None:
     panel.wait()
     z = panel.heatmap.data[0].z
     assert (len(z), len(z[0])) == (96, 96)
-    assert "block means" in panel.heatmap.layout.title.text
+    assert "block means" in panel.heatmap.figure.layout.title.text
 
 
 def test_module_tree_folds_repeated_blocks_and_expands(many_tensors: Path, demo: dict[str, Path]) -> None:
@@ -187,7 +187,7 @@ def test_statistics_plot_by_depth_and_flag_outliers(poisoned: Path) -> None:
     panel = opened(explore(poisoned), "Statistics")
     assert "<b>2,000</b> tensors" in panel.summary.value
     assert "1 tensors hold NaN or Inf" in panel.summary.value
-    std, abs_max, flagged = panel.figure.data
+    std, _, flagged = panel.figure.data
     assert set(flagged.text) == {"blocks.7.layer3.weight", "blocks.50.layer2.weight"}
     assert len(std.x) == 2000 and std.y[1] == pytest.approx(torch.load(poisoned)["blocks.0.layer1.weight"].std().item())
     assert "non_finite" in panel.outliers.value and "abs_max_outlier" in panel.outliers.value
@@ -240,6 +240,7 @@ def test_training_state_shows_optimizer_mapped_to_names(demo: dict[str, Path]) -
 def test_compare_with_a_model_gives_code_that_loads(demo: dict[str, Path]) -> None:
     app = explore(demo["cnn_dataparallel.pt"], model="ckptview.demo:build_model")
     panel = opened(app, "Compare")
+    assert "Loading this checkpoint into the model" in panel.key_report.value
     assert "32 only in this checkpoint (unexpected)" in panel.key_report.value
     assert "module." in panel.fixes.value and "strict=True" in panel.fixes.value
     scope = {"state_dict": torch.load(demo["cnn_dataparallel.pt"], weights_only=True)}

@@ -6,4 +6,4 @@ IPython or plotly widgets; `import ckptview` never imports it.
 from ckptview.ui.app import Explorer, explore
 from ckptview.ui.base import ExplorerState
 
-__all__ = ["explore", "Explorer", "ExplorerState"]
+__all__ = ["Explorer", "ExplorerState", "explore"]

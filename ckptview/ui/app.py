@@ -32,6 +32,7 @@ class Explorer(widgets.VBox):
             self.panels: dict[str, Panel | widgets.Widget] = {}
             self.tabs = widgets.Tab()
             super().__init__([widgets.HTML(STYLE), self.header])
+            self.add_class("ckptview-explorer")
             return
         panels = [OverviewPanel(state), TensorsPanel(state), TreePanel(state), StatisticsPanel(state),
                   BatchNormPanel(state), TrainingPanel(state), ComparePanel(state), inference_panel(state)]

@@ -37,7 +37,8 @@ STYLE = """
 .ckptview-banner-info {background:#e8f0fe;border-left:4px solid #1a73e8;padding:6px 10px;margin:4px 0;color:#174ea6}
 .ckptview-banner-warning {background:#fef7e0;border-left:4px solid #f9ab00;padding:6px 10px;margin:4px 0;color:#5c4400}
 .ckptview-mono select, .ckptview-mono textarea {font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px}
-.ckptview-table {border-collapse:collapse;font-size:12px}
+.ckptview-table {border-collapse:collapse;font-size:12px;line-height:1.4;margin:4px 0}
+.ckptview-tree, .ckptview-explorer p, .ckptview-explorer li {line-height:1.5}
 .ckptview-table th, .ckptview-table td {padding:2px 8px;border-bottom:1px solid #e0e0e0;text-align:left;vertical-align:top}
 .ckptview-table td.num {text-align:right;font-variant-numeric:tabular-nums}
 .ckptview-badge {display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;margin-left:6px}
@@ -225,12 +226,31 @@ class Panel(widgets.VBox):
         self.banner.value = banner_html(kind, message)
 
 
-def replace_figure(widget: Any, figure: Any) -> None:
-    """Show `figure` (a plotly Figure) in an existing FigureWidget: one message, not one per trace."""
-    with widget.batch_update():
-        widget.data = ()
-        widget.add_traces(figure.data)
-        widget.layout = figure.layout
+class FigureBox(widgets.VBox):
+    """
+    A slot for one plotly figure. Each `show()` puts a new FigureWidget in the slot rather than
+    relayouting the old one: a front end that attaches later (Voila renders after the kernel has
+    run) then receives the whole figure as the widget's initial state, not a history of updates.
+    """
+
+    def __init__(self) -> None:
+        self.figure: Any = None
+        super().__init__()
+
+    def show(self, figure: Any) -> None:
+        import plotly.graph_objects as go
+
+        self.figure = go.FigureWidget(figure)
+        self.children = (self.figure,)
+
+    def clear(self) -> None:
+        self.figure = None
+        self.children = ()
+
+    @property
+    def data(self) -> tuple[Any, ...]:
+        """The traces shown (empty when nothing is)."""
+        return () if self.figure is None else self.figure.data
 
 
 def optional_module(name: str) -> ModuleType | None:

@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 from ckptview.analyzers.batchnorm import BatchNormReport, batchnorm_checks
 from ckptview.analyzers.sections import model_state_dict
 from ckptview.present import figures
-from ckptview.ui.base import ExplorerState, Panel, esc, replace_figure
+from ckptview.ui.base import ExplorerState, FigureBox, Panel, esc
 
 _SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2, "ok": 3}
 # Layers plotted at most: past this the boxes are too thin to read and the figure too heavy to send.
@@ -22,7 +22,7 @@ class BatchNormPanel(Panel):
 
     def __init__(self, state: ExplorerState) -> None:
         self.findings = widgets.HTML()
-        self.figure = go.FigureWidget()
+        self.figure = FigureBox()
         self.report_result: BatchNormReport | None = None
         super().__init__(state, [self.findings, self.figure])
 
@@ -46,4 +46,7 @@ class BatchNormPanel(Panel):
             f"<p><b>{len(report.layers)}</b> BatchNorm layers; findings: {counts}.</p>"
             "<table class='ckptview-table'><tr><th>severity</th><th>check</th><th>module</th><th>what it means</th></tr>"
             f"{rows}</table>" if report.layers else "<p>No BatchNorm layers in this checkpoint's model.</p>")
-        replace_figure(self.figure, figure or go.Figure(layout=dict(height=10)))
+        if figure is None:
+            self.figure.clear()
+        else:
+            self.figure.show(figure)

@@ -10,12 +10,10 @@ from typing import Any
 
 import ipywidgets as widgets
 import pandas as pd
-import plotly.graph_objects as go
-
-import ckptview
 import torch
 from torch import nn
 
+import ckptview
 from ckptview.analyzers.doctor import Diagnosis, diagnose
 from ckptview.analyzers.keydiff import KeyDiff, key_diff
 from ckptview.analyzers.sections import model_section, model_state_dict
@@ -23,7 +21,7 @@ from ckptview.analyzers.valuediff import ValueDiff, value_diff
 from ckptview.present import figures
 from ckptview.present.text import human_bytes
 from ckptview.readers.model import Checkpoint, TensorEntry
-from ckptview.ui.base import ExplorerState, Panel, banner_html, esc, replace_figure
+from ckptview.ui.base import ExplorerState, FigureBox, Panel, banner_html, esc
 
 # What the sibling dropdown offers: files a checkpoint is usually saved as, and shard indexes.
 _SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar", ".pkl", ".index.json")
@@ -64,7 +62,7 @@ class ComparePanel(Panel):
         self.code.add_class("ckptview-mono")
         self.values_button = widgets.Button(description="Compute value diff", icon="bar-chart",
                                             layout=widgets.Layout(display="none"))
-        self.values = go.FigureWidget()
+        self.values = FigureBox()
         self.diagnosis: Diagnosis | None = None
         self.key_diff: KeyDiff | None = None
         self.value_diff: ValueDiff | None = None
@@ -115,9 +113,9 @@ class ComparePanel(Panel):
         second = ckptview.open(other, trust=self.state.trust)
         self._other = second
         mine, theirs = model_state_dict(ckpt), model_state_dict(second)
-        keys = key_diff(mine, theirs)
-        # When the keys disagree, ask the load doctor how the other checkpoint would load where this
-        # one's keys are expected (e.g. strip DataParallel's `module.`).
+        # Read as "load the other checkpoint into a model shaped like this one", the question a user
+        # comparing a good file with a failing one asks; the doctor then says how (e.g. strip `module.`).
+        keys = key_diff(theirs, mine)
         diagnosis = None if keys.ok else diagnose(theirs, _shaped_like(mine), section=model_section(second))
         return keys, diagnosis
 
@@ -138,7 +136,7 @@ class ComparePanel(Panel):
     def _show_comparison(self, result: tuple[KeyDiff, Diagnosis | None]) -> None:
         keys, diagnosis = result
         self.key_diff = keys
-        self.key_report.value = _key_diff_html(keys, "this checkpoint", "the other")
+        self.key_report.value = _key_diff_html(keys, "the other checkpoint", "this one")
         self.values_button.layout.display = ""
         if diagnosis is None:
             self.diagnosis = None
@@ -158,7 +156,7 @@ class ComparePanel(Panel):
                                "cosine": g.cosine} for g in groups])
         note = "" if changes.complete else " (cancelled: partial)"
         self.show_info(f"{len(changes.tensors):,} tensors compared, {len(changes.changed()):,} differ{note}.")
-        replace_figure(self.values, figures.value_diff_by_module(frame))
+        self.values.show(figures.value_diff_by_module(frame))
 
     def _show_diagnosis(self, diagnosis: Diagnosis) -> None:
         self.key_report.value = _key_diff_html(diagnosis.before, "this checkpoint", "the model")
@@ -205,6 +203,7 @@ def _key_diff_html(diff: KeyDiff, left: str, right: str) -> str:
     if diff.ok:
         return banner_html("info", f"Keys and shapes match: {diff.matched:,} tensors in both." +
                            (f" {len(diff.dtype_mismatches)} differ in dtype (load_state_dict casts them)." if diff.dtype_mismatches else ""))
-    return (f"<p>{diff.matched:,} tensors match; {len(diff.missing):,} only in {right} (missing), "
-            f"{len(diff.unexpected):,} only in {left} (unexpected), {len(diff.shape_mismatches):,} shape mismatches.</p>"
+    return (f"<p>Loading {left} into {right}: {diff.matched:,} tensors match; {len(diff.missing):,} only in {right} "
+            f"(missing), {len(diff.unexpected):,} only in {left} (unexpected), {len(diff.shape_mismatches):,} shape "
+            "mismatches.</p>"
             f"<pre style='white-space:pre-wrap;font-size:12px;background:#fdecea;padding:6px'>{esc(diff.message())}</pre>")

@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 from ckptview.analyzers.tree import module_tree
 from ckptview.present import figures
 from ckptview.present.frames import sections_frame, summary
-from ckptview.ui.base import ExplorerState, Panel, esc, replace_figure
+from ckptview.ui.base import ExplorerState, FigureBox, Panel, esc
 
 
 class OverviewPanel(Panel):
@@ -18,7 +18,7 @@ class OverviewPanel(Panel):
 
     def __init__(self, state: ExplorerState) -> None:
         self.sections = widgets.HTML()
-        self.treemap = go.FigureWidget()
+        self.treemap = FigureBox()
         super().__init__(state, [self.sections, self.treemap])
 
     def _compute(self) -> tuple[Any, go.Figure]:
@@ -38,4 +38,4 @@ class OverviewPanel(Panel):
             "<table class='ckptview-table'><tr><th>section</th><th>path</th><th>tensors</th><th>contents</th>"
             f"<th>what it is</th></tr>{rows}</table>"
         )
-        replace_figure(self.treemap, treemap)
+        self.treemap.show(treemap)

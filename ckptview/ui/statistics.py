@@ -6,13 +6,12 @@ import re
 from typing import Any
 
 import ipywidgets as widgets
-import plotly.graph_objects as go
 
 from ckptview.analyzers.stats import StatsResult, stats
 from ckptview.present import figures
 from ckptview.present.text import human_bytes
 from ckptview.readers.model import TensorEntry
-from ckptview.ui.base import Cancelled, ExplorerState, Panel, banner_html, esc, replace_figure
+from ckptview.ui.base import Cancelled, ExplorerState, FigureBox, Panel, banner_html, esc
 
 # Progress granularity: the work is handed to `stats` in batches of about this share of the bytes,
 # so the bar moves ~50 times whatever the file size (stats itself parallelises within a batch).
@@ -26,10 +25,11 @@ class StatisticsPanel(Panel):
     def __init__(self, state: ExplorerState) -> None:
         self.name_filter = widgets.Text(placeholder="only tensors matching this regex", continuous_update=False,
                                         layout=widgets.Layout(width="300px"))
-        self.compute = widgets.Button(description="Compute statistics", button_style="primary", icon="play")
+        self.compute = widgets.Button(description="Compute statistics", button_style="primary", icon="play",
+                                      layout=widgets.Layout(width="190px"))
         self.cancel_button = widgets.Button(description="Cancel", icon="stop", disabled=True)
         self.summary = widgets.HTML()
-        self.figure = go.FigureWidget()
+        self.figure = FigureBox()
         self.outliers = widgets.HTML()
         self.result: StatsResult | None = None
         self.compute.on_click(self._on_compute_click)
@@ -72,7 +72,7 @@ class StatisticsPanel(Panel):
         for batch in _batches(entries, target):
             names = {e.name for e in batch}
             try:
-                stats(ckpt, filter=lambda e: e.name in names, progress=False, cancel=self._cancel)
+                stats(ckpt, filter=lambda e, names=names: e.name in names, progress=False, cancel=self._cancel)
             except Exception as exc:
                 if self.cancel_requested:
                     raise Cancelled() from exc
@@ -89,7 +89,7 @@ class StatisticsPanel(Panel):
         nonfinite = int(((frame["nan_count"] > 0) | (frame["inf_count"] > 0)).sum()) if len(frame) else 0
         self.summary.value = (f"<b>{len(frame):,}</b> tensors; <b>{len(result.outliers)}</b> findings on "
                               f"{len(flagged)} tensors; {nonfinite} tensors hold NaN or Inf.")
-        replace_figure(self.figure, figures.stats_by_depth(frame, flagged))
+        self.figure.show(figures.stats_by_depth(frame, flagged))
         rows = "".join(f"<tr><td><code>{esc(o.name)}</code></td><td class='sev-warning'>{esc(o.check)}</td>"
                        f"<td>{esc(o.message)}</td></tr>" for o in result.outliers[:200])
         self.outliers.value = ("<table class='ckptview-table'><tr><th>tensor</th><th>finding</th><th>what it means</th></tr>"

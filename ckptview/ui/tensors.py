@@ -7,14 +7,13 @@ from typing import Any
 
 import ipywidgets as widgets
 import pandas as pd
-import plotly.graph_objects as go
 
 from ckptview.analyzers.stats import stats
 from ckptview.analyzers.table import tensor_table
 from ckptview.present import figures
 from ckptview.present.frames import filter_frame, page
 from ckptview.present.text import human_bytes, shape_text
-from ckptview.ui.base import ExplorerState, Panel, banner_html, esc, replace_figure
+from ckptview.ui.base import ExplorerState, FigureBox, Panel, banner_html, esc
 
 PAGE_SIZE = 50
 _STAT_FIELDS = (("min", "min"), ("max", "max"), ("mean", "mean"), ("std", "std"), ("abs-max", "abs_max"),
@@ -32,16 +31,18 @@ class TensorsPanel(Panel):
         self.dtype_filter = widgets.Dropdown(options=[("any dtype", "")], layout=widgets.Layout(width="130px"))
         self.kind_filter = widgets.Dropdown(options=[("any layer kind", "")], layout=widgets.Layout(width="160px"))
         self.sort_by = widgets.Dropdown(options=_SORTS, value="order", description="sort", layout=widgets.Layout(width="190px"))
-        self.descending = widgets.ToggleButton(description="descending", layout=widgets.Layout(width="100px"))
+        self.descending = widgets.ToggleButton(description="descending", icon="sort-amount-desc",
+                                               layout=widgets.Layout(width="120px"))
         self.previous = widgets.Button(description="◀", layout=widgets.Layout(width="40px"))
         self.next = widgets.Button(description="▶", layout=widgets.Layout(width="40px"))
         self.page_label = widgets.HTML()
         self.header_line = widgets.HTML()
         self.rows = widgets.Select(rows=20, layout=widgets.Layout(width="100%"))
         self.rows.add_class("ckptview-mono")
+        self.rows.add_class("ckptview-rows")
         self.detail = widgets.HTML()
-        self.histogram = go.FigureWidget()
-        self.heatmap = go.FigureWidget()
+        self.histogram = FigureBox()
+        self.heatmap = FigureBox()
         self.frame = pd.DataFrame()
         self.matching = 0
         self.page_number = 0
@@ -50,10 +51,11 @@ class TensorsPanel(Panel):
         self.previous.on_click(self._on_previous_click)
         self.next.on_click(self._on_next_click)
         self.rows.observe(self._on_rows_value, names="value")
-        controls = widgets.HBox([self.name_filter, self.dtype_filter, self.kind_filter, self.sort_by, self.descending,
-                                 self.previous, self.next, self.page_label], layout=widgets.Layout(flex_flow="row wrap"))
+        controls = widgets.HBox([self.name_filter, self.dtype_filter, self.kind_filter, self.sort_by, self.descending],
+                                layout=widgets.Layout(flex_flow="row wrap"))
+        paging = widgets.HBox([self.previous, self.next, self.page_label])
         plots = widgets.HBox([self.histogram, self.heatmap])
-        super().__init__(state, [controls, self.header_line, self.rows, self.detail, plots])
+        super().__init__(state, [controls, paging, self.header_line, self.rows, self.detail, plots])
 
     def _compute(self) -> pd.DataFrame:
         frame = tensor_table(self.state.checkpoint).to_frame()
@@ -107,6 +109,7 @@ class TensorsPanel(Panel):
                                  f" (of {len(self.frame):,})")
         self.header_line.value = f"<pre style='margin:0;font-size:12px'>{esc(_line('name', 'shape', 'dtype', 'layer kind', 'role', 'size'))}</pre>"
         self.rows.index = None  # else the Select picks the first row, which would load that tensor
+        self.rows.rows = max(3, min(len(shown), 20))
         self.rows.options = [(_line(r["name"], shape_text(r["shape"]), r["dtype"], r["layer_kind"], r["role"],
                                     human_bytes(r["nbytes"])), r["name"]) for r in shown.to_dict("records")]
 
@@ -139,9 +142,14 @@ class TensorsPanel(Panel):
                              f"<table class='ckptview-table'>{'</tr>'.join(left)}</tr></table>"
                              f"<table class='ckptview-table'>{'</tr>'.join(right)}</table></div>")
         histogram = numbers.histogram
-        replace_figure(self.histogram, figures.histogram(histogram.edges, histogram.counts, f"histogram of {row['name']}")
-                       if histogram is not None else go.Figure(layout=dict(height=10)))
-        replace_figure(self.heatmap, detail["heatmap"] or go.Figure(layout=dict(height=10)))
+        if histogram is None:
+            self.histogram.clear()
+        else:
+            self.histogram.show(figures.histogram(histogram.edges, histogram.counts, f"histogram of {row['name']}"))
+        if detail["heatmap"] is None:
+            self.heatmap.clear()
+        else:
+            self.heatmap.show(detail["heatmap"])
 
 
 def _line(name: str, shape: str, dtype: str, kind: str, role: str, size: str) -> str:

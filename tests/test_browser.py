@@ -1,0 +1,217 @@
+"""
+The explorer in a real browser: headless Debian Chromium (driven by Playwright's Python package)
+against a JupyterLab and a Voila server started here on 127.0.0.1. Screenshots go to test-artifacts/.
+
+Runs on a copy of the demo notebook in a temporary folder, so the repository's notebook never gets
+outputs saved into it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+# Jupyter refuses to run as root unless told; CI containers run as root.
+ROOT_FLAG = ["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--disable-sync"]
+
+if not os.path.exists(CHROMIUM):
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium); CI installs it", allow_module_level=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with a copy of the demo notebook, its sample checkpoints, and a quiet Jupyter config."""
+    folder = tmp_path_factory.mktemp("lab")
+    shutil.copy(ROOT / "notebooks" / "explore.ipynb", folder / "explore.ipynb")
+    from ckptview.demo import write_samples
+
+    write_samples(folder / "demo")
+    config = folder / "jupyter-config"
+    (config / "labconfig").mkdir(parents=True)
+    # No "would you like news?" toast covering the page in screenshots.
+    (config / "labconfig" / "page_config.json").write_text(json.dumps(
+        {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
+    return folder
+
+
+def server_env(workdir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(CKPTVIEW_DEMO_DIR=str(workdir / "demo"), JUPYTER_CONFIG_DIR=str(workdir / "jupyter-config"),
+               JUPYTERLAB_WORKSPACES_DIR=str(workdir / "workspaces"), JUPYTERLAB_SETTINGS_DIR=str(workdir / "settings"))
+    return env
+
+
+@pytest.fixture(scope="module")
+def lab(workdir: Path) -> Iterator[str]:
+    port, token = free_port(), secrets.token_hex(16)
+    bin_dir = Path(sys.executable).parent
+    process = subprocess.Popen(
+        [str(bin_dir / "jupyter"), "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={workdir}", *ROOT_FLAG],
+        cwd=workdir, env=server_env(workdir), stdout=subprocess.DEVNULL, stderr=(workdir / "lab.log").open("wb"))
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/api/status?token={token}", process)
+        yield f"http://127.0.0.1:{port}/lab/tree/explore.ipynb?token={token}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, request: pytest.FixtureRequest) -> Iterator[object]:
+    """A fresh page; when the test fails, a screenshot of it is kept as test-artifacts/<test>-failure.png."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    failed_before = request.session.testsfailed
+    yield page
+    if request.session.testsfailed > failed_before:
+        page.screenshot(path=str(ARTIFACTS / f"{request.node.name}-failure.png"), full_page=True)
+    page.close()
+
+
+def tab(explorer, title: str):
+    return explorer.locator(".lm-TabBar-tab", has_text=re.compile(f"^{re.escape(title)}$")).first
+
+
+def test_demo_notebook_in_jupyterlab(lab: str, page) -> None:
+    page.goto(lab)
+    page.wait_for_selector(".jp-Notebook", timeout=60_000)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], #jp-main-statusbar :text('Idle')",
+                           timeout=60_000)
+    page.locator(".jp-Notebook .jp-Cell").first.click()
+    page.locator(".lm-MenuBar-item", has_text=re.compile("^Run$")).first.click()
+    page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+    explorer = page.locator(".ckptview-explorer").first
+    explorer.wait_for(timeout=90_000)
+    explorer.locator("text=sections").first.wait_for()
+    page.get_by_text("parameters by module").first.wait_for(timeout=30_000)
+    header = explorer.inner_text()
+    assert "training.pt" in header and "torch-zip" in header and "no foreign code needed" in header
+    assert "epoch=3" in explorer.inner_text()
+    explorer.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "lab-overview.png"))
+
+    tab(explorer, "Tensors").click()
+    regex = explorer.locator("input[placeholder^='name regex']")
+    regex.fill(r"layer1\..*weight")
+    regex.press("Enter")
+    explorer.get_by_text("rows 1–4 of 4").wait_for(timeout=30_000)
+    options = explorer.locator(".ckptview-rows select option")
+    assert options.count() == 4 and "model_state_dict.layer1.0.0.weight" in options.first.inner_text().replace("\xa0", " ")
+    explorer.locator(".ckptview-rows select").select_option(index=0)
+    explorer.get_by_text("abs-max").first.wait_for(timeout=30_000)
+    page.get_by_text("histogram of model_state_dict.layer1.0.0.weight").first.wait_for(timeout=30_000)
+    explorer.get_by_text("abs-max").first.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "lab-tensors.png"), full_page=False)
+
+    tab(explorer, "Module tree").click()
+    tree = explorer.locator(".ckptview-tree")
+    tree.wait_for(timeout=30_000)
+    assert "<code>0…1</code> <b>×2</b>" in tree.inner_html()  # layer1.0 and layer1.1 folded
+    page.screenshot(path=str(ARTIFACTS / "lab-tree.png"))
+
+    tab(explorer, "Statistics").click()
+    explorer.get_by_text("findings on").wait_for(timeout=60_000)
+    assert "83 tensors" in explorer.inner_text()
+    page.get_by_text("per-tensor std and abs-max by depth").first.wait_for(timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "lab-statistics.png"))
+
+    tab(explorer, "BatchNorm").click()
+    explorer.get_by_text("BatchNorm layers").wait_for(timeout=30_000)
+    assert "fusion_hint" in explorer.inner_text()
+    page.screenshot(path=str(ARTIFACTS / "lab-batchnorm.png"))
+
+    tab(explorer, "Training state").click()
+    explorer.get_by_text("Adam/AdamW").wait_for(timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "lab-training.png"))
+
+    tab(explorer, "Inference").click()
+    page.screenshot(path=str(ARTIFACTS / "lab-inference.png"))
+
+    tab(explorer, "Compare").click()
+    explorer.locator("select").filter(has_text="files next to this one").select_option(label="cnn_dataparallel.pt")
+    explorer.get_by_role("button", name="Compare").click()
+    explorer.get_by_text("strip_prefix").wait_for(timeout=60_000)
+    text = explorer.inner_text()
+    assert "Strip the prefix 'module.'" in text and "consume_prefix_in_state_dict_if_present" in text
+    page.screenshot(path=str(ARTIFACTS / "lab-compare.png"))
+
+    # The second explorer opens on the DataParallel copy with a model: its Compare tab shows the doctor.
+    second = page.locator(".ckptview-explorer").nth(1)
+    second.scroll_into_view_if_needed()
+    tab(second, "Compare").click()
+    second.get_by_text("strip_prefix").wait_for(timeout=60_000)
+    # The damaged file's explorer shows the CLI's message instead of tabs.
+    broken = page.locator(".ckptview-explorer").nth(2)
+    broken.scroll_into_view_if_needed()
+    assert "ckptview: error:" in broken.inner_text() and "cut off" in broken.inner_text()
+    page.screenshot(path=str(ARTIFACTS / "lab-broken.png"))
+
+
+def test_demo_notebook_in_voila(workdir: Path, page) -> None:
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    process = subprocess.Popen(
+        [str(bin_dir / "voila"), "explore.ipynb", "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1"],
+        cwd=workdir, env=server_env(workdir), stdout=subprocess.DEVNULL, stderr=(workdir / "voila.log").open("wb"))
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/", process, timeout=60)
+        page.goto(f"http://127.0.0.1:{port}/", timeout=120_000)
+        explorer = page.locator(".ckptview-explorer").first
+        explorer.wait_for(timeout=120_000)
+        page.get_by_text("parameters by module").first.wait_for(timeout=60_000)
+        assert "training.pt" in explorer.inner_text()
+        tab(explorer, "Tensors").click()
+        explorer.get_by_text("rows 1–50 of 83").wait_for(timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "voila-tensors.png"))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
