@@ -298,10 +298,14 @@ def test_treemap_stays_small_on_a_20000_tensor_file(many_tensors: Path) -> None:
     assert len(overview.treemap.data[0].ids) <= MAX_TREE_NODES
 
 
-def test_inference_tab_is_present(demo: dict[str, Path]) -> None:
+def test_inference_tab_builds_its_panel_when_opened(demo: dict[str, Path]) -> None:
+    from ckptview.ui.inference_panel import InferencePanel
+
     app = explore(demo["cnn.pt"])
+    tab = app.panels["Inference"]
+    assert tab is app.tabs.children[-1] and tab.panel is None
     app.select("Inference")
-    assert app.panels["Inference"] is app.tabs.children[-1]
+    assert isinstance(tab.panel, InferencePanel) and tab.children == (tab.panel,)
 
 
 def test_explore_accepts_an_open_checkpoint_and_leaves_it_open(demo: dict[str, Path]) -> None:

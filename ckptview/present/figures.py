@@ -24,13 +24,13 @@ HEATMAP_SIDE = 96
 _LAYOUT = dict(margin=dict(l=40, r=10, t=40, b=30), height=380, template="plotly_white")
 
 
-def module_treemap(tree: Any, title: str, *, max_nodes: int = MAX_TREE_NODES) -> go.Figure:
+def module_treemap(root: Any, title: str, *, max_nodes: int = MAX_TREE_NODES) -> go.Figure:
     """
-    A treemap of parameters by module from a `ModuleTree`, breadth first up to `max_nodes` nodes
-    (deep leaves of huge models are summed into their parents rather than drawn).
+    A treemap of parameters by module under `root` (a `TreeNode` of a `ModuleTree`), breadth first
+    up to `max_nodes` nodes (deep leaves of huge models are summed into their parents rather than drawn).
     """
-    ids, labels, parents, values, hover = [title], [title], [""], [tree.root.parameter_count], [""]
-    queue = [(child, title) for child in tree.root.children]
+    ids, labels, parents, values, hover = [title], [title], [""], [root.parameter_count], [""]
+    queue = [(child, title) for child in root.children]
     while queue and len(ids) < max_nodes:
         node, parent = queue.pop(0)
         node_id = f"{parent}/{node.name}"

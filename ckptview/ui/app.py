@@ -11,7 +11,7 @@ from ckptview.present.text import human_bytes, human_count
 from ckptview.ui.base import STYLE, ExplorerState, Panel, banner_html, error_message, esc
 from ckptview.ui.batchnorm import BatchNormPanel
 from ckptview.ui.compare import ComparePanel
-from ckptview.ui.inference import inference_panel
+from ckptview.ui.inference import InferenceTab
 from ckptview.ui.overview import OverviewPanel
 from ckptview.ui.statistics import StatisticsPanel
 from ckptview.ui.tensors import TensorsPanel
@@ -29,13 +29,13 @@ class Explorer(widgets.VBox):
         self.state = state
         self.header = widgets.HTML(self._header_html())
         if state.checkpoint is None:
-            self.panels: dict[str, Panel | widgets.Widget] = {}
+            self.panels: dict[str, Panel | InferenceTab] = {}
             self.tabs = widgets.Tab()
             super().__init__([widgets.HTML(STYLE), self.header])
             self.add_class("ckptview-explorer")
             return
         panels = [OverviewPanel(state), TensorsPanel(state), TreePanel(state), StatisticsPanel(state),
-                  BatchNormPanel(state), TrainingPanel(state), ComparePanel(state), inference_panel(state)]
+                  BatchNormPanel(state), TrainingPanel(state), ComparePanel(state), InferenceTab(state)]
         self.panels = {panel.title: panel for panel in panels}
         self.tabs = widgets.Tab(children=panels, titles=[panel.title for panel in panels])
         self.tabs.observe(self._on_tabs_selected_index, names="selected_index")
@@ -68,11 +68,9 @@ class Explorer(widgets.VBox):
     def _activate(self, index: int | None) -> None:
         if index is None:
             return
-        panel = self.tabs.children[index]
-        if isinstance(panel, Panel):
-            panel.activate()
+        self.tabs.children[index].activate()
 
-    def select(self, title: str) -> Panel | widgets.Widget:
+    def select(self, title: str) -> Panel | InferenceTab:
         """Open the tab called `title` (as a click would) and return its panel."""
         self.tabs.selected_index = list(self.panels).index(title)
         return self.panels[title]

@@ -36,7 +36,8 @@ STYLE = """
 .ckptview-banner-error {background:#fdecea;border-left:4px solid #d93025;padding:6px 10px;margin:4px 0;color:#5f2120}
 .ckptview-banner-info {background:#e8f0fe;border-left:4px solid #1a73e8;padding:6px 10px;margin:4px 0;color:#174ea6}
 .ckptview-banner-warning {background:#fef7e0;border-left:4px solid #f9ab00;padding:6px 10px;margin:4px 0;color:#5c4400}
-.ckptview-mono select, .ckptview-mono textarea {font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12px}
+.ckptview-mono select, .ckptview-mono textarea, .ckptview-mono-line {font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace !important; font-size: 12px}
+.ckptview-mono-line {white-space: pre; padding-left: 5px; font-weight: 600}
 .ckptview-table {border-collapse:collapse;font-size:12px;line-height:1.4;margin:4px 0}
 .ckptview-tree, .ckptview-explorer p, .ckptview-explorer li {line-height:1.5}
 .ckptview-table th, .ckptview-table td {padding:2px 8px;border-bottom:1px solid #e0e0e0;text-align:left;vertical-align:top}

@@ -7,6 +7,7 @@ from typing import Any
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
+from ckptview.analyzers.sections import model_section
 from ckptview.analyzers.tree import module_tree
 from ckptview.present import figures
 from ckptview.present.frames import sections_frame, summary
@@ -24,7 +25,15 @@ class OverviewPanel(Panel):
     def _compute(self) -> tuple[Any, go.Figure]:
         ckpt = self.state.checkpoint
         frame = sections_frame(ckpt)
-        return frame, figures.module_treemap(module_tree(ckpt), summary(ckpt).name)
+        root, title = module_tree(ckpt).root, summary(ckpt).name
+        # Draw the model's modules, not the optimizer's moments beside them, when the model section is known.
+        section = model_section(ckpt)
+        for part in section.path if section is not None else ():
+            below = next((child for child in root.children if child.name == str(part) and child.repeat == 1), None)
+            if below is None:
+                break
+            root, title = below, f"{title}: {below.path}"
+        return frame, figures.module_treemap(root, title)
 
     def _show(self, result: tuple[Any, go.Figure]) -> None:
         frame, treemap = result

@@ -107,7 +107,8 @@ class TensorsPanel(Panel):
         first = self.page_number * PAGE_SIZE
         self.page_label.value = (f"rows {first + 1 if len(shown) else 0:,}–{first + len(shown):,} of {self.matching:,}"
                                  f" (of {len(self.frame):,})")
-        self.header_line.value = f"<pre style='margin:0;font-size:12px'>{esc(_line('name', 'shape', 'dtype', 'layer kind', 'role', 'size'))}</pre>"
+        self.header_line.value = (f"<div class='ckptview-mono-line'>"
+                                  f"{esc(_line('name', 'shape', 'dtype', 'layer kind', 'role', 'size'))}</div>")
         self.rows.index = None  # else the Select picks the first row, which would load that tensor
         self.rows.rows = max(3, min(len(shown), 20))
         self.rows.options = [(_line(r["name"], shape_text(r["shape"]), r["dtype"], r["layer_kind"], r["role"],
