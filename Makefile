@@ -24,9 +24,11 @@ venv: $(VENV)/.installed
 test: venv
 	$(BIN)/python -m pytest
 
+# JupyterLab prints the URL with its token; the notebook finds the samples through CKPTVIEW_DEMO_DIR.
 demo: venv
 	$(BIN)/python -m ckptview.demo $(DEMO_DIR)
-	$(BIN)/jupyter lab --ip=127.0.0.1 --port=$(PORT) --no-browser --notebook-dir=. notebooks/explore.ipynb
+	CKPTVIEW_DEMO_DIR="$(abspath $(DEMO_DIR))" $(BIN)/jupyter lab --ip=127.0.0.1 --port=$(PORT) --no-browser \
+		--notebook-dir=. notebooks/explore.ipynb
 
 bench: venv
 	$(BIN)/python bench/open_bench.py

@@ -151,6 +151,7 @@ def test_demo_notebook_in_jupyterlab(lab: str, page) -> None:
     page.get_by_text("histogram of model_state_dict.layer1.0.0.weight").first.wait_for(timeout=30_000)
     explorer.get_by_text("abs-max").first.scroll_into_view_if_needed()
     page.screenshot(path=str(ARTIFACTS / "lab-tensors.png"), full_page=False)
+    explorer.screenshot(path=str(ARTIFACTS / "explorer.png"))  # the README's picture (docs/explorer.png)
 
     tab(explorer, "Module tree").click()
     tree = explorer.locator(".ckptview-tree")
@@ -174,6 +175,7 @@ def test_demo_notebook_in_jupyterlab(lab: str, page) -> None:
     page.screenshot(path=str(ARTIFACTS / "lab-training.png"))
 
     tab(explorer, "Inference").click()
+    explorer.get_by_role("button", name="Run").wait_for(timeout=60_000)
     page.screenshot(path=str(ARTIFACTS / "lab-inference.png"))
 
     tab(explorer, "Compare").click()

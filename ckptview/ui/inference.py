@@ -19,7 +19,7 @@ class InferenceTab(widgets.VBox):
     def __init__(self, state: ExplorerState) -> None:
         self.state = state
         self.panel: widgets.Widget | None = None
-        super().__init__([widgets.HTML("<p>Open this tab to run the model.</p>")])
+        super().__init__([widgets.HTML("<p>Loading the inference panel…</p>")])
 
     def activate(self) -> None:
         if self.panel is not None:
