@@ -5,7 +5,7 @@ each tab's worker-thread computation; the browser's rendering is not included):
   * `explore()` on the ~2 GB LLM-shaped file and on a 20,000-tensor file: time until the app
     object exists with its header filled in (what the cell shows at once), and until the first
     tab (Overview) has computed;
-  * the Tensors tab of the 20,000-tensor file: first open, a regex filter, a page flip;
+  * the Tensors tab of the 20,000-tensor file: first open, a regex filter, a page flip; its Statistics tab;
   * the Statistics tab of the 2 GB file: time until its plot and outliers are shown, with the
     file in the page cache (warm) and, where the OS allows dropping it, cold.
 
@@ -62,6 +62,7 @@ def main() -> int:
             timed("20k tensors: regex filter", lambda: setattr(tensors.name_filter, "value", r"layer\.1\d\d\."), results)
             timed("20k tensors: next page", lambda: tensors.next.click(), results)
             assert tensors.page_label.value.startswith("rows 51–100 of 1,000"), tensors.page_label.value
+            timed("20k tensors: Statistics tab shown", lambda app=app: _open(app, "Statistics"), results)
         app.close()
 
     for cache in ("warm", "cold"):

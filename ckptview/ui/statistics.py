@@ -17,6 +17,9 @@ from ckptview.ui.base import Cancelled, ExplorerState, FigureBox, Panel, banner_
 # so the bar moves ~50 times whatever the file size (stats itself parallelises within a batch).
 _BATCHES = 50
 _MIN_BATCH_BYTES = 32 << 20
+# ... and of at most this many tensors: a file of 20,000 small tensors still shows progress, and each
+# call's own outlier pass (which compares a tensor with its siblings) stays small.
+_MAX_BATCH_TENSORS = 1000
 
 
 class StatisticsPanel(Panel):
@@ -100,7 +103,7 @@ def _batches(entries: list[TensorEntry], target: int) -> list[list[TensorEntry]]
     batches: list[list[TensorEntry]] = [[]]
     size = 0
     for entry in entries:
-        if size >= target:
+        if size >= target or len(batches[-1]) >= _MAX_BATCH_TENSORS:
             batches.append([])
             size = 0
         batches[-1].append(entry)
