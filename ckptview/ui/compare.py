@@ -62,6 +62,7 @@ class ComparePanel(Panel):
         self.code.add_class("ckptview-mono")
         self.values_button = widgets.Button(description="Compute value diff", icon="bar-chart",
                                             layout=widgets.Layout(display="none"))
+        self.cancel_button = widgets.Button(description="Cancel", icon="stop", layout=widgets.Layout(display="none"))
         self.values = FigureBox()
         self.diagnosis: Diagnosis | None = None
         self.key_diff: KeyDiff | None = None
@@ -70,8 +71,10 @@ class ComparePanel(Panel):
         self.siblings.observe(self._on_siblings_value, names="value")
         self.compare.on_click(self._on_compare_click)
         self.values_button.on_click(self._on_values_button_click)
+        self.cancel_button.on_click(self._on_cancel_button_click)
         rows = [widgets.HBox([self.other_path, self.siblings]), widgets.HBox([self.model_factory, self.compare])]
-        super().__init__(state, [*rows, self.key_report, self.fixes, self.code, self.values_button, self.values])
+        super().__init__(state, [*rows, self.key_report, self.fixes, self.code,
+                                 widgets.HBox([self.values_button, self.cancel_button]), self.values])
 
     def activate(self) -> None:
         # Compares at once when explore(compare_to=/model=) prefilled the boxes, else says what to give.
@@ -88,7 +91,11 @@ class ComparePanel(Panel):
         self._refresh()
 
     def _on_values_button_click(self, button: widgets.Button) -> None:
+        self.cancel_button.layout.display = ""
         self.run(self._values, self._show_values, label="comparing values…")
+
+    def _on_cancel_button_click(self, button: widgets.Button) -> None:
+        self.cancel()
 
     def _refresh(self) -> None:
         other, model = self.other_path.value.strip(), self.model_factory.value.strip()
@@ -131,7 +138,10 @@ class ComparePanel(Panel):
             if not self.cancel_requested:
                 self.report(done, total, f"{human_bytes(done)} of {human_bytes(total)}")
 
-        return value_diff(mine, theirs, progress=progress, cancel=self._cancel)
+        try:
+            return value_diff(mine, theirs, progress=progress, cancel=self._cancel)
+        finally:
+            self.cancel_button.layout.display = "none"
 
     def _show_comparison(self, result: tuple[KeyDiff, Diagnosis | None]) -> None:
         keys, diagnosis = result
