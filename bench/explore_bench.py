@@ -59,8 +59,8 @@ def main() -> int:
         assert not app.panels["Overview"].banner.value, app.panels["Overview"].banner.value
         if name == "20k tensors":
             tensors = timed("20k tensors: Tensors tab first open", lambda app=app: _open(app, "Tensors"), results)
-            timed("20k tensors: regex filter", lambda: setattr(tensors.name_filter, "value", r"layer\.1\d\d\."), results)
-            timed("20k tensors: next page", lambda: tensors.next.click(), results)
+            timed("20k tensors: regex filter", lambda tensors=tensors: setattr(tensors.name_filter, "value", r"layer\.1\d\d\."), results)
+            timed("20k tensors: next page", lambda tensors=tensors: tensors.next.click(), results)
             assert tensors.page_label.value.startswith("rows 51–100 of 1,000"), tensors.page_label.value
             timed("20k tensors: Statistics tab shown", lambda app=app: _open(app, "Statistics"), results)
         app.close()

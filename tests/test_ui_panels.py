@@ -111,7 +111,7 @@ def test_overview_lists_sections_with_their_values_and_a_treemap(demo: dict[str,
     treemap = overview.treemap.data[0]
     assert treemap.type == "treemap"
     assert "layer1 ×2" in treemap.labels or "layer1" in treemap.labels
-    assert treemap.values[0] == sum(v for v, parent in zip(treemap.values, treemap.parents) if parent == treemap.ids[0])
+    assert treemap.values[0] == sum(v for v, parent in zip(treemap.values, treemap.parents, strict=True) if parent == treemap.ids[0])
 
 
 def test_tensor_table_filters_sorts_and_pages_20000_tensors(many_tensors: Path) -> None:
@@ -304,8 +304,8 @@ def test_inference_tab_builds_its_panel_when_opened(demo: dict[str, Path]) -> No
     app = explore(demo["cnn.pt"])
     tab = app.panels["Inference"]
     assert tab is app.tabs.children[-1] and tab.panel is None
-    app.select("Inference")
-    assert isinstance(tab.panel, InferencePanel) and tab.children == (tab.panel,)
+    panel = app.select("Inference")
+    assert isinstance(panel, InferencePanel) and panel is tab.panel and tab.children == (panel,)
 
 
 def test_explore_accepts_an_open_checkpoint_and_leaves_it_open(demo: dict[str, Path]) -> None:

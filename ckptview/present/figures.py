@@ -49,15 +49,13 @@ def module_treemap(root: Any, title: str, *, max_nodes: int = MAX_TREE_NODES) ->
     return figure
 
 
-def histogram(edges: Sequence[float], counts: Sequence[float], title: str, *, log_counts: bool = False) -> go.Figure:
+def histogram(edges: Sequence[float], counts: Sequence[float], title: str) -> go.Figure:
     """A histogram drawn from precomputed bin edges and counts (len(edges) == len(counts) + 1)."""
     edges = np.asarray(edges, dtype=float)
     centers = (edges[:-1] + edges[1:]) / 2 if len(edges) > 1 else edges
     figure = go.Figure(go.Bar(x=centers, y=list(counts), width=np.diff(edges) if len(edges) > 1 else None,
                               marker_color="#4c78a8", name="count"))
     figure.update_layout(**{**_LAYOUT, "height": 300}, title=dict(text=title, font=dict(size=13)), bargap=0)
-    if log_counts:
-        figure.update_yaxes(type="log")
     return figure
 
 

@@ -14,7 +14,6 @@ from typing import Any
 import pandas as pd
 
 from ckptview.analyzers.sections import Section, find_sections
-from ckptview.present.text import human_bytes, human_count
 from ckptview.readers.model import Checkpoint, PickledObject, TensorInfo, children_of
 
 # Sections whose values are shown inline: small scalars a person wants to read at a glance.
@@ -137,17 +136,6 @@ def page(frame: pd.DataFrame, *, sort_by: str | None, descending: bool, number: 
     if sort_by:
         frame = frame.sort_values(sort_by, ascending=not descending, kind="stable")
     return frame.iloc[number * size:(number + 1) * size]
-
-
-def size_columns(frame: pd.DataFrame) -> pd.DataFrame:
-    """Human-readable companions for count/byte columns, for display only."""
-    shown = frame.copy()
-    for column in shown.columns:
-        if column in ("bytes", "nbytes", "size_bytes"):
-            shown[column] = shown[column].map(human_bytes)
-        elif column in ("numel", "parameters", "params"):
-            shown[column] = shown[column].map(human_count)
-    return shown
 
 
 def optimizer_groups_frame(optimizer: Any) -> pd.DataFrame:

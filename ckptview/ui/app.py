@@ -70,10 +70,11 @@ class Explorer(widgets.VBox):
             return
         self.tabs.children[index].activate()
 
-    def select(self, title: str) -> Panel | InferenceTab:
-        """Open the tab called `title` (as a click would) and return its panel."""
+    def select(self, title: str) -> Panel | widgets.Widget:
+        """Open the tab called `title` (as a click would) and return its panel (the Inference panel once built)."""
         self.tabs.selected_index = list(self.panels).index(title)
-        return self.panels[title]
+        tab = self.panels[title]
+        return tab.panel if isinstance(tab, InferenceTab) else tab
 
     def close(self) -> None:
         if self.state.checkpoint is not None and self.state.owns_checkpoint:
