@@ -315,3 +315,12 @@ def test_explore_accepts_an_open_checkpoint_and_leaves_it_open(demo: dict[str, P
         assert re.search(r"rows 1–32 of 32", panel.page_label.value)
         app.close()
         assert ckpt.tensor("fc.weight").load().shape == (10, 16)
+
+
+def test_compare_to_prefills_and_runs_when_the_tab_opens(demo: dict[str, Path]) -> None:
+    app = explore(demo["cnn.pt"], compare_to=demo["lightning.ckpt"])
+    panel = app.panels["Compare"]
+    assert panel.other_path.value == str(demo["lightning.ckpt"]) and not panel.key_report.value
+    opened(app, "Compare")
+    assert "model.conv1.weight" in panel.key_report.value
+    assert "section" in panel.fixes.value and "strict=True" in panel.fixes.value  # take ['state_dict'], strip 'model.'
