@@ -40,7 +40,9 @@ else:
     listing = [(k, tuple(v.shape), v.dtype) for k, v in state.items()]
     count = len(listing)
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: the high-water mark of this process image, not inherited from the parent
+with open("/proc/self/status") as f:
+    peak = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
 print(json.dumps({"seconds": seconds, "extra_rss_mb": max(0.0, peak - base), "tensors": count}))
 """
 
@@ -76,7 +78,7 @@ def main() -> None:
             results = {m: measure(path, m, args.repeat) for m in METHODS}
             ours = results["ckptview"]["seconds"]
             for method, r in results.items():
-                ratio = "" if method == "ckptview" else f"{r['seconds'] / ours:,.0f}x"
+                ratio = "" if method == "ckptview" else f"{r['seconds'] / ours:,.1f}x"
                 print(f"{label:<12} {method:<30} {r['tensors']:>7} {r['seconds']:>9.4f} "
                       f"{r['extra_rss_mb']:>8.1f}MB {ratio:>19}")
 
