@@ -185,6 +185,10 @@ def test_demo_notebook_in_jupyterlab(lab: str, page) -> None:
     text = explorer.inner_text()
     assert "Strip the prefix 'module.'" in text and "consume_prefix_in_state_dict_if_present" in text
     page.screenshot(path=str(ARTIFACTS / "lab-compare.png"))
+    explorer.get_by_role("button", name="Compute value diff").click()
+    explorer.get_by_text("32 tensors compared, 0 differ").wait_for(timeout=60_000)
+    page.get_by_text("value difference per module").first.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "lab-compare-values.png"))
 
     # The second explorer opens on the DataParallel copy with a model: its Compare tab shows the doctor.
     second = page.locator(".ckptview-explorer").nth(1)

@@ -61,7 +61,7 @@ class ComparePanel(Panel):
         self.code = widgets.Textarea(layout=widgets.Layout(width="100%", height="120px", display="none"))
         self.code.add_class("ckptview-mono")
         self.values_button = widgets.Button(description="Compute value diff", icon="bar-chart",
-                                            layout=widgets.Layout(display="none"))
+                                            layout=widgets.Layout(display="none", width="190px"))
         self.cancel_button = widgets.Button(description="Cancel", icon="stop", layout=widgets.Layout(display="none"))
         self.values = FigureBox()
         self.diagnosis: Diagnosis | None = None
