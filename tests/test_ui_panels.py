@@ -314,7 +314,9 @@ def test_explore_accepts_an_open_checkpoint_and_leaves_it_open(demo: dict[str, P
         panel = opened(app, "Tensors")
         assert re.search(r"rows 1–32 of 32", panel.page_label.value)
         app.close()
-        assert ckpt.tensor("fc.weight").load().shape == (10, 16)
+        assert ckpt.tensor("fc.weight").load().shape == (10, 16)  # the caller's checkpoint stays open
+        with pytest.raises(RuntimeError):  # the explorer's worker threads are gone
+            app.state.submit(lambda: None)
 
 
 def test_compare_to_prefills_and_runs_when_the_tab_opens(demo: dict[str, Path]) -> None:

@@ -77,8 +77,10 @@ class Explorer(widgets.VBox):
         return tab.panel if isinstance(tab, InferenceTab) else tab
 
     def close(self) -> None:
-        if self.state.checkpoint is not None and self.state.owns_checkpoint:
-            self.state.checkpoint.close()
+        """Close the widgets, the worker threads, and the files the explorer opened."""
+        for panel in self.panels.values():
+            panel.close()
+        self.state.close()
         super().close()
 
 

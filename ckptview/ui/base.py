@@ -105,6 +105,12 @@ class ExplorerState:
     def submit(self, work: Callable[[], Any]) -> Future:
         return self._executor.submit(work)
 
+    def close(self) -> None:
+        """Stop the worker threads (work already running finishes) and close the checkpoint explore() opened."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.checkpoint is not None and self.owns_checkpoint:
+            self.checkpoint.close()
+
 
 class Cancelled(Exception):
     """Raised inside panel work when the user pressed Cancel."""

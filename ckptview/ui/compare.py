@@ -82,6 +82,11 @@ class ComparePanel(Panel):
             self.activated = True
             self._refresh()
 
+    def close(self) -> None:
+        if self._other is not None:
+            self._other.close()
+        super().close()
+
     def _on_siblings_value(self, change: dict[str, Any]) -> None:
         if change["new"]:
             self.other_path.value = change["new"]
