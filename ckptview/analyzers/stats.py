@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import statistics
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -490,12 +489,24 @@ def find_outliers(ckpt: Checkpoint, results: Iterable[TensorStats], *, abs_max_r
     for (kind, leaf), members in groups.items():
         if len(members) < 3:
             continue
-        for item in members:
-            siblings = [m.abs_max for m in members if m is not item]
-            median = statistics.median(siblings)
+        ordered = sorted(members, key=lambda m: m.abs_max)
+        values = [m.abs_max for m in ordered]
+        for position, item in enumerate(ordered):
+            median = _median_without(values, position)
             if median > 0 and item.abs_max > abs_max_ratio * median:
                 out.append(Outlier(item.name, "abs_max_outlier",
                                    f"abs-max {item.abs_max:.4g} is {item.abs_max / median:.0f}× the median "
-                                   f"({median:.4g}) of {len(siblings)} other {kind} {leaf} tensors: look for an "
+                                   f"({median:.4g}) of {len(values) - 1} other {kind} {leaf} tensors: look for an "
                                    "exploding layer or a weight that was scaled by mistake"))
     return tuple(out)
+
+
+def _median_without(ordered: list[float], skip: int) -> float:
+    """Median of sorted `ordered` with the element at `skip` left out, in O(1): a group of 2,000
+    siblings would otherwise cost 2,000 medians of 1,999 values."""
+    count = len(ordered) - 1
+
+    def at(index: int) -> float:
+        return ordered[index if index < skip else index + 1]
+
+    return at(count // 2) if count % 2 else (at(count // 2 - 1) + at(count // 2)) / 2
