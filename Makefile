@@ -6,6 +6,8 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo_checkpoints
 PORT ?= 8888
+# Jupyter refuses to start as root without this (containers, CI machines)
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 .PHONY: demo test venv bench clean
 
@@ -28,10 +30,10 @@ test: venv
 demo: venv
 	$(BIN)/python -m ckptview.demo $(DEMO_DIR)
 	CKPTVIEW_DEMO_DIR="$(abspath $(DEMO_DIR))" $(BIN)/jupyter lab --ip=127.0.0.1 --port=$(PORT) --no-browser \
-		--notebook-dir=. notebooks/explore.ipynb
+		$(ROOT_FLAG) --notebook-dir=. notebooks/explore.ipynb
 
 bench: venv
-	$(BIN)/python bench/open_bench.py
+	for script in bench/*_bench.py; do $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) test-artifacts
