@@ -11,14 +11,12 @@ near Jupyter's IOPub message-rate limit.
 from __future__ import annotations
 
 import html
-import importlib
 import logging
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from types import ModuleType
 from typing import Any
 
 import ipywidgets as widgets
@@ -141,13 +139,17 @@ class Panel(widgets.VBox):
 
     # --- lifecycle ------------------------------------------------------------------------------
     def activate(self) -> None:
-        """First time the tab is opened: start computing (subsequent calls do nothing)."""
+        """First time the tab is opened: `_on_open()` (subsequent calls do nothing)."""
         if self.activated:
             return
         self.activated = True
         if self.state.checkpoint is None:
             self.show_error(self.state.open_error)
             return
+        self._on_open()
+
+    def _on_open(self) -> None:
+        """By default opening the tab computes its result on a worker thread and shows it."""
         self.run(self._compute, self._show)
 
     def _compute(self) -> Any:
@@ -259,12 +261,3 @@ class FigureBox(widgets.VBox):
         """The traces shown (empty when nothing is)."""
         return () if self.figure is None else self.figure.data
 
-
-def optional_module(name: str) -> ModuleType | None:
-    """A module from another part of ckptview that may not be installed in this build, else None."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:
-            raise
-        return None

@@ -76,11 +76,9 @@ class ComparePanel(Panel):
         super().__init__(state, [*rows, self.key_report, self.fixes, self.code,
                                  widgets.HBox([self.values_button, self.cancel_button]), self.values])
 
-    def activate(self) -> None:
+    def _on_open(self) -> None:
         # Compares at once when explore(compare_to=/model=) prefilled the boxes, else says what to give.
-        if not self.activated:
-            self.activated = True
-            self._refresh()
+        self._refresh()
 
     def close(self) -> None:
         if self._other is not None:

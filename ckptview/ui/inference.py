@@ -1,17 +1,16 @@
-"""The Inference tab: the inference engineer's `InferencePanel`, built the first time the tab is opened."""
+"""The Inference tab: `InferencePanel`, built the first time the tab is opened."""
 
 from __future__ import annotations
 
 import ipywidgets as widgets
 
-from ckptview.ui.base import ExplorerState, banner_html, optional_module
+from ckptview.ui.base import ExplorerState
 
 
 class InferenceTab(widgets.VBox):
     """
     Holds `ckptview.ui.inference_panel.InferencePanel(state)` once opened. Building it imports plotly's
-    FigureWidget and probes devices (about a second), which `explore()` should not pay up front;
-    where that module is not installed the tab says so.
+    FigureWidget and probes devices (about a second), which `explore()` should not pay up front.
     """
 
     title = "Inference"
@@ -24,12 +23,8 @@ class InferenceTab(widgets.VBox):
     def activate(self) -> None:
         if self.panel is not None:
             return
-        module = optional_module("ckptview.ui.inference_panel")
-        if module is None:
-            self.panel = widgets.HTML(banner_html(
-                "info", "Running the model on a device is not part of this build (ckptview.ui.inference_panel "
-                        "is missing); every other tab works."))
-        else:
-            self.panel = module.InferencePanel(self.state)
-            self.panel.activate()
+        from ckptview.ui.inference_panel import InferencePanel
+
+        self.panel = InferencePanel(self.state)
+        self.panel.activate()
         self.children = (self.panel,)

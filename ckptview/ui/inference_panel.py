@@ -62,14 +62,8 @@ class InferencePanel(Panel):
                     widgets.HBox([self.run_button, self.cancel_button])]
         super().__init__(state, [*controls, self.summary, self.outputs, self.table, self.chart])
 
-    def activate(self) -> None:
+    def _on_open(self) -> None:
         # Running a model costs time and memory: opening the tab only says what Run will do.
-        if self.activated:
-            return
-        self.activated = True
-        if self.state.checkpoint is None:
-            self.show_error(self.state.open_error)
-            return
         self.show_info(self._what_run_does())
 
     def _what_run_does(self) -> str:
