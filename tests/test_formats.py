@@ -409,3 +409,20 @@ def test_dcp_metadata_payload_not_run(tmp_path: Path) -> None:
     with pytest.raises(ckptview.CkptviewError):
         ckptview.open(folder)  # the leading pickle is not DCP metadata: refused, not run
     assert not marker.exists()
+
+
+def test_numpy_values_and_a_lone_tensor(tmp_path: Path) -> None:
+    import numpy as np
+
+    path = tmp_path / "numpy.pt"
+    torch.save({"state_dict": {"fc.weight": torch.ones(2, 2)}, "best_acc": np.float64(0.93), "epoch": np.int64(3),
+                "confusion": np.arange(4).reshape(2, 2)}, path, pickle_protocol=4)
+    with ckptview.open(path) as ckpt:
+        assert not ckpt.needs_trust  # numpy scalars and arrays are data, not code
+        assert training_state(ckpt).progress == {"best_acc": 0.93, "epoch": 3}
+        assert ckptview.training_state(ckpt).hyper_parameters == {}
+    lone = tmp_path / "tensor.pt"
+    torch.save(torch.arange(6.0).reshape(2, 3), lone)
+    with ckptview.open(lone) as ckpt:
+        (entry,) = ckpt.tensors()
+        assert entry.name == "<root>" and torch.equal(entry.load(), torch.arange(6.0).reshape(2, 3))

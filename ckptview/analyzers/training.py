@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy
+
 from ckptview.analyzers.sections import Section, find_sections, model_section, model_state_dict
 from ckptview.readers.model import Checkpoint, PickledObject, TensorEntry, TensorInfo, load_tensor
 
@@ -98,6 +100,12 @@ def plain(value: Any, *, depth: int = 0) -> Any:
         return [plain(v, depth=depth + 1) for v in value]
     if isinstance(value, (set, frozenset)):
         return sorted((plain(v, depth=depth + 1) for v in value), key=repr)
+    if isinstance(value, numpy.generic):  # np.float64(0.93) saved as best_acc
+        return plain(value.item(), depth=depth + 1)
+    if isinstance(value, numpy.ndarray):
+        if value.size <= 16 and value.dtype != object:
+            return value.tolist()
+        return f"array{list(value.shape)} {value.dtype}"
     if isinstance(value, bytes):
         return f"<{len(value)} bytes>"
     if isinstance(value, float) and not math.isfinite(value):

@@ -320,6 +320,9 @@ def walk_tensors(root: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[tupl
         stack.extend(reversed([(path + (key,), child) for key, child in children]))
 
 
+ROOT_NAME = "<root>"  # the name of a tensor saved on its own (torch.save(tensor)): it has no path
+
+
 def dotted_name(path: Sequence[Any]) -> str:
     return ".".join(str(part) for part in path)
 
@@ -393,7 +396,8 @@ class Checkpoint:
         """Every tensor in the file, named by its dotted path in the tree, in file order."""
         if self._tensors is None:
             with gc_paused():
-                self._tensors = [TensorEntry(dotted_name(path), info, path) for path, info in walk_tensors(self.root)]
+                self._tensors = [TensorEntry(dotted_name(path) or ROOT_NAME, info, path)
+                                 for path, info in walk_tensors(self.root)]
         return self._tensors
 
     def tensor(self, name: str) -> TensorEntry:
