@@ -426,6 +426,10 @@ class Checkpoint:
 
     def unique_tensors(self) -> list[TensorEntry]:
         """One entry per distinct stored view: tied weights (the same storage, offset, shape) count once."""
+        return self.cached("unique_tensors", self._unique_tensors)
+
+    def _unique_tensors(self) -> list[TensorEntry]:
+        # parameter_count, total_bytes, info and the stats panel all ask; the tree never changes
         seen: set[Any] = set()
         unique = []
         for entry in self.tensors():
