@@ -38,6 +38,14 @@ def _mixed_tensors() -> dict[str, torch.Tensor]:
     half_nonfinite = (randn(5000) * 3).half()
     half_nonfinite[[1, 2]] = float("nan")
     half_nonfinite[4] = -float("inf")
+    # 3 kernel blocks of 4096 and a ragged end, with NaN/Inf starting a block and zeros at a border.
+    across_blocks = (randn(3 * 4096 + 17) * 0.02).bfloat16()
+    across_blocks[4096] = float("nan")
+    across_blocks[-1] = float("inf")
+    across_blocks[8190:8194] = 0.0
+    # Values whose float32 sum, or sum of squares, overflows: the exact float64 path must take over.
+    near_float32_max = randn(9000) * 1e37
+    near_float32_max[::500] = 3.4e38
     return {
         "f32": randn(257, 129) * 0.02 + 0.5,
         "f32_zero_mean": randn(40_000),
@@ -56,6 +64,11 @@ def _mixed_tensors() -> dict[str, torch.Tensor]:
         "scalar": torch.tensor(2.5),
         "zeros": torch.zeros(64),
         "transposed": randn(50, 80).t(),  # a non-contiguous view, saved as such by torch.save
+        # A spread of ~16 float32 steps around a large mean: the float32 block mean's rounding error
+        # is then as large as the spread, and the corrected two-pass formula must remove it.
+        "f32_tiny_spread": 1000 + randn(20_000) * 1e-3,
+        "bf16_across_blocks": across_blocks,
+        "f32_near_max": near_float32_max,
     }
 
 
@@ -201,7 +214,7 @@ def test_filter_by_regex_and_predicate(mixed_file: tuple[Path, dict[str, torch.T
     with ckptview.open(path) as ckpt:
         assert {t.name for t in ckptview.stats(ckpt, progress=False, filter=r"^f(16|32)$").tensors} == {"f32", "f16"}
         by_dtype = ckptview.stats(ckpt, progress=False, filter=lambda entry: entry.dtype == torch.bfloat16)
-    assert {t.name for t in by_dtype.tensors} == {"bf16", "bf16_signed_zeros"}
+    assert {t.name for t in by_dtype.tensors} == {"bf16", "bf16_signed_zeros", "bf16_across_blocks"}
 
 
 def test_cancel_stops_and_caches_nothing(tmp_path: Path) -> None:

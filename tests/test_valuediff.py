@@ -136,6 +136,35 @@ def test_bf16_against_float32_compares_in_float32(tmp_path: Path) -> None:
     assert max(t.rel_change for t in result.values.tensors) < 1e-2  # bf16 keeps ~3 significant digits
 
 
+def test_edge_values_equal_the_reference_in_every_dtype(tmp_path: Path) -> None:
+    """NaN/Inf starting a block of the kernel, ragged ends, -0 against +0, float32 sums that overflow."""
+    generator = torch.Generator().manual_seed(3)
+    left = torch.randn(3 * 4096 + 17, generator=generator) * 0.02
+    right = left + torch.randn(left.shape, generator=generator) * 1e-3
+    left[4096], right[4097], right[-1] = float("nan"), float("inf"), float("nan")
+    left[100], right[100] = 0.0, -0.0  # equal: not a change
+    right[200:300] = left[200:300]
+    huge_left = torch.randn(9000, generator=generator) * 1e37
+    huge_left[::500] = 3.4e38
+    huge_right = huge_left * 0.5
+    pairs = {
+        "f32": (left, right),
+        "bf16": (left.bfloat16(), right.bfloat16()),
+        "f16": (left.half(), right.half()),
+        "f64": (left.double(), right.double()),
+        "bf16_vs_f16": (left.bfloat16(), right.half()),
+        "f32_near_max": (huge_left, huge_right),
+        "i64": (torch.arange(5000), torch.arange(5000) * 2 - 7),
+    }
+    torch.save({key: a for key, (a, _) in pairs.items()}, tmp_path / "a.pt")
+    torch.save({key: b for key, (_, b) in pairs.items()}, tmp_path / "b.pt")
+    with ckptview.open(tmp_path / "a.pt") as a, ckptview.open(tmp_path / "b.pt") as b:
+        result = value_diff(model_state_dict(a), model_state_dict(b), chunk_elements=5000)
+    for change in result.tensors:
+        assert_matches_reference(change, *pairs[change.key])
+    assert {t.key: t.nan_left for t in result.tensors}["bf16"] == 1
+
+
 def test_ignore_patterns_and_mismatched_keys_are_left_out(tmp_path: Path, epochs) -> None:
     path_a, _, first, second = epochs
     renamed = dict(second)
