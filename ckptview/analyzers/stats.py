@@ -25,7 +25,7 @@ import re
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from concurrent.futures import CancelledError, ThreadPoolExecutor
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -243,29 +243,43 @@ def _compute(
     total = sum(entry.nbytes for _, entry in todo)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="statistics", disable=not progress,
                leave=False)
-    buffers = threading.local()
     stop = threading.Event()
+    # Largest first, so the last tensors to finish are small and the threads end together. Workers
+    # take the next tensor from a shared iterator (atomic under the GIL) rather than one future per
+    # tensor: 20,000 futures and their condition variables cost 0.4 s before any data was read.
+    queue = iter(sorted(todo, key=lambda item: -item[1].nbytes))
+    results: dict[Any, TensorStats] = {}
+    errors: list[BaseException] = []
 
-    def one(entry: TensorEntry) -> TensorStats:
-        if stop.is_set():
-            raise CancelledError()
-        reducer = _Reducer(entry, bins, histogram_sample, chunk_bytes, buffers)
-        return reducer.run(lambda nbytes: _step(bar, nbytes, cancel, stop))
+    def work() -> None:
+        buffers = threading.local()
+        try:
+            for key, entry in queue:
+                if stop.is_set():
+                    return
+                reducer = _Reducer(entry, bins, histogram_sample, chunk_bytes, buffers)
+                results[key] = reducer.run(lambda nbytes: _step(bar, nbytes, cancel, stop))
+        except BaseException as exc:  # re-raised in the calling thread
+            errors.append(exc)
+            stop.set()
 
-    # Largest first, so the last tensors to finish are small and the threads end together.
-    order = sorted(todo, key=lambda item: -item[1].nbytes)
+    threads = [threading.Thread(target=work, name=f"ckptview-stats-{i}", daemon=True)
+               for i in range(max(1, min(workers or os.cpu_count() or 1, len(todo))))]
     try:
-        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="ckptview-stats") as pool:
-            futures = {key: pool.submit(one, entry) for key, entry in order}
-            try:
-                return {key: future.result() for key, future in futures.items()}
-            except BaseException:
-                stop.set()
-                for future in futures.values():
-                    future.cancel()
-                raise
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    except BaseException:  # Ctrl-C in the caller: the workers stop at their next chunk
+        stop.set()
+        raise
     finally:
         bar.close()
+    if errors:
+        raise errors[0]
+    if stop.is_set():
+        raise CancelledError()
+    return results
 
 
 def _step(bar: Any, nbytes: int, cancel: CancelHook | None, stop: threading.Event) -> None:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ckptview.analyzers.sections import Section, find_sections
-from ckptview.readers.model import Checkpoint, TensorEntry, view_identity
+from ckptview.readers.model import Checkpoint, TensorEntry, gc_paused, view_identity
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -115,16 +115,18 @@ def tensor_table(ckpt: Checkpoint) -> TensorTable:
     return ckpt.cached("tensor_table", lambda: _build(ckpt))
 
 
+@gc_paused()  # 20,000 rows, none of them garbage: collections would only slow the build
 def _build(ckpt: Checkpoint) -> TensorTable:
     entries = ckpt.tensors()
-    sections = sorted(find_sections(ckpt), key=lambda s: -len(s.path))
+    sections = find_sections(ckpt)
+    section_of = _section_finder(sections)
     storage_users = Counter(entry.storage_key for entry in entries if entry.storage_key is not None)
 
     section_names = {id(section): section.name for section in sections}
     located: list[tuple[TensorEntry, Section | None, tuple[Any, ...]]] = []
     modules: dict[tuple[str, str], dict[str, TensorEntry]] = defaultdict(dict)
     for entry in entries:
-        section = _section_of(entry.path, sections)
+        section = section_of(entry.path)
         relative = entry.path[len(section.path):] if section is not None else entry.path
         located.append((entry, section, relative))
         if section is not None and section.kind in MODEL_SECTION_KINDS:
@@ -181,11 +183,22 @@ def _relative_name(relative: tuple[Any, ...], entry: TensorEntry) -> str:
     return ".".join(map(str, relative)) if relative else entry.name
 
 
-def _section_of(path: tuple[Any, ...], sections: Sequence[Section]) -> Section | None:
-    for section in sections:  # deepest first, so a nested section wins over its parent
-        if path[: len(section.path)] == section.path:
-            return section
-    return None
+def _section_finder(sections: Sequence[Section]) -> Callable[[tuple[Any, ...]], Section | None]:
+    """The innermost section holding a path, by one dict lookup per distinct section depth (not a
+    scan of every section per tensor: 20,000 tensors under dozens of sections made that 0.2 s)."""
+    by_path: dict[tuple[Any, ...], Section] = {}
+    for section in sections:
+        by_path.setdefault(section.path, section)
+    depths = sorted({len(path) for path in by_path}, reverse=True)  # deepest first: a nested section wins
+
+    def section_of(path: tuple[Any, ...]) -> Section | None:
+        for depth in depths:
+            section = by_path.get(path[:depth]) if depth <= len(path) else None
+            if section is not None:
+                return section
+        return None
+
+    return section_of
 
 
 def tensor_role(entry: TensorEntry, leaf: str) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ckptview.analyzers.table import TensorTable, tensor_table
-from ckptview.readers.model import Checkpoint
+from ckptview.readers.model import Checkpoint, gc_paused
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -102,6 +102,7 @@ class _Builder:
         self.signature: Any = None
 
 
+@gc_paused()  # tens of thousands of nodes, none of them garbage: collections would only slow the build
 def build_tree(table: TensorTable, fold_repeats: bool = True) -> ModuleTree:
     """The module tree of a tensor table (what `module_tree` returns; exposed for tables built elsewhere)."""
     root = _Builder()
