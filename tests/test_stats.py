@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import ckptview
+from ckptview.analyzers.kernels import BLOCK
 from ckptview.analyzers.stats import bin_counts
 
 REL = 1e-5
@@ -38,11 +39,11 @@ def _mixed_tensors() -> dict[str, torch.Tensor]:
     half_nonfinite = (randn(5000) * 3).half()
     half_nonfinite[[1, 2]] = float("nan")
     half_nonfinite[4] = -float("inf")
-    # 3 kernel blocks of 4096 and a ragged end, with NaN/Inf starting a block and zeros at a border.
-    across_blocks = (randn(3 * 4096 + 17) * 0.02).bfloat16()
-    across_blocks[4096] = float("nan")
+    # 3 kernel blocks and a ragged end, with NaN/Inf starting a block and zeros across a border.
+    across_blocks = (randn(3 * BLOCK + 17) * 0.02).bfloat16()
+    across_blocks[BLOCK] = float("nan")
     across_blocks[-1] = float("inf")
-    across_blocks[8190:8194] = 0.0
+    across_blocks[2 * BLOCK - 2 : 2 * BLOCK + 2] = 0.0
     # Values whose float32 sum, or sum of squares, overflows: the exact float64 path must take over.
     near_float32_max = randn(9000) * 1e37
     near_float32_max[::500] = 3.4e38

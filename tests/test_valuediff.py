@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import ckptview
+from ckptview.analyzers.kernels import BLOCK
 from ckptview.analyzers.sections import model_state_dict
 from ckptview.analyzers.valuediff import IGNORE_BN_STATS, value_diff
 
@@ -139,9 +140,9 @@ def test_bf16_against_float32_compares_in_float32(tmp_path: Path) -> None:
 def test_edge_values_equal_the_reference_in_every_dtype(tmp_path: Path) -> None:
     """NaN/Inf starting a block of the kernel, ragged ends, -0 against +0, float32 sums that overflow."""
     generator = torch.Generator().manual_seed(3)
-    left = torch.randn(3 * 4096 + 17, generator=generator) * 0.02
+    left = torch.randn(3 * BLOCK + 17, generator=generator) * 0.02
     right = left + torch.randn(left.shape, generator=generator) * 1e-3
-    left[4096], right[4097], right[-1] = float("nan"), float("inf"), float("nan")
+    left[BLOCK], right[BLOCK + 1], right[-1] = float("nan"), float("inf"), float("nan")
     left[100], right[100] = 0.0, -0.0  # equal: not a change
     right[200:300] = left[200:300]
     huge_left = torch.randn(9000, generator=generator) * 1e37
@@ -159,7 +160,7 @@ def test_edge_values_equal_the_reference_in_every_dtype(tmp_path: Path) -> None:
     torch.save({key: a for key, (a, _) in pairs.items()}, tmp_path / "a.pt")
     torch.save({key: b for key, (_, b) in pairs.items()}, tmp_path / "b.pt")
     with ckptview.open(tmp_path / "a.pt") as a, ckptview.open(tmp_path / "b.pt") as b:
-        result = value_diff(model_state_dict(a), model_state_dict(b), chunk_elements=5000)
+        result = value_diff(model_state_dict(a), model_state_dict(b), chunk_elements=BLOCK + 5000)
     for change in result.tensors:
         assert_matches_reference(change, *pairs[change.key])
     assert {t.key: t.nan_left for t in result.tensors}["bf16"] == 1

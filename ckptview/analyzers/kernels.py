@@ -39,7 +39,7 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
 
-BLOCK = 4096  # elements: a block stays in L1 while every loop runs over it
+BLOCK = 16384  # elements: 32 KiB of bfloat16 stays in L1 while every loop runs over it (4096 measured 7 % slower)
 
 
 def _disk_cache_usable() -> bool:

@@ -373,10 +373,10 @@ def _compare(key: str, left: Any, right: Any, elements: int, cache: dict[Any, tu
 
 
 def _bits(chunk: torch.Tensor, buffer: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    """The chunk's bit patterns, converted to `dtype` first where it is stored otherwise."""
+    """The chunk's bit patterns on the CPU, converted to `dtype` first where it is stored otherwise."""
     if chunk.is_quantized:
         chunk = chunk.dequantize()
-    if chunk.dtype != dtype or not chunk.is_contiguous():
+    if chunk.dtype != dtype or not chunk.is_contiguous() or chunk.device != buffer.device:  # e.g. a CUDA model's state_dict()
         chunk = buffer.copy_(chunk)
     return chunk.view(_BITS_OF[chunk.dtype]).numpy()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import ipywidgets as widgets
@@ -17,6 +18,15 @@ from ckptview.ui.statistics import StatisticsPanel
 from ckptview.ui.tensors import TensorsPanel
 from ckptview.ui.training import TrainingPanel
 from ckptview.ui.tree import TreePanel
+
+
+def _warm_up_kernels() -> None:
+    try:
+        from ckptview.analyzers import kernels
+
+        kernels.warm_up()
+    except Exception:  # noqa: BLE001 - the tab that needs the kernels reports the failure in its banner
+        return
 
 
 class Explorer(widgets.VBox):
@@ -41,6 +51,9 @@ class Explorer(widgets.VBox):
         self.tabs.observe(self._on_tabs_selected_index, names="selected_index")
         super().__init__([widgets.HTML(STYLE), self.header, self.tabs])
         self.add_class("ckptview-explorer")
+        # The statistics and diff kernels take ~0.5 s to import and load the first time in a process;
+        # done now, in the background, the Statistics and Compare tabs do not wait for it.
+        threading.Thread(target=_warm_up_kernels, name="ckptview-warm-up", daemon=True).start()
         self._activate(0)
 
     def _header_html(self) -> str:
