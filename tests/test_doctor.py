@@ -6,6 +6,8 @@ makes it load.
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import warnings
 from collections import OrderedDict
@@ -20,6 +22,7 @@ from torch import nn
 
 import ckptview
 from ckptview.analyzers.doctor import diagnose
+from ckptview.cli import main
 from ckptview.errors import ModelBuildError
 from ckptview.model_source import build_model, expected_state, meta_twin
 
@@ -346,3 +349,247 @@ def test_diff_and_doctor_are_public() -> None:
     assert {"diff", "doctor"} <= set(ckptview.__all__)
     assert ckptview.doctor.__module__ == "ckptview.analyzers.doctor"
     assert ckptview.diff.__module__ == "ckptview.analyzers.valuediff"
+
+
+# --- wrapper parts inside keys and renames of runs of parts ---------------------------------------
+
+class Holder(nn.Module):
+    """Holds its layer as `self.module`: a real submodule with the name DataParallel gives what it wraps."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.module = nn.Linear(width, width)
+
+
+class EncoderModel(nn.Module):
+    """An encoder that training code may compile or wrap on its own, a `block.module` that is real, and a head."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, width)
+        self.encoder = nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width), nn.Linear(width, width))
+        self.block = Holder(width)
+        self.head = nn.Linear(width, 3)
+
+
+def randomized(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    return model
+
+
+def wrapped_encoder(reference: nn.Module, wrap: Any) -> nn.Module:
+    """A copy of `reference` whose encoder is wrapped on its own, as training code does before saving."""
+    model = copy.deepcopy(reference)
+    model.encoder = wrap(model.encoder)
+    return model
+
+
+@pytest.mark.parametrize(("wrap", "part"), [(torch.compile, "_orig_mod"), (nn.DataParallel, "module")])
+def test_submodule_compiled_or_wrapped_alone_loses_its_wrapper_part(tmp_path: Path, wrap: Any, part: str) -> None:
+    reference = randomized(EncoderModel())
+    path = tmp_path / "wrapped_encoder.pt"
+    torch.save(wrapped_encoder(reference, wrap).state_dict(), path)
+    assert f"encoder.{part}.0.weight" in torch.load(path, weights_only=True)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        EncoderModel().load_state_dict(torch.load(path, weights_only=True))
+    report = ckptview.doctor(path, EncoderModel)
+    assert [fix.kind for fix in report.fixes] == ["drop_wrapper_parts"]
+    assert f"wrapped = {{'encoder': [{part!r}]}}" in report.code
+    assert f"(key part {part!r})" in report.fixes[0].description
+    assert report.loads_after_fix and report.strict
+    assert [fix["kind"] for fix in json.loads(json.dumps(report.to_dict()))["fixes"]] == ["drop_wrapper_parts"]
+    model = EncoderModel()
+    model.load_state_dict(apply_fix(report.code, torch.load(path, weights_only=True)), strict=True)
+    assert_same_weights(model, reference)  # block.module, a real submodule, kept its part
+
+
+def test_wrapper_part_composes_with_section_and_leading_prefix_in_the_cli_json(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    reference = randomized(make_backbone())
+    model = copy.deepcopy(reference)
+    model.backbone = torch.compile(model.backbone)
+    path = tmp_path / "ddp_compiled_backbone.pt"
+    torch.save({"model": nn.DataParallel(model).state_dict(), "epoch": 1}, path)
+    assert "module.backbone._orig_mod.conv1.weight" in torch.load(path, weights_only=True)["model"]
+    assert main(["doctor", str(path), "--model", "models_for_tests:make_backbone", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [fix["kind"] for fix in data["fixes"]] == ["section", "strip_prefix", "drop_wrapper_parts"]
+    assert data["loads_after_fix"] is True and data["strict"] is True
+    assert "consume_prefix_in_state_dict_if_present(state_dict, 'module.')" in data["code"]
+    loaded = make_backbone()
+    loaded.load_state_dict(apply_fix(data["code"], torch.load(path, weights_only=True)), strict=True)
+    assert_same_weights(loaded, reference)
+
+
+def test_a_real_submodule_named_module_is_never_unwrapped(tmp_path: Path) -> None:
+    reference = randomized(EncoderModel())
+    compiled_block = copy.deepcopy(reference)
+    compiled_block.block = torch.compile(compiled_block.block)
+    cases = [  # (saved model, a key it has, fix kinds, the wrapped modules in the code)
+        (nn.DataParallel(reference), "module.block.module.weight", ["strip_prefix"], None),
+        (nn.DataParallel(wrapped_encoder(reference, torch.compile)), "module.block.module.weight",
+         ["strip_prefix", "drop_wrapper_parts"], "{'encoder': ['_orig_mod']}"),
+        (compiled_block, "block._orig_mod.module.weight", ["drop_wrapper_parts"], "{'block': ['_orig_mod']}"),
+    ]
+    for number, (saved, key, kinds, wrapped) in enumerate(cases):
+        path = tmp_path / f"case{number}.pt"
+        torch.save(saved.state_dict(), path)
+        assert key in torch.load(path, weights_only=True)
+        report = ckptview.doctor(path, EncoderModel)
+        assert [fix.kind for fix in report.fixes] == kinds
+        assert (f"wrapped = {wrapped}" in report.code) if wrapped else "unwrap" not in report.code
+        model = EncoderModel()
+        model.load_state_dict(apply_fix(report.code, torch.load(path, weights_only=True)), strict=True)
+        assert_same_weights(model, reference)
+
+
+def test_wrapper_part_dropped_even_where_a_key_then_has_no_place(tmp_path: Path) -> None:
+    reference = randomized(EncoderModel())
+    state = wrapped_encoder(reference, torch.compile).state_dict()
+    state["encoder._orig_mod.step"] = torch.tensor(3)  # a buffer this version of the model no longer has
+    path = tmp_path / "compiled_encoder_with_extra.pt"
+    torch.save(state, path)
+    report = ckptview.doctor(path, EncoderModel)
+    assert [(fix.kind, fix.keys) for fix in report.fixes][1:] == [("drop_unexpected", ("encoder.step",))]
+    assert report.fixes[0].kind == "drop_wrapper_parts" and report.loads_after_fix and report.strict
+    model = EncoderModel()
+    model.load_state_dict(apply_fix(report.code, torch.load(path, weights_only=True)), strict=True)
+    assert_same_weights(model, reference)
+
+
+def test_wrapper_part_is_kept_when_dropping_it_lines_up_no_same_shaped_key(tmp_path: Path) -> None:
+    state = dict(EncoderModel().state_dict())
+    state["block.module.weight"] = torch.zeros(8, 5)  # unmatched: `block.weight` is no model key either
+    narrow = tmp_path / "narrow_block.pt"
+    torch.save(state, narrow)
+    other_width = tmp_path / "other_width.pt"  # `encoder.0.weight` is a model key, of another shape
+    torch.save(wrapped_encoder(EncoderModel(width=6), torch.compile).state_dict(), other_width)
+    for path in (narrow, other_width):
+        report = ckptview.doctor(path, EncoderModel)
+        assert "drop_wrapper_parts" not in [fix.kind for fix in report.fixes], path.name
+        assert "unwrap" not in report.code
+
+
+class TinyTransformer(nn.Module):
+    """Two blocks whose names differ between implementations: (blocks, attention, qkv, out)."""
+
+    def __init__(self, names: tuple[str, str, str, str] = ("h", "attn", "c_attn", "c_proj")) -> None:
+        super().__init__()
+        blocks, attention, qkv, out = names
+        self.wte = nn.Embedding(20, 8)
+        layers = nn.ModuleList()
+        for _ in range(2):
+            block, attn = nn.Module(), nn.Module()
+            setattr(attn, qkv, nn.Linear(8, 24))
+            setattr(attn, out, nn.Linear(8, 8))
+            setattr(block, attention, attn)
+            block.ln = nn.LayerNorm(8)
+            layers.append(block)
+        setattr(self, blocks, layers)
+
+
+def make_ported_transformer() -> TinyTransformer:
+    return TinyTransformer(("layers", "attention", "qkv", "out"))
+
+
+def make_cnn_with_head_fc(num_classes: int = 10) -> nn.Module:
+    """make_cnn with its classifier moved to `head.fc`, beside `xfc` and `fc_out` that merely contain `fc`."""
+    model = make_cnn(num_classes)
+    model.head = nn.Module()
+    model.head.fc = model.fc
+    del model.fc
+    model.xfc, model.fc_out = nn.Linear(2, 2), nn.Linear(2, 3)
+    return model
+
+
+def test_renames_of_runs_of_parts_port_a_transformer(tmp_path: Path) -> None:
+    reference = randomized(TinyTransformer())
+    path = tmp_path / "gpt_names.pt"
+    torch.save(reference.state_dict(), path)
+    report = ckptview.doctor(path, make_ported_transformer)
+    assert [fix.kind for fix in report.fixes] == ["rename"]
+    assert "renames = {'h': 'layers', 'attn.c_attn': 'attention.qkv', 'attn.c_proj': 'attention.out'}" in report.code
+    assert report.loads_after_fix and report.strict
+    assert [fix["kind"] for fix in json.loads(json.dumps(report.to_dict()))["fixes"]] == ["rename"]
+    model = make_ported_transformer()
+    model.load_state_dict(apply_fix(report.code, torch.load(path, weights_only=True)), strict=True)
+    assert_same_weights(model, reference)
+
+
+def test_rename_to_more_parts_leaves_parts_that_merely_contain_the_name_alone(tmp_path: Path) -> None:
+    reference = randomized(make_cnn())
+    reference.xfc, reference.fc_out = nn.Linear(2, 2), nn.Linear(2, 3)
+    path = tmp_path / "flat_fc.pt"
+    torch.save(reference.state_dict(), path)
+    report = ckptview.doctor(path, make_cnn_with_head_fc)
+    assert [fix.kind for fix in report.fixes] == ["rename"] and "renames = {'fc': 'head.fc'}" in report.code
+    assert report.fixes[0].keys == ("fc.weight", "fc.bias") and report.loads_after_fix and report.strict
+    model = make_cnn_with_head_fc()
+    fixed = apply_fix(report.code, torch.load(path, weights_only=True))
+    assert {"xfc.weight", "fc_out.weight", "head.fc.weight"} <= set(fixed)
+    model.load_state_dict(fixed, strict=True)
+    assert torch.equal(model.head.fc.weight, reference.fc.weight)
+    assert torch.equal(model.xfc.weight, reference.xfc.weight)
+
+
+class Stack(nn.Module):
+    """An embedding, `layers` (under `encoder` when nested), a final norm."""
+
+    def __init__(self, nested: bool) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        if nested:
+            self.encoder = nn.Module()
+            self.encoder.layers = layers
+        else:
+            self.layers = layers
+        self.norm = nn.LayerNorm(4)
+
+
+class Nest(nn.Module):
+    """`name.name`: a module holding a same-named submodule (encoder.encoder), and a head whose keys already load."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        inner = nn.Module()
+        setattr(inner, name, nn.Linear(4, 4))
+        inner.norm, inner.proj = nn.LayerNorm(4), nn.Linear(4, 2)
+        setattr(self, name, inner)
+        self.head = nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize(("saved", "factory", "renames"), [
+    (lambda: Stack(nested=False), lambda: Stack(nested=True), "{'layers': 'encoder.layers'}"),
+    (lambda: Nest("enc"), lambda: Nest("encoder"), "{'enc': 'encoder'}"),  # enc.enc: both parts, on dot boundaries
+])
+def test_rename_of_some_keys_beside_keys_that_already_load(
+        tmp_path: Path, saved: Any, factory: Any, renames: str) -> None:
+    reference = randomized(saved())
+    path = tmp_path / "partly_renamed.pt"
+    torch.save(reference.state_dict(), path)
+    report = ckptview.doctor(path, factory)
+    assert [fix.kind for fix in report.fixes] == ["rename"] and f"renames = {renames}" in report.code
+    model = factory()
+    model.load_state_dict(apply_fix(report.code, torch.load(path, weights_only=True)), strict=True)
+    assert_same_weights(model, reference)
+
+
+def test_rename_to_more_parts_is_not_proposed_when_shapes_disagree(tmp_path: Path) -> None:
+    path = tmp_path / "ten_classes.pt"
+    torch.save(make_cnn().state_dict(), path)
+    report = ckptview.doctor(path, lambda: make_cnn_with_head_fc(num_classes=5))
+    assert [fix.kind for fix in report.fixes] == ["drop_unexpected", "missing"]
+    assert report.leaves_missing == ("head.fc.weight", "head.fc.bias", "xfc.weight", "xfc.bias", "fc_out.weight",
+                                     "fc_out.bias")
+
+
+def test_rename_is_not_proposed_when_one_renamed_key_would_change_shape(tmp_path: Path) -> None:
+    state = dict(Stack(nested=False).state_dict())
+    state["layers.2.weight"], state["layers.2.bias"] = torch.zeros(5, 4), torch.zeros(5)  # a wider last layer
+    path = tmp_path / "wider_last_layer.pt"
+    torch.save(state, path)
+    report = ckptview.doctor(path, lambda: Stack(nested=True))
+    assert [fix.kind for fix in report.fixes] == ["drop_unexpected", "missing"]  # layers.0 and .1 alone fit

@@ -2,7 +2,8 @@
 The load doctor: why `model.load_state_dict(checkpoint)` fails, and the code that makes it load.
 
 It lines the checkpoint's keys up with the model's (prefixes from DataParallel, torch.compile,
-Lightning or a wrapping backbone; consistent renames), then classifies what is left: a new
+Lightning or a wrapping backbone; the `_orig_mod` / `module` part a submodule compiled or wrapped
+on its own leaves inside keys; consistent renames of runs of key parts), then classifies what is left: a new
 classifier head, `num_batches_tracked` counters, weights tied in the model but saved once,
 transposed matrices, quantized tensors, and ZeRO-3/FSDP placeholders that no renaming can fix.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -38,6 +40,13 @@ _KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "
 _MAX_PREFIX_DEPTH = 3
 _MAX_PREFIX_CANDIDATES = 16
 _MAX_RENAME_CANDIDATES = 64
+_MAX_RENAME_PARTS = 3
+_RENAME_ROUNDS = 3
+_MAX_RENAME_PAIRS = 200_000
+_MAX_WRAPPER_CANDIDATES = 16
+# The dotted part torch.compile (`_orig_mod`) and DataParallel/DDP (`module`) add where they wrap a module.
+_WRAPPER_PARTS = ("_orig_mod", "module")
+_WRAPPED = re.compile(r"\.(_orig_mod|module)\.")
 _NBT = "num_batches_tracked"
 
 
@@ -47,8 +56,9 @@ class Fix:
     One proposed repair.
 
     Attributes:
-        kind: `section`, `strip_prefix`, `add_prefix`, `rename`, `tied_weights`, `num_batches_tracked`,
-            `transpose`, `dequantize`, `drop_unexpected`, `head`, `missing`, or `sharded_placeholders`.
+        kind: `section`, `strip_prefix`, `add_prefix`, `drop_wrapper_parts`, `rename`, `tied_weights`,
+            `num_batches_tracked`, `transpose`, `dequantize`, `drop_unexpected`, `head`, `missing`, or
+            `sharded_placeholders`.
         description: what is wrong, why, and what the code does.
         code: Python from `state_dict` to `state_dict`; for `sharded_placeholders`, the commands to
             consolidate the shards (it cannot be applied to this file).
@@ -300,7 +310,7 @@ def diagnose(entries: Mapping[str, Any], model: ModelSpec, *, section: Section |
         fixes.append(_section_fix(section))
     if not before.ok:
         current = dict(source)
-        for propose in (_prefix_fix, _rename_fix):
+        for propose in (_prefix_fix, _wrapper_fix, _rename_fix):
             fix = propose(current, target)
             if fix is not None:
                 fixes.append(fix)
@@ -388,24 +398,37 @@ def _prefix_candidates(keys: list[str]) -> list[str]:
 
 
 def _prefix_fix(current: dict[str, Spec], target: dict[str, Spec]) -> Fix | None:
-    def score(strip: str, add: str) -> tuple[int, int, int]:
-        stripped = {(key[len(strip):] if key.startswith(strip) else key): spec for key, spec in current.items()}
+    stripped = {strip: {key.removeprefix(strip): (key, spec) for key, spec in current.items()}
+                for strip in _prefix_candidates(list(current))}
+    modules = _module_paths(target)
+
+    def score(strip: str, add: str) -> tuple[tuple[int, int, int], set[str]]:
         shaped = named = 0
-        for key, spec in stripped.items():
-            other = target.get(add + key)
+        lined_up: set[str] = set()
+        for bare, (key, spec) in stripped[strip].items():
+            other = target.get(add + bare)
+            # A key also lines up once _wrapper_fix has dropped its wrapper parts; without this a leading `module.`
+            # would lose to stripping `module.encoder._orig_mod.` and adding `encoder.`, which misnames other keys.
+            if (other is None or other[0] != spec[0]) and _WRAPPED.search(bare):
+                other = target.get(add + _unwrapped(bare, modules, add)[0], other)
             if other is not None:
                 named += 1
-                shaped += other[0] == spec[0]
+                if other[0] == spec[0]:
+                    shaped += 1
+                    lined_up.add(key)
         known = sum(p in _KNOWN_PREFIXES for p in (strip, add) if p)
-        return shaped, named, known - len(strip) - len(add)
+        return (shaped, named, known - len(strip) - len(add)), lined_up
 
-    baseline = score("", "")
+    baseline, loading = score("", "")
     best, best_score = ("", ""), baseline
-    for strip in _prefix_candidates(list(current)):
-        for add in _prefix_candidates(list(target)):
+    adds = _prefix_candidates(list(target))
+    for strip in stripped:
+        for add in adds:
             if strip == add or (not strip and not add):
                 continue
-            candidate = score(strip, add)
+            candidate, lined_up = score(strip, add)
+            if not loading <= lined_up:
+                continue  # a prefix is for all keys: one that moves keys away from where they load is a rename
             if candidate[:2] > best_score[:2] or (candidate[:2] == best_score[:2] > baseline[:2] and candidate > best_score):
                 best, best_score = (strip, add), candidate
     if best == ("", ""):
@@ -425,64 +448,233 @@ def _prefix_fix(current: dict[str, Spec], target: dict[str, Spec]) -> Fix | None
         steps.append(f"add the prefix {add!r} the model's keys have (it holds these weights as a submodule)")
         lines.append(f"state_dict = {{{add!r} + key: value for key, value in state_dict.items()}}")
     kind = "strip_prefix" if strip else "add_prefix"
-    description = "; ".join(steps) + f": {best_score[0]} of {len(target)} model keys then match (before: {baseline[0]})"
+    after = _loading(_simulate("\n".join(lines), current), target)
+    description = "; ".join(steps) + f": {after} of {len(target)} model keys then match " \
+                                     f"(before: {_loading(current, target)})"
     return Fix(kind, description[0].upper() + description[1:], "\n".join(lines),
                keys=tuple(key for key in current if key.startswith(strip)))
 
 
-def _rename(rules: Mapping[str, str], key: str) -> str:
-    return ".".join(rules.get(part, part) for part in key.split("."))
+def _loading(specs: Mapping[str, Spec], target: dict[str, Spec]) -> int:
+    return sum(key in target and target[key][0] == spec[0] for key, spec in specs.items())
 
 
-def _rename_fix(current: dict[str, Spec], target: dict[str, Spec]) -> Fix | None:
-    unexpected = [key for key in current if key not in target]
-    missing = [key for key in target if key not in current]
-    if not unexpected or not missing:
+def _landed(current: dict[str, Spec], code: str, target: dict[str, Spec], *, same_shape: bool,
+            partial: bool = False) -> int | None:
+    """
+    How many keys load (same name and shape) once `code` has renamed them; None when a renamed key
+    lands on no model key (or, with `same_shape`, on one of another shape), or two land on one.
+    With `partial`, a key renamed to no model key is allowed: a later rename may place it.
+    """
+    renamed = _run(code, current)
+    if len(renamed) != len(current):
         return None
-    # Keys that differ in exactly one dotted part vote for renaming that part.
-    slots: dict[tuple[Any, ...], list[str]] = {}
-    for key in missing:
-        parts = key.split(".")
-        for i in range(len(parts)):
-            slots.setdefault((i, len(parts), *parts[:i], *parts[i + 1:]), []).append(parts[i])
-    votes: Counter[tuple[str, str]] = Counter()
-    for key in unexpected:
-        parts = key.split(".")
-        for i in range(len(parts)):
-            for new in slots.get((i, len(parts), *parts[:i], *parts[i + 1:]), ()):
-                votes[(parts[i], new)] += 1
-
-    def matched(rules: Mapping[str, str]) -> int | None:
-        renamed: dict[str, Spec] = {}
-        for key, spec in current.items():
-            new = _rename(rules, key)
-            if new != key and (new not in target or target[new][0] != spec[0]):
-                return None  # a rename must land on a model key of the same shape, one to one
-            renamed[new] = spec
-        if len(renamed) != len(current):
+    for (old, spec), new in zip(current.items(), renamed):  # the snippets rename in place, keeping the order
+        if new == old or (partial and new not in target):
+            continue
+        if new not in target or (same_shape and target[new][0] != spec[0]):
             return None
-        return sum(key in target and target[key][0] == spec[0] for key, spec in renamed.items())
+    return _loading(renamed, target)
 
-    rules: dict[str, str] = {}
-    best = matched(rules) or 0
+
+def _renamed(current: dict[str, Spec], code: str) -> list[tuple[str, str]]:
+    return [(old, new) for old, new in zip(current, _run(code, current)) if old != new]
+
+
+def _module_paths(target: Mapping[str, Spec]) -> set[str]:
+    return {".".join(parts[:i]) for parts in (key.split(".") for key in target) for i in range(1, len(parts))}
+
+
+def _unwrapped(key: str, modules: set[str], prefix: str = "") -> tuple[str, tuple[tuple[str, str], ...]]:
+    """
+    `key` without the wrapper parts inside it, and (module path, part) for each part dropped; `prefix`
+    is what the model's names have before `key`. A part is kept where the model has a submodule of
+    that name (a real `module`, or a child `module` of a compiled module: `block._orig_mod.module`).
+    """
+    parts = key.split(".")
+    kept: list[str] = []
+    dropped: list[tuple[str, str]] = []
+    for part in parts[:-1]:
+        path = ".".join(kept)
+        # Leading wrapper parts wrap the whole model: that is a prefix, left to _prefix_fix.
+        inside = any(p not in _WRAPPER_PARTS for p in kept)
+        if part in _WRAPPER_PARTS and inside and f"{prefix}{path}.{part}" not in modules:
+            dropped.append((path, part))
+        else:
+            kept.append(part)
+    return ".".join(kept + parts[-1:]), tuple(dict.fromkeys(dropped))
+
+
+def _unwrap_code(wrapped: set[tuple[str, str]]) -> str:
+    parts: dict[str, list[str]] = {}
+    for path, part in sorted(wrapped):
+        parts.setdefault(path, []).append(part)
+    return (f"# modules wrapped on their own when saved, and the key part the wrapper added inside their keys\n"
+            f"# (torch.compile: _orig_mod, DataParallel/DDP: module)\n"
+            f"wrapped = {parts!r}\n\n"
+            "def unwrap(key):\n"
+            "    parts = []\n"
+            "    for part in key.split(\".\"):\n"
+            "        if part not in wrapped.get(\".\".join(parts), ()):\n"
+            "            parts.append(part)\n"
+            "    return \".\".join(parts)\n\n"
+            "state_dict = {unwrap(key): value for key, value in state_dict.items()}")
+
+
+def _wrapper_fix(current: dict[str, Spec], target: dict[str, Spec]) -> Fix | None:
+    # Keys that load never hold a part to drop (the model has a module of each of their names), so the code
+    # cannot move them; a renamed key that lands nowhere or on another shape is left to the later fixes.
+    modules = _module_paths(target)
+    chains = Counter(sites for sites in (_unwrapped(key, modules)[1] for key in current) if sites)
+    wrapped: set[tuple[str, str]] = set()
+    before = best = _loading(current, target)
+    for sites, _ in chains.most_common(_MAX_WRAPPER_CANDIDATES):
+        trial = wrapped | set(sites)
+        score = None if trial == wrapped else _landed(current, _unwrap_code(trial), target, same_shape=False,
+                                                     partial=True)
+        if score is not None and score > best:
+            wrapped, best = trial, score
+    if not wrapped:
+        return None
+    code = _unwrap_code(wrapped)
+    changed = _renamed(current, code)
+    dropped = {part for _, part in wrapped}
+    how = " and ".join(f"{name} (key part {part!r})" for part, name in
+                       (("_orig_mod", "torch.compile"), ("module", "DataParallel/DDP")) if part in dropped)
+    names = sorted({path for path, _ in wrapped})
+    one = len(names) == 1
+    old, new = changed[0]
+    return Fix(
+        "drop_wrapper_parts",
+        f"{', '.join(names)} {'was' if one else 'were'} wrapped on {'its' if one else 'their'} own by {how} "
+        f"when saved: drop the wrapper's part from {len(changed)} checkpoint key(s) (e.g. {old} -> {new}); then {best} "
+        f"of {len(target)} model keys match (before: {before})",
+        code,
+        keys=tuple(old for old, _ in changed),
+    )
+
+
+def _differing_run(parts: tuple[str, ...], other: tuple[str, ...]) -> tuple[int, int] | None:
+    """
+    Where `parts` differs from `other`: [i, j) after their common first and last parts, widened by a
+    neighbour when parts were only inserted or removed. None when that run is two edits in one, each
+    voted for by other pairs: it shares a part with the other run (`layers.0` -> `encoder.layers.1`)
+    or changes an index beside a name (`h.0` -> `layers.1`): shapes cannot refute that when blocks are alike.
+    """
+    shortest = min(len(parts), len(other))
+    start = 0
+    while start < shortest and parts[start] == other[start]:
+        start += 1
+    end = 0
+    while end < shortest - start and parts[-1 - end] == other[-1 - end]:
+        end += 1
+    old, new = parts[start:len(parts) - end], other[start:len(other) - end]
+    if set(old) & set(new) or (old and new and len(old) + len(new) > 2 and any(p.isdigit() for p in old + new)):
+        return None
+    if start + end == shortest:  # a part inserted or removed: rename it together with a neighbour
+        if end:
+            end -= 1
+        else:
+            start -= 1
+    return start, len(parts) - end
+
+
+_Context = tuple[tuple[str, ...], tuple[str, ...]]
+
+
+def _runs_by_context(keys: list[str]) -> dict[_Context, list[tuple[tuple[str, ...], int, int]]]:
+    """Each key under the parts around each of its short runs (a key of several parts shares some, never none)."""
+    contexts: dict[_Context, list[tuple[tuple[str, ...], int, int]]] = {}
+    for key in keys:
+        parts = tuple(key.split("."))
+        for start in range(len(parts)):
+            for end in range(start + 1, min(start + _MAX_RENAME_PARTS, len(parts)) + 1):
+                if end - start < len(parts) or len(parts) == 1:
+                    contexts.setdefault((parts[:start], parts[end:]), []).append((parts, start, end))
+    return contexts
+
+
+def _rename_votes(unexpected: list[str], missing: list[str]) -> Counter[tuple[str, str]]:
+    # A checkpoint key and a model key that differ in one short run of parts vote for renaming it. Contexts are
+    # compared smallest first: few keys sharing one single out the counterpart, while hundreds sharing only a leaf
+    # like `weight` add noise and quadratic time, which the budget cuts off.
+    ours, theirs = _runs_by_context(unexpected), _runs_by_context(missing)
+    shared = sorted((context for context in ours if context in theirs), key=lambda c: len(ours[c]) * len(theirs[c]))
+    votes: Counter[tuple[str, str]] = Counter()
+    budget = _MAX_RENAME_PAIRS
+    for context in shared:
+        budget -= len(ours[context]) * len(theirs[context])
+        if budget < 0:
+            break
+        for parts, start, end in ours[context]:
+            for other, other_start, other_end in theirs[context]:
+                if _differing_run(parts, other) == (start, end):
+                    votes[(".".join(parts[start:end]), ".".join(other[other_start:other_end]))] += 1
+    return votes
+
+
+def _rename_code(rules: Mapping[str, str]) -> str:
+    return (f"import re\n"
+            f"renames = {dict(rules)!r}\n"
+            "# whole dotted parts only, longest first: renaming 'fc' leaves 'xfc' and 'fc_out' alone\n"
+            "alternatives = \"|\".join(map(re.escape, sorted(renames, key=len, reverse=True)))\n"
+            "pattern = re.compile(rf\"(?<![^.])({alternatives})(?![^.])\")\n"
+            "state_dict = {pattern.sub(lambda m: renames[m[1]], key): value for key, value in state_dict.items()}")
+
+
+def _rename_score(current: dict[str, Spec], target: dict[str, Spec], rules: dict[str, str], *,
+                  partial: bool = False) -> int | None:
+    if not rules:
+        return _loading(current, target)
+    return _landed(current, _rename_code(rules), target, same_shape=True, partial=partial)
+
+
+def _votes_after(current: dict[str, Spec], target: dict[str, Spec], rules: dict[str, str]) -> Counter[tuple[str, str]]:
+    renamed = _run(_rename_code(rules), current) if rules else current
+    return _rename_votes([key for key in renamed if key not in target], [key for key in target if key not in renamed])
+
+
+def _more_renames(current: dict[str, Spec], target: dict[str, Spec], rules: dict[str, str],
+                  votes: Counter[tuple[str, str]], *, partial: bool) -> dict[str, str]:
+    """`rules` and the most voted renames that each make more keys load."""
+    best = _rename_score(current, target, rules, partial=True)
     for (old, new), _ in votes.most_common(_MAX_RENAME_CANDIDATES):
         if old in rules:
             continue
         trial = {**rules, old: new}
-        score = matched(trial)
+        score = _rename_score(current, target, trial, partial=partial)
         if score is not None and score > best:
             rules, best = trial, score
+    return rules
+
+
+def _rename_fix(current: dict[str, Spec], target: dict[str, Spec]) -> Fix | None:
+    if all(key in target for key in current) or all(key in current for key in target):
+        return None
+    votes = _votes_after(current, target, {})
+    rules = _more_renames(current, target, {}, votes, partial=False)
+    # A key may need two renames (h.0.attn.c_attn -> layers.0.attention.qkv, beyond one short run): rename in
+    # rounds that may leave keys unplaced, and keep the result only if then every renamed key loads, one to one.
+    staged = _more_renames(current, target, {}, votes, partial=True)
+    for _ in range(_RENAME_ROUNDS - 1):
+        if staged == rules:
+            break
+        more = _more_renames(current, target, staged, _votes_after(current, target, staged), partial=True)
+        if more == staged:
+            break
+        staged = more
+    if staged != rules and (_rename_score(current, target, staged) or 0) > (_rename_score(current, target, rules) or 0):
+        rules = staged
     if not rules:
         return None
-    changed = tuple(key for key in current if _rename(rules, key) != key)
+    code = _rename_code(rules)
+    changed = tuple(old for old, _ in _renamed(current, code))
     pairs = ", ".join(f"{old} -> {new}" for old, new in rules.items())
     return Fix(
         "rename",
         f"rename key parts {pairs}: {len(changed)} checkpoint key(s) then match model keys of the same shape, one to one "
         "(an older version of the model or another implementation named them so)",
-        f"renames = {rules!r}\n"
-        "state_dict = {\".\".join(renames.get(part, part) for part in key.split(\".\")): value\n"
-        "              for key, value in state_dict.items()}",
+        code,
         keys=changed,
     )
 
