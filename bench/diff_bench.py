@@ -161,7 +161,8 @@ def main() -> None:
             with PeakMemory() as memory:
                 start = time.perf_counter()
                 result = ckptview.diff(a_path, b_path, values=True, threads=args.threads)
-                runs.append((time.perf_counter() - start, memory.extra))
+                seconds = time.perf_counter() - start
+            runs.append((seconds, memory.extra))
         ours, ours_memory = min(runs)[0], max(extra for _, extra in runs)
         print(f"warm  ckptview    {ours:6.2f} s  {size / ours / MiB:8,.0f} MiB/s  extra anon memory {ours_memory / MiB:,.0f} MiB"
               " (best of 3)")
