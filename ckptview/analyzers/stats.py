@@ -293,8 +293,8 @@ def _step(bar: Any, nbytes: int, cancel: CancelHook | None, stop: threading.Even
 class _Reducer:
     """
     Accumulates one tensor's statistics over its chunks. Float chunks go through the fused kernels
-    (`kernels.py`); integer and bool chunks through torch ops on the integers themselves (exact
-    min/max beyond 2**53), with float64 totals merged by Chan's formula.
+    (`kernels.py`); integer and bool chunks through torch ops on the integers themselves (min/max
+    compared as integers, not as rounded float64), with float64 totals merged by Chan's formula.
     """
 
     def __init__(self, entry: TensorEntry, bins: int, histogram_sample: int | None, chunk_bytes: int,
@@ -349,7 +349,7 @@ class _Reducer:
         if chunk.dtype == torch.bool:
             chunk = chunk.view(torch.uint8)
         count = chunk.numel()
-        low, high = torch.aminmax(chunk)  # on the integers themselves: exact beyond 2**53
+        low, high = torch.aminmax(chunk)  # compared as integers: float64 would tie values beyond 2**53
         self.int_min = min(self.int_min, float(low))
         self.int_max = max(self.int_max, float(high))
         self.acc[3] += count - int(torch.count_nonzero(chunk))
