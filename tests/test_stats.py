@@ -147,6 +147,19 @@ def test_negative_zero_counts_as_zero(mixed_file: tuple[Path, dict[str, torch.Te
     assert result["f16_signed_zeros"].zero_fraction == 100 / 3000
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_random_bit_patterns_equal_reference(tmp_path: Path, dtype: torch.dtype) -> None:
+    """Every class of float at once: NaNs with any payload and sign, ±Inf, ±0, subnormals, the largest values."""
+    int_type = {2: torch.int16, 4: torch.int32}[dtype.itemsize]
+    info = torch.iinfo(int_type)
+    bits = torch.randint(info.min, info.max, (3 * BLOCK + 11,), dtype=int_type, generator=torch.Generator().manual_seed(7))
+    tensor = bits.view(dtype)
+    torch.save({"random": tensor}, tmp_path / "random.pt")
+    with ckptview.open(tmp_path / "random.pt") as ckpt:
+        item = ckptview.stats(ckpt, progress=False, chunk_bytes=10_000)["random"]
+    assert_matches(item, tensor)
+
+
 def test_integer_and_bool_statistics_are_exact(tmp_path: Path) -> None:
     big = torch.tensor([2**62, -(2**62), 5, 0])
     flags = torch.tensor([True, False, True, True])

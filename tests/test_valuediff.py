@@ -166,6 +166,21 @@ def test_edge_values_equal_the_reference_in_every_dtype(tmp_path: Path) -> None:
     assert {t.key: t.nan_left for t in result.tensors}["bf16"] == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_random_bit_patterns_equal_the_reference(tmp_path: Path, dtype: torch.dtype) -> None:
+    """NaNs with any payload and sign, ±Inf, ±0, subnormals and the largest values on both sides."""
+    int_type = {2: torch.int16, 4: torch.int32}[dtype.itemsize]
+    info = torch.iinfo(int_type)
+    generator = torch.Generator().manual_seed(11)
+    left, right = (torch.randint(info.min, info.max, (2 * BLOCK + 5,), dtype=int_type, generator=generator).view(dtype)
+                   for _ in range(2))
+    right[::3] = left[::3]  # some positions equal, NaN payloads included
+    torch.save({"random": left}, tmp_path / "a.pt")
+    torch.save({"random": right}, tmp_path / "b.pt")
+    change = ckptview.diff(tmp_path / "a.pt", tmp_path / "b.pt", values=True).values.tensors[0]
+    assert_matches_reference(change, left, right)
+
+
 def test_ignore_patterns_and_mismatched_keys_are_left_out(tmp_path: Path, epochs) -> None:
     path_a, _, first, second = epochs
     renamed = dict(second)
