@@ -55,6 +55,10 @@ def _mixed_tensors() -> dict[str, torch.Tensor]:
         "f64": randn(1000).double() * 1e3,
         "i64": torch.randint(-(2**40), 2**40, (3000,), generator=generator),
         "i8": torch.randint(-128, 127, (5000,), generator=generator).to(torch.int8),
+        # torch has no CPU min/max for these unsigned types: statistics must not depend on it.
+        "u16": torch.randint(0, 2**16, (3000,), generator=generator).to(torch.uint16),
+        "u32": torch.randint(0, 2**32, (3000,), generator=generator).to(torch.uint32),
+        "u64": torch.randint(0, 2**62, (3000,), generator=generator).to(torch.uint64),
         "bool": randn(2000) > 0.4,
         "nonfinite": with_nonfinite,
         "f16_nonfinite": half_nonfinite,

@@ -349,10 +349,12 @@ class _Reducer:
         if chunk.dtype == torch.bool:
             chunk = chunk.view(torch.uint8)
         count = chunk.numel()
-        low, high = torch.aminmax(chunk)  # compared as integers: float64 would tie values beyond 2**53
-        self.int_min = min(self.int_min, float(low))
-        self.int_max = max(self.int_max, float(high))
-        self.acc[3] += count - int(torch.count_nonzero(chunk))
+        # numpy, not torch: torch has no min/max or count_nonzero for uint16/32/64 on the CPU.
+        # Compared as integers: float64 would tie values beyond 2**53.
+        values = chunk.numpy()
+        self.int_min = min(self.int_min, float(values.min()))
+        self.int_max = max(self.int_max, float(values.max()))
+        self.acc[3] += count - int(np.count_nonzero(values))
         work = self._buffer(count, torch.float64).copy_(chunk)
         self._sample(chunk, start)
         chunk_mean = float(work.sum()) / count
