@@ -35,6 +35,7 @@ from __future__ import annotations
 import struct
 
 import numpy as np
+import torch
 from numba import njit, types
 from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
@@ -62,6 +63,15 @@ _LARGEST = np.finfo(np.float64).max
 MOMENT_SLOTS = 7
 # acc slots of `diff`: max |a-b|, sum (a-b)^2, sum a^2, sum b^2, sum a*b, changed, NaN in a, NaN in b
 DIFF_SLOTS = 8
+
+
+# The integer type each float type's stored bits are read as.
+_BITS_OF = {torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def bit_patterns(chunk: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU chunk of bfloat16, float32 or float64 as the kernels take it: its bits, not copied."""
+    return chunk.view(_BITS_OF[chunk.dtype]).numpy()
 
 
 def new_moments() -> tuple[np.ndarray, np.ndarray]:

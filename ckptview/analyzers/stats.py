@@ -49,8 +49,6 @@ DEFAULT_CHUNK_BYTES = 2 << 20
 ABS_MAX_RATIO = 10.0
 
 CancelHook = threading.Event | Callable[[], bool]
-# The integer type the fused kernels read each float type's bit patterns as.
-_BITS_OF = {torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
 
 
 @dataclass(frozen=True)
@@ -342,7 +340,7 @@ class _Reducer:
     def _reduce_float(self, chunk: torch.Tensor, start: int) -> None:
         if chunk.dtype != torch.bfloat16 and chunk.dtype != self.work_dtype:
             chunk = self._buffer(chunk.numel(), self.work_dtype).copy_(chunk)
-        bits = chunk.view(_BITS_OF[chunk.dtype]).numpy()
+        bits = self.kernels.bit_patterns(chunk)
         self.kernels.moments(bits, self.acc, self.keys, self.samples.numpy(), start, 0 if self.exact_histogram else self.stride)
 
     def _reduce_integer(self, chunk: torch.Tensor, start: int) -> None:

@@ -37,8 +37,6 @@ IGNORE_EMA = ("ema.*", "ema_*", "*_ema.*", "*.ema.*", "model_ema.*", "ema_model.
 # 1M elements (2 MiB of bf16 per side) per read: the kernel works through each chunk in L1-sized
 # blocks, so the chunk only needs to be big enough that syscalls and Python stay a small cost.
 DEFAULT_CHUNK_ELEMENTS = 1024 * 1024
-# The integer type the fused kernels read each float type's bit patterns as.
-_BITS_OF = {torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
 
 Cancel = Union[threading.Event, Callable[[], bool], None]
 Progress = Union[bool, Callable[[int, int], None]]
@@ -361,7 +359,8 @@ def _compare(key: str, left: Any, right: Any, elements: int, cache: dict[Any, tu
         if stop():
             return None
         n = chunk_a.numel()
-        kernels.diff(_bits(chunk_a, buf_a[:n], dtype), _bits(chunk_b, buf_b[:n], dtype), sums)
+        kernels.diff(kernels.bit_patterns(_as(chunk_a, buf_a[:n], dtype)),
+                     kernels.bit_patterns(_as(chunk_b, buf_b[:n], dtype)), sums)
     max_abs, dd, aa, bb, ab, changed, nan_a, nan_b = sums.tolist()
     numel = math.prod(left.shape)
     return TensorChange(
@@ -372,13 +371,13 @@ def _compare(key: str, left: Any, right: Any, elements: int, cache: dict[Any, tu
     )
 
 
-def _bits(chunk: torch.Tensor, buffer: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    """The chunk's bit patterns on the CPU, converted to `dtype` first where it is stored otherwise."""
+def _as(chunk: torch.Tensor, buffer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The chunk as a contiguous CPU tensor of `dtype`, copied into `buffer` only where it is not one already."""
     if chunk.is_quantized:
         chunk = chunk.dequantize()
     if chunk.dtype != dtype or not chunk.is_contiguous() or chunk.device != buffer.device:  # e.g. a CUDA model's state_dict()
         chunk = buffer.copy_(chunk)
-    return chunk.view(_BITS_OF[chunk.dtype]).numpy()
+    return chunk
 
 
 def _rel(dd: float, aa: float) -> float:
