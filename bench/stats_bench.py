@@ -11,7 +11,7 @@ with a warm page cache and a cold one (posix_fadvise(DONTNEED) before each run),
 extra anonymous memory (RssAnon growth) of each, and the tensor table + module tree of a
 20,000-tensor file. Each measurement runs in a fresh subprocess so memory figures are its own.
 
-    python bench/stats_bench.py [--dir /tmp/somewhere] [--repeat 3]
+    python bench/stats_bench.py [--dir /tmp/somewhere] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from llm_fixture import drop_page_cache, make_llm_checkpoint, make_many_tensors  # noqa: E402
 
-# Each snippet prints {"seconds": ..., "extra_anon_mb": ...}. A thread samples RssAnon every 2 ms
-# (anonymous memory only: the page cache the reads go through is not the process's memory).
+# Each snippet prints {"seconds": ..., "extra_anon_mb": ...}. In a memory run a thread samples
+# RssAnon every 2 ms (anonymous memory only: the page cache the reads go through is not the
+# process's memory). Timed runs go without it: reading /proc/self/status 500 times a second took
+# a share of the two cores and slowed ckptview.stats by 8 %, the single-threaded raw read less.
 _PRELUDE = r"""
 import json, sys, threading, time
 import torch, ckptview
@@ -52,7 +54,8 @@ done = threading.Event()
 def sample():
     while not done.wait(0.002):
         peak[0] = max(peak[0], anon_mb())
-threading.Thread(target=sample, daemon=True).start()
+if sys.argv[3] == "memory":
+    threading.Thread(target=sample, daemon=True).start()
 """
 _REPORT = r"""
 seconds = time.perf_counter() - start
@@ -60,10 +63,17 @@ done.set()
 peak[0] = max(peak[0], anon_mb())
 print(json.dumps({"seconds": seconds, "extra_anon_mb": peak[0] - base}))
 """
-# Run before the timer starts. The steady-state row loads the compiled kernels first, as any call
-# after a process's first does: numba's first call costs ~0.2 s (plus ~0.25 s to import numba),
-# a fixed start-up that the fresh-process row keeps in.
-SETUP = {"ckptview.stats": "from ckptview.analyzers import kernels; kernels.warm_up()"}
+# Run before the timer starts. The steady-state row makes one statistics call on a small file
+# first, as any call after a process's first is made: numba's first call costs ~0.2 s (plus
+# ~0.25 s to import numba), and the first threads and buffers ~0.01 s more, a fixed start-up that
+# the fresh-process row keeps in.
+SETUP = {"ckptview.stats": r"""
+import tempfile
+with tempfile.TemporaryDirectory() as scratch:
+    torch.save({"w": torch.randn(256, 256).bfloat16(), "b": torch.randn(256)}, scratch + "/small.pt")
+    with ckptview.open(scratch + "/small.pt") as small:
+        ckptview.stats(small, progress=False)
+"""}
 METHODS = {
     "raw read (16 MB blocks)": r"""
 buffer = bytearray(16 << 20)
@@ -114,28 +124,50 @@ print(json.dumps({"open": t1 - t0, "table": t2 - t1, "tree": t3 - t2, "rows": le
 """
 
 
-def run(code: str, path: Path, cache: str = "cold") -> dict[str, float]:
-    done = subprocess.run([sys.executable, "-c", code, str(path), cache], capture_output=True, text=True)
+def run(code: str, path: Path, cache: str = "cold", mode: str = "time") -> dict[str, float]:
+    done = subprocess.run([sys.executable, "-c", code, str(path), cache, mode], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(done.stderr)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(path: Path, method: str, *, cold: bool, repeat: int) -> dict[str, float]:
-    runs = []
-    for _ in range(repeat):
-        if cold:
-            drop_page_cache(path)
-        code = _PRELUDE + SETUP.get(method, "") + "\nstart = time.perf_counter()\n" + METHODS[method] + _REPORT
-        runs.append(run(code, path, "cold" if cold else "warm"))
-    return {"seconds": statistics.median(r["seconds"] for r in runs),
-            "extra_anon_mb": max(r["extra_anon_mb"] for r in runs)}
+def measure(path: Path, method: str, *, cold: bool, mode: str = "time") -> dict[str, float]:
+    """One run of `method` in a fresh process; `mode` "memory" samples RssAnon, "time" does not."""
+    if cold:
+        drop_page_cache(path)
+    code = _PRELUDE + SETUP.get(method, "") + "\nstart = time.perf_counter()\n" + METHODS[method] + _REPORT
+    return run(code, path, "cold" if cold else "warm", mode)
+
+
+def measure_interleaved(path: Path, *, cold: bool, repeat: int) -> dict[str, dict[str, float]]:
+    """
+    Every method once per round, `repeat` timed rounds and one memory round, then the median time
+    per method: the machine's speed drifts (the raw read alone ranges 0.07-0.10 s here from one
+    minute to the next), and rounds put each method under the same drift instead of measuring one
+    method's runs after another's. torch.load + loop runs once, sampled: ~30 s, 20x away from the
+    others, and the sampler's cost is lost in it.
+    """
+    times: dict[str, list[float]] = {method: [] for method in METHODS}
+    memory: dict[str, float] = {}
+    for round_number in range(repeat + 1):
+        for method in METHODS:
+            slow = method.startswith("torch")
+            if slow and round_number:
+                continue
+            mode = "memory" if slow or round_number == repeat else "time"
+            result = measure(path, method, cold=cold, mode=mode)
+            if mode == "memory":
+                memory[method] = result["extra_anon_mb"]
+            if mode == "time" or slow:
+                times[method].append(result["seconds"])
+    return {method: {"seconds": statistics.median(times[method]), "extra_anon_mb": memory[method]}
+            for method in METHODS}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", help="where to write the files (default: a temp dir, removed afterwards)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per fast method (median); torch.load+loop runs once")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds of the fast methods (median); torch.load+loop runs once")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         t0 = time.perf_counter()
@@ -148,9 +180,8 @@ def main() -> None:
 
         results: dict[tuple[str, str], dict[str, float]] = {}
         for cache in ("warm", "cold"):
-            for method in METHODS:
-                repeat = 1 if method.startswith("torch") else args.repeat
-                results[(cache, method)] = measure(llm, method, cold=cache == "cold", repeat=repeat)
+            for method, result in measure_interleaved(llm, cold=cache == "cold", repeat=args.repeat).items():
+                results[(cache, method)] = result
 
         print(f"{'cache':<6} {'method':<26} {'seconds':>8} {'GB/s':>7} {'extra anon':>11} {'vs torch.load+loop':>19} "
               f"{'% of raw read':>14}")

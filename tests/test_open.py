@@ -150,6 +150,14 @@ def test_iter_chunks_streams_in_bounded_pieces(tmp_path: Path) -> None:
         assert max(c.numel() for c in chunks) == 1024 and torch.equal(torch.cat(chunks), tensor.reshape(-1))
         reused = list(ckpt.tensor("t").iter_chunks(chunk_bytes=4096, reuse_buffer=True))
         assert len(reused) == len(chunks)
+        # a caller's buffer: every chunk is read into it, in turn
+        buffer = torch.empty(5000, dtype=torch.uint8)
+        for chunk, expected in zip(ckpt.tensor("t").iter_chunks(chunk_bytes=4096, buffer=buffer), chunks, strict=True):
+            assert chunk.data_ptr() == buffer.data_ptr() and torch.equal(chunk, expected)
+        with pytest.raises(ValueError, match="at least 4,096 bytes"):
+            next(ckpt.tensor("t").iter_chunks(chunk_bytes=4096, buffer=torch.empty(100, dtype=torch.uint8)))
+        with pytest.raises(ValueError, match="uint8"):
+            next(ckpt.tensor("t").iter_chunks(chunk_bytes=4096, buffer=torch.empty(5000)))
         # a non-contiguous view is streamed too, in logical order
         assert torch.equal(torch.cat(list(ckpt.tensor("col").iter_chunks(chunk_bytes=64))), tensor[:, 3])
 

@@ -47,7 +47,15 @@ def _mixed_tensors() -> dict[str, torch.Tensor]:
     # Values whose float32 sum, or sum of squares, overflows: the exact float64 path must take over.
     near_float32_max = randn(9000) * 1e37
     near_float32_max[::500] = 3.4e38
+    # Block means drifting up by a tenth of the spread: each block is centred on the mean of the
+    # blocks before it, so the single-pass sums must subtract that offset, at ~16 float32 steps
+    # of spread around 1000.
+    drifting = 1000 + randn(6, BLOCK) * 1e-3 + torch.arange(6).unsqueeze(1) * 1e-4
+    # A jump far beyond the spread: the block must be re-centred on its own mean.
+    jumping = torch.cat([randn(BLOCK + 100), 1e4 + randn(2 * BLOCK) * 1e-2, -50 + randn(BLOCK)])
     return {
+        "f32_drifting_mean": drifting,
+        "f32_jumping_mean": jumping,
         "f32": randn(257, 129) * 0.02 + 0.5,
         "f32_zero_mean": randn(40_000),
         "f16": (randn(64, 300) * 0.1 - 2).half(),

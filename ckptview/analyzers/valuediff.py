@@ -223,7 +223,7 @@ def value_diff(a: Mapping[str, Any], b: Mapping[str, Any], *, ignore: Sequence[s
     Compare the values of the tensors two state dicts share (same key, same shape).
 
     Memory stays bounded by a few chunks per thread whatever the tensor sizes: every tensor is read
-    with `TensorEntry.iter_chunks(reuse_buffer=True)` into buffers the thread reuses.
+    with `TensorEntry.iter_chunks(buffer=...)` into buffers the thread reuses.
 
     Args:
         a, b: mappings of key to `TensorEntry` (streamed from disk) or `torch.Tensor`.
@@ -339,9 +339,9 @@ def _buffers(cache: dict[Any, tuple[torch.Tensor, ...]], dtype: torch.dtype, cou
     return cache[(dtype, count)]
 
 
-def _chunks(value: Any, elements: int) -> Iterator[torch.Tensor]:
+def _chunks(value: Any, elements: int, buffer: torch.Tensor) -> Iterator[torch.Tensor]:
     if isinstance(value, TensorEntry):
-        yield from value.iter_chunks(elements * value.dtype.itemsize, reuse_buffer=True)
+        yield from value.iter_chunks(elements * value.dtype.itemsize, buffer=buffer)
         return
     flat = value.detach().reshape(-1)
     for start in range(0, flat.numel(), elements):
@@ -354,8 +354,11 @@ def _compare(key: str, left: Any, right: Any, elements: int, cache: dict[Any, tu
 
     dtype = _compute_dtype(left.dtype, right.dtype)
     buf_a, buf_b = _buffers(cache, dtype, elements)
+    # Read buffers kept per thread across tensors, like the others: a fresh one per tensor is
+    # faulted in page by page every time.
+    read_a, read_b = _buffers(cache, torch.uint8, elements * max(left.dtype.itemsize, right.dtype.itemsize))
     sums = np.zeros(kernels.DIFF_SLOTS)
-    for chunk_a, chunk_b in zip(_chunks(left, elements), _chunks(right, elements)):
+    for chunk_a, chunk_b in zip(_chunks(left, elements, read_a), _chunks(right, elements, read_b)):
         if stop():
             return None
         n = chunk_a.numel()

@@ -204,15 +204,19 @@ class TensorEntry:
         """Read this tensor's bytes and return it as a CPU `torch.Tensor` (strides as saved)."""
         return load_tensor(self.info, self.name)
 
-    def iter_chunks(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *, reuse_buffer: bool = False) -> Iterator[torch.Tensor]:
+    def iter_chunks(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *, reuse_buffer: bool = False,
+                    buffer: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """
         Yield the tensor's elements in memory order as 1-D tensors of at most `chunk_bytes`.
 
         Memory stays bounded by one chunk. With `reuse_buffer=True` every chunk is written into
         the same buffer, so a chunk is valid only until the next one is requested; that saves
         an allocation per chunk when the caller only reduces each chunk (statistics, diffs).
+        `buffer`, a uint8 tensor of at least `chunk_bytes`, is that buffer supplied by the caller
+        (and implies `reuse_buffer`): a thread going through many tensors then touches the same
+        memory for all of them instead of faulting in a fresh allocation per tensor.
         """
-        return iter_tensor_chunks(self.info, self.name, chunk_bytes, reuse_buffer=reuse_buffer)
+        return iter_tensor_chunks(self.info, self.name, chunk_bytes, reuse_buffer=reuse_buffer, buffer=buffer)
 
 
 class PickledObject:
@@ -557,7 +561,8 @@ def _load_sparse(info: TensorInfo, name: str) -> torch.Tensor:
     raise TensorDataError(None, f"tensor {name!r} has sparse layout {info.layout}, which ckptview cannot load")
 
 
-def iter_tensor_chunks(info: TensorInfo, name: str, chunk_bytes: int, *, reuse_buffer: bool) -> Iterator[torch.Tensor]:
+def iter_tensor_chunks(info: TensorInfo, name: str, chunk_bytes: int, *, reuse_buffer: bool,
+                       buffer: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     if info.layout != "strided" or info.storage is None or not info.is_contiguous():
         flat = load_tensor(info, name).reshape(-1)
         step = max(1, chunk_bytes // max(1, flat.element_size()))
@@ -566,7 +571,12 @@ def iter_tensor_chunks(info: TensorInfo, name: str, chunk_bytes: int, *, reuse_b
         return
     itemsize = info.dtype.itemsize
     step = max(1, chunk_bytes // itemsize)
-    buffer = torch.empty(min(step, info.numel) * itemsize, dtype=torch.uint8) if reuse_buffer else None
+    size = min(step, info.numel) * itemsize
+    if buffer is not None and (buffer.dtype != torch.uint8 or buffer.dim() != 1 or not buffer.is_contiguous()
+                               or buffer.numel() < size):
+        raise ValueError(f"buffer must be a contiguous 1-D uint8 tensor of at least {size:,} bytes")
+    if buffer is None and reuse_buffer:
+        buffer = torch.empty(size, dtype=torch.uint8)
     for start in range(0, info.numel, step):
         count = min(step, info.numel - start)
         yield _read_elements(info, name, info.storage_offset + start, count, buffer)
