@@ -77,9 +77,12 @@ def bit_patterns(chunk: torch.Tensor) -> np.ndarray:
     return chunk.view(_BITS_OF[chunk.dtype]).numpy()
 
 
+_NO_KEYS = np.array([np.iinfo(np.int64).max, np.iinfo(np.int64).min], dtype=np.int64)
+
+
 def new_moments() -> tuple[np.ndarray, np.ndarray]:
     """Fresh accumulators for `moments`: the float64 slots and the [min key, max key] pair (float32/64 keys)."""
-    return np.zeros(MOMENT_SLOTS), np.array([np.iinfo(np.int64).max, np.iinfo(np.int64).min], dtype=np.int64)
+    return np.zeros(MOMENT_SLOTS), _NO_KEYS.copy()
 
 
 def key_to_float(key: int, itemsize: int) -> float:
@@ -280,10 +283,6 @@ def moments(bits, acc, keys, samples, offset, stride):
     for start in range(0, n, BLOCK):
         block = bits[start:min(start + BLOCK, n)]  # a slice indexed from 0: no negative-index wrap to check
         m = block.shape[0]
-        if stride > 0:
-            first = offset + start  # taken while the block is in L1
-            for position in range(-first % stride, m, stride):
-                samples[(first + position) // stride] = _value(block[position])
         # One pass takes the keys and the sums centred on the mean so far (0 before the first
         # block): a single load of each element, so reading from memory overlaps the arithmetic.
         shift = _to_sum(block[0], acc[1])
@@ -300,6 +299,14 @@ def moments(bits, acc, keys, samples, offset, stride):
             d = _value(block[i]) - shift
             deviation += d
             squares += d * d
+        if stride > 0:  # now that the block is in L1
+            first = offset + start
+            position = -first % stride
+            index = (first + position) // stride  # then one up per sample: no division per sample
+            while position < m:
+                samples[index] = _value(block[position])
+                position += stride
+                index += 1
         if not (_finite_key(lo, inf_key) and _finite_key(hi, inf_key) and abs(deviation) <= largest
                 and squares <= largest):  # NaN/Inf in the block, or values near the float32 limit overflowed
             _moments_exact_block(block, acc, keys)
