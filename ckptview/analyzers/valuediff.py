@@ -15,6 +15,7 @@ import fnmatch
 import math
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from ckptview.analyzers.keydiff import KeyDiff, key_diff, state_dict_of
-from ckptview.readers.model import TensorEntry
+from ckptview.readers.model import TensorEntry, gc_paused
 
 __all__ = [
     "TensorChange", "GroupChange", "ValueDiff", "Diff", "value_diff", "diff",
@@ -34,9 +35,10 @@ __all__ = [
 IGNORE_BN_STATS = ("*.running_mean", "*.running_var", "*.num_batches_tracked")
 IGNORE_EMA = ("ema.*", "ema_*", "*_ema.*", "*.ema.*", "model_ema.*", "ema_model.*")
 
-# 1M elements (2 MiB of bf16 per side) per read: the kernel works through each chunk in L1-sized
-# blocks, so the chunk only needs to be big enough that syscalls and Python stay a small cost.
-DEFAULT_CHUNK_ELEMENTS = 1024 * 1024
+# 2M elements (4 MiB of bf16 per side) per read: the kernel works through each chunk in L1-sized
+# blocks, so the chunk only needs to be big enough that syscalls and the Python between chunks
+# stay a small cost (on two warm 2 GB files, 7 % faster than 1M; 4M gained nothing more).
+DEFAULT_CHUNK_ELEMENTS = 2 * 1024 * 1024
 
 Cancel = Union[threading.Event, Callable[[], bool], None]
 Progress = Union[bool, Callable[[int, int], None]]
@@ -258,7 +260,7 @@ def value_diff(a: Mapping[str, Any], b: Mapping[str, Any], *, ignore: Sequence[s
         return halt.is_set() or cancelled()
 
     # Largest first, so the workers do not end waiting on one big tensor started last.
-    queue = sorted(pairs, key=lambda pair: -_nbytes(pair[1]))
+    queue = deque(sorted(pairs, key=lambda pair: -_nbytes(pair[1])))
     results: dict[str, TensorChange] = {}
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -275,7 +277,7 @@ def value_diff(a: Mapping[str, Any], b: Mapping[str, Any], *, ignore: Sequence[s
                 with lock:
                     if not queue:
                         return
-                    key, x, y = queue.pop(0)
+                    key, x, y = queue.popleft()
                 change = _compare(key, x, y, chunk_elements, buffers, stop)
                 if change is None:
                     return
@@ -290,10 +292,11 @@ def value_diff(a: Mapping[str, Any], b: Mapping[str, Any], *, ignore: Sequence[s
     workers = [threading.Thread(target=work, name=f"ckptview-diff-{i}", daemon=True)
                for i in range(max(1, min(threads or min(os.cpu_count() or 1, 8), len(pairs) or 1)))]
     try:
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
+        with gc_paused():  # one result per tensor, none of them garbage: collections would only cost time
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
     except BaseException:
         halt.set()
         raise
