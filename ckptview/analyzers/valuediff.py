@@ -5,8 +5,9 @@ fine-tune and its base, a model before and after conversion), per tensor, per mo
 Tensors are streamed pair by pair in chunks, so memory stays bounded, and each pair of chunks goes
 through one fused, compiled kernel (`kernels.diff`) that takes every sum in a single trip through
 the CPU cache; several tensor pairs are compared at once on worker threads (the kernel and
-`os.preadv` release the GIL). On a warm page cache this runs at about 90 % of the speed of just
-reading both files; from disk, the two files' reads on every worker keep the disk busy.
+`os.preadv` release the GIL). On a warm page cache this runs at 55-81 % of the speed of just
+reading both files (docs/diff.md says why it varies); from disk, the two files' reads on every
+worker keep the disk busy.
 """
 
 from __future__ import annotations
