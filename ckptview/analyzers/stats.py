@@ -2,12 +2,11 @@
 Per-tensor statistics streamed from disk in chunks, in parallel over tensors.
 
 How one tensor is read: its chunks arrive in a buffer each worker thread keeps for all its
-tensors (`iter_chunks(buffer=...)`: a fresh buffer per tensor was faulted in page by page, 6,600
-page faults per pass over a 2 GB file), and each float chunk goes through one fused, compiled
-kernel (`kernels.py`) that takes min/max, zeros, NaN/±Inf counts, the sum, the centred sum of
-squares and the histogram sample in a single trip through the CPU cache; chunk moments are merged in float64 with Chan's parallel formula, so
-the variance does not lose precision when the mean is large against the spread. Integer and bool
-tensors (few and small in practice) use numpy and torch ops on the integers, exact beyond 2**53.
+tensors (`ScratchBuffers`), and each float chunk goes through one fused, compiled kernel
+(`kernels.py`) that takes min/max, zeros, NaN/±Inf counts, the sum, the centred sum of squares
+and the histogram sample in a single trip through the CPU cache; chunk moments are merged in
+float64 with Chan's parallel formula, so the variance does not lose precision when the mean is
+large against the spread. Integer and bool tensors (few and small in practice) use numpy and torch ops on the integers, exact beyond 2**53.
 
 Why the histogram is taken from a sample: its bins span the tensor's finite [min, max], which is
 known only after the last chunk. The alternatives are a second read of every tensor (halves the
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from ckptview.analyzers.table import tensor_table
-from ckptview.readers.model import Checkpoint, TensorEntry, gc_paused, view_identity
+from ckptview.readers.model import Checkpoint, ScratchBuffers, TensorEntry, gc_paused, view_identity
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -263,7 +262,7 @@ def _compute(
     errors: list[BaseException] = []
 
     def work() -> None:
-        buffers = threading.local()
+        buffers = ScratchBuffers()
         try:
             for key, entry in queue:
                 if stop.is_set():
@@ -314,7 +313,7 @@ class _Reducer:
     """
 
     def __init__(self, entry: TensorEntry, bins: int, histogram_sample: int | None, chunk_bytes: int,
-                 buffers: threading.local) -> None:
+                 buffers: ScratchBuffers) -> None:
         self.entry = entry
         self.bins = bins
         self.exact_histogram = histogram_sample is None
@@ -332,22 +331,13 @@ class _Reducer:
         self.work_dtype = torch.float32 if self.is_float and dtype.itemsize <= 4 else torch.float64
         # Every stride-th element, copied here chunk by chunk; NaN/Inf are skipped when binning.
         # The thread's buffer: read only until this tensor's `_finish`, before its next tensor.
-        self.samples = self._buffer("samples", 0 if self.exact_histogram else -(-entry.numel // self.stride),
+        self.samples = self.buffers.get("samples", 0 if self.exact_histogram else -(-entry.numel // self.stride),
                                     self.work_dtype)
         self.sample_values = self.samples.numpy()
         self.kernel_stride = 0 if self.exact_histogram else self.stride
 
-    def _buffer(self, purpose: str, count: int, dtype: torch.dtype) -> torch.Tensor:
-        """The calling thread's buffer for `purpose`, kept across tensors: fresh ones cost page faults."""
-        key = f"{purpose}_{dtype}"
-        buffer = getattr(self.buffers, key, None)
-        if buffer is None or buffer.numel() < count:
-            buffer = torch.empty(count, dtype=dtype)
-            setattr(self.buffers, key, buffer)
-        return buffer[:count]
-
     def _read_buffer(self) -> torch.Tensor:
-        return self._buffer("read", max(self.chunk_bytes, self.entry.dtype.itemsize), torch.uint8)
+        return self.buffers.get("read", max(self.chunk_bytes, self.entry.dtype.itemsize), torch.uint8)
 
     def run(self, step: Callable[[int], None]) -> TensorStats:
         entry = self.entry
@@ -365,7 +355,7 @@ class _Reducer:
 
     def _reduce_float(self, chunk: torch.Tensor, start: int) -> None:
         if chunk.dtype != torch.bfloat16 and chunk.dtype != self.work_dtype:
-            chunk = self._buffer("work", chunk.numel(), self.work_dtype).copy_(chunk)
+            chunk = self.buffers.get("work", chunk.numel(), self.work_dtype).copy_(chunk)
         self.kernels.moments(self.kernels.bit_patterns(chunk), self.acc, self.keys, self.sample_values, start,
                              self.kernel_stride)
 
@@ -379,7 +369,7 @@ class _Reducer:
         self.int_min = min(self.int_min, float(values.min()))
         self.int_max = max(self.int_max, float(values.max()))
         self.acc[3] += count - int(np.count_nonzero(values))
-        work = self._buffer("work", count, torch.float64).copy_(chunk)
+        work = self.buffers.get("work", count, torch.float64).copy_(chunk)
         self._sample(chunk, start)
         chunk_mean = float(work.sum()) / count
         work.sub_(chunk_mean)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ckptview.analyzers.keydiff import KeyDiff, key_diff, state_dict_of
-from ckptview.readers.model import TensorEntry, gc_paused
+from ckptview.readers.model import ScratchBuffers, TensorEntry, gc_paused
 
 __all__ = [
     "TensorChange", "GroupChange", "ValueDiff", "Diff", "value_diff", "diff",
@@ -272,7 +272,7 @@ def value_diff(a: Mapping[str, Any], b: Mapping[str, Any], *, ignore: Sequence[s
         # OpenMP teams spinning on chunk-sized conversions made the diff up to 10x slower (measured).
         # torch.set_num_threads in a thread sets the default of threads started later, so restore it.
         torch.set_num_threads(1)
-        buffers: dict[Any, tuple[torch.Tensor, ...]] = {}
+        buffers = ScratchBuffers()
         try:
             while not errors:
                 with lock:
@@ -337,12 +337,6 @@ def _compute_dtype(left: torch.dtype, right: torch.dtype) -> torch.dtype:
     return torch.float64 if wide else torch.float32
 
 
-def _buffers(cache: dict[Any, tuple[torch.Tensor, ...]], dtype: torch.dtype, count: int) -> tuple[torch.Tensor, ...]:
-    if (dtype, count) not in cache:
-        cache[(dtype, count)] = tuple(torch.empty(count, dtype=dtype) for _ in range(2))
-    return cache[(dtype, count)]
-
-
 def _chunks(value: Any, elements: int, buffer: torch.Tensor) -> Iterator[torch.Tensor]:
     if isinstance(value, TensorEntry):
         yield from value.iter_chunks(elements * value.dtype.itemsize, buffer=buffer)
@@ -352,15 +346,14 @@ def _chunks(value: Any, elements: int, buffer: torch.Tensor) -> Iterator[torch.T
         yield flat[start:start + elements]
 
 
-def _compare(key: str, left: Any, right: Any, elements: int, cache: dict[Any, tuple[torch.Tensor, ...]],
+def _compare(key: str, left: Any, right: Any, elements: int, buffers: ScratchBuffers,
              stop: Callable[[], bool]) -> TensorChange | None:
     from ckptview.analyzers import kernels  # numba takes ~0.25 s to import; `import ckptview` should not pay it
 
     dtype = _compute_dtype(left.dtype, right.dtype)
-    buf_a, buf_b = _buffers(cache, dtype, elements)
-    # Read buffers kept per thread across tensors, like the others: a fresh one per tensor is
-    # faulted in page by page every time.
-    read_a, read_b = _buffers(cache, torch.uint8, elements * max(left.dtype.itemsize, right.dtype.itemsize))
+    buf_a, buf_b = buffers.get("work a", elements, dtype), buffers.get("work b", elements, dtype)
+    read_a = buffers.get("read a", elements * left.dtype.itemsize, torch.uint8)
+    read_b = buffers.get("read b", elements * right.dtype.itemsize, torch.uint8)
     sums = np.zeros(kernels.DIFF_SLOTS)
     for chunk_a, chunk_b in zip(_chunks(left, elements, read_a), _chunks(right, elements, read_b)):
         if stop():
