@@ -51,7 +51,7 @@ class Explorer(widgets.VBox):
         self.tabs.observe(self._on_tabs_selected_index, names="selected_index")
         super().__init__([widgets.HTML(STYLE), self.header, self.tabs])
         self.add_class("ckptview-explorer")
-        # The statistics and diff kernels take ~0.5 s to import and load the first time in a process;
+        # The statistics and diff kernels take ~0.3 s to import and load the first time in a process;
         # done now, in the background, the Statistics and Compare tabs do not wait for it.
         threading.Thread(target=_warm_up_kernels, name="ckptview-warm-up", daemon=True).start()
         self._activate(0)
