@@ -16,19 +16,10 @@ from ckptview.errors import (
     UnsupportedFormatError,
 )
 from ckptview.readers.model import Checkpoint, PickledObject, PickleImport, TensorEntry, TensorInfo, gc_paused
-from ckptview.readers.sniff import (
-    EMPTY_ZIP_MAGIC,
-    SUPPORTED,
-    ZIP_MAGIC,
-    describe,
-    looks_like_pickle,
-    looks_like_safetensors,
-)
+from ckptview.readers.registry import EMPTY_ZIP_MAGIC, HEAD_BYTES, Probe, find_format, supported
+from ckptview.readers.sniff import describe
 
 __all__ = ["open_checkpoint", "Checkpoint", "TensorEntry", "TensorInfo", "PickledObject", "PickleImport"]
-
-_HEAD_BYTES = 4096
-
 
 def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Checkpoint:
     path = os.fspath(path)
@@ -52,7 +43,7 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Che
                                            "checkpoint file")
     try:
         with open(path, "rb") as stream:
-            head = stream.read(_HEAD_BYTES)
+            head = stream.read(HEAD_BYTES)
     except PermissionError as exc:
         raise CheckpointPermissionError(path, "permission denied: this user may not read the file. Fix its "
                                               "permissions (chmod/chown) or copy it somewhere readable") from exc
@@ -66,22 +57,10 @@ def _open_file(path: str, head: bytes, size: int, *, trust: bool) -> Checkpoint:
     if size == 0:
         raise CorruptCheckpointError(path, "the file is empty (0 bytes): the save or copy that made it never wrote "
                                            "any data. Save or copy it again.")
-    if head.startswith(ZIP_MAGIC):
-        from ckptview.readers.torch_pickle import read_torch_zip
-
-        return read_torch_zip(path, size, trust=trust)
+    probe = Probe(path, head, size)
+    fmt = find_format(probe)
+    if fmt is not None:
+        return fmt.read(path, size, trust=trust)
     if head.startswith(EMPTY_ZIP_MAGIC):
-        raise UnsupportedFormatError(path, f"an empty zip archive, not a checkpoint; {SUPPORTED}.")
-    if looks_like_pickle(head):
-        from ckptview.readers.torch_pickle import read_pickle_stream
-
-        return read_pickle_stream(path, size, trust=trust)
-    if looks_like_safetensors(head, size):
-        from ckptview.readers.safetensors_file import read_safetensors
-
-        return read_safetensors(path, size, trust=trust)
-    if head.lstrip()[:1] == b"{":  # a shard index (*.index.json) is JSON with a weight_map
-        from ckptview.readers.directory import open_index
-
-        return open_index(path, trust=trust)
-    raise UnsupportedFormatError(path, f"this is {describe(head)}, not a checkpoint; {SUPPORTED}.")
+        raise UnsupportedFormatError(path, f"an empty zip archive, not a checkpoint; {supported()}.")
+    raise UnsupportedFormatError(path, f"this is {describe(head)}, not a checkpoint; {supported()}.")

@@ -38,6 +38,11 @@ def open_directory(path: str, *, trust: bool) -> Checkpoint:
               "*.index.json of a sharded set.")
 
 
+def read_index_file(path: str, size: int, *, trust: bool) -> Checkpoint:
+    """The registry's entry point for a JSON file: a shard index."""
+    return open_index(path, trust=trust)
+
+
 def open_index(path: str, *, trust: bool) -> Checkpoint:
     """A sharded set: one Checkpoint whose tensors come from each shard, every shard read lazily."""
     try:
@@ -47,9 +52,9 @@ def open_index(path: str, *, trust: bool) -> Checkpoint:
         raise CorruptCheckpointError(path, f"this JSON file cannot be parsed ({exc}); re-download it.") from exc
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
-        from ckptview.readers.sniff import SUPPORTED
+        from ckptview.readers.registry import supported
 
-        raise UnsupportedFormatError(path, f"a JSON document without a weight_map, not a shard index; {SUPPORTED}.")
+        raise UnsupportedFormatError(path, f"a JSON document without a weight_map, not a shard index; {supported()}.")
     folder = os.path.dirname(os.path.abspath(path))
     shard_names = list(dict.fromkeys(str(v) for v in weight_map.values()))
     missing = [n for n in shard_names if not os.path.isfile(os.path.join(folder, n))]

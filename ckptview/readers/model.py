@@ -116,13 +116,20 @@ class TensorInfo:
     storage: Storage | None
     storage_offset: int = 0  # in elements of `dtype`
     stride: tuple[int, ...] = ()
-    layout: str = "strided"  # strided | quantized | sparse_coo | sparse_csr | ... | meta | unsupported
+    layout: str = "strided"  # strided | quantized | sparse_coo | sparse_csr | ... | meta | encoded | unsupported
     requires_grad: bool = False
     is_parameter: bool = False
     quantizer: tuple[Any, ...] | None = None  # (qscheme name, scale(s), zero point(s)[, axis])
     components: Mapping[str, TensorInfo] | None = None  # sparse: indices/values/...
     subclass: str | None = None  # class path of a tensor subclass the file names
     note: str | None = None  # why the data cannot be loaded, for unsupported layouts
+    # layout "encoded": bytes in an encoding torch has no dtype for (GGUF "Q4_K", ONNX int8 with a
+    # scale and zero point, ...). `dtype` is what `decode()` returns (the dequantized values),
+    # `encoding` names the stored form, `encoding_params` its parameters, `stored_nbytes` its size.
+    encoding: str | None = None
+    encoding_params: Mapping[str, Any] | None = None
+    stored_nbytes: int | None = None
+    decode: Callable[[], torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     @property
     def numel(self) -> int:
@@ -130,6 +137,9 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
+        """Bytes as stored in the file."""
+        if self.stored_nbytes is not None:
+            return self.stored_nbytes
         if self.components:
             return sum(part.nbytes for part in self.components.values())
         return self.numel * self.dtype.itemsize
@@ -197,11 +207,18 @@ class TensorEntry:
         return self.info.layout
 
     @property
+    def encoding(self) -> str | None:
+        """The stored encoding when torch has no dtype for it (e.g. "Q4_K"); `load()` then dequantizes."""
+        return self.info.encoding
+
+    @property
     def storage_key(self) -> str | None:
         return None if self.info.storage is None else self.info.storage.key
 
     def load(self) -> torch.Tensor:
-        """Read this tensor's bytes and return it as a CPU `torch.Tensor` (strides as saved)."""
+        """Read this tensor's bytes and return it as a CPU `torch.Tensor` (strides as saved).
+        A tensor with an `encoding` (block quants, int8 with scale and zero point) is returned
+        dequantized, as `dtype` (float32 unless the reader says otherwise)."""
         return load_tensor(self.info, self.name)
 
     def iter_chunks(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES, *, reuse_buffer: bool = False,
@@ -520,6 +537,8 @@ def _load_tensor(info: TensorInfo, name: str) -> torch.Tensor:
         return torch.empty_strided(info.shape, info.stride, dtype=info.dtype, device="meta")
     if info.layout == "quantized":
         return _load_quantized(info, name)
+    if info.layout == "encoded" and info.decode is not None:
+        return _decoded(info, name)
     if info.components is not None and info.layout.startswith("sparse"):
         return _load_sparse(info, name)
     if info.layout != "strided" or info.storage is None:
@@ -533,6 +552,14 @@ def _load_tensor(info: TensorInfo, name: str) -> torch.Tensor:
     if info.is_contiguous():
         return flat.view(info.shape)
     return flat.as_strided(info.shape, info.stride)
+
+
+def _decoded(info: TensorInfo, name: str) -> torch.Tensor:
+    tensor = info.decode()  # type: ignore[misc]
+    if tuple(tensor.shape) != info.shape:
+        raise TensorDataError(None, f"tensor {name!r} decodes to shape {list(tensor.shape)} but the file declares "
+                                    f"{list(info.shape)}: the file is damaged. Re-export it.")
+    return tensor.to(info.dtype)
 
 
 def _load_quantized(info: TensorInfo, name: str) -> torch.Tensor:

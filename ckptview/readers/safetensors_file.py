@@ -11,7 +11,7 @@ import torch
 
 from ckptview.errors import CorruptCheckpointError, TruncatedCheckpointError
 from ckptview.readers.model import Checkpoint, FileSource, Storage, TensorInfo
-from ckptview.readers.sniff import SAFETENSORS_MAX_HEADER
+from ckptview.readers.registry import SAFETENSORS_MAX_HEADER
 
 # safetensors' dtype names (the `Dtype` enum of the Rust crate) and the torch dtypes they hold
 _DTYPE_NAMES = {

@@ -1,17 +1,8 @@
-"""What a file is, from its first bytes: the checkpoint formats, and a name for everything else."""
+"""A name for content no reader recognises, from its first bytes, for the "not a checkpoint" message."""
 
 from __future__ import annotations
 
-import struct
-
-ZIP_MAGIC = b"PK\x03\x04"
-EMPTY_ZIP_MAGIC = b"PK\x05\x06"
-SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
-
-SUPPORTED = (
-    "ckptview opens torch.save files (.pt/.pth/.bin/.ckpt, zip or legacy), safetensors files "
-    "and their *.index.json shard sets, TorchScript archives and torch.distributed.checkpoint directories"
-)
+from ckptview.readers.registry import EMPTY_ZIP_MAGIC, ZIP_MAGIC
 
 _NOT_CHECKPOINTS: tuple[tuple[bytes, str], ...] = (
     (b"\x89PNG\r\n\x1a\n", "a PNG image"),
@@ -30,17 +21,6 @@ _NOT_CHECKPOINTS: tuple[tuple[bytes, str], ...] = (
     (b"version https://git-lfs", "a Git LFS pointer, not the file itself: run `git lfs pull` in its repository "
      "(or download the real file) and open that"),
 )
-
-
-def looks_like_safetensors(head: bytes, size: int) -> bool:
-    if len(head) < 9 or size < 10:
-        return False
-    (header_len,) = struct.unpack("<Q", head[:8])
-    return head[8:9] == b"{" and 2 <= header_len
-
-
-def looks_like_pickle(head: bytes) -> bool:
-    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def describe(head: bytes) -> str:

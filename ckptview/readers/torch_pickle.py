@@ -131,11 +131,11 @@ def parse_torch_zip(archive: zipfile.ZipFile, path: str, source: FileSource, siz
     names = archive.namelist()
     prefix = zip_prefix(names, "data.pkl")
     if prefix is None:
-        from ckptview.readers.sniff import SUPPORTED
+        from ckptview.readers.registry import supported
 
         sample = ", ".join(names[:5]) + (" …" if len(names) > 5 else "")
         raise UnsupportedFormatError(path, f"a zip archive, but not one written by torch.save (no data.pkl; it "
-                                           f"holds {sample or 'nothing'}); {SUPPORTED}.")
+                                           f"holds {sample or 'nothing'}); {supported()}.")
     byteorder = "little"
     if prefix + "byteorder" in names:
         byteorder = _read_member(archive, path, prefix + "byteorder").decode("ascii", "replace").strip() or "little"

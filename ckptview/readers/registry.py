@@ -1,0 +1,156 @@
+"""
+The formats ckptview reads, one `Format` record each, tried in order on a file's content.
+
+A record says how to recognise the content (from a `Probe`: the first bytes, the size, and for
+zip archives the member names) and names the function that reads it as "module:function", so
+recognising a file imports nothing heavy: only the winning reader's module is imported. The
+"not a checkpoint" message and the README's format table are built from these records.
+
+Adding a format is one reader module plus one record here (see docs/DEVELOPING.md). A record
+lives here and not in its module because importing every reader to ask it would cost every
+`ckptview` command the import of onnx, gguf, h5py, ... .
+"""
+
+from __future__ import annotations
+
+import importlib
+import struct
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ckptview.readers.model import Checkpoint
+
+ZIP_MAGIC = b"PK\x03\x04"
+EMPTY_ZIP_MAGIC = b"PK\x05\x06"
+HEAD_BYTES = 4096
+
+
+class Probe:
+    """What recognisers look at: a file's first `HEAD_BYTES`, its size, and (zips) its member names."""
+
+    def __init__(self, path: str, head: bytes, size: int) -> None:
+        self.path = path
+        self.head = head
+        self.size = size
+
+    @cached_property
+    def zip_names(self) -> tuple[str, ...]:
+        """The member names of a zip archive; empty when the file is not one or its directory is unreadable
+        (the torch-zip reader, the fallback for zips, then says what is wrong)."""
+        if not self.head.startswith(ZIP_MAGIC):
+            return ()
+        try:
+            with zipfile.ZipFile(self.path) as archive:
+                return tuple(archive.namelist())
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, NotImplementedError):
+            return ()
+
+
+@dataclass(frozen=True)
+class Format:
+    """
+    One file format ckptview reads.
+
+    Attributes:
+        name: `Checkpoint.format` of what the reader returns (a reader may return a refinement,
+            e.g. "torchscript" from the torch-zip reader).
+        label: what it is for people, with the usual file names, for the "not a checkpoint" message.
+        recognise: True when the probe's content is this format (content only, never the extension).
+        reader: "module:function" taking `(path, size, *, trust)` and returning a `Checkpoint`.
+        rows: the README table's rows for it: (what you have, how ckptview reads it).
+    """
+
+    name: str
+    label: str
+    recognise: Callable[[Probe], bool]
+    reader: str
+    rows: tuple[tuple[str, str], ...]
+
+    def read(self, path: str, size: int, *, trust: bool) -> Checkpoint:
+        module_name, _, function = self.reader.partition(":")
+        return getattr(importlib.import_module(module_name), function)(path, size, trust=trust)
+
+
+def _is_pickle(probe: Probe) -> bool:
+    head = probe.head
+    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
+
+
+def _is_safetensors(probe: Probe) -> bool:
+    head = probe.head
+    if len(head) < 9 or probe.size < 10:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 2 <= header_len
+
+
+def _is_json(probe: Probe) -> bool:
+    return probe.head.lstrip()[:1] == b"{"
+
+
+def _is_zip(probe: Probe) -> bool:
+    return probe.head.startswith(ZIP_MAGIC)
+
+
+# Tried in order. Zips are told apart by their members (`probe.zip_names`): a zip format goes
+# before torch-zip, the last zip format tried, whose message says what a foreign zip holds.
+FORMATS: list[Format] = [
+    Format("torch-zip", "torch.save files (.pt/.pth/.bin/.ckpt, zip or legacy), TorchScript archives",
+           _is_zip, "ckptview.readers.torch_pickle:read_torch_zip", (
+               ("`torch.save` zip (`.pt .pth .bin .ckpt .pth.tar`, torch ≥ 1.6)",
+                "parses `data.pkl` with an allow-listed unpickler; tensor bytes stay in the archive until asked for"),
+               ("PyTorch Lightning `.ckpt`",
+                "state dict, optimizer states, LR schedulers, loops, callbacks, `hyper_parameters` (Namespace/OmegaConf "
+                "shown by class and content, not imported)"),
+               ("TorchScript (`torch.jit.save`)",
+                "weights listed from the archive; `trust=True` loads it to show modules and `forward` code"),
+               ("whole pickled `nn.Module` (`torch.save(model)`)",
+                "every module's class path and tensors, without importing the classes; `trust=True` loads it"),
+           )),
+    Format("torch-legacy", "legacy torch.save files and plain pickles", _is_pickle,
+           "ckptview.readers.torch_pickle:read_pickle_stream", (
+               ("legacy `torch.save` (`_use_new_zipfile_serialization=False`)",
+                "every pickle in the stream scanned by the same unpickler; storage offsets from the stream"),
+           )),
+    Format("safetensors", "safetensors files", _is_safetensors, "ckptview.readers.safetensors_file:read_safetensors", (
+        ("safetensors", "JSON header only, checked (offsets in range, no overlaps, sizes match shapes)"),
+    )),
+    Format("sharded", "*.index.json shard sets", _is_json, "ckptview.readers.directory:read_index_file", (
+        ("sharded sets: `model.safetensors.index.json`, `pytorch_model.bin.index.json`, or their folder",
+         "one checkpoint over all shards, each opened lazily and confined to the index's folder; missing/extra "
+         "shards and `weight_map` entries absent from their shard are reported"),
+    )),
+]
+
+# Folders are recognised by their listing, not probed (readers/directory.py).
+DIRECTORY_ROWS: tuple[tuple[str, str], ...] = (
+    ("`torch.distributed.checkpoint` folder (`.metadata` + `*.distcp`)",
+     "the metadata parsed with the same safe unpickler; each item's bytes read in place"),
+)
+
+
+def find_format(probe: Probe) -> Format | None:
+    for fmt in FORMATS:
+        if fmt.recognise(probe):
+            return fmt
+    return None
+
+
+def supported() -> str:
+    """The clause every "not a checkpoint" message ends with."""
+    return "ckptview opens " + ", ".join(fmt.label for fmt in FORMATS) + " and torch.distributed.checkpoint directories"
+
+
+def format_table() -> str:
+    """The README's table of formats in Markdown; a test checks the README holds exactly this."""
+    rows = [row for fmt in FORMATS for row in fmt.rows] + list(DIRECTORY_ROWS)
+    lines = ["| what you have | how ckptview reads it |", "|---|---|"]
+    return "\n".join(lines + [f"| {what} | {how} |" for what, how in rows])
+
