@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 
 __all__ = [
+    "printable",
     "CkptviewError",
     "CheckpointNotFoundError",
     "CheckpointPermissionError",
@@ -34,13 +35,28 @@ __all__ = [
 ]
 
 
+def printable(text: object) -> str:
+    """
+    `text` safe to print on one terminal line: control characters (ANSI escapes, newlines, bidi
+    overrides) written as Python escapes, as `repr` does; everything printable left as it is.
+    Names and paths come from files, and a file must not be able to draw on the user's terminal.
+    """
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 class CkptviewError(Exception):
-    """Base of every ckptview error. `path` is the file concerned (or None); `reason` the bare message."""
+    """
+    Base of every ckptview error. `path` is the file concerned (or None); `reason` the bare message.
+    The message is one printable line whatever the path or the file's names hold.
+    """
 
     def __init__(self, path: str | os.PathLike[str] | None, reason: str) -> None:
         self.path = None if path is None else os.fspath(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}" if self.path is not None else reason)
+        self.reason = printable(reason)
+        super().__init__(f"{printable(self.path)}: {self.reason}" if self.path is not None else self.reason)
 
 
 class CheckpointNotFoundError(CkptviewError, FileNotFoundError):

@@ -5,14 +5,17 @@ content (magic bytes, zip members, JSON), never at the extension, and returns a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from collections.abc import Iterator
 
 from ckptview.errors import (
     CheckpointNotFoundError,
     CheckpointPermissionError,
     CkptviewError,
     CorruptCheckpointError,
+    ShardError,
     UnsupportedFormatError,
 )
 from ckptview.readers.model import Checkpoint, PickledObject, PickleImport, TensorEntry, TensorInfo, gc_paused
@@ -21,7 +24,10 @@ from ckptview.readers.sniff import describe
 
 __all__ = ["open_checkpoint", "Checkpoint", "TensorEntry", "TensorInfo", "PickledObject", "PickleImport"]
 
-def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False, shard_of: str | None = None) -> Checkpoint:
+    """`ckptview.open`. `shard_of` names the index a shard is opened for: a shard must be a
+    checkpoint file itself (not a folder or another index), and messages about it never quote
+    its content, since the user did not name it."""
     path = os.fspath(path)
     try:
         info = os.stat(path)
@@ -33,10 +39,10 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Che
                                               "its folders") from exc
     except OSError as exc:
         raise CkptviewError(path, f"cannot look it up: {exc.strerror or exc}") from exc
-    if stat.S_ISDIR(info.st_mode):
+    if stat.S_ISDIR(info.st_mode) and shard_of is None:
         from ckptview.readers.directory import open_directory
 
-        with gc_paused():
+        with gc_paused(), _errors_as_ours(path, "this checkpoint folder"):
             return open_directory(path, trust=trust)
     if not stat.S_ISREG(info.st_mode):
         raise UnsupportedFormatError(path, "not a regular file (a device, socket or pipe); give the path of a "
@@ -50,17 +56,43 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Che
     except OSError as exc:
         raise CkptviewError(path, f"cannot read it: {exc.strerror or exc}") from exc
     with gc_paused():
-        return _open_file(path, head, info.st_size, trust=trust)
+        return _open_file(path, head, info.st_size, trust=trust, shard_of=shard_of)
 
 
-def _open_file(path: str, head: bytes, size: int, *, trust: bool) -> Checkpoint:
+def _open_file(path: str, head: bytes, size: int, *, trust: bool, shard_of: str | None) -> Checkpoint:
     if size == 0:
         raise CorruptCheckpointError(path, "the file is empty (0 bytes): the save or copy that made it never wrote "
                                            "any data. Save or copy it again.")
-    probe = Probe(path, head, size)
-    fmt = find_format(probe)
+    fmt = find_format(Probe(path, head, size))
+    if shard_of is not None and (fmt is None or fmt.name == "sharded"):
+        raise ShardError(shard_of, f"its shard {os.path.basename(path)} is not a checkpoint file ckptview reads "
+                                   "(shards are safetensors or torch.save files, not indexes): re-download the set.")
     if fmt is not None:
-        return fmt.read(path, size, trust=trust)
+        with _errors_as_ours(path, fmt.label):
+            return fmt.read(path, size, trust=trust)
     if head.startswith(EMPTY_ZIP_MAGIC):
         raise UnsupportedFormatError(path, f"an empty zip archive, not a checkpoint; {supported()}.")
     raise UnsupportedFormatError(path, f"this is {describe(head)}, not a checkpoint; {supported()}.")
+
+
+@contextlib.contextmanager
+def _errors_as_ours(path: str, what: str) -> Iterator[None]:
+    """
+    The last line of defence behind each reader's own checks: whatever a damaged or hostile file
+    makes a library raise becomes a CkptviewError in our words (the original stays its cause).
+    """
+    try:
+        yield
+    except CkptviewError:
+        raise
+    except MemoryError as exc:
+        raise CorruptCheckpointError(path, f"reading it as {what} would need more memory than this machine has: its "
+                                           "headers declare sizes the file cannot hold. It is damaged or "
+                                           "crafted; get the original file.") from exc
+    except RecursionError as exc:
+        raise CorruptCheckpointError(path, f"read as {what}, its structure is nested too deeply: it is damaged or "
+                                           "crafted. Get the original file.") from exc
+    except Exception as exc:  # the readers' libraries (zipfile, json, struct, protobuf...) raise many kinds
+        raise CorruptCheckpointError(path, f"it looks like {what} but its structure is damaged or unlike what the "
+                                           f"writer produces ({type(exc).__name__} while reading it). Re-save or "
+                                           "re-download it.") from exc

@@ -14,11 +14,20 @@ from typing import Any
 
 import torch
 
-from ckptview.errors import CorruptCheckpointError, ShardError
+from ckptview.errors import CorruptCheckpointError, ShardError, printable
 from ckptview.readers.model import Checkpoint, FileSource, PickledObject, TensorInfo
-from ckptview.readers.torch_pickle import parse_torch_zip, unpickle
+from ckptview.readers.paths import resolve_inside
+from ckptview.readers.torch_pickle import BoundedStream, parse_torch_zip, unpickle
 
-_DCP_MODULES = ("torch.distributed.checkpoint.", "pathlib.")  # DCP's own metadata classes, not foreign code
+# DCP's own metadata classes, named exactly (a prefix would let `pathlib.os.system` through): what
+# DCP's reader imports for a checkpoint torch wrote, all plain records.
+_DCP_CLASSES = frozenset(
+    [f"torch.distributed.checkpoint.metadata.{name}" for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")]
+    + ["torch.distributed.checkpoint.filesystem._StorageInfo"]
+    + [f"pathlib.{name}" for name in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")]
+)
 
 
 class _FileWindow(io.RawIOBase):
@@ -62,8 +71,9 @@ def _field(obj: Any, name: str, position: int | None = None) -> Any:
 
 def read_dcp(path: str, *, trust: bool) -> Checkpoint:
     metadata_path = os.path.join(path, ".metadata")
-    with open(metadata_path, "rb") as stream:
-        metadata, unpickler = unpickle(stream, metadata_path, "its .metadata")
+    size = os.path.getsize(metadata_path)
+    with open(metadata_path, "rb") as raw:
+        metadata, unpickler = unpickle(BoundedStream(raw, size), metadata_path, "its .metadata")
     items = _field(metadata, "state_dict_metadata")
     storage_data = _field(metadata, "storage_data")
     if not isinstance(items, dict) or not isinstance(storage_data, dict):
@@ -80,18 +90,18 @@ def read_dcp(path: str, *, trust: bool) -> Checkpoint:
         value = _read_item(path, str(fqn), item, locations.get(str(fqn), []), sources)
         _insert(root, planner.get(fqn) if isinstance(planner, dict) else None, str(fqn), value)
 
-    imports = [imp for imp in unpickler.pickle_imports() if not imp.name.startswith(_DCP_MODULES)]
+    imports = [imp for imp in unpickler.pickle_imports() if imp.name not in _DCP_CLASSES]
     size = sum(os.path.getsize(s.path) for s in sources.values()) + os.path.getsize(metadata_path)
     return Checkpoint(path, "torch-dcp", root, file_size=size, sources=list(sources.values()), pickle_imports=imports,
                       trust=trust, details={"files": sorted(os.path.basename(p) for p in sources)})
 
 
-def _source(path: str, relative: str, sources: dict[str, FileSource]) -> FileSource:
-    full = os.path.join(path, relative)
+def _source(path: str, relative: Any, sources: dict[str, FileSource]) -> FileSource:
+    full = resolve_inside(path, relative, named_by=os.path.join(path, ".metadata"), what="the data file")
     if full not in sources:
         if not os.path.isfile(full):
-            raise ShardError(path, f"data file {relative} named by .metadata is missing: copy the whole checkpoint "
-                                   "directory.")
+            raise ShardError(path, f"data file {printable(relative)} named by .metadata is missing: copy the whole "
+                                   "checkpoint directory.")
         sources[full] = FileSource(full)
     return sources[full]
 
@@ -115,7 +125,7 @@ def _read_item(path: str, fqn: str, item: Any, locations: list[tuple[Any, Any]],
     if _field(info, "transform_descriptors"):
         return TensorInfo(shape=(), dtype=torch.uint8, storage=None, layout="unsupported",
                           note="stored with transforms (compression); load it with torch.distributed.checkpoint")
-    source = _source(path, str(relative), sources)
+    source = _source(path, relative, sources)
     file_size = os.path.getsize(source.path)
     if start + length > file_size:
         raise CorruptCheckpointError(source.path, f"item {fqn!r} runs to byte {start + length:,} but the file ends at "

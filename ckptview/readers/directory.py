@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from ckptview.errors import CorruptCheckpointError, ShardError, UnsupportedFormatError
+from ckptview.errors import CorruptCheckpointError, ShardError, UnsupportedFormatError, printable
 from ckptview.readers.model import Checkpoint, TensorInfo
+from ckptview.readers.paths import resolve_inside
+from ckptview.readers.registry import supported
 
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl")
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<total>\d+)(?P<suffix>\.\w+)$")
@@ -43,23 +45,33 @@ def read_index_file(path: str, size: int, *, trust: bool) -> Checkpoint:
     return open_index(path, trust=trust)
 
 
+_MAX_INDEX_BYTES = 256 * 1024 * 1024  # an index of a million tensors is ~60 MB
+
+
 def open_index(path: str, *, trust: bool) -> Checkpoint:
-    """A sharded set: one Checkpoint whose tensors come from each shard, every shard read lazily."""
+    """A sharded set: one Checkpoint whose tensors come from each shard, every shard read lazily.
+    Shards must be files inside the index's folder (after symlinks) and may not be indexes themselves."""
+    if os.path.getsize(path) > _MAX_INDEX_BYTES:
+        raise UnsupportedFormatError(path, f"a JSON document of over {_MAX_INDEX_BYTES >> 20} MB, too large for a "
+                                           "shard index; give the checkpoint file itself.")
     try:
         with open(path, "rb") as stream:
             index = json.load(stream)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(path, f"this JSON file cannot be parsed ({exc}); re-download it.") from exc
+        raise CorruptCheckpointError(path, "this JSON file cannot be parsed (its text is not valid JSON): "
+                                           "re-download it.") from exc
+    except RecursionError as exc:
+        raise CorruptCheckpointError(path, "this JSON file nests its values too deeply to be a shard index: "
+                                           "re-download it.") from exc
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
-        from ckptview.readers.registry import supported
-
         raise UnsupportedFormatError(path, f"a JSON document without a weight_map, not a shard index; {supported()}.")
     folder = os.path.dirname(os.path.abspath(path))
-    shard_names = list(dict.fromkeys(str(v) for v in weight_map.values()))
-    missing = [n for n in shard_names if not os.path.isfile(os.path.join(folder, n))]
+    shard_names = list(dict.fromkeys(weight_map.values()))
+    resolved = {name: resolve_inside(folder, name, named_by=path, what="the shard") for name in shard_names}
+    missing = [name for name in shard_names if not os.path.isfile(resolved[name])]
     if missing:
-        raise ShardError(path, f"shard {missing[0]} listed in the index is missing from {folder}"
+        raise ShardError(path, f"shard {printable(missing[0])} listed in the index is missing from {folder}"
                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                                + ": download or copy every shard next to the index.")
     _check_extra_shards(path, folder, shard_names)
@@ -69,7 +81,7 @@ def open_index(path: str, *, trust: bool) -> Checkpoint:
     shards: dict[str, Checkpoint] = {}
     try:
         for name in shard_names:
-            shards[name] = open_checkpoint(os.path.join(folder, name), trust=trust)
+            shards[name] = open_checkpoint(resolved[name], trust=trust, shard_of=path)
     except Exception:
         for opened in shards.values():
             opened.close()
@@ -78,7 +90,7 @@ def open_index(path: str, *, trust: bool) -> Checkpoint:
     root: dict[str, TensorInfo] = {}
     absent: list[str] = []
     for tensor_name, shard_name in weight_map.items():
-        info = by_shard[str(shard_name)].get(tensor_name)
+        info = by_shard[shard_name].get(tensor_name)
         if info is None:
             absent.append(f"{tensor_name} (index says {shard_name})")
         else:

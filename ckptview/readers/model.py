@@ -14,6 +14,7 @@ import contextlib
 import gc
 import math
 import os
+import pickle
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -86,9 +87,22 @@ class FileSource:
                 self._fd = None
 
 
+class RefusedPickle(pickle.UnpicklingError):
+    """A pickle ckptview refuses to read on, with a message in ckptview's words (shown to the user as is)."""
+
+
+def refuse_pickle_state(obj: Any, state: Any) -> None:
+    """`__setstate__` of every object ckptview's unpickler makes or hands out: a pickle's BUILD
+    opcode calls it, and a file must not rewrite records (or globals) ckptview relies on."""
+    raise RefusedPickle(f"the pickle tries to set the state of a {type(obj).__name__}, which ckptview "
+                                 "made itself and does not let a file change")
+
+
 @dataclass(frozen=True)
 class Storage:
     """One stored block of bytes that tensors view; `key` is unique within its checkpoint."""
+
+    __setstate__ = refuse_pickle_state
 
     key: str
     source: FileSource
@@ -110,6 +124,8 @@ class Storage:
 @dataclass(frozen=True)
 class TensorInfo:
     """A tensor as the file describes it; its data stays on disk until an entry loads it."""
+
+    __setstate__ = refuse_pickle_state
 
     shape: tuple[int, ...]
     dtype: torch.dtype

@@ -10,15 +10,26 @@ from __future__ import annotations
 import io
 import pickle
 import struct
+import tarfile
 import zipfile
+import zlib
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ckptview.errors import CorruptCheckpointError, TruncatedCheckpointError, UnsupportedFormatError
-from ckptview.readers.model import Checkpoint, FileSource, Storage
+from ckptview.errors import (
+    CkptviewError,
+    CorruptCheckpointError,
+    TruncatedCheckpointError,
+    UnsupportedFormatError,
+    UntrustedCodeError,
+)
+from ckptview.readers.model import Checkpoint, FileSource, PickleImport, RefusedPickle, Storage
+from ckptview.readers.registry import supported
 from ckptview.readers.unpickler import SafeUnpickler
+from ckptview.errors import printable
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
@@ -27,20 +38,78 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra-fiel
 # What the C unpickler and our stand-ins raise on a malformed pickle; all become one clear error.
 PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError,
                  IndexError, struct.error, UnicodeDecodeError, RecursionError, MemoryError, ImportError,
-                 OverflowError, SystemError)
+                 OverflowError, SystemError, AssertionError, RuntimeError)
+
+# A zip member holding a pickle may not declare more than this (2 GiB: 300 times a 20,000-tensor data.pkl).
+_MAX_PICKLE_BYTES = 1 << 31
+# A legacy file's views are checked in the first pass against this, the storage's own size in the second.
+MAX_PICKLE_VIEW_BYTES = 1 << 62
 
 
-def unpickle(data: bytes | io.BufferedIOBase, path: str, what: str, storage_for: Any = None) -> tuple[Any, SafeUnpickler]:
-    stream = io.BytesIO(data) if isinstance(data, bytes) else data
+class BoundedStream(io.RawIOBase):
+    """
+    A file (or zip member) as the unpickler reads it, never handing out more than `limit` bytes.
+    The C unpickler asks the stream for as many bytes as an opcode declares (BINBYTES8 can declare
+    2**63); a plain file object would allocate that before finding the file shorter.
+    """
+
+    def __init__(self, raw: Any, limit: int) -> None:
+        self._raw, self._left = raw, limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")[: self._left]
+        count = self._raw.readinto(view) if len(view) else 0
+        self._left -= count or 0
+        return count or 0
+
+    def read(self, size: int = -1) -> bytes:
+        size = self._left if size is None or size < 0 else min(size, self._left)
+        data = self._raw.read(size) if size else b""
+        self._left -= len(data)
+        return data
+
+    def readline(self, size: int = -1) -> bytes:
+        size = self._left if size is None or size < 0 else min(size, self._left)
+        data = self._raw.readline(size) if size else b""
+        self._left -= len(data)
+        return data
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+
+def _why(exc: BaseException) -> str:
+    """What a pickle failure means, in our words (the library's own text stays in the exception's cause)."""
+    if isinstance(exc, RefusedPickle):
+        return str(exc)
+    if isinstance(exc, EOFError) or "truncated" in str(exc):
+        return "it ends in the middle of a pickle (the file was cut off)"
+    if isinstance(exc, MemoryError):
+        return "it declares more data than the file holds"
+    if isinstance(exc, RecursionError):
+        return "it is nested too deeply"
+    return "its pickle opcodes do not form a valid pickle"
+
+
+def unpickle(data: bytes | Any, path: str, what: str, storage_for: Any = None,
+             unpicklers: list[SafeUnpickler] | None = None) -> tuple[Any, SafeUnpickler]:
+    """Unpickle one pickle from `data` (bytes or a stream). `unpicklers`, when given, collects the
+    unpickler even when the pickle is damaged, so the globals it named before failing are known."""
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     unpickler = SafeUnpickler(stream, storage_for)
+    if unpicklers is not None:
+        unpicklers.append(unpickler)
     try:
         return unpickler.load(), unpickler
-    except CorruptCheckpointError:
+    except CkptviewError:
         raise
     except PICKLE_ERRORS as exc:
         raise CorruptCheckpointError(
-            path, f"{what} cannot be read as a pickle ({type(exc).__name__}: {str(exc)[:200]}): the file is damaged "
-                  "or was not written by torch.save. Re-save it, or copy it again.",
+            path, f"{what} cannot be read: {_why(exc)}. The file is damaged or was not written by torch.save; "
+                  "re-save it, or copy it again.",
         ) from exc
 
 
@@ -57,24 +126,65 @@ def _open_zip(path: str, size: int) -> zipfile.ZipFile:
         raise CorruptCheckpointError(path, f"the zip archive's directory is damaged ({exc}). Re-save it with torch.save.") from exc
 
 
-def _read_member(archive: zipfile.ZipFile, path: str, member: str) -> bytes:
+# torch.save never compresses; a re-zipped archive may deflate (miniz, torch's zip reader, inflates
+# it). Real pickles deflate a few times over; a member claiming more is a bomb, refused unread.
+_MAX_INFLATION = 100
+_SLACK_BYTES = 1 << 20
+
+
+def _read_member(archive: zipfile.ZipFile, path: str, member: str, limit: int = _MAX_PICKLE_BYTES) -> bytes:
+    """A member's bytes, checked before any inflation: method, encryption and declared size."""
+    info = archive.getinfo(member)
+    if info.flag_bits & 0x1:
+        raise CorruptCheckpointError(path, f"archive member {member} is encrypted; torch.save never encrypts, so "
+                                           "the file was re-packed. Get the original file.")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise CorruptCheckpointError(path, f"archive member {member} is compressed with a method torch cannot read "
+                                           f"(zip method {info.compress_type}); torch.save never compresses. Get the "
+                                           "original file.")
+    ratio_limit = info.compress_size * _MAX_INFLATION + _SLACK_BYTES
+    if info.file_size > limit or (info.compress_type != zipfile.ZIP_STORED and info.file_size > ratio_limit):
+        raise CorruptCheckpointError(path, f"archive member {member} declares {info.file_size:,} bytes from "
+                                           f"{info.compress_size:,} stored: far beyond what a checkpoint's pickle "
+                                           "needs (a zip bomb?). ckptview did not inflate it.")
     try:
-        return archive.read(member)
+        with archive.open(info) as stream:
+            # zipfile stops at the declared size, so a member that inflates further is cut there
+            return stream.read(info.file_size)
     except zipfile.BadZipFile as exc:
         raise CorruptCheckpointError(
-            path, f"archive member {member} is damaged ({exc}): the file was corrupted after saving. "
-                  "Copy it again or re-save it with torch.save.",
+            path, f"archive member {member} is damaged (its stored checksum or header does not match): the file was "
+                  "corrupted after saving. Copy it again or re-save it with torch.save.",
         ) from exc
-    except (OSError, EOFError, ValueError, struct.error, NotImplementedError) as exc:
-        raise CorruptCheckpointError(path, f"archive member {member} cannot be read ({exc}). Re-save the file.") from exc
+    except (OSError, EOFError, ValueError, struct.error, NotImplementedError, RuntimeError, zlib.error) as exc:
+        raise CorruptCheckpointError(path, f"archive member {member} cannot be read: its compressed data is "
+                                           "damaged. Re-save the file.") from exc
 
 
-def zip_prefix(names: list[str], marker: str) -> str | None:
-    """The top folder of a torch zip ("archive/"), found by the member that marks the format."""
-    for name in names:
-        if name.endswith("/" + marker) and name.count("/") == 1:
-            return name[: -len(marker)]
-    return None
+def archive_prefix(path: str, infos: list[zipfile.ZipInfo]) -> str:
+    """
+    The folder every member of a torch zip sits in, found as torch finds it: the first central
+    directory entry's folder (torch's PyTorchStreamReader). Archives torch would read differently
+    from Python's zipfile are refused: repeated names (torch reads one copy, zipfile the other)
+    and members outside that folder (torch refuses the archive).
+    """
+    names = [info.filename for info in infos]
+    if not names or "/" not in names[0]:
+        raise UnsupportedFormatError(path, "a zip archive, but not one written by torch.save (its first member is "
+                                           f"not in a folder); {supported()}.")
+    prefix = names[0].split("/", 1)[0] + "/"
+    counts = Counter(names)
+    repeated = [name for name, count in counts.items() if count > 1]
+    if repeated:
+        raise CorruptCheckpointError(path, f"the archive holds {counts[repeated[0]]} members named "
+                                           f"{printable(repeated[0])}: zip readers disagree on which one is read, so "
+                                           "what ckptview lists is not what torch.load would run. Do not load this file.")
+    outside = [name for name in names if not name.startswith(prefix)]
+    if outside:
+        raise CorruptCheckpointError(path, f"member {printable(outside[0])} lies outside the archive's folder "
+                                           f"{printable(prefix)}: torch.save never writes that, and torch.load "
+                                           "refuses it. Re-save the file.")
+    return prefix
 
 
 def member_data_offset(source: FileSource, info: zipfile.ZipInfo, size: int, base_offset: int = 0) -> int:
@@ -85,14 +195,17 @@ def member_data_offset(source: FileSource, info: zipfile.ZipInfo, size: int, bas
         raise TruncatedCheckpointError(source.path, f"archive member {info.filename} starts beyond the end of the "
                                                     "file: it was cut off. Copy it again.")
     signature, name_len, extra_len = _LOCAL_HEADER.unpack(header)
-    if signature != b"PK\x03\x04":
-        raise CorruptCheckpointError(source.path, f"archive member {info.filename} has a damaged local header: "
-                                                  "the file was corrupted. Copy it again or re-save it.")
+    local_name = source.read(header_at + _LOCAL_HEADER.size, name_len) if name_len else b""
+    if signature != b"PK\x03\x04" or local_name.decode("utf-8", "replace") != info.filename:
+        raise CorruptCheckpointError(source.path, f"archive member {printable(info.filename)} has a damaged local "
+                                                  "header (it disagrees with the archive's directory): the file was "
+                                                  "corrupted or tampered with. Get the original file.")
     return header_at + _LOCAL_HEADER.size + name_len + extra_len
 
 
 def is_torchscript_archive(names: list[str], prefix: str) -> bool:
-    """torch.jit.save writes constants.pkl and a code/ folder beside data.pkl; torch.save does not."""
+    """torch.jit.save writes constants.pkl and a code/ folder beside data.pkl; torch.save does not.
+    torch.load hands any archive with a constants.pkl to torch.jit.load, which runs its code."""
     return prefix + "constants.pkl" in names or any(n.startswith(prefix + "code/") for n in names)
 
 
@@ -128,18 +241,20 @@ def parse_torch_zip(archive: zipfile.ZipFile, path: str, source: FileSource, siz
     Parse the data.pkl of a torch zip whose bytes start at `base_offset` of `source` (0 for a file;
     DCP embeds one torch.save archive per item inside its .distcp files).
     """
-    names = archive.namelist()
-    prefix = zip_prefix(names, "data.pkl")
-    if prefix is None:
-        from ckptview.readers.registry import supported
-
-        sample = ", ".join(names[:5]) + (" …" if len(names) > 5 else "")
+    infos = archive.infolist()
+    prefix = archive_prefix(path, infos)
+    members = {info.filename: info for info in infos}
+    names = list(members)
+    if prefix + "data.pkl" not in members:
+        sample = ", ".join(printable(name) for name in names[:5]) + (" …" if len(names) > 5 else "")
         raise UnsupportedFormatError(path, f"a zip archive, but not one written by torch.save (no data.pkl; it "
-                                           f"holds {sample or 'nothing'}); {supported()}.")
+                                           f"holds {sample}); {supported()}.")
     byteorder = "little"
-    if prefix + "byteorder" in names:
-        byteorder = _read_member(archive, path, prefix + "byteorder").decode("ascii", "replace").strip() or "little"
-    members = {info.filename: info for info in archive.infolist()}
+    if prefix + "byteorder" in members:
+        byteorder = _read_member(archive, path, prefix + "byteorder", limit=64).decode("ascii", "replace").strip()
+        if byteorder not in ("little", "big"):
+            raise CorruptCheckpointError(path, "the archive's byteorder record is neither 'little' nor 'big': the "
+                                               "file is damaged. Re-save it.")
 
     def storage_for(dtype: torch.dtype, key: str, location: str, numel: int, view_metadata: Any) -> Storage:
         member = f"{prefix}data/{key}"
@@ -170,49 +285,75 @@ def parse_torch_zip(archive: zipfile.ZipFile, path: str, source: FileSource, siz
     return ParsedZip(root, unpickler, names, prefix, byteorder)
 
 
+def _refuse_tar(path: str) -> None:
+    """torch.load first tries a file as the pre-1.0 tar format and unpickles the tar's members; a
+    pickle-looking file that is also a valid tar would be read as the tar, so it is refused."""
+    try:
+        with tarfile.open(path, mode="r:"):
+            pass
+    except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeDecodeError):
+        return
+    raise UnsupportedFormatError(path, "a tar archive (the pre-1.0 torch.save format): torch.load would unpickle "
+                                       "its members, which ckptview does not read. Load it once with torch.load in a "
+                                       "trusted environment and re-save it with torch.save.")
+
+
+def _file_stream(path: str, size: int, offset: int = 0) -> tuple[Any, BoundedStream]:
+    raw = open(path, "rb")
+    raw.seek(offset)
+    return raw, BoundedStream(raw, size - offset)
+
+
 def read_pickle_stream(path: str, size: int, *, trust: bool) -> Checkpoint:
     """A legacy torch.save file (magic number, protocol, sys info, data, storage keys, raw storages),
-    or any other pickle, listed the same safe way."""
-    with open(path, "rb") as stream:
-        first, _ = unpickle(stream, path, "its first pickle")
+    or any other pickle, listed the same safe way. Every pickle torch.load would unpickle is scanned."""
+    _refuse_tar(path)
+    unpicklers: list[SafeUnpickler] = []
+    raw, stream = _file_stream(path, size)
+    with raw:
+        first, first_unpickler = unpickle(stream, path, "its first pickle", unpicklers=unpicklers)
         if first != _LEGACY_MAGIC:
-            stream.seek(0)
-            root, unpickler = unpickle(stream, path, "the pickle")
-            return Checkpoint(path, "pickle", root, file_size=size, pickle_imports=unpickler.pickle_imports(),
+            # torch.load unpickles this first pickle, then stops: it is not a torch file
+            return Checkpoint(path, "pickle", first, file_size=size, pickle_imports=first_unpickler.pickle_imports(),
                               trust=trust, details={"note": "a plain Python pickle, not written by torch.save"})
-        protocol, _ = unpickle(stream, path, "its protocol version")
+        protocol, _ = unpickle(stream, path, "its protocol version", unpicklers=unpicklers)
         if protocol != _LEGACY_PROTOCOL:
-            raise CorruptCheckpointError(path, f"legacy torch file with unknown protocol version {protocol!r}; "
-                                               "load it with the torch that wrote it and re-save it.")
-        sys_info, _ = unpickle(stream, path, "its system-info record")
-        little_endian = not isinstance(sys_info, dict) or sys_info.get("little_endian", True)
+            raise CorruptCheckpointError(path, f"legacy torch file with unknown protocol version {printable(protocol)}"
+                                               "; load it with the torch that wrote it and re-save it.")
+        sys_info, _ = unpickle(stream, path, "its system-info record", unpicklers=unpicklers)
+        little_endian = not isinstance(sys_info, dict) or sys_info.get("little_endian", True) is not False
 
         # Storage bytes follow the pickles, so their offsets are known only after the key list:
         # record the storages first, then read the data pickle again with their offsets.
-        data_start = stream.tell()
+        data_start = raw.tell()
         described: dict[str, tuple[torch.dtype, str]] = {}
 
         def record(dtype: torch.dtype, key: str, location: str, numel: int, view_metadata: Any) -> Storage:
             described.setdefault(key, (dtype, location))
-            return Storage(key=key, source=None, offset=0, nbytes=0, location=location)  # type: ignore[arg-type]
+            # the size a view is checked against: the storage's own count is read in the second pass
+            return Storage(key=key, source=None, offset=0, nbytes=MAX_PICKLE_VIEW_BYTES,  # type: ignore[arg-type]
+                           location=location)
 
         unpickle(stream, path, "its data pickle", record)
-        keys, _ = unpickle(stream, path, "its storage key list")
-        offset = stream.tell()
+        keys, _ = unpickle(stream, path, "its storage key list", unpicklers=unpicklers)
+        offset = raw.tell()
+    if not isinstance(keys, list) or not all(isinstance(key, (str, int)) for key in keys):
+        raise CorruptCheckpointError(path, "its storage key list is not a list of keys: the file is damaged. "
+                                           "Re-save it.")
     source = FileSource(path)
     storages: dict[str, Storage] = {}
-    for key in keys if isinstance(keys, list) else []:
-        key = str(key)
+    for key in map(str, keys):
         dtype, location = described.get(key, (torch.uint8, "cpu"))
         count_bytes = source.read(offset, 8) if offset + 8 <= size else b""
         if len(count_bytes) < 8:
-            raise TruncatedCheckpointError(path, f"the file ends at byte {size:,} before storage {key!r}: it was cut "
-                                                 "off. Copy it again or re-save it.")
+            raise TruncatedCheckpointError(path, f"the file ends at byte {size:,} before storage {printable(key)}: it "
+                                                 "was cut off. Copy it again or re-save it.")
         (numel,) = struct.unpack("<q" if little_endian else ">q", count_bytes)
         nbytes = numel * dtype.itemsize
         if numel < 0 or offset + 8 + nbytes > size:
-            raise TruncatedCheckpointError(path, f"storage {key!r} needs {nbytes:,} bytes from byte {offset + 8:,} "
-                                                 f"but the file ends at {size:,}: it was cut off. Copy it again.")
+            raise TruncatedCheckpointError(path, f"storage {printable(key)} needs {nbytes:,} bytes from byte "
+                                                 f"{offset + 8:,} but the file ends at {size:,}: it was cut off. "
+                                                 "Copy it again.")
         storages[key] = Storage(key=key, source=source, offset=offset + 8, nbytes=nbytes, location=location,
                                 byteorder="little" if little_endian else "big")
         offset += 8 + nbytes
@@ -220,17 +361,33 @@ def read_pickle_stream(path: str, size: int, *, trust: bool) -> Checkpoint:
     def storage_for(dtype: torch.dtype, key: str, location: str, numel: int, view_metadata: Any) -> Storage:
         storage = storages.get(key)
         if storage is None:
-            raise CorruptCheckpointError(path, f"the data refers to storage {key!r}, which the file does not hold: "
-                                               "it is incomplete. Re-save it.")
+            raise CorruptCheckpointError(path, f"the data refers to storage {printable(key)}, which the file does not "
+                                               "hold: it is incomplete. Re-save it.")
         if view_metadata:
+            if not (isinstance(view_metadata, tuple) and len(view_metadata) == 3
+                    and all(type(v) is int for v in view_metadata[1:])):
+                raise RefusedPickle("a storage view is not (key, offset, size)")
             _, view_offset, view_size = view_metadata
             itemsize = dtype.itemsize
+            if view_offset < 0 or view_size < 0 or (view_offset + view_size) * itemsize > storage.nbytes:
+                raise RefusedPickle(f"a storage view of {view_size:,} elements at {view_offset:,} reaches past its "
+                                    f"storage of {storage.nbytes:,} bytes")
             return Storage(key=f"{key}@{view_offset}", source=source, offset=storage.offset + view_offset * itemsize,
                            nbytes=view_size * itemsize, location=location, byteorder=storage.byteorder)
         return storage
 
-    with open(path, "rb") as stream:
-        stream.seek(data_start)
-        root, unpickler = unpickle(stream, path, "its data pickle", storage_for)
-    return Checkpoint(path, "torch-legacy", root, file_size=size, sources=[source],
-                      pickle_imports=unpickler.pickle_imports(), trust=trust, details={"storages": len(storages)})
+    raw, stream = _file_stream(path, size, data_start)
+    with raw:
+        root, _ = unpickle(stream, path, "its data pickle", storage_for, unpicklers=unpicklers)
+    imports = merge_imports(unpicklers)
+    return Checkpoint(path, "torch-legacy", root, file_size=size, sources=[source], pickle_imports=imports,
+                      trust=trust, details={"storages": len(storages)})
+
+
+def merge_imports(unpicklers: list[SafeUnpickler]) -> list[PickleImport]:
+    """The globals every one of these pickles names outside the allow-list, counted together."""
+    counts: Counter[str] = Counter()
+    for unpickler in unpicklers:
+        for imported in unpickler.pickle_imports():
+            counts[imported.name] += imported.count
+    return [PickleImport(name, count) for name, count in sorted(counts.items())]

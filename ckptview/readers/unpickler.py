@@ -6,6 +6,14 @@ unpickler replaces torch's tensor-rebuild functions with ones that record shape,
 and storage as `TensorInfo` (no bytes read), lets plain data types through, and turns every
 other global into a `PickledObject` subclass that only remembers what it was given. Nothing the
 file names is imported or called, so a malicious pickle is listed, not run.
+
+One file must never change how the next is read. The pickle's BUILD opcode writes attributes
+into whatever object is on its stack (through `__setstate__`, else `__dict__` and `setattr`), and
+that object may be one the unpickler handed out: a global shared by every file (a storage type,
+a rebuild function) or a record it built (`TensorInfo`). So every global handed out is either an
+immutable built-in type or value, or a `_Sealed` object whose `__setstate__` refuses; records
+refuse the same way; and the dict subclasses whose instances a pickle may BUILD (OrderedDict
+carries `_metadata` that way) keep the state as data instead of applying it.
 """
 
 from __future__ import annotations
@@ -20,15 +28,55 @@ from typing import Any
 
 import torch
 
-from ckptview.readers.model import PickledObject, PickleImport, Storage, TensorInfo
+from ckptview.readers.model import (
+    PickledObject,
+    PickleImport,
+    RefusedPickle,
+    Storage,
+    TensorInfo,
+    refuse_pickle_state,
+)
 
 
 
-class StorageType:
+class _Sealed:
+    """An object the unpickler hands out: BUILD on it is refused, and with no `__dict__` nothing else can be set."""
+
+    __slots__ = ()
+    __setstate__ = refuse_pickle_state
+
+
+class StorageType(_Sealed):
     """What `torch.FloatStorage` & co. stand for in a pickle: the element dtype of a storage."""
+
+    __slots__ = ("dtype",)
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
+
+
+class _Allowed(_Sealed):
+    """A function or Python class from the allow-list, as a pickle gets it: callable, nothing else."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: Callable[..., Any]) -> None:
+        self._call = call
+
+    def __call__(self, *args: Any) -> Any:
+        return self._call(*args)
+
+
+class _PickledOrderedDict(OrderedDict):  # type: ignore[type-arg]
+    """OrderedDict as a pickle builds it: torch state dicts BUILD their `_metadata` onto it, kept here as data."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.pickled_state = state
+
+
+class _PickledCounter(Counter):  # type: ignore[type-arg]
+    def __setstate__(self, state: Any) -> None:
+        self.pickled_state = state
 
 
 def _storage_types() -> dict[str, StorageType]:
@@ -36,6 +84,9 @@ def _storage_types() -> dict[str, StorageType]:
     for dtype, name in torch.storage._dtype_to_storage_type_map().items():
         types[name] = StorageType(dtype)
     return types
+
+
+_STORAGE_TYPES = _storage_types()
 
 
 def _dtypes() -> dict[str, torch.dtype]:
@@ -54,13 +105,38 @@ _QSCHEMES = {
 }
 
 
-class _Layout:
-    def __init__(self, name: str) -> None:
-        self.name = name
+class _Layout(_Sealed):
+    __slots__ = ("name",)
+
+    def __init__(self, name: Any) -> None:
+        self.name = str(name)
+
+
+MAX_ELEMENTS = 2**62  # beyond what any storage can hold; keeps numel * itemsize within int64
 
 
 def _as_tuple(value: Any) -> tuple[int, ...]:
-    return tuple(map(int, value))
+    if not isinstance(value, (tuple, list)) or not all(type(v) is int for v in value):
+        raise RefusedPickle("a tensor's size or stride is not a list of integers")
+    return tuple(value)
+
+
+def _dtype(value: Any) -> torch.dtype:
+    if not isinstance(value, torch.dtype):
+        raise RefusedPickle("a tensor's dtype is not a torch dtype")
+    return value
+
+
+def _checked_shape(value: Any) -> tuple[int, ...]:
+    shape = _as_tuple(value)
+    numel = 1
+    for size in shape:
+        if size < 0:
+            raise RefusedPickle(f"a tensor has a negative size {list(shape)}")
+        numel *= size
+        if numel > MAX_ELEMENTS:
+            raise RefusedPickle(f"a tensor claims {numel:,}+ elements, more than any storage can hold")
+    return shape
 
 
 def _rebuild_tensor(storage: Any, storage_offset: int, size: Any, stride: Any, *_: Any) -> TensorInfo:
@@ -72,19 +148,26 @@ def _rebuild_tensor_v2(storage: Any, storage_offset: int, size: Any, stride: Any
 
 
 def _rebuild_tensor_v3(storage: Any, storage_offset: int, size: Any, stride: Any, requires_grad: Any, backward_hooks: Any, dtype: torch.dtype, *_: Any) -> TensorInfo:
-    return _strided(storage, storage_offset, size, stride, dtype, requires_grad)
+    return _strided(storage, storage_offset, size, stride, _dtype(dtype), requires_grad)
 
 
 def _strided(storage: Any, storage_offset: int, size: Any, stride: Any, dtype: torch.dtype | None, requires_grad: Any = False) -> TensorInfo:
     if not isinstance(storage, _StorageRef):
-        raise pickle.UnpicklingError(f"a tensor refers to {type(storage).__name__}, not to a storage")
-    shape, strides, offset = _as_tuple(size), _as_tuple(stride), int(storage_offset)
-    if len(shape) != len(strides) or min((*shape, *strides, offset), default=0) < 0:
-        raise pickle.UnpicklingError(f"a tensor has size {list(shape)}, stride {list(strides)} and offset {offset}, "
-                                     "which do not describe a tensor")
+        raise RefusedPickle(f"a tensor refers to {type(storage).__name__}, not to a storage")
+    shape, strides = _checked_shape(size), _as_tuple(stride)
+    offset = storage_offset if type(storage_offset) is int else -1
+    if len(shape) != len(strides) or min((*strides, offset), default=0) < 0:
+        raise RefusedPickle(f"a tensor has size {list(shape)}, stride {list(strides)} and offset "
+                                     f"{storage_offset!r}, which do not describe a tensor")
+    dtype = dtype or storage.dtype
+    # the view must lie inside its storage: checked here, before anything reads or allocates by it
+    last = offset + sum((n - 1) * step for n, step in zip(shape, strides)) if 0 not in shape else offset - 1
+    if (last + 1) * dtype.itemsize > storage.storage.nbytes:
+        raise RefusedPickle(f"a tensor of size {list(shape)}, stride {list(strides)} and offset {offset} "
+                                     f"reaches past the {storage.storage.nbytes:,} bytes of its storage")
     return TensorInfo(
         shape=shape,
-        dtype=dtype if isinstance(dtype, torch.dtype) else storage.dtype,
+        dtype=dtype,
         storage=storage.storage,
         storage_offset=offset,
         stride=strides,
@@ -102,7 +185,7 @@ def _rebuild_qtensor(storage: Any, storage_offset: int, size: Any, stride: Any, 
     info = _strided(storage, storage_offset, size, stride, None, requires_grad)
     scheme, *params = quantizer_params
     if len(params) != (2 if "per_tensor" in str(scheme) else 3):
-        raise pickle.UnpicklingError(f"quantized tensor with scheme {scheme} has {len(params)} parameters")
+        raise RefusedPickle(f"quantized tensor with scheme {scheme} has {len(params)} parameters")
     return info.with_flags(layout="quantized", quantizer=(str(scheme).replace("torch.", ""), *params))
 
 
@@ -120,7 +203,7 @@ def _rebuild_sparse_tensor(layout: Any, data: Any) -> TensorInfo:
     values_info = components["values"]
     dtype = values_info.dtype if isinstance(values_info, TensorInfo) else torch.float32
     return TensorInfo(
-        shape=_as_tuple(size),
+        shape=_checked_shape(size),
         dtype=dtype,
         storage=None,
         layout=name,
@@ -129,7 +212,8 @@ def _rebuild_sparse_tensor(layout: Any, data: Any) -> TensorInfo:
 
 
 def _rebuild_meta_tensor_no_storage(dtype: torch.dtype, size: Any, stride: Any, requires_grad: Any = False, *_: Any) -> TensorInfo:
-    return TensorInfo(shape=_as_tuple(size), dtype=dtype, storage=None, stride=_as_tuple(stride), layout="meta", requires_grad=bool(requires_grad))
+    return TensorInfo(shape=_checked_shape(size), dtype=_dtype(dtype), storage=None, stride=_as_tuple(stride),
+                      layout="meta", requires_grad=bool(requires_grad))
 
 
 def _unsupported(kind: str) -> Callable[..., TensorInfo]:
@@ -166,21 +250,18 @@ def _bytes_source(data: Any = b"", encoding: str | None = None, *_: Any) -> byte
         return data.encode(encoding or "latin1")
     if isinstance(data, (list, tuple)) and all(isinstance(b, int) for b in data):
         return bytes(data)
-    raise pickle.UnpicklingError(f"bytes/bytearray from {type(data).__name__} is not accepted")
+    raise RefusedPickle(f"bytes/bytearray from {type(data).__name__} is not accepted")
 
 
 def _encode(text: str, encoding: str = "latin1") -> bytes:
     # protocol 2 pickles bytes as _codecs.encode(str, "latin1"); refuse every other use
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError("_codecs.encode is only accepted for latin1-encoded bytes")
+        raise RefusedPickle("_codecs.encode is only accepted for latin1-encoded bytes")
     return text.encode("latin1")
 
 
-def _make_parameter(data: Any = None, requires_grad: Any = True) -> Any:
-    return _rebuild_parameter(data, requires_grad)
-
-
-_PARAMETER = _make_parameter  # torch.nn.Parameter, called or named as the type of a rebuilt tensor
+# torch.nn.Parameter, called or named as the type of a rebuilt tensor
+_PARAMETER = _Allowed(lambda data=None, requires_grad=True: _rebuild_parameter(data, requires_grad))
 
 
 def _numpy_globals() -> dict[str, Any]:
@@ -190,9 +271,22 @@ def _numpy_globals() -> dict[str, Any]:
         return {}
     reconstruct = numpy.ndarray.__reduce__(numpy.zeros(0))[0]  # numpy.core / numpy._core, whichever this numpy has
     scalar = numpy.float64(0).__reduce__()[0]
-    allowed: dict[str, Any] = {"numpy.ndarray": numpy.ndarray, "numpy.dtype": numpy.dtype}
+
+    def reconstruct_empty(subtype: Any, shape: Any, dtype: Any) -> Any:
+        # numpy pickles an array as _reconstruct(ndarray, (0,), b"b") and then BUILDs its data, whose
+        # length numpy checks; any other shape would allocate before anything is checked
+        if subtype is not numpy.ndarray or tuple(shape) != (0,):
+            raise RefusedPickle("numpy's _reconstruct is accepted only as numpy itself writes it "
+                                         "(an empty ndarray)")
+        return reconstruct(subtype, (0,), dtype)
+
+    def dtype(spec: Any, align: Any = False, copy: Any = True) -> Any:
+        # copy=False would hand out numpy's shared dtype object, which a later BUILD could change
+        return numpy.dtype(spec, bool(align), True)
+
+    allowed: dict[str, Any] = {"numpy.ndarray": numpy.ndarray, "numpy.dtype": _Allowed(dtype)}
     for core in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[f"{core}._reconstruct"] = reconstruct
+        allowed[f"{core}._reconstruct"] = _Allowed(reconstruct_empty)
         allowed[f"{core}.scalar"] = scalar
     for name in dir(getattr(numpy, "dtypes", None) or ()):
         if name.endswith("DType"):
@@ -200,25 +294,23 @@ def _numpy_globals() -> dict[str, Any]:
     return allowed
 
 
+def _device(*args: Any) -> str:
+    try:
+        return str(torch.device(*args))
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise RefusedPickle("a tensor names a device that torch does not know") from exc
+
+
 def _build_allow_list() -> dict[str, Any]:
-    allowed: dict[str, Any] = {
-        "collections.OrderedDict": OrderedDict,
-        "collections.Counter": Counter,
-        "builtins.set": set,
-        "builtins.frozenset": frozenset,
-        "builtins.complex": complex,
+    functions: dict[str, Callable[..., Any]] = {
+        "collections.OrderedDict": _PickledOrderedDict,
+        "collections.Counter": _PickledCounter,
         "builtins.bytearray": lambda *args: bytearray(_bytes_source(*args)),
-        "builtins.slice": slice,
-        # plain types named as values (config objects record the type of a field) or used as factories
-        **{f"builtins.{t.__name__}": t for t in (dict, list, tuple, int, float, str, bool)},
         "builtins.bytes": lambda *args: bytes(_bytes_source(*args)),
-        "collections.defaultdict": collections.defaultdict,
-        "collections.deque": collections.deque,
         "_codecs.encode": _encode,
-        "torch.Size": tuple,
-        "torch.device": lambda *args: str(torch.device(*args)),
-        "torch.nn.parameter.Parameter": _PARAMETER,
-        "torch.serialization._get_layout": lambda name: _Layout(name),
+        "copyreg._reconstructor": _reconstructor,
+        "torch.device": _device,
+        "torch.serialization._get_layout": _Layout,
         "torch._utils._rebuild_tensor": _rebuild_tensor,
         "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
         "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
@@ -236,32 +328,37 @@ def _build_allow_list() -> dict[str, Any]:
         "torch._utils._rebuild_mtia_tensor": _unsupported("MTIA tensor"),
         "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
         "torch._tensor._rebuild_from_type": lambda func, new_type, args, state=None: _rebuild_from_type_v2(func, new_type, args, state),
-        # TorchScript archives wrap typed lists and tag types; the value itself is plain data
-        "torch.jit._pickle.build_intlist": list,
-        "torch.jit._pickle.build_doublelist": list,
-        "torch.jit._pickle.build_boollist": list,
-        "torch.jit._pickle.build_tensorlist": list,
-        "torch.jit._pickle.build_complexlist": list,
         "torch.jit._pickle.restore_type_tag": lambda value, type_str: value,
     }
-    allowed.update({f"torch.{name}": dtype for name, dtype in _dtypes().items()})
-    allowed.update({f"torch.{name}": storage for name, storage in _storage_types().items()})
-    allowed.update({f"torch.storage.{name}": storage for name, storage in _storage_types().items()})
-    allowed.update({f"torch.cuda.{name}": storage for name, storage in _storage_types().items()})
-    allowed.update(_QSCHEMES)
-    allowed.update(_numpy_globals())
+    allowed: dict[str, Any] = {name: _Allowed(function) for name, function in functions.items()}
+    allowed["torch.nn.parameter.Parameter"] = _PARAMETER
     for tensor_class in ("Tensor", "FloatTensor", "DoubleTensor", "HalfTensor", "BFloat16Tensor", "LongTensor",
                          "IntTensor", "ShortTensor", "CharTensor", "ByteTensor", "BoolTensor"):
-        allowed[f"torch.{tensor_class}"] = _PlainTensorType
+        allowed[f"torch.{tensor_class}"] = _PLAIN_TENSOR_TYPE
+    # Built-in types are immutable (no attribute of theirs can be set), so they are handed out as they are.
+    allowed.update({f"builtins.{t.__name__}": t for t in (set, frozenset, complex, slice, dict, list, tuple, int,
+                                                           float, str, bool)})
+    allowed.update({"collections.defaultdict": collections.defaultdict, "collections.deque": collections.deque,
+                    "torch.Size": tuple})
+    # TorchScript archives wrap typed lists; the value itself is plain data
+    allowed.update({f"torch.jit._pickle.build_{kind}list": list
+                    for kind in ("int", "double", "bool", "tensor", "complex")})
+    allowed.update({f"torch.{name}": dtype for name, dtype in _dtypes().items()})
+    for prefix in ("torch.", "torch.storage.", "torch.cuda."):
+        allowed.update({prefix + name: storage for name, storage in _STORAGE_TYPES.items()})
+    allowed.update(_QSCHEMES)
+    allowed.update(_numpy_globals())
     return allowed
 
 
-class _PlainTensorType:
-    """torch.Tensor named as the type in `_rebuild_from_type_v2`: a plain tensor, nothing to do."""
+# torch.Tensor named as the type in `_rebuild_from_type_v2`: a plain tensor, nothing to do
+_PLAIN_TENSOR_TYPE = _Allowed(lambda *args: None)
 
 
-class _StorageRef:
+class _StorageRef(_Sealed):
     """What a persistent id resolves to: a storage and the dtype its elements were saved as."""
+
+    __slots__ = ("storage", "dtype")
 
     def __init__(self, storage: Storage, dtype: torch.dtype) -> None:
         self.storage = storage
@@ -276,10 +373,6 @@ def _allowed() -> dict[str, Any]:
     if _ALLOWED is None:
         _ALLOWED = _build_allow_list()
     return _ALLOWED
-
-
-def is_allowed_global(name: str) -> bool:
-    return name in _allowed()
 
 
 SCRIPT_CLASS_PREFIX = "__torch__."
@@ -312,8 +405,6 @@ class SafeUnpickler(pickle.Unpickler):
         allowed = _allowed()
         if full_name in allowed:
             return allowed[full_name]
-        if full_name == "copyreg._reconstructor":
-            return _reconstructor
         return self._stand_in(full_name)
 
     def _stand_in(self, full_name: str) -> type[PickledObject]:
@@ -335,18 +426,23 @@ class SafeUnpickler(pickle.Unpickler):
 
     def persistent_load(self, saved_id: Any) -> Any:
         if not isinstance(saved_id, tuple) or not saved_id:
-            raise pickle.UnpicklingError(f"unknown persistent id {saved_id!r}")
+            raise RefusedPickle(f"unknown persistent id {saved_id!r}")
         kind = saved_id[0].decode("ascii") if isinstance(saved_id[0], bytes) else saved_id[0]
         if kind == "module":  # legacy format records a module's class (and its source) here
             return saved_id[1]
         if kind != "storage" or self._storage_for is None:
-            raise pickle.UnpicklingError(f"unknown persistent id kind {kind!r}")
-        storage_type, key, location = saved_id[1], str(saved_id[2]), saved_id[3]
-        location = location.decode("ascii") if isinstance(location, bytes) else str(location)
-        numel = int(saved_id[4])
+            raise RefusedPickle(f"unknown persistent id kind {kind!r}")
+        if len(saved_id) < 5:
+            raise RefusedPickle("a storage reference has too few fields")
+        storage_type, key, location, numel = saved_id[1], saved_id[2], saved_id[3], saved_id[4]
+        location = location.decode("ascii", "replace") if isinstance(location, bytes) else location
+        if not isinstance(key, (str, int)) or not isinstance(location, str) or type(numel) is not int:
+            raise RefusedPickle("a storage reference's key, device or size is not plain data")
+        if not 0 <= numel <= MAX_ELEMENTS:
+            raise RefusedPickle(f"a storage claims {numel:,} elements")
         view_metadata = saved_id[5] if len(saved_id) > 5 else None
         dtype = storage_type.dtype if isinstance(storage_type, StorageType) else torch.uint8
-        return _StorageRef(self._storage_for(dtype, key, location, numel, view_metadata), dtype)
+        return _StorageRef(self._storage_for(dtype, str(key), location, numel, view_metadata), dtype)
 
     def pickle_imports(self) -> list[PickleImport]:
         """Globals outside the allow-list. TorchScript's own classes (`__torch__.…`) are not Python
@@ -363,6 +459,6 @@ def _reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
     # allowed containers get built
     if isinstance(cls, type) and issubclass(cls, PickledObject):
         return cls(state) if state is not None else cls()
-    if cls in (OrderedDict, dict, list, set):
+    if cls in (dict, list, set) or cls is _allowed()["collections.OrderedDict"]:
         return cls()
-    raise pickle.UnpicklingError(f"copyreg._reconstructor of {cls!r} is not allowed")
+    raise RefusedPickle("copyreg._reconstructor is accepted only for plain containers")
