@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "ckptview.cli.analyze",
     "ckptview.cli.compare",
     "ckptview.cli.run",
+    "ckptview.cli.timeline",
 )
 
 

@@ -1,0 +1,780 @@
+"""
+A whole training run as one object: the checkpoints of a folder (a glob, a list, remote URLs) in
+training order, what their scalars say over time (losses, metrics, learning rates, the best
+checkpoint), and what their tensors say (per-module weight norm and drift, layers that stopped
+moving, where NaN/Inf first appear, BatchNorm running statistics, optimizer moments).
+
+    >>> run = ckptview.open_run("runs/resnet/")          # headers only: order, epochs, metrics
+    >>> run.order_by, run.best                            # ("epoch", BestCheckpoint(...))
+    >>> summary = run.analyze()                           # tensors: each file read once, in parallel
+    >>> summary.nan_onset, summary.drift_frame()
+
+The per-file work is in `run_tasks` (one task per checkpoint: headers; tensors with the previous
+and the first checkpoint), where it runs and the per-file Parquet cache in `run_engine`. This
+module orders the files and turns the small per-file tables into the run's results.
+"""
+
+from __future__ import annotations
+
+import glob as globbing
+import math
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptview.analyzers.run_engine import Cancel, Progress, RunCache, default_cache_dir, engine_for
+from ckptview.analyzers.run_tasks import OPEN_CHECKPOINTS, FileId, Scan, file_id, scan, summarize
+from ckptview.analyzers.training import BUFFER_LEAVES
+from ckptview.errors import CheckpointNotFoundError
+from ckptview.readers.remote import is_url
+
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar", ".pkl", ".pth.tar")
+_PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".incomplete", ".crdownload", ".swp")
+_SHARD = re.compile(r"-\d+-of-\d+\.\w+$")
+# Files that copy one checkpoint of the run under another name: kept out of the timeline.
+_ALIAS = re.compile(r"^(best|latest|last|final|current)([_\-.]|$)", re.IGNORECASE)
+# A module whose weights changed by less than this (relative) over the last intervals has stopped moving:
+# float32 keeps about 7 digits, so a smaller change is at most rounding.
+STOPPED_BELOW = 1e-7
+_STOPPED_INTERVALS = 3
+
+ORDER_BY = ("epoch", "step", "name", "mtime")
+
+
+@dataclass(frozen=True)
+class RunCheckpoint:
+    """One checkpoint of the run, from its headers: where it is, when in training, and its scalars."""
+
+    path: str
+    index: int  # position in the run
+    epoch: float | None
+    step: float | None
+    format: str
+    size: int
+    scalars: Mapping[str, float] = field(repr=False)
+    id: FileId = field(repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path.rstrip("/")) or self.path
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file left out of the run, and why (still being written, cut off, not a checkpoint)."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A file that copies one checkpoint of the run under another name (`best_model.pth`, `last.ckpt`)."""
+
+    path: str
+    epoch: float | None
+    step: float | None
+    note: str
+
+
+@dataclass(frozen=True)
+class BestCheckpoint:
+    """The checkpoint with the best value of `metric`, and why that metric decided."""
+
+    path: str
+    metric: str
+    value: float
+    higher_is_better: bool
+    epoch: float | None
+    note: str
+
+
+@dataclass(frozen=True)
+class NanOnset:
+    """The first checkpoint (in run order) holding NaN or Inf, and the tensors holding it."""
+
+    path: str
+    epoch: float | None
+    step: float | None
+    tensors: tuple[str, ...]  # model tensors as `model.state_dict()` names them, then other tensors by path
+    nan_count: int
+    inf_count: int
+
+
+@dataclass(frozen=True)
+class ModuleDrift:
+    """
+    One module's weights (its parameters, not running statistics) at one checkpoint.
+
+    Attributes:
+        weight_norm: L2 norm over the module's finite parameter values.
+        rel_change_prev: ||W - W_prev|| / ||W_prev|| (NaN at the first checkpoint or when absent before).
+        rel_change_first: ||W - W_first|| / ||W_first||.
+        update_ratio: ||W - W_prev|| / ||W||, divided by the optimizer steps between the two
+            checkpoints when both record their step (`RunSummary.update_ratio_unit` says which);
+            around 1e-3 per step is the usual healthy range.
+    """
+
+    module: str
+    path: str
+    epoch: float | None
+    step: float | None
+    weight_norm: float
+    rel_change_prev: float
+    rel_change_first: float
+    update_ratio: float
+    nan_count: int
+
+
+@dataclass(frozen=True)
+class BatchNormDrift:
+    """A BatchNorm layer's running statistics at one checkpoint, and how they moved."""
+
+    module: str
+    path: str
+    epoch: float | None
+    running_mean_mean: float
+    running_var_mean: float
+    mean_change_prev: float  # ||running_mean - previous|| / ||previous||
+    var_change_prev: float
+    mean_change_first: float
+    var_change_first: float
+
+
+@dataclass(frozen=True)
+class MomentNorm:
+    """The L2 norm of one optimizer slot (Adam `exp_avg`, `exp_avg_sq`, SGD `momentum_buffer`) over a module's parameters."""
+
+    module: str  # the parameters' module, "<all>" for the whole model, "<unmapped>" when ids have no names
+    slot: str
+    path: str
+    epoch: float | None
+    norm: float
+
+
+@dataclass(frozen=True)
+class StoppedModule:
+    """A module whose weights have stopped changing (or never changed) in the last checkpoints."""
+
+    module: str
+    since: str  # path of the first checkpoint of the still run
+    last_change: float  # the largest rel_change_prev over the last intervals
+    never_moved: bool
+
+
+def _relative(dd: float, aa: float) -> float:
+    if not (math.isfinite(dd) and math.isfinite(aa)):
+        return math.nan
+    if dd == 0:
+        return 0.0
+    return math.sqrt(dd) / math.sqrt(aa) if aa > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """
+    What the tensors of a run say, with the run's order and best checkpoint. Frozen; every table
+    has a `*_frame()` method, and `to_dict()` is the CLI's `timeline --json`.
+    """
+
+    checkpoints: tuple[RunCheckpoint, ...]
+    order_by: str
+    order_note: str
+    skipped: tuple[Skipped, ...]
+    aliases: tuple[Alias, ...]
+    best: BestCheckpoint | None
+    nan_onset: NanOnset | None
+    drift: tuple[ModuleDrift, ...]
+    stopped: tuple[StoppedModule, ...]
+    batchnorm: tuple[BatchNormDrift, ...]
+    moments: tuple[MomentNorm, ...]
+    update_ratio_unit: str  # "per step" | "per checkpoint"
+
+    def to_frame(self) -> Any:
+        """The drift table (`drift_frame()`)."""
+        return self.drift_frame()
+
+    def drift_frame(self) -> Any:
+        return _frame(self.drift)
+
+    def batchnorm_frame(self) -> Any:
+        return _frame(self.batchnorm)
+
+    def moments_frame(self) -> Any:
+        return _frame(self.moments)
+
+    def metrics_frame(self) -> Any:
+        return metrics_frame(self.checkpoints, self.best)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data: `checkpoints`, `order_by`, `order_note`, `best`, `nan_onset`, `drift`, `stopped`,
+        `batchnorm`, `moments`, `skipped`, `aliases` (NaN stays NaN: JSON writers print it as NaN)."""
+        return {
+            "checkpoints": [{"path": c.path, "epoch": c.epoch, "step": c.step, "format": c.format, "size": c.size,
+                             "scalars": dict(c.scalars)} for c in self.checkpoints],
+            "order_by": self.order_by,
+            "order_note": self.order_note,
+            "best": None if self.best is None else _fields(self.best),
+            "nan_onset": None if self.nan_onset is None else _fields(self.nan_onset),
+            "drift": [_fields(d) for d in self.drift],
+            "update_ratio_unit": self.update_ratio_unit,
+            "stopped": [_fields(s) for s in self.stopped],
+            "batchnorm": [_fields(b) for b in self.batchnorm],
+            "moments": [_fields(m) for m in self.moments],
+            "skipped": [_fields(s) for s in self.skipped],
+            "aliases": [_fields(a) for a in self.aliases],
+        }
+
+
+def _fields(item: Any) -> dict[str, Any]:
+    return {name: (list(value) if isinstance(value, tuple) else value)
+            for name, value in vars(item).items() if name not in ("id",)}
+
+
+def _frame(items: Sequence[Any]) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame([_fields(item) for item in items])
+
+
+def metrics_frame(checkpoints: Sequence[RunCheckpoint], best: BestCheckpoint | None) -> Any:
+    """One row per checkpoint: path, epoch, step, every scalar, and `best_so_far` of the deciding metric."""
+    import pandas as pd
+
+    rows = [{"path": c.path, "epoch": c.epoch, "step": c.step, **c.scalars} for c in checkpoints]
+    frame = pd.DataFrame(rows)
+    if best is not None and best.metric in frame:
+        values = frame[best.metric]
+        frame["best_so_far"] = values.cummax() if best.higher_is_better else values.cummin()
+    return frame
+
+
+class Run:
+    """
+    The checkpoints of a training run, in training order. Made by `ckptview.open_run`; only headers
+    have been read. `analyze()` reads the tensors.
+
+    Attributes:
+        checkpoints: `RunCheckpoint`s in run order.
+        order_by: what decided the order: "epoch", "step", "name" or "mtime"; `order_note` says it in words.
+        skipped: files left out, with why (still being written, cut off, not a checkpoint).
+        aliases: copies of a run checkpoint under another name (`best_model.pth`), with what they hold.
+        best: the best checkpoint by a validation metric, else by the training loss (None without either).
+    """
+
+    def __init__(self, checkpoints: Sequence[RunCheckpoint], order_by: str, order_note: str,
+                 skipped: Sequence[Skipped], aliases: Sequence[Alias], *, engine: Any, workers: int | None,
+                 cache: RunCache | None, trust: bool) -> None:
+        self.checkpoints = tuple(checkpoints)
+        self.order_by = order_by
+        self.order_note = order_note
+        self.skipped = tuple(skipped)
+        self.best = best_checkpoint(self.checkpoints)
+        self.aliases = tuple(_alias_notes(aliases, self.checkpoints, self.best))
+        self.engine = engine
+        self.workers = workers
+        self.cache = cache
+        self.trust = trust
+        self._summary: RunSummary | None = None
+
+    def __len__(self) -> int:
+        return len(self.checkpoints)
+
+    def __iter__(self) -> Any:
+        return iter(self.checkpoints)
+
+    def __repr__(self) -> str:
+        return f"<Run {len(self.checkpoints)} checkpoints ordered by {self.order_by}, {len(self.skipped)} skipped>"
+
+    @property
+    def paths(self) -> list[str]:
+        return [c.path for c in self.checkpoints]
+
+    def open(self, which: int | str) -> Any:
+        """The checkpoint at position `which` (or with that path), opened with `ckptview.open`."""
+        import ckptview
+
+        path = self.checkpoints[which].path if isinstance(which, int) else which
+        return ckptview.open(path, trust=self.trust)
+
+    def metrics_frame(self) -> Any:
+        """One row per checkpoint with every scalar it holds (needs only the headers)."""
+        return metrics_frame(self.checkpoints, self.best)
+
+    def to_frame(self) -> Any:
+        return self.metrics_frame()
+
+    def analyze(self, *, engine: Any = None, workers: int | None = None, progress: Progress = True,
+                cancel: Cancel = None) -> RunSummary:
+        """
+        Read every checkpoint's tensors once (with the previous and the first checkpoint beside it)
+        and return the run's `RunSummary`. Cached on the `Run`; cached per file on disk.
+
+        Args:
+            engine: where the tasks run (default: the engine `open_run` was given): "local", "dask"
+                (a `LocalCluster` started for this call), a scheduler address or a `Client`.
+            workers: threads (local) or worker processes (a started `LocalCluster`).
+            progress: a progress bar (True), none (False), or a callable `(done, total)`.
+            cancel: a `threading.Event` or a callable returning True to stop; raises `CancelledError`.
+
+        Raises:
+            concurrent.futures.CancelledError: `cancel` asked to stop (finished files stay cached).
+            CkptviewError: a checkpoint's tensors cannot be read.
+        """
+        if self._summary is not None and engine is None:
+            return self._summary
+        summary = analyze_run(self, engine=self.engine if engine is None else engine,
+                              workers=self.workers if workers is None else workers, progress=progress, cancel=cancel)
+        self._summary = summary
+        return summary
+
+
+def open_run(path_or_glob: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *, engine: Any = "local",
+             workers: int | None = None, cache: bool | str | os.PathLike[str] = True, trust: bool = False,
+             progress: Progress = False, cancel: Cancel = None) -> Run:
+    """
+    The checkpoints of a training run, in training order, from their headers.
+
+    Args:
+        path_or_glob: a folder (its checkpoint files, shard indexes and checkpoint sub-folders), a
+            glob (`"runs/*.pt"`), a list of paths, or the same as fsspec URLs (`"s3://bucket/run/*.pt"`).
+            Formats may be mixed.
+        engine: where per-file work runs: "local" (threads), "dask" (a `LocalCluster` started for each
+            call that needs one), a scheduler address, or a `dask.distributed.Client`.
+        workers: threads, or worker processes of a started `LocalCluster`.
+        cache: per-file results on disk: True for `$CKPTVIEW_CACHE_DIR` or ~/.cache/ckptview/runs, a
+            folder, or False for none.
+        trust: passed to `ckptview.open`.
+        progress, cancel: as for `Run.analyze`.
+
+    Returns:
+        A `Run`. Its order comes from the epoch saved in every checkpoint, else the step, else the
+        number in every file name, else modification time; `run.order_note` says which.
+
+    Raises:
+        CheckpointNotFoundError: nothing matches `path_or_glob`.
+
+    Example:
+        >>> run = ckptview.open_run("runs/resnet")
+        >>> run.order_note
+        'by the epoch saved in every checkpoint'
+        >>> run.best.path, run.best.metric
+    """
+    candidates, skipped = list_checkpoints(path_or_glob)
+    run_cache = None if cache is False else RunCache(default_cache_dir() if cache is True else cache)
+    cached: dict[str, Scan] = {}
+    todo: list[tuple[str, bool]] = []
+    for path in candidates:
+        found = _cached_scan(run_cache, path)
+        if found is not None:
+            cached[path] = found
+        else:
+            todo.append((path, trust))
+    if todo:
+        # a LocalCluster for headers alone would cost more than it saves: they are read here
+        header_engine = "local" if engine == "dask" else engine
+        with engine_for(header_engine, None if header_engine == "local" else workers) as runner:
+            scans = runner.map(scan, todo, progress=progress, cancel=cancel, desc="headers")
+        for (path, _), result in zip(todo, scans):
+            cached[path] = result
+            if run_cache is not None and not result.skipped:
+                run_cache.store(result)
+    scans = [cached[path] for path in candidates]
+    skipped.extend(Skipped(s.id.path, s.skipped) for s in scans if s.skipped)
+    good = [s for s in scans if not s.skipped]
+    aliases = [s for s in good if _ALIAS.match(_stem(s.id.path)) and not re.search(r"\d", _stem(s.id.path))]
+    timeline = [s for s in good if s not in aliases] or aliases
+    if timeline is aliases:
+        aliases = []
+    ordered, order_by, note = order_checkpoints(timeline)
+    checkpoints = [RunCheckpoint(s.id.path, i, s.epoch, s.step, s.format, s.id.size, dict(s.scalars), s.id)
+                   for i, s in enumerate(ordered)]
+    alias_list = [Alias(s.id.path, s.epoch, s.step, "") for s in aliases]
+    return Run(checkpoints, order_by, note, skipped, alias_list, engine=engine, workers=workers, cache=run_cache,
+               trust=trust)
+
+
+def _cached_scan(cache: RunCache | None, path: str) -> Scan | None:
+    if cache is None:
+        return None
+    try:
+        return cache.scan(file_id(path))
+    except OSError:
+        return None
+
+
+# --- listing and ordering ------------------------------------------------------------------------
+
+def _stem(path: str) -> str:
+    name = os.path.basename(path.rstrip("/"))
+    for suffix in sorted(_CHECKPOINT_SUFFIXES + (".index.json",), key=len, reverse=True):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def list_checkpoints(path_or_glob: Any) -> tuple[list[str], list[Skipped]]:
+    """The candidate checkpoint paths of a folder, glob or list, and the files set aside (with why)."""
+    if isinstance(path_or_glob, (list, tuple)):
+        return [os.fspath(p) for p in path_or_glob], []
+    target = os.fspath(path_or_glob)
+    if is_url(target):
+        return _list_remote(target)
+    if any(ch in target for ch in "*?["):
+        names = sorted(globbing.glob(target))
+        if not names:
+            raise CheckpointNotFoundError(target, "no file matches this pattern: check it (and the current "
+                                                  f"directory, {os.getcwd()})")
+        return _filter(names)
+    if os.path.isdir(target) and not _is_checkpoint_folder(target):
+        names = sorted(os.path.join(target, n) for n in os.listdir(target) if not n.startswith("."))
+        found, skipped = _filter(names, folder=True)
+        if not found and not skipped:
+            raise CheckpointNotFoundError(target, "this folder holds no checkpoint files (.pt, .pth, .bin, .ckpt, "
+                                                  ".safetensors, shard indexes or checkpoint folders)")
+        return found, skipped
+    if not os.path.exists(target):
+        raise CheckpointNotFoundError(target, "no such file or folder: check the path (and the current directory, "
+                                              f"{os.getcwd()})")
+    return [target], []
+
+
+def _is_checkpoint_folder(path: str) -> bool:
+    names = os.listdir(path)
+    return ".metadata" in names or any(n.endswith(".index.json") for n in names)
+
+
+def _filter(names: Iterable[str], *, folder: bool = False) -> tuple[list[str], list[Skipped]]:
+    found: list[str] = []
+    skipped: list[Skipped] = []
+    names = list(names)
+    indexed = any(n.endswith(".index.json") for n in names)
+    for name in names:
+        base = os.path.basename(name)
+        if base.endswith(_PARTIAL_SUFFIXES):
+            skipped.append(Skipped(name, "a temporary name (the save or download is not finished); it joins the "
+                                         "run once renamed"))
+        elif indexed and _SHARD.search(base):
+            continue  # read through its index
+        elif os.path.isdir(name):
+            if not folder or _is_checkpoint_folder(name) or _holds_checkpoint(name):
+                found.append(name)
+        elif base.endswith(_CHECKPOINT_SUFFIXES + (".index.json",)) or not folder:
+            found.append(name)
+    return found, skipped
+
+
+def _holds_checkpoint(folder: str) -> bool:
+    return any(n.endswith(_CHECKPOINT_SUFFIXES) for n in os.listdir(folder))
+
+
+def _list_remote(url: str) -> tuple[list[str], list[Skipped]]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    protocol = url.split("://", 1)[0]
+
+    def full(p: str) -> str:
+        return p if is_url(p) else f"{protocol}://{p.lstrip('/')}" if protocol not in ("http", "https") else p
+
+    if any(ch in path for ch in "*?["):
+        names = [full(p) for p in sorted(fs.glob(path))]
+    elif fs.isdir(path):
+        names = [full(p) for p in sorted(fs.ls(path, detail=False))]
+        names = [n for n in names if n.rstrip("/") != url.rstrip("/")]
+    else:
+        return [url], []
+    if not names:
+        raise CheckpointNotFoundError(url, "nothing matches this URL: check it")
+    found, skipped = [], []
+    indexed = any(n.endswith(".index.json") for n in names)
+    for name in names:
+        base = name.rstrip("/").rsplit("/", 1)[-1]
+        if base.endswith(_PARTIAL_SUFFIXES):
+            skipped.append(Skipped(name, "a temporary name (the upload is not finished)"))
+        elif indexed and _SHARD.search(base):
+            continue
+        elif base.endswith(_CHECKPOINT_SUFFIXES + (".index.json",)):
+            found.append(name)
+    return found, skipped
+
+
+def _name_number(path: str) -> float | None:
+    numbers = re.findall(r"\d+", _stem(path))
+    return float(numbers[-1]) if numbers else None
+
+
+def order_checkpoints(scans: Sequence[Scan]) -> tuple[list[Scan], str, str]:
+    """
+    Scans in training order, what decided it and a sentence saying so: the epoch every checkpoint
+    holds (ties by step), else the step every checkpoint holds, else the number in every file name
+    (`epoch_9.pt` before `epoch_10.pt`), else modification time.
+    """
+    def mtime(s: Scan) -> float:
+        try:
+            return float(s.id.version)
+        except ValueError:
+            return math.inf
+
+    def tie(value: float | None) -> float:
+        return math.inf if value is None else value
+
+    if not scans:
+        return [], "epoch", "no checkpoints"
+    epochs = all(s.epoch is not None for s in scans)
+    steps = all(s.step is not None for s in scans)
+    numbers = all(_name_number(s.id.path) is not None for s in scans)
+    missing = lambda attr: sum(1 for s in scans if getattr(s, attr) is None)  # noqa: E731
+    if epochs:
+        by, note = "epoch", "by the epoch saved in every checkpoint" + (" (ties by step)" if steps else "")
+        key = lambda s: (s.epoch, tie(s.step), tie(_name_number(s.id.path)), mtime(s), s.id.path)  # noqa: E731
+    elif steps:
+        by, note = "step", f"by the step saved in every checkpoint ({missing('epoch')} of {len(scans)} have no epoch)"
+        key = lambda s: (s.step, tie(_name_number(s.id.path)), mtime(s), s.id.path)  # noqa: E731
+    elif numbers:
+        by = "name"
+        note = (f"by the number in each file name: {missing('epoch')} of {len(scans)} checkpoints save no epoch "
+                f"and {missing('step')} no step")
+        key = lambda s: (_name_number(s.id.path), mtime(s), s.id.path)  # noqa: E731
+    else:
+        by = "mtime"
+        note = "by modification time: neither the checkpoints (no epoch or step in every one) nor their names give an order"
+        key = lambda s: (mtime(s), s.id.path)  # noqa: E731
+    return sorted(scans, key=key), by, note
+
+
+# --- the best checkpoint -------------------------------------------------------------------------
+
+_HIGHER = ("acc", "accuracy", "top1", "top5", "acc1", "acc5", "f1", "auc", "auroc", "map", "precision", "recall",
+           "iou", "miou", "dice", "bleu", "rouge", "r2", "psnr", "ssim")
+_LOWER = ("loss", "error", "err", "perplexity", "ppl", "mae", "mse", "rmse", "wer", "cer", "nll", "fid")
+_VALIDATION = ("val", "valid", "validation", "eval", "test", "dev")
+
+
+def metric_direction(name: str) -> bool | None:
+    """True when higher is better (accuracies), False when lower is (losses), None when the name does not say."""
+    tokens = re.split(r"[^a-z0-9]+|(?<=[a-z])(?=\d)", name.lower())
+    if any(t in _LOWER for t in tokens):
+        return False
+    if any(t in _HIGHER for t in tokens):
+        return True
+    return None
+
+
+def best_checkpoint(checkpoints: Sequence[RunCheckpoint]) -> BestCheckpoint | None:
+    """
+    The best checkpoint by a validation metric where one is saved (accuracies higher, losses lower;
+    `val_*` before `best_*`, the metric saved in most checkpoints first), else by the training loss.
+    """
+    counts: dict[str, int] = defaultdict(int)
+    for checkpoint in checkpoints:
+        for name, value in checkpoint.scalars.items():
+            if math.isfinite(value):
+                counts[name] += 1
+
+    def rank(name: str) -> tuple[int, int, str] | None:
+        direction = metric_direction(name)
+        leaf = name.rsplit(".", 1)[-1].lower()
+        tokens = set(re.split(r"[^a-z0-9]+", name.lower()))
+        if direction is None:
+            return None
+        if tokens & set(_VALIDATION) and not leaf.startswith("best"):
+            return (0 if direction else 1, -counts[name], name)
+        if leaf.startswith("best"):
+            return (2, -counts[name], name)
+        if leaf in ("loss", "train_loss", "training_loss", "train.loss"):
+            return (3, -counts[name], name)
+        return None
+
+    ranked = sorted((r, name) for name in counts if (r := rank(name)) is not None)
+    if not ranked:
+        return None
+    (group, _, _), metric = ranked[0]
+    higher = bool(metric_direction(metric))
+    # a checkpoint whose loss is NaN or Inf has diverged: its accuracy (often a constant guess) does not count
+    having = [c for c in checkpoints if math.isfinite(c.scalars.get(metric, math.nan))
+              and all(math.isfinite(v) for k, v in c.scalars.items() if metric_direction(k) is False)]
+    if not having:
+        return None
+    best = (max if higher else min)(having, key=lambda c: c.scalars[metric])  # the first of equal values
+    why = {0: "a validation accuracy", 1: "a validation loss", 2: "the best-so-far value the run saved",
+           3: "the training loss: no validation metric is saved"}[group]
+    note = (f"by {metric} ({'higher' if higher else 'lower'} is better), {why}; {len(having)} of "
+            f"{len(checkpoints)} checkpoints save it with finite losses")
+    return BestCheckpoint(best.path, metric, best.scalars[metric], higher, best.epoch, note)
+
+
+def _alias_notes(aliases: Sequence[Alias], checkpoints: Sequence[RunCheckpoint],
+                 best: BestCheckpoint | None) -> list[Alias]:
+    noted = []
+    for alias in aliases:
+        same = [c for c in checkpoints if alias.epoch is not None and c.epoch == alias.epoch
+                and (alias.step is None or c.step == alias.step)]
+        holds = f"holds epoch {_num(alias.epoch)}" if alias.epoch is not None else "saves no epoch"
+        note = f"{holds}" + (f", like {same[0].name}" if same else "")
+        if best is not None and _ALIAS.match(_stem(alias.path)).group(1).lower() == "best":
+            agrees = same and same[0].path == best.path
+            note += (f"; the best by {best.metric} is {os.path.basename(best.path)}"
+                     + (" (the same)" if agrees else f" (epoch {_num(best.epoch)}): they differ"))
+        noted.append(Alias(alias.path, alias.epoch, alias.step, note))
+    return noted
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "?"
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+# --- reading the tensors -------------------------------------------------------------------------
+
+def analyze_run(run: Run, *, engine: Any = "local", workers: int | None = None, progress: Progress = True,
+                cancel: Cancel = None) -> RunSummary:
+    """`Run.analyze`: one task per checkpoint (with its previous and the first), cached per file."""
+    ids = [c.id for c in run.checkpoints]
+    calls = [(fid, ids[i - 1] if i else None, ids[0] if i else None, run.trust) for i, fid in enumerate(ids)]
+    tables: list[dict[str, list[Any]] | None] = [
+        run.cache.summary(cur, prev, first) if run.cache is not None else None for cur, prev, first, _ in calls]
+    todo = [i for i, table in enumerate(tables) if table is None]
+    if todo:
+        try:
+            with engine_for(engine, workers) as runner:
+                computed = runner.map(summarize, [calls[i] for i in todo], progress=progress, cancel=cancel,
+                                      desc="checkpoints")
+        finally:
+            OPEN_CHECKPOINTS.clear()
+        for i, table in zip(todo, computed):
+            tables[i] = table
+            if run.cache is not None:
+                checkpoint = run.checkpoints[i]
+                run.cache.store(Scan(checkpoint.id, checkpoint.format, checkpoint.epoch, checkpoint.step,
+                                     dict(checkpoint.scalars)), table, calls[i][1], calls[i][2])
+    return summarize_run(run, [t for t in tables if t is not None])
+
+
+def summarize_run(run: Run, tables: Sequence[Mapping[str, list[Any]]]) -> RunSummary:
+    """The run's results from each checkpoint's table (`run_tasks.summarize`), in run order."""
+    checkpoints = run.checkpoints
+    per_step = all(c.step is not None for c in checkpoints) and len(checkpoints) > 1
+    drift: list[ModuleDrift] = []
+    batchnorm: list[BatchNormDrift] = []
+    moments: list[MomentNorm] = []
+    nan_onset: NanOnset | None = None
+    for i, (checkpoint, table) in enumerate(zip(checkpoints, tables)):
+        rows = [dict(zip(table, values)) for values in zip(*table.values())]
+        if nan_onset is None:
+            nan_onset = _nan_onset(checkpoint, rows)
+        steps = None
+        if per_step and i:
+            steps = checkpoint.step - checkpoints[i - 1].step  # type: ignore[operator]
+        drift.extend(_module_drift(checkpoint, rows, steps))
+        batchnorm.extend(_batchnorm_drift(checkpoint, rows))
+        moments.extend(_moment_norms(checkpoint, rows))
+    return RunSummary(
+        checkpoints=checkpoints, order_by=run.order_by, order_note=run.order_note, skipped=run.skipped,
+        aliases=run.aliases, best=run.best, nan_onset=nan_onset, drift=tuple(drift),
+        stopped=tuple(_stopped(drift, checkpoints)), batchnorm=tuple(batchnorm), moments=tuple(moments),
+        update_ratio_unit="per step" if per_step else "per checkpoint",
+    )
+
+
+def _module_of(name: str) -> str:
+    return name.rpartition(".")[0] or name
+
+
+def _nan_onset(checkpoint: RunCheckpoint, rows: list[dict[str, Any]]) -> NanOnset | None:
+    bad = [r for r in rows if r["nan"] or r["posinf"] or r["neginf"]]
+    if not bad:
+        return None
+    bad.sort(key=lambda r: r["part"] != "model")  # stable: model tensors first, each group in file order
+    names = tuple(r["name"] + (f" ({r['param']})" if r["param"] else "") for r in bad)
+    return NanOnset(checkpoint.path, checkpoint.epoch, checkpoint.step, names,
+                    sum(r["nan"] for r in bad), sum(r["posinf"] + r["neginf"] for r in bad))
+
+
+def _sum_squares(row: Mapping[str, Any]) -> float:
+    return row["m2"] + row["finite"] * row["mean"] ** 2 if row["finite"] else 0.0
+
+
+def _module_drift(checkpoint: RunCheckpoint, rows: list[dict[str, Any]], steps: float | None) -> list[ModuleDrift]:
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["part"] == "model" and row["name"].rsplit(".", 1)[-1] not in BUFFER_LEAVES:
+            groups[_module_of(row["name"])].append(row)
+    out = []
+    for module, members in groups.items():
+        squares = sum(_sum_squares(r) for r in members)
+        prev_dd, prev_aa = sum(r["prev_dd"] for r in members), sum(r["prev_aa"] for r in members)
+        first_dd, first_aa = sum(r["first_dd"] for r in members), sum(r["first_aa"] for r in members)
+        norm = math.sqrt(squares)
+        update = math.sqrt(prev_dd) / norm if norm > 0 and math.isfinite(prev_dd) else math.nan
+        if steps:
+            update /= steps
+        out.append(ModuleDrift(module, checkpoint.path, checkpoint.epoch, checkpoint.step, norm,
+                               _relative(prev_dd, prev_aa), _relative(first_dd, first_aa), update,
+                               sum(r["nan"] for r in members)))
+    return out
+
+
+def _batchnorm_drift(checkpoint: RunCheckpoint, rows: list[dict[str, Any]]) -> list[BatchNormDrift]:
+    stats: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for row in rows:
+        module, _, leaf = row["name"].rpartition(".")
+        if row["part"] == "model" and leaf in ("running_mean", "running_var"):
+            stats[module][leaf] = row
+    out = []
+    for module, pair in stats.items():
+        mean, var = pair.get("running_mean"), pair.get("running_var")
+        if mean is None or var is None:
+            continue
+        out.append(BatchNormDrift(module, checkpoint.path, checkpoint.epoch, mean["mean"], var["mean"],
+                                  _relative(mean["prev_dd"], mean["prev_aa"]), _relative(var["prev_dd"], var["prev_aa"]),
+                                  _relative(mean["first_dd"], mean["first_aa"]),
+                                  _relative(var["first_dd"], var["first_aa"])))
+    return out
+
+
+def _moment_norms(checkpoint: RunCheckpoint, rows: list[dict[str, Any]]) -> list[MomentNorm]:
+    squares: dict[tuple[str, str], float] = defaultdict(float)
+    for row in rows:
+        if row["part"] != "optimizer" or row["slot"] == "step":
+            continue
+        module = _module_of(row["param"]) if row["param"] else "<unmapped>"
+        squares[(module, row["slot"])] += _sum_squares(row)
+        squares[("<all>", row["slot"])] += _sum_squares(row)
+    return [MomentNorm(module, slot, checkpoint.path, checkpoint.epoch, math.sqrt(total))
+            for (module, slot), total in squares.items()]
+
+
+def _stopped(drift: Sequence[ModuleDrift], checkpoints: Sequence[RunCheckpoint]) -> list[StoppedModule]:
+    if len(checkpoints) < 2:
+        return []
+    by_module: dict[str, dict[str, ModuleDrift]] = defaultdict(dict)
+    for item in drift:
+        by_module[item.module][item.path] = item
+    last = [c.path for c in checkpoints[1:]][-_STOPPED_INTERVALS:]
+    out = []
+    for module, items in by_module.items():
+        changes = [items[p].rel_change_prev if p in items else math.nan for p in last]
+        if not all(math.isfinite(c) and c < STOPPED_BELOW for c in changes) or any(items[p].nan_count for p in last):
+            continue
+        series = [items[c.path].rel_change_prev for c in checkpoints[1:] if c.path in items]
+        still = len(series)
+        while still and math.isfinite(series[still - 1]) and series[still - 1] < STOPPED_BELOW:
+            still -= 1
+        since = checkpoints[still].path  # the checkpoint before the first still interval
+        out.append(StoppedModule(module, since, max(changes), never_moved=still == 0))
+    return out
+
+
+def describe_skipped(skipped: Iterable[Skipped]) -> list[str]:
+    """One line per skipped file, for the CLI and the explorer."""
+    return [f"{os.path.basename(s.path.rstrip('/'))}: {s.reason}" for s in skipped]
+
+
+__all__ = ["Run", "RunSummary", "RunCheckpoint", "BestCheckpoint", "NanOnset", "ModuleDrift", "BatchNormDrift",
+           "MomentNorm", "StoppedModule", "Skipped", "Alias", "open_run", "order_checkpoints", "best_checkpoint",
+           "metric_direction", "ORDER_BY"]

@@ -1,0 +1,383 @@
+"""
+The work of a run, one task per file: what a worker (a thread here, a Dask worker elsewhere) does
+with one checkpoint, returning small plain data. The tasks are top-level functions of picklable
+arguments, so Dask can send them to other processes and machines, where they open the files
+themselves.
+
+- `scan(path)`: headers only: the file's identity (size and modification time), format, epoch,
+  step and the scalars it holds (losses, metrics, learning rates). Run order comes from these.
+- `summarize(cur, prev, first)`: reads the checkpoint's tensors once, in chunks, and for each
+  chunk of a model tensor also the same chunk of the previous checkpoint and of the first, so
+  three compiled kernels (`kernels.moments`, and `kernels.diff` twice) see it while it is in the
+  CPU cache: norms, NaN/Inf counts, and the change from the previous and from the first
+  checkpoint in one pass. Optimizer tensors (Adam moments) get the moments only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckptview.analyzers.sections import find_sections, model_state_dict
+from ckptview.analyzers.training import plain, training_state
+from ckptview.errors import CkptviewError
+from ckptview.readers.model import Checkpoint, ScratchBuffers, TensorEntry, TensorInfo, dotted_name, walk_tensors
+
+# Elements per chunk: 1 MiB of float32, so a chunk is still in L2 when the second and third kernel read it.
+CHUNK_ELEMENTS = 256 * 1024
+
+# Where training scripts keep their scalars; the container's own name is dropped (metrics.val_acc -> val_acc).
+_SCALAR_CONTAINERS = {"metrics", "progress", "stats", "log", "logs", "results", "scores", "train", "training"}
+_EPOCH_KEYS = ("epoch", "epochs", "current_epoch")
+_STEP_KEYS = ("global_step", "step", "steps", "iteration", "iter", "iterations", "num_updates", "total_steps")
+_MAX_SCALARS = 200  # a checkpoint with thousands of numbers in its metadata is not logging metrics
+
+
+@dataclass(frozen=True)
+class FileId:
+    """
+    A checkpoint file as it is now. `version` changes whenever the file does (its modification time
+    in ns, or a remote ETag), so results cached under a `FileId` are never reused for changed bytes.
+    """
+
+    path: str
+    size: int
+    version: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.path}\x00{self.size}\x00{self.version}"
+
+
+def file_id(path: str) -> FileId:
+    """The identity of `path` now: for a folder (a sharded or DCP checkpoint), its files' sizes and times together."""
+    from ckptview.readers.remote import is_url, remote_file_id
+
+    if is_url(path):
+        size, version = remote_file_id(path)
+        return FileId(path, size, version)
+    info = os.stat(path)
+    if not os.path.isdir(path):
+        return FileId(path, info.st_size, str(info.st_mtime_ns))
+    size, latest = 0, info.st_mtime_ns
+    for entry in os.scandir(path):
+        if entry.is_file():
+            child = entry.stat()
+            size += child.st_size
+            latest = max(latest, child.st_mtime_ns)
+    return FileId(path, size, str(latest))
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What the headers of one file say (or, with `skipped`, why it is left out of the run)."""
+
+    id: FileId
+    format: str = ""
+    epoch: float | None = None
+    step: float | None = None
+    scalars: Mapping[str, float] = field(default_factory=dict)
+    skipped: str = ""
+
+
+def scan(path: str, trust: bool = False) -> Scan:
+    """Open `path` (headers only) and read its epoch, step and scalars; a file that cannot be read, or that
+    changes while it is read (still being written), comes back with `skipped` saying why."""
+    import ckptview
+
+    try:
+        before = file_id(path)
+    except OSError as exc:
+        return Scan(FileId(path, -1, ""), skipped=f"cannot be read: {exc.strerror or exc}")
+    try:
+        with ckptview.open(path, trust=trust) as ckpt:
+            fmt = ckpt.format
+            scalars = checkpoint_scalars(ckpt)
+    except CkptviewError as exc:
+        return Scan(before, skipped=_still_being_written(path, before) or exc.reason)
+    changed = _still_being_written(path, before)
+    if changed:
+        return Scan(before, skipped=changed)
+    return Scan(before, fmt, _first_of(scalars, _EPOCH_KEYS), _first_of(scalars, _STEP_KEYS), scalars)
+
+
+def _still_being_written(path: str, before: FileId) -> str:
+    try:
+        after = file_id(path)
+    except OSError:
+        return "it disappeared while being read"
+    if after != before:
+        return (f"it is still being written (its size went from {before.size:,} to {after.size:,} bytes while "
+                "ckptview read it); it joins the run once the save has finished")
+    return ""
+
+
+def _first_of(scalars: Mapping[str, float], keys: tuple[str, ...]) -> float | None:
+    for key in keys:
+        value = scalars.get(key)
+        if value is not None and math.isfinite(value):
+            return value
+    return None
+
+
+def checkpoint_scalars(ckpt: Checkpoint) -> dict[str, float]:
+    """
+    The numbers a checkpoint holds beside its tensors, by name: epoch, step, losses and metrics
+    (from its progress and metadata entries, `metrics.val_acc` named `val_acc`), the learning rate
+    of each optimizer group (`lr`, `lr_group1`, ...; the scheduler's last lr when there is no
+    optimizer), the score a Lightning `ModelCheckpoint` monitors (named by its monitor), and
+    numeric safetensors metadata.
+    """
+    scalars: dict[str, float] = {}
+    for key, value in ckpt.metadata.items():
+        number = _number(value)
+        if number is not None:
+            scalars[key] = number
+    sections = find_sections(ckpt)
+    for section in sections:
+        if section.kind in ("progress", "metadata") and len(section.path) == 1:
+            _collect(ckpt.get(section.path), section.path, scalars)
+    optimizers = [s for s in sections if s.kind == "optimizer"]
+    if optimizers:
+        groups = ckpt.get(optimizers[0].path).get("param_groups") or []
+        for index, group in enumerate(groups):
+            lr = _number(plain(group.get("lr"))) if isinstance(group, Mapping) else None
+            if lr is not None:
+                scalars["lr" if index == 0 else f"lr_group{index}"] = lr
+    else:
+        for scheduler in training_state(ckpt).schedulers:
+            last = scheduler.get("_last_lr") if isinstance(scheduler, Mapping) else None
+            if isinstance(last, list) and last and _number(last[0]) is not None:
+                scalars["lr"] = _number(last[0])  # type: ignore[assignment]
+                break
+    _lightning_scores(ckpt.root, scalars)
+    return scalars
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, np.generic) and np.issubdtype(type(value), np.number):
+        return float(value)
+    if isinstance(value, TensorInfo) and value.numel == 1 and value.layout == "strided" and value.storage is not None \
+            and not value.dtype.is_complex and value.dtype != torch.bool:
+        return float(plain(value))
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", value):
+        return float(value)
+    return None
+
+
+def _collect(node: Any, path: tuple[Any, ...], out: dict[str, float], depth: int = 0) -> None:
+    if len(out) >= _MAX_SCALARS or depth > 3:
+        return
+    number = _number(node)
+    if number is not None:
+        parts = [str(p) for p in path]
+        if len(parts) > 1 and parts[0].lower() in _SCALAR_CONTAINERS:
+            parts = parts[1:]
+        out.setdefault(".".join(parts), number)
+        return
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            _collect(value, path + (key,), out, depth + 1)
+
+
+def _lightning_scores(root: Any, out: dict[str, float]) -> None:
+    callbacks = root.get("callbacks") if isinstance(root, Mapping) else None
+    if not isinstance(callbacks, Mapping):
+        return
+    for key, state in callbacks.items():
+        if not str(key).startswith("ModelCheckpoint") or not isinstance(state, Mapping):
+            continue
+        monitor = state.get("monitor")
+        if not isinstance(monitor, str):
+            found = re.search(r"'monitor': '([^']+)'", str(key))
+            monitor = found.group(1) if found else None
+        score = _number(plain(state.get("current_score")))
+        if monitor and score is not None:
+            out.setdefault(monitor, score)
+
+
+# --- the per-checkpoint pass ---------------------------------------------------------------------
+
+# One row per floating-point tensor; every value a plain number or string, so a result is a table.
+COLUMNS = ("name", "part", "param", "slot", "dtype", "numel", "finite", "mean", "m2", "min", "max", "nan", "posinf",
+           "neginf", "prev_dd", "prev_aa", "first_dd", "first_aa")
+
+
+class _OpenCheckpoints:
+    """
+    Checkpoints kept open between tasks of one process: task i reads checkpoints i, i-1 and 0, so
+    the first stays open for the whole run and each file is opened about once, not three times
+    (opening a 25 MB training checkpoint parses its pickle: ~2 ms). One is closed only when no task
+    is reading it: closing a file another thread reads would hand its descriptor number to the
+    next file opened.
+    """
+
+    def __init__(self, capacity: int = 8) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[FileId, bool], list[Any]] = OrderedDict()  # key -> [checkpoint, users]
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def use(self, fid: FileId, trust: bool) -> Iterator[Checkpoint]:
+        import ckptview
+
+        key = (fid, trust)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry[1] += 1
+                self._entries.move_to_end(key)
+        if entry is None:
+            opened = ckptview.open(fid.path, trust=trust)
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is None:
+                    entry = self._entries[key] = [opened, 1]
+                else:  # another thread opened it meanwhile
+                    entry[1] += 1
+                    opened.close()
+        try:
+            yield entry[0]
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                self._evict()
+
+    def _evict(self) -> None:
+        idle = [key for key, (_, users) in self._entries.items() if users == 0]
+        for key in idle[: max(0, len(self._entries) - self.capacity)]:
+            self._entries.pop(key)[0].close()
+
+    def clear(self) -> None:
+        with self._lock:
+            for key in [key for key, (_, users) in self._entries.items() if users == 0]:
+                self._entries.pop(key)[0].close()
+
+
+OPEN_CHECKPOINTS = _OpenCheckpoints()
+
+
+def summarize(cur: FileId, prev: FileId | None, first: FileId | None, trust: bool = False) -> dict[str, list[Any]]:
+    """
+    One checkpoint's tensors, read once: a column-wise table (`COLUMNS`) with a row per floating-point
+    tensor. `part` is "model" (named as `model.state_dict()` names it), "optimizer" (with the
+    parameter it belongs to, when known, and its slot, e.g. "exp_avg_sq") or "other". Moments are
+    over the finite values (`kernels.moments`); `prev_dd`/`prev_aa` are the sums of (cur - prev)**2 and
+    prev**2 over positions finite on both sides (NaN where the previous checkpoint has no tensor
+    of that name and shape), `first_*` the same against the first checkpoint.
+    """
+    from ckptview.analyzers import kernels  # numba takes ~0.25 s to import; `import ckptview` should not pay it
+
+    with contextlib.ExitStack() as stack:
+        ckpt = stack.enter_context(OPEN_CHECKPOINTS.use(cur, trust))
+        prev_model = model_state_dict(stack.enter_context(OPEN_CHECKPOINTS.use(prev, trust))) if prev else {}
+        if first == prev:
+            first_model = prev_model
+        else:
+            first_model = model_state_dict(stack.enter_context(OPEN_CHECKPOINTS.use(first, trust))) if first else {}
+        table: dict[str, list[Any]] = {column: [] for column in COLUMNS}
+        buffers = ScratchBuffers()
+        model = model_state_dict(ckpt)
+        model_paths = {entry.path for entry in model.values()}
+        for name, entry in model.items():
+            if _readable_float(entry):
+                _add_row(table, kernels, buffers, entry, name, "model", "", "", _same(prev_model.get(name), entry),
+                         _same(first_model.get(name), entry))
+        param_names = _optimizer_names(ckpt)
+        for path, info in walk_tensors(ckpt.root):
+            if path in model_paths:
+                continue
+            entry = TensorEntry(dotted_name(path), info, path)
+            if not _readable_float(entry):
+                continue
+            owner = path[:-1]
+            part, param, slot = ("optimizer", param_names[owner], str(path[-1])) if owner in param_names else ("other", "", "")
+            _add_row(table, kernels, buffers, entry, entry.name, part, param, slot, None, None)
+    return table
+
+
+def _readable_float(entry: TensorEntry) -> bool:
+    return (entry.layout == "strided" and entry.info.storage is not None and entry.dtype.is_floating_point
+            and entry.dtype.itemsize >= 2)
+
+
+def _same(other: TensorEntry | None, entry: TensorEntry) -> TensorEntry | None:
+    if other is None or other.shape != entry.shape or not _readable_float(other):
+        return None
+    return other
+
+
+def _optimizer_names(ckpt: Checkpoint) -> dict[tuple[Any, ...], str]:
+    """Path of each parameter's optimizer state (`(..., "state", 3)`) -> the parameter's name ("" when unmapped)."""
+    names: dict[tuple[Any, ...], str] = {}
+    for optimizer in training_state(ckpt).optimizers:
+        state = ckpt.get(optimizer.path).get("state")
+        if not isinstance(state, Mapping):
+            continue
+        by_id = {str(p.param_id): p.name or "" for p in optimizer.params}
+        for key in state:
+            names[optimizer.path + ("state", key)] = by_id.get(str(key), "")
+    return names
+
+
+def _work_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    if all(d == torch.bfloat16 for d in dtypes):
+        return torch.bfloat16  # the kernels widen bfloat16 in registers: no float32 copy
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _chunks(entry: TensorEntry, buffer: torch.Tensor) -> Iterator[torch.Tensor]:
+    return entry.iter_chunks(CHUNK_ELEMENTS * entry.dtype.itemsize, buffer=buffer)
+
+
+def _as(chunk: torch.Tensor, buffers: ScratchBuffers, purpose: str, dtype: torch.dtype) -> np.ndarray:
+    from ckptview.analyzers import kernels
+
+    if chunk.dtype != dtype:
+        chunk = buffers.get(purpose, chunk.numel(), dtype).copy_(chunk)
+    return kernels.bit_patterns(chunk)
+
+
+def _add_row(table: dict[str, list[Any]], kernels: Any, buffers: ScratchBuffers, entry: TensorEntry, name: str,
+             part: str, param: str, slot: str, prev: TensorEntry | None, first: TensorEntry | None) -> None:
+    dtype = _work_dtype(*(e.dtype for e in (entry, prev, first) if e is not None))
+    acc, keys = kernels.new_moments()
+    samples = np.empty(0, dtype=np.float64 if dtype == torch.float64 else np.float32)
+    prev_sums = np.zeros(kernels.DIFF_SLOTS) if prev is not None else None
+    # the second checkpoint's previous one is the first: compared once
+    first_sums = prev_sums if first is prev else (np.zeros(kernels.DIFF_SLOTS) if first is not None else None)
+    sides = [(prev, prev_sums)] if prev is not None else []
+    if first is not None and first is not prev:
+        sides.append((first, first_sums))
+    streams = [_chunks(entry, buffers.get("read cur", CHUNK_ELEMENTS * entry.dtype.itemsize, torch.uint8))]
+    streams += [_chunks(side, buffers.get(f"read {i}", CHUNK_ELEMENTS * side.dtype.itemsize, torch.uint8))
+                for i, (side, _) in enumerate(sides)]
+    for chunks in zip(*streams):
+        bits = _as(chunks[0], buffers, "work cur", dtype)
+        kernels.moments(bits, acc, keys, samples, 0, 0)
+        for i, (_, sums) in enumerate(sides):
+            kernels.diff(_as(chunks[i + 1], buffers, f"work {i}", dtype), bits, sums)
+    count, mean, m2, _, nan, posinf, neginf = acc.tolist()
+    width = 8 if dtype == torch.float64 else 4
+    low, high = (kernels.key_to_float(k, width) for k in keys.tolist()) if count else (math.nan, math.nan)
+    prev_dd, prev_aa = (float(prev_sums[1]), float(prev_sums[2])) if prev_sums is not None else (math.nan, math.nan)
+    first_dd, first_aa = (float(first_sums[1]), float(first_sums[2])) if first_sums is not None else (math.nan, math.nan)
+    row = (name, part, param, slot, str(entry.dtype).removeprefix("torch."), entry.numel, int(count),
+           mean if count else math.nan, m2, low, high, int(nan), int(posinf), int(neginf),
+           prev_dd, prev_aa, first_dd, first_aa)
+    for column, value in zip(COLUMNS, row):
+        table[column].append(value)

@@ -1,0 +1,92 @@
+"""`ckptview timeline`: a training run's checkpoints in order, its metrics, best checkpoint, NaN onset and weight drift."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import Any
+
+import ckptview
+from ckptview.analyzers.run import RunSummary, describe_skipped
+from ckptview.cli import print_json
+from ckptview.present.text import text_table
+
+
+def add_commands(subparsers: Any) -> None:
+    help_text = "a training run: checkpoints in order, metrics, best checkpoint, NaN onset, per-module weight drift"
+    command = subparsers.add_parser("timeline", help=help_text, description=help_text)
+    command.add_argument("path", metavar="PATH_OR_GLOB",
+                         help="a folder of checkpoints, a glob ('runs/*.pt', quoted), or an fsspec URL")
+    command.add_argument("--dask", metavar="ADDRESS",
+                         help="run one task per checkpoint on this Dask scheduler ('tcp://host:8786'), or 'local' "
+                              "for a LocalCluster started for the command")
+    command.add_argument("--workers", type=int, help="threads, or worker processes of a started LocalCluster")
+    command.add_argument("--no-cache", action="store_true", help="neither read nor write the per-file result cache")
+    command.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    command.add_argument("--trust", action="store_true", help="allow code from the files to run (only for files you trust)")
+    command.set_defaults(func=timeline_command)
+
+
+def timeline_command(args: argparse.Namespace) -> int:
+    engine = "local" if args.dask is None else ("dask" if args.dask == "local" else args.dask)
+    run = ckptview.open_run(args.path, engine=engine, workers=args.workers, cache=not args.no_cache,
+                            trust=args.trust, progress=sys.stderr.isatty())
+    summary = run.analyze(progress=sys.stderr.isatty())
+    if args.json:
+        print_json(summary.to_dict())
+        return 0
+    print(render_timeline(summary))
+    return 0
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "-" if math.isnan(value) else str(value)
+    return f"{value:.4g}" if isinstance(value, float) and not value.is_integer() else f"{value:g}"
+
+
+def render_timeline(summary: RunSummary) -> str:
+    """The run as text: one row per checkpoint (epoch, step, the best metric, largest module change), then findings."""
+    metric = summary.best.metric if summary.best else None
+    largest: dict[str, tuple[float, str]] = {}
+    for item in summary.drift:
+        if math.isfinite(item.rel_change_prev) and item.rel_change_prev >= largest.get(item.path, (-1.0, ""))[0]:
+            largest[item.path] = (item.rel_change_prev, item.module)
+    rows = []
+    for checkpoint in summary.checkpoints:
+        change, module = largest.get(checkpoint.path, (math.nan, ""))
+        marks = []
+        if summary.best and checkpoint.path == summary.best.path:
+            marks.append("best")
+        if summary.nan_onset and checkpoint.path == summary.nan_onset.path:
+            marks.append("NaN/Inf")
+        rows.append((checkpoint.name, _num(checkpoint.epoch), _num(checkpoint.step),
+                     _num(checkpoint.scalars.get("loss")), _num(checkpoint.scalars.get(metric)) if metric else "-",
+                     _num(checkpoint.scalars.get("lr")), f"{_num(change)} {module}".strip(), " ".join(marks)))
+    header = ("checkpoint", "epoch", "step", "loss", metric or "metric", "lr", "largest change (module)", "")
+    lines = [f"{len(summary.checkpoints)} checkpoints, ordered {summary.order_note}",
+             text_table(rows, header, align_right=(1, 2, 3, 4, 5))]
+    if summary.best:
+        lines.append(f"best: {os.path.basename(summary.best.path)} ({summary.best.metric} = "
+                     f"{_num(summary.best.value)}), {summary.best.note}")
+    else:
+        lines.append("best: none (no validation metric or training loss is saved)")
+    onset = summary.nan_onset
+    if onset:
+        shown = ", ".join(onset.tensors[:8]) + (f" and {len(onset.tensors) - 8} more" if len(onset.tensors) > 8 else "")
+        lines.append(f"NaN/Inf first in {os.path.basename(onset.path)} (epoch {_num(onset.epoch)}): "
+                     f"{onset.nan_count:,} NaN, {onset.inf_count:,} Inf in {shown}")
+    else:
+        lines.append("no NaN or Inf in any checkpoint")
+    for stopped in summary.stopped:
+        what = "never moved" if stopped.never_moved else f"stopped moving after {os.path.basename(stopped.since)}"
+        lines.append(f"{stopped.module}: {what} (relative change below {_num(stopped.last_change) or 0})")
+    for alias in summary.aliases:
+        lines.append(f"{os.path.basename(alias.path)}: {alias.note}")
+    for line in describe_skipped(summary.skipped):
+        lines.append(f"skipped {line}")
+    return "\n".join(lines)

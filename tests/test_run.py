@@ -1,0 +1,260 @@
+"""A training run as one object: real training, real files, every figure checked against torch."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import threading
+from concurrent.futures import CancelledError
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import ckptview
+from ckptview.cli import main
+from conftest import SmallCNN
+
+EPOCHS = 12
+DIVERGE_AT = 11  # the learning rate is raised to 1e30 at the start of this epoch
+
+
+def _train(folder: Path) -> None:
+    """A small CNN with BatchNorm trained with Adam and a StepLR schedule, saved every epoch as a training dict."""
+    torch.manual_seed(0)
+    model = SmallCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.5)
+    x_train = torch.randn(64, 3, 16, 16)
+    y_train = (x_train.mean((1, 2, 3)) > 0).long() * 3
+    x_val = torch.randn(32, 3, 16, 16)
+    y_val = (x_val.mean((1, 2, 3)) > 0).long() * 3
+    step = 0
+    for epoch in range(1, EPOCHS + 1):
+        if epoch == DIVERGE_AT:
+            for group in optimizer.param_groups:
+                group["lr"] = 1e30
+        model.train()
+        for _ in range(3):
+            batch = torch.randint(0, 64, (16,))
+            loss = nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+        scheduler.step()
+        model.eval()
+        with torch.no_grad():
+            out = model(x_val)
+        torch.save({
+            "epoch": epoch, "global_step": step, "loss": loss.item(),
+            "metrics": {"val_loss": nn.functional.cross_entropy(out, y_val).item(),
+                        "val_acc": (out.argmax(1) == y_val).float().mean().item()},
+            "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        }, folder / f"epoch_{epoch}.pt")
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("run")
+    _train(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def local_summary(run_folder: Path) -> ckptview.RunSummary:
+    return ckptview.open_run(run_folder, cache=False).analyze(progress=False)
+
+
+def _load(path: str | Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def test_orders_by_epoch_even_when_names_do_not_sort(run_folder: Path, local_summary: ckptview.RunSummary) -> None:
+    assert sorted(os.listdir(run_folder))[:3] == ["epoch_1.pt", "epoch_10.pt", "epoch_11.pt"]
+    names = [Path(c.path).name for c in local_summary.checkpoints]
+    assert names == [f"epoch_{e}.pt" for e in range(1, EPOCHS + 1)]
+    assert local_summary.order_by == "epoch"
+    assert "epoch saved in every checkpoint" in local_summary.order_note
+    assert [c.epoch for c in local_summary.checkpoints] == list(range(1, EPOCHS + 1))
+    assert local_summary.checkpoints[0].scalars["lr"] == 0.01
+
+
+def test_finds_nan_onset_epoch_and_first_tensors(run_folder: Path, local_summary: ckptview.RunSummary) -> None:
+    expected_epoch, expected = None, set()
+    for epoch in range(1, EPOCHS + 1):
+        state = _load(run_folder / f"epoch_{epoch}.pt")["model_state_dict"]
+        bad = {k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()}
+        if bad:
+            expected_epoch, expected = epoch, bad
+            break
+    assert expected_epoch is not None and expected_epoch >= DIVERGE_AT
+    onset = local_summary.nan_onset
+    assert onset is not None and onset.epoch == expected_epoch
+    assert onset.path == str(run_folder / f"epoch_{expected_epoch}.pt")
+    model_tensors = {name for name in onset.tensors if not name.startswith("optimizer_state_dict.")}
+    assert model_tensors == expected
+
+
+def test_best_checkpoint_by_validation_accuracy_among_finite_losses(run_folder: Path, local_summary: ckptview.RunSummary) -> None:
+    saved = [_load(run_folder / f"epoch_{e}.pt") for e in range(1, EPOCHS + 1)]
+    finite = [s for s in saved if math.isfinite(s["loss"]) and math.isfinite(s["metrics"]["val_loss"])]
+    expected = max(finite, key=lambda s: s["metrics"]["val_acc"])  # max() keeps the first of equal values
+    best = local_summary.best
+    assert best is not None and best.metric == "val_acc" and best.higher_is_better
+    assert best.epoch == expected["epoch"] and best.value == pytest.approx(expected["metrics"]["val_acc"])
+    assert "validation accuracy" in best.note
+
+
+def test_drift_norms_and_moments_match_torch(run_folder: Path, local_summary: ckptview.RunSummary) -> None:
+    first, prev, cur = (_load(run_folder / f"epoch_{e}.pt") for e in (1, 4, 5))
+    frame = local_summary.drift_frame()
+    row = frame[(frame.module == "layer1.0") & (frame.epoch == 5)].iloc[0]
+    w, p, f = (s["model_state_dict"]["layer1.0.weight"].double() for s in (cur, prev, first))
+    assert row.weight_norm == pytest.approx(w.norm().item(), rel=1e-6)
+    assert row.rel_change_prev == pytest.approx(((w - p).norm() / p.norm()).item(), rel=1e-5)
+    assert row.rel_change_first == pytest.approx(((w - f).norm() / f.norm()).item(), rel=1e-5)
+    steps = cur["global_step"] - prev["global_step"]
+    assert row.update_ratio == pytest.approx(((w - p).norm() / w.norm()).item() / steps, rel=1e-5)
+    assert local_summary.update_ratio_unit == "per step"
+    moments = local_summary.moments_frame()
+    total = moments[(moments.module == "<all>") & (moments.slot == "exp_avg_sq") & (moments.epoch == 5)].norm.item()
+    squares = sum(s["exp_avg_sq"].double().pow(2).sum() for s in cur["optimizer_state_dict"]["state"].values())
+    assert total == pytest.approx(math.sqrt(squares), rel=1e-6)
+    bn = local_summary.batchnorm_frame()
+    bn_row = bn[(bn.module == "bn1") & (bn.epoch == 5)].iloc[0]
+    rv, rv_prev = cur["model_state_dict"]["bn1.running_var"].double(), prev["model_state_dict"]["bn1.running_var"].double()
+    assert bn_row.running_var_mean == pytest.approx(rv.mean().item(), rel=1e-6)
+    assert bn_row.var_change_prev == pytest.approx(((rv - rv_prev).norm() / rv_prev.norm()).item(), rel=1e-5)
+
+
+def test_dask_local_cluster_gives_exactly_the_local_results(run_folder: Path, local_summary: ckptview.RunSummary) -> None:
+    pytest.importorskip("distributed")
+    on_dask = ckptview.open_run(run_folder, cache=False, engine="dask", workers=2).analyze(progress=False)
+    # json with NaN as a token compares NaN fields equal and everything else exactly
+    assert json.dumps(on_dask.to_dict()) == json.dumps(local_summary.to_dict())
+
+
+def _bare_state(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return SmallCNN().state_dict()
+
+
+def test_orders_by_name_number_then_mtime_when_content_says_nothing(tmp_path: Path) -> None:
+    for number in (10, 9, 2):
+        torch.save(_bare_state(number), tmp_path / f"epoch_{number}.pt")
+    run = ckptview.open_run(tmp_path, cache=False)
+    assert run.order_by == "name" and [Path(p).name for p in run.paths] == ["epoch_2.pt", "epoch_9.pt", "epoch_10.pt"]
+    other = tmp_path / "unnumbered"
+    other.mkdir()
+    for name, when in (("b.pt", 200), ("a.pt", 300), ("c.pt", 100)):
+        torch.save(_bare_state(when), other / name)
+        os.utime(other / name, (when, when))
+    run = ckptview.open_run(other, cache=False)
+    assert run.order_by == "mtime" and [Path(p).name for p in run.paths] == ["c.pt", "b.pt", "a.pt"]
+
+
+def test_mixed_formats_in_one_run(tmp_path: Path) -> None:
+    states = [_bare_state(seed) for seed in range(3)]
+    torch.save({"epoch": 1, "model": states[0]}, tmp_path / "ckpt_a.pt")
+    save_file(states[1], str(tmp_path / "ckpt_b.safetensors"), metadata={"epoch": "2"})
+    shards = tmp_path / "ckpt_c"
+    shards.mkdir()
+    names = list(states[2])
+    weight_map = {}
+    for number, part in enumerate((names[:4], names[4:]), start=1):
+        shard = f"model-{number:05d}-of-00002.safetensors"
+        save_file({k: states[2][k] for k in part}, str(shards / shard))
+        weight_map.update(dict.fromkeys(part, shard))
+    (shards / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"epoch": 3}, "weight_map": weight_map}))
+    run = ckptview.open_run(tmp_path, cache=False)
+    assert [c.format for c in run.checkpoints] == ["torch-zip", "safetensors", "safetensors-sharded"]
+    assert run.order_by == "epoch"
+    summary = run.analyze(progress=False)
+    fc = {(d.module, d.epoch): d for d in summary.drift}[("fc", 3)]
+    expected = ((states[2]["fc.weight"] - states[1]["fc.weight"]).double().pow(2).sum()
+                + (states[2]["fc.bias"] - states[1]["fc.bias"]).double().pow(2).sum()).sqrt()
+    expected /= (states[1]["fc.weight"].double().pow(2).sum() + states[1]["fc.bias"].double().pow(2).sum()).sqrt()
+    assert fc.rel_change_prev == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_files_being_written_are_skipped_with_a_note(run_folder: Path, tmp_path: Path) -> None:
+    for epoch in (1, 2, 3):
+        shutil.copy(run_folder / f"epoch_{epoch}.pt", tmp_path)
+    whole = (run_folder / "epoch_4.pt").read_bytes()
+    (tmp_path / "epoch_4.pt").write_bytes(whole[: len(whole) // 2])  # a save still going on
+    (tmp_path / "epoch_5.pt.tmp").write_bytes(whole[:100])
+    run = ckptview.open_run(tmp_path, cache=False)
+    assert [Path(p).name for p in run.paths] == ["epoch_1.pt", "epoch_2.pt", "epoch_3.pt"]
+    reasons = {Path(s.path).name: s.reason for s in run.skipped}
+    assert "cut off" in reasons["epoch_4.pt"] and "temporary" in reasons["epoch_5.pt.tmp"]
+
+
+def test_alias_files_stay_out_of_the_timeline(run_folder: Path, tmp_path: Path) -> None:
+    for epoch in (1, 2, 3):
+        shutil.copy(run_folder / f"epoch_{epoch}.pt", tmp_path)
+    shutil.copy(run_folder / "epoch_1.pt", tmp_path / "best_model.pth")
+    run = ckptview.open_run(tmp_path, cache=False)
+    assert len(run) == 3
+    (alias,) = run.aliases
+    assert alias.path.endswith("best_model.pth") and "like epoch_1.pt" in alias.note
+
+
+def test_cache_reads_only_new_and_changed_files(run_folder: Path, tmp_path: Path) -> None:
+    folder, cache = tmp_path / "run", tmp_path / "cache"
+    folder.mkdir()
+    for epoch in range(1, 7):
+        shutil.copy(run_folder / f"epoch_{epoch}.pt", folder)
+    computed: list[int] = []
+
+    def analyze() -> ckptview.RunSummary:
+        computed.clear()
+        return ckptview.open_run(folder, cache=cache).analyze(progress=lambda done, total: computed.append(total))
+
+    first = analyze()
+    assert computed[-1] == 6
+    assert json.dumps(analyze().to_dict()) == json.dumps(first.to_dict()) and not computed
+    shutil.copy(run_folder / "epoch_7.pt", folder)
+    analyze()
+    assert computed[-1] == 1  # the new file (compared with epoch 6 and epoch 1, whose results stay cached)
+    shutil.copy(run_folder / "epoch_8.pt", folder / "epoch_3.pt")  # a changed file: it and its successor
+    os.utime(folder / "epoch_3.pt", ns=(1, 10**18))
+    changed = analyze()
+    assert computed[-1] == 2
+    assert [c.epoch for c in changed.checkpoints] == [1, 2, 4, 5, 6, 7, 8]
+
+
+def test_cancel_stops_the_analysis(run_folder: Path) -> None:
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(CancelledError):
+        ckptview.open_run(run_folder, cache=False).analyze(progress=False, cancel=stop)
+
+
+def test_timeline_json_contract(run_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["timeline", str(run_folder / "epoch_*.pt"), "--json", "--no-cache"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [c["epoch"] for c in data["checkpoints"]] == list(range(1, EPOCHS + 1))
+    assert set(data["checkpoints"][0]) >= {"path", "epoch", "step"}
+    assert data["order_by"] == "epoch"
+    assert set(data["best"]) >= {"path", "metric", "value"} and data["best"]["metric"] == "val_acc"
+    assert data["nan_onset"]["epoch"] >= DIVERGE_AT and data["nan_onset"]["tensors"]
+    assert set(data["drift"][0]) >= {"module", "path", "rel_change_prev"}
+
+
+def test_timeline_text(run_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["timeline", str(run_folder), "--no-cache"]) == 0
+    out = capsys.readouterr().out
+    assert "ordered by the epoch saved in every checkpoint" in out
+    assert "NaN/Inf first in epoch_11.pt" in out
+    assert "best: epoch_" in out
+
+
+def test_timeline_missing_path_is_an_input_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["timeline", str(tmp_path / "nothing_*.pt")]) == 1
+    assert "no file matches" in capsys.readouterr().err
