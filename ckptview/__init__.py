@@ -22,6 +22,7 @@ from ckptview.analyzers.table import tensor_table
 from ckptview.analyzers.tree import module_tree
 from ckptview.analyzers.doctor import doctor
 from ckptview.analyzers.valuediff import diff
+from ckptview.analyzers.run import Run, RunSummary, open_run
 from ckptview.inference import available_devices, compare_checkpoints, compare_precisions, load_model, run_inference
 
 __version__ = "0.1.0"
@@ -50,6 +51,10 @@ __all__ = [
     "compare_checkpoints",
     "load_model",
     "available_devices",
+    "open_run",
+    "Run",
+    "RunSummary",
+    "explore_run",
 ]
 
 
@@ -90,3 +95,14 @@ def explore(path_or_checkpoint: object, *, compare_to: object = None, model: obj
     from ckptview.ui import explore as _explore
 
     return _explore(path_or_checkpoint, compare_to=compare_to, model=model, trust=trust)
+
+
+def explore_run(path_or_run: object, *, engine: object = "local", cache: object = True, trust: bool = False) -> object:
+    """
+    Open a training run in the notebook explorer: metrics over epochs, a modules × checkpoints drift
+    heatmap with the NaN onset marked, a table; choosing a checkpoint opens `explore()` on it.
+    See `ckptview.ui.run.explore_run`. Imported on call, like `explore`.
+    """
+    from ckptview.ui.run import explore_run as _explore_run
+
+    return _explore_run(path_or_run, engine=engine, cache=cache, trust=trust)
