@@ -284,30 +284,35 @@ def summarize(cur: FileId, prev: FileId | None, first: FileId | None, trust: boo
 
     with contextlib.ExitStack() as stack:
         ckpt = stack.enter_context(OPEN_CHECKPOINTS.use(cur, trust))
-        prev_model = model_state_dict(stack.enter_context(OPEN_CHECKPOINTS.use(prev, trust))) if prev else {}
+        prev_model = _model(stack.enter_context(OPEN_CHECKPOINTS.use(prev, trust))) if prev else {}
         if first == prev:
             first_model = prev_model
         else:
-            first_model = model_state_dict(stack.enter_context(OPEN_CHECKPOINTS.use(first, trust))) if first else {}
+            first_model = _model(stack.enter_context(OPEN_CHECKPOINTS.use(first, trust))) if first else {}
         table: dict[str, list[Any]] = {column: [] for column in COLUMNS}
         buffers = ScratchBuffers()
-        model = model_state_dict(ckpt)
+        model = _model(ckpt)
         model_paths = {entry.path for entry in model.values()}
         for name, entry in model.items():
             if _readable_float(entry):
                 _add_row(table, kernels, buffers, entry, name, "model", "", "", _same(prev_model.get(name), entry),
                          _same(first_model.get(name), entry))
-        param_names = _optimizer_names(ckpt)
+        param_names = ckpt.cached("run:optimizer_names", lambda: _optimizer_names(ckpt))
         for path, info in walk_tensors(ckpt.root):
             if path in model_paths:
                 continue
             entry = TensorEntry(dotted_name(path), info, path)
-            if not _readable_float(entry):
-                continue
             owner = path[:-1]
+            if not _readable_float(entry) or (owner in param_names and path[-1] == "step"):
+                continue  # Adam's step counter is a float tensor, not a moment
             part, param, slot = ("optimizer", param_names[owner], str(path[-1])) if owner in param_names else ("other", "", "")
             _add_row(table, kernels, buffers, entry, entry.name, part, param, slot, None, None)
     return table
+
+
+def _model(ckpt: Checkpoint) -> dict[str, TensorEntry]:
+    # a checkpoint stays open across tasks (as cur, then prev, and the first for all): its names are found once
+    return ckpt.cached("run:model_state_dict", lambda: model_state_dict(ckpt))
 
 
 def _readable_float(entry: TensorEntry) -> bool:

@@ -20,6 +20,7 @@ from ckptview.errors import (
 )
 from ckptview.readers.model import Checkpoint, PickledObject, PickleImport, TensorEntry, TensorInfo, gc_paused
 from ckptview.readers.registry import EMPTY_ZIP_MAGIC, HEAD_BYTES, Probe, find_format, supported
+from ckptview.readers.remote import is_url
 from ckptview.readers.sniff import describe
 
 __all__ = ["open_checkpoint", "Checkpoint", "TensorEntry", "TensorInfo", "PickledObject", "PickleImport"]
@@ -29,6 +30,10 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False, shard_
     checkpoint file itself (not a folder or another index), and messages about it never quote
     its content, since the user did not name it."""
     path = os.fspath(path)
+    if is_url(path):
+        from ckptview.readers.remote import open_remote
+
+        return open_remote(path, trust=trust)
     try:
         info = os.stat(path)
     except FileNotFoundError:

@@ -12,6 +12,7 @@ import torch
 from ckptview.errors import CorruptCheckpointError, TruncatedCheckpointError
 from ckptview.readers.model import Checkpoint, FileSource, Storage, TensorInfo
 from ckptview.readers.registry import SAFETENSORS_MAX_HEADER
+from ckptview.readers.remote import source_for
 
 # safetensors' dtype names (the `Dtype` enum of the Rust crate) and the torch dtypes they hold
 _DTYPE_NAMES = {
@@ -102,7 +103,7 @@ def _prod(shape: tuple[int, ...]) -> int:
 
 
 def read_safetensors(path: str, size: int, *, trust: bool) -> Checkpoint:
-    source = FileSource(path)
+    source = source_for(path)  # a URL reads through ranged requests
     header, data_start = read_header(source, size)
     tensors, metadata = parse_tensors(path, header, data_start, size)
     root: dict[str, TensorInfo] = {}

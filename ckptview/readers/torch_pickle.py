@@ -28,6 +28,7 @@ from ckptview.errors import (
 )
 from ckptview.readers.model import Checkpoint, FileSource, PickleImport, RefusedPickle, Storage
 from ckptview.readers.registry import supported
+from ckptview.readers.remote import source_for, zip_file_for
 from ckptview.readers.unpickler import SafeUnpickler
 from ckptview.errors import printable
 
@@ -115,7 +116,7 @@ def unpickle(data: bytes | Any, path: str, what: str, storage_for: Any = None,
 
 def _open_zip(path: str, size: int) -> zipfile.ZipFile:
     try:
-        return zipfile.ZipFile(path)
+        return zipfile.ZipFile(zip_file_for(path))
     except zipfile.BadZipFile as exc:
         raise TruncatedCheckpointError(
             path, f"the zip archive has no end-of-archive directory (the file is {size:,} bytes): it was cut off "
@@ -211,7 +212,7 @@ def is_torchscript_archive(names: list[str], prefix: str) -> bool:
 
 def read_torch_zip(path: str, size: int, *, trust: bool) -> Checkpoint:
     """A torch.save zip archive, or a TorchScript archive (format "torchscript")."""
-    source = FileSource(path)
+    source = source_for(path)  # a URL reads through ranged requests
     archive = _open_zip(path, size)
     with archive:
         parsed = parse_torch_zip(archive, path, source, size)
