@@ -258,3 +258,23 @@ def test_timeline_text(run_folder: Path, capsys: pytest.CaptureFixture[str]) -> 
 def test_timeline_missing_path_is_an_input_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["timeline", str(tmp_path / "nothing_*.pt")]) == 1
     assert "no file matches" in capsys.readouterr().err
+
+
+def test_run_view_shows_metrics_heatmap_onset_and_opens_a_checkpoint(run_folder: Path) -> None:
+    view = ckptview.explore_run(run_folder, cache=False)
+    view.wait()
+    assert view.summary is not None and not view.banner.value
+    assert {trace.name for trace in view.metrics.data} >= {"val_acc", "loss", "lr", "best (val_acc)"}
+    (heatmap,) = view.heatmap.data
+    assert list(heatmap.y) == ["conv1", "bn1", "layer1.0", "layer1.1", "fc"] and len(heatmap.x) == EPOCHS
+    assert any(shape.x0 == view.summary.nan_onset.epoch for shape in view.heatmap.figure.layout.shapes)
+    assert "NaN/Inf first in" in view.table.value and "epoch_10.pt" in view.table.value
+    view.checkpoint.value = str(run_folder / "epoch_10.pt")
+    view.open_button.click()
+    assert view.explorer is not None and view.explorer.state.checkpoint.path == str(run_folder / "epoch_10.pt")
+    view.explorer.close()
+
+
+def test_run_view_shows_the_error_for_a_missing_folder(tmp_path: Path) -> None:
+    view = ckptview.explore_run(tmp_path / "nowhere")
+    assert "no such file or folder" in view.banner.value and view.summary is None
