@@ -141,7 +141,50 @@ def write_samples(directory: str | os.PathLike[str], *, steps: int = 5) -> dict[
 
     whole = (out / "cnn.pt").read_bytes()
     (out / "broken.pt").write_bytes(whole[: len(whole) // 2])
+    write_run(out / "run")
     return {sample.name: out / sample.name for sample in SAMPLES}
+
+
+RUN_EPOCHS = 12
+
+
+def write_run(directory: str | os.PathLike[str], *, epochs: int = RUN_EPOCHS) -> list[Path]:
+    """
+    A training run for `ckptview.open_run`: the demo CNN trained with Adam, a training dict saved every
+    epoch as `epoch_<n>.pt` (so the names do not sort: epoch_10 comes before epoch_2), with the
+    learning rate raised to 1e30 for the last two epochs, so the run diverges and ends in NaN.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.5)
+    x_train, x_val = torch.randn(64, 3, 16, 16), torch.randn(32, 3, 16, 16)
+    y_train, y_val = (x_train.mean((1, 2, 3)) > 0).long() * 3, (x_val.mean((1, 2, 3)) > 0).long() * 3
+    paths = []
+    for epoch in range(1, epochs + 1):
+        if epoch == epochs - 1:
+            for group in optimizer.param_groups:
+                group["lr"] = 1e30
+        model.train()
+        for step in range(2):
+            batch = torch.arange(16) + 16 * step
+            loss = nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        model.eval()
+        with torch.no_grad():
+            logits = model(x_val)
+        path = out / f"epoch_{epoch}.pt"
+        torch.save({"epoch": epoch, "global_step": 2 * epoch, "loss": loss.item(),
+                    "metrics": {"val_loss": nn.functional.cross_entropy(logits, y_val).item(),
+                                "val_acc": (logits.argmax(1) == y_val).float().mean().item()},
+                    "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict()}, path)
+        paths.append(path)
+    return paths
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sample in SAMPLES:
         size = paths[sample.name].stat().st_size
         print(f"  {sample.name.ljust(width)}  {size:>9,} B  {sample.what}")
+    print(f"  {'run/'.ljust(width)}  {RUN_EPOCHS} checkpoints of a training run that diverges (ckptview.open_run)")
     return 0
 
 

@@ -226,13 +226,18 @@ class RunCache:
     def summary(self, fid: FileId, prev: FileId | None, first: FileId | None) -> dict[str, list[Any]] | None:
         import pyarrow.parquet as pq
 
-        meta = self._meta(fid)
-        if meta is None or not meta.get("summary") or meta.get("prev") != _key(prev) or meta.get("first") != _key(first):
+        path = self._path(fid)
+        if not os.path.exists(path):
             return None
         try:
-            return pq.read_table(self._path(fid)).to_pydict()
-        except OSError:
+            table = pq.read_table(path)  # one read: the metadata comes with the table
+            meta = json.loads((table.schema.metadata or {})[b"ckptview"])
+        except (OSError, KeyError, ValueError):
             return None
+        if (meta.get("key") != fid.key or not meta.get("summary") or meta.get("prev") != _key(prev)
+                or meta.get("first") != _key(first)):
+            return None
+        return table.to_pydict()
 
     def store(self, scan: Scan, summary: dict[str, list[Any]] | None = None, prev: FileId | None = None,
               first: FileId | None = None) -> None:
