@@ -146,6 +146,9 @@ class TensorInfo:
     encoding_params: Mapping[str, Any] | None = None
     stored_nbytes: int | None = None
     decode: Callable[[], torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    # encoded: the decoded values in memory order, `chunk_bytes` of them at a time, so statistics and
+    # diffs stream through a large quantized tensor instead of decoding it whole (`iter_chunks`)
+    decode_chunks: Callable[[int], Iterator[torch.Tensor]] | None = field(default=None, compare=False, repr=False)
 
     @property
     def numel(self) -> int:
@@ -623,6 +626,9 @@ class ScratchBuffers:
 
 def iter_tensor_chunks(info: TensorInfo, name: str, chunk_bytes: int, *, reuse_buffer: bool,
                        buffer: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    if info.layout == "encoded" and info.decode_chunks is not None:
+        yield from info.decode_chunks(chunk_bytes)
+        return
     if info.layout != "strided" or info.storage is None or not info.is_contiguous():
         flat = load_tensor(info, name).reshape(-1)
         step = max(1, chunk_bytes // max(1, flat.element_size()))
