@@ -367,6 +367,19 @@ def dotted_name(path: Sequence[Any]) -> str:
 
 
 @dataclass(frozen=True)
+class LayerRole:
+    """
+    What a tensor is to the layer using it, when the file records that (an ONNX graph's nodes)
+    and names alone may not tell: `val_14` feeding a MatMul is a Linear weight stored [in, out].
+    """
+
+    module: str  # the layer: the weights' shared name prefix ("bn1") or the node's name
+    leaf: str    # its part, named as torch names it: weight, bias, running_mean, running_var
+    kind: str    # "Conv2d", "Linear", "BatchNorm", "Embedding", "LayerNorm", ...
+    detail: str  # the shape read as that layer: "768×3072 (in×out)"
+
+
+@dataclass(frozen=True)
 class PickleImport:
     """A global the file's pickle names beyond the allow-list, and how often it is used."""
 
@@ -384,6 +397,8 @@ class Checkpoint:
         root: the tree: dicts, lists, numbers, strings, `TensorInfo` leaves, `PickledObject`s.
         metadata: free-form string metadata (safetensors `__metadata__`), else empty.
         pickle_imports: globals outside the allow-list the file names (empty when it needs no code).
+        layers: tensor name -> `LayerRole`, for formats whose file says which layer uses a tensor
+            (ONNX); analyzers prefer it to guessing from names. Empty for state dicts.
     """
 
     def __init__(
@@ -398,6 +413,7 @@ class Checkpoint:
         pickle_imports: Sequence[PickleImport] = (),
         trust: bool = False,
         details: Mapping[str, Any] | None = None,
+        layers: Mapping[str, LayerRole] | None = None,
     ) -> None:
         self.path = os.fspath(path)
         self.format = format
@@ -407,6 +423,7 @@ class Checkpoint:
         self.pickle_imports = tuple(pickle_imports)
         self.trust = trust
         self.details = dict(details or {})
+        self.layers = dict(layers or {})
         self._sources = list(sources)
         self._tensors: list[TensorEntry] | None = None
         self._by_name: dict[str, TensorEntry] | None = None
