@@ -99,6 +99,16 @@ def _is_zip(probe: Probe) -> bool:
     return probe.head.startswith(ZIP_MAGIC)
 
 
+def _is_onnx(probe: Probe) -> bool:
+    # Protobuf writers emit fields in number order, so a ModelProto starts with ir_version (field 1,
+    # a varint: byte 0x08); the fields after it decide (readers/onnx_file.py, which imports no onnx).
+    if probe.head[:1] != b"\x08":
+        return False
+    from ckptview.readers.onnx_file import looks_like_onnx
+
+    return looks_like_onnx(probe.head, probe.size)
+
+
 # Tried in order. Zips are told apart by their members (`probe.zip_names`): a zip format goes
 # before torch-zip, the last zip format tried, whose message says what a foreign zip holds.
 FORMATS: list[Format] = [
@@ -126,6 +136,12 @@ FORMATS: list[Format] = [
         ("sharded sets: `model.safetensors.index.json`, `pytorch_model.bin.index.json`, or their folder",
          "one checkpoint over all shards, each opened lazily and confined to the index's folder; missing/extra "
          "shards and `weight_map` entries absent from their shard are reported"),
+    )),
+    Format("onnx", "ONNX models (.onnx, with external data files)", _is_onnx, "ckptview.readers.onnx_file:read_onnx", (
+        ("ONNX (`.onnx`, also with external data)",
+         "protobuf walked by hand, no weight read at open: initializers, sparse initializers and `Constant` nodes "
+         "(subgraphs too) read in place, external data confined to the model's folder, `DequantizeLinear` weights "
+         "dequantized on load; opset, inputs/outputs and op counts in `details`, layers from the graph's nodes"),
     )),
 ]
 
