@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
 
 from ckptview.analyzers.sections import model_state_dict
-from ckptview.analyzers.table import infer_layer_kind
-from ckptview.readers.model import Checkpoint, TensorEntry
+from ckptview.analyzers.table import infer_layer_kind, module_and_leaf
+from ckptview.readers.model import Checkpoint, LayerRole, TensorEntry
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -107,14 +108,19 @@ def batchnorm_checks(ckpt: Checkpoint) -> BatchNormReport:
         >>> [(f.check, f.module) for f in report.problems]
         [('running_stats_never_updated', 'bn1')]
     """
-    return ckpt.cached("batchnorm_checks", lambda: _check(model_state_dict(ckpt)))
+    return ckpt.cached("batchnorm_checks", lambda: _check(model_state_dict(ckpt), ckpt.layers))
 
 
-def _check(state: dict[str, TensorEntry]) -> BatchNormReport:
+def _check(state: dict[str, TensorEntry], layers: Mapping[str, LayerRole]) -> BatchNormReport:
     modules: dict[str, dict[str, TensorEntry]] = defaultdict(dict)
+    # A layer found through the file's graph (an ONNX BatchNormalization's inputs) has tensors named
+    # anything; findings name them as the file does, not as module.leaf.
+    renamed: dict[str, str] = {}
     for name, entry in state.items():
-        module, _, leaf = name.rpartition(".")
+        module, leaf = module_and_leaf(name, entry, layers)
         modules[module][leaf] = entry
+        if _name(module, leaf) != name:
+            renamed[_name(module, leaf)] = name
 
     findings: list[Finding] = []
     layers: list[BatchNormLayer] = []
@@ -136,6 +142,8 @@ def _check(state: dict[str, TensorEntry]) -> BatchNormReport:
         findings.extend(_layer_findings(module, leaves, values, tracks, affine, count, conv))
 
     findings.extend(_count_findings(counts, modules))
+    if renamed:
+        findings = [replace(f, tensors=tuple(renamed.get(t, t) for t in f.tensors)) for f in findings]
     if not any(f.severity in ("warning", "error") for f in findings):
         summary = (f"{len(layers)} BatchNorm layer(s) checked: running statistics, counts and parameters look healthy"
                    if layers else "no BatchNorm layers in this model")

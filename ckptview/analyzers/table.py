@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ckptview.analyzers.sections import Section, find_sections
-from ckptview.readers.model import Checkpoint, TensorEntry, gc_paused, view_identity
+from ckptview.readers.model import Checkpoint, LayerRole, TensorEntry, gc_paused, view_identity
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -130,10 +130,10 @@ def _build(ckpt: Checkpoint) -> TensorTable:
         relative = entry.path[len(section.path):] if section is not None else entry.path
         located.append((entry, section, relative))
         if section is not None and section.kind in MODEL_SECTION_KINDS:
-            module, _, leaf = _relative_name(relative, entry).rpartition(".")
+            module, leaf = module_and_leaf(_relative_name(relative, entry), entry, ckpt.layers)
             modules[(section_names[id(section)], module)][leaf] = entry
 
-    kinds = {key: infer_layer_kind(key[1], leaves) for key, leaves in modules.items()}
+    kinds = {key: _layer_kind(key[1], leaves, ckpt.layers) for key, leaves in modules.items()}
 
     first_name: dict[Any, str] = {}
     rows = []
@@ -141,7 +141,7 @@ def _build(ckpt: Checkpoint) -> TensorTable:
         identity = view_identity(entry.info)
         tied_to = first_name.setdefault(identity, entry.name)
         section_name = section_names[id(section)] if section is not None else ""
-        module, _, leaf = _relative_name(relative, entry).rpartition(".")
+        module, leaf = module_and_leaf(_relative_name(relative, entry), entry, ckpt.layers)
         kind, detail = kinds.get((section_name, module), ("", ""))
         rows.append(TensorRow(
             name=entry.name,
@@ -181,6 +181,27 @@ def _relative_name(relative: tuple[Any, ...], entry: TensorEntry) -> str:
     if len(relative) == 1 and isinstance(relative[0], str):
         return relative[0]
     return ".".join(map(str, relative)) if relative else entry.name
+
+
+def module_and_leaf(name: str, entry: TensorEntry, layers: Mapping[str, LayerRole]) -> tuple[str, str]:
+    """The layer a tensor belongs to and its part in it: what the file says (`Checkpoint.layers`,
+    e.g. an ONNX graph's nodes) when it says so, else its dotted name split at the last dot."""
+    role = layers.get(entry.name)
+    if role is not None:
+        return role.module, role.leaf
+    module, _, leaf = name.rpartition(".")
+    return module, leaf
+
+
+def _layer_kind(module: str, leaves: Mapping[str, TensorEntry], layers: Mapping[str, LayerRole]) -> tuple[str, str]:
+    guessed = infer_layer_kind(module, leaves)
+    role = next((layers[entry.name] for entry in leaves.values() if entry.name in layers), None)
+    if role is None:
+        return guessed
+    # The graph knows a MatMul is a Linear and how its weight is laid out; only names tell a q from a v.
+    if role.kind == "Linear" and guessed[0].startswith("attention"):
+        return guessed[0], role.detail
+    return role.kind, role.detail
 
 
 def _section_finder(sections: Sequence[Section]) -> Callable[[tuple[Any, ...]], Section | None]:
