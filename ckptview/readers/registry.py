@@ -99,6 +99,50 @@ def _is_zip(probe: Probe) -> bool:
     return probe.head.startswith(ZIP_MAGIC)
 
 
+def _is_gguf(probe: Probe) -> bool:
+    return probe.head.startswith(b"GGUF")
+
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def _is_npy(probe: Probe) -> bool:
+    return probe.head.startswith(NPY_MAGIC)
+
+
+def _is_npz(probe: Probe) -> bool:
+    # numpy.savez names every member "<key>.npy"; a torch zip never does. The first member's local
+    # header says so before the zip's directory (20,000 names for a large torch zip) is read.
+    head = probe.head
+    if not head.startswith(ZIP_MAGIC) or len(head) < 30:
+        return False
+    (name_length,) = struct.unpack("<H", head[26:28])
+    if not head[30:30 + name_length].endswith(b".npy"):
+        return False
+    names = probe.zip_names
+    return bool(names) and all(name.endswith(".npy") for name in names)
+
+
+TENSORRT_SIGNATURES = (b"ptrt", b"ftrt")  # as netron's source/tensorrt.js recognises engines
+
+
+def _is_tensorrt(probe: Probe) -> bool:
+    head = probe.head
+    if head[:4] in TENSORRT_SIGNATURES:
+        return True
+    # Ultralytics (and others) prefix the engine with a little-endian uint32 length and that many bytes of JSON
+    if len(head) < 8 or head[3] != 0 or head[4:5] != b"{":
+        return False
+    start = 4 + struct.unpack("<I", head[:4])[0]
+    if start + 4 > probe.size:
+        return False
+    if start + 4 <= len(head):
+        return head[start:start + 4] in TENSORRT_SIGNATURES
+    with open(probe.path, "rb") as stream:
+        stream.seek(start)
+        return stream.read(4) in TENSORRT_SIGNATURES
+
+
 def _is_onnx(probe: Probe) -> bool:
     # Protobuf writers emit fields in number order, so a ModelProto starts with ir_version (field 1,
     # a varint: byte 0x08); the fields after it decide (readers/onnx_file.py, which imports no onnx).
@@ -112,6 +156,24 @@ def _is_onnx(probe: Probe) -> bool:
 # Tried in order. Zips are told apart by their members (`probe.zip_names`): a zip format goes
 # before torch-zip, the last zip format tried, whose message says what a foreign zip holds.
 FORMATS: list[Format] = [
+    Format("gguf", "GGUF files (llama.cpp)", _is_gguf, "ckptview.readers.gguf_file:read_gguf", (
+        ("GGUF (llama.cpp, `.gguf`)",
+         "header walked by hand: metadata as a table with large arrays (the tokenizer vocabulary) skipped and decoded "
+         "only when asked; F32/F16/BF16 read in place, block quants (Q4_0 … Q6_K) dequantized by `gguf.quants`"),
+    )),
+    Format("npy", "NumPy .npy arrays", _is_npy, "ckptview.readers.numpy_file:read_npy", (
+        ("NumPy `.npy`", "header parsed by `numpy.lib.format`; data read in place; object arrays listed, never unpickled"),
+    )),
+    Format("npz", "NumPy .npz archives", _is_npz, "ckptview.readers.numpy_file:read_npz", (
+        ("NumPy `.npz` (`savez`, `savez_compressed`)",
+         "each member's header read; stored members read in place, deflated ones inflated in bounded chunks"),
+    )),
+    Format("tensorrt", "TensorRT engines (recognised, to say what to open instead)", _is_tensorrt,
+           "ckptview.readers.tensorrt:read_engine", (
+               ("TensorRT engine (`.engine`, `.plan`, also with Ultralytics' JSON prefix)",
+                "recognised and explained: compiled kernels for one GPU and TensorRT version hold no weight table; "
+                "open the ONNX or checkpoint it was built from"),
+           )),
     Format("torch-zip", "torch.save files (.pt/.pth/.bin/.ckpt, zip or legacy), TorchScript archives",
            _is_zip, "ckptview.readers.torch_pickle:read_torch_zip", (
                ("`torch.save` zip (`.pt .pth .bin .ckpt .pth.tar`, torch ≥ 1.6)",

@@ -10,8 +10,6 @@ _NOT_CHECKPOINTS: tuple[tuple[bytes, str], ...] = (
     (b"GIF8", "a GIF image"),
     (b"%PDF", "a PDF document"),
     (b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras/TensorFlow .h5 weights?)"),
-    (b"GGUF", "a GGUF model file (llama.cpp)"),
-    (b"\x93NUMPY", "a NumPy .npy array (load it with numpy.load)"),
     (b"\x1f\x8b", "a gzip-compressed file: decompress it (gunzip) and open the result"),
     (b"BZh", "a bzip2-compressed file: decompress it (bunzip2) and open the result"),
     (b"\xfd7zXZ\x00", "an xz-compressed file: decompress it (unxz) and open the result"),

@@ -1,0 +1,270 @@
+"""
+NumPy `.npy` files and `.npz` archives (`numpy.savez`, `numpy.savez_compressed`).
+
+Shapes and dtypes come from each array's header, parsed by `numpy.lib.format`. Data stays on
+disk: a `.npy` file and a stored `.npz` member are read in place like any dense tensor; a
+deflated member is inflated when asked, in bounded chunks for statistics and diffs, after its
+sizes were checked against what deflate can produce (a zip bomb is refused, not inflated).
+Nothing is ever unpickled: an object array is listed with its dtype and its loading refused.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zipfile
+import zlib
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+from ckptview.errors import CorruptCheckpointError, TruncatedCheckpointError, UnsupportedFormatError
+from ckptview.readers.model import Checkpoint, FileSource, Storage, TensorInfo
+
+# Deflate cannot expand data more than ~1032:1; a member claiming more is a zip bomb or damaged.
+_MAX_DEFLATE_RATIO = 1032
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (skipped), name length, extra length
+_INFLATE_READ = 1 << 20  # compressed bytes read at a time
+
+
+def _header(stream: BinaryIO, path: str, where: str) -> tuple[tuple[int, ...], bool, np.dtype, str]:
+    """(shape, fortran_order, dtype, version) from an array's first bytes, by numpy's own parser."""
+    from numpy.lib import format as npformat
+
+    try:
+        version = npformat.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = npformat.read_array_header_1_0(stream)
+        elif version in ((2, 0), (3, 0)):
+            # 3.0 only allows UTF-8 in structured field names; shapes and dtypes parse as in 2.0
+            shape, fortran, dtype = npformat.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"format version {version[0]}.{version[1]} is unknown")
+    except (ValueError, EOFError, SyntaxError, TypeError, OSError, zlib.error, zipfile.BadZipFile) as exc:
+        raise CorruptCheckpointError(path, f"{where} has a damaged .npy header ({str(exc).splitlines()[0][:200]}): "
+                                           "re-save it with numpy.save / numpy.savez.") from exc
+    if any(not isinstance(dim, int) or dim < 0 for dim in shape):
+        raise CorruptCheckpointError(path, f"{where} has a .npy header with a negative or non-integer shape "
+                                           f"{shape!r}: re-save it with numpy.save.")
+    return tuple(shape), bool(fortran), dtype, f"{version[0]}.{version[1]}"
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype | None:
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+        return None
+    try:
+        return torch.from_numpy(np.empty(0, dtype=dtype.newbyteorder("="))).dtype
+    except TypeError:  # strings, datetimes, void: torch has no dtype for them
+        return None
+
+
+def _strides(shape: tuple[int, ...], fortran: bool) -> tuple[int, ...]:
+    dims = list(reversed(shape)) if not fortran else list(shape)
+    stride, running = [], 1
+    for dim in dims:
+        stride.append(running)
+        running *= max(dim, 1)
+    return tuple(reversed(stride)) if not fortran else tuple(stride)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _unloadable(shape: tuple[int, ...], dtype: np.dtype, nbytes: int) -> TensorInfo:
+    if dtype.hasobject:
+        note = ("an object array: its elements are pickled Python objects, and unpickling them "
+                "(numpy.load(allow_pickle=True)) can run any code the file names, so ckptview never does. Load it "
+                "with numpy only if you trust the file")
+    else:
+        note = f"numpy dtype {dtype.str} has no torch equivalent; read it with numpy.load"
+    return TensorInfo(shape=shape, dtype=torch.uint8, storage=None, stride=_strides(shape, False),
+                      layout="unsupported", encoding="object" if dtype.hasobject else dtype.str,
+                      stored_nbytes=nbytes, note=note)
+
+
+def _size_check(path: str, where: str, shape: tuple[int, ...], dtype: np.dtype, available: int) -> int:
+    nbytes = _numel(shape) * dtype.itemsize
+    if not dtype.hasobject and nbytes > available:
+        raise CorruptCheckpointError(path, f"{where}'s header claims shape {list(shape)} of {dtype.str} "
+                                           f"({nbytes:,} bytes) but only {available:,} bytes of data follow: the "
+                                           "header lies or the file was cut off. Re-save or copy it again.")
+    return nbytes
+
+
+def read_npy(path: str, size: int, *, trust: bool) -> Checkpoint:
+    with open(path, "rb") as stream:
+        shape, fortran, dtype, version = _header(stream, path, "the file")
+        data_start = stream.tell()
+    nbytes = _size_check(path, "the file", shape, dtype, size - data_start)
+    source = FileSource(path)
+    torch_dtype = _torch_dtype(dtype)
+    if torch_dtype is None:
+        info = _unloadable(shape, dtype, size - data_start)
+    else:
+        storage = Storage(key=os.path.basename(path), source=source, offset=data_start, nbytes=nbytes,
+                          location="cpu", byteorder="big" if dtype.byteorder == ">" else "little")
+        info = TensorInfo(shape=shape, dtype=torch_dtype, storage=storage, stride=_strides(shape, fortran))
+    details = {"npy_version": version, "numpy_dtype": dtype.str, "fortran_order": fortran, "data_offset": data_start}
+    return Checkpoint(path, "npy", info, file_size=size, sources=[source], trust=trust, details=details)
+
+
+def read_npz(path: str, size: int, *, trust: bool) -> Checkpoint:
+    source = FileSource(path)
+    root: dict[str, TensorInfo] = {}
+    members: list[dict[str, Any]] = []
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, NotImplementedError) as exc:
+        raise CorruptCheckpointError(path, f"its zip directory is damaged ({exc}): the .npz was cut off or "
+                                           "corrupted. Copy it again or re-save it with numpy.savez.") from exc
+    with archive:
+        for info in archive.infolist():
+            key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            root[key], member = _member(archive, info, path, size, source)
+            members.append({"name": key, **member})
+    return Checkpoint(path, "npz", root, file_size=size, sources=[source], trust=trust,
+                      details={"members": members})
+
+
+def _member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, size: int,
+            source: FileSource) -> tuple[TensorInfo, dict[str, Any]]:
+    where = f"member {info.filename}"
+    if info.flag_bits & 0x1:
+        raise UnsupportedFormatError(path, f"{where} is encrypted; decrypt the archive first.")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise UnsupportedFormatError(path, f"{where} uses zip compression method {info.compress_type}; numpy.savez "
+                                           "writes stored or deflated members only. Re-save it with numpy.savez.")
+    data_start = _local_data_start(source, info, path, size)
+    if data_start + info.compress_size > size:
+        raise TruncatedCheckpointError(path, f"{where}'s data runs past the end of the file: the .npz was cut off. "
+                                             "Copy it again.")
+    deflated = info.compress_type == zipfile.ZIP_DEFLATED
+    if deflated and info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 1024:
+        raise CorruptCheckpointError(path, f"{where} claims to inflate {info.compress_size:,} bytes into "
+                                           f"{info.file_size:,}, more than deflate can produce: a zip bomb or a damaged "
+                                           "archive. ckptview does not inflate it; get the file from its source.")
+    with archive.open(info) as stream:
+        shape, fortran, dtype, version = _header(stream, path, where)  # type: ignore[arg-type]
+        header_len = stream.tell()
+    nbytes = _size_check(path, where, shape, dtype, info.file_size - header_len)
+    member = {"numpy_dtype": dtype.str, "shape": list(shape), "fortran_order": fortran, "npy_version": version,
+              "compression": "deflated" if deflated else "stored", "stored_bytes": info.compress_size}
+    torch_dtype = _torch_dtype(dtype)
+    if torch_dtype is None:
+        return _unloadable(shape, dtype, info.compress_size), member
+    byteorder = "big" if dtype.byteorder == ">" else "little"
+    if not deflated:
+        storage = Storage(key=info.filename, source=source, offset=data_start + header_len, nbytes=nbytes,
+                          location="cpu", byteorder=byteorder)
+        return TensorInfo(shape=shape, dtype=torch_dtype, storage=storage, stride=_strides(shape, fortran)), member
+    inflater = _Deflated(source, path, info, data_start, header_len, shape, fortran, np.dtype(dtype), torch_dtype)
+    tensor = TensorInfo(shape=shape, dtype=torch_dtype, storage=None, stride=_strides(shape, fortran),
+                        layout="encoded", encoding="deflate",
+                        encoding_params={"numpy_dtype": dtype.str, "fortran_order": fortran},
+                        stored_nbytes=info.compress_size, decode=inflater.decode,
+                        # chunks come in memory order, which is the element order only for C-ordered arrays
+                        decode_chunks=None if fortran else inflater.chunks)
+    return tensor, member
+
+
+def _local_data_start(source: FileSource, info: zipfile.ZipInfo, path: str, size: int) -> int:
+    if info.header_offset + _LOCAL_HEADER.size > size:
+        raise TruncatedCheckpointError(path, f"member {info.filename} starts past the end of the file: the .npz was "
+                                             "cut off. Copy it again.")
+    signature, name_len, extra_len = _LOCAL_HEADER.unpack(source.read(info.header_offset, _LOCAL_HEADER.size))
+    if signature != b"PK\x03\x04":
+        raise CorruptCheckpointError(path, f"member {info.filename} has a damaged local header: the .npz is "
+                                           "corrupted. Copy it again or re-save it.")
+    return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+
+
+class _Deflated:
+    """A deflated `.npz` member: inflated from its compressed bytes in the file, never more than declared."""
+
+    def __init__(self, source: FileSource, path: str, info: zipfile.ZipInfo, data_start: int, header_len: int,
+                 shape: tuple[int, ...], fortran: bool, dtype: np.dtype, torch_dtype: torch.dtype) -> None:
+        self.source = source
+        self.path = path
+        self.name = info.filename
+        self.start = data_start
+        self.compressed = info.compress_size
+        self.inflated = info.file_size
+        self.crc = info.CRC
+        self.header_len = header_len
+        self.shape = shape
+        self.fortran = fortran
+        self.dtype = dtype.newbyteorder("=") if dtype.byteorder == ">" else dtype
+        self.swap = dtype.byteorder == ">"
+        self.torch_dtype = torch_dtype
+        self.nbytes = _numel(shape) * dtype.itemsize
+
+    def _inflate(self) -> Iterator[bytes]:
+        """The member's bytes after the .npy header, in pieces; the total and the CRC checked at the end."""
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        done, crc, skip = 0, 0, self.header_len
+        for offset in range(0, self.compressed, _INFLATE_READ):
+            raw = self.source.read(self.start + offset, min(_INFLATE_READ, self.compressed - offset))
+            while raw:
+                try:
+                    piece = inflater.decompress(raw, _INFLATE_READ)
+                except zlib.error as exc:
+                    raise self._error(f"does not inflate ({exc})") from exc
+                raw = inflater.unconsumed_tail
+                done += len(piece)
+                if done > self.inflated:
+                    raise self._error(f"inflates to more than the {self.inflated:,} bytes its zip entry declares "
+                                      "(a zip bomb or a damaged archive); ckptview stopped inflating it")
+                crc = zlib.crc32(piece, crc)
+                if skip:
+                    piece, skip = piece[skip:], max(0, skip - len(piece))
+                if piece:
+                    yield piece
+        if done != self.inflated or crc != self.crc:
+            raise self._error(f"inflates to {done:,} bytes (declared {self.inflated:,}) with a checksum that does "
+                              "not match: the archive is damaged")
+
+    def _error(self, what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(self.path, f"member {self.name} {what}. Copy the file again or re-save it "
+                                                 "with numpy.savez_compressed.")
+
+    def _array(self, data: bytes | bytearray) -> np.ndarray:
+        values = np.frombuffer(data, dtype=self.dtype)
+        return values.byteswap() if self.swap else values
+
+    def decode(self) -> torch.Tensor:
+        buffer = bytearray(self.nbytes)
+        view, at = memoryview(buffer), 0
+        for piece in self._inflate():
+            if at + len(piece) > self.nbytes:
+                raise self._error("holds more data than its header's shape")
+            view[at:at + len(piece)] = piece
+            at += len(piece)
+        values = self._array(buffer).reshape(self.shape, order="F" if self.fortran else "C")
+        return torch.from_numpy(values.copy() if self.swap else values)
+
+    def chunks(self, chunk_bytes: int) -> Iterator[torch.Tensor]:
+        """The elements in order, `chunk_bytes // itemsize` at a time; memory bounded by a chunk and one read."""
+        step = max(1, chunk_bytes // self.dtype.itemsize) * self.dtype.itemsize
+        pending = io.BytesIO()
+        for piece in self._inflate():
+            pending.write(piece)
+            if pending.tell() >= step:
+                data = pending.getvalue()
+                whole = len(data) // step * step
+                for start in range(0, whole, step):
+                    yield torch.from_numpy(self._array(data[start:start + step]).copy())
+                pending = io.BytesIO()
+                pending.write(data[whole:])
+        rest = pending.getvalue()
+        if len(rest) % self.dtype.itemsize:
+            raise self._error("ends inside an element")
+        if rest:
+            yield torch.from_numpy(self._array(rest).copy())
+
