@@ -347,10 +347,12 @@ class _Reducer:
             return _empty(entry, skipped)
         start = 0
         reduce = self._reduce_float if self.is_float else self._reduce_integer
+        # progress counts stored bytes; an encoded tensor stores fewer (or more) than it decodes to
+        stored_per_element = entry.nbytes / entry.numel if entry.numel else 0
         for chunk in entry.iter_chunks(self.chunk_bytes, buffer=self._read_buffer()):
             reduce(chunk, start)
             start += chunk.numel()
-            step(chunk.numel() * entry.dtype.itemsize)
+            step(round(chunk.numel() * stored_per_element))
         return self._finish(step)
 
     def _reduce_float(self, chunk: torch.Tensor, start: int) -> None:
@@ -451,6 +453,8 @@ def bin_counts(values: torch.Tensor, bins: int, low: float, high: float) -> torc
 
 
 def _unsupported(entry: TensorEntry) -> str:
+    if entry.layout == "encoded" and entry.info.decode is not None:
+        return ""  # statistics of the decoded values (GGUF block quants dequantized), streamed by iter_chunks
     if entry.layout != "strided":
         return f"{entry.layout} layout: statistics are computed for dense tensors only"
     if entry.dtype.is_complex:

@@ -32,11 +32,12 @@ BUFFER_LEAVES = frozenset({
 })
 
 _ATTENTION = (
-    ("attention.qkv", re.compile(r"^(qkv|qkv_proj|c_attn|in_proj|wqkv|query_key_value|w_pack|qkv_linear)$")),
-    ("attention.q", re.compile(r"^(q|q_proj|query|wq|q_lin|to_q|q_linear)$")),
-    ("attention.k", re.compile(r"^(k|k_proj|key|wk|k_lin|to_k|k_linear)$")),
-    ("attention.v", re.compile(r"^(v|v_proj|value|wv|v_lin|to_v|v_linear)$")),
-    ("attention.out", re.compile(r"^(o|o_proj|out_proj|wo|out_lin|to_out|dense|c_proj|proj)$")),
+    # the attn_* names are llama.cpp's (GGUF: blk.N.attn_q.weight)
+    ("attention.qkv", re.compile(r"^(qkv|qkv_proj|c_attn|in_proj|wqkv|query_key_value|w_pack|qkv_linear|attn_qkv)$")),
+    ("attention.q", re.compile(r"^(q|q_proj|query|wq|q_lin|to_q|q_linear|attn_q)$")),
+    ("attention.k", re.compile(r"^(k|k_proj|key|wk|k_lin|to_k|k_linear|attn_k)$")),
+    ("attention.v", re.compile(r"^(v|v_proj|value|wv|v_lin|to_v|v_linear|attn_v)$")),
+    ("attention.out", re.compile(r"^(o|o_proj|out_proj|wo|out_lin|to_out|dense|c_proj|proj|attn_output)$")),
 )
 _ATTENTION_CONTEXT = re.compile(r"attn|attention")
 _EMBEDDING = re.compile(r"emb|wte|wpe|tok_embeddings|word_embeddings|shared$|lookup")
@@ -61,6 +62,7 @@ class TensorRow:
     device: str               # the device it was saved from
     shared: bool              # its storage also backs another entry (tied weights, views)
     tied_to: str = ""         # the first name of the same stored view when this one repeats it; counted there
+    encoding: str = ""        # the stored form when torch has no dtype for it ("Q4_K", "deflate"); dtype is the decoded one
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,7 @@ def _build(ckpt: Checkpoint) -> TensorTable:
             device=entry.device,
             shared=entry.storage_key is not None and storage_users[entry.storage_key] > 1,
             tied_to="" if tied_to == entry.name else tied_to,
+            encoding=entry.encoding or "",
         ))
 
     parameters = buffers = 0
@@ -266,6 +269,8 @@ def infer_layer_kind(module: str, leaves: Mapping[str, Any]) -> tuple[str, str]:
         if "bias" not in leaves and _EMBEDDING.search(name):
             return "Embedding", f"{shape[0]}×{shape[1]} (vocab×dim)"
         return "Linear", detail
+    if len(shape) == 3 and name.endswith("_exps"):  # llama.cpp's stacked MoE experts (ffn_up_exps)
+        return "Linear (experts)", f"{shape[0]} experts × {shape[1]}×{shape[2]} (out×in)"
     if len(shape) in (3, 4, 5):
         kernel = "×".join(str(k) for k in shape[2:])
         return f"Conv{len(shape) - 2}d", f"{shape[0]}, {shape[1]}, {kernel} (out, in/groups, kernel)"

@@ -19,8 +19,9 @@ class OverviewPanel(Panel):
 
     def __init__(self, state: ExplorerState) -> None:
         self.sections = widgets.HTML()
+        self.metadata = widgets.HTML()
         self.treemap = FigureBox()
-        super().__init__(state, [self.sections, self.treemap])
+        super().__init__(state, [self.sections, self.metadata, self.treemap])
 
     def _compute(self) -> tuple[Any, go.Figure]:
         ckpt = self.state.checkpoint
@@ -37,6 +38,12 @@ class OverviewPanel(Panel):
 
     def _show(self, result: tuple[Any, go.Figure]) -> None:
         frame, treemap = result
+        # the file's own metadata (GGUF keys, safetensors __metadata__), large arrays already summarised
+        items = list(self.state.checkpoint.metadata.items())
+        shown = "".join(f"<tr><td><code>{esc(k)}</code></td><td>{esc(_clip(v))}</td></tr>" for k, v in items[:_METADATA_ROWS])
+        more = f"<div class='meta'>… and {len(items) - _METADATA_ROWS:,} more keys</div>" if len(items) > _METADATA_ROWS else ""
+        self.metadata.value = (f"<table class='ckptview-table'><tr><th>metadata</th><th>value</th></tr>{shown}</table>{more}"
+                               if items else "")
         rows = "".join(
             f"<tr><td><b>{esc(r['section'])}</b></td><td><code>{esc(r['path'])}</code></td>"
             f"<td class='num'>{r['tensors']:,}</td><td>{esc(r['contents'])}</td>"
@@ -48,3 +55,10 @@ class OverviewPanel(Panel):
             f"<th>what it is</th></tr>{rows}</table>"
         )
         self.treemap.show(treemap)
+
+
+_METADATA_ROWS = 60
+
+
+def _clip(value: str) -> str:
+    return value if len(value) <= 160 else value[:157] + "…"

@@ -111,7 +111,7 @@ class TensorsPanel(Panel):
                                   f"{esc(_line('name', 'shape', 'dtype', 'layer kind', 'role', 'size'))}</div>")
         self.rows.index = None  # else the Select picks the first row, which would load that tensor
         self.rows.rows = max(3, min(len(shown), 20))
-        self.rows.options = [(_line(r["name"], shape_text(r["shape"]), r["dtype"], r["layer_kind"], r["role"],
+        self.rows.options = [(_line(r["name"], shape_text(r["shape"]), r["encoding"] or r["dtype"], r["layer_kind"], r["role"],
                                     human_bytes(r["nbytes"])), r["name"]) for r in shown.to_dict("records")]
 
     def _tensor_detail(self, name: str) -> dict[str, Any]:
@@ -119,13 +119,14 @@ class TensorsPanel(Panel):
         entry = ckpt.tensor(name)
         detail: dict[str, Any] = {"row": self.frame[self.frame["name"] == name].iloc[0].to_dict(), "stats": None, "heatmap": None}
         detail["stats"] = stats(ckpt, filter=f"^{re.escape(name)}$", progress=False)[name]
-        if len(entry.shape) == 2 and entry.dtype.is_floating_point and entry.layout == "strided":
+        if len(entry.shape) == 2 and entry.dtype.is_floating_point and entry.layout in ("strided", "encoded"):
             detail["heatmap"] = figures.heatmap(figures.downsample_2d(entry.load()), name, original_shape=entry.shape)
         return detail
 
     def _show_detail(self, detail: dict[str, Any]) -> None:
         row = detail["row"]
-        facts = [("shape", shape_text(row["shape"])), ("dtype", row["dtype"]), ("elements", f"{row['numel']:,}"),
+        dtype = f"{row['dtype']} (stored as {row['encoding']})" if row["encoding"] else row["dtype"]
+        facts = [("shape", shape_text(row["shape"])), ("dtype", dtype), ("elements", f"{row['numel']:,}"),
                  ("bytes", human_bytes(row["nbytes"])), ("layer", f"{row['layer_kind']} {row['layer_detail']}".strip() or "?"),
                  ("role", row["role"]), ("section", row["section"] or "—"), ("saved on", row["device"]),
                  ("storage shared", "yes" if row["shared"] else "no")]
