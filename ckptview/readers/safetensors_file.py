@@ -44,8 +44,11 @@ def read_header(source: FileSource, size: int) -> tuple[dict[str, Any], int]:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(path, f"its safetensors header is not valid JSON ({exc}): the file is damaged. "
+        raise CorruptCheckpointError(path, "its safetensors header is not valid JSON: the file is damaged. "
                                            "Re-save or re-download it.") from exc
+    except RecursionError as exc:
+        raise CorruptCheckpointError(path, "its safetensors header nests JSON values too deeply: the file is damaged "
+                                           "or crafted. Re-save or re-download it.") from exc
     if not isinstance(header, dict):
         raise CorruptCheckpointError(path, "its safetensors header is not a JSON object: the file is damaged. "
                                            "Re-save or re-download it.")
@@ -72,10 +75,10 @@ def parse_tensors(path: str, header: dict[str, Any], data_start: int, size: int)
         if not valid:
             raise CorruptCheckpointError(path, f"its safetensors header gives tensor {name!r} a negative or "
                                                "non-integer shape or offset: the file is damaged. Re-save it.")
-        dtype = SAFETENSORS_DTYPES.get(dtype_name)
+        dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         if dtype is None:
-            raise CorruptCheckpointError(path, f"tensor {name!r} has safetensors dtype {dtype_name!r}, which this "
-                                               f"torch {torch.__version__} has no dtype for; upgrade torch or "
+            raise CorruptCheckpointError(path, f"tensor {name!r} has safetensors dtype {str(dtype_name)[:40]!r}, which "
+                                               f"this torch {torch.__version__} has no dtype for; upgrade torch or "
                                                "convert the tensor.")
         expected = _prod(shape) * dtype.itemsize
         if end < begin or end - begin != expected:
