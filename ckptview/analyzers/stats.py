@@ -140,7 +140,12 @@ class StatsResult:
             flags[outlier.name].append(outlier.check)
         rows = [stats_row(item) | {"outliers": ", ".join(flags.get(item.name, ())), "skipped": item.skipped}
                 for item in self.tensors]
-        return pd.DataFrame(rows)
+        # columns named even without rows: a file of no tensors (a vocab-only GGUF) still has a table
+        return pd.DataFrame(rows, columns=[*_ROW_FIELDS, "outliers", "skipped"])
+
+
+_ROW_FIELDS = ("name", "dtype", "shape", "numel", "min", "max", "mean", "std", "abs_max", "l2_norm", "zero_fraction",
+               "nan_count", "inf_count", "posinf_count", "neginf_count")
 
 
 def stats_row(item: TensorStats) -> dict[str, Any]:
