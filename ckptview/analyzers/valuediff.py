@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ckptview.analyzers.keydiff import KeyDiff, key_diff, state_dict_of
-from ckptview.readers.model import ScratchBuffers, TensorEntry, gc_paused
+from ckptview.readers.model import ScratchBuffers, TensorEntry, gc_paused, repeated_view
 
 __all__ = [
     "TensorChange", "GroupChange", "ValueDiff", "Diff", "value_diff", "diff",
@@ -114,11 +114,13 @@ class ValueDiff:
         tensors: one `TensorChange` per compared tensor, in the left side's key order.
         ignored: keys skipped by the ignore patterns.
         complete: False when the comparison was cancelled; `tensors` then holds the finished ones.
+        unreadable: keys whose data one side cannot give (a NumPy object array, a meta tensor): not compared.
     """
 
     tensors: tuple[TensorChange, ...]
     ignored: tuple[str, ...]
     complete: bool = True
+    unreadable: tuple[str, ...] = ()
 
     def changed(self) -> tuple[TensorChange, ...]:
         """The tensors that differ at all (values or NaNs)."""
@@ -249,7 +251,9 @@ def value_diff(a: Mapping[str, Any], b: Mapping[str, Any], *, ignore: Sequence[s
         >>> [t.key for t in changes.changed()][:3]
     """
     ignored = tuple(key for key in a if key in b and any(fnmatch.fnmatchcase(key, p) for p in ignore))
-    skip = set(ignored)
+    unreadable = tuple(key for key in a if key in b and key not in ignored
+                       and (_unreadable(a[key]) or _unreadable(b[key])))
+    skip = set(ignored) | set(unreadable)
     pairs = [(key, a[key], b[key]) for key in a
              if key in b and key not in skip and tuple(a[key].shape) == tuple(b[key].shape)]
     total = sum(_nbytes(x) + _nbytes(y) for _, x, y in pairs)
@@ -306,7 +310,11 @@ def value_diff(a: Mapping[str, Any], b: Mapping[str, Any], *, ignore: Sequence[s
     if errors:
         raise errors[0]
     complete = len(results) == len(pairs)
-    return ValueDiff(tuple(results[key] for key, _, _ in pairs if key in results), ignored, complete)
+    return ValueDiff(tuple(results[key] for key, _, _ in pairs if key in results), ignored, complete, unreadable)
+
+
+def _unreadable(value: Any) -> bool:
+    return isinstance(value, TensorEntry) and (value.layout in ("unsupported", "meta") or bool(repeated_view(value.info)))
 
 
 def _nbytes(value: Any) -> int:

@@ -1,0 +1,196 @@
+"""NumPy .npy and .npz files written by numpy.save / savez / savez_compressed, read by ckptview."""
+
+from __future__ import annotations
+
+import struct
+import tracemalloc
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ckptview
+from ckptview.errors import CkptviewError, CorruptCheckpointError, TensorDataError
+from format_checks import check_every_command, check_every_tab, cli
+
+
+def arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "weight": rng.standard_normal((64, 32)).astype(np.float32),
+        "half": rng.standard_normal(100).astype(np.float16),
+        "ids": np.arange(50, dtype=np.int64),
+        "big_endian": np.arange(12, dtype=">f8").reshape(3, 4),
+        "fortran": np.asfortranarray(rng.standard_normal((5, 7))),
+        "flags": rng.random(9) > 0.5,
+        "long": rng.standard_normal(70_000).astype(np.float32),
+        "objects": np.array([{"a": 1}, None, "text"], dtype=object),
+        "words": np.array(["ab", "c"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("numpy")
+    data = arrays()
+    np.save(folder / "weight.npy", data["weight"])
+    np.save(folder / "fortran.npy", data["fortran"])
+    np.save(folder / "objects.npy", data["objects"], allow_pickle=True)
+    np.savez(folder / "stored.npz", **data)
+    np.savez_compressed(folder / "deflated.npz", **data)
+    return {name: folder / name for name in ("weight.npy", "fortran.npy", "objects.npy", "stored.npz", "deflated.npz")}
+
+
+def expected_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("=")))
+
+
+@pytest.mark.parametrize("name", ["stored.npz", "deflated.npz"])
+def test_npz_names_shapes_dtypes_and_values_equal_numpy(files: dict[str, Path], name: str) -> None:
+    with np.load(files[name], allow_pickle=False) as reference, ckptview.open(files[name]) as ckpt:
+        assert ckpt.format == "npz"
+        assert [e.name for e in ckpt.tensors()] == reference.files
+        for key in reference.files:
+            entry = ckpt.tensor(key)
+            if key in ("objects", "words"):
+                continue
+            array = reference[key]
+            assert entry.shape == array.shape
+            assert entry.dtype == expected_tensor(array).dtype
+            assert entry.layout == ("encoded" if name == "deflated.npz" else "strided")
+            assert torch.equal(entry.load(), expected_tensor(array)), key
+            # 1000-byte chunks split float64 and float32 elements' runs mid-read of the inflater
+            assert torch.equal(torch.cat(list(entry.iter_chunks(1000))), expected_tensor(array).reshape(-1)), key
+
+
+def test_deflated_members_stream_with_bounded_memory(files: dict[str, Path]) -> None:
+    with ckptview.open(files["deflated.npz"]) as ckpt:
+        entry = ckpt.tensor("long")
+        assert entry.encoding == "deflate" and entry.nbytes < 70_000 * 4
+        tracemalloc.start()
+        try:
+            count = sum(chunk.numel() for chunk in entry.iter_chunks(4096))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert count == 70_000 and peak < 3 << 20  # the member inflates to 280 KB; chunks of 4 KB and 1 MB reads
+
+
+def test_npy_files_are_read_in_place(files: dict[str, Path]) -> None:
+    for name in ("weight.npy", "fortran.npy"):
+        array = np.load(files[name])
+        with ckptview.open(files[name]) as ckpt:
+            (entry,) = ckpt.tensors()
+            assert ckpt.format == "npy" and entry.layout == "strided"
+            assert entry.shape == array.shape and entry.info.storage is not None
+            assert torch.equal(entry.load(), torch.from_numpy(array))
+            assert ckpt.details["fortran_order"] == (name == "fortran.npy")
+
+
+@pytest.mark.parametrize("name", ["objects.npy", "stored.npz", "deflated.npz"])
+def test_object_arrays_are_listed_and_never_unpickled(files: dict[str, Path], name: str) -> None:
+    with ckptview.open(files[name]) as ckpt:
+        entry = ckpt.tensors()[0] if name.endswith(".npy") else ckpt.tensor("objects")
+        assert entry.encoding == "object" and entry.shape == (3,)
+        row = next(r for r in ckptview.tensor_table(ckpt).rows if r.name == entry.name)
+        assert row.encoding == "object"
+        with pytest.raises(TensorDataError, match="pickled Python objects.*can run any code"):
+            entry.load()
+        assert ckptview.stats(ckpt, progress=False)[entry.name].skipped
+        if name.endswith(".npz"):
+            assert ckpt.tensor("words").encoding == "<U2"
+
+
+def test_every_command_and_tab_runs(files: dict[str, Path]) -> None:
+    for name in ("weight.npy", "deflated.npz"):
+        info = check_every_command(files[name])
+        assert info["format"] == name.rsplit(".", 1)[1]
+        check_every_tab(files[name])
+    assert {m["name"]: m["compression"] for m in info["details"]["members"]}["long"] == "deflated"
+
+
+def test_npy_header_claiming_2_60_elements_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "huge.npy"
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1152921504606846976,), }"
+    header += " " * (-(len(header) + 11) % 64) + "\n"
+    content = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + bytes(64)
+    path.write_bytes(content)
+    with pytest.raises(CorruptCheckpointError, match="claims shape \\[1152921504606846976\\]") as caught:
+        ckptview.open(path)
+    assert "\n" not in str(caught.value)
+    code, _, err = cli("info", str(path))
+    assert code == 1 and err.count("\n") == 1
+    assert path.read_bytes() == content
+
+
+def _deflated_member(name: str, payload: bytes, declared: int | None = None) -> bytes:
+    """A one-member zip whose member is `payload` deflated; its directory may declare another size."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    data = compressor.compress(payload) + compressor.flush()
+    size = len(payload) if declared is None else declared
+    crc = zlib.crc32(payload)
+    local = struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, 8, 0, 0, crc, len(data), size, len(name), 0)
+    central = struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, 8, 0, 0, crc, len(data), size,
+                          len(name), 0, 0, 0, 0, 0, 0)
+    body = local + name.encode() + data
+    directory = central + name.encode()
+    end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 1, 1, len(directory), len(body), 0)
+    return body + directory + end
+
+
+def _npy_bytes(shape: tuple[int, ...]) -> bytes:
+    header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape!r}, }}"
+    header += " " * (-(len(header) + 11) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode()
+
+
+def test_npz_zip_bomb_member_is_refused_at_open(tmp_path: Path) -> None:
+    # 1 GiB of zeros behind a header for as many float32s: deflate packs it ~1000:1, the directory
+    # is told a size far past that ratio
+    path = tmp_path / "bomb.npz"
+    payload = _npy_bytes((1 << 28,)) + bytes(1 << 20)
+    content = _deflated_member("w.npy", payload, declared=(1 << 30) + len(payload))
+    path.write_bytes(content)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptCheckpointError, match="more than deflate can produce") as caught:
+            ckptview.open(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "\n" not in str(caught.value) and peak < 16 << 20
+    code, _, err = cli("info", str(path))
+    assert code == 1 and err.count("\n") == 1 and path.read_bytes() == content
+
+
+def test_npz_member_inflating_past_its_declared_size_stops(tmp_path: Path) -> None:
+    # the directory says 4,096 float32s; the member holds 300,000 (within deflate's ratio of its size)
+    path = tmp_path / "liar.npz"
+    header = _npy_bytes((4096,))
+    payload = header + np.random.default_rng(0).standard_normal(300_000).astype(np.float32).tobytes()
+    path.write_bytes(_deflated_member("w.npy", payload, declared=len(header) + 4096 * 4))
+    with ckptview.open(path) as ckpt:
+        entry = ckpt.tensor("w")
+        for read in (entry.load, lambda: list(entry.iter_chunks(1024))):
+            with pytest.raises(CorruptCheckpointError, match="inflates to more than"):
+                read()
+
+
+def test_every_cut_of_an_npz_is_refused_or_reads_whole(files: dict[str, Path], tmp_path: Path) -> None:
+    content = files["deflated.npz"].read_bytes()
+    path = tmp_path / "cut.npz"
+    for cut in range(100, len(content), 997):
+        path.write_bytes(content[:cut])
+        try:
+            with ckptview.open(path) as ckpt:
+                for entry in ckpt.tensors():
+                    if entry.layout != "unsupported":
+                        entry.load()
+        except CkptviewError as exc:
+            assert "\n" not in str(exc)
+            continue
+        with zipfile.ZipFile(path) as archive:  # only a cut that leaves a whole archive may open
+            assert archive.testzip() is None
