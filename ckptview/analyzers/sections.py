@@ -49,6 +49,8 @@ _EXPLANATIONS = {
     "callbacks": "PyTorch Lightning callback states (checkpointing, early stopping, ...)",
     "loops": "PyTorch Lightning loop states (where fit/validate were in their epochs and batches)",
     "metadata": "other values saved beside the model",
+    "script_attribute": "a plain tensor attribute of the TorchScript module (a cache or table its code keeps): not part "
+                        "of state_dict(), so load_state_dict neither needs nor restores it",
 }
 
 
@@ -82,7 +84,7 @@ def find_sections(checkpoint: Checkpoint) -> tuple[Section, ...]:
 def _find(checkpoint: Checkpoint) -> list[Section]:
     root = checkpoint.root
     if checkpoint.format == "torchscript":
-        return [Section("torchscript", (), _EXPLANATIONS["torchscript"], checkpoint.tensor_count)]
+        return _script_sections(checkpoint)
     if isinstance(root, PickledObject) and root.is_module():
         return [Section("module", (), _EXPLANATIONS["module"], checkpoint.tensor_count)]
     if _is_state_dict(root):
@@ -90,6 +92,15 @@ def _find(checkpoint: Checkpoint) -> list[Section]:
     sections: list[Section] = []
     _classify(root, (), sections, top=True)
     return sections
+
+
+def _script_sections(checkpoint: Checkpoint) -> list[Section]:
+    # the reader found which tensor attributes the archive's code lists as neither parameter nor buffer
+    attributes = [tuple(path) for path in checkpoint.details.get("script_attributes", ())]
+    counts = [sum(1 for _ in walk_tensors(checkpoint.get(path))) for path in attributes]
+    return [Section("torchscript", (), _EXPLANATIONS["torchscript"], checkpoint.tensor_count - sum(counts))] + [
+        Section("script_attribute", path, _EXPLANATIONS["script_attribute"], count)
+        for path, count in zip(attributes, counts)]
 
 
 def _kind_of(key: Any, node: Any) -> str | None:
@@ -170,8 +181,13 @@ def model_state_dict(checkpoint: Checkpoint, section: Section | None = None) -> 
     if section is None:
         return {entry.name: entry for entry in checkpoint.tensors()}
     node = checkpoint.get(section.path)
+    depth = len(section.path)
+    # sections nested inside this one (a TorchScript module's plain tensor attributes) are not its state
+    nested = {s.path[depth:] for s in find_sections(checkpoint) if len(s.path) > depth and s.path[:depth] == section.path}
     entries = {}
     for path, info in walk_tensors(node):
+        if nested and any(path[:len(inner)] == inner for inner in nested):
+            continue
         name = dotted_name(path)
         entries[name] = TensorEntry(name, info, section.path + path)
     return entries

@@ -54,7 +54,7 @@ class TensorRow:
     leaf: str                 # last name part ("weight", "running_mean", ...)
     layer_kind: str           # "Linear", "Conv2d", "Embedding", "BatchNorm", "attention.q", ...; "" when unknown
     layer_detail: str         # the shape read as that layer ("3072×768 (out×in)"); "" when unknown
-    role: str                 # "parameter" or "buffer"
+    role: str                 # "parameter", "buffer", or "attribute" (a TorchScript module's plain tensor attribute)
     shape: tuple[int, ...]
     dtype: torch.dtype
     numel: int
@@ -152,7 +152,7 @@ def _build(ckpt: Checkpoint) -> TensorTable:
             leaf=leaf,
             layer_kind=kind,
             layer_detail=detail,
-            role=tensor_role(entry, leaf),
+            role="attribute" if section is not None and section.kind == "script_attribute" else tensor_role(entry, leaf),
             shape=entry.shape,
             dtype=entry.dtype,
             numel=entry.numel,
@@ -171,7 +171,7 @@ def _build(ckpt: Checkpoint) -> TensorTable:
             continue
         if row.role == "parameter":
             parameters += row.numel
-        else:
+        elif row.role == "buffer":
             buffers += row.numel
         name = str(row.dtype).removeprefix("torch.")
         dtype_numel[name] += row.numel

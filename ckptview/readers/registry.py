@@ -123,6 +123,18 @@ def _is_npz(probe: Probe) -> bool:
     return bool(names) and all(name.endswith(".npy") for name in names)
 
 
+def _is_torchscript(probe: Probe) -> bool:
+    # torch.save writes data.pkl first and jit.save its tensors first: only an archive not opening
+    # with data.pkl costs reading the zip's directory for its constants.pkl and code/ files.
+    head = probe.head
+    if not head.startswith(ZIP_MAGIC) or len(head) < 30:
+        return False
+    (name_length,) = struct.unpack("<H", head[26:28])
+    if head[30:30 + name_length].endswith(b"data.pkl"):
+        return False
+    return any(name.endswith("/constants.pkl") or "/code/" in name for name in probe.zip_names)
+
+
 TENSORRT_SIGNATURES = (b"ptrt", b"ftrt")  # as netron's source/tensorrt.js recognises engines
 
 
@@ -174,15 +186,18 @@ FORMATS: list[Format] = [
                 "recognised and explained: compiled kernels for one GPU and TensorRT version hold no weight table; "
                 "open the ONNX or checkpoint it was built from"),
            )),
-    Format("torch-zip", "torch.save files (.pt/.pth/.bin/.ckpt, zip or legacy), TorchScript archives",
+    Format("torchscript", "TorchScript archives", _is_torchscript, "ckptview.readers.torchscript:read_torchscript", (
+        ("TorchScript (`torch.jit.save`)",
+         "weights listed from the archive, plain tensor attributes told apart by the code's `__parameters__`/"
+         "`__buffers__`; `trust=True` loads it to show modules and `forward` code"),
+    )),
+    Format("torch-zip", "torch.save files (.pt/.pth/.bin/.ckpt, zip or legacy)",
            _is_zip, "ckptview.readers.torch_pickle:read_torch_zip", (
                ("`torch.save` zip (`.pt .pth .bin .ckpt .pth.tar`, torch ≥ 1.6)",
                 "parses `data.pkl` with an allow-listed unpickler; tensor bytes stay in the archive until asked for"),
                ("PyTorch Lightning `.ckpt`",
                 "state dict, optimizer states, LR schedulers, loops, callbacks, `hyper_parameters` (Namespace/OmegaConf "
                 "shown by class and content, not imported)"),
-               ("TorchScript (`torch.jit.save`)",
-                "weights listed from the archive; `trust=True` loads it to show modules and `forward` code"),
                ("whole pickled `nn.Module` (`torch.save(model)`)",
                 "every module's class path and tensors, without importing the classes; `trust=True` loads it"),
            )),
