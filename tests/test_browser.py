@@ -221,3 +221,51 @@ def test_demo_notebook_in_voila(workdir: Path, page) -> None:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def gguf_notebook(workdir: Path) -> str:
+    """A notebook opening the explorer on a GGUF file of Q8_0, Q4_0, Q4_K and F16 tensors (tests/test_gguf.py)."""
+    import nbformat
+
+    from test_gguf import write_model
+
+    path = write_model(workdir / "llama.gguf")
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f"import ckptview\nckptview.explore({str(path)!r})")])
+    notebook.metadata["kernelspec"] = json.loads((ROOT / "notebooks" / "explore.ipynb").read_text())["metadata"]["kernelspec"]
+    nbformat.write(notebook, workdir / "gguf.ipynb")
+    return "gguf.ipynb"
+
+
+def test_explorer_on_a_gguf_file(lab: str, gguf_notebook: str, page) -> None:
+    page.goto(lab.replace("explore.ipynb", gguf_notebook))
+    page.wait_for_selector(".jp-Notebook", timeout=60_000)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], #jp-main-statusbar :text('Idle')",
+                           timeout=60_000)
+    page.locator(".jp-Notebook .jp-Cell").first.click()
+    page.locator(".lm-MenuBar-item", has_text=re.compile("^Run$")).first.click()
+    page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+    explorer = page.locator(".ckptview-explorer").first
+    explorer.wait_for(timeout=90_000)
+    page.get_by_text("parameters by module").first.wait_for(timeout=30_000)
+    overview = explorer.inner_text()
+    assert "llama.gguf" in overview and "gguf" in overview and "error" not in overview.lower()
+    assert "tokenizer.ggml.tokens" in overview and "300 × string" in overview  # the metadata table
+    page.screenshot(path=str(ARTIFACTS / "lab-gguf-overview.png"), full_page=True)
+
+    tab(explorer, "Tensors").click()
+    regex = explorer.locator("input[placeholder^='name regex']")
+    regex.fill(r"attn_v")
+    regex.press("Enter")
+    explorer.get_by_text("rows 1–3 of 3").wait_for(timeout=30_000)
+    explorer.locator(".ckptview-rows select").select_option(index=0)
+    page.get_by_text("histogram of blk.0.attn_v.weight").first.wait_for(timeout=30_000)
+    text = explorer.inner_text()
+    assert "Q4_K" in text and "attention.v" in text and "float32 (stored as Q4_K)" in text
+    page.screenshot(path=str(ARTIFACTS / "lab-gguf-tensors.png"), full_page=True)
+
+    tab(explorer, "Statistics").click()
+    explorer.get_by_text("findings on").wait_for(timeout=60_000)
+    assert 'class="ckptview-banner-error"' not in explorer.inner_html()
+    page.get_by_text("per-tensor std and abs-max by depth").first.wait_for(timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "lab-gguf-statistics.png"), full_page=True)
