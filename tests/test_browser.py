@@ -224,6 +224,64 @@ def test_demo_notebook_in_voila(workdir: Path, page) -> None:
 
 
 @pytest.fixture(scope="module")
+def onnx_notebook(workdir: Path) -> str:
+    """A notebook opening the explorer on an ONNX export of the demo CNN (BatchNorm nodes kept)."""
+    import contextlib
+    import io
+    import warnings
+
+    import nbformat
+    import torch
+
+    from conftest import SmallCNN, train_a_few_steps
+
+    torch.manual_seed(0)
+    model = SmallCNN()
+    train_a_few_steps(model)
+    path = workdir / "cnn.onnx"
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.randn(1, 3, 16, 16),), str(path), dynamo=True, optimize=False,
+                          external_data=False)
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f"import ckptview\nckptview.explore({str(path)!r})")])
+    # the demo notebook's kernel, so JupyterLab starts it instead of asking which one
+    notebook.metadata["kernelspec"] = json.loads((ROOT / "notebooks" / "explore.ipynb").read_text())["metadata"]["kernelspec"]
+    nbformat.write(notebook, workdir / "onnx.ipynb")
+    return "onnx.ipynb"
+
+
+def test_explorer_on_an_onnx_file(lab: str, onnx_notebook: str, page) -> None:
+    page.goto(lab.replace("explore.ipynb", onnx_notebook))
+    page.wait_for_selector(".jp-Notebook", timeout=60_000)
+    # the kernel named in the status bar and idle: before that a run request can be dropped
+    page.wait_for_selector("#jp-main-statusbar :text('Python 3 (ipykernel) | Idle')", timeout=60_000)
+    page.locator(".jp-Notebook .jp-Cell").first.click()
+    page.keyboard.press("Shift+Enter")
+    explorer = page.locator(".ckptview-explorer").first
+    explorer.wait_for(timeout=90_000)
+    page.get_by_text("parameters by module").first.wait_for(timeout=30_000)
+    header = explorer.inner_text()
+    assert "cnn.onnx" in header and "onnx" in header and "error" not in header.lower()
+    page.screenshot(path=str(ARTIFACTS / "lab-onnx-overview.png"))
+
+    tab(explorer, "Tensors").click()
+    regex = explorer.locator("input[placeholder^='name regex']")
+    regex.fill(r"^bn1\.")
+    regex.press("Enter")
+    explorer.get_by_text("rows 1–4 of 4").wait_for(timeout=30_000)
+    explorer.locator(".ckptview-rows select").select_option(index=0)
+    page.get_by_text("histogram of bn1.").first.wait_for(timeout=30_000)
+    assert "BatchNorm" in explorer.inner_text()
+    page.screenshot(path=str(ARTIFACTS / "lab-onnx-tensors.png"))
+
+    tab(explorer, "Statistics").click()
+    explorer.get_by_text("findings on").wait_for(timeout=60_000)
+    assert 'class="ckptview-banner-error"' not in explorer.inner_html()
+    page.get_by_text("per-tensor std and abs-max by depth").first.wait_for(timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "lab-onnx-statistics.png"))
+
+
+@pytest.fixture(scope="module")
 def gguf_notebook(workdir: Path) -> str:
     """A notebook opening the explorer on a GGUF file of Q8_0, Q4_0, Q4_K and F16 tensors (tests/test_gguf.py)."""
     import nbformat
