@@ -5,6 +5,7 @@ optimizer state, schedulers, AMP scalers, training progress, hyper-parameters, m
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -72,8 +73,15 @@ def _is_grad_scaler(node: Any) -> bool:
     return isinstance(node, Mapping) and "scale" in node and "growth_factor" in node
 
 
-def _tensor_count(node: Any) -> int:
-    return sum(1 for _ in walk_tensors(node))
+def _tensor_counts(checkpoint: Checkpoint) -> Counter[tuple[Any, ...]]:
+    """Tensors under each path down to the depth sections are looked for, from one walk of the tree
+    (counting each candidate subtree with a walk of its own cost time quadratic in a deep file)."""
+    counts: Counter[tuple[Any, ...]] = Counter()
+    for entry in checkpoint.tensors():
+        path = entry.path
+        for depth in range(1, min(len(path), _MAX_SECTION_DEPTH + 2) + 1):
+            counts[path[:depth]] += 1
+    return counts
 
 
 def find_sections(checkpoint: Checkpoint) -> tuple[Section, ...]:
@@ -90,7 +98,7 @@ def _find(checkpoint: Checkpoint) -> list[Section]:
     if _is_state_dict(root):
         return [Section("state_dict", (), _EXPLANATIONS["state_dict"], checkpoint.tensor_count)]
     sections: list[Section] = []
-    _classify(root, (), sections, top=True)
+    _classify(root, (), sections, _tensor_counts(checkpoint), top=True)
     return sections
 
 
@@ -129,7 +137,8 @@ def _kind_of(key: Any, node: Any) -> str | None:
 _MAX_SECTION_DEPTH = 16  # sections sit near the root; deeper nesting is data, not structure
 
 
-def _classify(node: Any, path: tuple[Any, ...], out: list[Section], *, top: bool) -> None:
+def _classify(node: Any, path: tuple[Any, ...], out: list[Section], counts: Counter[tuple[Any, ...]], *,
+              top: bool) -> None:
     children = children_of(node)
     if children is None or len(path) > _MAX_SECTION_DEPTH:
         return
@@ -138,7 +147,8 @@ def _classify(node: Any, path: tuple[Any, ...], out: list[Section], *, top: bool
         kind = _kind_of(key, child)
         if kind is None and isinstance(child, (list, tuple)) and child and all(_is_optimizer(c) for c in child):
             for index, item in enumerate(child):
-                out.append(Section("optimizer", child_path + (index,), _EXPLANATIONS["optimizer"], _tensor_count(item)))
+                out.append(Section("optimizer", child_path + (index,), _EXPLANATIONS["optimizer"],
+                                   counts[child_path + (index,)]))
             continue
         if kind is None and isinstance(child, (list, tuple)) and child and all(_is_scheduler(c) or
                                                                              (isinstance(c, Mapping) and _is_scheduler(c.get("scheduler")))
@@ -146,9 +156,9 @@ def _classify(node: Any, path: tuple[Any, ...], out: list[Section], *, top: bool
             out.append(Section("scheduler", child_path, _EXPLANATIONS["scheduler"], 0))
             continue
         if kind is not None:
-            out.append(Section(kind, child_path, _EXPLANATIONS[kind], _tensor_count(child)))
-        elif _tensor_count(child):
-            _classify(child, child_path, out, top=False)
+            out.append(Section(kind, child_path, _EXPLANATIONS[kind], counts[child_path]))
+        elif counts[child_path]:
+            _classify(child, child_path, out, counts, top=False)
         elif top:
             out.append(Section("metadata", child_path, _EXPLANATIONS["metadata"], 0))
 

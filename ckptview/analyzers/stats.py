@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ckptview.analyzers.table import tensor_table
-from ckptview.readers.model import Checkpoint, ScratchBuffers, TensorEntry, gc_paused, view_identity
+from ckptview.readers.model import Checkpoint, ScratchBuffers, TensorEntry, gc_paused, repeated_view, view_identity
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -466,7 +466,7 @@ def _unsupported(entry: TensorEntry) -> str:
         return "complex dtype: statistics are computed for real tensors only"
     if entry.info.storage is None:
         return "no stored data"
-    return ""
+    return repeated_view(entry.info)
 
 
 def _empty(entry: TensorEntry, skipped: str) -> TensorStats:

@@ -102,12 +102,20 @@ class _Builder:
         self.signature: Any = None
 
 
+MAX_TREE_DEPTH = 64  # module levels shown; deeper parts of a name stay in its leaf's name
+
+
 @gc_paused()  # tens of thousands of nodes, none of them garbage: collections would only slow the build
 def build_tree(table: TensorTable, fold_repeats: bool = True) -> ModuleTree:
     """The module tree of a tensor table (what `module_tree` returns; exposed for tables built elsewhere)."""
     root = _Builder()
     for row in table.rows:
         *modules, leaf = row.name.split(".")
+        if len(modules) > MAX_TREE_DEPTH:
+            # no model nests modules this deep; a file that claims to would make the tree's recursive
+            # build and its path strings cost time quadratic in the depth
+            leaf = ".".join(modules[MAX_TREE_DEPTH:] + [leaf])
+            modules = modules[:MAX_TREE_DEPTH]
         node = root
         for part in modules:
             child = node.children.get(part)

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ckptview.errors import CkptviewError
+from ckptview.errors import CkptviewError, printable
 
 _COMMAND_MODULES = (
     "ckptview.cli.inspect",
@@ -60,9 +60,26 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+class _TerminalSafe:
+    """stdout as the commands write it: control characters other than newline and tab (ANSI escapes
+    in a tensor name, say) are written as escapes, whatever a command forgot to escape itself."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if not text.isprintable():
+            text = "".join(char if char.isprintable() or char in "\n\t" else printable(char) for char in text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    stdout, sys.stdout = sys.stdout, _TerminalSafe(sys.stdout)
     try:
         return int(args.func(args) or 0)
     except CkptviewError as exc:
@@ -74,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `ckptview tensors big.pt | head`
         sys.stderr.close()
         return 0
+    finally:
+        sys.stdout = stdout
 
 
 if __name__ == "__main__":

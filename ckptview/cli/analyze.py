@@ -12,6 +12,7 @@ from ckptview.analyzers.batchnorm import BatchNormReport
 from ckptview.analyzers.stats import StatsResult, stats_row
 from ckptview.analyzers.tree import ModuleTree
 from ckptview.cli import add_path_command, print_json
+from ckptview.errors import printable
 from ckptview.present.text import human_bytes, human_count, text_table
 
 
@@ -45,7 +46,7 @@ def render_stats(result: StatsResult) -> str:
                         align_right=(2, 3, 4, 5, 6, 7, 8, 9))]
     if result.outliers:
         lines.append(f"\n{len(result.outliers)} outlier(s):")
-        lines.extend(f"  {o.name}: {o.check}: {o.message}" for o in result.outliers)
+        lines.extend(printable(f"  {o.name}: {o.check}: {o.message}") for o in result.outliers)
     return "\n".join(lines)
 
 
@@ -70,7 +71,7 @@ def render_batchnorm(report: BatchNormReport) -> str:
     for severity in ("error", "warning", "info", "ok"):
         for finding in (f for f in report.findings if f.severity == severity):
             where = f" {finding.module}" if finding.module else ""
-            lines.append(f"[{severity}] {finding.check}{where}: {finding.message}")
+            lines.append(printable(f"[{severity}] {finding.check}{where}: {finding.message}"))
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from ckptview.analyzers.doctor import doctor as run_doctor
 from ckptview.analyzers.keydiff import compress_keys
 from ckptview.analyzers.valuediff import IGNORE_BN_STATS, IGNORE_EMA, diff as run_diff
 from ckptview.cli import print_json
+from ckptview.errors import printable
 from ckptview.present.text import human_count, shape_text, text_table
 
 _IGNORE_PRESETS = {"bn": IGNORE_BN_STATS, "ema": IGNORE_EMA}
@@ -126,7 +127,7 @@ def doctor(args: argparse.Namespace) -> int:
         data["saved"] = saved
         print_json(data)
         return 0
-    print(f"{args.path} into {args.model}:\n")
+    print(f"{printable(args.path)} into {printable(args.model)}:\n")
     print(report.summary())
     if report.leaves_missing:
         print("Left missing on purpose: " + ", ".join(compress_keys(report.leaves_missing)))

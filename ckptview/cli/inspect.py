@@ -10,6 +10,7 @@ import ckptview
 from ckptview.analyzers.sections import find_sections, pickled_modules
 from ckptview.analyzers.training import training_state
 from ckptview.cli import add_path_command, print_json
+from ckptview.errors import printable
 from ckptview.present.text import dtype_name, human_bytes, human_count, shape_text, text_table
 from ckptview.readers.model import Checkpoint
 
@@ -66,7 +67,7 @@ def info(args: argparse.Namespace) -> int:
     if args.json:
         print_json(data)
         return 0
-    print(f"{data['path']}")
+    print(printable(data["path"]))
     print(f"  format      {data['format']}, {human_bytes(data['file_size'])} on disk")
     print(f"  tensors     {data['tensor_count']:,} ({human_count(data['parameter_count'])} elements, "
           f"{human_bytes(data['total_bytes'])} of data)")
@@ -76,9 +77,9 @@ def info(args: argparse.Namespace) -> int:
         print("  saved on    " + ", ".join(data["devices"]))
     print(f"  code        {_safety_line(data)}")
     for problem in data["details"].get("problems", []):
-        print(f"  problem     {problem}")
+        print(f"  problem     {printable(problem)}")
     if data["metadata"]:
-        print("  metadata    " + ", ".join(f"{k}={v}" for k, v in list(data["metadata"].items())[:8]))
+        print("  metadata    " + printable(", ".join(f"{k}={v}" for k, v in list(data["metadata"].items())[:8])))
     print()
     rows = [(s["kind"], s["name"], s["tensor_count"], s["explanation"]) for s in data["sections"]]
     print(text_table(rows, ("section", "path", "tensors", "what it is"), align_right=(2,)))
@@ -131,16 +132,16 @@ def scan(args: argparse.Namespace) -> int:
             print_json({"path": ckpt.path, "format": ckpt.format, "needs_code": verdict, "imports": imports,
                         "torchscript_code": code_files})
         elif imports:
-            print(f"{ckpt.path}: the pickle imports {len(imports)} global(s) outside the allow-list; torch.load("
+            print(f"{printable(ckpt.path)}: the pickle imports {len(imports)} global(s) outside the allow-list; torch.load("
                   "weights_only=False) would import and may call them:")
             print(text_table([(i["name"], i["count"]) for i in imports], ("import", "uses"), align_right=(1,)))
             print("ckptview listed the file without running any of them. Load it with trust only if you trust its source.")
         elif ckpt.format == "torchscript":
-            print(f"{ckpt.path}: a TorchScript archive; torch.jit.load runs its code ({len(code_files)} files: "
+            print(f"{printable(ckpt.path)}: a TorchScript archive; torch.jit.load runs its code ({len(code_files)} files: "
                   + ", ".join(code_files[:5]) + ")")
         else:
-            print(f"{ckpt.path}: needs no foreign code ({ckpt.format}); safe to load with torch.load(weights_only=True)"
-                  if ckpt.format.startswith("torch") else f"{ckpt.path}: needs no foreign code ({ckpt.format})")
+            print(f"{printable(ckpt.path)}: needs no foreign code ({ckpt.format}); safe to load with torch.load(weights_only=True)"
+                  if ckpt.format.startswith("torch") else f"{printable(ckpt.path)}: needs no foreign code ({ckpt.format})")
     return EXIT_NEEDS_CODE if verdict else 0
 
 
@@ -161,7 +162,7 @@ def training(args: argparse.Namespace) -> int:
         })
         return 0
     if state.progress:
-        print("progress    " + ", ".join(f"{k}={v}" for k, v in state.progress.items()))
+        print("progress    " + printable(", ".join(f"{k}={v}" for k, v in state.progress.items())))
     if state.lightning:
         print(f"lightning   version {state.lightning['version']}, epoch {state.lightning['epoch']}, "
               f"global_step {state.lightning['global_step']}, callbacks: {', '.join(state.lightning['callbacks']) or 'none'}")
@@ -175,9 +176,9 @@ def training(args: argparse.Namespace) -> int:
                            ", ".join(f"{k} {shape_text(shape)}" for k, (shape, _) in p.tensors.items()))
                           for p in opt.params], ("id", "parameter", "step", "state")))
     for scheduler in state.schedulers:
-        print("\nscheduler   " + ", ".join(f"{k}={v}" for k, v in scheduler.items() if not str(k).startswith("_")))
+        print("\nscheduler   " + printable(", ".join(f"{k}={v}" for k, v in scheduler.items() if not str(k).startswith("_"))))
     if state.grad_scaler:
-        print("\ngrad scaler " + ", ".join(f"{k}={v}" for k, v in state.grad_scaler.items()))
+        print("\ngrad scaler " + printable(", ".join(f"{k}={v}" for k, v in state.grad_scaler.items())))
     for name, values in state.hyper_parameters.items():
         print(f"\n{name}: {values}")
     if not (state.optimizers or state.progress or state.hyper_parameters or state.schedulers):

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from ckptview.errors import printable
+
 
 def human_bytes(nbytes: float) -> str:
     """1536 -> '1.5 KiB'."""
@@ -37,7 +39,8 @@ def shape_text(shape: Sequence[int]) -> str:
 
 def text_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], *, align_right: Sequence[int] = ()) -> str:
     """An aligned plain-text table; columns listed in `align_right` (indices) are right-aligned."""
-    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    # cells hold names from files: escaped, so a name cannot move the cursor or add lines
+    cells = [[printable(c) for c in headers]] + [[printable(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for number, row in enumerate(cells):

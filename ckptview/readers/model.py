@@ -334,29 +334,43 @@ def _mapping_items(value: Any) -> Iterator[tuple[Any, Any]]:
 
 def children_of(node: Any) -> Iterator[tuple[Any, Any]] | None:
     """The (key, child) pairs of a container node, or None for a leaf."""
-    if isinstance(node, Mapping):
+    if isinstance(node, dict):  # the common case, ahead of the slower abstract-class check
         return iter(node.items())
     if isinstance(node, (list, tuple)):
         return iter(enumerate(node))
+    if isinstance(node, Mapping):
+        return iter(node.items())
     if isinstance(node, PickledObject):
         return node.children()
     return None
 
 
 def walk_tensors(root: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], TensorInfo]]:
-    """Every (path, TensorInfo) under `root`, depth first, in the file's order; cycles visited once."""
-    stack: list[tuple[tuple[Any, ...], Any]] = [(prefix, root)]
+    """
+    Every (path, TensorInfo) under `root`, depth first, in the file's order; cycles visited once.
+    Paths are kept as (parent, key) links and turned into tuples only at tensors, so the walk is
+    linear in the tree's size however deep a file nests it (100,000 nested lists included).
+    """
+    stack: list[tuple[Any, Any]] = [(None, root)]
     seen_containers: set[int] = set()
     while stack:
-        path, node = stack.pop()
+        link, node = stack.pop()
         if isinstance(node, TensorInfo):
-            yield path, node
+            yield prefix + _unlink(link), node
             continue
         children = children_of(node)
         if children is None or id(node) in seen_containers:
             continue
         seen_containers.add(id(node))
-        stack.extend(reversed([(path + (key,), child) for key, child in children]))
+        stack.extend(reversed([((link, key), child) for key, child in children]))
+
+
+def _unlink(link: Any) -> tuple[Any, ...]:
+    keys = []
+    while link is not None:
+        link, key = link
+        keys.append(key)
+    return tuple(reversed(keys))
 
 
 ROOT_NAME = "<root>"  # the name of a tensor saved on its own (torch.save(tensor)): it has no path
@@ -531,6 +545,24 @@ def view_identity(info: TensorInfo) -> Any:
 
 # --- reading tensor data -------------------------------------------------------------------------
 
+# A view may repeat its stored elements (stride 0, overlapping strides: torch.expand). Reading one
+# that presents this many more elements than it stores costs time out of all proportion to the file.
+_REPEAT_FACTOR_LIMIT = 16
+_REPEATED_ELEMENTS_LIMIT = 1 << 24
+
+
+def repeated_view(info: TensorInfo) -> str:
+    """Why the view is too repetitive to stream in full (empty when it is not): a 256 KiB storage
+    can be viewed as 4 billion elements, which statistics or a diff would have to visit one by one."""
+    if info.layout != "strided" or info.storage is None or info.numel <= _REPEATED_ELEMENTS_LIMIT:
+        return ""
+    stored = _span_elements(info)
+    if info.numel <= stored * _REPEAT_FACTOR_LIMIT:
+        return ""
+    return (f"a view that repeats its {stored:,} stored elements to show {info.numel:,} (stride "
+            f"{list(info.stride)}): skipped, reading it would visit every repeat")
+
+
 def _span_elements(info: TensorInfo) -> int:
     """Elements from the first to the last one the view touches, inclusive."""
     if info.numel == 0:
@@ -641,16 +673,34 @@ class ScratchBuffers:
         return buffer[:count]
 
 
+def _strided_chunks(view: torch.Tensor, step: int) -> Iterator[torch.Tensor]:
+    """The elements of `view` in memory order, at most `step` at a time, copying one block of rows
+    at a time: a view that repeats its storage is never made contiguous whole."""
+    if view.numel() <= step or view.dim() <= 1:
+        flat = view.reshape(-1)
+        for start in range(0, flat.numel(), step):
+            yield flat[start : start + step]
+        return
+    inner = view[0].numel()
+    if inner == 0:
+        return
+    if inner <= step:
+        rows = step // inner
+        for start in range(0, view.shape[0], rows):
+            yield view[start : start + rows].reshape(-1)
+        return
+    for row in view:
+        yield from _strided_chunks(row, step)
+
+
 def iter_tensor_chunks(info: TensorInfo, name: str, chunk_bytes: int, *, reuse_buffer: bool,
                        buffer: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     if info.layout == "encoded" and info.decode_chunks is not None:
         yield from info.decode_chunks(chunk_bytes)
         return
     if info.layout != "strided" or info.storage is None or not info.is_contiguous():
-        flat = load_tensor(info, name).reshape(-1)
-        step = max(1, chunk_bytes // max(1, flat.element_size()))
-        for start in range(0, flat.numel(), step):
-            yield flat[start : start + step]
+        tensor = load_tensor(info, name)
+        yield from _strided_chunks(tensor, max(1, chunk_bytes // max(1, tensor.element_size())))
         return
     itemsize = info.dtype.itemsize
     step = max(1, chunk_bytes // itemsize)

@@ -1,0 +1,283 @@
+"""
+Hostile files of the kinds an attacker would write, made from real torch.save / safetensors output
+and hand-assembled pickle opcodes. Shared by tests/test_hostile_round2.py and the fuzzer
+(tests/fuzz.py) as seeds. Every payload global names a command that would create a marker file,
+so a test can also check that nothing ran.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import struct
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+# --- pickle opcodes -----------------------------------------------------------------------------
+
+def text(value: str) -> bytes:
+    """SHORT_BINUNICODE / BINUNICODE of `value`."""
+    data = value.encode("utf-8")
+    return (b"\x8c" + bytes([len(data)]) if len(data) < 256 else b"X" + struct.pack("<I", len(data))) + data
+
+
+def global_op(module: str, name: str) -> bytes:
+    """GLOBAL: `c module\\n name\\n`."""
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def stack_global(module: str, name: str) -> bytes:
+    """STACK_GLOBAL (protocol 4), where `name` may be dotted: pickle resolves it attribute by attribute."""
+    return text(module) + text(name) + b"\x93"
+
+
+def call_and_drop(callable_ops: bytes, argument: str) -> bytes:
+    """Push a global, call it with one string argument, drop the result: the classic payload."""
+    return callable_ops + text(argument) + b"\x85R0"
+
+
+def body(value: object) -> bytes:
+    """The opcodes of `pickle.dumps(value, 2)` between PROTO and STOP."""
+    data = pickle.dumps(value, protocol=2)
+    assert data[:2] == b"\x80\x02" and data[-1:] == b"."
+    return data[2:-1]
+
+
+def payload_then(value: object, marker: Path, *, protocol: int = 2, global_ops: bytes | None = None) -> bytes:
+    """A pickle that runs `os.system("touch marker")` and then evaluates to `value`."""
+    command = global_ops or global_op("os", "system")
+    return b"\x80" + bytes([protocol]) + call_and_drop(command, f"touch {marker}") + body(value) + b"."
+
+
+# --- torch.save output, taken apart --------------------------------------------------------------
+
+def saved_zip(obj: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def saved_legacy(obj: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer, _use_new_zipfile_serialization=False)
+    return buffer.getvalue()
+
+
+def legacy_pickles(data: bytes) -> list[bytes]:
+    """A legacy file split into magic, protocol, sys-info, data, keys pickles and the raw storages."""
+    stream = io.BytesIO(data)
+    parts, start = [], 0
+
+    class Loader(pickle.Unpickler):
+        def persistent_load(self, saved_id: object) -> object:
+            return None
+
+        def find_class(self, module: str, name: str) -> object:
+            return lambda *args, **kwargs: None
+
+    for _ in range(5):
+        Loader(stream).load()
+        parts.append(data[start:stream.tell()])
+        start = stream.tell()
+    parts.append(data[start:])
+    return parts
+
+
+def zip_members(data: bytes) -> list[tuple[str, bytes]]:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        return [(info.filename, archive.read(info)) for info in archive.infolist()]
+
+
+def write_zip(path: Path, members: list[tuple[str, bytes]], compression: int = zipfile.ZIP_STORED) -> Path:
+    with zipfile.ZipFile(path, "w", compression=compression) as archive:
+        for name, data in members:
+            archive.writestr(zipfile.ZipInfo(name), data, compress_type=compression)
+    return path
+
+
+def replace_member(members: list[tuple[str, bytes]], suffix: str, data: bytes) -> list[tuple[str, bytes]]:
+    return [(name, data if name.endswith(suffix) else old) for name, old in members]
+
+
+# --- the families ------------------------------------------------------------------------------
+
+def legacy_side_pickle(tmp: Path, position: int, marker: Path) -> Path:
+    """A legacy torch file whose magic (0), protocol (1), sys-info (2) or storage-key (4) pickle
+    carries the payload; the rest is a real torch.save file."""
+    parts = legacy_pickles(saved_legacy({"w": torch.arange(4.0)}))
+    values = [LEGACY_MAGIC, 1001, pickle.loads(parts[2]), None, pickle.loads(parts[4])]
+    parts[position] = payload_then(values[position], marker)
+    path = tmp / f"legacy-side-{position}.pt"
+    path.write_bytes(b"".join(parts))
+    return path
+
+
+def zip_duplicate_data_pkl(tmp: Path, marker: Path, evil_first: bool) -> Path:
+    """Two members named .../data.pkl: torch's reader and Python's zipfile each pick one."""
+    members = zip_members(saved_zip({"w": torch.arange(4.0)}))
+    data_name, benign = next((n, d) for n, d in members if n.endswith("/data.pkl"))
+    evil = payload_then({"w": 1}, marker)
+    copies = [(data_name, evil), (data_name, benign)] if evil_first else [(data_name, benign), (data_name, evil)]
+    path = tmp / f"duplicate-{'evil' if evil_first else 'benign'}-first.pt"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name: that is the point
+        return write_zip(path, [m for m in members if m[0] != data_name] + copies)
+
+
+def zip_second_folder(tmp: Path, marker: Path) -> Path:
+    """torch reads the folder of the first entry; a benign data.pkl sits in another folder."""
+    members = zip_members(saved_zip({"w": torch.arange(4.0)}))
+    evil = [("evil/version", b"3\n"), ("evil/data.pkl", payload_then({"w": 1}, marker))]
+    return write_zip(tmp / "second-folder.pt", evil + members)
+
+
+def dcp_metadata_payload(tmp: Path, marker: Path, module: str, name: str) -> Path:
+    """A real DCP folder whose .metadata first calls `module.name` (a dotted STACK_GLOBAL)."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp / f"dcp-{module}-{name}".replace("/", "_")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.ones(3)}, checkpoint_id=str(folder), no_dist=True)
+    metadata = pickle.loads((folder / ".metadata").read_bytes())
+    (folder / ".metadata").write_bytes(payload_then(metadata, marker, protocol=4,
+                                                    global_ops=stack_global(module, name)))
+    return folder
+
+
+# --- poisoning: BUILD aimed at objects the unpickler hands out or makes ------------------------
+
+def _storage_ref(storage_global: bytes, key: str, numel: int) -> bytes:
+    # persistent id ('storage', <storage type>, key, 'cpu', numel)
+    return b"(" + text("storage") + storage_global + text(key) + text("cpu") + b"J" + struct.pack("<i", numel) + b"tQ"
+
+
+def tensor_ops(key: str, numel: int, storage_global: bytes | None = None) -> bytes:
+    """_rebuild_tensor_v2(storage, 0, (numel,), (1,), False, OrderedDict())."""
+    storage_global = storage_global or global_op("torch", "FloatStorage")
+    return (global_op("torch._utils", "_rebuild_tensor_v2") + b"(" + _storage_ref(storage_global, key, numel)
+            + b"K\x00" + b"J" + struct.pack("<i", numel) + b"\x85" + b"K\x01\x85" + b"\x89"
+            + global_op("collections", "OrderedDict") + b")Rt" + b"R")
+
+
+def zip_with_data_pkl(path: Path, data_pkl: bytes, storages: dict[str, bytes]) -> Path:
+    members = [("archive/data.pkl", data_pkl), ("archive/byteorder", b"little")]
+    members += [(f"archive/data/{key}", raw) for key, raw in storages.items()]
+    members.append(("archive/version", b"3\n"))
+    return write_zip(path, members)
+
+
+def poisoning_files(tmp: Path) -> dict[str, Path]:
+    """Files whose pickle BUILDs into a shared global or into a record ckptview made."""
+    floats = struct.pack("<4f", 1.5, 2.5, 3.5, 4.5)
+    dict_state = lambda key, value: b"}" + text(key) + value + b"s"  # noqa: E731 - {key: value}
+    slot_state = lambda key, value: b"N" + dict_state(key, value) + b"\x86"  # noqa: E731 - (None, {key: value})
+    uint8 = global_op("torch", "uint8")
+    cases: dict[str, bytes] = {
+        # torch.FloatStorage's dtype rewritten to uint8 for every later file
+        "storage-type-dict": global_op("torch", "FloatStorage") + dict_state("dtype", uint8) + b"b0",
+        "storage-type-slots": global_op("torch", "FloatStorage") + slot_state("dtype", uint8) + b"b0",
+        # a rebuild function's defaults and a class's methods rewritten
+        "function-defaults": global_op("torch._utils", "_rebuild_tensor_v2")
+        + slot_state("__defaults__", b")") + b"b0",
+        "counter-class": global_op("collections", "Counter") + slot_state("most_common", b"K\x01") + b"b0",
+        # a record ckptview built: the tensor's shape changed after it was checked
+        "tensor-record": b"",
+        # an OrderedDict whose items() is shadowed
+        "ordered-dict-items": b"",
+    }
+    files = {}
+    for name, prefix in cases.items():
+        if name == "tensor-record":
+            data = b"\x80\x02}" + text("w") + tensor_ops("0", 4) + dict_state("shape", b"J\x00\x00\x00\x40\x85") + b"bs."
+        elif name == "ordered-dict-items":
+            data = (b"\x80\x02" + global_op("collections", "OrderedDict") + b")R" + text("w") + tensor_ops("0", 4)
+                    + b"s" + dict_state("items", b"K\x01") + b"b.")
+        else:
+            data = b"\x80\x02" + prefix + b"}" + text("w") + tensor_ops("0", 4) + b"s."
+        files[name] = zip_with_data_pkl(tmp / f"poison-{name}.pt", data, {"0": floats})
+    return files
+
+
+# --- bombs ---------------------------------------------------------------------------------------
+
+def deflate_bomb(tmp: Path, member_suffix: str, inflated: int) -> Path:
+    """A torch zip whose `member_suffix` member inflates to `inflated` bytes of zeros (deflated honestly)."""
+    members = zip_members(saved_zip({"w": torch.arange(4.0)}))
+    name = next(n for n, _ in members if n.endswith(member_suffix))
+    path = tmp / f"bomb-{member_suffix.strip('/').replace('/', '-')}-{inflated >> 20}M.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, data in members:
+            if member != name:
+                archive.writestr(zipfile.ZipInfo(member), data)
+                continue
+            info = zipfile.ZipInfo(member)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with archive.open(info, "w", force_zip64=True) as stream:
+                block = bytes(16 << 20)
+                for _ in range(inflated // len(block)):
+                    stream.write(block)
+    return path
+
+
+def bzip2_member(tmp: Path) -> Path:
+    """data.pkl compressed with bzip2: Python's zipfile inflates a bzip2 block in one call."""
+    members = zip_members(saved_zip({"w": torch.arange(4.0)}))
+    path = tmp / "bzip2.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, data in members:
+            info = zipfile.ZipInfo(member)
+            info.compress_type = zipfile.ZIP_BZIP2 if member.endswith("data.pkl") else zipfile.ZIP_STORED
+            archive.writestr(info, data)
+    return path
+
+
+def overlapping_view(tmp: Path, rows: int = 1 << 16) -> Path:
+    """A 256 KiB storage viewed as rows x 65,536 floats with stride (0, 1): 16 GiB if materialised."""
+    data = (global_op("torch._utils", "_rebuild_tensor_v2") + b"(" + _storage_ref(global_op("torch", "FloatStorage"),
+                                                                                     "0", 1 << 16)
+            + b"K\x00" + b"J" + struct.pack("<i", rows) + b"J" + struct.pack("<i", 1 << 16) + b"\x86"
+            + b"K\x00K\x01\x86" + b"\x89" + global_op("collections", "OrderedDict") + b")Rt" + b"R")
+    pkl = b"\x80\x02}" + text("w") + data + b"s."
+    return zip_with_data_pkl(tmp / "overlapping-view.pt", pkl, {"0": bytes(4 << 16)})
+
+
+def nested(tmp: Path, depth: int, kind: str) -> Path:
+    """A torch zip whose data.pkl is `depth` nested lists ("list") or tuples ("tuple") around a tensor."""
+    inner = b"}" + text("w") + tensor_ops("0", 4) + b"s"
+    if kind == "list":
+        ops = b"]" * depth + inner + b"a" * depth
+    else:
+        ops = inner + b"\x85" * depth
+    return zip_with_data_pkl(tmp / f"nested-{kind}-{depth}.pt", b"\x80\x02" + ops + b".", {"0": bytes(16)})
+
+
+def many_tensor_safetensors(path: Path, count: int) -> Path:
+    """A safetensors file of `count` one-element float32 tensors, written as safetensors lays it out."""
+    header = {f"t.{i}": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i in range(count)}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as stream:
+        stream.write(struct.pack("<Q", len(raw)) + raw)
+        stream.write(struct.pack(f"<{count}f", *range(count)))
+    return path
+
+
+FAMILIES: dict[str, Callable[..., object]] = {
+    "legacy_side_pickle": legacy_side_pickle,
+    "zip_duplicate_data_pkl": zip_duplicate_data_pkl,
+    "zip_second_folder": zip_second_folder,
+    "dcp_metadata_payload": dcp_metadata_payload,
+    "poisoning_files": poisoning_files,
+}

@@ -1,0 +1,365 @@
+"""
+Hostile files, round 2: `scan` never calls a code-running file safe (checked against what torch.load
+itself looks up), one file never changes how the next is read, paths stay inside their folder,
+bombs are refused before they inflate, and every failure is one line in our words.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import resource
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import ckptview
+from ckptview.cli import main as cli_main
+from ckptview.errors import CkptviewError, CorruptCheckpointError, ShardError, UnsupportedFormatError
+from ckptview.readers.dcp import _DCP_CLASSES
+from ckptview.readers.unpickler import _allowed
+
+import hostile_files as hostile
+from torch_oracle import torch_lookups
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def scan_verdict(path: Path) -> tuple[str, set[str]]:
+    """("error", set()) when ckptview refuses the file, else ("code"/"safe", the imports scan names)."""
+    try:
+        with ckptview.open(path) as ckpt:
+            imports = {imp.name for imp in ckpt.pickle_imports}
+            return ("code" if imports or ckpt.format == "torchscript" else "safe"), imports
+    except CkptviewError:
+        return "error", set()
+
+
+def assert_scan_covers_torch(path: Path) -> str:
+    """The differential property: every global torch.load would look up beyond the allow-list is named
+    by scan, and a file torch would take code from is never called safe."""
+    observed = torch_lookups(path)
+    verdict, imports = scan_verdict(path)
+    foreign = set(observed["lookups"]) - set(_allowed()) - (_DCP_CLASSES if path.is_dir() else set())
+    if observed["torchscript"]:
+        assert verdict in ("code", "error")
+    if verdict != "error":
+        assert foreign <= imports, f"torch.load looks up {sorted(foreign - imports)}, which scan does not name"
+    if foreign:
+        assert verdict != "safe"
+    return verdict
+
+
+# --- 1. scan is a guarantee ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("position", [0, 1, 2, 4], ids=["magic", "protocol", "sys-info", "storage-keys"])
+def test_legacy_side_pickles_are_scanned(tmp_path: Path, position: int) -> None:
+    marker = tmp_path / "ran"
+    path = hostile.legacy_side_pickle(tmp_path, position, marker)
+    assert torch_lookups(path)["lookups"][:1] == ["os.system"] or position != 0
+    assert assert_scan_covers_torch(path) == "code"
+    _, imports = scan_verdict(path)
+    assert "os.system" in imports
+    assert cli_main(["scan", str(path)]) == 3
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("evil_first", [True, False])
+def test_zip_with_repeated_member_names_is_refused(tmp_path: Path, evil_first: bool) -> None:
+    path = hostile.zip_duplicate_data_pkl(tmp_path, tmp_path / "ran", evil_first)
+    with pytest.raises(CorruptCheckpointError, match="2 members named archive/data.pkl"):
+        ckptview.open(path)
+    assert_scan_covers_torch(path)
+    assert cli_main(["scan", str(path)]) == 1
+
+
+def test_zip_is_read_from_the_folder_torch_reads(tmp_path: Path) -> None:
+    path = hostile.zip_second_folder(tmp_path, tmp_path / "ran")
+    assert scan_verdict(path)[0] != "safe"
+    assert_scan_covers_torch(path)
+
+
+@pytest.mark.parametrize(("module", "name"), [
+    ("torch.distributed.checkpoint.filesystem", "os.system"),
+    ("pathlib", "os.system"),
+    ("posix", "system"),
+])
+def test_dcp_metadata_globals_are_matched_exactly(tmp_path: Path, module: str, name: str) -> None:
+    marker = tmp_path / "ran"
+    folder = hostile.dcp_metadata_payload(tmp_path, marker, module, name)
+    assert assert_scan_covers_torch(folder) == "code"
+    assert f"{module}.{name}" in scan_verdict(folder)[1]
+    assert not marker.exists()
+
+
+def test_normal_files_scan_as_torch_reads_them(tmp_path: Path) -> None:
+    for name, save in {"zip.pt": lambda p: torch.save({"w": torch.ones(2), "n": 3}, p),
+                       "legacy.pt": lambda p: torch.save({"w": torch.ones(2)}, p, _use_new_zipfile_serialization=False),
+                       "model.pt": lambda p: torch.save(torch.nn.Linear(2, 2), p)}.items():
+        save(tmp_path / name)
+        verdict = assert_scan_covers_torch(tmp_path / name)
+        assert verdict == ("code" if name == "model.pt" else "safe")
+
+
+# --- 2. one file never changes how the next is read ------------------------------------------------
+
+def test_poisoning_file_then_a_normal_file(tmp_path: Path) -> None:
+    normal = tmp_path / "normal.pt"
+    reference = {"w": torch.randn(5), "b": torch.arange(3, dtype=torch.int64), "h": torch.randn(2, dtype=torch.float16)}
+    torch.save(reference, normal)
+    legacy = tmp_path / "legacy.pt"
+    torch.save(reference, legacy, _use_new_zipfile_serialization=False)
+    for name, path in hostile.poisoning_files(tmp_path).items():
+        if name == "ordered-dict-items":
+            # OrderedDicts are BUILT legitimately (torch stores `_metadata` so): the state is kept as data
+            with ckptview.open(path) as ckpt:
+                assert [e.name for e in ckpt.tensors()] == ["w"] and list(ckpt.root.items())[0][0] == "w"
+                assert ckpt.root.pickled_state == {"items": 1}
+        else:
+            with pytest.raises(CorruptCheckpointError, match="does not let a file change"):
+                ckptview.open(path)
+        for good in (normal, legacy):
+            with ckptview.open(good) as ckpt:
+                assert {e.name: e.dtype for e in ckpt.tensors()} == {k: v.dtype for k, v in reference.items()}, name
+                for entry in ckpt.tensors():
+                    assert torch.equal(entry.load(), reference[entry.name]), name
+        diff = ckptview.diff(normal, legacy, values=True)
+        assert not diff.keys.missing and all(d.max_abs_diff == 0 for d in diff.values.tensors), name
+
+
+def test_every_global_handed_out_refuses_build() -> None:
+    """No object the unpickler hands a file accepts BUILD: neither a __dict__ nor a slot-state write."""
+    from ckptview.readers.unpickler import SafeUnpickler
+
+    for full_name in _allowed():
+        module, _, name = full_name.rpartition(".")
+        for state in (b"}" + hostile.text("x") + b"K\x01s", b"N}" + hostile.text("x") + b"K\x01s\x86"):
+            data = b"\x80\x02" + hostile.global_op(module, name) + state + b"b."
+            with pytest.raises(Exception) as caught:
+                SafeUnpickler(io.BytesIO(data)).load()
+            assert not isinstance(caught.value, AssertionError), full_name
+
+
+# --- 3. confinement --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "symlink"])
+def test_shard_index_cannot_reach_outside_its_folder(tmp_path: Path, where: str) -> None:
+    secret = tmp_path / "secret.safetensors"
+    secret.write_text("TOPSECRET first line of a private file\n")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_file({"a": torch.ones(2)}, folder / "model-00001-of-00002.safetensors")
+    target = {"parent": "../secret.safetensors", "absolute": str(secret), "symlink": "link.safetensors"}[where]
+    if where == "symlink":
+        (folder / "link.safetensors").symlink_to(secret)
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": target}}))
+    with pytest.raises(CorruptCheckpointError, match="not a file inside its folder") as caught:
+        ckptview.open(index)
+    assert "TOPSECRET" not in str(caught.value)
+
+
+def test_shard_naming_an_index_is_refused(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.index.json", tmp_path / "b.index.json"
+    first.write_text(json.dumps({"weight_map": {"w": "b.index.json"}}))
+    second.write_text(json.dumps({"weight_map": {"w": "a.index.json"}}))
+    (tmp_path / "self.index.json").write_text(json.dumps({"weight_map": {"w": "self.index.json"}}))
+    for index in (first, tmp_path / "self.index.json"):
+        with pytest.raises(ShardError, match="not a checkpoint file ckptview reads"):
+            ckptview.open(index)
+
+
+def test_shard_that_is_not_a_checkpoint_is_not_quoted(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("TOPSECRET password=hunter2\n")
+    (tmp_path / "x.index.json").write_text(json.dumps({"weight_map": {"w": "notes.txt"}}))
+    with pytest.raises(ShardError) as caught:
+        ckptview.open(tmp_path / "x.index.json")
+    assert "TOPSECRET" not in str(caught.value)
+
+
+# --- 4. bounded work -----------------------------------------------------------------------------
+
+def _run_measured(code: str, timeout: float = 60) -> dict[str, float]:
+    """Run `code` in a fresh process; it prints JSON; add its wall time and peak RSS (MB)."""
+    script = ("import json, resource, sys, time\nstart = time.perf_counter()\n" + code
+              + "\nresult['seconds'] = time.perf_counter() - start"
+              + "\nresult['peak_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024"
+              + "\nprint(json.dumps(result))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+_OPEN_REFUSED = """
+import ckptview
+from ckptview.errors import CkptviewError
+import_done = time.perf_counter()
+try:
+    ckptview.open(sys.argv[1] if len(sys.argv) > 1 else {path!r})
+    result = {{'refused': False}}
+except CkptviewError as exc:
+    result = {{'refused': True, 'message': str(exc)}}
+result['open_seconds'] = time.perf_counter() - import_done
+"""
+
+
+@pytest.fixture(scope="module")
+def bombs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("bombs")
+    return {"data.pkl": hostile.deflate_bomb(tmp, "/data.pkl", 1 << 30),
+            "byteorder": hostile.deflate_bomb(tmp, "/byteorder", 1 << 30),
+            "bzip2": hostile.bzip2_member(tmp)}
+
+
+@pytest.mark.parametrize("which", ["data.pkl", "byteorder", "bzip2"])
+def test_zip_bombs_are_refused_before_inflating(bombs: dict[str, Path], which: str) -> None:
+    path = bombs[which]
+    before = path.read_bytes()
+    result = _run_measured(_OPEN_REFUSED.format(path=str(path)))
+    assert result["refused"], result
+    assert result["open_seconds"] < 1 and result["peak_mb"] < 200 + _import_baseline_mb(), result
+    assert "\n" not in result["message"] and "Error:" not in result["message"]
+    assert path.read_bytes() == before
+
+
+_BASELINE: list[float] = []
+
+
+def _import_baseline_mb() -> float:
+    """Peak RSS of a process that only imports ckptview (torch included): the bombs' budget is on top."""
+    if not _BASELINE:
+        _BASELINE.append(_run_measured("import ckptview\nresult = {}")["peak_mb"])
+    return _BASELINE[0]
+
+
+def test_overlapping_view_statistics_stay_bounded(tmp_path: Path) -> None:
+    path = hostile.overlapping_view(tmp_path)
+    code = (f"import ckptview\nckpt = ckptview.open({str(path)!r})\n"
+            "report = ckptview.stats(ckpt)\n"
+            "(row,) = report.tensors\nresult = {'skipped': row.skipped}\n"
+            f"diff = ckptview.diff({str(path)!r}, {str(path)!r}, values=True)\n"
+            "result['diffed'] = len(diff.values.tensors)")
+    result = _run_measured(code)
+    assert result["peak_mb"] < 200 + _import_baseline_mb() and result["seconds"] < 20, result
+    assert "view" in result["skipped"]
+
+
+@pytest.mark.parametrize(("kind", "depth"), [("list", 100_000), ("tuple", 50_000)])
+def test_deep_nesting_costs_linear_time(tmp_path: Path, kind: str, depth: int, capsys: pytest.CaptureFixture[str]) -> None:
+    path = hostile.nested(tmp_path, depth, kind)
+    start = time.perf_counter()
+    for command in ("info", "tensors", "tree", "scan"):
+        assert cli_main([command, str(path)]) == 0, command
+    assert time.perf_counter() - start < 4.0
+    capsys.readouterr()
+
+
+def test_deep_nesting_info_under_a_second(tmp_path: Path) -> None:
+    path = hostile.nested(tmp_path, 100_000, "list")
+    import ckptview.cli.inspect  # noqa: F401 - import cost outside the timed part
+
+    start = time.perf_counter()
+    with ckptview.open(path) as ckpt:
+        from ckptview.cli.inspect import info_data
+
+        data = info_data(ckpt)
+    assert time.perf_counter() - start < 1.0
+    assert data["tensor_count"] == 1
+
+
+# --- 5. every failure is ours -----------------------------------------------------------------------
+
+def _safetensors_with_header(path: Path, header: object) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(64))
+    return path
+
+
+def raw_traceback_cases(tmp: Path) -> dict[str, Path]:
+    cases: dict[str, Path] = {}
+    device = (b"\x80\x02}" + hostile.text("d") + hostile.global_op("torch", "device") + hostile.text("cudaxx:zz")
+              + b"\x85Rs.")
+    cases["bogus device"] = hostile.zip_with_data_pkl(tmp / "device.pt", device, {})
+    members = hostile.zip_members(hostile.saved_zip({"w": torch.ones(2)}))
+    encrypted = hostile.write_zip(tmp / "encrypted.pt", members)
+    data = bytearray(encrypted.read_bytes())
+    for offset in _central_entries(bytes(data)):
+        data[offset + 8] |= 1  # general-purpose flag bit 0: encrypted
+    encrypted.write_bytes(bytes(data))
+    cases["encrypted member"] = encrypted
+    cases["dtype list"] = _safetensors_with_header(tmp / "dtype-list.safetensors",
+                                                   {"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}})
+    cases["dtype dict"] = _safetensors_with_header(tmp / "dtype-dict.safetensors",
+                                                   {"w": {"dtype": {"a": 1}, "shape": [1], "data_offsets": [0, 4]}})
+    nested = tmp / "nested.safetensors"
+    raw = b'{"__metadata__":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    nested.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    cases["deep json metadata"] = nested
+    for dtype_ops, label in ((b"K\x07", "meta dtype int"), (hostile.text("float32"), "meta dtype string")):
+        meta = (b"\x80\x02}" + hostile.text("m") + hostile.global_op("torch._utils", "_rebuild_meta_tensor_no_storage")
+                + b"(" + dtype_ops + b"K\x02\x85K\x01\x85\x89tRs.")
+        cases[label] = hostile.zip_with_data_pkl(tmp / f"{label.replace(' ', '-')}.pt", meta, {})
+    parts = hostile.legacy_pickles(hostile.saved_legacy({"w": torch.arange(4.0)}))
+    cases["legacy view offsets"] = tmp / "legacy-view.pt"
+    cases["legacy view offsets"].write_bytes(b"".join(parts[:3] + [_legacy_view(parts[3])] + parts[4:]))
+    return cases
+
+
+def _central_entries(data: bytes) -> list[int]:
+    offsets, start = [], 0
+    while (found := data.find(b"PK\x01\x02", start)) >= 0:
+        offsets.append(found)
+        start = found + 4
+    return offsets
+
+
+def _legacy_view(data_pickle: bytes) -> bytes:
+    """The data pickle with its storage reference given a view (key, offset, size) far past the storage."""
+    marker = b"X\x03\x00\x00\x00cpu"  # the location string, just before numel in ('storage', type, key, 'cpu', numel, None)
+    at = data_pickle.find(marker)
+    assert at > 0
+    numel_end = at + len(marker)
+    numel_end += {b"q": 2, b"r": 5}.get(data_pickle[numel_end:numel_end + 1], 0)  # BINPUT / LONG_BINPUT
+    numel_end += {b"K": 2, b"M": 3, b"J": 5}[data_pickle[numel_end:numel_end + 1]]
+    view = b"(" + hostile.text("0") + b"\x8a\x08" + struct.pack("<q", 2**62) + b"K\x04t"
+    rest = data_pickle[numel_end:]
+    assert rest[:1] == b"N"
+    return data_pickle[:numel_end] + view + rest[1:]
+
+
+def test_each_failure_is_one_line_in_our_words(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for label, path in raw_traceback_cases(tmp_path).items():
+        before = path.read_bytes()
+        with pytest.raises(CkptviewError) as caught:
+            ckptview.open(path)
+        message = str(caught.value)
+        assert "\n" not in message, label
+        for library_text in ("UnpicklingError:", "MemoryError", "RuntimeError", "TypeError:", "Traceback"):
+            assert library_text not in message, (label, message)
+        assert cli_main(["info", str(path)]) == 1, label
+        assert path.read_bytes() == before
+
+
+# --- 6. terminal and message injection -------------------------------------------------------------
+
+def test_ansi_names_and_newline_paths_are_escaped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "ansi.safetensors"
+    save_file({"\x1b[2J\x1b[Hfake.weight\nok 0 problems": torch.ones(2)}, path)
+    for command in (["tensors"], ["tree"], ["info"], ["stats"]):
+        assert cli_main([*command, str(path)]) == 0
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\nok 0 problems" not in out, command
+        assert command == ["info"] or "\\x1b[2J" in out, command
+    odd = tmp_path / "line\nbreak.pt"
+    odd.write_bytes(b"not a checkpoint")
+    assert cli_main(["info", str(odd)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "line\\nbreak.pt" in err
