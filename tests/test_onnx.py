@@ -26,6 +26,7 @@ from ckptview.cli import main as cli_main
 from ckptview.errors import CkptviewError, CorruptCheckpointError, TruncatedCheckpointError, UnsupportedFormatError
 from ckptview.readers.onnx_file import ONNX_DTYPES, ONNX_ENCODED
 from conftest import SmallCNN, train_a_few_steps
+from format_checks import check_every_command, check_every_tab
 
 warnings.filterwarnings("ignore", module="torch.onnx")
 warnings.filterwarnings("ignore", module="onnxscript")
@@ -492,27 +493,12 @@ def test_truncated_and_lying_protobufs(cnn_onnx: Path, tmp_path: Path) -> None:
 
 # --- CLI and explorer -------------------------------------------------------------------------------
 
-def test_cli_commands_on_an_onnx_file(cnn_onnx: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    for command in ("info", "tensors", "tree", "stats", "scan", "bn"):
-        assert cli_main([command, str(cnn_onnx)]) == 0, command
-        assert capsys.readouterr().out
-    assert cli_main(["info", str(cnn_onnx), "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
+def test_every_cli_command_and_explorer_tab_on_an_onnx_file(cnn_onnx: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    info = check_every_command(cnn_onnx)
     assert info["format"] == "onnx" and info["details"]["op_types"]["Conv"] == 2
     assert cli_main(["bn", str(cnn_onnx), "--json"]) == 0
     assert "fusion_hint" in capsys.readouterr().out
-
-
-def test_explorer_tabs_on_an_onnx_file(cnn_onnx: Path) -> None:
-    from ckptview.ui import explore
-
-    app = explore(cnn_onnx)
-    for title in app.panels:
-        if title in ("Inference", "Compare"):
-            continue
-        panel = app.select(title)
-        panel.wait()
-        assert "ckptview-banner-error" not in panel.banner.value, (title, panel.banner.value)
+    check_every_tab(cnn_onnx)
 
 
 def test_open_reads_no_weights(tmp_path: Path) -> None:
