@@ -577,7 +577,7 @@ class _Builder:
             return TensorInfo(shape=shape, dtype=decoded_dtype, storage=stored, stride=_contiguous_stride(shape),
                               layout="encoded", encoding=encoding,
                               stored_nbytes=stored.nbytes if stored is not None else tensor.span[1],
-                              decode=self.onnx_decoder(name, tensor, stored))
+                              decode=self.onnx_decoder(tensor, stored))
         if dtype is None:
             return TensorInfo(shape=shape, dtype=torch.uint8, storage=None, stride=_contiguous_stride(shape),
                               layout="unsupported", note=f"ONNX data type {tensor.data_type}, which this ckptview does "
@@ -585,7 +585,7 @@ class _Builder:
         nbytes = numel * dtype.itemsize
         storage = self.located(name, tensor, nbytes, key)
         if storage is None and tensor.typed:
-            storage = Storage(key=key, source=_DecodedSource(self.path, self.typed_decoder(name, tensor, dtype)),
+            storage = Storage(key=key, source=_DecodedSource(self.path, self.typed_decoder(tensor)),
                               offset=0, nbytes=nbytes, location="cpu")
         if storage is None and numel:
             return TensorInfo(shape=shape, dtype=dtype, storage=None, stride=_contiguous_stride(shape),
@@ -660,7 +660,7 @@ class _Builder:
                                              "can parse: re-export it with raw data.")
         return onnx.TensorProto.FromString(self.wire.source.read(start, length))
 
-    def typed_decoder(self, name: str, tensor: _Tensor, dtype: torch.dtype) -> Callable[[], bytes]:
+    def typed_decoder(self, tensor: _Tensor) -> Callable[[], bytes]:
         def decode() -> bytes:
             from onnx import numpy_helper
 
@@ -668,7 +668,7 @@ class _Builder:
             return np.ascontiguousarray(array).tobytes()
         return decode
 
-    def onnx_decoder(self, name: str, tensor: _Tensor, stored: Storage | None) -> Callable[[], torch.Tensor]:
+    def onnx_decoder(self, tensor: _Tensor, stored: Storage | None) -> Callable[[], torch.Tensor]:
         def decode() -> torch.Tensor:
             return numpy_to_torch(self.onnx_array(tensor, stored))
         return decode
