@@ -18,6 +18,7 @@ says what the file is and what to do.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 __all__ = [
     "printable",
@@ -57,6 +58,18 @@ class CkptviewError(Exception):
         self.path = None if path is None else os.fspath(path)
         self.reason = printable(reason)
         super().__init__(f"{printable(self.path)}: {self.reason}" if self.path is not None else self.reason)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickled whole (Dask workers send errors back), not rebuilt from the one-string args
+        return (_rebuild_error, (type(self), self.__dict__.copy()))
+
+
+def _rebuild_error(cls: type[CkptviewError], state: dict[str, Any]) -> CkptviewError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, f"{printable(state['path'])}: {state['reason']}" if state["path"] is not None
+                       else state["reason"])
+    error.__dict__.update(state)
+    return error
 
 
 class CheckpointNotFoundError(CkptviewError, FileNotFoundError):

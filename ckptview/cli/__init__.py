@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -91,6 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `ckptview tensors big.pt | head`
         sys.stderr.close()
         return 0
+    except Exception as exc:  # a bug of ours, or a file shape no check foresaw: still one line, never a traceback
+        if os.environ.get("CKPTVIEW_DEBUG"):
+            raise
+        where = printable(getattr(args, "path", "") or "")
+        print(f"ckptview: error: {where + ': ' if where else ''}ckptview failed on this input ({type(exc).__name__}); "
+              "this is a bug in ckptview: please report it (CKPTVIEW_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
     finally:
         sys.stdout = stdout
 

@@ -165,8 +165,10 @@ def _is_onnx(probe: Probe) -> bool:
     return looks_like_onnx(probe.head, probe.size)
 
 
-# Tried in order. Zips are told apart by their members (`probe.zip_names`): a zip format goes
-# before torch-zip, the last zip format tried, whose message says what a foreign zip holds.
+# Tried in order. safetensors goes before the pickle formats: a header length whose low bytes are
+# 0x80 0x02..0x05 makes a real safetensors file start like a pickle (its reader also scans that
+# reading of the bytes, which torch.load would take for a file not named .safetensors). Zips are
+# told apart by their members (`probe.zip_names`): a zip format goes before torch-zip, the last zip format tried, whose message says what a foreign zip holds.
 FORMATS: list[Format] = [
     Format("gguf", "GGUF files (llama.cpp)", _is_gguf, "ckptview.readers.gguf_file:read_gguf", (
         ("GGUF (llama.cpp, `.gguf`)",
@@ -201,14 +203,14 @@ FORMATS: list[Format] = [
                ("whole pickled `nn.Module` (`torch.save(model)`)",
                 "every module's class path and tensors, without importing the classes; `trust=True` loads it"),
            )),
+    Format("safetensors", "safetensors files", _is_safetensors, "ckptview.readers.safetensors_file:read_safetensors", (
+        ("safetensors", "JSON header only, checked (offsets in range, no overlaps, sizes match shapes)"),
+    )),
     Format("torch-legacy", "legacy torch.save files and plain pickles", _is_pickle,
            "ckptview.readers.torch_pickle:read_pickle_stream", (
                ("legacy `torch.save` (`_use_new_zipfile_serialization=False`)",
                 "every pickle in the stream scanned by the same unpickler; storage offsets from the stream"),
            )),
-    Format("safetensors", "safetensors files", _is_safetensors, "ckptview.readers.safetensors_file:read_safetensors", (
-        ("safetensors", "JSON header only, checked (offsets in range, no overlaps, sizes match shapes)"),
-    )),
     Format("sharded", "*.index.json shard sets", _is_json, "ckptview.readers.directory:read_index_file", (
         ("sharded sets: `model.safetensors.index.json`, `pytorch_model.bin.index.json`, or their folder",
          "one checkpoint over all shards, each opened lazily and confined to the index's folder; missing/extra "

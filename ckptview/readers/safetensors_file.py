@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from ckptview.errors import CorruptCheckpointError, TruncatedCheckpointError
-from ckptview.readers.model import Checkpoint, FileSource, Storage, TensorInfo
+from ckptview.errors import CkptviewError, CorruptCheckpointError, TruncatedCheckpointError
+from ckptview.readers.model import Checkpoint, FileSource, PickleImport, Storage, TensorInfo
 from ckptview.readers.registry import SAFETENSORS_MAX_HEADER
 from ckptview.readers.remote import source_for
 
@@ -114,7 +114,25 @@ def read_safetensors(path: str, size: int, *, trust: bool) -> Checkpoint:
         storage = Storage(key=f"{os.path.basename(path)}:{name}", source=source, offset=data_start + begin,
                           nbytes=end - begin, location="cpu")
         root[name] = TensorInfo(shape=shape, dtype=dtype, storage=storage, stride=_contiguous_stride(shape))
-    return Checkpoint(path, "safetensors", root, file_size=size, sources=[source], metadata=metadata, trust=trust)
+    return Checkpoint(path, "safetensors", root, file_size=size, sources=[source], metadata=metadata, trust=trust,
+                      pickle_imports=_imports_if_read_as_pickle(path, size, source.read(0, 2)))
+
+
+def _imports_if_read_as_pickle(path: str, size: int, head: bytes) -> list[PickleImport]:
+    """
+    torch.load picks safetensors by the file name; under any other name it unpickles the bytes. When
+    the header length happens to start like a pickle (0x80 0x02..0x05), scan that reading too: what
+    it would import is reported, so `scan` never calls such a file safe.
+    """
+    if "://" in path or not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return []
+    from ckptview.readers.torch_pickle import read_pickle_stream
+
+    try:
+        with read_pickle_stream(path, size, trust=False) as as_pickle:
+            return list(as_pickle.pickle_imports)
+    except CkptviewError as exc:  # damaged as a pickle, but what it named before failing torch imports too
+        return list(getattr(exc, "named_globals", []))
 
 
 def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -108,10 +108,13 @@ def unpickle(data: bytes | Any, path: str, what: str, storage_for: Any = None,
     except CkptviewError:
         raise
     except PICKLE_ERRORS as exc:
-        raise CorruptCheckpointError(
+        error = CorruptCheckpointError(
             path, f"{what} cannot be read: {_why(exc)}. The file is damaged or was not written by torch.save; "
                   "re-save it, or copy it again.",
-        ) from exc
+        )
+        # pickle imports a global's module when it meets the opcode, before the pickle fails
+        error.named_globals = unpickler.pickle_imports()
+        raise error from exc
 
 
 def _open_zip(path: str, size: int) -> zipfile.ZipFile:
