@@ -9,7 +9,7 @@ PORT ?= 8888
 # Jupyter refuses to start as root without this (containers, CI machines)
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test venv bench fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ demo: venv
 	$(BIN)/python -m ckptview.demo $(DEMO_DIR)
 	CKPTVIEW_DEMO_DIR="$(abspath $(DEMO_DIR))" $(BIN)/jupyter lab --ip=127.0.0.1 --port=$(PORT) --no-browser \
 		$(ROOT_FLAG) --notebook-dir=. notebooks/explore.ipynb
+
+# Structure-aware fuzzing of the readers (tests/fuzz.py); failing inputs are kept in test-artifacts/fuzz.
+FUZZ_MINUTES ?= 30
+fuzz: venv
+	$(BIN)/python tests/fuzz.py --seconds $$(( $(FUZZ_MINUTES) * 60 )) --report test-artifacts/fuzz-report.json
 
 bench: venv
 	for script in bench/*_bench.py; do $(BIN)/python $$script || exit 1; done

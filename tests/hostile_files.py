@@ -75,12 +75,19 @@ def legacy_pickles(data: bytes) -> list[bytes]:
     stream = io.BytesIO(data)
     parts, start = [], 0
 
+    class Anything(dict):  # accepts whatever the pickle does to it: only the pickles' boundaries matter here
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def __setstate__(self, state: object) -> None:
+            pass
+
     class Loader(pickle.Unpickler):
         def persistent_load(self, saved_id: object) -> object:
             return None
 
         def find_class(self, module: str, name: str) -> object:
-            return lambda *args, **kwargs: None
+            return Anything
 
     for _ in range(5):
         Loader(stream).load()

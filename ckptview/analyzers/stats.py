@@ -411,6 +411,7 @@ class _Reducer:
             edges = torch.linspace(low, high, self.bins + 1, dtype=torch.float64)
             histogram = Histogram(tuple(edges.tolist()), tuple(counts.tolist()), self.stride)
         nan = math.nan
+        m2 = max(m2, 0.0)  # combining blocks can leave a rounding residue below zero (seen on subnormals)
         return TensorStats(
             name=entry.name,
             dtype=str(entry.dtype).removeprefix("torch."),
