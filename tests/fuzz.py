@@ -214,6 +214,20 @@ class Generator:
         length = len(raw) if r.random() < 0.9 else r.choice([0, 2**63 - 1, len(raw) + 9])
         return "safetensors", struct.pack("<Q", length) + raw + bytes(min(offset, 1 << 16) if offset > 0 else 0)
 
+    # shard indexes ------------------------------------------------------------------------------------
+    def shard_index(self) -> tuple[str, bytes]:
+        """An index whose weight_map names shards beside it, outside its folder, itself, or nonsense."""
+        r = self.rng
+        targets = ["shard-a.safetensors", "shard-b.pt", "../outside.safetensors", "/etc/passwd", "link-out",
+                   "index-self.json", "sub/../shard-a.safetensors", "missing.safetensors", "", 7, None, ["x"],
+                   "shard-a.safetensors\x00", "\x1b[2J.safetensors", "."]
+        weight_map = {r.choice(["w", "0.weight", "a\nb", "1.bias"]) + str(i): r.choice(targets)
+                      for i in range(r.randint(0, 5))}
+        index: object = {"metadata": {"total_size": r.choice([0, -1, "x"])}, "weight_map": weight_map}
+        if r.random() < 0.1:
+            index = r.choice([[weight_map], {"weight_map": [1, 2]}, "s"])
+        return "shard-index", json.dumps(index).encode()
+
     # mutations of real files of every format ------------------------------------------------------
     def mutation(self) -> tuple[str, bytes]:
         r = self.rng
@@ -280,6 +294,18 @@ def make_seeds(folder: Path) -> dict[str, bytes]:
     except ImportError:
         pass
     return seeds
+
+
+def _shard_neighbours(work: Path, seeds: dict[str, bytes]) -> None:
+    """The files generated shard indexes name: two real shards, a file outside, a link leading out."""
+    inputs = work / "inputs"
+    inputs.mkdir()
+    (inputs / "shard-a.safetensors").write_bytes(seeds["safetensors"])
+    (inputs / "shard-b.pt").write_bytes(seeds["zip"])
+    (work / "outside.safetensors").write_bytes(seeds["safetensors"])
+    (inputs / "link-out").symlink_to(work / "outside.safetensors")
+    (inputs / "index-self.json").write_text('{"weight_map": {"w": "index-self.json"}}')
+    (inputs / "sub").mkdir()
 
 
 # --- the workers -------------------------------------------------------------------------------
@@ -391,7 +417,9 @@ def run(seconds: float, seed: int, timeout: float = 20.0, memory_mb: float = 300
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
     target, oracle = Worker(_WORKER, env), Worker(_ORACLE, env)
     generator = Generator(rng, make_seeds(work))
-    families = [generator.pickle_file, generator.zip_structure, generator.safetensors_header, generator.mutation]
+    families = [generator.pickle_file, generator.zip_structure, generator.safetensors_header, generator.shard_index,
+                generator.mutation]
+    _shard_neighbours(work, generator.seeds)
     counts: Counter[str] = Counter()
     violations: list[dict[str, object]] = []
     started = time.monotonic()
@@ -400,7 +428,7 @@ def run(seconds: float, seed: int, timeout: float = 20.0, memory_mb: float = 300
         while time.monotonic() - started < seconds:
             number += 1
             family, data = rng.choice(families)()
-            path = work / f"input-{number}.bin"
+            path = work / "inputs" / f"input-{number}.bin"
             path.write_bytes(data)
             digest = hashlib.sha256(data).hexdigest()
             counts[family] += 1
