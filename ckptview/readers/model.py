@@ -401,6 +401,14 @@ class PickleImport:
     count: int
 
 
+@dataclass(frozen=True)
+class LazyRoot:
+    """A checkpoint tree a reader builds only when asked: a million-tensor header is checked at open
+    (fast) but its million records are made only by whatever lists them."""
+
+    build: Callable[[], Any]
+
+
 class Checkpoint:
     """
     An opened checkpoint: a lazy tree of the file's contents. Use as a context manager.
@@ -419,7 +427,7 @@ class Checkpoint:
         self,
         path: str | os.PathLike[str],
         format: str,
-        root: Any,
+        root: Any | LazyRoot,
         *,
         file_size: int,
         sources: Sequence[FileSource] = (),
@@ -431,7 +439,7 @@ class Checkpoint:
     ) -> None:
         self.path = os.fspath(path)
         self.format = format
-        self.root = root
+        self._root = root
         self.file_size = file_size
         self.metadata = dict(metadata or {})
         self.pickle_imports = tuple(pickle_imports)
@@ -443,6 +451,15 @@ class Checkpoint:
         self._by_name: dict[str, TensorEntry] | None = None
         self._cache: dict[str, Any] = {}
         self._cache_lock = threading.Lock()
+
+    @property
+    def root(self) -> Any:
+        """The tree (built on first use when the reader deferred it: `scan` never needs it)."""
+        if isinstance(self._root, LazyRoot):
+            with self._cache_lock:
+                if isinstance(self._root, LazyRoot):
+                    self._root = self._root.build()
+        return self._root
 
     def __enter__(self) -> Checkpoint:
         return self

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ckptview.errors import CkptviewError, CorruptCheckpointError, TruncatedCheckpointError
-from ckptview.readers.model import Checkpoint, FileSource, PickleImport, Storage, TensorInfo
+from ckptview.readers.model import Checkpoint, FileSource, LazyRoot, PickleImport, Storage, TensorInfo
 from ckptview.readers.registry import SAFETENSORS_MAX_HEADER
 from ckptview.readers.remote import source_for
 
@@ -107,15 +107,56 @@ def _prod(shape: tuple[int, ...]) -> int:
 
 def read_safetensors(path: str, size: int, *, trust: bool) -> Checkpoint:
     source = source_for(path)  # a URL reads through ranged requests
-    header, data_start = read_header(source, size)
-    tensors, metadata = parse_tensors(path, header, data_start, size)
-    root: dict[str, TensorInfo] = {}
-    for name, (dtype, shape, begin, end) in sorted(tensors.items(), key=lambda item: item[1][2]):
-        storage = Storage(key=f"{os.path.basename(path)}:{name}", source=source, offset=data_start + begin,
-                          nbytes=end - begin, location="cpu")
-        root[name] = TensorInfo(shape=shape, dtype=dtype, storage=storage, stride=_contiguous_stride(shape))
+    metadata = _metadata_if_valid(path) if isinstance(source, FileSource) else None
+    if metadata is not None:
+        # the safetensors library has checked the header (in Rust, a million tensors in about a
+        # second): the records are made when something lists them, never for `scan`
+        root: Any = LazyRoot(lambda: _records(source, path, *_library_checked(source, path, size)))
+    else:
+        tensors, metadata, data_start = _checked(source, path, size)
+        root = _records(source, path, tensors, data_start)
     return Checkpoint(path, "safetensors", root, file_size=size, sources=[source], metadata=metadata, trust=trust,
                       pickle_imports=_imports_if_read_as_pickle(path, size, source.read(0, 2)))
+
+
+def _checked(source: FileSource, path: str, size: int) -> tuple[dict[str, Any], dict[str, str], int]:
+    header, data_start = read_header(source, size)
+    tensors, metadata = parse_tensors(path, header, data_start, size)
+    return tensors, metadata, data_start
+
+
+def _library_checked(source: FileSource, path: str, size: int) -> tuple[dict[str, Any], int]:
+    """The tensors of a header the safetensors library has validated, without checking it again
+    (ckptview's own checks cost 5 s on a million tensors); a dtype torch lacks takes the full path."""
+    header, data_start = read_header(source, size)
+    try:
+        tensors = {name: (SAFETENSORS_DTYPES[spec["dtype"]], tuple(spec["shape"]), *spec["data_offsets"])
+                   for name, spec in header.items() if name != "__metadata__"}
+    except KeyError:
+        tensors, _ = parse_tensors(path, header, data_start, size)
+    return tensors, data_start
+
+
+def _metadata_if_valid(path: str) -> dict[str, str] | None:
+    """The header's metadata when the safetensors library accepts the file, else None (ckptview's own
+    checks then say what is wrong, or accept what the library is stricter about)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="numpy") as checked:
+            return dict(checked.metadata() or {})
+    except Exception:  # noqa: BLE001 - SafetensorError, or a dtype this safetensors does not know
+        return None
+
+
+def _records(source: FileSource, path: str, tensors: dict[str, Any], data_start: int) -> dict[str, TensorInfo]:
+    root: dict[str, TensorInfo] = {}
+    key_prefix = os.path.basename(path) + ":"
+    for name, (dtype, shape, begin, end) in sorted(tensors.items(), key=lambda item: item[1][2]):
+        storage = Storage(key=key_prefix + name, source=source, offset=data_start + begin, nbytes=end - begin,
+                          location="cpu")
+        root[name] = TensorInfo(shape=shape, dtype=dtype, storage=storage, stride=_contiguous_stride(shape))
+    return root
 
 
 def _imports_if_read_as_pickle(path: str, size: int, head: bytes) -> list[PickleImport]:
