@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import tracemalloc
 from pathlib import Path
@@ -274,3 +275,14 @@ def test_every_cut_of_a_gguf_file_is_refused_or_reads_whole(model: Path, tmp_pat
             assert "\n" not in str(exc)
             continue
         raise AssertionError(f"a GGUF file cut at byte {cut:,} of {len(content):,} opened without complaint")
+
+
+def test_cli_tensors_shows_the_stored_encoding(model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ckptview.cli import main
+
+    assert main(["tensors", str(model)]) == 0
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("blk.0.attn_v.weight"))
+    assert "Q4_K → float32" in line
+    assert main(["tensors", "--json", str(model)]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["blk.0.attn_v.weight"]["encoding"] == "Q4_K" and rows["blk.0.attn_v.weight"]["dtype"] == "float32"

@@ -101,7 +101,9 @@ def _safety_line(data: dict[str, Any]) -> str:
         return f"needs foreign code to load: {names}{more} (run `ckptview scan` for the list)"
     if data["format"] == "torchscript":
         return "TorchScript: torch.jit.load runs the archive's code"
-    return "none needed: loads with torch.load(weights_only=True) / safetensors"
+    if data["format"].startswith("torch"):
+        return "none needed: loads with torch.load(weights_only=True)"
+    return f"none needed: a {data['format']} file holds no pickled code"
 
 
 def tensors(args: argparse.Namespace) -> int:
@@ -110,11 +112,14 @@ def tensors(args: argparse.Namespace) -> int:
         if args.json:
             print_json([
                 {"name": e.name, "shape": list(e.shape), "dtype": dtype_name(e.dtype), "numel": e.numel,
-                 "nbytes": e.nbytes, "device": e.device, "layout": e.layout, "storage_key": e.storage_key}
+                 "nbytes": e.nbytes, "device": e.device, "layout": e.layout, "storage_key": e.storage_key,
+                 "encoding": e.encoding}
                 for e in entries
             ])
             return 0
-        rows = [(e.name, shape_text(e.shape), dtype_name(e.dtype), f"{e.numel:,}", human_bytes(e.nbytes)) for e in entries]
+        # an encoded tensor shows its stored form (Q4_K, int8) and what load() returns
+        rows = [(e.name, shape_text(e.shape), f"{e.encoding} → {dtype_name(e.dtype)}" if e.encoding else dtype_name(e.dtype),
+                 f"{e.numel:,}", human_bytes(e.nbytes)) for e in entries]
         print(text_table(rows, ("name", "shape", "dtype", "params", "size"), align_right=(3, 4)))
         shared = ckpt.tensor_count - len(ckpt.unique_tensors())
         note = f"; {shared} shared with another name, counted once" if shared else ""
