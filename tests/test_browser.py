@@ -250,16 +250,34 @@ def onnx_notebook(workdir: Path) -> str:
     return "onnx.ipynb"
 
 
-def test_explorer_on_an_onnx_file(lab: str, onnx_notebook: str, page) -> None:
-    page.goto(lab.replace("explore.ipynb", onnx_notebook))
+def run_notebook(page, url: str) -> None:
+    """Open a notebook in JupyterLab and run all its cells once its kernel is idle. Run All from the
+    menu, not Shift+Enter: a key press can land before the cell has focus and run nothing."""
+    page.goto(url)
     page.wait_for_selector(".jp-Notebook", timeout=60_000)
-    # the kernel named in the status bar and idle: before that a run request can be dropped
-    page.wait_for_selector("#jp-main-statusbar :text('Python 3 (ipykernel) | Idle')", timeout=60_000)
-    page.locator(".jp-Notebook .jp-Cell").first.click()
-    page.keyboard.press("Shift+Enter")
-    explorer = page.locator(".ckptview-explorer").first
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], #jp-main-statusbar :text('Idle')",
+                           timeout=60_000)
+    name = url.split("?")[0].rsplit("/", 1)[-1]
+    page.locator(".lm-TabBar-tab.lm-mod-current", has_text=name).first.wait_for(timeout=60_000)
+    panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
+    prompt = panel.locator(".jp-InputPrompt").first
+    for _ in range(6):  # with another notebook open, "Idle" may be that notebook's kernel: run until it runs
+        panel.locator(".jp-Cell").first.click()
+        page.locator(".lm-MenuBar-item", has_text=re.compile("^Run$")).first.click()
+        page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and prompt.inner_text().strip() in ("[ ]:", ""):
+            page.wait_for_timeout(250)
+        if prompt.inner_text().strip() not in ("[ ]:", ""):
+            return
+    raise AssertionError("JupyterLab never ran the notebook's cell")
+
+
+def test_explorer_on_an_onnx_file(lab: str, onnx_notebook: str, page) -> None:
+    run_notebook(page, lab.replace("explore.ipynb", onnx_notebook))
+    explorer = page.locator(".ckptview-explorer:visible").first
     explorer.wait_for(timeout=90_000)
-    page.get_by_text("parameters by module").first.wait_for(timeout=30_000)
+    explorer.get_by_text("parameters by module").first.wait_for(timeout=30_000)
     header = explorer.inner_text()
     assert "cnn.onnx" in header and "onnx" in header and "error" not in header.lower()
     page.screenshot(path=str(ARTIFACTS / "lab-onnx-overview.png"))
@@ -270,14 +288,14 @@ def test_explorer_on_an_onnx_file(lab: str, onnx_notebook: str, page) -> None:
     regex.press("Enter")
     explorer.get_by_text("rows 1–4 of 4").wait_for(timeout=30_000)
     explorer.locator(".ckptview-rows select").select_option(index=0)
-    page.get_by_text("histogram of bn1.").first.wait_for(timeout=30_000)
+    explorer.get_by_text("histogram of bn1.").first.wait_for(timeout=30_000)
     assert "BatchNorm" in explorer.inner_text()
     page.screenshot(path=str(ARTIFACTS / "lab-onnx-tensors.png"))
 
     tab(explorer, "Statistics").click()
     explorer.get_by_text("findings on").wait_for(timeout=60_000)
     assert 'class="ckptview-banner-error"' not in explorer.inner_html()
-    page.get_by_text("per-tensor std and abs-max by depth").first.wait_for(timeout=30_000)
+    explorer.get_by_text("per-tensor std and abs-max by depth").first.wait_for(timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "lab-onnx-statistics.png"))
 
 
@@ -296,16 +314,10 @@ def gguf_notebook(workdir: Path) -> str:
 
 
 def test_explorer_on_a_gguf_file(lab: str, gguf_notebook: str, page) -> None:
-    page.goto(lab.replace("explore.ipynb", gguf_notebook))
-    page.wait_for_selector(".jp-Notebook", timeout=60_000)
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], #jp-main-statusbar :text('Idle')",
-                           timeout=60_000)
-    page.locator(".jp-Notebook .jp-Cell").first.click()
-    page.locator(".lm-MenuBar-item", has_text=re.compile("^Run$")).first.click()
-    page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
-    explorer = page.locator(".ckptview-explorer").first
+    run_notebook(page, lab.replace("explore.ipynb", gguf_notebook))
+    explorer = page.locator(".ckptview-explorer:visible").first
     explorer.wait_for(timeout=90_000)
-    page.get_by_text("parameters by module").first.wait_for(timeout=30_000)
+    explorer.get_by_text("parameters by module").first.wait_for(timeout=30_000)
     overview = explorer.inner_text()
     assert "llama.gguf" in overview and "gguf" in overview and "error" not in overview.lower()
     assert "tokenizer.ggml.tokens" in overview and "300 × string" in overview  # the metadata table
@@ -317,7 +329,7 @@ def test_explorer_on_a_gguf_file(lab: str, gguf_notebook: str, page) -> None:
     regex.press("Enter")
     explorer.get_by_text("rows 1–3 of 3").wait_for(timeout=30_000)
     explorer.locator(".ckptview-rows select").select_option(index=0)
-    page.get_by_text("histogram of blk.0.attn_v.weight").first.wait_for(timeout=30_000)
+    explorer.get_by_text("histogram of blk.0.attn_v.weight").first.wait_for(timeout=30_000)
     text = explorer.inner_text()
     assert "Q4_K" in text and "attention.v" in text and "float32 (stored as Q4_K)" in text
     page.screenshot(path=str(ARTIFACTS / "lab-gguf-tensors.png"), full_page=True)
@@ -325,5 +337,5 @@ def test_explorer_on_a_gguf_file(lab: str, gguf_notebook: str, page) -> None:
     tab(explorer, "Statistics").click()
     explorer.get_by_text("findings on").wait_for(timeout=60_000)
     assert 'class="ckptview-banner-error"' not in explorer.inner_html()
-    page.get_by_text("per-tensor std and abs-max by depth").first.wait_for(timeout=30_000)
+    explorer.get_by_text("per-tensor std and abs-max by depth").first.wait_for(timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "lab-gguf-statistics.png"), full_page=True)
