@@ -88,3 +88,28 @@ def test_console_script_runs(cnn_state_dict_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "ckptview", "info", "--json", str(cnn_state_dict_path)],
                             capture_output=True, text=True, check=True)
     assert json.loads(result.stdout)["format"] == "torch-zip"
+
+
+def test_scan_and_info_over_many_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    zoo = tmp_path / "zoo"
+    (zoo / "sub").mkdir(parents=True)
+    torch.save({"w": torch.ones(2)}, zoo / "a.pt")
+    torch.save({"w": torch.ones(3)}, zoo / "b.pt")
+    marker = tmp_path / "ran"
+    (zoo / "sub" / "evil.pt").write_bytes(
+        b"\x80\x02cos\nsystem\n" + b"\x8c" + bytes([len(f"touch {marker}")]) + f"touch {marker}".encode() + b"\x85R.")
+    (zoo / "config.json").write_text("{}")  # not a checkpoint: not reported when the folder is walked
+    assert main(["scan", str(zoo / "a.pt"), str(zoo / "sub" / "evil.pt"), str(zoo / "b.pt")]) == 3
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and "evil.pt: NEEDS CODE: imports os.system" in lines[1] and "a.pt: no foreign code" in lines[0]
+    assert main(["scan", "--json", str(zoo)]) == 3
+    records = json.loads(capsys.readouterr().out)
+    assert [Path(r["path"]).name for r in records] == ["a.pt", "b.pt", "evil.pt"]
+    assert [r["needs_code"] for r in records] == [False, False, True]
+    (zoo / "cut.pt").write_bytes(b"PK\x03\x04junk")
+    assert main(["scan", str(zoo / "a.pt"), str(zoo / "cut.pt")]) == 1  # unreadable: 1, worse than 0
+    capsys.readouterr()
+    assert main(["info", "--json", str(zoo / "a.pt"), str(zoo / "cut.pt")]) == 1
+    first, second = json.loads(capsys.readouterr().out)
+    assert first["tensor_count"] == 1 and "cut off" in second["error"]
+    assert not marker.exists()

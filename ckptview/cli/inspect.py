@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import ckptview
 from ckptview.analyzers.sections import find_sections, pickled_modules
 from ckptview.analyzers.training import training_state
 from ckptview.cli import add_path_command, print_json
-from ckptview.errors import printable
+from ckptview.errors import CkptviewError, printable
 from ckptview.present.text import dtype_name, human_bytes, human_count, shape_text, text_table
 from ckptview.readers.model import Checkpoint
 
@@ -18,11 +20,69 @@ EXIT_NEEDS_CODE = 3
 
 
 def add_commands(subparsers: Any) -> None:
-    add_path_command(subparsers, "info", "format, size, sections and totals of a checkpoint").set_defaults(func=info)
+    _many_paths(add_path_command(subparsers, "info", "format, size, sections and totals of a checkpoint; with "
+                                                     "several paths (or a folder), one line each")).set_defaults(func=info)
     add_path_command(subparsers, "tensors", "every tensor: name, shape, dtype, parameters, size").set_defaults(func=tensors)
-    add_path_command(subparsers, "scan", "list the code (pickle imports) a file wants to run; exit 3 if any").set_defaults(func=scan)
+    _many_paths(add_path_command(subparsers, "scan", "list the code (pickle imports) a file wants to run; exit 3 if "
+                                                     "any. Several paths or folders: one line each, the worst exit "
+                                                     "status (3 over 1 over 0)")).set_defaults(func=scan)
     add_path_command(subparsers, "training", "optimizer groups and state by parameter name, schedulers, progress, "
                                              "hyper-parameters").set_defaults(func=training)
+
+
+def _many_paths(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    for action in command._actions:
+        if action.dest == "path":
+            action.nargs = "+"
+            action.help = "checkpoint files, *.index.json, or folders (a folder that is no checkpoint itself is walked)"
+    return command
+
+
+# What a walked folder's files are checked for: content decides the format, this only picks files
+# (a config.json or README beside the weights is not a checkpoint to report on).
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl", ".safetensors", ".index.json", ".onnx",
+                        ".gguf", ".npy", ".npz", ".engine", ".plan", ".h5", ".keras", ".tflite")
+
+
+def expand_paths(paths: list[str]) -> list[str]:
+    """The checkpoints the command-line paths name: files as given; a folder that is a checkpoint
+    itself (DCP, a sharded set) as one; any other folder walked for checkpoint files, sorted."""
+    expanded: list[str] = []
+    for path in paths:
+        if not os.path.isdir(path) or _is_checkpoint_folder(path):
+            expanded.append(path)
+            continue
+        for folder, folders, files in os.walk(path):
+            folders.sort()
+            found = [name for name in folders if _is_checkpoint_folder(os.path.join(folder, name))]
+            expanded.extend(os.path.join(folder, name) for name in found)
+            folders[:] = [name for name in folders if name not in found and not name.startswith(".")]
+            expanded.extend(os.path.join(folder, name) for name in sorted(files)
+                            if name.lower().endswith(_CHECKPOINT_SUFFIXES))
+    return expanded
+
+
+def _is_checkpoint_folder(path: str) -> bool:
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return ".metadata" in names or sum(name.endswith(".index.json") for name in names) == 1
+
+
+def _each(paths: list[str], trust: bool) -> Iterator[tuple[str, Checkpoint | None, CkptviewError | None]]:
+    for path in paths:
+        try:
+            ckpt = ckptview.open(path, trust=trust)
+        except CkptviewError as error:
+            yield path, None, error
+            continue
+        with ckpt:
+            yield path, ckpt, None
+
+
+def _worst(codes: list[int]) -> int:
+    return max(codes, key=lambda code: {3: 2, 1: 1}.get(code, 0), default=0)
 
 
 def info_data(ckpt: Checkpoint) -> dict[str, Any]:
@@ -56,6 +116,10 @@ def needs_code(ckpt: Checkpoint) -> bool:
 
 
 def info(args: argparse.Namespace) -> int:
+    paths = expand_paths(args.path)
+    if paths != args.path or len(paths) > 1:  # several files, or a folder walked: one line each
+        return _info_many(paths, args)
+    args.path = paths[0]
     with ckptview.open(args.path, trust=args.trust) as ckpt:
         data = info_data(ckpt)
         if ckpt.format == "torchscript" and args.trust:
@@ -128,14 +192,37 @@ def tensors(args: argparse.Namespace) -> int:
     return 0
 
 
+def _info_many(paths: list[str], args: argparse.Namespace) -> int:
+    """One line per file (`--json`: a list of `info --json` objects, or {"path", "error"})."""
+    records, codes = [], []
+    for path, ckpt, error in _each(paths, args.trust):
+        if ckpt is None:
+            records.append({"path": path, "error": str(error)})
+            codes.append(1)
+            if not args.json:
+                print(f"{printable(path)}: error: {error.reason if error else ''}")
+            continue
+        data = info_data(ckpt)
+        records.append(data)
+        codes.append(0)
+        if not args.json:
+            print(f"{printable(path)}: {data['format']}, {human_bytes(data['file_size'])}, {data['tensor_count']:,} "
+                  f"tensors, {human_count(data['parameter_count'])} elements; code: {_safety_line(data)}")
+    if args.json:
+        print_json(records)
+    return _worst(codes)
+
+
 def scan(args: argparse.Namespace) -> int:
+    paths = expand_paths(args.path)
+    if paths != args.path or len(paths) > 1:  # several files, or a folder walked: one line each
+        return _scan_many(paths, args)
+    args.path = paths[0]
     with ckptview.open(args.path, trust=args.trust) as ckpt:
-        imports = [{"name": imp.name, "count": imp.count} for imp in ckpt.pickle_imports]
-        code_files = ckpt.details.get("code_files", [])
-        verdict = needs_code(ckpt)
+        record = _scan_record(ckpt)
+        imports, code_files, verdict = record["imports"], record["torchscript_code"], record["needs_code"]
         if args.json:
-            print_json({"path": ckpt.path, "format": ckpt.format, "needs_code": verdict, "imports": imports,
-                        "torchscript_code": code_files})
+            print_json(record)
         elif imports:
             print(f"{printable(ckpt.path)}: the pickle imports {len(imports)} global(s) outside the allow-list; torch.load("
                   "weights_only=False) would import and may call them:")
@@ -148,6 +235,41 @@ def scan(args: argparse.Namespace) -> int:
             print(f"{printable(ckpt.path)}: needs no foreign code ({ckpt.format}); safe to load with torch.load(weights_only=True)"
                   if ckpt.format.startswith("torch") else f"{printable(ckpt.path)}: needs no foreign code ({ckpt.format})")
     return EXIT_NEEDS_CODE if verdict else 0
+
+
+def _scan_record(ckpt: Checkpoint) -> dict[str, Any]:
+    return {"path": ckpt.path, "format": ckpt.format, "needs_code": needs_code(ckpt),
+            "imports": [{"name": imp.name, "count": imp.count} for imp in ckpt.pickle_imports],
+            "torchscript_code": ckpt.details.get("code_files", [])}
+
+
+def _scan_many(paths: list[str], args: argparse.Namespace) -> int:
+    """One line per file, the worst exit status: a pre-commit hook or CI gate over a model folder."""
+    records, codes = [], []
+    for path, ckpt, error in _each(paths, args.trust):
+        if ckpt is None:
+            records.append({"path": path, "error": str(error), "needs_code": None})
+            codes.append(1)
+            line = f"error: {error.reason if error else ''}"
+        else:
+            record = _scan_record(ckpt)
+            records.append(record)
+            codes.append(EXIT_NEEDS_CODE if record["needs_code"] else 0)
+            names = [imp["name"] for imp in record["imports"]]
+            if names:
+                line = f"NEEDS CODE: imports {', '.join(names[:5])}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            elif record["needs_code"]:
+                line = "NEEDS CODE: a TorchScript archive (torch.jit.load runs its code)"
+            else:
+                line = f"no foreign code ({record['format']})"
+        if not args.json:
+            print(f"{printable(path)}: {printable(line)}")
+    if args.json:
+        print_json(records)
+    elif len(paths) > 1:
+        print(f"{len(paths)} files: {codes.count(EXIT_NEEDS_CODE)} need code, {codes.count(1)} could not be read, "
+              f"{codes.count(0)} need none")
+    return _worst(codes)
 
 
 def training(args: argparse.Namespace) -> int:
