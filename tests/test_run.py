@@ -278,3 +278,30 @@ def test_run_view_shows_metrics_heatmap_onset_and_opens_a_checkpoint(run_folder:
 def test_run_view_shows_the_error_for_a_missing_folder(tmp_path: Path) -> None:
     view = ckptview.explore_run(tmp_path / "nowhere")
     assert "no such file or folder" in view.banner.value and view.summary is None
+
+
+def test_each_tensor_is_read_once(run_folder: Path, local_summary: ckptview.RunSummary,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from collections import Counter
+
+    from ckptview.analyzers import run_tasks
+    from ckptview.readers import model
+
+    reads: Counter[tuple[str, str]] = Counter()
+    real = model.iter_tensor_chunks
+
+    def counting(info, name, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - a spy on the real reader
+        reads[(Path(info.storage.source.path).name, info.storage.key)] += 1
+        return real(info, name, *args, **kwargs)
+
+    monkeypatch.setattr(model, "iter_tensor_chunks", counting)
+    summary = ckptview.open_run(run_folder, cache=False, workers=1).analyze(progress=False)
+    assert json.dumps(summary.to_dict()) == json.dumps(local_summary.to_dict())
+    chain_starts = {chain[0] for chain in run_tasks.plan_chains(list(range(EPOCHS)), 1)} - {0}
+    for epoch in range(1, EPOCHS + 1):
+        with ckptview.open(run_folder / f"epoch_{epoch}.pt") as ckpt:
+            model_keys = {entry.storage_key for entry in run_tasks._model(ckpt).values()}
+            float_keys = {row.entry.storage_key for row in run_tasks._tensor_rows(ckpt)}
+        again = epoch in chain_starts  # the last file of a chain is read again as the previous of the next chain
+        expected = {key: 1 + (again and key in model_keys) for key in float_keys}
+        assert {key: n for (file, key), n in reads.items() if file == f"epoch_{epoch}.pt"} == expected

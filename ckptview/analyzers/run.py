@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptview.analyzers.run_engine import Cancel, Progress, RunCache, default_cache_dir, engine_for
-from ckptview.analyzers.run_tasks import OPEN_CHECKPOINTS, FileId, Scan, file_id, scan, summarize
+from ckptview.analyzers.run_tasks import (FIRST_CHECKPOINTS, OPEN_CHECKPOINTS, FileId, Scan, file_id, plan_chains, scan,
+                                         summarize_chain)
 from ckptview.analyzers.training import BUFFER_LEAVES
 from ckptview.errors import CheckpointNotFoundError
 from ckptview.readers.remote import is_url
@@ -642,12 +643,19 @@ def analyze_run(run: Run, *, engine: Any = "local", workers: int | None = None, 
     if todo:
         try:
             with engine_for(engine, workers) as runner:
-                computed = runner.map(summarize, [calls[i] for i in todo], progress=progress, cancel=cancel,
-                                      desc="checkpoints")
+                chains = plan_chains(todo, runner.workers)
+                chain_calls = [(tuple(ids[i] for i in chain), calls[chain[0]][1], calls[chain[0]][2], run.trust)
+                               for chain in chains]
+                computed = runner.map(summarize_chain, chain_calls, progress=progress, cancel=cancel,
+                                      desc="checkpoints", weights=[len(chain) for chain in chains])
         finally:
             OPEN_CHECKPOINTS.clear()
-        for i, table in zip(todo, computed):
-            tables[i] = table
+            FIRST_CHECKPOINTS.clear()
+        for chain, chain_tables in zip(chains, computed):
+            for i, table in zip(chain, chain_tables):
+                tables[i] = table
+        for i in todo:
+            table = tables[i]
             if run.cache is not None:
                 checkpoint = run.checkpoints[i]
                 run.cache.store(Scan(checkpoint.id, checkpoint.format, checkpoint.epoch, checkpoint.step,

@@ -63,10 +63,10 @@ class _Reporter:
 
             self.bar = tqdm(total=total, desc=desc, unit="file", leave=False)
 
-    def step(self) -> None:
-        self.done += 1
+    def step(self, count: int = 1) -> None:
+        self.done += count
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(count)
         if self.callback is not None:
             self.callback(self.done, self.total)
 
@@ -91,16 +91,19 @@ class LocalEngine:
         self.workers = max(1, workers or os.cpu_count() or 1)
 
     def map(self, function: Callable[..., Any], calls: Sequence[tuple[Any, ...]], *, progress: Progress = False,
-            cancel: Cancel = None, desc: str = "run") -> list[Any]:
+            cancel: Cancel = None, desc: str = "run", weights: Sequence[int] | None = None) -> list[Any]:
+        """`function(*call)` for each call, in order; progress counts `weights[i]` (files) when call i ends."""
         results: list[Any] = [None] * len(calls)
-        reporter = _Reporter(progress, len(calls), desc)
+        weights = weights or [1] * len(calls)
+        reporter = _Reporter(progress, sum(weights), desc)
         with ThreadPoolExecutor(max_workers=min(self.workers, max(1, len(calls))),
                                 thread_name_prefix="ckptview-run") as pool:
             futures = {pool.submit(call_task, function, *args): i for i, args in enumerate(calls)}
             try:
                 for future in as_completed(futures):
-                    results[futures[future]] = _unwrap(future.result())
-                    reporter.step()
+                    index = futures[future]
+                    results[index] = _unwrap(future.result())
+                    reporter.step(weights[index])
                     if _cancelled(cancel):
                         raise CancelledError()
             except BaseException:  # cancel, an error or Ctrl-C: drop the queued tasks, let running ones end
@@ -120,8 +123,13 @@ class DaskEngine:
     def __init__(self, client: Any) -> None:
         self.client = client
 
+    @property
+    def workers(self) -> int:
+        return max(1, len(self.client.scheduler_info().get("workers", {})))
+
     def map(self, function: Callable[..., Any], calls: Sequence[tuple[Any, ...]], *, progress: Progress = False,
-            cancel: Cancel = None, desc: str = "run") -> list[Any]:
+            cancel: Cancel = None, desc: str = "run", weights: Sequence[int] | None = None) -> list[Any]:
+        """`function(*call)` for each call, in order; progress counts `weights[i]` (files) when call i ends."""
         from distributed import as_completed as dask_completed
 
         if not calls:
@@ -130,11 +138,13 @@ class DaskEngine:
         futures = self.client.map(call_task, [function] * len(calls), *columns, pure=False)
         position = {future.key: i for i, future in enumerate(futures)}
         results: list[Any] = [None] * len(calls)
-        reporter = _Reporter(progress, len(calls), desc)
+        weights = weights or [1] * len(calls)
+        reporter = _Reporter(progress, sum(weights), desc)
         try:
             for future in dask_completed(futures):
-                results[position[future.key]] = _unwrap(future.result())
-                reporter.step()
+                index = position[future.key]
+                results[index] = _unwrap(future.result())
+                reporter.step(weights[index])
                 if _cancelled(cancel):
                     raise CancelledError()
         except BaseException:

@@ -23,7 +23,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -271,16 +271,212 @@ class _OpenCheckpoints:
 OPEN_CHECKPOINTS = _OpenCheckpoints()
 
 
-def summarize(cur: FileId, prev: FileId | None, first: FileId | None, trust: bool = False) -> dict[str, list[Any]]:
+# A checkpoint whose floating-point tensors take at most this is read whole into memory and its
+# model tensors kept for the next checkpoint of the chain (as its previous) and, for the first, for
+# every task: each file is then read once. A larger one is streamed in chunks beside its previous
+# and first checkpoint, read again from the file, in memory bounded by a few chunks.
+HOLD_BYTES = 256 * 2**20
+
+
+@dataclass
+class _Row:
+    """A floating-point tensor of a checkpoint and what its row says about it."""
+
+    entry: TensorEntry
+    name: str
+    part: str
+    param: str = ""
+    slot: str = ""
+
+
+def _tensor_rows(ckpt: Checkpoint) -> list[_Row]:
+    """The checkpoint's readable floating-point tensors: its model's (by state-dict name), then the others by path."""
+    def compute() -> list[_Row]:
+        model = _model(ckpt)
+        rows = [_Row(entry, name, "model") for name, entry in model.items() if _readable_float(entry)]
+        model_paths = {entry.path for entry in model.values()}
+        param_names = _optimizer_names(ckpt)
+        for path, info in walk_tensors(ckpt.root):
+            if path in model_paths:
+                continue
+            entry = TensorEntry(dotted_name(path), info, path)
+            owner = path[:-1]
+            if not _readable_float(entry) or (owner in param_names and path[-1] == "step"):
+                continue  # Adam's step counter is a float tensor, not a moment
+            if owner in param_names:
+                rows.append(_Row(entry, entry.name, "optimizer", param_names[owner], str(path[-1])))
+            else:
+                rows.append(_Row(entry, entry.name, "other"))
+        return rows
+
+    return ckpt.cached("run:tensor_rows", compute)
+
+
+def _fits_in_memory(rows: list[_Row]) -> bool:
+    return (all(row.entry.info.is_contiguous() for row in rows)
+            and sum(row.entry.nbytes for row in rows) <= HOLD_BYTES)
+
+
+# Model tensors of one checkpoint in memory, by state-dict name: (shape, the values as a flat tensor).
+Held = dict[str, tuple[tuple[int, ...], torch.Tensor]]
+
+
+def _read_whole(entry: TensorEntry, buffer: torch.Tensor) -> torch.Tensor:
+    """The tensor's values as a flat tensor of its dtype, read into `buffer` (uint8, its byte size) in one read."""
+    if entry.numel == 0:
+        return torch.empty(0, dtype=entry.dtype)
+    return next(iter(entry.iter_chunks(max(entry.nbytes, 1), buffer=buffer)))
+
+
+def _read_model(rows: list[_Row], buffer: torch.Tensor | None = None) -> tuple[Held, torch.Tensor]:
+    """The model rows' values, read into `buffer` (replaced when too small), and the buffer they are in."""
+    model = [row for row in rows if row.part == "model"]
+    total = sum(row.entry.nbytes for row in model)
+    space = buffer if buffer is not None and buffer.numel() >= total else torch.empty(total, dtype=torch.uint8)
+    held: Held = {}
+    offset = 0
+    for row in model:
+        held[row.name] = (row.entry.shape, _read_whole(row.entry, space[offset:offset + row.entry.nbytes]))
+        offset += row.entry.nbytes
+    return held, space
+
+
+class _FirstCheckpoints:
+    """The first checkpoint's model tensors, read once per process and shared by every chain (a few runs' worth)."""
+
+    def __init__(self, capacity: int = 2) -> None:
+        self.capacity = capacity
+        self._held: OrderedDict[tuple[FileId, bool], Held | None] = OrderedDict()
+        self._lock = threading.Lock()  # held while reading: a second chain waits for the first's read
+
+    def get(self, fid: FileId, trust: bool, compute: Any) -> Held | None:
+        with self._lock:
+            key = (fid, trust)
+            if key not in self._held:
+                self._held[key] = compute()
+                while len(self._held) > self.capacity:
+                    self._held.popitem(last=False)
+            self._held.move_to_end(key)
+            return self._held[key]
+
+    def put(self, fid: FileId, trust: bool, held: Held) -> None:
+        with self._lock:
+            self._held[(fid, trust)] = {name: (shape, values.clone()) for name, (shape, values) in held.items()}
+            while len(self._held) > self.capacity:
+                self._held.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._held.clear()
+
+
+FIRST_CHECKPOINTS = _FirstCheckpoints()
+
+
+def plan_chains(indices: list[int], workers: int) -> list[list[int]]:
     """
-    One checkpoint's tensors, read once: a column-wise table (`COLUMNS`) with a row per floating-point
-    tensor. `part` is "model" (named as `model.state_dict()` names it), "optimizer" (with the
-    parameter it belongs to, when known, and its slot, e.g. "exp_avg_sq") or "other". Moments are
-    over the finite values (`kernels.moments`); `prev_dd`/`prev_aa` are the sums of (cur - prev)**2 and
-    prev**2 over positions finite on both sides (NaN where the previous checkpoint has no tensor
-    of that name and shape), `first_*` the same against the first checkpoint.
+    Consecutive run positions cut into chains, one task each: a chain reads each of its files once
+    and keeps the model tensors of one for the next, so only a chain's first file reads its previous
+    checkpoint again. About four chains per worker: enough to balance the workers and to see
+    progress and cancel between chains, few enough that re-read previous checkpoints cost ~1 %.
+    """
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and runs[-1][-1] == index - 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    length = max(1, math.ceil(len(indices) / (4 * max(1, workers))))
+    return [run[start:start + length] for run in runs for start in range(0, len(run), length)]
+
+
+def summarize_chain(ids: tuple[FileId, ...], prev: FileId | None, first: FileId | None,
+                    trust: bool = False) -> list[dict[str, list[Any]]]:
+    """
+    `summarize` for consecutive checkpoints `ids` of a run, each read once: the model tensors of one
+    are kept in memory as the next one's previous, and the first checkpoint's once per process.
+    `prev`: the checkpoint before `ids[0]`; `first`: the run's first, None when `ids[0]` is it.
+    Results equal `summarize` on each checkpoint with its previous and first.
     """
     from ckptview.analyzers import kernels  # numba takes ~0.25 s to import; `import ckptview` should not pay it
+
+    tables = []
+    last: tuple[FileId, Held] | None = None  # the previous checkpoint of this chain, in memory
+    spare: list[torch.Tensor | None] = [None, None]  # model buffers: one is read into, one holds the previous
+    buffers = ScratchBuffers()
+    for position, cur in enumerate(ids):
+        p = prev if position == 0 else ids[position - 1]
+        f = first if first is not None else (ids[0] if position else None)
+        with OPEN_CHECKPOINTS.use(cur, trust) as ckpt:
+            rows = _tensor_rows(ckpt)
+            sides = _held_sides(rows, p, f, last, trust)
+            if sides is None:  # this checkpoint, its previous or the first is too large to hold: streamed
+                tables.append(summarize(cur, p, f, trust))
+                last = None
+                continue
+            prev_held, first_held = sides
+            held, spare[position % 2] = _read_model(rows, spare[position % 2])
+            if f is None:
+                FIRST_CHECKPOINTS.put(cur, trust, held)
+            table = _new_table()
+            for row in rows:
+                values = held[row.name][1] if row.part == "model" else _read_whole(
+                    row.entry, buffers.get("read rest", row.entry.nbytes, torch.uint8))
+                prev_values = first_values = None
+                if row.part == "model":
+                    prev_values = _same_held(prev_held, row)
+                    first_values = prev_values if first_held is prev_held else _same_held(first_held, row)
+                _add_row(table, kernels, buffers, row, values, prev_values, first_values)
+            tables.append(table)
+            last = (cur, held)
+    return tables
+
+
+def _held_of(fid: FileId, trust: bool) -> Held | None:
+    """A checkpoint's model tensors read into memory, or None when it is too large to hold (then it is streamed)."""
+    with OPEN_CHECKPOINTS.use(fid, trust) as ckpt:
+        rows = _tensor_rows(ckpt)
+        return _read_model(rows)[0] if _fits_in_memory(rows) else None
+
+
+def _held_sides(rows: list[_Row], prev: FileId | None, first: FileId | None, last: tuple[FileId, Held] | None,
+                trust: bool) -> tuple[Held | None, Held | None] | None:
+    """The previous and first checkpoints' model tensors in memory (the chain's last one, or read now), or
+    None when one of the three checkpoints is too large to hold."""
+    if not _fits_in_memory(rows):
+        return None
+    prev_held = None
+    if prev is not None:
+        prev_held = last[1] if last is not None and last[0] == prev else _held_of(prev, trust)
+        if prev_held is None:
+            return None
+    if first is None or first == prev:
+        return prev_held, prev_held
+    first_held = FIRST_CHECKPOINTS.get(first, trust, lambda: _held_of(first, trust))
+    return None if first_held is None else (prev_held, first_held)
+
+
+def _same_held(held: Held | None, row: _Row) -> torch.Tensor | None:
+    found = held.get(row.name) if held is not None else None
+    return found[1] if found is not None and found[0] == row.entry.shape else None
+
+
+def _new_table() -> dict[str, list[Any]]:
+    return {column: [] for column in COLUMNS}
+
+
+def summarize(cur: FileId, prev: FileId | None, first: FileId | None, trust: bool = False) -> dict[str, list[Any]]:
+    """
+    One checkpoint's tensors, streamed in chunks: a column-wise table (`COLUMNS`) with a row per
+    floating-point tensor. `part` is "model" (named as `model.state_dict()` names it), "optimizer"
+    (with the parameter it belongs to, when known, and its slot, e.g. "exp_avg_sq") or "other".
+    Moments are over the finite values (`kernels.moments`); `prev_dd`/`prev_aa` are the sums of
+    (cur - prev)**2 and prev**2 over positions finite on both sides (NaN where the previous
+    checkpoint has no tensor of that name and shape), `first_*` the same against the first
+    checkpoint. The previous and first checkpoints are read beside it, chunk by chunk: memory stays
+    bounded by a few chunks whatever the checkpoints' size (`summarize_chain` holds small ones instead).
+    """
+    from ckptview.analyzers import kernels
 
     with contextlib.ExitStack() as stack:
         ckpt = stack.enter_context(OPEN_CHECKPOINTS.use(cur, trust))
@@ -289,24 +485,13 @@ def summarize(cur: FileId, prev: FileId | None, first: FileId | None, trust: boo
             first_model = prev_model
         else:
             first_model = _model(stack.enter_context(OPEN_CHECKPOINTS.use(first, trust))) if first else {}
-        table: dict[str, list[Any]] = {column: [] for column in COLUMNS}
+        table = _new_table()
         buffers = ScratchBuffers()
-        model = _model(ckpt)
-        model_paths = {entry.path for entry in model.values()}
-        for name, entry in model.items():
-            if _readable_float(entry):
-                _add_row(table, kernels, buffers, entry, name, "model", "", "", _same(prev_model.get(name), entry),
-                         _same(first_model.get(name), entry))
-        param_names = ckpt.cached("run:optimizer_names", lambda: _optimizer_names(ckpt))
-        for path, info in walk_tensors(ckpt.root):
-            if path in model_paths:
-                continue
-            entry = TensorEntry(dotted_name(path), info, path)
-            owner = path[:-1]
-            if not _readable_float(entry) or (owner in param_names and path[-1] == "step"):
-                continue  # Adam's step counter is a float tensor, not a moment
-            part, param, slot = ("optimizer", param_names[owner], str(path[-1])) if owner in param_names else ("other", "", "")
-            _add_row(table, kernels, buffers, entry, entry.name, part, param, slot, None, None)
+        for row in _tensor_rows(ckpt):
+            prev_entry = first_entry = None
+            if row.part == "model":
+                prev_entry, first_entry = _same(prev_model.get(row.name), row.entry), _same(first_model.get(row.name), row.entry)
+            _add_row(table, kernels, buffers, row, row.entry, prev_entry, first_entry)
     return table
 
 
@@ -345,8 +530,16 @@ def _work_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _chunks(entry: TensorEntry, buffer: torch.Tensor) -> Iterator[torch.Tensor]:
-    return entry.iter_chunks(CHUNK_ELEMENTS * entry.dtype.itemsize, buffer=buffer)
+# Values of a tensor: a `TensorEntry` (streamed from its file) or a flat tensor already in memory.
+Values = Union[TensorEntry, torch.Tensor]
+
+
+def _chunks(values: Values, buffers: ScratchBuffers, purpose: str) -> Iterator[torch.Tensor]:
+    # The same chunks either way, so the kernels sum in the same order and the results are equal.
+    if isinstance(values, torch.Tensor):
+        return (values[start:start + CHUNK_ELEMENTS] for start in range(0, values.numel(), CHUNK_ELEMENTS))
+    size = CHUNK_ELEMENTS * values.dtype.itemsize
+    return values.iter_chunks(size, buffer=buffers.get(purpose, size, torch.uint8))
 
 
 def _as(chunk: torch.Tensor, buffers: ScratchBuffers, purpose: str, dtype: torch.dtype) -> np.ndarray:
@@ -357,9 +550,10 @@ def _as(chunk: torch.Tensor, buffers: ScratchBuffers, purpose: str, dtype: torch
     return kernels.bit_patterns(chunk)
 
 
-def _add_row(table: dict[str, list[Any]], kernels: Any, buffers: ScratchBuffers, entry: TensorEntry, name: str,
-             part: str, param: str, slot: str, prev: TensorEntry | None, first: TensorEntry | None) -> None:
-    dtype = _work_dtype(*(e.dtype for e in (entry, prev, first) if e is not None))
+def _add_row(table: dict[str, list[Any]], kernels: Any, buffers: ScratchBuffers, row: _Row, values: Values,
+             prev: Values | None, first: Values | None) -> None:
+    entry = row.entry
+    dtype = _work_dtype(*(v.dtype for v in (values, prev, first) if v is not None))
     acc, keys = kernels.new_moments()
     samples = np.empty(0, dtype=np.float64 if dtype == torch.float64 else np.float32)
     prev_sums = np.zeros(kernels.DIFF_SLOTS) if prev is not None else None
@@ -368,9 +562,8 @@ def _add_row(table: dict[str, list[Any]], kernels: Any, buffers: ScratchBuffers,
     sides = [(prev, prev_sums)] if prev is not None else []
     if first is not None and first is not prev:
         sides.append((first, first_sums))
-    streams = [_chunks(entry, buffers.get("read cur", CHUNK_ELEMENTS * entry.dtype.itemsize, torch.uint8))]
-    streams += [_chunks(side, buffers.get(f"read {i}", CHUNK_ELEMENTS * side.dtype.itemsize, torch.uint8))
-                for i, (side, _) in enumerate(sides)]
+    streams = [_chunks(values, buffers, "read cur")]
+    streams += [_chunks(side, buffers, f"read {i}") for i, (side, _) in enumerate(sides)]
     for chunks in zip(*streams):
         bits = _as(chunks[0], buffers, "work cur", dtype)
         kernels.moments(bits, acc, keys, samples, 0, 0)
@@ -381,8 +574,8 @@ def _add_row(table: dict[str, list[Any]], kernels: Any, buffers: ScratchBuffers,
     low, high = (kernels.key_to_float(k, width) for k in keys.tolist()) if count else (math.nan, math.nan)
     prev_dd, prev_aa = (float(prev_sums[1]), float(prev_sums[2])) if prev_sums is not None else (math.nan, math.nan)
     first_dd, first_aa = (float(first_sums[1]), float(first_sums[2])) if first_sums is not None else (math.nan, math.nan)
-    row = (name, part, param, slot, str(entry.dtype).removeprefix("torch."), entry.numel, int(count),
-           mean if count else math.nan, m2, low, high, int(nan), int(posinf), int(neginf),
-           prev_dd, prev_aa, first_dd, first_aa)
-    for column, value in zip(COLUMNS, row):
+    cells = (row.name, row.part, row.param, row.slot, str(entry.dtype).removeprefix("torch."), entry.numel, int(count),
+             mean if count else math.nan, m2, low, high, int(nan), int(posinf), int(neginf),
+             prev_dd, prev_aa, first_dd, first_aa)
+    for column, value in zip(COLUMNS, cells):
         table[column].append(value)
