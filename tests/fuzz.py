@@ -316,6 +316,16 @@ sys.path.insert(0, sys.argv[1])
 import ckptview
 from ckptview.cli import main as cli
 from ckptview.errors import CkptviewError
+canary_path = sys.argv[2]
+
+
+def canary():
+    # a real file read after every input: one file must never change how the next is read
+    with ckptview.open(canary_path) as ckpt:
+        return [(e.name, str(e.dtype), e.shape, e.load().double().sum().item()) for e in ckpt.tensors()]
+
+
+expected = canary()
 print(json.dumps({"ready": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}), flush=True)
 for line in sys.stdin:
     path = line.rstrip("\n")
@@ -344,6 +354,8 @@ for line in sys.stdin:
             answer["problem"] = f"CLI exit codes {codes}"
         if "\x1b" in out.getvalue():
             answer["problem"] = "a raw escape character reached the terminal"
+        if canary() != expected:
+            answer["problem"] = "after this input, a normal file reads differently (the process was poisoned)"
     except BaseException as exc:
         answer["problem"] = f"{type(exc).__name__}: {traceback.format_exc()[-1500:]}"
     answer["peak_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -364,13 +376,13 @@ for line in sys.stdin:
 class Worker:
     """A process that answers one JSON line per path written to it; restarted after a hang or crash."""
 
-    def __init__(self, code: str, env: dict[str, str]) -> None:
-        self.code, self.env = code, env
+    def __init__(self, code: str, env: dict[str, str], *args: str) -> None:
+        self.code, self.env, self.args = code, env, args
         self.process: subprocess.Popen[str] | None = None
         self.baseline_kb = 0
 
     def start(self) -> None:
-        self.process = subprocess.Popen([sys.executable, "-c", self.code, str(HERE)], stdin=subprocess.PIPE,
+        self.process = subprocess.Popen([sys.executable, "-c", self.code, str(HERE), *self.args], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self.env,
                                         cwd=HERE.parent)
         self.baseline_kb = int(self._read(120)["ready"])
@@ -415,8 +427,10 @@ def run(seconds: float, seed: int, timeout: float = 20.0, memory_mb: float = 300
     rng = random.Random(seed)
     work = Path(tempfile.mkdtemp(prefix="ckptview-fuzz-"))
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-    target, oracle = Worker(_WORKER, env), Worker(_ORACLE, env)
     generator = Generator(rng, make_seeds(work))
+    canary = work / "canary.pt"
+    canary.write_bytes(generator.seeds["zip-model"])
+    target, oracle = Worker(_WORKER, env, str(canary)), Worker(_ORACLE, env)
     families = [generator.pickle_file, generator.zip_structure, generator.safetensors_header, generator.shard_index,
                 generator.mutation]
     _shard_neighbours(work, generator.seeds)
@@ -446,6 +460,7 @@ def run(seconds: float, seed: int, timeout: float = 20.0, memory_mb: float = 300
             except ChildProcessError as exc:
                 problem = f"the worker died (exit {exc.args[0]}: a signal if negative)"
                 target.kill()
+            counts["opened" if answer.get("verdict") in ("safe", "code") else "refused"] += 1
             if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
                 problem = "the input's bytes changed"
             pickle_bearing = family.startswith(("pickle", "zip", "mutate-zip", "mutate-legacy"))

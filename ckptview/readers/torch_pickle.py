@@ -61,8 +61,9 @@ class BoundedStream(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")[: self._left]
-        count = self._raw.readinto(view) if len(view) else 0
+        # the views are released before returning: the unpickler frees its buffer right after
+        with memoryview(buffer) as whole, whole.cast("B") as flat, flat[: self._left] as view:
+            count = self._raw.readinto(view) if len(view) else 0
         self._left -= count or 0
         return count or 0
 
