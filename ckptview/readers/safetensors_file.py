@@ -116,7 +116,7 @@ def read_safetensors(path: str, size: int, *, trust: bool) -> Checkpoint:
         tensors, metadata, data_start = _checked(source, path, size)
         root = _records(source, path, tensors, data_start)
     return Checkpoint(path, "safetensors", root, file_size=size, sources=[source], metadata=metadata, trust=trust,
-                      pickle_imports=_imports_if_read_as_pickle(path, size, source.read(0, 2)))
+                      pickle_imports=_imports_if_read_as_pickle(path, size, source))
 
 
 def _checked(source: FileSource, path: str, size: int) -> tuple[dict[str, Any], dict[str, str], int]:
@@ -159,13 +159,16 @@ def _records(source: FileSource, path: str, tensors: dict[str, Any], data_start:
     return root
 
 
-def _imports_if_read_as_pickle(path: str, size: int, head: bytes) -> list[PickleImport]:
+def _imports_if_read_as_pickle(path: str, size: int, source: FileSource) -> list[PickleImport]:
     """
     torch.load picks safetensors by the file name; under any other name it unpickles the bytes. When
     the header length happens to start like a pickle (0x80 0x02..0x05), scan that reading too: what
     it would import is reported, so `scan` never calls such a file safe.
     """
-    if "://" in path or not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+    if not isinstance(source, FileSource):  # torch.load takes no URL
+        return []
+    head = source.read(0, 2)
+    if not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         return []
     from ckptview.readers.torch_pickle import read_pickle_stream
 
