@@ -11,7 +11,8 @@ statistics, the module tree and `info`; the properties checked are:
 - nothing but a CkptviewError comes out (the CLI exits 0, 1 or 3);
 - no signal kills the worker, no input takes longer than `--timeout` seconds;
 - the worker's peak RSS stays under its baseline plus `--memory-mb`;
-- the input's bytes are unchanged;
+- the input's bytes are unchanged, and no file descriptor is left open;
+- a real file read after every input reads the same (one file never changes how the next is read);
 - for pickle-bearing inputs, every global torch.load(weights_only=False) would look up (observed by
   tests/torch_oracle.py in its own worker) beyond the allow-list is named by `scan`.
 
@@ -326,6 +327,7 @@ def canary():
 
 
 expected = canary()
+descriptors = len(os.listdir("/proc/self/fd"))
 print(json.dumps({"ready": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}), flush=True)
 for line in sys.stdin:
     path = line.rstrip("\n")
@@ -356,6 +358,9 @@ for line in sys.stdin:
             answer["problem"] = "a raw escape character reached the terminal"
         if canary() != expected:
             answer["problem"] = "after this input, a normal file reads differently (the process was poisoned)"
+        if len(os.listdir("/proc/self/fd")) > descriptors + 8:
+            answer["problem"] = "this input left file descriptors open"
+            descriptors = len(os.listdir("/proc/self/fd"))
     except BaseException as exc:
         answer["problem"] = f"{type(exc).__name__}: {traceback.format_exc()[-1500:]}"
     answer["peak_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -390,3 +390,17 @@ def test_safetensors_that_also_reads_as_a_pickle(tmp_path: Path) -> None:
         assert ckpt.needs_trust
     assert assert_scan_covers_torch(path) == "code"
     assert cli_main(["scan", str(path)]) == 3
+
+
+def test_refused_files_leave_no_descriptor_open(tmp_path: Path) -> None:
+    # found by the fuzzer: each refused file kept its descriptor, and after ~20,000 a kernel could open nothing
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", 20) + b'{"a": 1, "b": [1] }' + b"x")
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(hostile.saved_zip({"w": torch.ones(3)})[:-30])
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(100):
+        for path in (bad, cut):
+            with pytest.raises(CkptviewError):
+                ckptview.open(path)
+    assert len(os.listdir("/proc/self/fd")) <= before + 2

@@ -86,6 +86,13 @@ class FileSource:
                 os.close(self._fd)
                 self._fd = None
 
+    def __del__(self) -> None:
+        # A reader that refuses a file has no Checkpoint to close it through; without this every
+        # refused file kept a descriptor, and a long-lived kernel ran out of them (the fuzzer's
+        # 20,000th input could no longer open anything).
+        if self._fd is not None:
+            os.close(self._fd)
+
 
 class RefusedPickle(pickle.UnpicklingError):
     """A pickle ckptview refuses to read on, with a message in ckptview's words (shown to the user as is)."""
