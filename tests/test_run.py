@@ -218,6 +218,7 @@ def test_cache_reads_only_new_and_changed_files(run_folder: Path, tmp_path: Path
 
     first = analyze()
     assert computed[-1] == 6
+    assert len(list(cache.rglob("*.parquet"))) == 1  # a re-run reads the run's tables in one read
     assert json.dumps(analyze().to_dict()) == json.dumps(first.to_dict()) and not computed
     shutil.copy(run_folder / "epoch_7.pt", folder)
     analyze()
@@ -227,6 +228,7 @@ def test_cache_reads_only_new_and_changed_files(run_folder: Path, tmp_path: Path
     changed = analyze()
     assert computed[-1] == 2
     assert [c.epoch for c in changed.checkpoints] == [1, 2, 4, 5, 6, 7, 8]
+    assert json.dumps(changed.to_dict()) == json.dumps(ckptview.open_run(folder, cache=False).analyze(progress=False).to_dict())
 
 
 def test_cancel_stops_the_analysis(run_folder: Path) -> None:

@@ -382,7 +382,7 @@ def open_run(path_or_glob: str | os.PathLike[str] | Sequence[str | os.PathLike[s
         for (path, _), result in zip(todo, scans):
             cached[path] = result
             if run_cache is not None and not result.skipped:
-                run_cache.store(result)
+                run_cache.store_scan(result)
     scans = [cached[path] for path in candidates]
     skipped.extend(Skipped(s.id.path, s.skipped) for s in scans if s.skipped)
     good = [s for s in scans if not s.skipped]
@@ -634,32 +634,35 @@ def _num(value: float | None) -> str:
 
 def analyze_run(run: Run, *, engine: Any = "local", workers: int | None = None, progress: Progress = True,
                 cancel: Cancel = None) -> RunSummary:
-    """`Run.analyze`: one task per checkpoint (with its previous and the first), cached per file."""
+    """`Run.analyze`: chains of consecutive checkpoints, each file read once, tables cached per run."""
     ids = [c.id for c in run.checkpoints]
-    calls = [(fid, ids[i - 1] if i else None, ids[0] if i else None, run.trust) for i, fid in enumerate(ids)]
-    tables: list[dict[str, list[Any]] | None] = [
-        run.cache.summary(cur, prev, first) if run.cache is not None else None for cur, prev, first, _ in calls]
+    prevs = [ids[i - 1] if i else None for i in range(len(ids))]
+    stored = run.cache.summaries(ids[0]) if run.cache is not None and ids else {}
+    tables: list[dict[str, list[Any]] | None] = []
+    for fid, prev in zip(ids, prevs):
+        hit = stored.get(fid.key)
+        tables.append(hit[1] if hit is not None and hit[0] == (prev.key if prev else None) else None)
     todo = [i for i, table in enumerate(tables) if table is None]
     if todo:
+        chains: list[list[int]] = []
+
+        def finished(index: int, chain_tables: list[dict[str, list[Any]]]) -> None:
+            for i, table in zip(chains[index], chain_tables):
+                tables[i] = table
+
         try:
             with engine_for(engine, workers) as runner:
                 chains = plan_chains(todo, runner.workers)
-                chain_calls = [(tuple(ids[i] for i in chain), calls[chain[0]][1], calls[chain[0]][2], run.trust)
-                               for chain in chains]
-                computed = runner.map(summarize_chain, chain_calls, progress=progress, cancel=cancel,
-                                      desc="checkpoints", weights=[len(chain) for chain in chains])
+                calls = [(tuple(ids[i] for i in chain), prevs[chain[0]], ids[0] if chain[0] else None, run.trust)
+                         for chain in chains]
+                runner.map(summarize_chain, calls, progress=progress, cancel=cancel, desc="checkpoints",
+                           weights=[len(chain) for chain in chains], finished=finished)
         finally:
             OPEN_CHECKPOINTS.clear()
             FIRST_CHECKPOINTS.clear()
-        for chain, chain_tables in zip(chains, computed):
-            for i, table in zip(chain, chain_tables):
-                tables[i] = table
-        for i in todo:
-            table = tables[i]
-            if run.cache is not None:
-                checkpoint = run.checkpoints[i]
-                run.cache.store(Scan(checkpoint.id, checkpoint.format, checkpoint.epoch, checkpoint.step,
-                                     dict(checkpoint.scalars)), table, calls[i][1], calls[i][2])
+            if run.cache is not None:  # also when cancelled: finished checkpoints stay cached
+                run.cache.store_summaries(ids[0], [(fid, prev, table) for fid, prev, table in zip(ids, prevs, tables)
+                                                   if table is not None])
     return summarize_run(run, [t for t in tables if t is not None])
 
 

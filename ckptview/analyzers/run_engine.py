@@ -5,11 +5,13 @@ Engines: `LocalEngine` (threads of this process; the kernels and reads release t
 `DaskEngine` (one `dask.distributed` task per file; workers open the files themselves and send
 back small tables). Both take the same task functions (`run_tasks`), so their results are equal.
 
-Cache: one Parquet file per checkpoint, named by a hash of the file's identity (path, size,
-modification time or ETag), so a changed file is recomputed and a new one is the only one read.
-The table holds the per-tensor rows; the schema metadata the header scan and the identities of
-the previous and first checkpoints the rows were compared with (a drift row is only valid for
-that pair).
+Cache (`RunCache`): each file's header scan in a small JSON file named by a hash of the file's
+identity (path, size, modification time or ETag), and a run's per-tensor tables in one Parquet
+file named by its first checkpoint's identity, each table with the identities of its file and of
+the previous checkpoint it was compared with (a drift row is only valid for that pair). A
+changed file is recomputed, a new one is the only one read, and a re-run reads one cache file
+for its tables: with one Parquet file per checkpoint, reading them took longer than analysing
+the new checkpoints.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Union
 
 from ckptview.analyzers.run_tasks import COLUMNS, FileId, Scan
@@ -32,7 +35,7 @@ Cancel = Union[threading.Event, Callable[[], bool], None]
 Progress = Union[bool, Callable[[int, int], None]]
 
 # Bumped whenever a task's results change meaning, so older cache files are ignored.
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 
 
 def _cancelled(cancel: Cancel) -> bool:
@@ -91,8 +94,10 @@ class LocalEngine:
         self.workers = max(1, workers or os.cpu_count() or 1)
 
     def map(self, function: Callable[..., Any], calls: Sequence[tuple[Any, ...]], *, progress: Progress = False,
-            cancel: Cancel = None, desc: str = "run", weights: Sequence[int] | None = None) -> list[Any]:
-        """`function(*call)` for each call, in order; progress counts `weights[i]` (files) when call i ends."""
+            cancel: Cancel = None, desc: str = "run", weights: Sequence[int] | None = None,
+            finished: Callable[[int, Any], None] | None = None) -> list[Any]:
+        """`function(*call)` for each call, in order; as call i ends, `finished(i, result)` (so a cancelled
+        map keeps what was done) and progress counts `weights[i]` (files)."""
         results: list[Any] = [None] * len(calls)
         weights = weights or [1] * len(calls)
         reporter = _Reporter(progress, sum(weights), desc)
@@ -103,6 +108,8 @@ class LocalEngine:
                 for future in as_completed(futures):
                     index = futures[future]
                     results[index] = _unwrap(future.result())
+                    if finished is not None:
+                        finished(index, results[index])
                     reporter.step(weights[index])
                     if _cancelled(cancel):
                         raise CancelledError()
@@ -128,8 +135,10 @@ class DaskEngine:
         return max(1, len(self.client.scheduler_info().get("workers", {})))
 
     def map(self, function: Callable[..., Any], calls: Sequence[tuple[Any, ...]], *, progress: Progress = False,
-            cancel: Cancel = None, desc: str = "run", weights: Sequence[int] | None = None) -> list[Any]:
-        """`function(*call)` for each call, in order; progress counts `weights[i]` (files) when call i ends."""
+            cancel: Cancel = None, desc: str = "run", weights: Sequence[int] | None = None,
+            finished: Callable[[int, Any], None] | None = None) -> list[Any]:
+        """`function(*call)` for each call, in order; as call i ends, `finished(i, result)` (so a cancelled
+        map keeps what was done) and progress counts `weights[i]` (files)."""
         from distributed import as_completed as dask_completed
 
         if not calls:
@@ -144,6 +153,8 @@ class DaskEngine:
             for future in dask_completed(futures):
                 index = position[future.key]
                 results[index] = _unwrap(future.result())
+                if finished is not None:
+                    finished(index, results[index])
                 reporter.step(weights[index])
                 if _cancelled(cancel):
                     raise CancelledError()
@@ -204,74 +215,80 @@ def default_cache_dir() -> str:
 
 
 class RunCache:
-    """Per-file Parquet results under `directory` (created on first write)."""
+    """
+    Results on disk under `directory` (created on first write):
+    - each file's header scan, a small JSON file named by a hash of the file's identity;
+    - the tensor tables of a run, one Parquet file named by a hash of its first checkpoint's identity
+      (every drift row of a run is measured against that checkpoint), holding each file's table
+      with the identities of the file and of the previous checkpoint it was compared with. A
+      re-run reads that one file and recomputes only the tables whose file or previous
+      checkpoint changed.
+    """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = os.fspath(directory)
 
-    def _path(self, fid: FileId) -> str:
+    def _path(self, fid: FileId, suffix: str) -> str:
         digest = hashlib.sha256(f"{CACHE_VERSION}\x00{fid.key}".encode()).hexdigest()[:40]
-        return os.path.join(self.directory, digest[:2], digest + ".parquet")
-
-    def _meta(self, fid: FileId) -> dict[str, Any] | None:
-        import pyarrow.parquet as pq
-
-        path = self._path(fid)
-        if not os.path.exists(path):
-            return None
-        try:
-            metadata = pq.read_schema(path).metadata or {}
-            meta = json.loads(metadata[b"ckptview"])
-        except (OSError, KeyError, ValueError):  # an unreadable cache file is recomputed, never trusted
-            return None
-        return meta if meta.get("key") == fid.key else None
+        return os.path.join(self.directory, digest[:2], digest + suffix)
 
     def scan(self, fid: FileId) -> Scan | None:
-        meta = self._meta(fid)
-        if meta is None:
+        try:
+            with open(self._path(fid, ".scan.json"), encoding="utf-8") as handle:
+                meta = json.load(handle)
+            if meta.get("key") != fid.key:
+                return None
+            scan = meta["scan"]
+            return Scan(fid, scan["format"], scan["epoch"], scan["step"], scan["scalars"], scan["skipped"])
+        except (OSError, KeyError, TypeError, ValueError):  # missing or unreadable: recomputed, never trusted
             return None
-        scan = meta["scan"]
-        return Scan(fid, scan["format"], scan["epoch"], scan["step"], scan["scalars"], scan["skipped"])
 
-    def summary(self, fid: FileId, prev: FileId | None, first: FileId | None) -> dict[str, list[Any]] | None:
+    def store_scan(self, scan: Scan) -> None:
+        meta = {"key": scan.id.key, "scan": {k: v for k, v in asdict(scan).items() if k != "id"}}
+        _write_replacing(self._path(scan.id, ".scan.json"),
+                         lambda path: Path(path).write_text(json.dumps(meta), encoding="utf-8"))
+
+    def summaries(self, first: FileId) -> dict[str, tuple[str | None, dict[str, list[Any]]]]:
+        """The run's stored tables: file identity key -> (the previous checkpoint's key, the table)."""
         import pyarrow.parquet as pq
 
-        path = self._path(fid)
-        if not os.path.exists(path):
-            return None
         try:
-            table = pq.read_table(path)  # one read: the metadata comes with the table
+            table = pq.read_table(self._path(first, ".run.parquet"))  # one read: the metadata comes with it
             meta = json.loads((table.schema.metadata or {})[b"ckptview"])
-        except (OSError, KeyError, ValueError):
-            return None
-        if (meta.get("key") != fid.key or not meta.get("summary") or meta.get("prev") != _key(prev)
-                or meta.get("first") != _key(first)):
-            return None
-        return table.to_pydict()
+            if meta.get("first") != first.key:
+                return {}
+            columns = table.to_pydict()
+            found, start = {}, 0
+            for key, prev, rows in meta["files"]:
+                found[key] = (prev, {c: columns[c][start:start + rows] if columns else [] for c in COLUMNS})
+                start += rows
+            return found
+        except (OSError, KeyError, TypeError, ValueError):
+            return {}
 
-    def store(self, scan: Scan, summary: dict[str, list[Any]] | None = None, prev: FileId | None = None,
-              first: FileId | None = None) -> None:
+    def store_summaries(self, first: FileId, entries: Sequence[tuple[FileId, FileId | None, dict[str, list[Any]]]]) -> None:
+        """Replace the run's stored tables with `entries`: (file, the previous checkpoint, its table) each."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        fid = scan.id
-        scan_meta = {k: v for k, v in asdict(scan).items() if k != "id"}
-        meta = {"key": fid.key, "scan": scan_meta, "summary": summary is not None, "prev": _key(prev),
-                "first": _key(first)}
-        table = pa.Table.from_pydict(summary if summary is not None else {c: pa.array([], pa.null()) for c in COLUMNS})
-        table = table.replace_schema_metadata({b"ckptview": json.dumps(meta).encode()})
-        path = self._path(fid)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        # written beside and renamed: a reader never sees half a file, and two runs writing one entry agree
-        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        os.close(handle)
-        try:
-            pq.write_table(table, temporary)
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+        columns = {c: [value for _, _, t in entries for value in t[c]] for c in COLUMNS}
+        meta = {"first": first.key, "files": [(fid.key, _key(prev), len(t[COLUMNS[0]])) for fid, prev, t in entries]}
+        table = pa.Table.from_pydict(columns).replace_schema_metadata({b"ckptview": json.dumps(meta).encode()})
+        _write_replacing(self._path(first, ".run.parquet"), lambda path: pq.write_table(table, path))
+
+
+def _write_replacing(path: str, write: Callable[[str], Any]) -> None:
+    # written beside and renamed: a reader never sees half a file, and two runs writing one entry agree
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def _key(fid: FileId | None) -> str | None:
