@@ -342,9 +342,10 @@ def _read_model(rows: list[_Row], buffer: torch.Tensor | None = None) -> tuple[H
 
 
 class _FirstCheckpoints:
-    """The first checkpoint's model tensors, read once per process and shared by every chain (a few runs' worth)."""
+    """The first checkpoint's model tensors, read once per process and shared by every chain. One run's: a
+    Dask worker keeps it after the run (at most `HOLD_BYTES`), and a run reading it again saves a read."""
 
-    def __init__(self, capacity: int = 2) -> None:
+    def __init__(self, capacity: int = 1) -> None:
         self.capacity = capacity
         self._held: OrderedDict[tuple[FileId, bool], Held | None] = OrderedDict()
         self._lock = threading.Lock()  # held while reading: a second chain waits for the first's read
