@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ckptview.errors import CorruptCheckpointError, TensorDataError, TruncatedCheckpointError
-from ckptview.readers.model import Checkpoint, FileSource, Storage, TensorInfo
+from ckptview.readers.model import Checkpoint, FileSource, Storage, TensorInfo, contiguous_stride
 
 if TYPE_CHECKING:
     import gguf
@@ -305,10 +305,10 @@ def _info(ggml_type: Any, shape: tuple[int, ...], storage: Storage, block_size: 
           name: str) -> TensorInfo:
     plain = _PLAIN.get(ggml_type.name)
     if plain is not None:
-        return TensorInfo(shape=shape, dtype=plain, storage=storage, stride=_contiguous_stride(shape))
+        return TensorInfo(shape=shape, dtype=plain, storage=storage, stride=contiguous_stride(shape))
     quant = _Quantized(ggml_type, shape, storage, block_size, type_size, name)
     return TensorInfo(
-        shape=shape, dtype=torch.float32, storage=storage, stride=_contiguous_stride(shape), layout="encoded",
+        shape=shape, dtype=torch.float32, storage=storage, stride=contiguous_stride(shape), layout="encoded",
         encoding=ggml_type.name,
         encoding_params={"ggml_type": int(ggml_type), "block_size": block_size, "type_size": type_size},
         stored_nbytes=storage.nbytes, decode=quant.decode, decode_chunks=quant.chunks,
@@ -361,14 +361,6 @@ class _Quantized:
             values = self._dequantize(self._blocks(first_block, end_block - first_block))
             offset = start - first_block * self.block_size
             yield torch.from_numpy(values.reshape(-1)[offset:offset + stop - start])
-
-
-def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
-    stride, running = [], 1
-    for dim in reversed(shape):
-        stride.append(running)
-        running *= max(dim, 1)
-    return tuple(reversed(stride))
 
 
 def _type_counts(root: dict[str, TensorInfo]) -> dict[str, int]:

@@ -561,6 +561,15 @@ class Checkpoint:
             return self._cache.setdefault(key, value)
 
 
+def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a row-major (C-contiguous) tensor of `shape`, in elements, as torch gives them."""
+    stride, running = [], 1
+    for dim in reversed(shape):
+        stride.append(running)
+        running *= max(dim, 1)
+    return tuple(reversed(stride))
+
+
 def view_identity(info: TensorInfo) -> Any:
     if info.storage is None:
         return id(info)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ckptview.errors import CorruptCheckpointError, TensorDataError, TruncatedCheckpointError
-from ckptview.readers.model import Checkpoint, FileSource, LayerRole, Storage, TensorInfo
+from ckptview.readers.model import Checkpoint, FileSource, LayerRole, Storage, TensorInfo, contiguous_stride
 
 # TensorProto.DataType (onnx/onnx.proto) -> torch dtype, for the types torch holds bit for bit.
 # Kept here rather than asked of `onnx.helper` so opening a model never imports onnx (0.8 s);
@@ -534,14 +534,6 @@ class _DecodedSource:
 
 # --- building the checkpoint ----------------------------------------------------------------------
 
-def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
-    stride, running = [], 1
-    for dim in reversed(shape):
-        stride.append(running)
-        running *= max(dim, 1)
-    return tuple(reversed(stride))
-
-
 class _Builder:
     def __init__(self, path: str, wire: _Wire, source: FileSource) -> None:
         self.path, self.wire, self.source = path, wire, source
@@ -567,19 +559,19 @@ class _Builder:
         key = f"{os.path.basename(self.path)}:{name}"
         dtype = ONNX_DTYPES.get(tensor.data_type)
         if tensor.data_type == STRING:
-            return TensorInfo(shape=shape, dtype=torch.uint8, storage=None, stride=_contiguous_stride(shape),
+            return TensorInfo(shape=shape, dtype=torch.uint8, storage=None, stride=contiguous_stride(shape),
                               layout="encoded", encoding="string", stored_nbytes=tensor.string_bytes,
                               note="an ONNX string tensor: torch has no strings; read it with "
                                    "onnx.numpy_helper.to_array")
         if tensor.data_type in ONNX_ENCODED:
             encoding, decoded_dtype = ONNX_ENCODED[tensor.data_type]
             stored = self.located(name, tensor, (numel * _bits(tensor.data_type) + 7) // 8, key)
-            return TensorInfo(shape=shape, dtype=decoded_dtype, storage=stored, stride=_contiguous_stride(shape),
+            return TensorInfo(shape=shape, dtype=decoded_dtype, storage=stored, stride=contiguous_stride(shape),
                               layout="encoded", encoding=encoding,
                               stored_nbytes=stored.nbytes if stored is not None else tensor.span[1],
                               decode=self.onnx_decoder(tensor, stored))
         if dtype is None:
-            return TensorInfo(shape=shape, dtype=torch.uint8, storage=None, stride=_contiguous_stride(shape),
+            return TensorInfo(shape=shape, dtype=torch.uint8, storage=None, stride=contiguous_stride(shape),
                               layout="unsupported", note=f"ONNX data type {tensor.data_type}, which this ckptview does "
                                                          "not know")
         nbytes = numel * dtype.itemsize
@@ -588,9 +580,9 @@ class _Builder:
             storage = Storage(key=key, source=_DecodedSource(self.path, self.typed_decoder(tensor)),
                               offset=0, nbytes=nbytes, location="cpu")
         if storage is None and numel:
-            return TensorInfo(shape=shape, dtype=dtype, storage=None, stride=_contiguous_stride(shape),
+            return TensorInfo(shape=shape, dtype=dtype, storage=None, stride=contiguous_stride(shape),
                               layout="unsupported", note="the file gives no data for it")
-        return TensorInfo(shape=shape, dtype=dtype, storage=storage, stride=_contiguous_stride(shape))
+        return TensorInfo(shape=shape, dtype=dtype, storage=storage, stride=contiguous_stride(shape))
 
     def located(self, name: str, tensor: _Tensor, nbytes: int, key: str) -> Storage | None:
         """A Storage over the bytes stored as they are used (raw_data, packed floats, external data)."""
@@ -1042,7 +1034,7 @@ def _add_constant(builder: _Builder, name: str, node: _Node) -> None:
                           location="cpu")
         shape = tuple(array.shape)
         builder.root[name] = TensorInfo(shape=shape, dtype=ONNX_DTYPES[1 if array.dtype == np.float32 else 7],
-                                        storage=storage, stride=_contiguous_stride(shape))
+                                        storage=storage, stride=contiguous_stride(shape))
         return
     for key in ("value_string", "value_strings"):
         if key in node.strings:
@@ -1050,7 +1042,7 @@ def _add_constant(builder: _Builder, name: str, node: _Node) -> None:
             shape = () if key == "value_string" else (len(values),)
             builder.root[name] = TensorInfo(shape=shape, dtype=torch.uint8, storage=None, layout="encoded",
                                             encoding="string", stored_nbytes=sum(map(len, values)),
-                                            stride=_contiguous_stride(shape),
+                                            stride=contiguous_stride(shape),
                                             note="an ONNX string constant: torch has no strings")
             return
 

@@ -10,7 +10,15 @@ from typing import Any
 import torch
 
 from ckptview.errors import CkptviewError, CorruptCheckpointError, TruncatedCheckpointError
-from ckptview.readers.model import Checkpoint, FileSource, LazyRoot, PickleImport, Storage, TensorInfo
+from ckptview.readers.model import (
+    Checkpoint,
+    FileSource,
+    LazyRoot,
+    PickleImport,
+    Storage,
+    TensorInfo,
+    contiguous_stride,
+)
 from ckptview.readers.registry import SAFETENSORS_MAX_HEADER
 from ckptview.readers.remote import source_for
 
@@ -155,7 +163,7 @@ def _records(source: FileSource, path: str, tensors: dict[str, Any], data_start:
     for name, (dtype, shape, begin, end) in sorted(tensors.items(), key=lambda item: item[1][2]):
         storage = Storage(key=key_prefix + name, source=source, offset=data_start + begin, nbytes=end - begin,
                           location="cpu")
-        root[name] = TensorInfo(shape=shape, dtype=dtype, storage=storage, stride=_contiguous_stride(shape))
+        root[name] = TensorInfo(shape=shape, dtype=dtype, storage=storage, stride=contiguous_stride(shape))
     return root
 
 
@@ -179,9 +187,3 @@ def _imports_if_read_as_pickle(path: str, size: int, source: FileSource) -> list
         return list(getattr(exc, "named_globals", []))
 
 
-def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
-    stride, running = [], 1
-    for dim in reversed(shape):
-        stride.append(running)
-        running *= max(dim, 1)
-    return tuple(reversed(stride))
