@@ -44,7 +44,7 @@ PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, Attrib
 # A zip member holding a pickle may not declare more than this (2 GiB: 300 times a 20,000-tensor data.pkl).
 _MAX_PICKLE_BYTES = 1 << 31
 # A legacy file's views are checked in the first pass against this, the storage's own size in the second.
-MAX_PICKLE_VIEW_BYTES = 1 << 62
+_STORAGE_SIZE_NOT_YET_KNOWN = 1 << 62
 
 
 class BoundedStream(io.RawIOBase):
@@ -336,7 +336,7 @@ def read_pickle_stream(path: str, size: int, *, trust: bool) -> Checkpoint:
         def record(dtype: torch.dtype, key: str, location: str, numel: int, view_metadata: Any) -> Storage:
             described.setdefault(key, (dtype, location))
             # the size a view is checked against: the storage's own count is read in the second pass
-            return Storage(key=key, source=None, offset=0, nbytes=MAX_PICKLE_VIEW_BYTES,  # type: ignore[arg-type]
+            return Storage(key=key, source=None, offset=0, nbytes=_STORAGE_SIZE_NOT_YET_KNOWN,  # type: ignore[arg-type]
                            location=location)
 
         unpickle(stream, path, "its data pickle", record)

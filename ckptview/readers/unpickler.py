@@ -38,7 +38,6 @@ from ckptview.readers.model import (
 )
 
 
-
 class _Sealed:
     """An object the unpickler hands out: BUILD on it is refused, and with no `__dict__` nothing else can be set."""
 
@@ -75,6 +74,8 @@ class _PickledOrderedDict(OrderedDict):  # type: ignore[type-arg]
 
 
 class _PickledCounter(Counter):  # type: ignore[type-arg]
+    """Counter as a pickle builds it: a BUILT state is kept as data, never as attributes."""
+
     def __setstate__(self, state: Any) -> None:
         self.pickled_state = state
 
