@@ -122,13 +122,7 @@ def tab(explorer, title: str):
 
 
 def test_demo_notebook_in_jupyterlab(lab: str, page) -> None:
-    page.goto(lab)
-    page.wait_for_selector(".jp-Notebook", timeout=60_000)
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], #jp-main-statusbar :text('Idle')",
-                           timeout=60_000)
-    page.locator(".jp-Notebook .jp-Cell").first.click()
-    page.locator(".lm-MenuBar-item", has_text=re.compile("^Run$")).first.click()
-    page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+    run_notebook(page, lab)
     explorer = page.locator(".ckptview-explorer").first
     explorer.wait_for(timeout=90_000)
     explorer.locator("text=sections").first.wait_for()
@@ -259,7 +253,7 @@ def run_notebook(page, url: str) -> None:
     page.locator(".lm-TabBar-tab.lm-mod-current", has_text=name).first.wait_for(timeout=60_000)
     panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
     panel.locator(".jp-Notebook").first.wait_for(timeout=60_000)
-    prompt = panel.locator(".jp-InputPrompt").first
+    prompt = panel.locator(".jp-CodeCell .jp-InputPrompt").first  # markdown cells have an empty prompt
     for _ in range(8):  # a run request sent before the kernel is ready is dropped: ask until the cell runs
         panel.locator(".jp-Cell").first.click()
         page.locator(".lm-MenuBar-item", has_text=re.compile("^Run$")).first.click()
