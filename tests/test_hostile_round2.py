@@ -404,3 +404,15 @@ def test_refused_files_leave_no_descriptor_open(tmp_path: Path) -> None:
             with pytest.raises(CkptviewError):
                 ckptview.open(path)
     assert len(os.listdir("/proc/self/fd")) <= before + 2
+
+
+# --- found by the fuzzer, not fixed yet (issue 13 stays open for them) ---------------------------------
+
+FINDINGS = Path(__file__).resolve().parent / "fuzz_findings"
+
+
+@pytest.mark.xfail(strict=True, reason="LONG_BINPUT 57,159,281: the C unpickler resizes its memo to twice the index "
+                                       "(~0.9 GB) before anything can check it")
+def test_memo_index_bomb_stays_bounded() -> None:
+    result = _run_measured(_OPEN_REFUSED.format(path=str(FINDINGS / "legacy-memo-index-bomb.pt")))
+    assert result["refused"] and result["peak_mb"] < 200 + _import_baseline_mb(), result
