@@ -423,7 +423,7 @@ class Worker:
 
 
 def run(seconds: float, seed: int, timeout: float = 20.0, memory_mb: float = 300.0, keep: Path | None = None,
-        oracle_every: int = 1, log=print) -> dict[str, object]:
+        oracle_every: int = 1, log=print, max_inputs: int | None = None) -> dict[str, object]:
     """Fuzz for `seconds`; return counts per family and the violations found (each with its input)."""
     from ckptview.readers.dcp import _DCP_CLASSES
     from ckptview.readers.unpickler import _allowed
@@ -444,7 +444,7 @@ def run(seconds: float, seed: int, timeout: float = 20.0, memory_mb: float = 300
     started = time.monotonic()
     number = 0
     try:
-        while time.monotonic() - started < seconds:
+        while time.monotonic() - started < seconds and (max_inputs is None or number < max_inputs):
             number += 1
             family, data = rng.choice(families)()
             path = work / "inputs" / f"input-{number}.bin"

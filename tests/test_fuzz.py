@@ -1,9 +1,10 @@
-"""A short run of the fuzzer (tests/fuzz.py) in every `make test`; `make fuzz` runs it for as long as asked."""
+"""
+The fuzzer (tests/fuzz.py) in every `make test`: a fixed seed and a fixed number of inputs, so the
+suite is reproducible; `make fuzz` explores with fresh seeds for as long as asked. Known open finds
+(tests/fuzz_findings/) are kept as tests of their own.
+"""
 
 from __future__ import annotations
-
-import os
-import random
 
 import pytest
 
@@ -12,8 +13,7 @@ import fuzz
 
 @pytest.mark.slow
 def test_fuzzer_finds_no_violation(tmp_path) -> None:
-    seconds = float(os.environ.get("CKPTVIEW_FUZZ_SECONDS", "60"))
-    seed = random.SystemRandom().randrange(2**31)
-    summary = fuzz.run(seconds, seed, keep=tmp_path / "failing", log=lambda line: None)
-    assert summary["inputs"] > 100
-    assert not summary["violations"], f"seed {seed}: {summary['violations'][:5]}"
+    summary = fuzz.run(600, seed=20261203, keep=tmp_path / "failing", log=lambda line: None, max_inputs=1500)
+    assert summary["inputs"] == 1500
+    assert summary["per_family"].get("opened", 0) > 100 and summary["per_family"].get("oracle-checked", 0) > 50
+    assert not summary["violations"], summary["violations"][:5]
