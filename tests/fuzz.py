@@ -16,7 +16,7 @@ statistics, the module tree and `info`; the properties checked are:
 - for pickle-bearing inputs, every global torch.load(weights_only=False) would look up (observed by
   tests/torch_oracle.py in its own worker) beyond the allow-list is named by `scan`.
 
-`make fuzz` runs it for FUZZ_MINUTES (default 30); `make test` runs it briefly (tests/test_fuzz.py).
+`make fuzz` runs it for FUZZ_MINUTES (default 30); `make test` runs a fixed seed over 1,500 inputs (tests/test_fuzz.py).
 Run: python tests/fuzz.py --seconds 1800 [--seed N] [--keep DIR]
 """
 
