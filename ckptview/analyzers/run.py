@@ -201,6 +201,14 @@ class RunSummary:
     def drift_frame(self) -> Any:
         return _frame(self.drift)
 
+    def largest_change(self) -> dict[str, tuple[float, str]]:
+        """Per checkpoint path: the largest finite relative change from the previous checkpoint, and its module."""
+        largest: dict[str, tuple[float, str]] = {}
+        for item in self.drift:
+            if math.isfinite(item.rel_change_prev) and item.rel_change_prev >= largest.get(item.path, (-1.0, ""))[0]:
+                largest[item.path] = (item.rel_change_prev, item.module)
+        return largest
+
     def batchnorm_frame(self) -> Any:
         return _frame(self.batchnorm)
 

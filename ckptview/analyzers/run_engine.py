@@ -98,28 +98,16 @@ class LocalEngine:
             finished: Callable[[int, Any], None] | None = None) -> list[Any]:
         """`function(*call)` for each call, in order; as call i ends, `finished(i, result)` (so a cancelled
         map keeps what was done) and progress counts `weights[i]` (files)."""
-        results: list[Any] = [None] * len(calls)
-        weights = weights or [1] * len(calls)
-        reporter = _Reporter(progress, sum(weights), desc)
         with ThreadPoolExecutor(max_workers=min(self.workers, max(1, len(calls))),
                                 thread_name_prefix="ckptview-run") as pool:
             futures = {pool.submit(call_task, function, *args): i for i, args in enumerate(calls)}
-            try:
-                for future in as_completed(futures):
-                    index = futures[future]
-                    results[index] = _unwrap(future.result())
-                    if finished is not None:
-                        finished(index, results[index])
-                    reporter.step(weights[index])
-                    if _cancelled(cancel):
-                        raise CancelledError()
-            except BaseException:  # cancel, an error or Ctrl-C: drop the queued tasks, let running ones end
+
+            def drop_queued() -> None:  # cancel, an error or Ctrl-C: running tasks end, queued ones never start
                 for future in futures:
                     future.cancel()
-                raise
-            finally:
-                reporter.close()
-        return results
+
+            return _gather(((futures[f], f) for f in as_completed(futures)), len(calls), drop_queued,
+                           progress=progress, cancel=cancel, desc=desc, weights=weights, finished=finished)
 
 
 class DaskEngine:
@@ -146,24 +134,33 @@ class DaskEngine:
         columns = list(zip(*calls))
         futures = self.client.map(call_task, [function] * len(calls), *columns, pure=False)
         position = {future.key: i for i, future in enumerate(futures)}
-        results: list[Any] = [None] * len(calls)
-        weights = weights or [1] * len(calls)
-        reporter = _Reporter(progress, sum(weights), desc)
-        try:
-            for future in dask_completed(futures):
-                index = position[future.key]
-                results[index] = _unwrap(future.result())
-                if finished is not None:
-                    finished(index, results[index])
-                reporter.step(weights[index])
-                if _cancelled(cancel):
-                    raise CancelledError()
-        except BaseException:
-            self.client.cancel(futures)
-            raise
-        finally:
-            reporter.close()
-        return results
+        return _gather(((position[f.key], f) for f in dask_completed(futures)), len(calls),
+                       lambda: self.client.cancel(futures), progress=progress, cancel=cancel, desc=desc,
+                       weights=weights, finished=finished)
+
+
+def _gather(completed: Iterator[tuple[int, Any]], count: int, drop: Callable[[], None], *, progress: Progress,
+            cancel: Cancel, desc: str, weights: Sequence[int] | None,
+            finished: Callable[[int, Any], None] | None) -> list[Any]:
+    """Results by call index as (index, future) pairs complete, for either engine: `finished` and progress
+    per task, and `drop()` (the engine's way to cancel the rest) on cancel, an error or Ctrl-C."""
+    results: list[Any] = [None] * count
+    weights = weights or [1] * count
+    reporter = _Reporter(progress, sum(weights), desc)
+    try:
+        for index, future in completed:
+            results[index] = _unwrap(future.result())
+            if finished is not None:
+                finished(index, results[index])
+            reporter.step(weights[index])
+            if _cancelled(cancel):
+                raise CancelledError()
+    except BaseException:
+        drop()
+        raise
+    finally:
+        reporter.close()
+    return results
 
 
 @contextlib.contextmanager

@@ -52,10 +52,7 @@ def _num(value: Any) -> str:
 def render_timeline(summary: RunSummary) -> str:
     """The run as text: one row per checkpoint (epoch, step, the best metric, largest module change), then findings."""
     metric = summary.best.metric if summary.best else None
-    largest: dict[str, tuple[float, str]] = {}
-    for item in summary.drift:
-        if math.isfinite(item.rel_change_prev) and item.rel_change_prev >= largest.get(item.path, (-1.0, ""))[0]:
-            largest[item.path] = (item.rel_change_prev, item.module)
+    largest = summary.largest_change()
     rows = []
     for checkpoint in summary.checkpoints:
         change, module = largest.get(checkpoint.path, (math.nan, ""))

@@ -82,10 +82,7 @@ def drift_heatmap(summary: RunSummary, *, max_modules: int = 120) -> go.Figure:
 def run_table(summary: RunSummary) -> pd.DataFrame:
     """One row per checkpoint: file, epoch, step, the deciding metric, the largest module change, marks."""
     metric = summary.best.metric if summary.best else None
-    largest: dict[str, tuple[float, str]] = {}
-    for item in summary.drift:
-        if math.isfinite(item.rel_change_prev) and item.rel_change_prev >= largest.get(item.path, (-1.0, ""))[0]:
-            largest[item.path] = (item.rel_change_prev, item.module)
+    largest = summary.largest_change()
     rows = []
     for c in summary.checkpoints:
         marks = [m for m, hit in (("best", summary.best and summary.best.path == c.path),
