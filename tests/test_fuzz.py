@@ -1,7 +1,7 @@
 """
 The fuzzer (tests/fuzz.py) in every `make test`: a fixed seed and a fixed number of inputs, so the
-suite is reproducible; `make fuzz` explores with fresh seeds for as long as asked. Known open finds
-(tests/fuzz_findings/) are kept as tests of their own.
+suite is reproducible; `make fuzz` explores with fresh seeds for as long as asked. Its finds are
+kept in tests/fuzz_findings/ as tests of their own.
 """
 
 from __future__ import annotations

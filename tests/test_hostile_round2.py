@@ -406,13 +406,39 @@ def test_refused_files_leave_no_descriptor_open(tmp_path: Path) -> None:
     assert len(os.listdir("/proc/self/fd")) <= before + 2
 
 
-# --- found by the fuzzer, not fixed yet (issue 13 stays open for them) ---------------------------------
+# --- memo-index bombs: a 5-byte LONG_BINPUT made the C unpickler allocate twice its index in pointers ----------
 
 FINDINGS = Path(__file__).resolve().parent / "fuzz_findings"
 
 
-@pytest.mark.xfail(strict=True, reason="LONG_BINPUT 57,159,281: the C unpickler resizes its memo to twice the index "
-                                       "(~0.9 GB) before anything can check it")
-def test_memo_index_bomb_stays_bounded() -> None:
-    result = _run_measured(_OPEN_REFUSED.format(path=str(FINDINGS / "legacy-memo-index-bomb.pt")))
+def _memo_bomb_pickle(opcode: bytes, before: bytes = b"") -> bytes:
+    # an honest pickle up to a value that is then memoized at index 1,378,644,401 (a 22 GB memo)
+    index = 1_378_644_401
+    put = b"r" + struct.pack("<I", index) if opcode == b"r" else b"p" + str(index).encode() + b"\n"
+    return b"\x80\x02" + before + hostile.body({"w": [1, 2]}) + put + b"."
+
+
+@pytest.mark.parametrize("name", ["legacy-memo-index-bomb.pt", "legacy-memo-index-bomb-22gb.pt", "zip", "put"])
+def test_memo_index_bomb_refused_before_it_allocates(tmp_path: Path, name: str) -> None:
+    if name == "zip":
+        path = hostile.zip_with_data_pkl(tmp_path / "bomb.pt", _memo_bomb_pickle(b"r"), {})
+    elif name == "put":
+        path = tmp_path / "bomb.pkl"
+        path.write_bytes(_memo_bomb_pickle(b"p"))
+    else:
+        path = FINDINGS / name
+    before = path.read_bytes()
+    result = _run_measured(_OPEN_REFUSED.format(path=str(path)))
     assert result["refused"] and result["peak_mb"] < 200 + _import_baseline_mb(), result
+    assert "memo index of" in result["message"] and "\n" not in result["message"]
+    assert path.read_bytes() == before
+
+
+def test_globals_named_before_a_memo_bomb_still_count(tmp_path: Path) -> None:
+    # torch.load imports os.system on meeting its opcode, before it reaches the index
+    path = tmp_path / "bomb.pkl"
+    path.write_bytes(_memo_bomb_pickle(b"r", before=hostile.call_and_drop(hostile.global_op("os", "system"), "true")))
+    with pytest.raises(CorruptCheckpointError, match="memo index") as refused:
+        ckptview.open(path)
+    assert [imported.name for imported in refused.value.named_globals] == ["os.system"]
+    assert cli_main(["scan", str(path)]) != 0

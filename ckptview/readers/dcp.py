@@ -17,7 +17,7 @@ import torch
 from ckptview.errors import CorruptCheckpointError, ShardError, printable
 from ckptview.readers.model import Checkpoint, FileSource, PickledObject, TensorInfo
 from ckptview.readers.paths import resolve_inside
-from ckptview.readers.torch_pickle import BoundedStream, parse_torch_zip, unpickle
+from ckptview.readers.torch_pickle import mapped, parse_torch_zip, unpickle
 
 # DCP's own metadata classes, named exactly (a prefix would let `pathlib.os.system` through): what
 # DCP's reader imports for a checkpoint torch wrote, all plain records.
@@ -71,9 +71,8 @@ def _field(obj: Any, name: str, position: int | None = None) -> Any:
 
 def read_dcp(path: str, *, trust: bool) -> Checkpoint:
     metadata_path = os.path.join(path, ".metadata")
-    size = os.path.getsize(metadata_path)
-    with open(metadata_path, "rb") as raw:
-        metadata, unpickler = unpickle(BoundedStream(raw, size), metadata_path, "its .metadata")
+    with mapped(metadata_path) as data:
+        metadata, unpickler, _ = unpickle(data, metadata_path, "its .metadata")
     items = _field(metadata, "state_dict_metadata")
     storage_data = _field(metadata, "storage_data")
     if not isinstance(items, dict) or not isinstance(storage_data, dict):

@@ -7,13 +7,17 @@ pointing at its storage's bytes in the file, and nothing is read beyond the pick
 
 from __future__ import annotations
 
+import contextlib
 import io
+import mmap
+import os
 import pickle
 import struct
 import tarfile
 import zipfile
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +31,7 @@ from ckptview.errors import (
     UntrustedCodeError,
 )
 from ckptview.readers.model import Checkpoint, FileSource, PickleImport, RefusedPickle, Storage
+from ckptview.readers.pickle_scan import MemoIndexRefused, pickle_end
 from ckptview.readers.registry import supported
 from ckptview.readers.remote import source_for, zip_file_for
 from ckptview.readers.unpickler import SafeUnpickler
@@ -47,42 +52,6 @@ _MAX_PICKLE_BYTES = 1 << 31
 _STORAGE_SIZE_NOT_YET_KNOWN = 1 << 62
 
 
-class BoundedStream(io.RawIOBase):
-    """
-    A file (or zip member) as the unpickler reads it, never handing out more than `limit` bytes.
-    The C unpickler asks the stream for as many bytes as an opcode declares (BINBYTES8 can declare
-    2**63); a plain file object would allocate that before finding the file shorter.
-    """
-
-    def __init__(self, raw: Any, limit: int) -> None:
-        self._raw, self._left = raw, limit
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        # the views are released before returning: the unpickler frees its buffer right after
-        with memoryview(buffer) as whole, whole.cast("B") as flat, flat[: self._left] as view:
-            count = self._raw.readinto(view) if len(view) else 0
-        self._left -= count or 0
-        return count or 0
-
-    def read(self, size: int = -1) -> bytes:
-        size = self._left if size is None or size < 0 else min(size, self._left)
-        data = self._raw.read(size) if size else b""
-        self._left -= len(data)
-        return data
-
-    def readline(self, size: int = -1) -> bytes:
-        size = self._left if size is None or size < 0 else min(size, self._left)
-        data = self._raw.readline(size) if size else b""
-        self._left -= len(data)
-        return data
-
-    def tell(self) -> int:
-        return self._raw.tell()
-
-
 def _why(exc: BaseException) -> str:
     """What a pickle failure means, in our words (the library's own text stays in the exception's cause)."""
     if isinstance(exc, RefusedPickle):
@@ -96,16 +65,28 @@ def _why(exc: BaseException) -> str:
     return "its pickle opcodes do not form a valid pickle"
 
 
-def unpickle(data: bytes | Any, path: str, what: str, storage_for: Any = None,
-             unpicklers: list[SafeUnpickler] | None = None) -> tuple[Any, SafeUnpickler]:
-    """Unpickle one pickle from `data` (bytes or a stream). `unpicklers`, when given, collects the
-    unpickler even when the pickle is damaged, so the globals it named before failing are known."""
-    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-    unpickler = SafeUnpickler(stream, storage_for)
+def unpickle(data: bytes | mmap.mmap, path: str, what: str, storage_for: Any = None,
+             unpicklers: list[SafeUnpickler] | None = None, start: int = 0) -> tuple[Any, SafeUnpickler, int]:
+    """
+    Unpickle the pickle at `start` of `data`; return its value, its unpickler and the offset just
+    past it. `unpicklers`, when given, collects the unpickler even when the pickle is damaged, so
+    the globals it named before failing are known.
+    """
+    refused = None
+    try:
+        end = pickle_end(data, start)
+    except MemoIndexRefused as exc:
+        # the C unpickler must not see the index, but what torch.load imports on the way to it counts
+        end, refused = exc.offset, exc
+    unpickler = SafeUnpickler(io.BytesIO(data if start == 0 and end == len(data) else data[start:end]), storage_for)
     if unpicklers is not None:
         unpicklers.append(unpickler)
     try:
-        return unpickler.load(), unpickler
+        if refused is not None:
+            with contextlib.suppress(CkptviewError, *PICKLE_ERRORS):
+                unpickler.load()
+            raise refused
+        return unpickler.load(), unpickler, end
     except CkptviewError:
         raise
     except PICKLE_ERRORS as exc:
@@ -286,7 +267,7 @@ def parse_torch_zip(archive: zipfile.ZipFile, path: str, source: FileSource, siz
                        nbytes=nbytes, location=location, byteorder=byteorder, locate=locate)
 
     data = _read_member(archive, path, prefix + "data.pkl")
-    root, unpickler = unpickle(data, path, "its data.pkl", storage_for)
+    root, unpickler, _ = unpickle(data, path, "its data.pkl", storage_for)
     return ParsedZip(root, unpickler, names, prefix, byteorder)
 
 
@@ -303,10 +284,15 @@ def _refuse_tar(path: str) -> None:
                                        "trusted environment and re-save it with torch.save.")
 
 
-def _file_stream(path: str, size: int, offset: int = 0) -> tuple[Any, BoundedStream]:
-    raw = open(path, "rb")
-    raw.seek(offset)
-    return raw, BoundedStream(raw, size - offset)
+@contextlib.contextmanager
+def mapped(path: str) -> Iterator[mmap.mmap | bytes]:
+    """A file's bytes, mapped: the pickles in it are sliced out, never the data after them."""
+    with open(path, "rb") as raw:
+        if os.fstat(raw.fileno()).st_size == 0:
+            yield b""  # an empty file cannot be mapped
+            return
+        with mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            yield data
 
 
 def read_pickle_stream(path: str, size: int, *, trust: bool) -> Checkpoint:
@@ -314,23 +300,22 @@ def read_pickle_stream(path: str, size: int, *, trust: bool) -> Checkpoint:
     or any other pickle, listed the same safe way. Every pickle torch.load would unpickle is scanned."""
     _refuse_tar(path)
     unpicklers: list[SafeUnpickler] = []
-    raw, stream = _file_stream(path, size)
-    with raw:
-        first, first_unpickler = unpickle(stream, path, "its first pickle", unpicklers=unpicklers)
+    with mapped(path) as data:
+        first, first_unpickler, offset = unpickle(data, path, "its first pickle", unpicklers=unpicklers)
         if first != _LEGACY_MAGIC:
             # torch.load unpickles this first pickle, then stops: it is not a torch file
             return Checkpoint(path, "pickle", first, file_size=size, pickle_imports=first_unpickler.pickle_imports(),
                               trust=trust, details={"note": "a plain Python pickle, not written by torch.save"})
-        protocol, _ = unpickle(stream, path, "its protocol version", unpicklers=unpicklers)
+        protocol, _, offset = unpickle(data, path, "its protocol version", unpicklers=unpicklers, start=offset)
         if protocol != _LEGACY_PROTOCOL:
             raise CorruptCheckpointError(path, f"legacy torch file with unknown protocol version {printable(protocol)}"
                                                "; load it with the torch that wrote it and re-save it.")
-        sys_info, _ = unpickle(stream, path, "its system-info record", unpicklers=unpicklers)
+        sys_info, _, offset = unpickle(data, path, "its system-info record", unpicklers=unpicklers, start=offset)
         little_endian = not isinstance(sys_info, dict) or sys_info.get("little_endian", True) is not False
 
         # Storage bytes follow the pickles, so their offsets are known only after the key list:
         # record the storages first, then read the data pickle again with their offsets.
-        data_start = raw.tell()
+        data_start = offset
         described: dict[str, tuple[torch.dtype, str]] = {}
 
         def record(dtype: torch.dtype, key: str, location: str, numel: int, view_metadata: Any) -> Storage:
@@ -339,9 +324,9 @@ def read_pickle_stream(path: str, size: int, *, trust: bool) -> Checkpoint:
             return Storage(key=key, source=None, offset=0, nbytes=_STORAGE_SIZE_NOT_YET_KNOWN,  # type: ignore[arg-type]
                            location=location)
 
-        unpickle(stream, path, "its data pickle", record)
-        keys, _ = unpickle(stream, path, "its storage key list", unpicklers=unpicklers)
-        offset = raw.tell()
+        _, _, offset = unpickle(data, path, "its data pickle", record, start=data_start)
+        keys, _, offset = unpickle(data, path, "its storage key list", unpicklers=unpicklers, start=offset)
+        data_pickle = data[data_start:offset]
     if not isinstance(keys, list) or not all(isinstance(key, (str, int)) for key in keys):
         raise CorruptCheckpointError(path, "its storage key list is not a list of keys: the file is damaged. "
                                            "Re-save it.")
@@ -381,9 +366,7 @@ def read_pickle_stream(path: str, size: int, *, trust: bool) -> Checkpoint:
                            nbytes=view_size * itemsize, location=location, byteorder=storage.byteorder)
         return storage
 
-    raw, stream = _file_stream(path, size, data_start)
-    with raw:
-        root, _ = unpickle(stream, path, "its data pickle", storage_for, unpicklers=unpicklers)
+    root, _, _ = unpickle(data_pickle, path, "its data pickle", storage_for, unpicklers=unpicklers)
     imports = merge_imports(unpicklers)
     return Checkpoint(path, "torch-legacy", root, file_size=size, sources=[source], pickle_imports=imports,
                       trust=trust, details={"storages": len(storages)})
