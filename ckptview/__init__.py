@@ -9,6 +9,7 @@ ckptview: open, inspect, check, compare and run deep-learning checkpoints.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 from ckptview import errors
@@ -16,14 +17,38 @@ from ckptview.errors import CkptviewError
 from ckptview.readers import Checkpoint, PickledObject, PickleImport, TensorEntry, open_checkpoint
 from ckptview.analyzers.sections import find_sections as sections, model_state_dict, pickled_modules
 from ckptview.analyzers.training import training_state
-from ckptview.analyzers.batchnorm import batchnorm_checks
-from ckptview.analyzers.stats import stats
 from ckptview.analyzers.table import tensor_table
 from ckptview.analyzers.tree import module_tree
-from ckptview.analyzers.doctor import doctor
-from ckptview.analyzers.valuediff import diff
-from ckptview.analyzers.run import Run, RunSummary, open_run
-from ckptview.inference import available_devices, compare_checkpoints, compare_precisions, load_model, run_inference
+
+# Imported on first use (PEP 562): they need torch, numba or pandas, and listing a file needs none
+# of them (`ckptview info` answers in a fraction of torch's import time).
+_LAZY = {
+    "batchnorm_checks": "ckptview.analyzers.batchnorm",
+    "stats": "ckptview.analyzers.stats",
+    "doctor": "ckptview.analyzers.doctor",
+    "diff": "ckptview.analyzers.valuediff",
+    "Run": "ckptview.analyzers.run",
+    "RunSummary": "ckptview.analyzers.run",
+    "open_run": "ckptview.analyzers.run",
+    "available_devices": "ckptview.inference",
+    "compare_checkpoints": "ckptview.inference",
+    "compare_precisions": "ckptview.inference",
+    "load_model": "ckptview.inference",
+    "run_inference": "ckptview.inference",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ckptview' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __version__ = "0.1.0"
 
@@ -106,3 +131,4 @@ def explore_run(path_or_run: object, *, engine: object = "local", cache: object 
     from ckptview.ui.run import explore_run as _explore_run
 
     return _explore_run(path_or_run, engine=engine, cache=cache, trust=trust)
+

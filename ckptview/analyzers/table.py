@@ -12,9 +12,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ckptview.analyzers.sections import Section, find_sections
+from ckptview.readers.dtypes import torch_dtype
 from ckptview.readers.model import Checkpoint, LayerRole, TensorEntry, gc_paused, view_identity
 
 if TYPE_CHECKING:
@@ -56,13 +55,18 @@ class TensorRow:
     layer_detail: str         # the shape read as that layer ("3072×768 (out×in)"); "" when unknown
     role: str                 # "parameter", "buffer", or "attribute" (a TorchScript module's plain tensor attribute)
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype_name: str           # torch's name for the dtype ("float32"); `dtype` is the torch.dtype
     numel: int
     nbytes: int
     device: str               # the device it was saved from
     shared: bool              # its storage also backs another entry (tied weights, views)
     tied_to: str = ""         # the first name of the same stored view when this one repeats it; counted there
     encoding: str = ""        # the stored form when torch has no dtype for it ("Q4_K", "deflate"); dtype is the decoded one
+
+    @property
+    def dtype(self) -> Any:
+        """The `torch.dtype` (imports torch)."""
+        return torch_dtype(self.dtype_name)
 
 
 @dataclass(frozen=True)
@@ -86,9 +90,9 @@ class TensorTable:
         """The rows as a DataFrame, one column per `TensorRow` field (dtype as its name, shape as a tuple)."""
         import pandas as pd
 
-        columns = list(TensorRow.__dataclass_fields__)
-        data = {column: [getattr(row, column) for row in self.rows] for column in columns}
-        data["dtype"] = [str(row.dtype).removeprefix("torch.") for row in self.rows]
+        columns = [("dtype" if column == "dtype_name" else column) for column in TensorRow.__dataclass_fields__]
+        data = {column: [getattr(row, column) for row in self.rows] for column in TensorRow.__dataclass_fields__}
+        data["dtype"] = data.pop("dtype_name")
         return pd.DataFrame(data, columns=columns)
 
 
@@ -154,7 +158,7 @@ def _build(ckpt: Checkpoint) -> TensorTable:
             layer_detail=detail,
             role="attribute" if section is not None and section.kind == "script_attribute" else tensor_role(entry, leaf),
             shape=entry.shape,
-            dtype=entry.dtype,
+            dtype_name=entry.dtype_name,
             numel=entry.numel,
             nbytes=entry.nbytes,
             device=entry.device,
@@ -173,9 +177,8 @@ def _build(ckpt: Checkpoint) -> TensorTable:
             parameters += row.numel
         elif row.role == "buffer":
             buffers += row.numel
-        name = str(row.dtype).removeprefix("torch.")
-        dtype_numel[name] += row.numel
-        dtype_bytes[name] += row.nbytes
+        dtype_numel[row.dtype_name] += row.numel
+        dtype_bytes[row.dtype_name] += row.nbytes
     return TensorTable(tuple(rows), parameters, buffers, ckpt.total_bytes, dict(dtype_numel), dict(dtype_bytes))
 
 
@@ -229,7 +232,7 @@ def tensor_role(entry: TensorEntry, leaf: str) -> str:
     """'parameter' or 'buffer': saved `nn.Parameter`s are parameters; else decided by the leaf name and dtype."""
     if entry.info.is_parameter:
         return "parameter"
-    if leaf in BUFFER_LEAVES or not (entry.dtype.is_floating_point or entry.dtype.is_complex):
+    if leaf in BUFFER_LEAVES or not entry.dtype_name.startswith(("float", "bfloat", "complex")):
         return "buffer"
     return "parameter"
 

@@ -52,14 +52,18 @@ class ModuleTree:
             stack.extend((depth + 1, child) for child in reversed(node.children))
         return out
 
+    def to_records(self) -> list[dict[str, Any]]:
+        """One dict per node, depth first: depth, name, path, repeat, parameter_count, nbytes, share, tensor_count, layer_kinds."""
+        return [{"depth": depth, "name": n.name, "path": n.path, "repeat": n.repeat, "parameter_count": n.parameter_count,
+                 "nbytes": n.nbytes, "share": n.share, "tensor_count": n.tensor_count,
+                 "layer_kinds": ", ".join(n.layer_kinds)} for depth, n in self.walk()]
+
     def to_frame(self) -> pd.DataFrame:
-        """One row per node, depth first: depth, name, path, repeat, parameter_count, nbytes, share, tensor_count, layer_kinds."""
+        """`to_records()` as a DataFrame."""
         import pandas as pd
 
         columns = ["depth", "name", "path", "repeat", "parameter_count", "nbytes", "share", "tensor_count", "layer_kinds"]
-        rows = [(depth, n.name, n.path, n.repeat, n.parameter_count, n.nbytes, n.share, n.tensor_count,
-                 ", ".join(n.layer_kinds)) for depth, n in self.walk()]
-        return pd.DataFrame(rows, columns=columns)
+        return pd.DataFrame(self.to_records(), columns=columns)
 
 
 def module_tree(ckpt: Checkpoint, *, fold_repeats: bool = True) -> ModuleTree:
@@ -122,7 +126,7 @@ def build_tree(table: TensorTable, fold_repeats: bool = True) -> ModuleTree:
             if child is None:
                 child = node.children[part] = _Builder()
             node = child
-        node.leaves.append((leaf, row.shape, row.dtype))
+        node.leaves.append((leaf, row.shape, row.dtype_name))
         node.count += 1
         if not row.tied_to:
             node.numel += row.numel

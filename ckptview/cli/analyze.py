@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ckptview
-from ckptview.analyzers.batchnorm import BatchNormReport
-from ckptview.analyzers.stats import StatsResult, stats_row
-from ckptview.analyzers.tree import ModuleTree
 from ckptview.cli import add_path_command, print_json
 from ckptview.errors import printable
 from ckptview.present.text import human_bytes, human_count, text_table
+
+if TYPE_CHECKING:
+    from ckptview.analyzers.batchnorm import BatchNormReport
+    from ckptview.analyzers.stats import StatsResult
+    from ckptview.analyzers.tree import ModuleTree
 
 
 def add_commands(subparsers: Any) -> None:
@@ -28,6 +30,8 @@ def stats_command(args: argparse.Namespace) -> int:
     with ckptview.open(args.path, trust=args.trust) as ckpt:
         result = ckptview.stats(ckpt, filter=args.filter, progress=sys.stderr.isatty())
     if args.json:
+        from ckptview.analyzers.stats import stats_row
+
         flags: dict[str, list[str]] = {}
         for outlier in result.outliers:
             flags.setdefault(outlier.name, []).append(outlier.check)
@@ -79,7 +83,7 @@ def tree_command(args: argparse.Namespace) -> int:
     with ckptview.open(args.path, trust=args.trust) as ckpt:
         tree = ckptview.module_tree(ckpt)
     if args.json:
-        print_json(tree.to_frame().to_dict(orient="records"))
+        print_json(tree.to_records())
         return 0
     print(render_tree(tree))
     return 0

@@ -8,14 +8,10 @@ import os
 import sys
 from typing import Any
 
-from ckptview.analyzers.doctor import doctor as run_doctor
-from ckptview.analyzers.keydiff import compress_keys
-from ckptview.analyzers.valuediff import IGNORE_BN_STATS, IGNORE_EMA, diff as run_diff
 from ckptview.cli import print_json
 from ckptview.errors import printable
 from ckptview.present.text import human_count, shape_text, text_table
 
-_IGNORE_PRESETS = {"bn": IGNORE_BN_STATS, "ema": IGNORE_EMA}
 _TOP = 30
 
 
@@ -52,7 +48,11 @@ def add_commands(subparsers: Any) -> None:
 
 
 def diff(args: argparse.Namespace) -> int:
-    ignore = [pattern for name in args.ignore for pattern in _IGNORE_PRESETS.get(name, (name,))]
+    # imported here: they need torch, which the header-only commands sharing this parser do not
+    from ckptview.analyzers.valuediff import IGNORE_BN_STATS, IGNORE_EMA, diff as run_diff
+
+    presets = {"bn": IGNORE_BN_STATS, "ema": IGNORE_EMA}
+    ignore = [pattern for name in args.ignore for pattern in presets.get(name, (name,))]
     result = run_diff(args.a, args.b, values=args.values, ignore=ignore, threads=args.threads,
                       progress=args.values and not args.json and sys.stderr.isatty(), trust=args.trust)
     if args.json:
@@ -114,6 +114,9 @@ def doctor(args: argparse.Namespace) -> int:
     # Like uvicorn and gunicorn: a factory next to the user (`models:make`) should import.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    from ckptview.analyzers.doctor import doctor as run_doctor
+    from ckptview.analyzers.keydiff import compress_keys
+
     report = run_doctor(args.path, args.model, trust=args.trust)
     saved = None
     if args.save_fixed and report.loads_after_fix and not report.ok:

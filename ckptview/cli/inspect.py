@@ -13,7 +13,7 @@ from ckptview.analyzers.sections import find_sections, pickled_modules
 from ckptview.analyzers.training import training_state
 from ckptview.cli import add_path_command, print_json
 from ckptview.errors import CkptviewError, printable
-from ckptview.present.text import dtype_name, human_bytes, human_count, shape_text, text_table
+from ckptview.present.text import human_bytes, human_count, shape_text, text_table
 from ckptview.readers.model import Checkpoint
 
 EXIT_NEEDS_CODE = 3
@@ -88,7 +88,7 @@ def _worst(codes: list[int]) -> int:
 def info_data(ckpt: Checkpoint) -> dict[str, Any]:
     dtypes = Counter()
     for entry in ckpt.unique_tensors():
-        dtypes[dtype_name(entry.dtype)] += entry.numel
+        dtypes[entry.dtype_name] += entry.numel
     return {
         "path": ckpt.path,
         "format": ckpt.format,
@@ -175,14 +175,14 @@ def tensors(args: argparse.Namespace) -> int:
         entries = ckpt.tensors()
         if args.json:
             print_json([
-                {"name": e.name, "shape": list(e.shape), "dtype": dtype_name(e.dtype), "numel": e.numel,
+                {"name": e.name, "shape": list(e.shape), "dtype": e.dtype_name, "numel": e.numel,
                  "nbytes": e.nbytes, "device": e.device, "layout": e.layout, "storage_key": e.storage_key,
                  "encoding": e.encoding}
                 for e in entries
             ])
             return 0
         # an encoded tensor shows its stored form (Q4_K, int8) and what load() returns
-        rows = [(e.name, shape_text(e.shape), f"{e.encoding} → {dtype_name(e.dtype)}" if e.encoding else dtype_name(e.dtype),
+        rows = [(e.name, shape_text(e.shape), f"{e.encoding} → {e.dtype_name}" if e.encoding else e.dtype_name,
                  f"{e.numel:,}", human_bytes(e.nbytes)) for e in entries]
         print(text_table(rows, ("name", "shape", "dtype", "params", "size"), align_right=(3, 4)))
         shared = ckpt.tensor_count - len(ckpt.unique_tensors())

@@ -6,12 +6,14 @@ import argparse
 import math
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ckptview
-from ckptview.analyzers.run import RunSummary, describe_skipped
 from ckptview.cli import print_json
 from ckptview.present.text import text_table
+
+if TYPE_CHECKING:
+    from ckptview.analyzers.run import RunSummary
 
 
 def add_commands(subparsers: Any) -> None:
@@ -84,6 +86,8 @@ def render_timeline(summary: RunSummary) -> str:
         lines.append(f"{stopped.module}: {what} (relative change below {_num(stopped.last_change) or 0})")
     for alias in summary.aliases:
         lines.append(f"{os.path.basename(alias.path)}: {alias.note}")
+    from ckptview.analyzers.run import describe_skipped
+
     for line in describe_skipped(summary.skipped):
         lines.append(f"skipped {line}")
     return "\n".join(lines)

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from ckptview.errors import printable
 
 
@@ -26,11 +24,6 @@ def human_count(count: float) -> str:
         if abs(count) >= scale:
             return f"{count / scale:.1f}{unit}"
     return f"{count:,.0f}" if isinstance(count, int) or float(count).is_integer() else f"{count:.3g}"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch.float32 -> 'float32' (torch's own name, as used in --json output)."""
-    return str(dtype).removeprefix("torch.")
 
 
 def shape_text(shape: Sequence[int]) -> str:

@@ -41,8 +41,8 @@ _MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
 _MAX_KEY_BYTES = 1 << 16  # keys and tensor names are short identifiers; llama.cpp caps names at 64 bytes
 
 # torch dtypes of the GGML types stored as plain arrays, read in place like any dense tensor
-_PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-          "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64}
+_PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+          "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
 
 
 def is_gguf(head: bytes) -> bool:
@@ -371,7 +371,7 @@ def _type_counts(root: dict[str, TensorInfo]) -> dict[str, int]:
     return counts
 
 
-def _dtype_ggml_name(dtype: torch.dtype) -> str:
+def _dtype_ggml_name(dtype: str) -> str:
     return next(name for name, plain in _PLAIN.items() if plain == dtype)
 
 

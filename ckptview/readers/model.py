@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
-
 from ckptview.errors import CorruptCheckpointError, TensorDataError, TruncatedCheckpointError
+from ckptview.lazy import torch
+from ckptview.readers.dtypes import dtype_name, itemsize, torch_dtype
 
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
 
@@ -135,7 +135,9 @@ class TensorInfo:
     __setstate__ = refuse_pickle_state
 
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    # torch's name for the element type ("float32"): listing needs no torch. A torch.dtype given
+    # here is recorded by its name; `torch_dtype` gives it back.
+    dtype: str
     storage: Storage | None
     storage_offset: int = 0  # in elements of `dtype`
     stride: tuple[int, ...] = ()
@@ -157,6 +159,18 @@ class TensorInfo:
     # diffs stream through a large quantized tensor instead of decoding it whole (`iter_chunks`)
     decode_chunks: Callable[[int], Iterator[torch.Tensor]] | None = field(default=None, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.dtype, str) or self.dtype.startswith("torch."):
+            object.__setattr__(self, "dtype", dtype_name(self.dtype))
+
+    @property
+    def torch_dtype(self) -> Any:
+        return torch_dtype(self.dtype)
+
+    @property
+    def itemsize(self) -> int:
+        return itemsize(self.dtype)
+
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
@@ -168,7 +182,7 @@ class TensorInfo:
             return self.stored_nbytes
         if self.components:
             return sum(part.nbytes for part in self.components.values())
-        return self.numel * self.dtype.itemsize
+        return self.numel * itemsize(self.dtype)
 
     @property
     def device(self) -> str:
@@ -214,6 +228,12 @@ class TensorEntry:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The `torch.dtype` (imports torch); `dtype_name` is the same without it."""
+        return self.info.torch_dtype
+
+    @property
+    def dtype_name(self) -> str:
+        """torch's name for the dtype, e.g. "float32" (as `--json` output writes it)."""
         return self.info.dtype
 
     @property
@@ -607,7 +627,7 @@ def _read_elements(info: TensorInfo, name: str, first: int, count: int, out: tor
     """`count` elements from element `first` of the storage, as a 1-D tensor of `info.dtype`."""
     storage = info.storage
     assert storage is not None
-    itemsize = info.dtype.itemsize
+    itemsize = info.itemsize
     start, size = first * itemsize, count * itemsize
     if start + size > storage.nbytes:
         raise CorruptCheckpointError(
@@ -620,7 +640,7 @@ def _read_elements(info: TensorInfo, name: str, first: int, count: int, out: tor
         storage.source.read_into(memoryview(raw.numpy()).cast("B"), storage.data_offset() + start)
     if storage.byteorder == "big" and itemsize > 1:
         raw = raw.view(-1, itemsize).flip(1).reshape(-1)
-    return raw.view(info.dtype)
+    return raw.view(info.torch_dtype)
 
 
 def load_tensor(info: TensorInfo, name: str) -> torch.Tensor:
@@ -635,7 +655,7 @@ def load_tensor(info: TensorInfo, name: str) -> torch.Tensor:
 
 def _load_tensor(info: TensorInfo, name: str) -> torch.Tensor:
     if info.layout == "meta":
-        return torch.empty_strided(info.shape, info.stride, dtype=info.dtype, device="meta")
+        return torch.empty_strided(info.shape, info.stride, dtype=info.torch_dtype, device="meta")
     if info.layout == "quantized":
         return _load_quantized(info, name)
     if info.layout == "encoded" and info.decode is not None:
@@ -648,7 +668,7 @@ def _load_tensor(info: TensorInfo, name: str) -> torch.Tensor:
             + (f" ({info.note})" if info.note else "")
         )
     if info.numel == 0:
-        return torch.empty(info.shape, dtype=info.dtype)
+        return torch.empty(info.shape, dtype=info.torch_dtype)
     flat = _read_elements(info, name, info.storage_offset, _span_elements(info))
     if info.is_contiguous():
         return flat.view(info.shape)
@@ -660,11 +680,11 @@ def _decoded(info: TensorInfo, name: str) -> torch.Tensor:
     if tuple(tensor.shape) != info.shape:
         raise TensorDataError(None, f"tensor {name!r} decodes to shape {list(tensor.shape)} but the file declares "
                                     f"{list(info.shape)}: the file is damaged. Re-export it.")
-    return tensor.to(info.dtype)
+    return tensor.to(info.torch_dtype)
 
 
 def _load_quantized(info: TensorInfo, name: str) -> torch.Tensor:
-    int_dtype = {torch.qint8: torch.int8, torch.quint8: torch.uint8, torch.qint32: torch.int32}.get(info.dtype)
+    int_dtype = {"qint8": "int8", "quint8": "uint8", "qint32": "int32"}.get(info.dtype)
     if int_dtype is None or info.quantizer is None:
         raise TensorDataError(None, f"tensor {name!r} uses quantized dtype {info.dtype}, which ckptview cannot load")
     raw = _load_tensor(replace(info, dtype=int_dtype, layout="strided"), name)
@@ -735,7 +755,7 @@ def iter_tensor_chunks(info: TensorInfo, name: str, chunk_bytes: int, *, reuse_b
         tensor = load_tensor(info, name)
         yield from _strided_chunks(tensor, max(1, chunk_bytes // max(1, tensor.element_size())))
         return
-    itemsize = info.dtype.itemsize
+    itemsize = info.itemsize
     step = max(1, chunk_bytes // itemsize)
     size = min(step, info.numel) * itemsize
     if buffer is not None and (buffer.dtype != torch.uint8 or buffer.dim() != 1 or not buffer.is_contiguous()

@@ -7,9 +7,9 @@ import os
 import struct
 from typing import Any
 
-import torch
 
 from ckptview.errors import CkptviewError, CorruptCheckpointError, TruncatedCheckpointError
+from ckptview.readers.dtypes import itemsize
 from ckptview.readers.model import (
     Checkpoint,
     FileSource,
@@ -29,9 +29,7 @@ _DTYPE_NAMES = {
     "I64": "int64", "U64": "uint64", "C64": "complex64", "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
 }
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, torch_name) for name, torch_name in _DTYPE_NAMES.items() if hasattr(torch, torch_name)
-}
+SAFETENSORS_DTYPES: dict[str, str] = _DTYPE_NAMES
 
 
 def read_header(source: FileSource, size: int) -> tuple[dict[str, Any], int]:
@@ -63,13 +61,13 @@ def read_header(source: FileSource, size: int) -> tuple[dict[str, Any], int]:
     return header, 8 + header_len
 
 
-def parse_tensors(path: str, header: dict[str, Any], data_start: int, size: int) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], dict[str, str]]:
+def parse_tensors(path: str, header: dict[str, Any], data_start: int, size: int) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
     """Validate the header: every tensor's (dtype, shape, begin, end), and the metadata."""
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict):
         raise CorruptCheckpointError(path, "its safetensors __metadata__ is not a JSON object: re-save the file.")
     data_len = size - data_start
-    tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+    tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
     for name, spec in header.items():
         if name == "__metadata__":
             continue
@@ -86,9 +84,8 @@ def parse_tensors(path: str, header: dict[str, Any], data_start: int, size: int)
         dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         if dtype is None:
             raise CorruptCheckpointError(path, f"tensor {name!r} has safetensors dtype {str(dtype_name)[:40]!r}, which "
-                                               f"this torch {torch.__version__} has no dtype for; upgrade torch or "
-                                               "convert the tensor.")
-        expected = _prod(shape) * dtype.itemsize
+                                               "ckptview does not know; convert the tensor, or upgrade ckptview.")
+        expected = _prod(shape) * itemsize(dtype)
         if end < begin or end - begin != expected:
             raise CorruptCheckpointError(path, f"tensor {name!r} has data_offsets [{begin}, {end}] "
                                                f"({end - begin:,} bytes) but its shape {list(shape)} and dtype "

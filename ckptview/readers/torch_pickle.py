@@ -21,8 +21,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from ckptview.errors import (
     CkptviewError,
     CorruptCheckpointError,
@@ -30,6 +28,7 @@ from ckptview.errors import (
     UnsupportedFormatError,
     UntrustedCodeError,
 )
+from ckptview.readers.dtypes import itemsize
 from ckptview.readers.model import Checkpoint, FileSource, PickleImport, RefusedPickle, Storage
 from ckptview.readers.pickle_scan import MemoIndexRefused, pickle_end
 from ckptview.readers.registry import supported
@@ -242,13 +241,13 @@ def parse_torch_zip(archive: zipfile.ZipFile, path: str, source: FileSource, siz
             raise CorruptCheckpointError(path, "the archive's byteorder record is neither 'little' nor 'big': the "
                                                "file is damaged. Re-save it.")
 
-    def storage_for(dtype: torch.dtype, key: str, location: str, numel: int, view_metadata: Any) -> Storage:
+    def storage_for(dtype: str, key: str, location: str, numel: int, view_metadata: Any) -> Storage:
         member = f"{prefix}data/{key}"
         info = members.get(member)
         if info is None:
             raise CorruptCheckpointError(path, f"data.pkl refers to storage {key!r} but the archive has no "
                                                f"member {member}: the file is incomplete. Re-save it.")
-        nbytes = numel * dtype.itemsize
+        nbytes = numel * itemsize(dtype)
         if info.compress_type != zipfile.ZIP_STORED:
             raise UnsupportedFormatError(path, f"archive member {member} is compressed; torch.save never "
                                                "compresses, so the file was re-zipped. Unzip and re-zip it with "
@@ -316,9 +315,9 @@ def read_pickle_stream(path: str, size: int, *, trust: bool) -> Checkpoint:
         # Storage bytes follow the pickles, so their offsets are known only after the key list:
         # record the storages first, then read the data pickle again with their offsets.
         data_start = offset
-        described: dict[str, tuple[torch.dtype, str]] = {}
+        described: dict[str, tuple[str, str]] = {}
 
-        def record(dtype: torch.dtype, key: str, location: str, numel: int, view_metadata: Any) -> Storage:
+        def record(dtype: str, key: str, location: str, numel: int, view_metadata: Any) -> Storage:
             described.setdefault(key, (dtype, location))
             # the size a view is checked against: the storage's own count is read in the second pass
             return Storage(key=key, source=None, offset=0, nbytes=_STORAGE_SIZE_NOT_YET_KNOWN,  # type: ignore[arg-type]
@@ -333,13 +332,13 @@ def read_pickle_stream(path: str, size: int, *, trust: bool) -> Checkpoint:
     source = FileSource(path)
     storages: dict[str, Storage] = {}
     for key in map(str, keys):
-        dtype, location = described.get(key, (torch.uint8, "cpu"))
+        dtype, location = described.get(key, ("uint8", "cpu"))
         count_bytes = source.read(offset, 8) if offset + 8 <= size else b""
         if len(count_bytes) < 8:
             raise TruncatedCheckpointError(path, f"the file ends at byte {size:,} before storage {printable(key)}: it "
                                                  "was cut off. Copy it again or re-save it.")
         (numel,) = struct.unpack("<q" if little_endian else ">q", count_bytes)
-        nbytes = numel * dtype.itemsize
+        nbytes = numel * itemsize(dtype)
         if numel < 0 or offset + 8 + nbytes > size:
             raise TruncatedCheckpointError(path, f"storage {printable(key)} needs {nbytes:,} bytes from byte "
                                                  f"{offset + 8:,} but the file ends at {size:,}: it was cut off. "
@@ -348,7 +347,7 @@ def read_pickle_stream(path: str, size: int, *, trust: bool) -> Checkpoint:
                                 byteorder="little" if little_endian else "big")
         offset += 8 + nbytes
 
-    def storage_for(dtype: torch.dtype, key: str, location: str, numel: int, view_metadata: Any) -> Storage:
+    def storage_for(dtype: str, key: str, location: str, numel: int, view_metadata: Any) -> Storage:
         storage = storages.get(key)
         if storage is None:
             raise CorruptCheckpointError(path, f"the data refers to storage {printable(key)}, which the file does not "
@@ -358,12 +357,12 @@ def read_pickle_stream(path: str, size: int, *, trust: bool) -> Checkpoint:
                     and all(type(v) is int for v in view_metadata[1:])):
                 raise RefusedPickle("a storage view is not (key, offset, size)")
             _, view_offset, view_size = view_metadata
-            itemsize = dtype.itemsize
-            if view_offset < 0 or view_size < 0 or (view_offset + view_size) * itemsize > storage.nbytes:
+            element = itemsize(dtype)
+            if view_offset < 0 or view_size < 0 or (view_offset + view_size) * element > storage.nbytes:
                 raise RefusedPickle(f"a storage view of {view_size:,} elements at {view_offset:,} reaches past its "
                                     f"storage of {storage.nbytes:,} bytes")
-            return Storage(key=f"{key}@{view_offset}", source=source, offset=storage.offset + view_offset * itemsize,
-                           nbytes=view_size * itemsize, location=location, byteorder=storage.byteorder)
+            return Storage(key=f"{key}@{view_offset}", source=source, offset=storage.offset + view_offset * element,
+                           nbytes=view_size * element, location=location, byteorder=storage.byteorder)
         return storage
 
     root, _, _ = unpickle(data_pickle, path, "its data pickle", storage_for, unpicklers=unpicklers)

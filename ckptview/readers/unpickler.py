@@ -26,8 +26,8 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
+from ckptview.lazy import torch
+from ckptview.readers.dtypes import ALIASES, ITEMSIZE, STORAGE_CLASSES, itemsize
 from ckptview.readers.model import (
     PickledObject,
     PickleImport,
@@ -50,8 +50,38 @@ class StorageType(_Sealed):
 
     __slots__ = ("dtype",)
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: str) -> None:
         self.dtype = dtype
+
+
+class DTypeRef(_Sealed):
+    """`torch.float32` & co. as a pickle names them: the dtype's name (no torch needed to list a file)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DTypeRef) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+
+class QScheme(_Sealed):
+    """`torch.per_tensor_affine` & co. as a pickle names them."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"torch.{self.name}"
 
 
 class _Allowed(_Sealed):
@@ -80,30 +110,13 @@ class _PickledCounter(Counter):  # type: ignore[type-arg]
         self.pickled_state = state
 
 
-def _storage_types() -> dict[str, StorageType]:
-    types = {"UntypedStorage": StorageType(torch.uint8), "ByteStorage": StorageType(torch.uint8)}
-    for dtype, name in torch.storage._dtype_to_storage_type_map().items():
-        types[name] = StorageType(dtype)
-    return types
+_STORAGE_TYPES = {name: StorageType(dtype) for name, dtype in STORAGE_CLASSES.items()}
 
+_DTYPES = {name: DTypeRef(name) for name in ITEMSIZE} | {alias: DTypeRef(name) for alias, name in ALIASES.items()}
 
-_STORAGE_TYPES = _storage_types()
-
-
-def _dtypes() -> dict[str, torch.dtype]:
-    return {name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
-
-
-_QSCHEMES = {
-    str(scheme): scheme
-    for scheme in (
-        torch.per_tensor_affine,
-        torch.per_tensor_symmetric,
-        torch.per_channel_affine,
-        torch.per_channel_symmetric,
-        torch.per_channel_affine_float_qparams,
-    )
-}
+_QSCHEMES = {f"torch.{name}": QScheme(name) for name in (
+    "per_tensor_affine", "per_tensor_symmetric", "per_channel_affine", "per_channel_symmetric",
+    "per_channel_affine_float_qparams")}
 
 
 class _Layout(_Sealed):
@@ -122,10 +135,10 @@ def _as_tuple(value: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _dtype(value: Any) -> torch.dtype:
-    if not isinstance(value, torch.dtype):
+def _dtype(value: Any) -> str:
+    if not isinstance(value, DTypeRef):
         raise RefusedPickle("a tensor's dtype is not a torch dtype")
-    return value
+    return value.name
 
 
 def _checked_shape(value: Any) -> tuple[int, ...]:
@@ -148,11 +161,11 @@ def _rebuild_tensor_v2(storage: Any, storage_offset: int, size: Any, stride: Any
     return _strided(storage, storage_offset, size, stride, None, requires_grad)
 
 
-def _rebuild_tensor_v3(storage: Any, storage_offset: int, size: Any, stride: Any, requires_grad: Any, backward_hooks: Any, dtype: torch.dtype, *_: Any) -> TensorInfo:
+def _rebuild_tensor_v3(storage: Any, storage_offset: int, size: Any, stride: Any, requires_grad: Any, backward_hooks: Any, dtype: Any, *_: Any) -> TensorInfo:
     return _strided(storage, storage_offset, size, stride, _dtype(dtype), requires_grad)
 
 
-def _strided(storage: Any, storage_offset: int, size: Any, stride: Any, dtype: torch.dtype | None, requires_grad: Any = False) -> TensorInfo:
+def _strided(storage: Any, storage_offset: int, size: Any, stride: Any, dtype: str | None, requires_grad: Any = False) -> TensorInfo:
     if not isinstance(storage, _StorageRef):
         raise RefusedPickle(f"a tensor refers to {type(storage).__name__}, not to a storage")
     shape, strides = _checked_shape(size), _as_tuple(stride)
@@ -163,7 +176,7 @@ def _strided(storage: Any, storage_offset: int, size: Any, stride: Any, dtype: t
     dtype = dtype or storage.dtype
     # the view must lie inside its storage: checked here, before anything reads or allocates by it
     last = offset + sum((n - 1) * step for n, step in zip(shape, strides)) if 0 not in shape else offset - 1
-    if (last + 1) * dtype.itemsize > storage.storage.nbytes:
+    if (last + 1) * itemsize(dtype) > storage.storage.nbytes:
         raise RefusedPickle(f"a tensor of size {list(shape)}, stride {list(strides)} and offset {offset} "
                                      f"reaches past the {storage.storage.nbytes:,} bytes of its storage")
     return TensorInfo(
@@ -202,7 +215,7 @@ def _rebuild_sparse_tensor(layout: Any, data: Any) -> TensorInfo:
         first, second = names.get(name, ("compressed_indices", "plain_indices"))
         components = {first: compressed, second: plain, "values": values}
     values_info = components["values"]
-    dtype = values_info.dtype if isinstance(values_info, TensorInfo) else torch.float32
+    dtype = values_info.dtype if isinstance(values_info, TensorInfo) else "float32"
     return TensorInfo(
         shape=_checked_shape(size),
         dtype=dtype,
@@ -212,7 +225,7 @@ def _rebuild_sparse_tensor(layout: Any, data: Any) -> TensorInfo:
     )
 
 
-def _rebuild_meta_tensor_no_storage(dtype: torch.dtype, size: Any, stride: Any, requires_grad: Any = False, *_: Any) -> TensorInfo:
+def _rebuild_meta_tensor_no_storage(dtype: Any, size: Any, stride: Any, requires_grad: Any = False, *_: Any) -> TensorInfo:
     return TensorInfo(shape=_checked_shape(size), dtype=_dtype(dtype), storage=None, stride=_as_tuple(stride),
                       layout="meta", requires_grad=bool(requires_grad))
 
@@ -221,7 +234,7 @@ def _unsupported(kind: str) -> Callable[..., TensorInfo]:
     def rebuild(*args: Any) -> TensorInfo:
         tensors = [a for a in args if isinstance(a, TensorInfo)]
         shape = tensors[0].shape if tensors else ()
-        dtype = next((a for a in args if isinstance(a, torch.dtype)), tensors[0].dtype if tensors else torch.float32)
+        dtype = next((a.name for a in args if isinstance(a, DTypeRef)), tensors[0].dtype if tensors else "float32")
         return TensorInfo(shape=shape, dtype=dtype, storage=None, layout="unsupported", note=kind)
 
     return rebuild
@@ -344,7 +357,7 @@ def _build_allow_list() -> dict[str, Any]:
     # TorchScript archives wrap typed lists; the value itself is plain data
     allowed.update({f"torch.jit._pickle.build_{kind}list": list
                     for kind in ("int", "double", "bool", "tensor", "complex")})
-    allowed.update({f"torch.{name}": dtype for name, dtype in _dtypes().items()})
+    allowed.update({f"torch.{name}": dtype for name, dtype in _DTYPES.items()})
     for prefix in ("torch.", "torch.storage.", "torch.cuda."):
         allowed.update({prefix + name: storage for name, storage in _STORAGE_TYPES.items()})
     allowed.update(_QSCHEMES)
@@ -361,7 +374,7 @@ class _StorageRef(_Sealed):
 
     __slots__ = ("storage", "dtype")
 
-    def __init__(self, storage: Storage, dtype: torch.dtype) -> None:
+    def __init__(self, storage: Storage, dtype: str) -> None:
         self.storage = storage
         self.dtype = dtype
 
@@ -442,7 +455,7 @@ class SafeUnpickler(pickle.Unpickler):
         if not 0 <= numel <= MAX_ELEMENTS:
             raise RefusedPickle(f"a storage claims {numel:,} elements")
         view_metadata = saved_id[5] if len(saved_id) > 5 else None
-        dtype = storage_type.dtype if isinstance(storage_type, StorageType) else torch.uint8
+        dtype = storage_type.dtype if isinstance(storage_type, StorageType) else "uint8"
         return _StorageRef(self._storage_for(dtype, str(key), location, numel, view_metadata), dtype)
 
     def pickle_imports(self) -> list[PickleImport]:

@@ -1,0 +1,79 @@
+"""Header-only commands answer without importing torch, numba or pandas, and the dtype names they
+use instead agree with the installed torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import ckptview
+from ckptview.readers.dtypes import ALIASES, ITEMSIZE, STORAGE_CLASSES, itemsize, torch_dtype
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "numba", "pandas")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("header_only")
+    state = {"conv.weight": torch.randn(4, 3, 3, 3), "bn.running_mean": torch.zeros(4),
+             "bn.num_batches_tracked": torch.tensor(3), "fc.weight": torch.randn(2, 4).to(torch.bfloat16)}
+    paths = {"zip": tmp / "model.pt", "legacy": tmp / "legacy.pt", "safetensors": tmp / "model.safetensors",
+             "training": tmp / "training.pt"}
+    torch.save(state, paths["zip"])
+    torch.save(state, paths["legacy"], _use_new_zipfile_serialization=False)
+    save_file(state, paths["safetensors"])
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3,
+                "dtype": torch.float16}, paths["training"])
+    return paths
+
+
+@pytest.mark.parametrize("command", ["info", "tensors", "scan", "tree"])
+@pytest.mark.parametrize("kind", ["zip", "legacy", "safetensors", "training"])
+def test_header_only_commands_import_no_heavy_module(files: dict[str, Path], command: str, kind: str) -> None:
+    code = ("import contextlib, io, json, sys\nfrom ckptview.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    status = main([{command!r}, '--json', {str(files[kind])!r}] if {command!r} != 'scan' "
+            f"else ['scan', {str(files[kind])!r}])\n"
+            f"print(json.dumps({{'status': status, 'loaded': [m for m in {HEAVY!r} if m in sys.modules]}}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"status": 0, "loaded": []}
+
+
+def test_the_same_answers_as_through_torch(files: dict[str, Path]) -> None:
+    with ckptview.open(files["legacy"]) as ckpt:
+        entries = {entry.name: entry for entry in ckpt.tensors()}
+        assert entries["fc.weight"].dtype is torch.bfloat16 and entries["fc.weight"].dtype_name == "bfloat16"
+        assert entries["bn.num_batches_tracked"].dtype is torch.int64
+        assert torch.equal(entries["fc.weight"].load(), torch.load(files["legacy"])["fc.weight"])
+        rows = {row.name: row for row in ckptview.tensor_table(ckpt).rows}
+        assert rows["conv.weight"].dtype is torch.float32 and rows["conv.weight"].dtype_name == "float32"
+        assert list(ckptview.tensor_table(ckpt).to_frame()["dtype"]) == [row.dtype_name for row in rows.values()]
+    with ckptview.open(files["training"]) as ckpt:
+        assert repr(ckpt.root["dtype"]) == "torch.float16"
+
+
+def test_dtype_table_agrees_with_torch() -> None:
+    for name, size in ITEMSIZE.items():
+        dtype = getattr(torch, name, None)
+        if dtype is not None:  # names newer than the installed torch are skipped, not guessed
+            assert dtype.itemsize == size == itemsize(name), name
+            assert torch_dtype(name) is dtype
+    known = {str(value).removeprefix("torch.") for value in vars(torch).values() if isinstance(value, torch.dtype)}
+    assert known <= set(ITEMSIZE), sorted(known - set(ITEMSIZE))
+    for alias, name in ALIASES.items():
+        assert getattr(torch, alias) is getattr(torch, name)
+    for dtype, storage_class in torch.storage._dtype_to_storage_type_map().items():
+        assert STORAGE_CLASSES[storage_class] == str(dtype).removeprefix("torch."), storage_class
