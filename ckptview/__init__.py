@@ -80,6 +80,7 @@ __all__ = [
     "Run",
     "RunSummary",
     "explore_run",
+    "report",
 ]
 
 
@@ -132,3 +133,36 @@ def explore_run(path_or_run: object, *, engine: object = "local", cache: object 
 
     return _explore_run(path_or_run, engine=engine, cache=cache, trust=trust)
 
+
+def report(path: str | os.PathLike[str] | Checkpoint, out: str | os.PathLike[str], *,
+           compare: str | os.PathLike[str] | None = None, force: bool = False, trust: bool = False) -> str:
+    """
+    Write one self-contained HTML report of a checkpoint: a file that opens in any browser, offline,
+    without a server or a kernel (plotly is embedded once), to attach to a bug report or a pull request.
+
+    It holds what the explorer's tabs show, rendered by the same code: the overview (sections,
+    metadata, parameters by module), the tensor table, the module tree, statistics with their plot
+    and findings, BatchNorm findings and plot, and the training state; with `compare`, the key diff
+    in `load_state_dict`'s words, the load doctor's fixes and the value diff per module.
+
+    Args:
+        path: a checkpoint path (anything `ckptview.open` takes) or an open `Checkpoint`.
+        out: the HTML file to write, atomically (a temporary file in the same folder renamed into place).
+        compare: a second checkpoint to compare with.
+        force: replace `out` if it exists.
+        trust: passed to `ckptview.open`.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ReportExistsError: `out` exists and `force` is False; nothing is read or written.
+        CkptviewError: a checkpoint cannot be opened, or `out` cannot be written.
+
+    Example:
+        >>> ckptview.report("epoch_10.pt", "report.html", compare="epoch_9.pt")
+        'report.html'
+    """
+    from ckptview.present.report import write_report
+
+    return write_report(path, out, compare=compare, force=force, trust=trust)

@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "ckptview.cli.compare",
     "ckptview.cli.run",
     "ckptview.cli.timeline",
+    "ckptview.cli.report",
 )
 
 

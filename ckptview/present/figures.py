@@ -94,12 +94,12 @@ def stats_by_depth(frame: pd.DataFrame, outliers: set[str]) -> go.Figure:
         frame = frame[flagged | (frame.index % step == 0)]
     depth = frame.index.to_numpy()
     figure = go.Figure()
-    figure.add_trace(go.Scattergl(x=depth, y=frame["std"], mode="lines+markers", name="std", text=frame["name"],
+    figure.add_trace(go.Scatter(x=depth, y=frame["std"], mode="lines+markers", name="std", text=frame["name"],
                                   marker=dict(size=4), hovertemplate="%{text}<br>std %{y:.3g}<extra></extra>"))
-    figure.add_trace(go.Scattergl(x=depth, y=frame["abs_max"], mode="lines+markers", name="abs-max", text=frame["name"],
+    figure.add_trace(go.Scatter(x=depth, y=frame["abs_max"], mode="lines+markers", name="abs-max", text=frame["name"],
                                   marker=dict(size=4), hovertemplate="%{text}<br>abs-max %{y:.3g}<extra></extra>"))
     bad = frame[frame["name"].isin(outliers) | (frame["nan_count"] > 0) | (frame["inf_count"] > 0)]
-    figure.add_trace(go.Scattergl(x=bad.index.to_numpy(), y=bad["abs_max"].fillna(0).clip(lower=1e-12),
+    figure.add_trace(go.Scatter(x=bad.index.to_numpy(), y=bad["abs_max"].fillna(0).clip(lower=1e-12),
                                   mode="markers", name="outlier / NaN / Inf", text=bad["name"],
                                   marker=dict(color="#d62728", size=11, symbol="x"),
                                   hovertemplate="%{text}<extra>flagged</extra>"))

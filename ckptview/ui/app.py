@@ -8,7 +8,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from ckptview.present.frames import summary
-from ckptview.present.text import human_bytes, human_count
+from ckptview.present.html import header_html
 from ckptview.ui.base import STYLE, ExplorerState, Panel, banner_html, error_message, esc
 from ckptview.ui.batchnorm import BatchNormPanel
 from ckptview.ui.compare import ComparePanel
@@ -61,19 +61,7 @@ class Explorer(widgets.VBox):
         if state.checkpoint is None:
             return (f"<h3 style='margin:4px 0'>{esc(state.path)}</h3>"
                     + banner_html("error", error_message(state.open_error)))
-        facts = summary(state.checkpoint)
-        badge_class = "ckptview-badge-danger" if facts.needs_code else "ckptview-badge-ok"
-        return (
-            f"<div style='display:flex;align-items:baseline;gap:10px;flex-wrap:wrap'>"
-            f"<b style='font-size:16px'>{esc(facts.name)}</b>"
-            f"<span>{esc(facts.format)}</span><span>{human_bytes(facts.file_size)} on disk</span>"
-            f"<span>{facts.tensor_count:,} tensors</span>"
-            f"<span>{human_count(facts.parameter_count)} parameters ({human_bytes(facts.total_bytes)})</span>"
-            f"<span>sections: {esc(', '.join(facts.section_kinds) or 'none')}</span>"
-            f"<span class='ckptview-badge {badge_class}' title='{esc(', '.join(facts.imports))}'>"
-            f"{esc(facts.safety_text)}</span></div>"
-            f"<div style='color:#5f6368;font-size:11px'>{esc(facts.path)}</div>"
-        )
+        return header_html(summary(state.checkpoint))
 
     def _on_tabs_selected_index(self, change: dict[str, Any]) -> None:
         self._activate(change["new"])

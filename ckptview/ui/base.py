@@ -10,7 +10,6 @@ near Jupyter's IOPub message-rate limit.
 
 from __future__ import annotations
 
-import html
 import logging
 import threading
 import time
@@ -22,41 +21,13 @@ from typing import Any
 import ipywidgets as widgets
 
 from ckptview.errors import CkptviewError
+from ckptview.present.html import STYLE, banner_html, esc  # noqa: F401 - the panels take them from here
 from ckptview.readers.model import Checkpoint
 
 log = logging.getLogger(__name__)
 
 # At most this many progress messages a second per panel: far below the IOPub limits.
 _PROGRESS_INTERVAL_S = 0.2
-
-STYLE = """
-<style>
-.ckptview-banner-error {background:#fdecea;border-left:4px solid #d93025;padding:6px 10px;margin:4px 0;color:#5f2120}
-.ckptview-banner-info {background:#e8f0fe;border-left:4px solid #1a73e8;padding:6px 10px;margin:4px 0;color:#174ea6}
-.ckptview-banner-warning {background:#fef7e0;border-left:4px solid #f9ab00;padding:6px 10px;margin:4px 0;color:#5c4400}
-.ckptview-mono select, .ckptview-mono textarea, .ckptview-mono-line {font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace !important; font-size: 12px}
-.ckptview-mono-line {white-space: pre; padding-left: 5px; font-weight: 600}
-.ckptview-table {border-collapse:collapse;font-size:12px;line-height:1.4;margin:4px 0}
-.ckptview-tree, .ckptview-explorer p, .ckptview-explorer li {line-height:1.5}
-.ckptview-table th, .ckptview-table td {padding:2px 8px;border-bottom:1px solid #e0e0e0;text-align:left;vertical-align:top}
-.ckptview-table td.num {text-align:right;font-variant-numeric:tabular-nums}
-.ckptview-badge {display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;margin-left:6px}
-.ckptview-badge-ok {background:#e6f4ea;color:#137333}
-.ckptview-badge-danger {background:#fce8e6;color:#a50e0e}
-.ckptview-tree details {margin-left:14px} .ckptview-tree summary {cursor:pointer}
-.ckptview-tree .meta {color:#5f6368;font-size:11px;margin-left:6px}
-.sev-error {color:#a50e0e;font-weight:600} .sev-warning {color:#b06000;font-weight:600}
-.sev-info {color:#174ea6} .sev-ok {color:#137333}
-</style>
-"""
-
-
-def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def banner_html(kind: str, message: str) -> str:
-    return f'<div class="ckptview-banner-{kind}">{esc(message)}</div>'
 
 
 def error_message(exc: BaseException) -> str:

@@ -9,19 +9,18 @@ import os
 from typing import Any
 
 import ipywidgets as widgets
-import pandas as pd
-import torch
-from torch import nn
 
 import ckptview
 from ckptview.analyzers.doctor import Diagnosis, diagnose
-from ckptview.analyzers.keydiff import KeyDiff, key_diff
+from ckptview.analyzers.keydiff import KeyDiff
 from ckptview.analyzers.sections import model_section, model_state_dict
-from ckptview.analyzers.valuediff import ValueDiff, value_diff
+from ckptview.analyzers.valuediff import ValueDiff
 from ckptview.present import figures
+from ckptview.present.html import fixes_html, key_diff_html
 from ckptview.present.text import human_bytes
-from ckptview.readers.model import Checkpoint, TensorEntry
-from ckptview.ui.base import ExplorerState, FigureBox, Panel, banner_html, esc
+from ckptview.present.views import compare_keys, compare_values, module_changes_frame
+from ckptview.readers.model import Checkpoint
+from ckptview.ui.base import ExplorerState, FigureBox, Panel
 
 # What the sibling dropdown offers: files a checkpoint is usually saved as, and shard indexes.
 _SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar", ".pkl", ".index.json")
@@ -95,6 +94,8 @@ class ComparePanel(Panel):
 
     def _on_values_button_click(self, button: widgets.Button) -> None:
         self.cancel_button.layout.display = ""
+        self.value_diff = None
+        self.values.clear()
         self.run(self._values, self._show_values, label="comparing values…")
 
     def _on_cancel_button_click(self, button: widgets.Button) -> None:
@@ -106,10 +107,19 @@ class ComparePanel(Panel):
         if not other and model_spec is None:
             self.show_info("give a second checkpoint's path or a model factory such as ckptview.demo:build_model")
             return
+        self._clear()
         if model_spec is not None:
             self.run(lambda: self._doctor(model_spec), self._show_diagnosis, label="building the model on the meta device…")
         else:
             self.run(lambda: self._diff(other), self._show_comparison, label=f"opening {os.path.basename(other)}…")
+
+    def _clear(self) -> None:
+        """Take down what the previous comparison showed, so a new result or error never sits under old ones."""
+        self.key_diff, self.diagnosis, self.value_diff = None, None, None
+        self.key_report.value = self.fixes.value = self.code.value = ""
+        self.code.layout.display = "none"
+        self.values_button.layout.display = "none"
+        self.values.clear()
 
     def _doctor(self, model: Any) -> Diagnosis:
         ckpt = self.state.checkpoint
@@ -122,101 +132,47 @@ class ComparePanel(Panel):
             self._other = None
         second = ckptview.open(other, trust=self.state.trust)
         self._other = second
-        mine, theirs = model_state_dict(ckpt), model_state_dict(second)
-        # Read as "load the other checkpoint into a model shaped like this one", the question a user
-        # comparing a good file with a failing one asks; the doctor then says how (e.g. strip `module.`).
-        keys = key_diff(theirs, mine)
-        diagnosis = None if keys.ok else diagnose(theirs, _shaped_like(mine), section=model_section(second))
-        return keys, diagnosis
+        return compare_keys(ckpt, second)
 
     def _values(self) -> ValueDiff:
         if self._other is None:
             raise RuntimeError("compare with a second checkpoint first")
-        mine = model_state_dict(self.state.checkpoint)
-        theirs: Any = model_state_dict(self._other)
-        if self.diagnosis is not None and self.diagnosis.loads_after_fix:
-            theirs = self.diagnosis.fixed_state_dict()  # compare the values the keys' fix lines up
 
         def progress(done: int, total: int) -> None:
             if not self.cancel_requested:
                 self.report(done, total, f"{human_bytes(done)} of {human_bytes(total)}")
 
         try:
-            return value_diff(mine, theirs, progress=progress, cancel=self._cancel)
+            return compare_values(self.state.checkpoint, self._other, self.diagnosis, progress=progress,
+                                  cancel=self._cancel)
         finally:
             self.cancel_button.layout.display = "none"
 
     def _show_comparison(self, result: tuple[KeyDiff, Diagnosis | None]) -> None:
         keys, diagnosis = result
         self.key_diff = keys
-        self.key_report.value = _key_diff_html(keys, "the other checkpoint", "this one")
+        self.key_report.value = key_diff_html(keys, "the other checkpoint", "this one")
         self.values_button.layout.display = ""
-        if diagnosis is None:
-            self.diagnosis = None
-            self.fixes.value = ""
-            self.code.value = ""
-            self.code.layout.display = "none"
-        else:
+        if diagnosis is not None:
             self._show_fixes(diagnosis, "To load the other checkpoint where this one's keys are expected")
 
     def _show_values(self, changes: ValueDiff) -> None:
         self.value_diff = changes
-        groups = changes.by_module()
-        if not groups:
+        frame = module_changes_frame(changes)
+        if frame.empty:
             self.show_info("no tensors with the same name and shape on both sides: nothing to compare")
             return
-        frame = pd.DataFrame([{"module": g.name, "max_abs_diff": g.max_abs_diff, "rel_change": g.rel_change,
-                               "cosine": g.cosine} for g in groups])
         note = "" if changes.complete else " (cancelled: partial)"
         self.show_info(f"{len(changes.tensors):,} tensors compared, {len(changes.changed()):,} differ{note}.")
         self.values.show(figures.value_diff_by_module(frame))
 
     def _show_diagnosis(self, diagnosis: Diagnosis) -> None:
-        self.key_report.value = _key_diff_html(diagnosis.before, "this checkpoint", "the model")
+        self.key_report.value = key_diff_html(diagnosis.before, "this checkpoint", "the model")
         self.values_button.layout.display = "none"
         self._show_fixes(diagnosis, "It loads into the model")
 
     def _show_fixes(self, diagnosis: Diagnosis, goal: str) -> None:
         self.diagnosis = diagnosis
-        items = "".join(f"<li><b>{esc(f.kind)}</b>: {esc(f.description)}"
-                        + ("" if f.applicable else " <i>(advice: cannot be applied to this file)</i>")
-                        + f"<pre style='background:#f6f8fa;padding:4px'>{esc(f.code)}</pre></li>" for f in diagnosis.fixes)
-        if diagnosis.ok:
-            verdict = banner_html("info", f"{goal} as it is (strict=True).")
-        elif diagnosis.loads_after_fix:
-            how = "strict=True" if diagnosis.strict else f"strict=False, {len(diagnosis.leaves_missing)} key(s) left as initialised"
-            verdict = banner_html("info", f"{goal} after the fix below ({how}). Copy the code:")
-        else:
-            verdict = banner_html("warning", "The proposed fixes do not make it load: "
-                                  + (diagnosis.load_error or diagnosis.after.message()))
-        self.fixes.value = f"{verdict}<ol>{items}</ol>" if items else verdict
+        self.fixes.value = fixes_html(diagnosis, goal)
         self.code.value = diagnosis.code
         self.code.layout.display = "" if diagnosis.code else "none"
-
-
-def _shaped_like(entries: dict[str, TensorEntry]) -> nn.Module:
-    """A meta-device module whose state_dict has exactly these keys, shapes and dtypes: a checkpoint as a load target."""
-    root = nn.Module()
-    for key, entry in entries.items():
-        *path, leaf = key.split(".")
-        module = root
-        for part in path:
-            if part not in module._modules:
-                module.add_module(part, nn.Module())
-            module = module._modules[part]
-        tensor = torch.empty(entry.shape, dtype=entry.dtype, device="meta")
-        if entry.dtype.is_floating_point or entry.dtype.is_complex:
-            module.register_parameter(leaf, nn.Parameter(tensor, requires_grad=False))
-        else:
-            module.register_buffer(leaf, tensor)
-    return root
-
-
-def _key_diff_html(diff: KeyDiff, left: str, right: str) -> str:
-    if diff.ok:
-        return banner_html("info", f"Keys and shapes match: {diff.matched:,} tensors in both." +
-                           (f" {len(diff.dtype_mismatches)} differ in dtype (load_state_dict casts them)." if diff.dtype_mismatches else ""))
-    return (f"<p>Loading {left} into {right}: {diff.matched:,} tensors match; {len(diff.missing):,} only in {right} "
-            f"(missing), {len(diff.unexpected):,} only in {left} (unexpected), {len(diff.shape_mismatches):,} shape "
-            "mismatches.</p>"
-            f"<pre style='white-space:pre-wrap;font-size:12px;background:#fdecea;padding:6px'>{esc(diff.message())}</pre>")

@@ -7,11 +7,10 @@ from typing import Any
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
-from ckptview.analyzers.sections import model_section
-from ckptview.analyzers.tree import module_tree
-from ckptview.present import figures
-from ckptview.present.frames import sections_frame, summary
-from ckptview.ui.base import ExplorerState, FigureBox, Panel, esc
+from ckptview.present.frames import sections_frame
+from ckptview.present.html import metadata_html, sections_html
+from ckptview.present.views import model_treemap
+from ckptview.ui.base import ExplorerState, FigureBox, Panel
 
 
 class OverviewPanel(Panel):
@@ -25,40 +24,10 @@ class OverviewPanel(Panel):
 
     def _compute(self) -> tuple[Any, go.Figure]:
         ckpt = self.state.checkpoint
-        frame = sections_frame(ckpt)
-        root, title = module_tree(ckpt).root, summary(ckpt).name
-        # Draw the model's modules, not the optimizer's moments beside them, when the model section is known.
-        section = model_section(ckpt)
-        for part in section.path if section is not None else ():
-            below = next((child for child in root.children if child.name == str(part) and child.repeat == 1), None)
-            if below is None:
-                break
-            root, title = below, f"{title}: {below.path}"
-        return frame, figures.module_treemap(root, title)
+        return sections_frame(ckpt), model_treemap(ckpt)
 
     def _show(self, result: tuple[Any, go.Figure]) -> None:
         frame, treemap = result
-        # the file's own metadata (GGUF keys, safetensors __metadata__), large arrays already summarised
-        items = list(self.state.checkpoint.metadata.items())
-        shown = "".join(f"<tr><td><code>{esc(k)}</code></td><td>{esc(_clip(v))}</td></tr>" for k, v in items[:_METADATA_ROWS])
-        more = f"<div class='meta'>… and {len(items) - _METADATA_ROWS:,} more keys</div>" if len(items) > _METADATA_ROWS else ""
-        self.metadata.value = (f"<table class='ckptview-table'><tr><th>metadata</th><th>value</th></tr>{shown}</table>{more}"
-                               if items else "")
-        rows = "".join(
-            f"<tr><td><b>{esc(r['section'])}</b></td><td><code>{esc(r['path'])}</code></td>"
-            f"<td class='num'>{r['tensors']:,}</td><td>{esc(r['contents'])}</td>"
-            f"<td style='color:#5f6368'>{esc(r['what it is'])}</td></tr>"
-            for r in frame.to_dict("records")
-        )
-        self.sections.value = (
-            "<table class='ckptview-table'><tr><th>section</th><th>path</th><th>tensors</th><th>contents</th>"
-            f"<th>what it is</th></tr>{rows}</table>"
-        )
+        self.metadata.value = metadata_html(self.state.checkpoint.metadata)
+        self.sections.value = sections_html(frame)
         self.treemap.show(treemap)
-
-
-_METADATA_ROWS = 60
-
-
-def _clip(value: str) -> str:
-    return value if len(value) <= 160 else value[:157] + "…"

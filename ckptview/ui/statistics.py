@@ -11,7 +11,8 @@ from ckptview.analyzers.stats import StatsResult, stats
 from ckptview.present import figures
 from ckptview.present.text import human_bytes
 from ckptview.readers.model import TensorEntry
-from ckptview.ui.base import Cancelled, ExplorerState, FigureBox, Panel, banner_html, esc
+from ckptview.present.html import stats_findings_html, stats_summary_html
+from ckptview.ui.base import Cancelled, ExplorerState, FigureBox, Panel, banner_html
 
 # Progress granularity: the work is handed to `stats` in batches of about this share of the bytes,
 # so the bar moves ~50 times whatever the file size (stats itself parallelises within a batch).
@@ -88,15 +89,9 @@ class StatisticsPanel(Panel):
     def _show(self, result: StatsResult) -> None:
         self.result = result
         frame = result.to_frame()
-        flagged = {o.name for o in result.outliers}
-        nonfinite = int(((frame["nan_count"] > 0) | (frame["inf_count"] > 0)).sum()) if len(frame) else 0
-        self.summary.value = (f"<b>{len(frame):,}</b> tensors; <b>{len(result.outliers)}</b> findings on "
-                              f"{len(flagged)} tensors; {nonfinite} tensors hold NaN or Inf.")
-        self.figure.show(figures.stats_by_depth(frame, flagged))
-        rows = "".join(f"<tr><td><code>{esc(o.name)}</code></td><td class='sev-warning'>{esc(o.check)}</td>"
-                       f"<td>{esc(o.message)}</td></tr>" for o in result.outliers[:200])
-        self.outliers.value = ("<table class='ckptview-table'><tr><th>tensor</th><th>finding</th><th>what it means</th></tr>"
-                               f"{rows}</table>" if rows else "<p>No outliers: no NaN/Inf, no all-zero or collapsed tensors.</p>")
+        self.summary.value = stats_summary_html(result, frame)
+        self.figure.show(figures.stats_by_depth(frame, {o.name for o in result.outliers}))
+        self.outliers.value = stats_findings_html(result)
 
 
 def _batches(entries: list[TensorEntry], target: int) -> list[list[TensorEntry]]:

@@ -1,0 +1,265 @@
+"""
+HTML fragments of the analyzers' results: the explorer's panels put them in `widgets.HTML`, and the
+report (`ckptview.report`) puts the same fragments in one page, so both say the same thing.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ckptview.present.frames import Summary, flat_values, optimizer_groups_frame
+from ckptview.present.text import human_bytes, human_count, shape_text
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ckptview.analyzers.batchnorm import BatchNormReport
+    from ckptview.analyzers.doctor import Diagnosis
+    from ckptview.analyzers.keydiff import KeyDiff
+    from ckptview.analyzers.stats import StatsResult
+    from ckptview.analyzers.training import TrainingState
+    from ckptview.analyzers.tree import ModuleTree, TreeNode
+
+# Colours come from JupyterLab's theme variables where the page has them (light and dark themes,
+# Voila), with light fallbacks for a page that has none (the report).
+STYLE = """
+<style>
+.ckptview-explorer, .ckptview-report {--ckv-muted: var(--jp-ui-font-color2, #5f6368);
+  --ckv-border: var(--jp-border-color2, #e0e0e0); --ckv-code-bg: var(--jp-layout-color2, #f6f8fa)}
+.ckptview-banner-error {background:#fdecea;border-left:4px solid #d93025;padding:6px 10px;margin:4px 0;color:#5f2120}
+.ckptview-banner-info {background:#e8f0fe;border-left:4px solid #1a73e8;padding:6px 10px;margin:4px 0;color:#174ea6}
+.ckptview-banner-warning {background:#fef7e0;border-left:4px solid #f9ab00;padding:6px 10px;margin:4px 0;color:#5c4400}
+.ckptview-mono select, .ckptview-mono textarea, .ckptview-mono-line {font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace !important; font-size: 12px}
+.ckptview-mono-line {white-space: pre; padding-left: 5px; font-weight: 600}
+.ckptview-table {border-collapse:collapse;font-size:12px;line-height:1.4;margin:4px 0}
+.ckptview-tree, .ckptview-explorer p, .ckptview-explorer li {line-height:1.5}
+.ckptview-table th, .ckptview-table td {padding:2px 8px;border-bottom:1px solid var(--ckv-border);text-align:left;vertical-align:top}
+.ckptview-table td.num {text-align:right;font-variant-numeric:tabular-nums}
+.ckptview-badge {display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;margin-left:6px}
+.ckptview-badge-ok {background:#e6f4ea;color:#137333}
+.ckptview-badge-danger {background:#fce8e6;color:#a50e0e}
+.ckptview-tree details {margin-left:14px} .ckptview-tree summary {cursor:pointer}
+.ckptview-tree .meta, .ckptview-muted {color:var(--ckv-muted);font-size:11px;margin-left:6px}
+.ckptview-code {background:var(--ckv-code-bg);padding:4px;white-space:pre-wrap;font-size:12px}
+.sev-error {color:#d93025;font-weight:600} .sev-warning {color:#e37400;font-weight:600}
+.sev-info {color:#1a73e8} .sev-ok {color:#188038}
+</style>
+"""
+
+_SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2, "ok": 3}
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def banner_html(kind: str, message: str) -> str:
+    return f'<div class="ckptview-banner-{kind}">{esc(message)}</div>'
+
+
+def table_html(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A table of already-escaped cells."""
+    head = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(row) + "</tr>" for row in rows)
+    return f"<table class='ckptview-table'>{head}{body}</table>"
+
+
+def header_html(facts: Summary) -> str:
+    """The explorer's header line: name, format, sizes, counts, sections and the safety badge."""
+    badge_class = "ckptview-badge-danger" if facts.needs_code else "ckptview-badge-ok"
+    return (
+        f"<div style='display:flex;align-items:baseline;gap:10px;flex-wrap:wrap'>"
+        f"<b style='font-size:16px'>{esc(facts.name)}</b>"
+        f"<span>{esc(facts.format)}</span><span>{human_bytes(facts.file_size)} on disk</span>"
+        f"<span>{facts.tensor_count:,} tensors</span>"
+        f"<span>{human_count(facts.parameter_count)} parameters ({human_bytes(facts.total_bytes)})</span>"
+        f"<span>sections: {esc(', '.join(facts.section_kinds) or 'none')}</span>"
+        f"<span class='ckptview-badge {badge_class}' title='{esc(', '.join(facts.imports))}'>"
+        f"{esc(facts.safety_text)}</span></div>"
+        f"<div class='ckptview-muted' style='margin-left:0'>{esc(facts.path)}</div>"
+    )
+
+
+def sections_html(frame: pd.DataFrame) -> str:
+    """The Overview's sections table (`frames.sections_frame`)."""
+    rows = [(f"<td><b>{esc(r['section'])}</b></td>", f"<td><code>{esc(r['path'])}</code></td>",
+             f"<td class='num'>{r['tensors']:,}</td>", f"<td>{esc(r['contents'])}</td>",
+             f"<td class='ckptview-muted'>{esc(r['what it is'])}</td>") for r in frame.to_dict("records")]
+    return table_html(["section", "path", "tensors", "contents", "what it is"], rows)
+
+
+METADATA_ROWS = 60
+
+
+def metadata_html(metadata: Mapping[str, Any]) -> str:
+    """The file's own metadata (GGUF keys, safetensors `__metadata__`), large arrays already summarised."""
+    items = list(metadata.items())
+    if not items:
+        return ""
+    rows = [(f"<td><code>{esc(k)}</code></td>", f"<td>{esc(_clip(v))}</td>") for k, v in items[:METADATA_ROWS]]
+    more = (f"<div class='ckptview-muted'>… and {len(items) - METADATA_ROWS:,} more keys</div>"
+            if len(items) > METADATA_ROWS else "")
+    return table_html(["metadata", "value"], rows) + more
+
+
+def _clip(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 160 else text[:157] + "…"
+
+
+def tensors_html(frame: pd.DataFrame, *, max_rows: int) -> str:
+    """The tensor table (`TensorTable.to_frame()`), file order, at most `max_rows` rows."""
+    shown = frame.head(max_rows)
+    rows = [(f"<td><code>{esc(r['name'])}</code></td>", f"<td>{esc(shape_text(r['shape']))}</td>",
+             f"<td>{esc(r['encoding'] or r['dtype'])}</td>", f"<td>{esc(r['layer_kind'])}</td>",
+             f"<td>{esc(r['role'])}</td>", f"<td class='num'>{r['numel']:,}</td>",
+             f"<td class='num'>{esc(human_bytes(r['nbytes']))}</td>") for r in shown.to_dict("records")]
+    more = f"<p>… and {len(frame) - len(shown):,} more tensors.</p>" if len(frame) > len(shown) else ""
+    return table_html(["name", "shape", "dtype", "layer kind", "role", "elements", "size"], rows) + more
+
+
+def tree_html(tree: ModuleTree, *, open_depth: int, max_nodes: int) -> str:
+    """Modules as nested `<details>`: elements, bytes, share and layer kinds; at most `max_nodes` drawn."""
+    budget = [max_nodes]
+    body = "".join(_node_html(child, 0, open_depth, budget) for child in tree.root.children)
+    note = "" if budget[0] > 0 else f"<p>Only the first {max_nodes:,} modules are drawn; use the Tensors tab for the rest.</p>"
+    total = tree.root
+    return (f"<div class='ckptview-tree'><b>{human_count(total.parameter_count)}</b> elements, "
+            f"{human_bytes(total.nbytes)}, {total.tensor_count:,} tensors{body}{note}</div>")
+
+
+def _node_html(node: TreeNode, depth: int, open_depth: int, budget: list[int]) -> str:
+    if budget[0] <= 0:
+        return ""
+    budget[0] -= 1
+    repeat = f" <b>×{node.repeat}</b>" if node.repeat > 1 else ""
+    kinds = " · " + esc(", ".join(node.layer_kinds[:3])) if node.layer_kinds else ""
+    meta = (f"<span class='meta'>{human_count(node.parameter_count)} · {human_bytes(node.nbytes)} · "
+            f"{node.share:.1%} · {node.tensor_count:,} tensors{kinds}</span>")
+    label = f"<code>{esc(node.name)}</code>{repeat}{meta}"
+    leaves = ", ".join(node.tensors)
+    if not node.children:
+        return f"<details><summary>{label}</summary><div class='meta' style='margin-left:18px'>{esc(leaves)}</div></details>"
+    inner = "".join(_node_html(child, depth + 1, open_depth, budget) for child in node.children)
+    own = f"<div class='meta' style='margin-left:18px'>{esc(leaves)}</div>" if leaves else ""
+    return f"<details{' open' if depth < open_depth else ''}><summary>{label}</summary>{own}{inner}</details>"
+
+
+def stats_summary_html(result: StatsResult, frame: pd.DataFrame) -> str:
+    flagged = {o.name for o in result.outliers}
+    nonfinite = int(((frame["nan_count"] > 0) | (frame["inf_count"] > 0)).sum()) if len(frame) else 0
+    return (f"<b>{len(frame):,}</b> tensors; <b>{len(result.outliers)}</b> findings on "
+            f"{len(flagged)} tensors; {nonfinite} tensors hold NaN or Inf.")
+
+
+def stats_findings_html(result: StatsResult, *, max_names: int = 12) -> str:
+    """
+    The statistics findings grouped by check: one row per check with its meaning once and the
+    tensors it found (a check that fires on 13 tensors is one row naming 13 tensors, not 13 rows).
+    """
+    groups: dict[str, list[Any]] = {}
+    for outlier in result.outliers:
+        groups.setdefault(outlier.check, []).append(outlier)
+    if not groups:
+        return "<p>No outliers: no NaN/Inf, no all-zero or collapsed tensors.</p>"
+    rows = []
+    for check, members in groups.items():
+        names = ", ".join(f"<code title='{esc(o.message)}'>{esc(o.name)}</code>" for o in members[:max_names])
+        more = f" and {len(members) - max_names:,} more" if len(members) > max_names else ""
+        meaning = members[0].message if len(members) == 1 else _shared_meaning(members)
+        rows.append((f"<td class='sev-warning'>{esc(check)}</td>", f"<td class='num'>{len(members):,}</td>",
+                     f"<td>{names}{more}</td>", f"<td>{esc(meaning)}</td>"))
+    return table_html(["finding", "tensors", "which", "what it means"], rows)
+
+
+def _shared_meaning(members: Sequence[Any]) -> str:
+    """The part of the findings' messages after the tensor's own figures (the explanation they share), or the first."""
+    first = members[0].message
+    tails = {m.message.split(": ", 1)[-1] for m in members}
+    return tails.pop() if len(tails) == 1 else first
+
+
+def batchnorm_findings_html(report: BatchNormReport, *, max_modules: int = 12) -> str:
+    """BatchNorm findings by severity, one row per check and severity naming the layers it concerns."""
+    if not report.layers:
+        return "<p>No BatchNorm layers in this checkpoint's model.</p>"
+    findings = sorted(report.findings, key=lambda f: _SEVERITY_ORDER.get(f.severity, 9))
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for finding in findings:
+        groups.setdefault((finding.severity, finding.check), []).append(finding)
+    rows = []
+    for (severity, check), members in groups.items():
+        modules = ", ".join(f"<code title='{esc(f.message)}'>{esc(f.module or '—')}</code>" for f in members[:max_modules])
+        more = f" and {len(members) - max_modules:,} more" if len(members) > max_modules else ""
+        messages = list(dict.fromkeys(f.message for f in members))
+        meaning = messages[0] if len(messages) == 1 else f"{messages[0]} (first of {len(members)}; the others alike)"
+        rows.append((f"<td class='sev-{esc(severity)}'>{esc(severity)}</td>", f"<td>{esc(check)}</td>",
+                     f"<td>{modules}{more}</td>", f"<td>{esc(meaning)}</td>"))
+    counts = ", ".join(f"{sum(f.severity == s for f in findings)} {s}" for s in ("error", "warning", "info"))
+    return (f"<p><b>{len(report.layers)}</b> BatchNorm layers; findings: {counts}.</p>"
+            + table_html(["severity", "check", "module", "what it means"], rows))
+
+
+# Per-parameter rows drawn at most per optimizer (an LLM's optimizer has thousands).
+MAX_PARAM_ROWS = 500
+
+
+def training_html(training: TrainingState) -> str:
+    """Progress, hyper-parameters, Lightning, scaler, schedulers and each optimizer with its per-parameter state."""
+    parts = []
+    for title, values in (("Progress", training.progress), ("Hyper-parameters", training.hyper_parameters),
+                          ("Lightning", training.lightning), ("AMP grad scaler", training.grad_scaler)):
+        if values:
+            parts.append(values_table_html(title, values))
+    for number, scheduler in enumerate(training.schedulers):
+        parts.append(values_table_html(f"LR scheduler {number}", scheduler))
+    for optimizer in training.optimizers:
+        path = ".".join(str(p) for p in optimizer.path)
+        params = optimizer.to_frame()
+        shown = params.head(MAX_PARAM_ROWS)
+        more = f"<p>… and {len(params) - len(shown):,} more parameters.</p>" if len(params) > len(shown) else ""
+        parts.append(
+            f"<h4>Optimizer <code>{esc(path)}</code>: {esc(optimizer.optimizer_kind)}</h4>"
+            f"<p>Parameter names: {esc(optimizer.mapping_note)}</p>"
+            + optimizer_groups_frame(optimizer).to_html(index=False, classes="ckptview-table", border=0)
+            + "<details><summary>per-parameter state</summary>"
+            + shown.to_html(index=False, classes="ckptview-table", border=0, na_rep="—") + more + "</details>"
+        )
+    return "".join(parts) or ("<p>No training state: this checkpoint holds only weights (no optimizer, scheduler, "
+                              "epoch or hyper-parameters).</p>")
+
+
+def values_table_html(title: str, values: Mapping[str, Any]) -> str:
+    rows = [(f"<th>{esc(k)}</th>", f"<td>{esc(v)}</td>") for k, v in flat_values(values).items()]
+    return f"<h4>{esc(title)}</h4>" + table_html([], rows)
+
+
+def key_diff_html(diff: KeyDiff, left: str, right: str) -> str:
+    """The key diff in `load_state_dict`'s words: loading `left` into `right`."""
+    if diff.ok:
+        return banner_html("info", f"Keys and shapes match: {diff.matched:,} tensors in both." +
+                           (f" {len(diff.dtype_mismatches)} differ in dtype (load_state_dict casts them)."
+                            if diff.dtype_mismatches else ""))
+    return (f"<p>Loading {left} into {right}: {diff.matched:,} tensors match; {len(diff.missing):,} only in {right} "
+            f"(missing), {len(diff.unexpected):,} only in {left} (unexpected), {len(diff.shape_mismatches):,} shape "
+            "mismatches.</p>"
+            f"<pre style='white-space:pre-wrap;font-size:12px;background:#fdecea;color:#5f2120;padding:6px'>"
+            f"{esc(diff.message())}</pre>")
+
+
+def fixes_html(diagnosis: Diagnosis, goal: str) -> str:
+    """The load doctor's verdict and its fixes, each with the code that applies it."""
+    items = "".join(f"<li><b>{esc(f.kind)}</b>: {esc(f.description)}"
+                    + ("" if f.applicable else " <i>(advice: cannot be applied to this file)</i>")
+                    + f"<pre class='ckptview-code'>{esc(f.code)}</pre></li>" for f in diagnosis.fixes)
+    if diagnosis.ok:
+        verdict = banner_html("info", f"{goal} as it is (strict=True).")
+    elif diagnosis.loads_after_fix:
+        how = "strict=True" if diagnosis.strict else f"strict=False, {len(diagnosis.leaves_missing)} key(s) left as initialised"
+        verdict = banner_html("info", f"{goal} after the fix below ({how}). Copy the code:")
+    else:
+        verdict = banner_html("warning", "The proposed fixes do not make it load: "
+                              + (diagnosis.load_error or diagnosis.after.message()))
+    return f"{verdict}<ol>{items}</ol>" if items else verdict

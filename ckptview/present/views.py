@@ -1,0 +1,95 @@
+"""
+What a view of the explorer computes from a checkpoint, as functions: the explorer's panels run them
+on a worker thread and the report runs them in line, so both show the same figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from torch import nn
+
+from ckptview.analyzers.batchnorm import BatchNormReport, batchnorm_checks
+from ckptview.analyzers.doctor import Diagnosis, diagnose
+from ckptview.analyzers.keydiff import KeyDiff, key_diff
+from ckptview.analyzers.sections import model_section, model_state_dict
+from ckptview.analyzers.tree import module_tree
+from ckptview.analyzers.valuediff import ValueDiff, value_diff
+from ckptview.present import figures
+from ckptview.present.frames import summary
+from ckptview.readers.model import Checkpoint, TensorEntry
+
+# BatchNorm layers plotted at most: past this the boxes are too thin to read and the figure too heavy to send.
+MAX_PLOTTED_LAYERS = 64
+
+
+def model_treemap(ckpt: Checkpoint) -> go.Figure:
+    """The treemap of parameters by module, drawn over the model section when one is known
+    (the model's modules, not the optimizer's moments beside them)."""
+    root, title = module_tree(ckpt).root, summary(ckpt).name
+    section = model_section(ckpt)
+    for part in section.path if section is not None else ():
+        below = next((child for child in root.children if child.name == str(part) and child.repeat == 1), None)
+        if below is None:
+            break
+        root, title = below, f"{title}: {below.path}"
+    return figures.module_treemap(root, title)
+
+
+def batchnorm_view(ckpt: Checkpoint) -> tuple[BatchNormReport, go.Figure | None]:
+    """The BatchNorm findings and the running statistics plot of the first `MAX_PLOTTED_LAYERS` layers."""
+    report = batchnorm_checks(ckpt)
+    state = model_state_dict(ckpt)
+    layers = [(layer.module, state[f"{prefix}running_mean"].load(), state[f"{prefix}running_var"].load())
+              for layer in report.layers[:MAX_PLOTTED_LAYERS] if layer.tracks_running_stats
+              for prefix in [f"{layer.module}." if layer.module else ""]]
+    return report, figures.batchnorm_buffers(layers) if layers else None
+
+
+def compare_keys(ckpt: Checkpoint, other: Checkpoint) -> tuple[KeyDiff, Diagnosis | None]:
+    """
+    The key diff read as "load the other checkpoint into a model shaped like this one", the question
+    a user comparing a good file with a failing one asks, and the doctor's fix when the keys differ.
+    """
+    mine, theirs = model_state_dict(ckpt), model_state_dict(other)
+    keys = key_diff(theirs, mine)
+    diagnosis = None if keys.ok else diagnose(theirs, shaped_like(mine), section=model_section(other))
+    return keys, diagnosis
+
+
+def compare_values(ckpt: Checkpoint, other: Checkpoint, diagnosis: Diagnosis | None, *,
+                   progress: Callable[[int, int], None] | bool = False, cancel: Any = None) -> ValueDiff:
+    """The value diff of the two model sections; after the doctor's key fix when it makes them line up."""
+    theirs: Mapping[str, Any] = model_state_dict(other)
+    if diagnosis is not None and diagnosis.loads_after_fix:
+        theirs = diagnosis.fixed_state_dict()
+    return value_diff(model_state_dict(ckpt), theirs, progress=progress, cancel=cancel)
+
+
+def module_changes_frame(changes: ValueDiff) -> pd.DataFrame:
+    """One row per module of a value diff: max abs diff, relative change and cosine."""
+    return pd.DataFrame([{"module": g.name, "max_abs_diff": g.max_abs_diff, "rel_change": g.rel_change,
+                          "cosine": g.cosine} for g in changes.by_module()],
+                        columns=["module", "max_abs_diff", "rel_change", "cosine"])
+
+
+def shaped_like(entries: dict[str, TensorEntry]) -> nn.Module:
+    """A meta-device module whose state_dict has exactly these keys, shapes and dtypes: a checkpoint as a load target."""
+    root = nn.Module()
+    for key, entry in entries.items():
+        *path, leaf = key.split(".")
+        module = root
+        for part in path:
+            if part not in module._modules:
+                module.add_module(part, nn.Module())
+            module = module._modules[part]
+        tensor = torch.empty(entry.shape, dtype=entry.dtype, device="meta")
+        if entry.dtype.is_floating_point or entry.dtype.is_complex:
+            module.register_parameter(leaf, nn.Parameter(tensor, requires_grad=False))
+        else:
+            module.register_buffer(leaf, tensor)
+    return root
