@@ -35,6 +35,7 @@ _LAZY = {
     "compare_precisions": "ckptview.inference",
     "load_model": "ckptview.inference",
     "run_inference": "ckptview.inference",
+    "export_check": "ckptview.inference.export",
 }
 
 
@@ -74,6 +75,7 @@ __all__ = [
     "run_inference",
     "compare_precisions",
     "compare_checkpoints",
+    "export_check",
     "load_model",
     "available_devices",
     "open_run",

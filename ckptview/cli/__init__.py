@@ -3,7 +3,8 @@ The `ckptview` command. Each group of subcommands lives in its own module with a
 `add_commands(subparsers)` function; a command returns its exit code.
 
 Exit codes: 0 success; 1 an error about the input (message on stderr); 2 usage error;
-3 `scan` found that the file needs foreign code; 130 interrupted.
+3 `scan` found that the file needs foreign code; 4 `export-check` found an export that diverges;
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ _COMMAND_MODULES = (
     "ckptview.cli.run",
     "ckptview.cli.timeline",
     "ckptview.cli.report",
+    "ckptview.cli.export",
 )
 
 

@@ -1,0 +1,200 @@
+"""
+`export_check`: real exports (torch.onnx.export, torch.jit.trace/script) run in ONNX Runtime and
+TorchScript, compared with eager PyTorch on inputs that take other paths.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import ckptview
+from ckptview.errors import CkptviewError
+from ckptview.inference.export import export_check
+from conftest import SmallCNN, train_a_few_steps
+from inference_models import TinyTransformer
+
+TESTS = Path(__file__).parent
+
+
+class Branchy(nn.Module):
+    """The deployment guides' tracing pitfall: the branch depends on the input's values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 4)
+        self.fc2 = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.fc1(x)
+        return self.fc2(x)
+
+
+class Unscriptable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        double = lambda t: t * 2  # noqa: E731 - TorchScript refuses lambdas, which is the point
+        return double(self.fc(x))
+
+
+def _line_of(function: object, text: str) -> int:
+    lines, start = inspect.getsourcelines(function)
+    return start + next(i for i, line in enumerate(lines) if text in line)
+
+
+@pytest.fixture(scope="module")
+def trained_cnn() -> SmallCNN:
+    torch.manual_seed(0)
+    model = SmallCNN()
+    train_a_few_steps(model)
+    return model.eval()
+
+
+def test_trace_freezes_the_branch_and_the_probe_that_shows_it_is_named() -> None:
+    torch.manual_seed(0)
+    model = Branchy()
+    positive = torch.rand(2, 4) + 0.1
+    check = export_check(model, input=positive, targets=("trace", "script"), device="cpu")
+
+    trace = check.target("trace")
+    assert trace.status == "diverges" and not check.ok
+    # the example and inputs that keep its sign match: the trace is right for the path it saw
+    assert {p.input: p.ok for p in trace.probes} == {"example": True, "batch 3": True, "sign flipped": False,
+                                                     "scaled ×10": True}
+    flipped = trace.diverging[0]
+    expected = (model.fc2(-positive) - model.fc1(-positive)).abs().max().item()
+    assert flipped.max_abs_diff == pytest.approx(expected, rel=1e-5)
+    assert "sign flipped" in trace.message and "frozen" in trace.message
+    line = _line_of(Branchy.forward, "if x.sum() > 0")
+    tracer = [w for w in trace.warnings if w.category == "TracerWarning"]
+    assert tracer and tracer[0].location == f"{__file__}:{line}" and tracer[0].code == "if x.sum() > 0:"
+    assert f"{__file__}:{line}" in trace.message
+
+    script = check.target("script")
+    assert script.status == "ok" and script.max_abs_diff == 0.0 and len(script.probes) == 4
+
+
+def test_unscriptable_model_reports_the_compilers_message_and_line() -> None:
+    check = export_check(Unscriptable(), input_shape=(2, 4), targets=("script", "trace"), device="cpu")
+    script = check.target("script")
+    line = _line_of(Unscriptable.forward, "lambda")
+    assert script.status == "failed" and script.location == f"{__file__}:{line}"
+    assert script.message.startswith("torch.jit.script cannot compile the model: Lambda aren't supported")
+    assert "`double = lambda t: t * 2" in script.message and "\n" not in script.message
+    assert check.target("trace").ok  # the trace needs no compiler
+
+
+def test_cnn_with_batchnorm_matches_in_onnx_runtime_at_another_batch_size(trained_cnn: SmallCNN) -> None:
+    check = export_check(trained_cnn, input_shape=(1, 3, 16, 16), targets=("onnx",), device="cpu")
+    onnx_result = check.target("onnx")
+    assert onnx_result.status == "ok", onnx_result.message
+    assert onnx_result.tool.startswith("torch.onnx.export (dynamo) → ONNX Runtime")
+    assert "CPUExecutionProvider" in onnx_result.tool
+    assert [p.input for p in onnx_result.probes] == ["example", "batch 3", "sign flipped", "scaled ×10"]
+    assert all(p.max_abs_diff <= 1e-5 and p.top1_agreement == 1.0 for p in onnx_result.probes)
+    assert onnx_result.file_size > sum(t.numel() * 4 for t in trained_cnn.parameters())
+    assert onnx_result.latency_ms > 0 and onnx_result.eager_latency_ms > 0 and onnx_result.file is None
+    frame = check.to_frame()
+    assert frame.loc[0, "target"] == "onnx" and frame.loc[0, "max_abs_diff"] == onnx_result.max_abs_diff
+
+
+def test_small_transformer_matches_in_onnx_runtime_and_torchscript() -> None:
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    check = export_check(model, input_shape=(2, 8), device="cpu")
+    assert check.input.kind == "tokens"
+    onnx_result = check.target("onnx")
+    assert onnx_result.status == "ok", onnx_result.message
+    assert {p.input for p in onnx_result.probes} == {"example", "batch 3"}  # only the batch axis is dynamic
+    assert onnx_result.max_abs_diff <= 1e-5
+    for name in ("trace", "script"):
+        result = check.target(name)
+        assert result.ok, result.message
+        assert "sequence length 4" in {p.input for p in result.probes}
+
+
+def test_model_state_is_put_back(trained_cnn: SmallCNN) -> None:
+    model = SmallCNN()
+    model.load_state_dict(trained_cnn.state_dict())
+    model.train()
+    model.bn1.eval()  # a mix of flags, as a fine-tuning script leaves them
+    model.conv1.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    export_check(model, input_shape=(1, 3, 16, 16), device="cpu")
+    assert [m.training for m in model.modules()] == flags
+    assert not model.conv1.weight.requires_grad and model.fc.weight.requires_grad
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_save_to_keeps_the_files_and_never_overwrites(trained_cnn: SmallCNN, tmp_path: Path) -> None:
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    with pytest.raises(CkptviewError, match="already exists"):
+        export_check(trained_cnn, input_shape=(1, 3, 16, 16), save_to=existing, device="cpu")
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+
+    folder = tmp_path / "exports"
+    check = export_check(trained_cnn, input_shape=(1, 3, 16, 16), save_to=folder, device="cpu")
+    assert check.folder == str(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "model.scripted.pt", "model.traced.pt"]
+    for result in check.results:
+        assert result.file is not None and os.path.getsize(result.file) == result.file_size
+    onnx.checker.check_model(str(folder / "model.onnx"))
+    scripted = torch.jit.load(str(folder / "model.scripted.pt"))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), trained_cnn(x), atol=1e-6)
+
+
+def test_checkpoint_and_factory(tmp_path: Path, trained_cnn: SmallCNN) -> None:
+    path = tmp_path / "cnn.pt"
+    torch.save(trained_cnn.state_dict(), path)
+    check = ckptview.export_check(path, "conftest:SmallCNN", input_shape=(1, 3, 16, 16), targets=["trace"],
+                                  device="cpu")
+    assert check.ok and check.weights is not None and check.weights.complete
+    with pytest.raises(CkptviewError, match="not an export target"):
+        export_check(path, "conftest:SmallCNN", targets=["tflite"])
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "ckptview", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+def test_cli_exit_codes_and_json(tmp_path: Path) -> None:
+    (tmp_path / "deploy_models.py").write_text(inspect.getsource(Branchy).join(
+        ["import torch\nfrom torch import nn\n\n", "\n\ndef make():\n    torch.manual_seed(0)\n    return Branchy()\n"]))
+    torch.manual_seed(0)
+    path = tmp_path / "branchy.pt"
+    torch.save(Branchy().state_dict(), path)
+    # whichever sign the synthesised input's sum has, flipping it takes the branch the trace did not record
+    diverges = _cli("export-check", str(path), "--model", "deploy_models:make", "--input-shape", "2,4",
+                    "--targets", "trace,script", "--json", "--device", "cpu", cwd=tmp_path)
+    assert diverges.returncode == 4, diverges.stderr
+    data = json.loads(diverges.stdout)
+    assert [t["status"] for t in data["targets"]] == ["diverges", "ok"]
+    assert [p["input"] for p in data["targets"][0]["probes"] if not p["ok"]] == ["sign flipped"]
+
+    matches = _cli("export-check", str(path), "--model", "deploy_models:make", "--input-shape", "2,4",
+                   "--targets", "script", "--device", "cpu", cwd=tmp_path)
+    assert matches.returncode == 0, matches.stderr
+    assert "script" in matches.stdout and "ok" in matches.stdout
+
+    usage = _cli("export-check", str(path), "--model", "deploy_models:make", "--targets", "onnx,tflite", cwd=tmp_path)
+    assert usage.returncode == 2 and "tflite" in usage.stderr
