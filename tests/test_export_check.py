@@ -198,3 +198,52 @@ def test_cli_exit_codes_and_json(tmp_path: Path) -> None:
 
     usage = _cli("export-check", str(path), "--model", "deploy_models:make", "--targets", "onnx,tflite", cwd=tmp_path)
     assert usage.returncode == 2 and "tflite" in usage.stderr
+
+
+# --- running ONNX files --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cnn_onnx(trained_cnn: SmallCNN, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import contextlib
+    import io
+    import warnings
+
+    path = tmp_path_factory.mktemp("onnx") / "cnn.onnx"
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(trained_cnn, (torch.randn(2, 3, 16, 16),), str(path), dynamo=True, external_data=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+    return path
+
+
+def test_run_inference_on_an_onnx_file_equals_the_pytorch_model(cnn_onnx: Path, trained_cnn: SmallCNN) -> None:
+    x = torch.randn(4, 3, 16, 16)
+    result = ckptview.run_inference(cnn_onnx, input=x, repeats=2)
+    assert result.model_source == "onnxruntime" and result.device == "cpu"
+    assert result.notes[0].startswith("ran in ONNX Runtime") and "CPUExecutionProvider" in result.notes[0]
+    (name, output), = result.output.items()
+    with torch.no_grad():
+        expected = trained_cnn(x)
+    assert torch.allclose(output, expected, atol=1e-5)
+    assert result.outputs[0].shape == (4, 10) and result.outputs[0].mean == pytest.approx(float(expected.mean()), abs=1e-5)
+    assert result.top_k[0].classes[0] == int(expected[0].argmax())
+
+
+def test_run_inference_synthesises_inputs_from_the_graph(cnn_onnx: Path, trained_cnn: SmallCNN) -> None:
+    result = ckptview.run_inference(str(cnn_onnx), seed=3, repeats=1)
+    assert result.input.shape == (1, 3, 16, 16)  # the dynamic batch dimension becomes 1
+    assert result.input.layer == "graph input x" and result.input.dtype == torch.float32
+    x = torch.randn((1, 3, 16, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(next(iter(result.output.values())), trained_cnn(x), atol=1e-5)
+    wider = ckptview.run_inference(cnn_onnx, input_shape=(5, 3, 16, 16), repeats=1)
+    assert wider.outputs[0].shape == (5, 10)
+
+
+def test_cli_runs_an_onnx_file(cnn_onnx: Path, tmp_path: Path) -> None:
+    done = _cli("run", str(cnn_onnx), "--json", "--repeats", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["model_source"] == "onnxruntime" and data["outputs"][0]["shape"] == [1, 10]
+    wrong = _cli("run", str(cnn_onnx), "--input-shape", "1,4,16,16", cwd=tmp_path)
+    assert wrong.returncode == 1 and "ONNX Runtime failed" in wrong.stderr and "\n" not in wrong.stderr.strip()

@@ -260,7 +260,8 @@ def run_inference(
     Build the model, load the checkpoint's weights, and run it once on the best device.
 
     Args:
-        source: an opened `Checkpoint`, a path (opened with `trust`), or a ready `nn.Module`.
+        source: an opened `Checkpoint`, a path (opened with `trust`), or a ready `nn.Module`. An ONNX
+            file runs in ONNX Runtime (inputs synthesised from its graph; see `onnx_runtime.run_onnx`).
         model: how to get the model for a checkpoint (see `load_model`): None for the module the
             file holds (needs trust), an `nn.Module`, a callable, or "package.module:callable".
         model_kwargs: keyword arguments for a factory.
@@ -279,9 +280,20 @@ def run_inference(
         >>> result = ckptview.run_inference("cnn.pt", "mypkg.models:SmallCNN", input_shape=(1, 3, 32, 32))
         >>> result.weights.missing, result.top_k[0].classes
     """
-    with LoadedSource(source, model, model_kwargs, trust, device) as loaded:
-        result = run_model(loaded.model, input, input_shape=input_shape, device=loaded.device, seed=seed,
-                           warmup=warmup, repeats=repeats, top_k=top_k, progress=progress)
+    with ExitStack() as stack:
+        if isinstance(source, (str, os.PathLike)):
+            from ckptview.readers import open_checkpoint
+
+            source = stack.enter_context(open_checkpoint(source, trust=trust))
+        if isinstance(source, Checkpoint) and source.format == "onnx" and model is None:
+            # An ONNX file is its own model: ONNX Runtime runs it, no PyTorch model is built.
+            from ckptview.inference.onnx_runtime import run_onnx
+
+            return run_onnx(source, input=input, input_shape=input_shape, device=device, seed=seed, warmup=warmup,
+                            repeats=repeats, top_k=top_k, progress=progress)
+        with LoadedSource(source, model, model_kwargs, trust, device) as loaded:
+            result = run_model(loaded.model, input, input_shape=input_shape, device=loaded.device, seed=seed,
+                               warmup=warmup, repeats=repeats, top_k=top_k, progress=progress)
     return with_origin(result, loaded)
 
 
