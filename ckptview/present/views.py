@@ -44,9 +44,15 @@ def batchnorm_view(ckpt: Checkpoint) -> tuple[BatchNormReport, go.Figure | None]
     """The BatchNorm findings and the running statistics plot of the first `MAX_PLOTTED_LAYERS` layers."""
     report = batchnorm_checks(ckpt)
     state = model_state_dict(ckpt)
-    layers = [(layer.module, state[f"{prefix}running_mean"].load(), state[f"{prefix}running_var"].load())
-              for layer in report.layers[:MAX_PLOTTED_LAYERS] if layer.tracks_running_stats
-              for prefix in [f"{layer.module}." if layer.module else ""]]
+    # a file that says which layer a tensor belongs to names its statistics anything (ONNX inputs,
+    # Keras `moving_variance`): found through `Checkpoint.layers`, else by torch's names
+    by_role = {(role.module, role.leaf): name for name, role in ckpt.layers.items() if name in state}
+
+    def load(module: str, leaf: str) -> Any:
+        return state[by_role.get((module, leaf), f"{module}.{leaf}" if module else leaf)].load()
+
+    layers = [(layer.module, load(layer.module, "running_mean"), load(layer.module, "running_var"))
+              for layer in report.layers[:MAX_PLOTTED_LAYERS] if layer.tracks_running_stats]
     return report, figures.batchnorm_buffers(layers) if layers else None
 
 

@@ -123,6 +123,25 @@ def _is_npz(probe: Probe) -> bool:
     return bool(names) and all(name.endswith(".npy") for name in names)
 
 
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def _is_hdf5(probe: Probe) -> bool:
+    return probe.head.startswith(HDF5_MAGIC)
+
+
+def _is_keras_zip(probe: Probe) -> bool:
+    # Keras 3 writes metadata.json, config.json, model.weights.h5 in that order: only an archive whose
+    # first member is one of them costs reading the zip's directory.
+    head = probe.head
+    if not head.startswith(ZIP_MAGIC) or len(head) < 30:
+        return False
+    (name_length,) = struct.unpack("<H", head[26:28])
+    if head[30:30 + name_length] not in (b"metadata.json", b"config.json", b"model.weights.h5", b"assets/"):
+        return False
+    return {"config.json", "model.weights.h5"} <= set(probe.zip_names)
+
+
 def _is_torchscript(probe: Probe) -> bool:
     # torch.save writes data.pkl first and jit.save its tensors first: only an archive not opening
     # with data.pkl costs reading the zip's directory for its constants.pkl and code/ files.
@@ -181,6 +200,19 @@ FORMATS: list[Format] = [
     Format("npz", "NumPy .npz archives", _is_npz, "ckptview.readers.numpy_file:read_npz", (
         ("NumPy `.npz` (`savez`, `savez_compressed`)",
          "each member's header read; stored members read in place, deflated ones inflated in bounded chunks"),
+    )),
+    Format("keras-h5", "Keras HDF5 models and weights (.h5, .weights.h5)", _is_hdf5,
+           "ckptview.readers.keras_file:read_keras_h5", (
+               ("Keras HDF5: `model.save(\"m.h5\")`, `save_weights(\"w.h5\")`, Keras 3 `.weights.h5`",
+                "read with `h5py`, never Keras: weights in place, names as Keras shows them (`dense_1.kernel`), layer "
+                "kinds and BatchNorm statistics recognised, optimizer weights as the training section, model and "
+                "training config in `details`; `Lambda` layers and custom objects named as code; external links, "
+                "external storage and virtual datasets refused"),
+           )),
+    Format("keras", "Keras 3 .keras archives", _is_keras_zip, "ckptview.readers.keras_file:read_keras_zip", (
+        ("Keras 3 `.keras` archive",
+         "`config.json` and `metadata.json` read, `model.weights.h5` read inside the archive without extracting it "
+         "(in place when stored); vars named from the config's layer classes"),
     )),
     Format("tensorrt", "TensorRT engines (recognised, to say what to open instead)", _is_tensorrt,
            "ckptview.readers.tensorrt:read_engine", (

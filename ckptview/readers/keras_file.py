@@ -1,0 +1,732 @@
+"""
+Keras models and weights in HDF5, read with `h5py` and never with Keras: `keras.models.load_model`
+rebuilds the model from its config, which runs a `Lambda` layer's marshalled bytecode and imports
+custom classes.
+
+Four layouts, told apart by what the file holds, not by its name:
+
+- legacy full model (`model.save("m.h5")`, Keras 2 and 3): root attributes `model_config` and
+  `training_config` (JSON), a `model_weights` group with `layer_names`, one group per layer with
+  `weight_names` (`dense_1/kernel:0`, Keras 3 `dense_1/kernel`), and `optimizer_weights`;
+- legacy weights only (`save_weights("w.h5")`): `layer_names` at the root (long lists split into
+  `layer_names0`, `layer_names1`, ...), the layer groups beside it;
+- Keras 3 `.weights.h5`: `layers/<layer>/vars/<i>` (the layer's real name in the `vars` group's
+  `name` attribute; nested layers as `layers/<layer>/<part>/vars`), `optimizer/vars/<i>`;
+- Keras 3 `.keras`: a zip of `config.json`, `metadata.json` and `model.weights.h5`, the last read
+  inside the archive (in place when stored uncompressed, as Keras writes it).
+
+Names are the ones users see (`dense_1/kernel:0` -> `dense_1.kernel`). A full model (or any file
+with optimizer state) keeps the file's split: `model_weights.<name>` and `optimizer_weights`,
+the latter shaped as torch's optimizer state (`state` per parameter name, `param_groups`), so
+training views map it exactly. Each weight gets a `LayerRole` (Dense kernel `[in, out]` is a
+Linear weight, BatchNormalization `moving_variance` a `running_var`, ...), so the tensor table and
+`batchnorm_checks` read Keras models as they read PyTorch ones.
+
+Contiguous, uncompressed datasets (what Keras writes) are read in place, like safetensors; others
+(chunked, compressed, or inside a deflated archive) through h5py a block of rows at a time.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import struct
+import threading
+import zipfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from ckptview.errors import CorruptCheckpointError, UnsupportedFormatError, printable
+from ckptview.readers.model import (
+    Checkpoint,
+    FileSource,
+    LayerRole,
+    PickleImport,
+    Storage,
+    TensorInfo,
+    contiguous_stride,
+)
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+KERAS_ZIP_MEMBERS = ("metadata.json", "config.json", "model.weights.h5")
+# A compressed dataset inflating to more than this many times the whole file is a shape bomb:
+# deflate's best ratio is about 1032:1.
+_MAX_EXPANSION = 1100
+_MAX_JSON_BYTES = 64 * 1024 * 1024
+
+_NUMERIC_KINDS = "fiub"
+_DTYPES = {"float16": "float16", "float32": "float32", "float64": "float64", "int8": "int8", "int16": "int16",
+           "int32": "int32", "int64": "int64", "uint8": "uint8", "uint16": "uint16", "uint32": "uint32",
+           "uint64": "uint64", "bool": "bool"}
+
+# Keras variable name -> (torch's leaf name, layer kind) when the layer class says what it is
+_BATCHNORM = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
+_KERAS3_VARS = {  # the order a Keras 3 layer creates its variables in, for `vars/<i>`
+    "Dense": ("kernel", "bias"), "EinsumDense": ("kernel", "bias"),
+    "Conv1D": ("kernel", "bias"), "Conv2D": ("kernel", "bias"), "Conv3D": ("kernel", "bias"),
+    "Conv1DTranspose": ("kernel", "bias"), "Conv2DTranspose": ("kernel", "bias"),
+    "Conv3DTranspose": ("kernel", "bias"), "DepthwiseConv2D": ("kernel", "bias"),
+    "SeparableConv2D": ("depthwise_kernel", "pointwise_kernel", "bias"),
+    "BatchNormalization": ("gamma", "beta", "moving_mean", "moving_variance"),
+    "LayerNormalization": ("gamma", "beta"), "GroupNormalization": ("gamma", "beta"),
+    "Embedding": ("embeddings",), "LSTMCell": ("kernel", "recurrent_kernel", "bias"),
+    "GRUCell": ("kernel", "recurrent_kernel", "bias"), "SimpleRNNCell": ("kernel", "recurrent_kernel", "bias"),
+    "PReLU": ("alpha",),
+}
+# Keras 3 optimizers: their slot variables per trainable variable, in creation order
+_SLOTS = {"adam": ("momentum", "velocity"), "adamw": ("momentum", "velocity"), "nadam": ("momentum", "velocity"),
+          "adamax": ("m", "u"), "sgd": ("momentum",), "rmsprop": ("velocity", "momentum"), "adagrad": ("accumulator",)}
+
+_OPTIMIZER_CLASSES = {"adam": "Adam", "adamw": "AdamW", "nadam": "Nadam", "adamax": "Adamax", "sgd": "SGD",
+                      "rmsprop": "RMSprop", "adagrad": "Adagrad"}
+
+
+def read_keras_h5(path: str, size: int, *, trust: bool) -> Checkpoint:
+    import h5py
+
+    source = FileSource(path)
+    try:
+        h5 = h5py.File(path, "r", locking=False)
+    except OSError as exc:
+        raise CorruptCheckpointError(path, f"an HDF5 file that h5py cannot open ({_first_line(exc)}): it is damaged or "
+                                           "cut off. Copy or save it again.") from exc
+    reader = _Reader(path, size, h5, source, base_offset=0, in_place=True, keep_open=(h5,))
+    return reader.read(trust, config=None, metadata_json=None, format="keras-h5")
+
+
+def read_keras_zip(path: str, size: int, *, trust: bool) -> Checkpoint:
+    import h5py
+
+    with zipfile.ZipFile(path) as archive:
+        config = _zip_json(path, archive, "config.json")
+        metadata_json = _zip_json(path, archive, "metadata.json") if "metadata.json" in archive.namelist() else None
+        member = archive.getinfo("model.weights.h5")
+        if member.file_size > _MAX_EXPANSION * size:
+            raise CorruptCheckpointError(path, f"model.weights.h5 claims {member.file_size:,} bytes inside a "
+                                               f"{size:,}-byte archive: the archive is damaged or crafted. Save the "
+                                               "model again.")
+        stored = member.compress_type == zipfile.ZIP_STORED
+        base_offset = _member_data_offset(path, member) if stored else 0
+        if stored and base_offset + member.file_size > size:
+            raise CorruptCheckpointError(path, "model.weights.h5 runs past the end of the archive: the file was cut "
+                                               "off. Copy or save it again.")
+    # A stored member is read in place through the archive's own file; a deflated one needs
+    # h5py over the member, kept open (and read a block of rows at a time) while the checkpoint is.
+    if stored:
+        stream: Any = _Window(path, base_offset, member.file_size)
+        h5 = h5py.File(stream, "r", locking=False)
+        reader = _Reader(path, size, h5, FileSource(path), base_offset=base_offset, in_place=True,
+                         inner_size=member.file_size, keep_open=(h5, stream))
+        return reader.read(trust, config=config, metadata_json=metadata_json, format="keras")
+    archive = zipfile.ZipFile(path)
+    stream = archive.open("model.weights.h5")
+    h5 = h5py.File(stream, "r", locking=False)
+    reader = _Reader(path, size, h5, FileSource(path), base_offset=0, in_place=False, inner_size=member.file_size,
+                     keep_open=(h5, stream, archive))
+    return reader.read(trust, config=config, metadata_json=metadata_json, format="keras")
+
+
+def _first_line(exc: BaseException) -> str:
+    return printable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:200]
+
+
+def _zip_json(path: str, archive: zipfile.ZipFile, name: str) -> Any:
+    info = archive.getinfo(name)
+    if info.file_size > _MAX_JSON_BYTES:
+        raise CorruptCheckpointError(path, f"{name} in the archive claims {info.file_size:,} bytes, far more than a "
+                                           "Keras config: the archive is damaged or crafted. Save the model again.")
+    with archive.open(name) as stream:
+        raw = stream.read(_MAX_JSON_BYTES + 1)
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(path, f"{name} in the .keras archive is not valid JSON: the archive is damaged. "
+                                           "Save the model again.") from exc
+
+
+def _member_data_offset(path: str, member: zipfile.ZipInfo) -> int:
+    with open(path, "rb") as stream:
+        stream.seek(member.header_offset)
+        local = stream.read(30)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        raise CorruptCheckpointError(path, "the archive's directory points at a member header that is not there: the "
+                                           ".keras file is damaged. Save the model again.")
+    name_length, extra_length = struct.unpack("<HH", local[26:30])
+    return member.header_offset + 30 + name_length + extra_length
+
+
+class _Window(io.RawIOBase):
+    """Bytes [start, start + size) of a file as a file of their own, for h5py to open a stored zip member."""
+
+    def __init__(self, path: str, start: int, size: int) -> None:
+        self._file = open(path, "rb")
+        self._start, self._size, self._pos = start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = {0: offset, 1: self._pos + offset, 2: self._size + offset}[whence]
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        count = max(0, min(len(buffer), self._size - self._pos))
+        self._file.seek(self._start + self._pos)
+        got = self._file.readinto(memoryview(buffer)[:count])
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+class _RowSource:
+    """
+    A dataset h5py has to decode (chunked, compressed, or in a deflated archive), as a byte
+    source: each read asks h5py for the rows it covers, so chunked reads stay one block in memory.
+    """
+
+    def __init__(self, path: str, dataset: Any, nbytes: int, keep_open: tuple[Any, ...] = ()) -> None:
+        self.path = path
+        self._dataset = dataset
+        self._nbytes = nbytes
+        self._keep_open = keep_open
+        self._lock = threading.Lock()
+        shape = dataset.shape
+        self._row_bytes = dataset.dtype.itemsize * (math.prod(shape[1:]) if len(shape) > 1 else 1)
+
+    def read_into(self, buffer: memoryview, offset: int) -> None:
+        end = offset + len(buffer)
+        with self._lock:
+            if not self._dataset.shape:
+                raw = self._dataset[()].tobytes()
+                buffer[:] = raw[offset:end]
+                return
+            first, last = offset // self._row_bytes, -(-end // self._row_bytes)
+            raw = self._dataset[first:last].tobytes()
+        skip = offset - first * self._row_bytes
+        buffer[:] = raw[skip:skip + len(buffer)]
+
+    def read(self, offset: int, size: int) -> bytes:
+        buffer = bytearray(size)
+        self.read_into(memoryview(buffer), offset)
+        return bytes(buffer)
+
+    def close(self) -> None:
+        for item in self._keep_open:
+            try:
+                item.close()
+            except Exception:  # already closed with the checkpoint's other sources
+                pass
+
+
+class _Reader:
+    def __init__(self, path: str, size: int, h5: Any, source: FileSource, *, base_offset: int, in_place: bool,
+                 inner_size: int | None = None, keep_open: tuple[Any, ...] = ()) -> None:
+        import h5py
+
+        self.h5py = h5py
+        self.path, self.size, self.h5, self.source = path, size, h5, source
+        self.base_offset, self.in_place = base_offset, in_place
+        self.inner_size = size if inner_size is None else inner_size
+        self.keep_open = keep_open
+        self.sources: list[Any] = [source]
+        self.layers: dict[str, LayerRole] = {}
+        self.optimizer_name = ""
+
+    # -- safety --------------------------------------------------------------------------------
+
+    def refuse_external_links(self) -> None:
+        """HDF5 external links name other files; following one would read (and could echo) anything on
+        the machine. Every link in the file is looked at before any is followed."""
+        found: list[str] = []
+
+        def visit(name: str, link: Any) -> None:
+            if isinstance(link, self.h5py.ExternalLink):
+                found.append(name)
+
+        self.h5.visititems_links(visit)
+        if found:
+            raise CorruptCheckpointError(self.path, f"the HDF5 file links {printable(found[0])!r} to another file; "
+                                                    "ckptview reads only what is inside the file. Save the weights "
+                                                    "again without external links (Keras never writes them).")
+
+    def child(self, group: Any, name: str) -> Any:
+        """`group[name]` without following a link out of the file (external links were refused at open)."""
+        node = group
+        for part in name.split("/"):
+            if not part:
+                continue
+            link = node.get(part, getlink=True)
+            if link is None:
+                return None
+            node = node[part]
+        return node
+
+    def tensor(self, dataset: Any, key: str) -> TensorInfo:
+        """A `TensorInfo` over a dataset's bytes, refused when the dataset reaches outside the file or
+        declares more data than the file could hold."""
+        name = printable(dataset.name)
+        if dataset.is_virtual:
+            raise CorruptCheckpointError(self.path, f"dataset {name} is a virtual dataset, assembled from other "
+                                                    "datasets or files; ckptview reads only data stored in the file. "
+                                                    "Save the weights again (Keras never writes virtual datasets).")
+        if dataset.external:
+            raise CorruptCheckpointError(self.path, f"dataset {name} keeps its data in external file(s) "
+                                                    f"{printable(dataset.external[0][0])!r}; ckptview reads only data "
+                                                    "stored in the file. Save the weights again.")
+        dtype = dataset.dtype
+        shape = tuple(int(dim) for dim in dataset.shape)
+        numel = math.prod(shape)
+        nbytes = numel * dtype.itemsize
+        torch_name = _DTYPES.get(dtype.newbyteorder("=").name) if dtype.kind in _NUMERIC_KINDS else None
+        if torch_name is None:
+            return TensorInfo(shape=shape, dtype="uint8", storage=None, layout="unsupported",
+                              note=f"HDF5 type {dtype} has no torch dtype")
+        offset = dataset.id.get_offset() if dataset.chunks is None else None
+        if offset is not None and nbytes and offset + nbytes > self.inner_size:
+            raise CorruptCheckpointError(self.path, f"dataset {name} declares shape {list(shape)} ({nbytes:,} bytes) "
+                                                    f"from byte {offset:,}, past the end of the {self.inner_size:,}-"
+                                                    "byte file: it is cut off or its header lies. Copy or save it "
+                                                    "again.")
+        if nbytes > _MAX_EXPANSION * self.size:
+            raise CorruptCheckpointError(self.path, f"dataset {name} declares shape {list(shape)} ({nbytes:,} bytes), "
+                                                    f"more than a {self.size:,}-byte file can hold even compressed: "
+                                                    "its header is damaged or crafted. Get the original file.")
+        byteorder = "big" if dtype.byteorder == ">" else "little"
+        plain = dataset.chunks is None and dataset.compression is None and not dataset.fletcher32
+        if plain and offset is not None and self.in_place:
+            storage = Storage(key=key, source=self.source, offset=self.base_offset + offset, nbytes=nbytes,
+                              location="cpu", byteorder=byteorder)
+        else:
+            row_source = _RowSource(self.path, dataset, nbytes, self.keep_open)
+            self.keep_open = ()  # closed once, with the first source that holds it
+            self.sources.append(row_source)
+            storage = Storage(key=key, source=row_source, offset=0, nbytes=nbytes, location="cpu",  # type: ignore[arg-type]
+                              byteorder=byteorder)
+        return TensorInfo(shape=shape, dtype=torch_name, storage=storage, stride=contiguous_stride(shape))
+
+    # -- layouts -------------------------------------------------------------------------------
+
+    def read(self, trust: bool, **kwargs: Any) -> Checkpoint:
+        """The checkpoint; the HDF5 file stays open only when a dataset is read through h5py."""
+        try:
+            return self.checkpoint(trust, **kwargs)
+        finally:
+            for item in self.keep_open:  # not handed to a row source: nothing reads through h5py later
+                item.close()
+
+    def checkpoint(self, trust: bool, *, config: Any, metadata_json: Any, format: str) -> Checkpoint:
+        self.refuse_external_links()
+        h5 = self.h5
+        attrs = h5.attrs
+        model_config = config if config is not None else _json_attr(self.path, attrs, "model_config")
+        training_config = _json_attr(self.path, attrs, "training_config")
+        if training_config is None and isinstance(config, dict):  # a .keras archive keeps it in its config
+            training_config = config.get("compile_config")
+        classes = _layer_classes(model_config)
+        details: dict[str, Any] = {}
+        optimizer: dict[str, Any] | None = None
+        if "model_weights" in h5 and _layer_names(h5["model_weights"].attrs) is not None:
+            details["layout"] = "legacy full model (model.save to .h5)"
+            weights = self.legacy_weights(h5["model_weights"], classes, prefix="model_weights.")
+            if "optimizer_weights" in h5:
+                optimizer = self.legacy_optimizer(h5["optimizer_weights"], weights, training_config)
+            full = True
+        elif _layer_names(attrs) is not None:
+            details["layout"] = "legacy weights only (save_weights to .h5)"
+            weights = self.legacy_weights(h5, classes, prefix="")
+            full = False
+        elif "layers" in h5 or "vars" in h5:
+            details["layout"] = ("Keras 3 .keras archive" if config is not None
+                                 else "Keras 3 weights (save_weights to .weights.h5)")
+            has_optimizer = "optimizer" in h5 and "vars" in h5["optimizer"]
+            full = config is not None or has_optimizer
+            weights = self.keras3_weights(h5, model_config, prefix="model_weights." if full else "")
+            if has_optimizer:
+                optimizer = self.keras3_optimizer(h5["optimizer"]["vars"], weights, model_config, training_config)
+        else:
+            raise UnsupportedFormatError(self.path, "an HDF5 file without Keras weights (no model_weights, layer_names "
+                                                    "or layers/ group): ckptview reads the HDF5 files Keras writes. "
+                                                    "Open it with h5py to see what it holds.")
+        self.name_layers(weights, classes)
+        if full:
+            root: dict[str, Any] = {"model_weights": weights}
+            if optimizer is not None:
+                root["optimizer_weights"] = optimizer
+            if model_config is not None:
+                root["model_config"] = model_config
+            if training_config is not None:
+                root["training_config"] = training_config
+        else:
+            root = weights  # type: ignore[assignment]
+        details.update(_describe(attrs, model_config, training_config, metadata_json, classes))
+        if optimizer is not None and "optimizer" not in details and self.optimizer_name:
+            details["optimizer"] = self.optimizer_name
+        metadata = {key: str(value) for key, value in details.items()
+                    if key in ("layout", "keras_version", "backend", "model", "loss", "optimizer", "metrics")}
+        return Checkpoint(self.path, format, root, file_size=self.size, sources=self.sources, trust=trust,
+                          details=details, metadata=metadata, layers=self.layers,
+                          pickle_imports=_code_in_config(model_config))
+
+    def legacy_weights(self, group: Any, classes: Mapping[str, str], *, prefix: str) -> dict[str, TensorInfo]:
+        weights: dict[str, TensorInfo] = {}
+        self.prefix = prefix
+        self.kinds: dict[str, tuple[str, str, str]] = {}  # weight name -> (layer, class, keras leaf)
+        for layer in _layer_names(group.attrs) or []:
+            layer_group = self.child(group, layer)
+            if layer_group is None or not isinstance(layer_group, self.h5py.Group):
+                raise CorruptCheckpointError(self.path, f"layer_names lists {printable(layer)!r} but the file has no "
+                                                        "such group: the file is damaged. Save the weights again.")
+            for weight_name in _strings(layer_group.attrs.get("weight_names", ())):
+                dataset = self.child(layer_group, weight_name)
+                if not isinstance(dataset, self.h5py.Dataset):
+                    raise CorruptCheckpointError(self.path, f"layer {printable(layer)!r} lists weight "
+                                                            f"{printable(weight_name)!r}, which the file does not hold: "
+                                                            "it is damaged. Save the weights again.")
+                name = _readable(weight_name)
+                if name in weights:  # a nested model's weights may repeat a name under two layers
+                    name = f"{layer}.{name}"
+                weights[name] = self.tensor(dataset, prefix + name)
+                self.kinds[name] = (name.rpartition(".")[0] or layer, classes.get(layer, ""), name.rpartition(".")[2])
+        return weights
+
+    def keras3_weights(self, h5: Any, model_config: Any, *, prefix: str) -> dict[str, TensorInfo]:
+        weights: dict[str, TensorInfo] = {}
+        self.prefix = prefix
+        self.kinds = {}
+        configs = {str(layer.get("name") or (layer.get("config") or {}).get("name")): layer
+                   for layer in _layer_configs(model_config)}
+        groups = [(self._module_name(h5, path), path, group) for path, group in self._vars_groups(h5)
+                  if path.split("/")[0] != "optimizer"]
+        # HDF5 lists a group's members by name; the config has the model's own layer order
+        order = {name: index for index, name in enumerate(configs)}
+        groups.sort(key=lambda item: order.get(item[0].split(".")[0], len(order)))
+        for module, path, group in groups:
+            key = path.rpartition("/")[2]
+            layer_config = configs.get(module) if "." not in module else None
+            keras_class = (layer_config or {}).get("class_name") or _class_from_key(key)
+            count = sum(1 for name in group if name.isdigit())
+            for index, leaf in enumerate(_var_names(keras_class, count, (layer_config or {}).get("config"))):
+                name = f"{module}.{leaf}" if module else leaf
+                weights[name] = self.tensor(group[str(index)], prefix + name)
+                self.kinds[name] = (module, keras_class, leaf)
+        return weights
+
+    def _module_name(self, h5: Any, path: str) -> str:
+        """`layers/dense/vars` -> the layer's own name (the `vars` group's `name` attribute: Keras 3
+        names the group after the class); nested parts (`layers/lstm/cell`) joined with dots."""
+        parts = path.split("/") if path else []
+        names: list[str] = []
+        index = 0
+        while index < len(parts):
+            if parts[index] == "layers" and index + 1 < len(parts):
+                key = "/".join(parts[:index + 2])
+                vars_group = self.child(h5, key + "/vars")
+                names.append(str(vars_group.attrs.get("name", parts[index + 1])) if vars_group is not None
+                             else parts[index + 1])
+                index += 2
+            else:
+                names.append(parts[index])
+                index += 1
+        return ".".join(names)
+
+    def _vars_groups(self, h5: Any) -> list[tuple[str, Any]]:
+        """Every `.../vars` group holding datasets, as (path of its owner, group), in the order Keras
+        wrote the layers (the config's order when there is one; HDF5 lists names sorted)."""
+        found: list[tuple[str, Any]] = []
+
+        def visit(name: str, obj: Any) -> None:
+            if name.rpartition("/")[2] == "vars" and isinstance(obj, self.h5py.Group) and len(obj):
+                found.append((name.rpartition("/")[0], obj))
+
+        h5.visititems(visit)
+        return found
+
+    def legacy_optimizer(self, group: Any, weights: Mapping[str, TensorInfo], training_config: Any) -> dict[str, Any]:
+        names = _strings(group.attrs.get("weight_names", ()))
+        slots: list[tuple[str, TensorInfo]] = []
+        for weight_name in names:
+            dataset = self.child(group, weight_name)
+            if not isinstance(dataset, self.h5py.Dataset):
+                raise CorruptCheckpointError(self.path, f"optimizer_weights lists {printable(weight_name)!r}, which the "
+                                                        "file does not hold: it is damaged. Save the model again.")
+            slots.append((weight_name, self.tensor(dataset, "optimizer_weights." + _readable(weight_name))))
+        return _optimizer_state(slots, list(weights), training_config)
+
+    def keras3_optimizer(self, group: Any, weights: Mapping[str, TensorInfo], model_config: Any,
+                         training_config: Any) -> dict[str, Any]:
+        count = sum(1 for name in group if name.isdigit())
+        tensors = [self.tensor(group[str(index)], f"optimizer_weights.vars.{index}") for index in range(count)]
+        kind = re.sub(r"_\d+$", "", str(group.attrs.get("name", ""))).lower()
+        self.optimizer_name = _OPTIMIZER_CLASSES.get(kind, kind)
+        trainable = [name for name in weights if self.kinds.get(name, ("", "", ""))[2] not in
+                     ("moving_mean", "moving_variance")]
+        slot_names = _SLOTS.get(kind)
+        named: list[tuple[str, TensorInfo]] = []
+        rest = tensors[2:]
+        # Keras 3 writes the iteration count and learning rate first, then each optimizer's slots
+        # variable by variable, in the order of the model's trainable variables
+        if (slot_names and len(tensors) >= 2 and len(rest) == len(slot_names) * len(trainable)
+                and all(rest[i * len(slot_names) + j].shape == weights[param].shape
+                        for i, param in enumerate(trainable) for j in range(len(slot_names)))):
+            named = [("iteration", tensors[0]), ("learning_rate", tensors[1])]
+            named += [(f"{param.replace('.', '_')}_{slot}", rest[i * len(slot_names) + j])
+                      for i, param in enumerate(trainable) for j, slot in enumerate(slot_names)]
+        else:
+            named = [(f"vars/{index}", tensor) for index, tensor in enumerate(tensors)]
+        return _optimizer_state(named, list(weights), training_config)
+
+    def name_layers(self, weights: Mapping[str, TensorInfo], classes: Mapping[str, str]) -> None:
+        modules: dict[str, dict[str, tuple[str, TensorInfo, str]]] = {}
+        for name, info in weights.items():
+            module, keras_class, leaf = self.kinds.get(name, (name.rpartition(".")[0], "", name.rpartition(".")[2]))
+            modules.setdefault(module, {})[leaf] = (name, info, keras_class)
+        for module, leaves in modules.items():
+            roles = {leaf: _role(module, keras_class, leaf, info.shape, set(leaves))
+                     for leaf, (_, info, keras_class) in leaves.items()}
+            kernel = roles.get("kernel") or roles.get("depthwise_kernel")
+            if "bias" in leaves and roles.get("bias") is None and kernel is not None:
+                roles["bias"] = LayerRole(module, "bias", kernel.kind, kernel.detail)
+            for leaf, role in roles.items():
+                if role is not None:
+                    # the tensor table looks roles up by full name, the BatchNorm checks by the name
+                    # relative to the model section (`model_state_dict`): both are given
+                    self.layers[self.prefix + leaves[leaf][0]] = role
+                    self.layers[leaves[leaf][0]] = role
+
+
+def _var_names(keras_class: str, count: int, config: Any) -> list[str]:
+    """The names of a Keras 3 layer's `vars/<i>`, from the order its class creates them; layers built
+    without some (Dense(use_bias=False), BatchNormalization(center=False)) have fewer."""
+    known = _KERAS3_VARS.get(keras_class)
+    if known is not None and count == len(known):
+        return list(known)
+    if known is not None and keras_class == "BatchNormalization":
+        config = config if isinstance(config, dict) else {}
+        present = [leaf for leaf, flag in (("gamma", config.get("scale", count != 3)), ("beta", config.get("center", True)),
+                                           ("moving_mean", True), ("moving_variance", True)) if flag]
+        if len(present) == count:
+            return present
+    if known is not None and count == 1 and known[0] in ("kernel", "embeddings", "gamma"):
+        return [known[0]]
+    return [f"vars_{index}" for index in range(count)]
+
+
+def _class_from_key(key: str) -> str:
+    """`batch_normalization_3` -> "BatchNormalization": Keras 3 names a layer's group after its class."""
+    base = re.sub(r"_\d+$", "", key)
+    special = {"conv1d": "Conv1D", "conv2d": "Conv2D", "conv3d": "Conv3D", "depthwise_conv2d": "DepthwiseConv2D",
+               "separable_conv2d": "SeparableConv2D", "conv2d_transpose": "Conv2DTranspose", "re_lu": "ReLU",
+               "p_re_lu": "PReLU", "lstm_cell": "LSTMCell", "gru_cell": "GRUCell", "simple_rnn_cell": "SimpleRNNCell",
+               "cell": "LSTMCell"}
+    return special.get(base, "".join(part.capitalize() for part in base.split("_")))
+
+
+def _role(module: str, keras_class: str, leaf: str, shape: tuple[int, ...], leaves: set[str]) -> LayerRole | None:
+    is_batchnorm = keras_class == "BatchNormalization" or (not keras_class and {"moving_mean", "moving_variance"} <= leaves)
+    if is_batchnorm and leaf in _BATCHNORM:
+        return LayerRole(module, _BATCHNORM[leaf], "BatchNorm", f"{shape[0] if shape else 1} channels")
+    if keras_class in ("LayerNormalization", "GroupNormalization") and leaf in ("gamma", "beta"):
+        kind = "LayerNorm" if keras_class == "LayerNormalization" else "GroupNorm"
+        return LayerRole(module, "weight" if leaf == "gamma" else "bias", kind, f"{shape[0] if shape else 1} channels")
+    if leaf == "embeddings" and len(shape) == 2:
+        return LayerRole(module, "weight", "Embedding", f"{shape[0]}×{shape[1]} (vocabulary×dim)")
+    if "recurrent_kernel" in leaves or keras_class in ("LSTMCell", "GRUCell", "SimpleRNNCell"):
+        kind = {"LSTMCell": "LSTM", "GRUCell": "GRU"}.get(keras_class, "RNN")
+        return LayerRole(module, leaf, kind, "×".join(map(str, shape)) + " (Keras: [in, gates×units])")
+    if leaf == "kernel" and len(shape) == 2:
+        return LayerRole(module, "weight", "Linear", f"{shape[0]}×{shape[1]} (in×out: Keras stores the kernel "
+                                                     "transposed from torch's Linear)")
+    if leaf in ("kernel", "depthwise_kernel") and len(shape) in (3, 4, 5):
+        spatial = "×".join(map(str, shape[:-2]))
+        return LayerRole(module, "weight", f"Conv{len(shape) - 2}d",
+                         f"{spatial}, {shape[-2]}, {shape[-1]} (kernel, in, out: Keras order)")
+    return None
+
+
+def _readable(weight_name: str) -> str:
+    """`dense_1/kernel:0` -> `dense_1.kernel`, as people name Keras weights."""
+    return re.sub(r":\d+$", "", weight_name).replace("/", ".")
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, (bytes, str)):
+        value = [value]
+    try:
+        items = list(value)
+    except TypeError:
+        return []
+    return [item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item) for item in items]
+
+
+def _layer_names(attrs: Any) -> list[str] | None:
+    """`layer_names`, or the pieces `layer_names0`, `layer_names1`, ... Keras splits a long list into
+    (an HDF5 attribute header holds at most 64 KiB)."""
+    if "layer_names" in attrs:
+        return _strings(attrs["layer_names"])
+    if "layer_names0" not in attrs:
+        return None
+    names: list[str] = []
+    index = 0
+    while f"layer_names{index}" in attrs:
+        names.extend(_strings(attrs[f"layer_names{index}"]))
+        index += 1
+    return names
+
+
+def _json_attr(path: str, attrs: Any, key: str) -> Any:
+    if key not in attrs:
+        return None
+    raw = attrs[key]
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    try:
+        return json.loads(str(raw))
+    except json.JSONDecodeError as exc:
+        raise CorruptCheckpointError(path, f"the {key} attribute is not valid JSON: the file is damaged. Save the "
+                                           "model again.") from exc
+
+
+def _layer_configs(model_config: Any) -> list[dict[str, Any]]:
+    if not isinstance(model_config, dict):
+        return []
+    config = model_config.get("config")
+    layers = config.get("layers") if isinstance(config, dict) else None
+    return [layer for layer in layers if isinstance(layer, dict)] if isinstance(layers, list) else []
+
+
+def _layer_classes(model_config: Any) -> dict[str, str]:
+    classes = {}
+    for layer in _layer_configs(model_config):
+        name = layer.get("name") or (layer.get("config") or {}).get("name")
+        if isinstance(name, str) and isinstance(layer.get("class_name"), str):
+            classes[name] = layer["class_name"]
+    return classes
+
+
+def _walk_dicts(node: Any) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Every dict in a JSON document with the dicts above it, without recursion."""
+    stack: list[tuple[Any, list[dict[str, Any]]]] = [(node, [])]
+    while stack:
+        item, parents = stack.pop()
+        if isinstance(item, dict):
+            yield item, parents
+            stack.extend((value, parents + [item]) for value in item.values())
+        elif isinstance(item, list):
+            stack.extend((value, parents) for value in item)
+
+
+def _code_in_config(model_config: Any) -> list[PickleImport]:
+    """
+    What loading the model would run: a `Lambda` layer holds marshalled Python bytecode that
+    `load_model` executes (Keras 3 refuses it only in safe mode), and a class from outside Keras
+    (Keras 3 configs name its module; `registered_name` "package>Class") is imported and called.
+    """
+    found: dict[str, int] = {}
+    for item, parents in _walk_dicts(model_config):
+        class_name = item.get("class_name")
+        if not isinstance(class_name, str):
+            continue
+        config = item.get("config") if isinstance(item.get("config"), dict) else {}
+        if class_name == "Lambda":
+            layer = config.get("name", "?")
+            found[f"keras.layers.Lambda {printable(layer)!r}: a Python function stored as marshalled bytecode"] = 1
+        elif class_name == "__lambda__" and not any(parent.get("class_name") == "Lambda" for parent in parents):
+            found["a Python lambda stored as marshalled bytecode (__lambda__)"] = found.get(
+                "a Python lambda stored as marshalled bytecode (__lambda__)", 0) + 1
+        module = item.get("module")
+        registered = item.get("registered_name")
+        custom = (isinstance(module, str) and module and not module.startswith(("keras", "tensorflow"))
+                  or isinstance(registered, str) and ">" in registered)
+        if custom and class_name not in ("Lambda", "__lambda__", "__keras_tensor__", "__tensor__"):
+            label = f"{module}.{class_name}" if isinstance(module, str) and module else str(registered)
+            found[f"{printable(label)} (a custom Keras object: load_model imports and calls it)"] = found.get(
+                f"{printable(label)} (a custom Keras object: load_model imports and calls it)", 0) + 1
+    return [PickleImport(name, count) for name, count in found.items()]
+
+
+def _optimizer_state(slots: list[tuple[str, TensorInfo]], parameters: list[str],
+                     training_config: Any) -> dict[str, Any]:
+    """Optimizer variables shaped as torch's `optimizer.state_dict()`: per-parameter slots under the
+    parameter's name (exact, from the variable names), the rest (iteration count, learning rate) in
+    the one param group, with the optimizer config's options."""
+    by_flat = {name.replace(".", "_"): name for name in parameters}
+    by_path = {name.replace(".", "/"): name for name in parameters}
+    state: dict[str, dict[str, TensorInfo]] = {}
+    group: dict[str, Any] = {}
+    for raw, info in slots:
+        name = re.sub(r":\d+$", "", raw)
+        parts = name.split("/")
+        match = None
+        # Keras 2 (new optimizers): Adam/m/dense/kernel; Keras 2 legacy: Adam/dense/kernel/m;
+        # Keras 3: adam/dense_kernel_momentum
+        if len(parts) >= 3 and "/".join(parts[2:]) in by_path:
+            match = (by_path["/".join(parts[2:])], parts[1])
+        elif len(parts) >= 3 and "/".join(parts[1:-1]) in by_path:
+            match = (by_path["/".join(parts[1:-1])], parts[-1])
+        else:
+            last = parts[-1]
+            for flat, param in by_flat.items():
+                if last.startswith(flat + "_") and last[len(flat) + 1:]:
+                    if match is None or len(flat) > len(match[0].replace(".", "_")):
+                        match = (param, last[len(flat) + 1:])
+        if match is not None:
+            state.setdefault(match[0], {})[match[1]] = info
+        else:
+            # unnamed (`vars/7` of a .weights.h5 whose model config is not at hand): kept by position
+            group[f"var_{parts[-1]}" if parts[-1].isdigit() else parts[-1]] = info
+    optimizer_config = (training_config or {}).get("optimizer_config") if isinstance(training_config, dict) else None
+    options = optimizer_config.get("config", {}) if isinstance(optimizer_config, dict) else {}
+    if isinstance(options, dict):
+        group.update({key: value for key, value in options.items()
+                      if isinstance(value, (int, float, str, bool)) and key not in group})
+    if isinstance(options, dict) and isinstance(options.get("learning_rate"), (int, float)):
+        group["lr"] = options["learning_rate"]
+    params = [name for name in parameters if name in state]
+    group["params"] = params
+    group["param_names"] = params
+    return {"state": state, "param_groups": [group]}
+
+
+def _describe(attrs: Any, model_config: Any, training_config: Any, metadata_json: Any,
+              classes: Mapping[str, str]) -> dict[str, Any]:
+    details: dict[str, Any] = {}
+    for key in ("keras_version", "backend"):
+        if key in attrs:
+            details[key] = _strings(attrs[key])[0] if _strings(attrs[key]) else None
+    if isinstance(metadata_json, dict):
+        details.update({key: value for key, value in metadata_json.items() if isinstance(value, (str, int, float))})
+    if isinstance(model_config, dict):
+        config = model_config.get("config") if isinstance(model_config.get("config"), dict) else {}
+        layers = _layer_configs(model_config)
+        details["model"] = f"{model_config.get('class_name', '?')} {config.get('name', '')!r} ({len(layers)} layers)"
+        details["layers"] = [{"name": layer.get("name") or (layer.get("config") or {}).get("name"),
+                              "class": layer.get("class_name"),
+                              "shape": (layer.get("build_config") or {}).get("input_shape")
+                              or (layer.get("config") or {}).get("batch_shape")
+                              or (layer.get("config") or {}).get("batch_input_shape")}
+                             for layer in layers]
+    if isinstance(training_config, dict):
+        loss = training_config.get("loss")
+        details["loss"] = loss.get("class_name") if isinstance(loss, dict) else loss
+        optimizer = training_config.get("optimizer_config")
+        if isinstance(optimizer, dict):
+            options = optimizer.get("config") if isinstance(optimizer.get("config"), dict) else {}
+            rate = options.get("learning_rate")
+            details["optimizer"] = (str(optimizer.get("class_name", "?")).removeprefix("Custom>")
+                                    + (f" (learning_rate {rate:.6g})" if isinstance(rate, (int, float)) else ""))
+        metrics = training_config.get("metrics")
+        if metrics is not None:
+            details["metrics"] = json.dumps(metrics)[:200]
+    return details

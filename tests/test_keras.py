@@ -1,0 +1,305 @@
+"""
+Keras HDF5 files and `.keras` archives: the fixtures written by the real Keras (tests/fixtures/
+make_tf_fixtures.py) checked against what Keras reported about them, and files written here with
+h5py for the layouts and hostile cases TensorFlow would not make.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import ckptview
+from ckptview.analyzers.sections import model_state_dict
+from ckptview.errors import CkptviewError, CorruptCheckpointError, UnsupportedFormatError
+from format_checks import check_every_command, check_every_tab, cli
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tf"
+LAMBDA_MARKER = Path("/tmp/ckptview-keras-lambda-ran")
+KERAS_FILES = ("keras3_trained.h5", "keras3_untrained.h5", "keras2_trained.h5", "keras2_trained_weights.h5",
+               "keras3_trained.weights.h5", "keras3_trained.keras", "keras3_lambda.h5")
+
+
+def report(name: str) -> dict:
+    return json.loads((FIXTURES / f"{name}.json").read_text())
+
+
+def readable(keras_name: str) -> str:
+    return re.sub(r":\d+$", "", keras_name).replace("/", ".")
+
+
+@pytest.mark.parametrize("name", KERAS_FILES)
+def test_weights_equal_what_keras_reported(name: str) -> None:
+    expected = report(name)["weights"]
+    with ckptview.open(FIXTURES / name) as ckpt:
+        state = model_state_dict(ckpt)
+        assert ckpt.format == ("keras" if name.endswith(".keras") else "keras-h5")
+        assert sorted(state) == sorted(readable(row["name"]) for row in expected)
+        for row in expected:
+            entry = state[readable(row["name"])]
+            assert list(entry.shape) == row["shape"] and entry.dtype_name == row["dtype"]
+            values = torch.tensor(row["values"], dtype=entry.dtype).reshape(row["shape"])
+            assert torch.equal(entry.load(), values), row["name"]
+            assert torch.equal(torch.cat(list(entry.iter_chunks(chunk_bytes=64))), values.reshape(-1))
+
+
+@pytest.mark.parametrize("name", ("keras3_trained.h5", "keras3_trained.keras", "keras2_trained.h5"))
+def test_optimizer_weights_are_the_training_section(name: str) -> None:
+    variables = report(name)["optimizer"]["variables"]
+    with ckptview.open(FIXTURES / name) as ckpt:
+        (optimizer,) = ckptview.training_state(ckpt).optimizers
+        parameters = list(model_state_dict(ckpt))
+        assert optimizer.mapping == "param_names"
+        trainable = [p for p in parameters if not p.endswith(("moving_mean", "moving_variance"))]
+        assert [state.name for state in optimizer.params] == trainable
+        found = 0
+        for variable in variables:
+            raw = re.sub(r":\d+$", "", variable["name"])
+            parts = raw.split("/")
+            if len(parts) >= 3:  # Keras 2: Adam/m/conv/kernel:0
+                entry = ckpt.tensor(f"optimizer_weights.state.{'.'.join(parts[2:])}.{parts[1]}")
+            else:  # Keras 3: adam/conv_kernel_momentum, adam/iteration
+                param = next((p for p in parameters if parts[-1].startswith(p.replace(".", "_") + "_")), None)
+                entry = ckpt.tensor(f"optimizer_weights.state.{param}.{parts[-1][len(param) + 1:]}" if param
+                                    else f"optimizer_weights.param_groups.0.{parts[-1]}")
+            expected = np.asarray(variable["values"]).reshape(variable["shape"])
+            assert np.array_equal(entry.load().numpy(), expected), variable["name"]
+            found += 1
+        assert found == len(variables) == len(ckpt.tensors()) - len(parameters)
+
+
+def test_batchnorm_checks_fire_before_training_and_not_after() -> None:
+    with ckptview.open(FIXTURES / "keras3_untrained.h5") as ckpt:
+        report_ = ckptview.batchnorm_checks(ckpt)
+        assert [layer.module for layer in report_.layers] == ["bn"]
+        (never,) = report_.checks("running_stats_never_updated")
+        assert never.tensors == ("bn.moving_mean", "bn.moving_variance")
+    for name in ("keras3_trained.h5", "keras2_trained.h5", "keras3_trained.keras", "keras2_trained_weights.h5"):
+        with ckptview.open(FIXTURES / name) as ckpt:
+            report_ = ckptview.batchnorm_checks(ckpt)
+            assert [layer.module for layer in report_.layers] == ["bn"], name
+            assert not report_.problems, (name, report_.problems)
+
+
+def test_layer_kinds_from_keras_shapes() -> None:
+    with ckptview.open(FIXTURES / "keras2_trained_weights.h5") as ckpt:  # no config: from names and shapes
+        rows = {row.name: row for row in ckptview.tensor_table(ckpt).rows}
+    assert rows["conv.kernel"].layer_kind == "Conv2d" and "kernel, in, out" in rows["conv.kernel"].layer_detail
+    assert rows["dense_1.kernel"].layer_kind == "Linear" and rows["dense_1.kernel"].layer_detail.startswith("144×8")
+    assert rows["bn.moving_variance"].layer_kind == "BatchNorm" and rows["bn.moving_variance"].role == "buffer"
+
+
+def test_lambda_layer_is_code_and_never_runs() -> None:
+    if LAMBDA_MARKER.exists():
+        LAMBDA_MARKER.unlink()
+    path = FIXTURES / "keras3_lambda.h5"
+    code, out, err = cli("scan", str(path))
+    assert code == 3, err
+    assert "Lambda 'doubler'" in out and "marshalled bytecode" in out
+    code, out, _ = cli("scan", "--json", str(path))
+    assert json.loads(out)["needs_code"] is True
+    with ckptview.open(path) as ckpt:
+        assert ckpt.needs_trust
+        ckptview.stats(ckpt)
+    assert not LAMBDA_MARKER.exists()
+    assert cli("scan", str(FIXTURES / "keras3_trained.h5"))[0] == 0
+
+
+def test_custom_object_in_a_keras3_config_is_code(tmp_path: Path) -> None:
+    path = tmp_path / "custom.keras"
+    with zipfile.ZipFile(FIXTURES / "keras3_trained.keras") as source, zipfile.ZipFile(path, "w") as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                config["config"]["layers"][4].update(module="my_project.layers", class_name="Gate",
+                                                     registered_name="my_project>Gate")
+                data = json.dumps(config).encode()
+            target.writestr(item, data)
+    code, out, _ = cli("scan", str(path))
+    assert code == 3 and "my_project.layers.Gate" in out
+
+
+def test_keras_archive_deflated_reads_the_same(tmp_path: Path) -> None:
+    path = tmp_path / "deflated.keras"
+    with zipfile.ZipFile(FIXTURES / "keras3_trained.keras") as source, \
+            zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as target:
+        for item in source.infolist():
+            target.writestr(item.filename, source.read(item.filename))
+    with ckptview.open(FIXTURES / "keras3_trained.keras") as stored, ckptview.open(path) as deflated:
+        assert [e.name for e in stored.tensors()] == [e.name for e in deflated.tensors()]
+        for a, b in zip(stored.tensors(), deflated.tensors()):
+            assert torch.equal(a.load(), b.load()), a.name
+
+
+# --- layouts written with h5py ------------------------------------------------------------------
+
+def write_weights_h5(path: Path, layers: dict[str, dict[str, np.ndarray]], *, split: int = 0,
+                     **dataset_options: object) -> Path:
+    """A Keras 2 weights-only file: `layer_names` at the root (split in `split` pieces), one group per layer."""
+    with h5py.File(path, "w") as f:
+        names = [name.encode() for name in layers]
+        if split:
+            for index in range(split):
+                f.attrs[f"layer_names{index}"] = names[index * len(names) // split:(index + 1) * len(names) // split]
+        else:
+            f.attrs["layer_names"] = names
+        f.attrs["keras_version"] = b"2.15.0"
+        for layer, weights in layers.items():
+            group = f.create_group(layer)
+            group.attrs["weight_names"] = [name.encode() for name in weights]
+            for name, value in weights.items():
+                group.create_dataset(name, data=value, **dataset_options)
+    return path
+
+
+def bn_layers(rng: np.random.Generator, count: int) -> dict[str, dict[str, np.ndarray]]:
+    layers = {}
+    for index in range(count):
+        layers[f"block_{index}"] = {
+            f"block_{index}/conv/kernel:0": rng.standard_normal((3, 3, 2, 2)).astype(np.float32),
+            f"block_{index}/bn/gamma:0": np.ones(2, np.float32),
+            f"block_{index}/bn/beta:0": np.zeros(2, np.float32),
+            f"block_{index}/bn/moving_mean:0": rng.standard_normal(2).astype(np.float32),
+            f"block_{index}/bn/moving_variance:0": np.array([1.0, -0.5 if index == 1 else 2.0], np.float32),
+        }
+    return layers
+
+
+def test_split_layer_names_and_nested_groups(tmp_path: Path) -> None:
+    layers = bn_layers(np.random.default_rng(0), 5)
+    path = write_weights_h5(tmp_path / "split.h5", layers, split=3)
+    with ckptview.open(path) as ckpt:
+        names = [entry.name for entry in ckpt.tensors()]
+        assert names == [readable(w) for weights in layers.values() for w in weights]
+        assert torch.equal(ckpt.tensor("block_3.conv.kernel").load(),
+                           torch.from_numpy(layers["block_3"]["block_3/conv/kernel:0"]))
+        report_ = ckptview.batchnorm_checks(ckpt)
+        assert [layer.module for layer in report_.layers] == [f"block_{i}.bn" for i in range(5)]
+        (bad,) = report_.checks("running_var_invalid")
+        assert bad.tensors == ("block_1.bn.moving_variance",)
+
+
+def test_chunked_compressed_datasets_stream_through_h5py(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    kernel = rng.standard_normal((300, 70)).astype(np.float32)
+    path = write_weights_h5(tmp_path / "gzip.h5", {"dense": {"dense/kernel:0": kernel}}, chunks=(16, 70),
+                            compression="gzip")
+    with ckptview.open(path) as ckpt:
+        entry = ckpt.tensor("dense.kernel")
+        assert torch.equal(entry.load(), torch.from_numpy(kernel))
+        chunks = list(entry.iter_chunks(chunk_bytes=1000))
+        assert max(chunk.numel() for chunk in chunks) == 250
+        assert torch.equal(torch.cat(chunks), torch.from_numpy(kernel).reshape(-1))
+
+
+def test_keras3_nested_layers(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    path = tmp_path / "nested.weights.h5"
+    with h5py.File(path, "w") as f:
+        f.create_group("vars").attrs["name"] = "model"
+        lstm = f.create_group("layers/lstm")
+        lstm.create_group("vars").attrs["name"] = "encoder"
+        cell = lstm.create_group("cell/vars")
+        values = [rng.standard_normal(shape).astype(np.float32) for shape in ((5, 32), (8, 32), (32,))]
+        for index, value in enumerate(values):
+            cell.create_dataset(str(index), data=value)
+        embedding = f.create_group("layers/embedding/vars")
+        embedding.attrs["name"] = "tokens"
+        embedding.create_dataset("0", data=rng.standard_normal((50, 5)).astype(np.float32))
+    with ckptview.open(path) as ckpt:
+        assert [e.name for e in ckpt.tensors()] == ["tokens.embeddings", "encoder.cell.kernel",
+                                                    "encoder.cell.recurrent_kernel", "encoder.cell.bias"]
+        rows = {row.name: row for row in ckptview.tensor_table(ckpt).rows}
+        assert rows["tokens.embeddings"].layer_kind == "Embedding"
+        assert rows["encoder.cell.recurrent_kernel"].layer_kind == "LSTM"
+        assert torch.equal(ckpt.tensor("encoder.cell.recurrent_kernel").load(), torch.from_numpy(values[1]))
+
+
+# --- hostile files ------------------------------------------------------------------------------
+
+def refused(path: Path, error: type[CkptviewError], match: str) -> str:
+    before = path.read_bytes()
+    with pytest.raises(error, match=match) as caught:
+        with ckptview.open(path) as ckpt:
+            for entry in ckpt.tensors():
+                entry.load()
+    message = str(caught.value)
+    assert "\n" not in message
+    code, _, err = cli("info", str(path))
+    assert code == 1 and err.count("\n") == 1, err
+    assert path.read_bytes() == before
+    return message
+
+
+def test_external_link_out_of_the_file_is_refused(tmp_path: Path) -> None:
+    path = write_weights_h5(tmp_path / "link.h5", {"dense": {"dense/kernel:0": np.ones((2, 2), np.float32)}})
+    with h5py.File(path, "a") as f:
+        del f["dense/dense"]
+        f["dense/dense"] = h5py.ExternalLink("/etc/passwd", "/kernel:0")
+    message = refused(path, CorruptCheckpointError, "links 'dense/dense' to another file")
+    assert "root:" not in message
+
+
+def test_external_storage_and_virtual_datasets_are_refused(tmp_path: Path) -> None:
+    path = write_weights_h5(tmp_path / "external.h5", {"dense": {}})
+    with h5py.File(path, "a") as f:
+        f["dense"].attrs["weight_names"] = [b"dense/kernel:0"]
+        f.create_dataset("dense/dense/kernel:0", shape=(4,), dtype="f4", external=[("/etc/passwd", 0, 16)])
+    refused(path, CorruptCheckpointError, "external file")
+
+    other = write_weights_h5(tmp_path / "other.h5", {"x": {"x/w:0": np.arange(4, dtype=np.float32)}})
+    path = write_weights_h5(tmp_path / "virtual.h5", {"dense": {}})
+    layout = h5py.VirtualLayout(shape=(4,), dtype="f4")
+    layout[:] = h5py.VirtualSource(str(other), "x/x/w:0", shape=(4,))
+    with h5py.File(path, "a") as f:
+        f["dense"].attrs["weight_names"] = [b"dense/kernel:0"]
+        f.create_virtual_dataset("dense/dense/kernel:0", layout)
+    refused(path, CorruptCheckpointError, "virtual dataset")
+
+
+def test_shape_bomb_is_refused_before_allocation(tmp_path: Path) -> None:
+    for name, options in (("contiguous", {}), ("chunked", {"chunks": (1 << 20,), "compression": "gzip"})):
+        path = write_weights_h5(tmp_path / f"{name}.h5", {"dense": {}})
+        with h5py.File(path, "a") as f:
+            f["dense"].attrs["weight_names"] = [b"dense/kernel:0"]
+            f.create_dataset("dense/dense/kernel:0", shape=(1 << 40,), dtype="f4", **options)
+        refused(path, CorruptCheckpointError, "more than a .*-byte file can hold")
+
+
+def test_lying_and_foreign_hdf5(tmp_path: Path) -> None:
+    path = write_weights_h5(tmp_path / "missing.h5", {"dense": {"dense/kernel:0": np.ones(3, np.float32)}})
+    with h5py.File(path, "a") as f:
+        f["dense"].attrs["weight_names"] = [b"dense/kernel:0", b"dense/bias:0"]
+    refused(path, CorruptCheckpointError, "does not hold")
+
+    plain = tmp_path / "plain.h5"
+    with h5py.File(plain, "w") as f:
+        f["data"] = np.arange(3)
+    refused(plain, UnsupportedFormatError, "without Keras weights")
+
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes((FIXTURES / "keras3_trained.h5").read_bytes()[:20000])
+    refused(cut, CorruptCheckpointError, "damaged or cut off")
+
+
+# --- every command and tab ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ("keras3_trained.h5", "keras3_trained.keras"))
+def test_every_cli_command_and_explorer_tab(name: str, tmp_path: Path) -> None:
+    path = tmp_path / name
+    shutil.copy(FIXTURES / name, path)
+    info = check_every_command(path)
+    assert info["details"]["optimizer"].startswith("Adam")
+    assert {s["kind"] for s in info["sections"]} >= {"state_dict", "optimizer", "hyper_parameters"}
+    check_every_tab(path)
+    assert os.path.getsize(path) == os.path.getsize(FIXTURES / name)
