@@ -326,3 +326,82 @@ def test_compare_to_prefills_and_runs_when_the_tab_opens(demo: dict[str, Path]) 
     opened(app, "Compare")
     assert "model.conv1.weight" in panel.key_report.value
     assert "section" in panel.fixes.value and "strict=True" in panel.fixes.value  # take ['state_dict'], strip 'model.'
+
+
+def test_optimizer_state_is_named_by_its_parameter_and_kept_out_of_model_views(demo: dict[str, Path]) -> None:
+    app = explore(demo["training.pt"])
+    tensors = opened(app, "Tensors")
+    tensors.name_filter.value = "^fc.weight ›"
+    labels = [label.replace("\u00a0", " ").split("  ")[0] for label, _ in tensors.rows.options]
+    assert labels == ["fc.weight › step", "fc.weight › exp_avg", "fc.weight › exp_avg_sq"]
+    assert tensors.rows.options[1][1].startswith("optimizer_state_dict.state.") and tensors.rows.options[1][1].endswith(".exp_avg")
+    # the module tree's shares are of the model (optimizer moments are twice its size beside it)
+    tree = ckptview.module_tree(ckptview.open(demo["training.pt"]))
+    top = {node.name: node for node in tree.root.children}
+    model, optimizer = top["model_state_dict"], top["optimizer_state_dict"]
+    assert (model.share, model.share_of) == (1.0, "model") and optimizer.share_of == "file"
+    layer1 = {node.name: node for node in model.children}["layer1"]
+    assert layer1.share == pytest.approx(layer1.parameter_count / model.parameter_count)
+    assert "of model" in opened(app, "Module tree").tree_html.value
+    # the statistics plot draws the model by default; the optimizer's moments only when asked
+    stats = opened(app, "Statistics")
+    drawn = {name for trace in stats.figure.data for name in trace.text}
+    assert "model_state_dict.fc.weight" in drawn and not any("›" in name for name in drawn)
+    assert {trace.name for trace in stats.figure.data} >= {"std", "abs-max", "abs-max (buffers)"}
+    stats.training_too.value = True
+    drawn = {name for trace in stats.figure.data for name in trace.text}
+    assert "fc.weight › exp_avg_sq" in drawn
+    assert stats.figure.figure.layout.yaxis.title.text and stats.figure.figure.layout.xaxis.title.text
+
+
+def test_statistics_findings_are_grouped_by_check(poisoned: Path, tmp_path: Path) -> None:
+    state = torch.load(poisoned, weights_only=True)
+    for i in range(13):
+        state[f"blocks.{i}.layer0.weight"] = torch.zeros(8, 8)
+    path = tmp_path / "zeros.pt"
+    torch.save(state, path)
+    panel = opened(explore(path), "Statistics")
+    html = panel.outliers.value
+    # one row: the meaning once, the first 12 tensors named (each with its own message on hover)
+    assert html.count("<td class='sev-warning'>all_zero</td>") == 1 and "<td class='num'>13</td>" in html
+    assert html.count("every value is 0") == 12 + 1 and "and 1 more" in html
+
+
+def test_compare_shows_only_the_latest_result(demo: dict[str, Path]) -> None:
+    panel = opened(explore(demo["cnn.pt"]), "Compare")
+    panel.other_path.value = str(demo["cnn_dataparallel.pt"])
+    panel.compare.click()
+    panel.wait()
+    panel.values_button.click()
+    panel.wait()
+    assert panel.fixes.value and panel.code.value and panel.values.data
+    panel.other_path.value = str(demo["broken.pt"])
+    panel.compare.click()
+    panel.wait()
+    assert "ckptview: error" in panel.banner.value
+    assert not (panel.key_report.value or panel.fixes.value or panel.code.value or panel.values.data or panel.counters.value)
+    assert panel.code.layout.display == "none" and panel.values_button.layout.display == "none"
+    panel.other_path.value = str(demo["cnn.safetensors"])
+    panel.compare.click()
+    panel.wait()
+    assert "Keys and shapes match" in panel.key_report.value and not panel.fixes.value and not panel.banner.value
+
+
+def test_value_diff_reports_integer_buffers_as_counters(demo: dict[str, Path], tmp_path: Path) -> None:
+    state = torch.load(demo["cnn.pt"], weights_only=True)
+    before = int(state["bn1.num_batches_tracked"])
+    later = {k: (v + 2 if k.endswith("num_batches_tracked") else v) for k, v in state.items()}
+    later["fc.weight"] = later["fc.weight"] * 1.01
+    path = tmp_path / "later.pt"
+    torch.save(later, path)
+    panel = opened(explore(demo["cnn.pt"]), "Compare")
+    panel.other_path.value = str(path)
+    panel.compare.click()
+    panel.wait()
+    panel.values_button.click()
+    panel.wait()
+    assert f"<td><code>bn1.num_batches_tracked</code></td><td class='num'>{before}</td><td class='num'>{before + 2}</td>" \
+        in panel.counters.value
+    heatmap = panel.values.data[0]
+    rows = dict(zip(heatmap.y, heatmap.z))
+    assert max(rows["fc"]) == 1.0 and max(rows["bn1"]) == 0.0  # BatchNorm rows stay white: only counters moved

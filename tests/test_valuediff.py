@@ -201,9 +201,10 @@ def test_module_and_block_aggregates_equal_the_concatenated_reference(epochs) ->
     blocks = {g.name: g for g in values.by_block()}
     assert list(blocks) == ["conv1", "bn1", "layer1.0", "layer1.1", "fc"]
     modules = {g.name: g for g in values.by_module()}
-    assert "layer1.0.1" in modules and modules["layer1.0.1"].tensors == 5
-    for name, group in [("layer1.1", blocks["layer1.1"]), ("fc", modules["fc"])]:
-        keys = [k for k in first if k.startswith(name + ".")]
+    # weight, bias, running_mean, running_var; num_batches_tracked is a counter, not drift
+    assert "layer1.0.1" in modules and modules["layer1.0.1"].tensors == 4
+    for name, group in [("layer1.1", blocks["layer1.1"]), ("layer1.0.1", modules["layer1.0.1"]), ("fc", modules["fc"])]:
+        keys = [k for k in first if k.startswith(name + ".") and first[k].is_floating_point()]
         a = torch.cat([first[k].double().flatten() for k in keys])
         b = torch.cat([second[k].double().flatten() for k in keys])
         expected = reference(a, b)
@@ -236,3 +237,21 @@ def test_in_memory_state_dicts_and_to_frame(epochs) -> None:
     assert {"max_abs_diff", "rel_change", "cosine", "fraction_changed", "nan_left", "nan_right"} <= set(frame.columns)
     assert all(math.isfinite(x) for x in frame["rel_change"])
     assert ckptview.diff(first, second).values is None
+
+
+def test_integer_buffers_are_counters_compared_exactly_and_kept_out_of_module_drift(epochs) -> None:
+    path_a, path_b, first, second = epochs
+    values = ckptview.diff(path_a, path_b, values=True).values
+    counters = {t.key: t for t in values.counters()}
+    tracked = [k for k in first if k.endswith("num_batches_tracked")]
+    assert sorted(counters) == sorted(tracked)
+    for key in tracked:
+        moved = int(second[key]) - int(first[key])
+        assert moved == 3 and counters[key].max_abs_diff == moved and counters[key].changed
+    # the BatchNorm module's change is its float tensors' alone: 2 -> 5 batches would otherwise
+    # dominate its relative change (|3| against running statistics that moved by a few hundredths)
+    bn = {g.name: g for g in values.by_module()}["bn1"]
+    keys = [k for k in first if k.startswith("bn1.") and first[k].is_floating_point()]
+    expected = reference(torch.cat([first[k].double().flatten() for k in keys]),
+                         torch.cat([second[k].double().flatten() for k in keys]))
+    assert bn.rel_change == pytest.approx(expected["rel_change"], rel=1e-4) and bn.rel_change < 0.5

@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ckptview.analyzers.sections import model_section
 from ckptview.analyzers.table import TensorTable, tensor_table
-from ckptview.readers.model import Checkpoint, gc_paused
+from ckptview.readers.model import Checkpoint, dotted_name, gc_paused
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,12 +29,15 @@ class TreeNode:
     path: str                       # dotted path from the root; the first block's path for a run
     parameter_count: int            # elements beneath, each stored view counted once
     nbytes: int
-    share: float                    # parameter_count / the whole tree's parameter_count
+    share: float                    # parameter_count / the model's (`share_of` "model") or the file's ("file")
     tensor_count: int
     layer_kinds: tuple[str, ...]    # inferred layer kinds beneath, most elements first
     children: tuple[TreeNode, ...] = ()
     repeat: int = 1                 # how many identical blocks this node stands for
     tensors: tuple[str, ...] = field(default=(), repr=False)  # leaves held directly by this module
+    # "model" inside the model section (and at the file's root when it is one): shares of the model's
+    # elements, so optimizer moments beside it do not halve every layer's share; "file" elsewhere.
+    share_of: str = "model"
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,8 @@ def module_tree(ckpt: Checkpoint, *, fold_repeats: bool = True) -> ModuleTree:
 
     `layer1.0.conv1.weight` becomes `layer1` → `0` → `conv1` holding `weight`. Each node has the
     elements and bytes beneath it (tied tensors counted once, under their first name), its share
-    of the total, and the layer kinds beneath. With `fold_repeats`, consecutive numbered children
+    (of the model section's elements for nodes in it, of the file's for optimizer state and the
+    rest: `share_of`), and the layer kinds beneath. With `fold_repeats`, consecutive numbered children
     whose tensors have the same relative names, shapes and dtypes become one node with `repeat`
     set to their number (`layers.0…31` ×32).
 
@@ -90,7 +95,11 @@ def module_tree(ckpt: Checkpoint, *, fold_repeats: bool = True) -> ModuleTree:
         >>> [(n.name, n.repeat) for n in tree.root.children[0].children[1].children]
         [('0…31', 32)]
     """
-    return ckpt.cached(f"module_tree:{fold_repeats}", lambda: build_tree(tensor_table(ckpt), fold_repeats))
+    def build() -> ModuleTree:
+        section = model_section(ckpt)
+        return build_tree(tensor_table(ckpt), fold_repeats, model=None if section is None else dotted_name(section.path))
+
+    return ckpt.cached(f"module_tree:{fold_repeats}", build)
 
 
 class _Builder:
@@ -110,8 +119,12 @@ MAX_TREE_DEPTH = 64  # module levels shown; deeper parts of a name stay in its l
 
 
 @gc_paused()  # tens of thousands of nodes, none of them garbage: collections would only slow the build
-def build_tree(table: TensorTable, fold_repeats: bool = True) -> ModuleTree:
-    """The module tree of a tensor table (what `module_tree` returns; exposed for tables built elsewhere)."""
+def build_tree(table: TensorTable, fold_repeats: bool = True, *, model: str | None = None) -> ModuleTree:
+    """
+    The module tree of a tensor table (what `module_tree` returns; exposed for tables built elsewhere).
+    `model` is the dotted path of the model section ("" for a bare state dict, None when unknown):
+    shares beneath it are of its elements.
+    """
     root = _Builder()
     for row in table.rows:
         *modules, leaf = row.name.split(".")
@@ -134,7 +147,17 @@ def build_tree(table: TensorTable, fold_repeats: bool = True) -> ModuleTree:
             if row.layer_kind:
                 node.kinds[row.layer_kind] = node.kinds.get(row.layer_kind, 0) + row.numel
     _total(root)
-    total = root.numel or 1
+    model_node: _Builder | None = root
+    for part in model.split(".") if model else ():
+        model_node = model_node.children.get(part) if model_node is not None else None
+    model_total = (model_node.numel if model_node is not None else root.numel) or 1
+    file_total = root.numel or 1
+
+    def in_model(path: str) -> bool:
+        return not model or path == model or path.startswith(model + ".")
+
+    def share(numel: int, path: str) -> tuple[float, str]:
+        return (numel / model_total, "model") if in_model(path) else (numel / file_total, "file")
 
     def freeze(name: str, path: str, node: _Builder) -> TreeNode:
         kids = []
@@ -156,16 +179,18 @@ def build_tree(table: TensorTable, fold_repeats: bool = True) -> ModuleTree:
                 for m in members:
                     for kind, n in m.kinds.items():
                         kinds[kind] = kinds.get(kind, 0) + n
+                fraction, of = share(numel, child_path)
                 frozen = TreeNode(
                     name=f"{key}…{items[index + run - 1][0]}", path=child_path, parameter_count=numel,
-                    nbytes=sum(m.nbytes for m in members), share=numel / total,
+                    nbytes=sum(m.nbytes for m in members), share=fraction,
                     tensor_count=sum(m.count for m in members), layer_kinds=_ordered(kinds),
-                    children=frozen.children, repeat=run, tensors=frozen.tensors,
+                    children=frozen.children, repeat=run, tensors=frozen.tensors, share_of=of,
                 )
             kids.append(frozen)
             index += run
-        return TreeNode(name, path, node.numel, node.nbytes, node.numel / total, node.count, _ordered(node.kinds),
-                        tuple(kids), 1, tuple(leaf for leaf, _, _ in node.leaves))
+        fraction, of = share(node.numel, path)
+        return TreeNode(name, path, node.numel, node.nbytes, fraction, node.count, _ordered(node.kinds),
+                        tuple(kids), 1, tuple(leaf for leaf, _, _ in node.leaves), of)
 
     return ModuleTree(freeze("", "", root))
 

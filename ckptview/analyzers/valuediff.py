@@ -25,8 +25,10 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from ckptview.analyzers.crossformat import CrossFormatMatch, match_tensors
 from ckptview.analyzers.keydiff import KeyDiff, key_diff, state_dict_of
-from ckptview.readers.model import ScratchBuffers, TensorEntry, gc_paused, repeated_view
+from ckptview.readers import open_checkpoint
+from ckptview.readers.model import Checkpoint, ScratchBuffers, TensorEntry, gc_paused, repeated_view
 
 __all__ = [
     "TensorChange", "GroupChange", "ValueDiff", "Diff", "value_diff", "diff",
@@ -83,6 +85,16 @@ class TensorChange:
         return self.fraction_changed > 0 or self.nan_left != self.nan_right
 
     @property
+    def is_counter(self) -> bool:
+        """
+        An integer tensor (`num_batches_tracked`, a step count): compared exactly (integers go through
+        float64, exact below 2**53) and reported as a count that moved, never as value drift, so a
+        BatchNorm's 3 → 5 batches does not dwarf its weights' change in the module totals.
+        """
+        return not (self.left_dtype.is_floating_point or self.left_dtype.is_complex
+                    or self.right_dtype.is_floating_point or self.right_dtype.is_complex)
+
+    @property
     def nan_appeared(self) -> bool:
         return self.nan_right > self.nan_left
 
@@ -126,8 +138,13 @@ class ValueDiff:
         """The tensors that differ at all (values or NaNs)."""
         return tuple(t for t in self.tensors if t.changed)
 
+    def counters(self) -> tuple[TensorChange, ...]:
+        """The integer tensors (`TensorChange.is_counter`), which `by_module` and `by_block` leave out."""
+        return tuple(t for t in self.tensors if t.is_counter)
+
     def by_module(self) -> tuple[GroupChange, ...]:
-        """Aggregated per module: the key without its last part (`layer1.0.conv.weight` -> `layer1.0.conv`)."""
+        """Aggregated per module: the key without its last part (`layer1.0.conv.weight` -> `layer1.0.conv`);
+        integer counters left out (`counters()`)."""
         return self._group(lambda key: key.rpartition(".")[0] or key)
 
     def by_block(self) -> tuple[GroupChange, ...]:
@@ -137,7 +154,8 @@ class ValueDiff:
     def _group(self, name_of: Callable[[str], str]) -> tuple[GroupChange, ...]:
         groups: dict[str, list[TensorChange]] = {}
         for change in self.tensors:
-            groups.setdefault(name_of(change.key), []).append(change)
+            if not change.is_counter:
+                groups.setdefault(name_of(change.key), []).append(change)
         return tuple(_aggregate(name, members) for name, members in groups.items())
 
     def to_frame(self) -> Any:
@@ -155,10 +173,15 @@ class ValueDiff:
 
 @dataclass(frozen=True)
 class Diff:
-    """`diff(a, b)`: the key diff, and the value diff when asked for."""
+    """
+    `diff(a, b)`: the key diff, and the value diff when asked for. `matching` pairs the tensors of
+    two files of different formats by name or content and explains the rest (values=True only;
+    see `ckptview.analyzers.crossformat`).
+    """
 
     keys: KeyDiff
     values: ValueDiff | None = None
+    matching: CrossFormatMatch | None = None
 
     def to_frame(self) -> Any:
         """The value diff's table when values were compared, else the key diff's."""
@@ -183,6 +206,8 @@ class Diff:
             data["compared"] = len(self.values.tensors)
             data["ignored"] = list(self.values.ignored)
             data["complete"] = self.values.complete
+        if self.matching is not None:
+            data.update(self.matching.to_dict())
         return data
 
 
@@ -198,7 +223,10 @@ def diff(a: Any, b: Any, *, values: bool = False, ignore: Sequence[str] = (), th
         a, b: each a checkpoint path, an open `Checkpoint`, a state dict (tensors or
             `TensorEntry`s) or an `nn.Module` (its weights). Of a checkpoint the model section is compared (a Lightning file's
             `state_dict`), so a `.ckpt` compares with the `.safetensors` exported from it.
-        values: also compare values, streaming both files (see `value_diff`).
+        values: also compare values, streaming both files (see `value_diff`). For two checkpoints of
+            different formats (a `.pt` and its ONNX export, `.safetensors` or `.npz` copy) also pair
+            every tensor by name or content and explain the rest (`Diff.matching`); put the
+            PyTorch file first, so BatchNorm folded by the export is recognised.
         ignore: glob patterns of keys to leave out of the value diff, e.g. `IGNORE_BN_STATS`.
         threads, progress, cancel: see `value_diff`.
         trust: passed to `ckptview.open` for paths.
@@ -215,11 +243,17 @@ def diff(a: Any, b: Any, *, values: bool = False, ignore: Sequence[str] = (), th
         (True, 0.0132)
     """
     with ExitStack() as stack:
+        a, b = (stack.enter_context(open_checkpoint(side, trust=trust)) if isinstance(side, (str, os.PathLike))
+                else side for side in (a, b))
         left, _ = stack.enter_context(state_dict_of(a, trust=trust))
         right, _ = stack.enter_context(state_dict_of(b, trust=trust))
         keys = key_diff(left, right)
         changes = value_diff(left, right, ignore=ignore, threads=threads, progress=progress, cancel=cancel) if values else None
-    return Diff(keys, changes)
+        matching = None
+        if values and isinstance(a, Checkpoint) and isinstance(b, Checkpoint) and a.format != b.format:
+            matching = match_tensors(left, right, right_layers=b.layers, right_is_graph=b.format == "onnx",
+                                     left_format=a.format, right_format=b.format)
+    return Diff(keys, changes, matching)
 
 
 def value_diff(a: Mapping[str, Any], b: Mapping[str, Any], *, ignore: Sequence[str] = (), threads: int | None = None,

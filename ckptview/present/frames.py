@@ -115,8 +115,8 @@ def _short(value: Any) -> str:
 
 def filter_frame(frame: pd.DataFrame, *, name_regex: str = "", column_values: Mapping[str, str] | None = None) -> pd.DataFrame:
     """
-    Rows whose `name` matches `name_regex` (searched, case-sensitive) and whose columns equal the
-    given values ("" or None = any).
+    Rows whose `name` (or `label`, when the frame has one: `fc.weight › exp_avg`) matches
+    `name_regex` (searched, case-sensitive) and whose columns equal the given values ("" or None = any).
 
     Raises:
         re.error: the regex does not compile (the caller shows the message).
@@ -125,6 +125,8 @@ def filter_frame(frame: pd.DataFrame, *, name_regex: str = "", column_values: Ma
     if name_regex:
         pattern = re.compile(name_regex)
         mask &= frame["name"].map(lambda n: pattern.search(n) is not None)
+        if "label" in frame:
+            mask |= frame["label"].map(lambda n: pattern.search(n) is not None)
     for column, wanted in (column_values or {}).items():
         if wanted:
             mask &= frame[column].astype(str) == wanted
@@ -143,3 +145,69 @@ def optimizer_groups_frame(optimizer: Any) -> pd.DataFrame:
     rows = [{"group": g.index, "lr": g.lr, "parameters": len(g.param_ids),
              **{k: _short(v) for k, v in g.options.items()}} for g in optimizer.groups]
     return pd.DataFrame(rows)
+
+
+# How sure an optimizer's id → name mapping is (training.OptimizerState.mapping): sure ones name
+# the state by its parameter, a guess says so with "?", the others keep the file's own name.
+_SURE_MAPPINGS = ("param_names", "order", "order+shape")
+
+
+def tensor_labels(ckpt: Checkpoint) -> dict[str, str]:
+    """
+    Names to show for tensors whose file name says little: optimizer state named by its parameter
+    (`optimizer_state_dict.state.3.exp_avg` → `fc.weight › exp_avg`), where the optimizer's ids map
+    to the model's parameters (`OptimizerState.mapping`). Tensors not listed show their own name.
+    """
+    from ckptview.analyzers.training import training_state
+    from ckptview.readers.model import dotted_name
+
+    def build() -> dict[str, str]:
+        labels: dict[str, str] = {}
+        for optimizer in training_state(ckpt).optimizers:
+            if optimizer.mapping not in (*_SURE_MAPPINGS, "guess"):
+                continue
+            mark = "" if optimizer.mapping in _SURE_MAPPINGS else "?"
+            keys = {str(k): k for k in children_keys(ckpt.get(optimizer.path + ("state",)))}
+            for param in optimizer.params:
+                key = keys.get(str(param.param_id))
+                if param.name is None or key is None:
+                    continue
+                for leaf in children_keys(ckpt.get(optimizer.path + ("state", key))):
+                    labels[dotted_name(optimizer.path + ("state", key, leaf))] = f"{param.name}{mark} › {leaf}"
+        return labels
+
+    return ckpt.cached("tensor_labels", build)
+
+
+def children_keys(node: Any) -> list[Any]:
+    children = children_of(node)
+    return [key for key, _ in children] if children is not None else []
+
+
+def stats_frame(ckpt: Checkpoint, result: Any) -> pd.DataFrame:
+    """
+    `StatsResult.to_frame()` with `label` (the name to show, `tensor_labels`) and `part`: "weights"
+    and "buffers" of the model section, "optimizer state", or "other" (another state dict, EMA
+    copies, ...), so a plot can keep the model apart from what trains it.
+    """
+    from ckptview.analyzers.sections import model_section
+    from ckptview.analyzers.table import tensor_table
+    from ckptview.readers.model import dotted_name
+
+    frame = result.to_frame()
+    labels = tensor_labels(ckpt)
+    rows = {row.name: row for row in tensor_table(ckpt).rows}
+    section = model_section(ckpt)
+    prefix = None if section is None else dotted_name(section.path)
+
+    def part(name: str) -> str:
+        row = rows.get(name)
+        if row is not None and row.section == "optimizer":
+            return "optimizer state"
+        if prefix and not name.startswith(prefix + "."):
+            return "other"
+        return "buffers" if row is not None and row.role == "buffer" else "weights"
+
+    frame["label"] = [labels.get(name, name) for name in frame["name"]]
+    frame["part"] = [part(name) for name in frame["name"]]
+    return frame

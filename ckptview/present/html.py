@@ -110,9 +110,10 @@ def _clip(value: Any) -> str:
 
 
 def tensors_html(frame: pd.DataFrame, *, max_rows: int) -> str:
-    """The tensor table (`TensorTable.to_frame()`), file order, at most `max_rows` rows."""
+    """The tensor table (`TensorTable.to_frame()`, with `label` shown for a name when it has one), file
+    order, at most `max_rows` rows."""
     shown = frame.head(max_rows)
-    rows = [(f"<td><code>{esc(r['name'])}</code></td>", f"<td>{esc(shape_text(r['shape']))}</td>",
+    rows = [(f"<td><code title='{esc(r['name'])}'>{esc(r.get('label', r['name']))}</code></td>", f"<td>{esc(shape_text(r['shape']))}</td>",
              f"<td>{esc(r['encoding'] or r['dtype'])}</td>", f"<td>{esc(r['layer_kind'])}</td>",
              f"<td>{esc(r['role'])}</td>", f"<td class='num'>{r['numel']:,}</td>",
              f"<td class='num'>{esc(human_bytes(r['nbytes']))}</td>") for r in shown.to_dict("records")]
@@ -137,7 +138,7 @@ def _node_html(node: TreeNode, depth: int, open_depth: int, budget: list[int]) -
     repeat = f" <b>×{node.repeat}</b>" if node.repeat > 1 else ""
     kinds = " · " + esc(", ".join(node.layer_kinds[:3])) if node.layer_kinds else ""
     meta = (f"<span class='meta'>{human_count(node.parameter_count)} · {human_bytes(node.nbytes)} · "
-            f"{node.share:.1%} · {node.tensor_count:,} tensors{kinds}</span>")
+            f"{node.share:.1%} of {node.share_of} · {node.tensor_count:,} tensors{kinds}</span>")
     label = f"<code>{esc(node.name)}</code>{repeat}{meta}"
     leaves = ", ".join(node.tensors)
     if not node.children:
@@ -154,7 +155,7 @@ def stats_summary_html(result: StatsResult, frame: pd.DataFrame) -> str:
             f"{len(flagged)} tensors; {nonfinite} tensors hold NaN or Inf.")
 
 
-def stats_findings_html(result: StatsResult, *, max_names: int = 12) -> str:
+def stats_findings_html(result: StatsResult, labels: Mapping[str, str] | None = None, *, max_names: int = 12) -> str:
     """
     The statistics findings grouped by check: one row per check with its meaning once and the
     tensors it found (a check that fires on 13 tensors is one row naming 13 tensors, not 13 rows).
@@ -166,19 +167,22 @@ def stats_findings_html(result: StatsResult, *, max_names: int = 12) -> str:
         return "<p>No outliers: no NaN/Inf, no all-zero or collapsed tensors.</p>"
     rows = []
     for check, members in groups.items():
-        names = ", ".join(f"<code title='{esc(o.message)}'>{esc(o.name)}</code>" for o in members[:max_names])
+        names = ", ".join(f"<code title='{esc(o.message)}'>{esc((labels or {}).get(o.name, o.name))}</code>"
+                          for o in members[:max_names])
         more = f" and {len(members) - max_names:,} more" if len(members) > max_names else ""
-        meaning = members[0].message if len(members) == 1 else _shared_meaning(members)
+        meaning = _shared_meaning(members)
         rows.append((f"<td class='sev-warning'>{esc(check)}</td>", f"<td class='num'>{len(members):,}</td>",
                      f"<td>{names}{more}</td>", f"<td>{esc(meaning)}</td>"))
     return table_html(["finding", "tensors", "which", "what it means"], rows)
 
 
 def _shared_meaning(members: Sequence[Any]) -> str:
-    """The part of the findings' messages after the tensor's own figures (the explanation they share), or the first."""
-    first = members[0].message
-    tails = {m.message.split(": ", 1)[-1] for m in members}
-    return tails.pop() if len(tails) == 1 else first
+    """The message they all give; else the explanation after the tensors' own figures when they share it; else the first."""
+    messages = {m.message for m in members}
+    if len(messages) == 1:
+        return messages.pop()
+    tails = {m.split(": ", 1)[-1] for m in messages}
+    return tails.pop() if len(tails) == 1 else members[0].message
 
 
 def batchnorm_findings_html(report: BatchNormReport, *, max_modules: int = 12) -> str:
@@ -247,6 +251,16 @@ def key_diff_html(diff: KeyDiff, left: str, right: str) -> str:
             "mismatches.</p>"
             f"<pre style='white-space:pre-wrap;font-size:12px;background:#fdecea;color:#5f2120;padding:6px'>"
             f"{esc(diff.message())}</pre>")
+
+
+def counters_html(counters: Sequence[tuple[str, str, str]]) -> str:
+    """Integer buffers that moved between two checkpoints, as counts (compared exactly), apart from value drift."""
+    if not counters:
+        return ""
+    rows = [(f"<td><code>{esc(key)}</code></td>", f"<td class='num'>{esc(left)}</td>",
+             f"<td class='num'>{esc(right)}</td>") for key, left, right in counters]
+    return ("<p>Integer counters that moved (compared exactly; a count such as BatchNorm's num_batches_tracked, "
+            "not value drift):</p>" + table_html(["counter", "this checkpoint", "the other"], rows))
 
 
 def fixes_html(diagnosis: Diagnosis, goal: str) -> str:

@@ -24,9 +24,9 @@ from ckptview.analyzers.training import training_state
 from ckptview.analyzers.tree import module_tree
 from ckptview.errors import CkptviewError
 from ckptview.present import figures
-from ckptview.present.frames import sections_frame, summary
+from ckptview.present.frames import sections_frame, stats_frame, summary, tensor_labels
 from ckptview.present.html import (
-    STYLE, banner_html, batchnorm_findings_html, esc, fixes_html, header_html, key_diff_html, metadata_html,
+    STYLE, banner_html, batchnorm_findings_html, counters_html, esc, fixes_html, header_html, key_diff_html, metadata_html,
     sections_html, stats_findings_html, stats_summary_html, table_html, tensors_html, training_html, tree_html,
 )
 from ckptview.present.views import batchnorm_view, compare_keys, compare_values, model_treemap, module_changes_frame
@@ -139,14 +139,16 @@ def _overview(ckpt: Checkpoint) -> str:
 
 def _tensors(ckpt: Checkpoint) -> str:
     frame = tensor_table(ckpt).to_frame()
+    labels = tensor_labels(ckpt)
+    frame["label"] = [labels.get(name, name) for name in frame["name"]]
     return f"<div class='ckptview-scroll'>{tensors_html(frame, max_rows=MAX_TENSOR_ROWS)}</div>"
 
 
 def _statistics(ckpt: Checkpoint) -> str:
     result = stats(ckpt, progress=False)
-    frame = result.to_frame()
+    frame = stats_frame(ckpt, result)
     plot = figure_html(figures.stats_by_depth(frame, {o.name for o in result.outliers})) if len(frame) else ""
-    return f"<p>{stats_summary_html(result, frame)}</p>{plot}{stats_findings_html(result)}"
+    return f"<p>{stats_summary_html(result, frame)}</p>{plot}{stats_findings_html(result, tensor_labels(ckpt))}"
 
 
 def _batchnorm(ckpt: Checkpoint) -> str:
@@ -159,19 +161,22 @@ def _compare(ckpt: Checkpoint, other: Checkpoint) -> str:
     parts = [key_diff_html(keys, "the other checkpoint", "this one")]
     if diagnosis is not None:
         parts.append(fixes_html(diagnosis, "To load the other checkpoint where this one's keys are expected"))
-    changes = compare_values(ckpt, other, diagnosis)
+    comparison = compare_values(ckpt, other, diagnosis)
+    changes = comparison.values
     frame = module_changes_frame(changes)
     if frame.empty:
         parts.append(banner_html("info", "no tensors with the same name and shape on both sides: no values compared"))
         return "".join(parts)
     parts.append(f"<p>{len(changes.tensors):,} tensors compared, {len(changes.changed()):,} differ.</p>")
     parts.append(figure_html(figures.value_diff_by_module(frame)))
-    changed = sorted(changes.changed(), key=lambda t: -t.rel_change)[:MAX_CHANGED_ROWS]
+    parts.append(counters_html(comparison.counters))
+    drifted = [t for t in changes.changed() if not t.is_counter]
     rows = [(f"<td><code>{esc(t.key)}</code></td>", f"<td class='num'>{t.rel_change:.3g}</td>",
              f"<td class='num'>{t.max_abs_diff:.3g}</td>", f"<td class='num'>{t.cosine:.6f}</td>",
-             f"<td class='num'>{t.fraction_changed:.1%}</td>") for t in changed]
+             f"<td class='num'>{t.fraction_changed:.1%}</td>")
+            for t in sorted(drifted, key=lambda t: -t.rel_change)[:MAX_CHANGED_ROWS]]
     if rows:
-        parts.append(f"<h4>Tensors that changed most (of {len(changes.changed()):,})</h4>"
+        parts.append(f"<h4>Tensors that changed most (of {len(drifted):,})</h4>"
                      + table_html(["tensor", "relative change", "max abs diff", "cosine", "elements changed"], rows))
     return "".join(parts)
 

@@ -6,6 +6,7 @@ on a worker thread and the report runs them in line, so both show the same figur
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -67,13 +68,36 @@ def compare_keys(ckpt: Checkpoint, other: Checkpoint) -> tuple[KeyDiff, Diagnosi
     return keys, diagnosis
 
 
+@dataclass(frozen=True)
+class ValueComparison:
+    """A value diff with the integer counters that moved (`num_batches_tracked`: 3 → 5), read exactly."""
+
+    values: ValueDiff
+    counters: tuple[tuple[str, str, str], ...]  # (key, this side, the other side); elements changed for non-scalars
+
+
 def compare_values(ckpt: Checkpoint, other: Checkpoint, diagnosis: Diagnosis | None, *,
-                   progress: Callable[[int, int], None] | bool = False, cancel: Any = None) -> ValueDiff:
+                   progress: Callable[[int, int], None] | bool = False, cancel: Any = None) -> ValueComparison:
     """The value diff of the two model sections; after the doctor's key fix when it makes them line up."""
+    mine = model_state_dict(ckpt)
     theirs: Mapping[str, Any] = model_state_dict(other)
     if diagnosis is not None and diagnosis.loads_after_fix:
         theirs = diagnosis.fixed_state_dict()
-    return value_diff(model_state_dict(ckpt), theirs, progress=progress, cancel=cancel)
+    changes = value_diff(mine, theirs, progress=progress, cancel=cancel)
+    counters = []
+    for change in changes.counters():
+        if not change.changed:
+            continue
+        if change.numel == 1:
+            counters.append((change.key, str(_scalar(mine[change.key])), str(_scalar(theirs[change.key]))))
+        else:
+            counters.append((change.key, "", f"{change.fraction_changed:.1%} of {change.numel:,} elements differ"))
+    return ValueComparison(changes, tuple(counters))
+
+
+def _scalar(value: Any) -> int:
+    tensor = value.load() if isinstance(value, TensorEntry) else value
+    return int(tensor.reshape(-1)[0].item())
 
 
 def module_changes_frame(changes: ValueDiff) -> pd.DataFrame:

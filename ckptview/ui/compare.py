@@ -16,9 +16,9 @@ from ckptview.analyzers.keydiff import KeyDiff
 from ckptview.analyzers.sections import model_section, model_state_dict
 from ckptview.analyzers.valuediff import ValueDiff
 from ckptview.present import figures
-from ckptview.present.html import fixes_html, key_diff_html
+from ckptview.present.html import counters_html, fixes_html, key_diff_html
 from ckptview.present.text import human_bytes
-from ckptview.present.views import compare_keys, compare_values, module_changes_frame
+from ckptview.present.views import ValueComparison, compare_keys, compare_values, module_changes_frame
 from ckptview.readers.model import Checkpoint
 from ckptview.ui.base import ExplorerState, FigureBox, Panel
 
@@ -63,6 +63,7 @@ class ComparePanel(Panel):
                                             layout=widgets.Layout(display="none", width="190px"))
         self.cancel_button = widgets.Button(description="Cancel", icon="stop", layout=widgets.Layout(display="none"))
         self.values = FigureBox()
+        self.counters = widgets.HTML()
         self.diagnosis: Diagnosis | None = None
         self.key_diff: KeyDiff | None = None
         self.value_diff: ValueDiff | None = None
@@ -73,7 +74,7 @@ class ComparePanel(Panel):
         self.cancel_button.on_click(self._on_cancel_button_click)
         rows = [widgets.HBox([self.other_path, self.siblings]), widgets.HBox([self.model_factory, self.compare])]
         super().__init__(state, [*rows, self.key_report, self.fixes, self.code,
-                                 widgets.HBox([self.values_button, self.cancel_button]), self.values])
+                                 widgets.HBox([self.values_button, self.cancel_button]), self.values, self.counters])
 
     def _on_open(self) -> None:
         # Compares at once when explore(compare_to=/model=) prefilled the boxes, else says what to give.
@@ -96,6 +97,7 @@ class ComparePanel(Panel):
         self.cancel_button.layout.display = ""
         self.value_diff = None
         self.values.clear()
+        self.counters.value = ""
         self.run(self._values, self._show_values, label="comparing values…")
 
     def _on_cancel_button_click(self, button: widgets.Button) -> None:
@@ -120,6 +122,7 @@ class ComparePanel(Panel):
         self.code.layout.display = "none"
         self.values_button.layout.display = "none"
         self.values.clear()
+        self.counters.value = ""
 
     def _doctor(self, model: Any) -> Diagnosis:
         ckpt = self.state.checkpoint
@@ -134,7 +137,7 @@ class ComparePanel(Panel):
         self._other = second
         return compare_keys(ckpt, second)
 
-    def _values(self) -> ValueDiff:
+    def _values(self) -> ValueComparison:
         if self._other is None:
             raise RuntimeError("compare with a second checkpoint first")
 
@@ -156,9 +159,10 @@ class ComparePanel(Panel):
         if diagnosis is not None:
             self._show_fixes(diagnosis, "To load the other checkpoint where this one's keys are expected")
 
-    def _show_values(self, changes: ValueDiff) -> None:
-        self.value_diff = changes
+    def _show_values(self, comparison: ValueComparison) -> None:
+        changes = self.value_diff = comparison.values
         frame = module_changes_frame(changes)
+        self.counters.value = counters_html(comparison.counters)
         if frame.empty:
             self.show_info("no tensors with the same name and shape on both sides: nothing to compare")
             return

@@ -11,6 +11,7 @@ from ckptview.analyzers.stats import StatsResult, stats
 from ckptview.present import figures
 from ckptview.present.text import human_bytes
 from ckptview.readers.model import TensorEntry
+from ckptview.present.frames import stats_frame, tensor_labels
 from ckptview.present.html import stats_findings_html, stats_summary_html
 from ckptview.ui.base import Cancelled, ExplorerState, FigureBox, Panel, banner_html
 
@@ -32,6 +33,8 @@ class StatisticsPanel(Panel):
         self.compute = widgets.Button(description="Compute statistics", button_style="primary", icon="play",
                                       layout=widgets.Layout(width="190px"))
         self.cancel_button = widgets.Button(description="Cancel", icon="stop", disabled=True)
+        self.training_too = widgets.Checkbox(value=False, description="plot optimizer state and other tensors too",
+                                             indent=False, layout=widgets.Layout(width="auto"))
         self.summary = widgets.HTML()
         self.figure = FigureBox()
         self.outliers = widgets.HTML()
@@ -39,7 +42,10 @@ class StatisticsPanel(Panel):
         self.compute.on_click(self._on_compute_click)
         self.cancel_button.on_click(self._on_cancel_click)
         self.name_filter.observe(self._on_name_filter_value, names="value")
-        controls = widgets.HBox([self.name_filter, self.compute, self.cancel_button])
+        self.training_too.observe(self._on_training_too_value, names="value")
+        self.frame: Any = None
+        controls = widgets.HBox([self.name_filter, self.compute, self.cancel_button, self.training_too],
+                                layout=widgets.Layout(flex_flow="row wrap"))
         super().__init__(state, [controls, self.summary, self.figure, self.outliers])
 
     def _on_compute_click(self, button: widgets.Button) -> None:
@@ -47,6 +53,9 @@ class StatisticsPanel(Panel):
 
     def _on_name_filter_value(self, change: dict[str, Any]) -> None:
         self._refresh()
+
+    def _on_training_too_value(self, change: dict[str, Any]) -> None:
+        self._plot()
 
     def _on_cancel_click(self, button: widgets.Button) -> None:
         self.cancel()
@@ -88,10 +97,18 @@ class StatisticsPanel(Panel):
 
     def _show(self, result: StatsResult) -> None:
         self.result = result
-        frame = result.to_frame()
-        self.summary.value = stats_summary_html(result, frame)
-        self.figure.show(figures.stats_by_depth(frame, {o.name for o in result.outliers}))
-        self.outliers.value = stats_findings_html(result)
+        self.frame = stats_frame(self.state.checkpoint, result)
+        self.summary.value = stats_summary_html(result, self.frame)
+        self._plot()
+        self.outliers.value = stats_findings_html(result, tensor_labels(self.state.checkpoint))
+
+    def _plot(self) -> None:
+        # The model's weights and buffers by default: optimizer moments are orders of magnitude apart
+        # from the weights and would fill the plot with a sawtooth between them.
+        if self.result is None:
+            return
+        parts = ("weights", "buffers") + (("optimizer state", "other") if self.training_too.value else ())
+        self.figure.show(figures.stats_by_depth(self.frame, {o.name for o in self.result.outliers}, parts=parts))
 
 
 def _batches(entries: list[TensorEntry], target: int) -> list[list[TensorEntry]]:

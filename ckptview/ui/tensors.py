@@ -11,7 +11,7 @@ import pandas as pd
 from ckptview.analyzers.stats import stats
 from ckptview.analyzers.table import tensor_table
 from ckptview.present import figures
-from ckptview.present.frames import filter_frame, page
+from ckptview.present.frames import filter_frame, page, tensor_labels
 from ckptview.present.text import human_bytes, shape_text
 from ckptview.ui.base import ExplorerState, FigureBox, Panel, banner_html, esc
 
@@ -58,8 +58,11 @@ class TensorsPanel(Panel):
         super().__init__(state, [controls, paging, self.header_line, self.rows, self.detail, plots])
 
     def _compute(self) -> pd.DataFrame:
-        frame = tensor_table(self.state.checkpoint).to_frame()
+        ckpt = self.state.checkpoint
+        frame = tensor_table(ckpt).to_frame()
         frame.insert(0, "order", range(len(frame)))
+        labels = tensor_labels(ckpt)
+        frame["label"] = [labels.get(name, name) for name in frame["name"]]
         return frame
 
     def _show(self, frame: pd.DataFrame) -> None:
@@ -111,7 +114,7 @@ class TensorsPanel(Panel):
                                   f"{esc(_line('name', 'shape', 'dtype', 'layer kind', 'role', 'size'))}</div>")
         self.rows.index = None  # else the Select picks the first row, which would load that tensor
         self.rows.rows = max(3, min(len(shown), 20))
-        self.rows.options = [(_line(r["name"], shape_text(r["shape"]), r["encoding"] or r["dtype"], r["layer_kind"], r["role"],
+        self.rows.options = [(_line(r["label"], shape_text(r["shape"]), r["encoding"] or r["dtype"], r["layer_kind"], r["role"],
                                     human_bytes(r["nbytes"])), r["name"]) for r in shown.to_dict("records")]
 
     def _tensor_detail(self, name: str) -> dict[str, Any]:
@@ -140,7 +143,8 @@ class TensorsPanel(Panel):
         cells = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts)
         half = (len(facts) + 1) // 2
         left, right = cells.split("</tr>")[:half], cells.split("</tr>")[half:]
-        self.detail.value = (f"<h4 style='margin:6px 0'>{esc(row['name'])}</h4><div style='display:flex;gap:24px'>"
+        title = row["name"] if row["label"] == row["name"] else f"{row['label']}  ({row['name']})"
+        self.detail.value = (f"<h4 style='margin:6px 0'>{esc(title)}</h4><div style='display:flex;gap:24px'>"
                              f"<table class='ckptview-table'>{'</tr>'.join(left)}</tr></table>"
                              f"<table class='ckptview-table'>{'</tr>'.join(right)}</table></div>")
         histogram = numbers.histogram
