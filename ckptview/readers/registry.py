@@ -142,6 +142,10 @@ def _is_keras_zip(probe: Probe) -> bool:
     return {"config.json", "model.weights.h5"} <= set(probe.zip_names)
 
 
+def _is_tflite(probe: Probe) -> bool:
+    return probe.head[4:8] == b"TFL3"  # the FlatBuffer file identifier TFLite's schema declares
+
+
 def _is_torchscript(probe: Probe) -> bool:
     # torch.save writes data.pkl first and jit.save its tensors first: only an archive not opening
     # with data.pkl costs reading the zip's directory for its constants.pkl and code/ files.
@@ -209,6 +213,13 @@ FORMATS: list[Format] = [
                 "training config in `details`; `Lambda` layers and custom objects named as code; external links, "
                 "external storage and virtual datasets refused"),
            )),
+    Format("tflite", "TFLite models (.tflite)", _is_tflite, "ckptview.readers.tflite_file:read_tflite", (
+        ("TFLite (`.tflite`)",
+         "FlatBuffer walked with the `tflite` bindings over a memory map, never TensorFlow: constant tensors read in "
+         "place (also buffers stored after the flatbuffer), int8/uint8/int16/int32 with per-tensor or per-channel "
+         "scale and zero point dequantized on load as TFLite does; subgraphs, inputs/outputs and op counts in "
+         "`details`, layers from the operators"),
+    )),
     Format("keras", "Keras 3 .keras archives", _is_keras_zip, "ckptview.readers.keras_file:read_keras_zip", (
         ("Keras 3 `.keras` archive",
          "`config.json` and `metadata.json` read, `model.weights.h5` read inside the archive without extracting it "
