@@ -71,7 +71,23 @@ def diff(args: argparse.Namespace) -> int:
         print(text_table(rows, ("key", "A", "B")))
     if result.values is not None:
         _print_values(result.values)
+    if result.matching is not None:
+        _print_matching(result.matching)
     return 0
+
+
+def _print_matching(matching: Any) -> None:
+    counts = ", ".join(f"{n} {how.replace('_', ' ')}" for how, n in matching.counts().items())
+    print(f"\nacross formats ({matching.left_format} → {matching.right_format}): {counts or 'nothing paired'}")
+    rows = [(", ".join(m.left_keys) or "-", m.right or "-", m.how, "" if m.max_abs_diff is None else f"{m.max_abs_diff:.3g}",
+             m.detail) for m in matching.matches if m.how != "name" or m.max_abs_diff][:_TOP]
+    if rows:
+        print(text_table(rows, ("A", "B", "how", "max |a-b|", "detail"), align_right=(3,)))
+    for side, keys in (("A", matching.unexplained_left), ("B", matching.unexplained_right)):
+        if keys:
+            print(f"unexplained in {side}: {', '.join(keys[:_TOP])}{' …' if len(keys) > _TOP else ''}")
+    if matching.complete:
+        print("every tensor is paired or explained")
 
 
 def _print_values(values: Any) -> None:

@@ -1,0 +1,440 @@
+"""
+Did my export keep my weights? Tensors of two files of different formats (a `.pt` and its ONNX
+export, its `.safetensors` or `.npz` copy) are paired by name where the exporter kept names, else
+by content: the same values up to a transpose or a dtype cast. What has no counterpart is
+explained where it can be: BatchNorm folded into the preceding convolution (checked by computing
+`w·γ/√(var+ε)` and `β + (b − mean)·γ/√(var+ε)` against the exported kernel and bias), counters
+an export drops (`num_batches_tracked`), and constants only the graph has (shape tensors).
+
+Reading stays bounded: every tensor is streamed once in chunks for a fingerprint (element count,
+sum, sum of squares, min, max: unchanged by a transpose, within a cast's rounding after a cast);
+only pairs whose fingerprints agree are loaded, one pair at a time, and compared in full. A few
+sampled values would be cheaper but depend on the layout, so they cannot find a transposed copy
+without reading it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ckptview.readers.model import LayerRole, TensorEntry
+
+__all__ = ["HOW", "TensorMatch", "CrossFormatMatch", "match_tensors"]
+
+HOW = ("name", "content", "transposed", "cast", "folded", "dropped", "graph_constant")
+
+# BatchNorm's default eps in torch (1e-5) and Keras/TF (1e-3); a fold is recognised with either.
+_BN_EPS = (1e-5, 1e-3)
+_COUNTERS = ("num_batches_tracked",)
+_CHUNK_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorMatch:
+    """
+    What one tensor became in the other file.
+
+    Attributes:
+        left: the left key, or the left keys a folded tensor was computed from (None when only
+            the right side has it: a graph constant, a counter the right side added).
+        right: the right key (None when the left tensor was dropped).
+        how: "name" (same name, same values or the value diff says how they differ), "content"
+            (same values under another name), "transposed", "cast" (another dtype, values equal
+            after the cast), "folded" (BatchNorm folded into a convolution), "dropped" (a counter
+            the export leaves out), "graph_constant" (a tensor only the graph has, used by no layer).
+        max_abs_diff: max |left (transformed as `how` says) − right|; None where nothing is compared.
+        detail: the transform in words, e.g. "[64, 256] → [256, 64]" or "bn1 folded into conv1, eps 1e-05".
+    """
+
+    left: str | tuple[str, ...] | None
+    right: str | None
+    how: str
+    max_abs_diff: float | None = None
+    detail: str = ""
+
+    @property
+    def left_keys(self) -> tuple[str, ...]:
+        if self.left is None:
+            return ()
+        return (self.left,) if isinstance(self.left, str) else self.left
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"left": list(self.left) if isinstance(self.left, tuple) else self.left, "right": self.right,
+                "how": self.how, "max_abs_diff": self.max_abs_diff, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class CrossFormatMatch:
+    """
+    How the tensors of two files of different formats pair up.
+
+    Attributes:
+        matches: one `TensorMatch` per right tensor explained (and per left tensor dropped), left order first.
+        unexplained_left, unexplained_right: keys nothing explains.
+        left_format, right_format: the two formats.
+    """
+
+    matches: tuple[TensorMatch, ...]
+    unexplained_left: tuple[str, ...]
+    unexplained_right: tuple[str, ...]
+    left_format: str = ""
+    right_format: str = ""
+
+    @property
+    def complete(self) -> bool:
+        """True when every tensor on both sides is paired or explained."""
+        return not (self.unexplained_left or self.unexplained_right)
+
+    def counts(self) -> dict[str, int]:
+        """How many matches of each kind."""
+        found = {how: 0 for how in HOW}
+        for match in self.matches:
+            found[match.how] += 1
+        return {how: n for how, n in found.items() if n}
+
+    def became(self, left_key: str) -> tuple[TensorMatch, ...]:
+        """Every match a left key takes part in (a BatchNorm weight is in two folded matches)."""
+        return tuple(m for m in self.matches if left_key in m.left_keys)
+
+    def to_frame(self) -> Any:
+        """One row per match: left (keys joined by ", "), right, how, max_abs_diff, detail."""
+        import pandas as pd
+
+        return pd.DataFrame([{"left": ", ".join(m.left_keys), "right": m.right, "how": m.how,
+                              "max_abs_diff": m.max_abs_diff, "detail": m.detail} for m in self.matches],
+                            columns=["left", "right", "how", "max_abs_diff", "detail"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"matches": [m.to_dict() for m in self.matches], "unexplained_left": list(self.unexplained_left),
+                "unexplained_right": list(self.unexplained_right)}
+
+
+@dataclass(frozen=True)
+class _Print:
+    """A tensor's fingerprint: unchanged by a transpose, moved only by rounding under a cast."""
+
+    numel: int
+    total: float
+    squares: float
+    low: float
+    high: float
+
+
+def match_tensors(left: Mapping[str, Any], right: Mapping[str, Any], *,
+                  right_layers: Mapping[str, LayerRole] | None = None, right_is_graph: bool = False,
+                  left_format: str = "", right_format: str = "") -> CrossFormatMatch:
+    """
+    Pair the tensors of two state dicts of different formats, and explain the rest.
+
+    Args:
+        left, right: key → `TensorEntry` or `torch.Tensor` (the left side is usually the PyTorch file).
+        right_layers: which layer uses each right tensor (`Checkpoint.layers` of an ONNX file): a
+            tensor no layer uses and nothing matches is a graph constant.
+        right_is_graph: the right side is a graph (ONNX), whose unused unmatched tensors are constants.
+        left_format, right_format: recorded in the result.
+
+    Returns:
+        A `CrossFormatMatch`.
+
+    Example:
+        >>> with ckptview.open("cnn.pt") as pt, ckptview.open("cnn.onnx") as exported:
+        ...     m = match_tensors(model_state_dict(pt), model_state_dict(exported), right_layers=exported.layers,
+        ...                       right_is_graph=True)
+        >>> m.became("conv1.weight")[0].how, m.unexplained_left
+        ('folded', ())
+    """
+    matcher = _Matcher(left, right)
+    matcher.by_name_exact()
+    matcher.dropped_counters()
+    matcher.folded_batchnorm()
+    matcher.by_content()
+    matcher.by_name_changed()
+    if right_is_graph:
+        layers = right_layers or {}
+        for key in list(matcher.right_open):
+            if key not in layers:
+                matcher.add(TensorMatch(None, key, "graph_constant", detail="used by no layer of the graph"))
+                matcher.right_open.remove(key)
+    explained = {key for match in matcher.matches for key in match.left_keys}
+    order = {key: i for i, key in enumerate(left)}
+    matches = sorted(matcher.matches, key=lambda m: min((order.get(k, len(order)) for k in m.left_keys),
+                                                        default=len(order)))
+    return CrossFormatMatch(tuple(matches), tuple(k for k in left if k not in explained),
+                            tuple(k for k in right if k in matcher.right_open), left_format, right_format)
+
+
+class _Matcher:
+    def __init__(self, left: Mapping[str, Any], right: Mapping[str, Any]) -> None:
+        self.left = {k: v for k, v in left.items() if _readable(v)}
+        self.right = {k: v for k, v in right.items() if _readable(v)}
+        self.left_open = list(self.left)
+        self.right_open = list(self.right)
+        self.matches: list[TensorMatch] = []
+        self._prints: dict[tuple[str, str], _Print] = {}
+
+    def add(self, match: TensorMatch) -> None:
+        self.matches.append(match)
+
+    def take(self, left_keys: tuple[str, ...], right_key: str | None) -> None:
+        for key in left_keys:
+            if key in self.left_open:
+                self.left_open.remove(key)
+        if right_key is not None and right_key in self.right_open:
+            self.right_open.remove(right_key)
+
+    # -- the steps, in order ------------------------------------------------------------------------
+
+    def by_name_exact(self) -> None:
+        """Same name, and the same values (up to a cast or a transpose): the exporter kept the tensor."""
+        for key in list(self.left_open):
+            if key not in self.right_open:
+                continue
+            found = self._compare(key, key)
+            if found is not None:
+                self.add(found)
+                self.take((key,), key)
+
+    def dropped_counters(self) -> None:
+        """Training counters one side keeps and the other leaves out."""
+        for key in list(self.left_open):
+            if key.rpartition(".")[2] in _COUNTERS:
+                self.add(TensorMatch(key, None, "dropped", detail="a training counter; inference does not use it"))
+                self.take((key,), None)
+        for key in list(self.right_open):
+            if key.rpartition(".")[2] in _COUNTERS:
+                self.add(TensorMatch(None, key, "dropped", detail="a training counter the left side leaves out"))
+                self.right_open.remove(key)
+
+    def folded_batchnorm(self) -> None:
+        """A BatchNorm group whose statistics went into the preceding convolution's kernel and bias."""
+        keys = list(self.left)
+        for prefix, group in _batchnorm_groups(self.left).items():
+            if not any(k in self.left_open for k in group.values()):
+                continue
+            conv = _preceding_weight(keys, self.left, group["running_mean"], _numel(self.left[group["running_mean"]]))
+            if conv is None:
+                continue
+            self._try_fold(prefix, group, conv)
+
+    def by_content(self) -> None:
+        """Same values under another name, a transpose or a cast: found by fingerprint, confirmed in full."""
+        for key in list(self.left_open):
+            for other in self._candidates(key):
+                found = self._compare(key, other)
+                if found is not None:
+                    self.add(TensorMatch(key, other, "content" if found.how == "name" else found.how,
+                                         found.max_abs_diff, found.detail))
+                    self.take((key,), other)
+                    break
+
+    def by_name_changed(self) -> None:
+        """Same name and shape but other values, and nothing else explains either: paired, with the difference."""
+        for key in list(self.left_open):
+            if key in self.right_open and _shape(self.left[key]) == _shape(self.right[key]):
+                a, b = _load(self.left[key]), _load(self.right[key])
+                self.add(TensorMatch(key, key, "name", _max_abs(a.double(), b.double()), "values differ"))
+                self.take((key,), key)
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _compare(self, left_key: str, right_key: str) -> TensorMatch | None:
+        """A match when the right tensor holds the left one's values, as stored, transposed or cast."""
+        a_entry, b_entry = self.left[left_key], self.right[right_key]
+        a_shape, b_shape = _shape(a_entry), _shape(b_entry)
+        transposed = len(a_shape) == 2 and a_shape != b_shape and a_shape[::-1] == b_shape
+        if a_shape != b_shape and not transposed:
+            return None
+        if not _prints_agree(self._print("left", left_key), self._print("right", right_key),
+                             _dtype(a_entry), _dtype(b_entry)):
+            return None
+        a, b = _load(a_entry), _load(b_entry)
+        if transposed:
+            a = a.t()
+        cast = a.dtype != b.dtype
+        if cast:
+            if not (a.is_floating_point() or b.is_floating_point()):
+                same = torch.equal(a.to(torch.int64), b.to(torch.int64))
+            else:
+                narrow = a.dtype if _eps(a.dtype) > _eps(b.dtype) else b.dtype
+                same = torch.equal(a.to(narrow), b.to(narrow))
+        else:
+            same = torch.equal(a, b)
+        if not same:
+            return None
+        difference = _max_abs(a.double(), b.double())
+        names = f"{_dtype_text(a.dtype)} → {_dtype_text(b.dtype)}"
+        if transposed:
+            detail = f"[{', '.join(map(str, a_shape))}] → [{', '.join(map(str, b_shape))}]" + (f", {names}" if cast else "")
+            return TensorMatch(left_key, right_key, "transposed", difference, detail)
+        if cast:
+            return TensorMatch(left_key, right_key, "cast", difference, names)
+        return TensorMatch(left_key, right_key, "name", difference)
+
+    def _candidates(self, key: str) -> list[str]:
+        shape = _shape(self.left[key])
+        wanted = {shape, shape[::-1]} if len(shape) == 2 else {shape}
+        same_shape = [k for k in self.right_open if _shape(self.right[k]) in wanted]
+        # a tensor tied to another (embedding and head) may be stored once: fall back to used ones
+        return same_shape or [k for k in self.right if _shape(self.right[k]) in wanted and k not in self.right_open
+                              and any(m.right == k and m.how in ("content", "name", "transposed", "cast")
+                                      for m in self.matches)]
+
+    def _try_fold(self, prefix: str, group: dict[str, str], conv: str) -> None:
+        left = self.left
+        mean = _load(left[group["running_mean"]]).double()
+        var = _load(left[group["running_var"]]).double()
+        gamma = _load(left[group["weight"]]).double() if "weight" in group else torch.ones_like(mean)
+        beta = _load(left[group["bias"]]).double() if "bias" in group else torch.zeros_like(mean)
+        weight = _load(left[conv]).double()
+        conv_bias_key = conv.removesuffix("weight") + "bias" if conv.endswith("weight") else None
+        conv_bias = _load(left[conv_bias_key]).double() if conv_bias_key in left else torch.zeros_like(mean)
+        module = conv.rpartition(".")[0] or conv
+        for eps in _BN_EPS:
+            scale = gamma / torch.sqrt(var + eps)
+            kernel = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+            bias = beta + (conv_bias - mean) * scale
+            found_kernel = self._find_folded(kernel)
+            if found_kernel is None:
+                continue
+            detail = f"BatchNorm {prefix} folded into {module}, eps {eps:g}"
+            kernel_from = (conv, *(group[k] for k in ("weight", "running_var") if k in group))
+            self.add(TensorMatch(kernel_from, found_kernel[0], "folded", found_kernel[1], detail + ": w·γ/√(var+ε)"))
+            self.take(kernel_from, found_kernel[0])
+            found_bias = self._find_folded(bias)
+            if found_bias is not None:
+                bias_from = tuple(k for k in (group.get("bias"), group["running_mean"], group.get("weight"),
+                                              group["running_var"], conv_bias_key if conv_bias_key in left else None)
+                                  if k is not None)
+                self.add(TensorMatch(bias_from, found_bias[0], "folded", found_bias[1],
+                                     detail + ": β + (b − mean)·γ/√(var+ε)"))
+                self.take(bias_from, found_bias[0])
+            elif not float(bias.abs().max()):
+                # an all-zero folded bias (γ=1, β=0, mean 0): exporters leave the bias out
+                bias_from = tuple(k for k in (group.get("bias"), group["running_mean"]) if k is not None)
+                self.add(TensorMatch(bias_from, None, "folded", None, detail + "; the folded bias is zero and left out"))
+                self.take(bias_from, None)
+            return
+
+    def _find_folded(self, expected: torch.Tensor) -> tuple[str, float] | None:
+        shape = tuple(expected.shape)
+        scale = float(expected.abs().max()) if expected.numel() else 0.0
+        for key in self.right_open:
+            entry = self.right[key]
+            if _shape(entry) != shape or not _dtype(entry).is_floating_point:
+                continue
+            value = _load(entry).double()
+            difference = _max_abs(expected, value)
+            # the exporter folds in float32: allow its rounding, nothing more
+            if difference <= 1e-5 * scale + 1e-7:
+                return key, difference
+        return None
+
+    def _print(self, side: str, key: str) -> _Print:
+        cached = self._prints.get((side, key))
+        if cached is None:
+            value = (self.left if side == "left" else self.right)[key]
+            cached = self._prints[(side, key)] = _fingerprint(value)
+        return cached
+
+
+def _fingerprint(value: Any) -> _Print:
+    total = squares = 0.0
+    low, high = math.inf, -math.inf
+    count = 0
+    chunks = value.iter_chunks(_CHUNK_BYTES) if isinstance(value, TensorEntry) else [value.detach().reshape(-1)]
+    for chunk in chunks:
+        if chunk.is_quantized:
+            chunk = chunk.dequantize()
+        if not chunk.numel():
+            continue
+        values = chunk.reshape(-1).double()
+        finite = values[torch.isfinite(values)]
+        count += chunk.numel()
+        if finite.numel():
+            total += float(finite.sum())
+            squares += float((finite * finite).sum())
+            low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+    return _Print(count, total, squares, low, high)
+
+
+def _prints_agree(a: _Print, b: _Print, a_dtype: torch.dtype, b_dtype: torch.dtype) -> bool:
+    if a.numel != b.numel:
+        return False
+    # a cast rounds each value by at most half its dtype's epsilon; sums of the same values in
+    # another order (a transpose) differ by float64 rounding only
+    rel = 4 * max(_eps(a_dtype), _eps(b_dtype)) if a_dtype != b_dtype else 1e-9
+    norm = math.sqrt(max(a.squares, b.squares))
+    size = math.sqrt(a.numel) * norm + 1e-30
+    return (abs(a.squares - b.squares) <= 2 * rel * max(a.squares, b.squares) + 1e-30
+            and abs(a.total - b.total) <= rel * size
+            and all(abs(x - y) <= rel * max(abs(x), abs(y)) + 1e-30 or x == y for x, y in ((a.low, b.low), (a.high, b.high))))
+
+
+def _batchnorm_groups(state: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """prefix → {"running_mean": key, "running_var": key, "weight"?: key, "bias"?: key}."""
+    groups: dict[str, dict[str, str]] = {}
+    for key in state:
+        prefix, _, leaf = key.rpartition(".")
+        if not prefix or leaf != "running_mean" or f"{prefix}.running_var" not in state:
+            continue
+        group = {"running_mean": key, "running_var": f"{prefix}.running_var"}
+        for name in ("weight", "bias"):
+            if f"{prefix}.{name}" in state and _shape(state[f"{prefix}.{name}"]) == _shape(state[key]):
+                group[name] = f"{prefix}.{name}"
+        groups[prefix] = group
+    return groups
+
+
+def _preceding_weight(keys: list[str], state: Mapping[str, Any], anchor: str, channels: int) -> str | None:
+    """The nearest weight before `anchor` in state-dict order with `channels` outputs: the layer feeding the BatchNorm."""
+    for key in reversed(keys[:keys.index(anchor)]):
+        shape = _shape(state[key])
+        if key.endswith("weight") and len(shape) >= 2 and shape[0] == channels:
+            return key
+    return None
+
+
+def _readable(value: Any) -> bool:
+    if isinstance(value, TensorEntry):
+        return value.layout not in ("unsupported", "meta")
+    return isinstance(value, torch.Tensor)
+
+
+def _load(value: Any) -> torch.Tensor:
+    tensor = value.load() if isinstance(value, TensorEntry) else value.detach()
+    if tensor.is_quantized:
+        tensor = tensor.dequantize()
+    return tensor.cpu()
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(value.shape)
+
+
+def _numel(value: Any) -> int:
+    return math.prod(_shape(value))
+
+
+def _dtype(value: Any) -> torch.dtype:
+    return value.dtype
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+
+
+def _dtype_text(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    if not a.numel():
+        return 0.0
+    difference = (a - b).abs()
+    finite = difference[torch.isfinite(difference)]
+    return float(finite.max()) if finite.numel() else 0.0
