@@ -247,3 +247,27 @@ def test_cli_runs_an_onnx_file(cnn_onnx: Path, tmp_path: Path) -> None:
     assert data["model_source"] == "onnxruntime" and data["outputs"][0]["shape"] == [1, 10]
     wrong = _cli("run", str(cnn_onnx), "--input-shape", "1,4,16,16", cwd=tmp_path)
     assert wrong.returncode == 1 and "ONNX Runtime failed" in wrong.stderr and "\n" not in wrong.stderr.strip()
+
+
+# --- running TFLite files ------------------------------------------------------------------------
+
+TFLITE = TESTS / "fixtures" / "tf"
+
+
+def test_run_inference_on_tflite_files_names_the_runtime_and_dequantizes() -> None:
+    pytest.importorskip("ai_edge_litert")
+    results = {name: ckptview.run_inference(TFLITE / f"{name}.tflite", seed=2, repeats=1) for name in ("float", "int8")}
+    for name, result in results.items():
+        assert result.model_source == "litert" and result.notes[0].startswith("ran in the LiteRT interpreter")
+        assert result.input.shape == (1, 8, 8, 3) and result.outputs[0].shape == (1, 3) and result.finite
+    int8 = results["int8"]
+    assert any(note.startswith("input serving_default_image:0 quantized to int8") for note in int8.notes)
+    assert any("dequantized from int8" in note for note in int8.notes)
+    # the int8 model is the float one quantized: the same answer to a few output quantization steps
+    float_out = next(iter(results["float"].output.values()))
+    int8_out = next(iter(int8.output.values()))
+    reported = json.loads((TFLITE / "int8.tflite.json").read_text())
+    step = next(t["scales"][0] for t in reported["tensors"] if t["name"] == reported["outputs"][0]["name"])
+    assert int8_out.dtype == torch.float32 and float_out.shape == int8_out.shape
+    assert float((float_out - int8_out).abs().max()) <= 4 * step
+    assert int8.top_k[0].classes[0] == results["float"].top_k[0].classes[0]

@@ -261,7 +261,8 @@ def run_inference(
 
     Args:
         source: an opened `Checkpoint`, a path (opened with `trust`), or a ready `nn.Module`. An ONNX
-            file runs in ONNX Runtime (inputs synthesised from its graph; see `onnx_runtime.run_onnx`).
+            file runs in ONNX Runtime, a TFLite file in the LiteRT interpreter (inputs synthesised
+            from the file's declared inputs; see `onnx_runtime.run_onnx`, `tflite_runtime.run_tflite`).
         model: how to get the model for a checkpoint (see `load_model`): None for the module the
             file holds (needs trust), an `nn.Module`, a callable, or "package.module:callable".
         model_kwargs: keyword arguments for a factory.
@@ -291,6 +292,11 @@ def run_inference(
 
             return run_onnx(source, input=input, input_shape=input_shape, device=device, seed=seed, warmup=warmup,
                             repeats=repeats, top_k=top_k, progress=progress)
+        if isinstance(source, Checkpoint) and source.format == "tflite" and model is None:
+            from ckptview.inference.tflite_runtime import run_tflite
+
+            return run_tflite(source, input=input, input_shape=input_shape, seed=seed, warmup=warmup,
+                              repeats=repeats, top_k=top_k, progress=progress)
         with LoadedSource(source, model, model_kwargs, trust, device) as loaded:
             result = run_model(loaded.model, input, input_shape=input_shape, device=loaded.device, seed=seed,
                                warmup=warmup, repeats=repeats, top_k=top_k, progress=progress)
