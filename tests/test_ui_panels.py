@@ -80,7 +80,7 @@ def test_header_says_what_the_file_is(demo: dict[str, Path]) -> None:
     assert "no foreign code needed" in header
     assert "optimizer" in header and "state_dict" in header
     assert app.tabs.titles == ("Overview", "Tensors", "Module tree", "Statistics", "BatchNorm", "Training state",
-                               "Compare", "Inference")
+                               "Compare", "Inference", "Deploy")
 
 
 def test_header_badge_lists_the_code_a_pickled_module_wants(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from ckptview.present.html import header_html
 from ckptview.ui.base import STYLE, ExplorerState, Panel, banner_html, error_message, esc
 from ckptview.ui.batchnorm import BatchNormPanel
 from ckptview.ui.compare import ComparePanel
+from ckptview.ui.deploy import DeployPanel
 from ckptview.ui.inference import InferenceTab
 from ckptview.ui.overview import OverviewPanel
 from ckptview.ui.statistics import StatisticsPanel
@@ -45,7 +46,8 @@ class Explorer(widgets.VBox):
             self.add_class("ckptview-explorer")
             return
         panels = [OverviewPanel(state), TensorsPanel(state), TreePanel(state), StatisticsPanel(state),
-                  BatchNormPanel(state), TrainingPanel(state), ComparePanel(state), InferenceTab(state)]
+                  BatchNormPanel(state), TrainingPanel(state), ComparePanel(state), InferenceTab(state),
+                  DeployPanel(state)]
         self.panels = {panel.title: panel for panel in panels}
         self.tabs = widgets.Tab(children=panels, titles=[panel.title for panel in panels])
         self.tabs.observe(self._on_tabs_selected_index, names="selected_index")
