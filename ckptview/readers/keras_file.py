@@ -462,7 +462,7 @@ class _Reader:
                 raise CorruptCheckpointError(self.path, f"optimizer_weights lists {printable(weight_name)!r}, which the "
                                                         "file does not hold: it is damaged. Save the model again.")
             slots.append((weight_name, self.tensor(dataset, "optimizer_weights." + _readable(weight_name))))
-        return _optimizer_state(slots, list(weights), training_config)
+        return optimizer_state(slots, list(weights), training_config)
 
     def keras3_optimizer(self, group: Any, weights: Mapping[str, TensorInfo], model_config: Any,
                          training_config: Any) -> dict[str, Any]:
@@ -485,25 +485,38 @@ class _Reader:
                       for i, param in enumerate(trainable) for j, slot in enumerate(slot_names)]
         else:
             named = [(f"vars/{index}", tensor) for index, tensor in enumerate(tensors)]
-        return _optimizer_state(named, list(weights), training_config)
+        return optimizer_state(named, list(weights), training_config)
 
     def name_layers(self, weights: Mapping[str, TensorInfo], classes: Mapping[str, str]) -> None:
-        modules: dict[str, dict[str, tuple[str, TensorInfo, str]]] = {}
-        for name, info in weights.items():
-            module, keras_class, leaf = self.kinds.get(name, (name.rpartition(".")[0], "", name.rpartition(".")[2]))
-            modules.setdefault(module, {})[leaf] = (name, info, keras_class)
-        for module, leaves in modules.items():
-            roles = {leaf: _role(module, keras_class, leaf, info.shape, set(leaves))
-                     for leaf, (_, info, keras_class) in leaves.items()}
-            kernel = roles.get("kernel") or roles.get("depthwise_kernel")
-            if "bias" in leaves and roles.get("bias") is None and kernel is not None:
-                roles["bias"] = LayerRole(module, "bias", kernel.kind, kernel.detail)
-            for leaf, role in roles.items():
-                if role is not None:
-                    # the tensor table looks roles up by full name, the BatchNorm checks by the name
-                    # relative to the model section (`model_state_dict`): both are given
-                    self.layers[self.prefix + leaves[leaf][0]] = role
-                    self.layers[leaves[leaf][0]] = role
+        kinds = {name: self.kinds.get(name, (name.rpartition(".")[0], "", name.rpartition(".")[2])) for name in weights}
+        for name, role in layer_roles({name: info.shape for name, info in weights.items()}, kinds).items():
+            # the tensor table looks roles up by full name, the BatchNorm checks by the name relative
+            # to the model section (`model_state_dict`): both are given
+            self.layers[self.prefix + name] = role
+            self.layers[name] = role
+
+
+def layer_roles(shapes: Mapping[str, tuple[int, ...]],
+                kinds: Mapping[str, tuple[str, str, str]]) -> dict[str, LayerRole]:
+    """
+    The `LayerRole` of each Keras variable: `shapes` by name, `kinds` name -> (layer, Keras class or
+    "", Keras variable name). Also used for TensorFlow checkpoints of Keras models.
+    """
+    modules: dict[str, dict[str, tuple[str, tuple[int, ...], str]]] = {}
+    for name, shape in shapes.items():
+        module, keras_class, leaf = kinds[name]
+        modules.setdefault(module, {})[leaf] = (name, shape, keras_class)
+    roles_by_name: dict[str, LayerRole] = {}
+    for module, leaves in modules.items():
+        roles = {leaf: _role(module, keras_class, leaf, shape, set(leaves))
+                 for leaf, (_, shape, keras_class) in leaves.items()}
+        kernel = roles.get("kernel") or roles.get("depthwise_kernel")
+        if "bias" in leaves and roles.get("bias") is None and kernel is not None:
+            roles["bias"] = LayerRole(module, "bias", kernel.kind, kernel.detail)
+        for leaf, role in roles.items():
+            if role is not None:
+                roles_by_name[leaves[leaf][0]] = role
+    return roles_by_name
 
 
 def _var_names(keras_class: str, count: int, config: Any) -> list[str]:
@@ -656,7 +669,7 @@ def _code_in_config(model_config: Any) -> list[PickleImport]:
     return [PickleImport(name, count) for name, count in found.items()]
 
 
-def _optimizer_state(slots: list[tuple[str, TensorInfo]], parameters: list[str],
+def optimizer_state(slots: list[tuple[str, TensorInfo]], parameters: list[str],
                      training_config: Any) -> dict[str, Any]:
     """Optimizer variables shaped as torch's `optimizer.state_dict()`: per-parameter slots under the
     parameter's name (exact, from the variable names), the rest (iteration count, learning rate) in

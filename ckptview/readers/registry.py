@@ -146,6 +146,24 @@ def _is_tflite(probe: Probe) -> bool:
     return probe.head[4:8] == b"TFL3"  # the FlatBuffer file identifier TFLite's schema declares
 
 
+def _is_tf_index(probe: Probe) -> bool:
+    # The first entry is the bundle header under the empty key (no shared, no unshared key bytes), its
+    # value a BundleHeaderProto starting with num_shards (field 1, varint: 0x08); the table's footer
+    # ends in LevelDB's magic. Either suffices, so a cut-off index is still told it was cut off.
+    head = probe.head
+    if head[:2] != b"\x00\x00" or len(head) < 4:
+        return False
+    if head[2] < 0x80 and head[3] == 0x08:
+        return True
+    from ckptview.readers.tf_checkpoint import looks_like_tensor_bundle_index
+
+    return looks_like_tensor_bundle_index(probe.head, probe.size, probe.path)
+
+
+def _is_tf_checkpoint_state(probe: Probe) -> bool:
+    return probe.head.startswith(b"model_checkpoint_path:")
+
+
 def _is_torchscript(probe: Probe) -> bool:
     # torch.save writes data.pkl first and jit.save its tensors first: only an archive not opening
     # with data.pkl costs reading the zip's directory for its constants.pkl and code/ files.
@@ -220,6 +238,18 @@ FORMATS: list[Format] = [
          "scale and zero point dequantized on load as TFLite does; subgraphs, inputs/outputs and op counts in "
          "`details`, layers from the operators"),
     )),
+    Format("tf-checkpoint", "TensorFlow checkpoints (<prefix>.index with its .data-* shards)", _is_tf_index,
+           "ckptview.readers.tf_checkpoint:read_tf_index", (
+               ("TensorFlow checkpoint (`<prefix>.index` + `<prefix>.data-NNNNN-of-MMMMM`)",
+                "the index's sorted string table and protobuf entries decoded by hand, never TensorFlow; data read in "
+                "place from the shards, crc32c checked when a tensor is read whole; names from the object graph "
+                "(`dense.kernel`, raw keys in `details`), optimizer slots as the training section; a missing shard "
+                "named"),
+           )),
+    Format("tf-checkpoint-state", "TensorFlow `checkpoint` state files", _is_tf_checkpoint_state,
+           "ckptview.readers.tf_checkpoint:read_checkpoint_state", (
+               ("TensorFlow `checkpoint` state file", "opens the latest checkpoint it names and lists the others"),
+           )),
     Format("keras", "Keras 3 .keras archives", _is_keras_zip, "ckptview.readers.keras_file:read_keras_zip", (
         ("Keras 3 `.keras` archive",
          "`config.json` and `metadata.json` read, `model.weights.h5` read inside the archive without extracting it "

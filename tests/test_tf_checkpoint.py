@@ -1,0 +1,149 @@
+"""
+TensorFlow checkpoints (tensor bundles): the two-shard checkpoint and the SavedModel's variables
+written by TensorFlow (tests/fixtures/make_tf_fixtures.py), checked against what
+`tf.train.load_checkpoint` reported, and damaged copies of them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ckptview
+from ckptview.analyzers.sections import model_state_dict
+from ckptview.errors import CkptviewError, CorruptCheckpointError, ShardError, TruncatedCheckpointError
+from format_checks import check_every_command, check_every_tab, cli
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tf"
+INDEX = FIXTURES / "tf_checkpoint" / "ckpt.index"
+
+
+def report(name: str) -> dict:
+    return json.loads((FIXTURES / name).read_text())
+
+
+def expected_values(variable: dict) -> torch.Tensor:
+    stored = "float32" if variable["dtype"] == "bfloat16" else variable["dtype"]
+    return torch.from_numpy(np.asarray(variable["values"], dtype=stored).reshape(variable["shape"]))
+
+
+@pytest.mark.parametrize("index, name", ((INDEX, "tf_checkpoint.json"),
+                                         (FIXTURES / "savedmodel" / "variables" / "variables.index", "savedmodel.json")))
+def test_variables_equal_what_tensorflow_reported(index: Path, name: str) -> None:
+    variables = [v for v in report(name)["variables"] if v["dtype"] != "string"]
+    with ckptview.open(index) as ckpt:
+        assert ckpt.format == "tf-checkpoint"
+        by_key = {key: ckpt.tensor(tensor) for tensor, key in ckpt.details["checkpoint_keys"].items()}
+        assert sorted(by_key) == sorted(v["key"] for v in variables)
+        for variable in variables:
+            entry = by_key[variable["key"]]
+            assert list(entry.shape) == variable["shape"]
+            wanted = expected_values(variable)
+            if variable["dtype"] == "bfloat16":  # the report holds them widened to float32
+                assert entry.dtype_name == "bfloat16"
+                wanted = wanted.to(torch.bfloat16)
+            else:
+                assert entry.dtype_name == variable["dtype"]
+            assert torch.equal(entry.load(), wanted), variable["key"]
+            assert torch.equal(torch.cat(list(entry.iter_chunks(chunk_bytes=64))), wanted.reshape(-1))
+
+
+def test_names_from_the_object_graph_match_the_keras_model() -> None:
+    # the checkpoint holds the same trained model as keras3_trained.h5: Keras 3 saved its kernels under
+    # optimizer/_trainable_variables/<i>, the object graph gives them back their names
+    with ckptview.open(INDEX) as ckpt, ckptview.open(FIXTURES / "keras3_trained.h5") as h5:
+        assert ckpt.details["checkpoint_keys"]["model.conv.kernel"] == \
+            "optimizer/_trainable_variables/0/.ATTRIBUTES/VARIABLE_VALUE"
+        assert ckpt.tensor("model.dense_1.kernel").encoding == "slices"  # split over both shards
+        assert sorted(model_state_dict(ckpt)) == sorted(model_state_dict(h5))
+        result = ckptview.diff(h5, ckpt, values=True)
+        assert result.keys.matched == 10 and not result.keys.missing and not result.keys.unexpected
+        assert all(row.max_abs_diff == 0 for row in result.values.tensors)
+        (optimizer,) = ckptview.training_state(ckpt).optimizers
+        assert optimizer.mapping == "param_names" and len(optimizer.params) == 8
+        assert {tuple(sorted(p.tensors)) for p in optimizer.params} == {("momentum", "velocity")}
+        assert [f.check for f in ckptview.batchnorm_checks(ckpt).problems] == []
+        rows = {row.name: row for row in ckptview.tensor_table(ckpt).rows}
+        assert rows["model.bn.moving_variance"].layer_kind == "BatchNorm"
+
+
+def copy_checkpoint(tmp_path: Path) -> Path:
+    folder = tmp_path / "ckpt"
+    shutil.copytree(INDEX.parent, folder)
+    return folder / "ckpt.index"
+
+
+def refused(path: Path, error: type[CkptviewError], match: str, *, on_load: bool = False) -> None:
+    before = {p: p.read_bytes() for p in path.parent.iterdir()}
+    with pytest.raises(error, match=match) as caught:
+        with ckptview.open(path) as ckpt:
+            assert on_load
+            for entry in ckpt.tensors():
+                entry.load()
+    assert "\n" not in str(caught.value)
+    code, _, err = cli("stats", str(path))
+    assert code == 1 and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in path.parent.iterdir()} == before
+
+
+def test_crc_mismatch_is_found_on_load(tmp_path: Path) -> None:
+    index = copy_checkpoint(tmp_path)
+    with ckptview.open(index) as ckpt:
+        key = ckpt.details["checkpoint_keys"]["model.conv.kernel"]
+        storage = ckpt.tensor("model.conv.kernel").info.storage
+        shard, offset = Path(storage.source.path), storage.offset
+    data = bytearray(shard.read_bytes())
+    data[offset + 5] ^= 0x40
+    shard.write_bytes(bytes(data))
+    with ckptview.open(index) as ckpt:
+        ckpt.tensor("model.bn.gamma").load()  # the others still read
+        with pytest.raises(CorruptCheckpointError, match="fails its crc32c check") as caught:
+            ckpt.tensor("model.conv.kernel").load()
+        assert key in str(caught.value)
+        with pytest.raises(CorruptCheckpointError, match="crc32c"):
+            list(ckpt.tensor("model.conv.kernel").iter_chunks(chunk_bytes=100))
+    refused(index, CorruptCheckpointError, "crc32c", on_load=True)
+
+
+def test_missing_shard_is_named(tmp_path: Path) -> None:
+    index = copy_checkpoint(tmp_path)
+    (index.parent / "ckpt.data-00001-of-00002").unlink()
+    refused(index, ShardError, "data shard ckpt.data-00001-of-00002 is missing")
+
+
+def test_entry_past_its_shard_and_truncated_index(tmp_path: Path) -> None:
+    index = copy_checkpoint(tmp_path)
+    shard = index.parent / "ckpt.data-00000-of-00002"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    refused(index, CorruptCheckpointError, "the data file is cut off or from another save")
+
+    index = copy_checkpoint(tmp_path / "cut")
+    data = index.read_bytes()
+    for cut in (len(data) - 1, len(data) // 2, 40):
+        index.write_bytes(data[:cut])
+        refused(index, TruncatedCheckpointError, "cut off")
+
+
+def test_checkpoint_state_file_opens_the_latest(tmp_path: Path) -> None:
+    index = copy_checkpoint(tmp_path)
+    state = index.parent / "checkpoint"
+    state.write_text('model_checkpoint_path: "ckpt"\nall_model_checkpoint_paths: "ckpt-0"\n'
+                     'all_model_checkpoint_paths: "ckpt"\n')
+    with ckptview.open(state) as ckpt, ckptview.open(index) as direct:
+        assert [e.name for e in ckpt.tensors()] == [e.name for e in direct.tensors()]
+        assert ckpt.details["checkpoint_state"] == {"latest": "ckpt", "all": ["ckpt-0", "ckpt"]}
+    state.write_text('model_checkpoint_path: "../../etc/ckpt"\n')
+    refused(state, CorruptCheckpointError, "not a file inside its folder")
+
+
+def test_every_cli_command_and_explorer_tab(tmp_path: Path) -> None:
+    index = copy_checkpoint(tmp_path)
+    info = check_every_command(index)
+    assert info["details"]["num_shards"] == 2
+    assert {s["kind"] for s in info["sections"]} >= {"state_dict", "optimizer"}
+    check_every_tab(index)
