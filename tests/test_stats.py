@@ -15,6 +15,7 @@ from torch import nn
 
 import ckptview
 from ckptview.analyzers.kernels import BLOCK
+from ckptview.analyzers import stats as stats_module
 from ckptview.analyzers.stats import bin_counts
 
 REL = 1e-5
@@ -314,3 +315,31 @@ def test_invalid_arguments_are_value_errors(cnn_state_dict_path: Path) -> None:
             ckptview.stats(ckpt, bins=0)
         with pytest.raises(KeyError, match="filter"):
             ckptview.stats(ckpt, progress=False, filter="fc")["conv1.weight"]
+
+
+@pytest.mark.parametrize("kind", ["torch", "safetensors"])
+def test_many_small_tensors_reduced_in_batches_equal_torch(tmp_path: Path, kind: str) -> None:
+    # thousands of small tensors go through kernels.segment_stats, several per read; each must still
+    # equal torch's own statistics and histogram
+    generator = torch.Generator().manual_seed(7)
+    tensors: dict[str, torch.Tensor] = {}
+    for i in range(1200):
+        dtype = (torch.float32, torch.bfloat16, torch.float16, torch.float64)[i % 4]
+        values = torch.randn(1 + i % 97, generator=generator) * 10 ** (i % 5 - 2)
+        if i % 50 == 3:
+            values[0], values[-1] = float("nan"), float("-inf")
+        if i % 50 == 7:
+            values.fill_(0.25)
+        tensors[f"block{i}.w"] = values.to(dtype)
+    path = tmp_path / ("small.pt" if kind == "torch" else "small.safetensors")
+    torch.save(tensors, path) if kind == "torch" else save_file(tensors, path)
+    with ckptview.open(path) as ckpt:
+        batches, singles = stats_module._small_batches(list(enumerate(ckpt.tensors())), None, 1 << 20)
+        assert not singles and len(batches) < 20
+        result = ckptview.stats(ckpt, progress=False, bins=16, chunk_bytes=1 << 20)
+    for name, tensor in tensors.items():
+        item = result[name]
+        assert_matches(item, tensor)
+        finite = tensor.double()[torch.isfinite(tensor.double())]
+        if finite.numel():
+            assert list(item.histogram.counts) == torch.histogram(finite, 16, range=(item.min, item.max) if item.min < item.max else (item.min - 0.5, item.max + 0.5)).hist.long().tolist(), name

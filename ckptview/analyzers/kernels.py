@@ -400,6 +400,25 @@ def diff(a_bits, b_bits, acc):
         acc[5] += changed
 
 
+@njit(nogil=True, error_model="numpy", boundscheck=False, inline="always")
+def _edge(low, high, bins, i):
+    # element i of torch.linspace(low, high, bins + 1) as torch's CPU kernel computes it
+    step = (high - low) / bins
+    return low + step * i if i < (bins + 1) // 2 else high - step * (bins - i)
+
+
+@njit(nogil=True, error_model="numpy", boundscheck=False, inline="always")
+def _bin(x, low, high, bins, scale):
+    # the division's bin, moved to the one whose edges hold x, as torch.histogram's local search does:
+    # (x - low) * scale rounds differently from the edges near a border
+    index = min(max(int(np.floor((x - low) * scale)), 0), bins - 1)
+    if index < bins - 1 and x >= _edge(low, high, bins, index + 1):
+        index += 1
+    elif index > 0 and x < _edge(low, high, bins, index):
+        index -= 1
+    return index
+
+
 @njit(nogil=True, error_model="numpy", boundscheck=False, cache=_OPTIONS["cache"])  # no fastmath: edges round as torch's
 def histogram(values, low, high, counts):
     """Add the finite `values` to `counts`, equal bins over [low, high] (last bin closed); NaN/Inf are skipped."""
@@ -409,8 +428,65 @@ def histogram(values, low, high, counts):
         x = np.float64(values[i])
         if not abs(x) <= _LARGEST:
             continue
-        index = int(np.floor((x - low) * scale))
-        counts[min(max(index, 0), bins - 1)] += 1
+        counts[_bin(x, low, high, bins, scale)] += 1
+
+
+@njit(nogil=True, error_model="numpy", boundscheck=False, cache=_OPTIONS["cache"])  # no fastmath: bins as `histogram`
+def segment_stats(values, starts, ends, moments, extremes, counts):
+    """
+    Statistics of many small tensors in one call: tensor k is `values[starts[k]:ends[k]]` (float64,
+    converted exactly from the stored dtype). A Python loop over a million one-element tensors
+    cost ~100 us each through the per-tensor path; here each costs its elements.
+
+    Fills `moments[k]` = (finite count, mean, m2, zeros, NaN, +Inf, -Inf) as `moments` accumulates
+    them (m2 by the two-pass formula: the values are few and already in cache), `extremes[k]` =
+    (min, max) of the finite values, and `counts[k]` with the histogram `stats` makes of a tensor
+    with stride 1: equal bins over [min, max] (over [min-0.5, max+0.5] when they are equal).
+    """
+    bins = counts.shape[1]
+    for k in range(starts.shape[0]):
+        n = 0
+        total = 0.0
+        low = np.inf
+        high = -np.inf
+        zeros = nan = posinf = neginf = 0
+        for i in range(starts[k], ends[k]):
+            x = values[i]
+            if abs(x) <= _LARGEST:
+                n += 1
+                total += x
+                low = min(low, x)
+                high = max(high, x)
+                if x == 0:
+                    zeros += 1
+            elif x > 0:
+                posinf += 1
+            elif x < 0:
+                neginf += 1
+            else:
+                nan += 1
+        mean = total / n if n else 0.0
+        m2 = 0.0
+        if n:
+            for i in range(starts[k], ends[k]):
+                x = values[i]
+                if abs(x) <= _LARGEST:
+                    m2 += (x - mean) * (x - mean)
+            left, right = (low, high) if low < high else (low - 0.5, high + 0.5)
+            scale = bins / (right - left)
+            for i in range(starts[k], ends[k]):
+                x = values[i]
+                if abs(x) <= _LARGEST:
+                    counts[k, _bin(x, left, right, bins, scale)] += 1
+        moments[k, 0] = n
+        moments[k, 1] = mean
+        moments[k, 2] = m2
+        moments[k, 3] = zeros
+        moments[k, 4] = nan
+        moments[k, 5] = posinf
+        moments[k, 6] = neginf
+        extremes[k, 0] = low
+        extremes[k, 1] = high
 
 
 def warm_up() -> None:

@@ -53,11 +53,18 @@ CancelHook = threading.Event | Callable[[], bool]
 
 @dataclass(frozen=True)
 class Histogram:
-    """Counts in `len(counts)` equal bins from `edges[0]` (the finite min) to `edges[-1]` (the finite max)."""
+    """Counts in `len(counts)` equal bins from `low` (the finite min) to `high` (the finite max)."""
 
-    edges: tuple[float, ...]
+    low: float
+    high: float
     counts: tuple[int, ...]
     stride: int  # every `stride`-th element was counted; 1 = every finite element
+
+    @property
+    def edges(self) -> tuple[float, ...]:
+        """The `len(counts) + 1` bin edges, as torch.linspace gives them (made on demand: a million
+        small tensors' edges would take 2 GB)."""
+        return tuple(torch.linspace(self.low, self.high, len(self.counts) + 1, dtype=torch.float64).tolist())
 
     @property
     def sampled(self) -> int:
@@ -262,18 +269,25 @@ def _compute(
     # Largest first, so the last tensors to finish are small and the threads end together. Workers
     # take the next tensor from a shared iterator (atomic under the GIL) rather than one future per
     # tensor: 20,000 futures and their condition variables cost 0.4 s before any data was read.
-    queue = iter(sorted(todo, key=lambda item: -item[1].nbytes))
+    batches, singles = _small_batches(todo, histogram_sample, chunk_bytes)
+    units: list[tuple[int, Any]] = [(entry.nbytes, item) for item in singles for entry in (item[1],)]
+    units += [(batch.nbytes, batch) for batch in batches]
+    queue = iter([unit for _, unit in sorted(units, key=lambda unit: -unit[0])])
     results: dict[Any, TensorStats] = {}
     errors: list[BaseException] = []
 
     def work() -> None:
         buffers = ScratchBuffers()
+        step = lambda nbytes: _step(bar, nbytes, cancel, stop)  # noqa: E731
         try:
-            for key, entry in queue:
+            for unit in queue:
                 if stop.is_set():
                     return
-                reducer = _Reducer(entry, bins, histogram_sample, chunk_bytes, buffers)
-                results[key] = reducer.run(lambda nbytes: _step(bar, nbytes, cancel, stop))
+                if isinstance(unit, _SmallBatch):
+                    results.update(unit.run(bins, step))
+                    continue
+                key, entry = unit
+                results[key] = _Reducer(entry, bins, histogram_sample, chunk_bytes, buffers).run(step)
         except BaseException as exc:  # re-raised in the calling thread
             errors.append(exc)
             stop.set()
@@ -301,6 +315,91 @@ def _compute(
     if stop.is_set():
         raise CancelledError()
     return results
+
+
+# Tensors of at most this many elements, stored contiguously as floats, are read and reduced many
+# at a time (`kernels.segment_stats`): one read per span of the file and one compiled call per batch.
+SMALL_TENSOR_NUMEL = 4096
+_BATCH_TENSORS = 16384  # per batch: its histograms (64 bins of int64 each) stay under 8 MB
+_BATCH_GAP = 64 << 10  # bytes of other data a batch's read may skip over before a new read starts
+_BATCHED_DTYPES = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
+
+
+class _SmallBatch:
+    """Small float tensors lying close together in one file, reduced together."""
+
+    def __init__(self, source: Any, dtype: str) -> None:
+        self.source, self.dtype = source, dtype
+        self.members: list[tuple[int, Any, TensorEntry]] = []  # (byte offset, cache key, entry)
+        self.nbytes = 0
+
+    @property
+    def start(self) -> int:
+        return self.members[0][0]
+
+    @property
+    def end(self) -> int:
+        offset, _, entry = self.members[-1]
+        return offset + entry.nbytes
+
+    def run(self, bins: int, step: Callable[[int], None]) -> dict[Any, TensorStats]:
+        raw = self.source.read(self.start, self.end - self.start)
+        stored = np.frombuffer(raw, dtype=_BATCHED_DTYPES[self.dtype])
+        if self.dtype == "bfloat16":  # numpy has no bfloat16: its bits are a float32's upper half
+            stored = (stored.astype(np.uint32) << 16).view(np.float32)
+        values = stored.astype(np.float64)
+        itemsize = stored.itemsize if self.dtype != "bfloat16" else 2
+        starts = np.array([(offset - self.start) // itemsize for offset, _, _ in self.members], dtype=np.int64)
+        ends = starts + np.array([entry.numel for _, _, entry in self.members], dtype=np.int64)
+        count = len(self.members)
+        moments, extremes = np.zeros((count, 7)), np.zeros((count, 2))
+        counts = np.zeros((count, bins), dtype=np.int64)
+        _kernels().segment_stats(values, starts, ends, moments, extremes, counts)
+        nan = math.nan
+        results = {}
+        for (_, key, entry), (n, mean, m2, zeros, nans, posinf, neginf), (low, high), row in zip(
+                self.members, moments.tolist(), extremes.tolist(), counts.tolist()):
+            n = int(n)
+            left, right = (low, high) if low < high else (low - 0.5, high + 0.5)
+            results[key] = TensorStats(
+                name=entry.name, dtype=self.dtype, shape=entry.shape, numel=entry.numel,
+                min=low if n else nan, max=high if n else nan, mean=mean if n else nan,
+                std=math.sqrt(m2 / (n - 1)) if n > 1 else (0.0 if n == 1 else nan),
+                abs_max=max(abs(low), abs(high)) if n else nan, l2_norm=math.sqrt(m2 + n * mean * mean),
+                zero_fraction=zeros / entry.numel, nan_count=int(nans), posinf_count=int(posinf),
+                neginf_count=int(neginf), histogram=Histogram(left, right, tuple(row), 1) if n else None,
+            )
+        step(self.nbytes)
+        return results
+
+
+def _small_batches(todo: list[tuple[Any, TensorEntry]], histogram_sample: int | None,
+                   chunk_bytes: int) -> tuple[list[_SmallBatch], list[tuple[Any, TensorEntry]]]:
+    """Split the tensors into batches of small ones (each batch one read) and the rest, reduced one by one."""
+    limit = SMALL_TENSOR_NUMEL if histogram_sample is None else min(SMALL_TENSOR_NUMEL, histogram_sample)
+    groups: dict[tuple[int, str], list[tuple[int, Any, TensorEntry]]] = defaultdict(list)
+    singles = []
+    for key, entry in todo:
+        info = entry.info
+        storage = info.storage
+        if (info.dtype in _BATCHED_DTYPES and info.layout == "strided" and storage is not None
+                and storage.byteorder == "little" and 0 < info.numel <= limit and info.is_contiguous()):
+            offset = storage.data_offset() + info.storage_offset * info.itemsize
+            groups[(id(storage.source), info.dtype)].append((offset, key, entry))
+        else:
+            singles.append((key, entry))
+    batches: list[_SmallBatch] = []
+    for members in groups.values():
+        members.sort(key=lambda member: member[0])
+        batch: _SmallBatch | None = None
+        for offset, key, entry in members:
+            if (batch is None or len(batch.members) >= _BATCH_TENSORS or offset + entry.nbytes - batch.start > chunk_bytes
+                    or offset - batch.end > _BATCH_GAP or (offset - batch.start) % entry.info.itemsize):
+                batch = _SmallBatch(entry.info.storage.source, entry.info.dtype)  # type: ignore[union-attr]
+                batches.append(batch)
+            batch.members.append((offset, key, entry))
+            batch.nbytes += entry.nbytes
+    return batches, singles
 
 
 def _step(bar: Any, nbytes: int, cancel: CancelHook | None, stop: threading.Event) -> None:
@@ -408,8 +507,7 @@ class _Reducer:
                 counts = self._exact_counts(low, high, step)
             else:
                 counts = bin_counts(self.samples, self.bins, low, high)
-            edges = torch.linspace(low, high, self.bins + 1, dtype=torch.float64)
-            histogram = Histogram(tuple(edges.tolist()), tuple(counts.tolist()), self.stride)
+            histogram = Histogram(low, high, tuple(counts.tolist()), self.stride)
         nan = math.nan
         m2 = max(m2, 0.0)  # combining blocks can leave a rounding residue below zero (seen on subnormals)
         return TensorStats(
