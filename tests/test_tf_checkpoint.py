@@ -79,7 +79,7 @@ def copy_checkpoint(tmp_path: Path) -> Path:
 
 
 def refused(path: Path, error: type[CkptviewError], match: str, *, on_load: bool = False) -> None:
-    before = {p: p.read_bytes() for p in path.parent.iterdir()}
+    before = {p: p.read_bytes() for p in path.parent.rglob("*") if p.is_file()}
     with pytest.raises(error, match=match) as caught:
         with ckptview.open(path) as ckpt:
             assert on_load
@@ -88,7 +88,7 @@ def refused(path: Path, error: type[CkptviewError], match: str, *, on_load: bool
     assert "\n" not in str(caught.value)
     code, _, err = cli("stats", str(path))
     assert code == 1 and err.count("\n") == 1, err
-    assert {p: p.read_bytes() for p in path.parent.iterdir()} == before
+    assert {p: p.read_bytes() for p in path.parent.rglob("*") if p.is_file()} == before
 
 
 def test_crc_mismatch_is_found_on_load(tmp_path: Path) -> None:
@@ -147,3 +147,55 @@ def test_every_cli_command_and_explorer_tab(tmp_path: Path) -> None:
     assert info["details"]["num_shards"] == 2
     assert {s["kind"] for s in info["sections"]} >= {"state_dict", "optimizer"}
     check_every_tab(index)
+
+
+# --- SavedModel ---------------------------------------------------------------------------------
+
+def test_saved_model_signatures_and_variables() -> None:
+    expected = report("savedmodel.json")
+    with ckptview.open(FIXTURES / "savedmodel") as ckpt:
+        assert ckpt.format == "savedmodel" and not ckpt.needs_trust
+        serving = ckpt.details["signatures"]["serving_default"]
+        for side in ("inputs", "outputs"):
+            got = {key: {"dtype": value["dtype"], "shape": [None if d == -1 else d for d in value["shape"]]}
+                   for key, value in serving[side].items()}
+            assert got == expected["signatures"]["serving_default"][side]
+        assert serving["inputs"]["x"]["name"] == "serving_default_x:0"
+        assert ckpt.details["op_counts"]["MatMul"] == 1
+        assert sorted(ckpt.details["checkpoint_keys"].values()) == sorted(
+            v["key"] for v in expected["variables"] if v["dtype"] != "string")
+        assert torch.equal(ckpt.tensor("w").load(), torch.arange(6, dtype=torch.float32).reshape(2, 3))
+
+
+def test_saved_model_with_a_file_op_is_code_and_never_runs(tmp_path: Path) -> None:
+    marker = Path("/tmp/ckptview-keras-lambda-ran")  # what the fixture's WriteFile op would write
+    if marker.exists():
+        marker.unlink()
+    folder = tmp_path / "writer"
+    shutil.copytree(FIXTURES / "savedmodel_writefile", folder)
+    for path in (folder, folder / "saved_model.pb"):
+        code, out, err = cli("scan", str(path))
+        assert code == 3, err
+        assert "tf.raw_ops.WriteFile" in out
+    code, out, _ = cli("scan", str(FIXTURES / "savedmodel"))
+    assert code == 0, out
+    with ckptview.open(folder) as ckpt:
+        check = ckpt.pickle_imports
+        assert [imp.name.split(" ")[0] for imp in check] == ["tf.raw_ops.WriteFile"]
+    assert not marker.exists()
+
+
+def test_saved_model_cut_off(tmp_path: Path) -> None:
+    folder = tmp_path / "cut"
+    shutil.copytree(FIXTURES / "savedmodel", folder)
+    pb = folder / "saved_model.pb"
+    pb.write_bytes(pb.read_bytes()[:3000])
+    refused(pb, TruncatedCheckpointError, "cut off")
+
+
+def test_every_cli_command_and_explorer_tab_on_a_saved_model(tmp_path: Path) -> None:
+    folder = tmp_path / "savedmodel"
+    shutil.copytree(FIXTURES / "savedmodel", folder)
+    info = check_every_command(folder / "saved_model.pb")
+    assert info["format"] == "savedmodel" and "serving_default" in info["details"]["signatures"]
+    check_every_tab(folder)

@@ -41,7 +41,7 @@ def _many_paths(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
 # What a walked folder's files are checked for: content decides the format, this only picks files
 # (a config.json or README beside the weights is not a checkpoint to report on).
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl", ".safetensors", ".index.json", ".onnx",
-                        ".gguf", ".npy", ".npz", ".engine", ".plan", ".h5", ".keras", ".tflite")
+                        ".gguf", ".npy", ".npz", ".engine", ".plan", ".h5", ".keras", ".tflite", ".index")
 
 
 def expand_paths(paths: list[str]) -> list[str]:
@@ -67,7 +67,9 @@ def _is_checkpoint_folder(path: str) -> bool:
         names = os.listdir(path)
     except OSError:
         return False
-    return ".metadata" in names or sum(name.endswith(".index.json") for name in names) == 1
+    # a SavedModel is one model however many files it holds (scan must not walk past its saved_model.pb)
+    return (".metadata" in names or sum(name.endswith(".index.json") for name in names) == 1
+            or "saved_model.pb" in names)
 
 
 def _each(paths: list[str], trust: bool) -> Iterator[tuple[str, Checkpoint | None, CkptviewError | None]]:
@@ -224,8 +226,12 @@ def scan(args: argparse.Namespace) -> int:
         if args.json:
             print_json(record)
         elif imports:
-            print(f"{printable(ckpt.path)}: the pickle imports {len(imports)} global(s) outside the allow-list; torch.load("
-                  "weights_only=False) would import and may call them:")
+            if ckpt.format.startswith("torch"):
+                print(f"{printable(ckpt.path)}: the pickle imports {len(imports)} global(s) outside the allow-list; "
+                      "torch.load(weights_only=False) would import and may call them:")
+            else:  # Keras Lambda layers and custom objects, SavedModel ops that touch files or call Python
+                print(f"{printable(ckpt.path)}: the {ckpt.format} file holds {len(imports)} kind(s) of code that "
+                      "loading or running it would execute:")
             print(text_table([(i["name"], i["count"]) for i in imports], ("import", "uses"), align_right=(1,)))
             print("ckptview listed the file without running any of them. Load it with trust only if you trust its source.")
         elif ckpt.format == "torchscript":

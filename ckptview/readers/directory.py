@@ -26,6 +26,14 @@ def open_directory(path: str, *, trust: bool) -> Checkpoint:
         from ckptview.readers.dcp import read_dcp
 
         return read_dcp(path, trust=trust)
+    # TensorFlow's formats are folders: a SavedModel, or checkpoints beside their `checkpoint` state file
+    if "saved_model.pb" in names:
+        return open_checkpoint_file(os.path.join(path, "saved_model.pb"), trust)
+    tf_indexes = [n for n in names if n.endswith(".index")]
+    if "checkpoint" in names and tf_indexes:
+        return open_checkpoint_file(os.path.join(path, "checkpoint"), trust)
+    if len(tf_indexes) == 1:
+        return open_checkpoint_file(os.path.join(path, tf_indexes[0]), trust)
     indexes = [n for n in names if n.endswith(".index.json")]
     if len(indexes) == 1:
         return open_index(os.path.join(path, indexes[0]), trust=trust)
@@ -38,6 +46,12 @@ def open_directory(path: str, *, trust: bool) -> Checkpoint:
     raise UnsupportedFormatError(
         path, f"a directory, not a checkpoint file; it holds {listed}. Open one of these files, or a "
               "*.index.json of a sharded set.")
+
+
+def open_checkpoint_file(path: str, trust: bool) -> Checkpoint:
+    from ckptview.readers import open_checkpoint
+
+    return open_checkpoint(path, trust=trust)
 
 
 def read_index_file(path: str, size: int, *, trust: bool) -> Checkpoint:

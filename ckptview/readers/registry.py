@@ -164,6 +164,12 @@ def _is_tf_checkpoint_state(probe: Probe) -> bool:
     return probe.head.startswith(b"model_checkpoint_path:")
 
 
+def _is_saved_model(probe: Probe) -> bool:
+    from ckptview.readers.savedmodel import looks_like_saved_model
+
+    return looks_like_saved_model(probe.head)
+
+
 def _is_torchscript(probe: Probe) -> bool:
     # torch.save writes data.pkl first and jit.save its tensors first: only an archive not opening
     # with data.pkl costs reading the zip's directory for its constants.pkl and code/ files.
@@ -249,6 +255,13 @@ FORMATS: list[Format] = [
     Format("tf-checkpoint-state", "TensorFlow `checkpoint` state files", _is_tf_checkpoint_state,
            "ckptview.readers.tf_checkpoint:read_checkpoint_state", (
                ("TensorFlow `checkpoint` state file", "opens the latest checkpoint it names and lists the others"),
+           )),
+    Format("savedmodel", "TensorFlow SavedModels (saved_model.pb, or its folder)", _is_saved_model,
+           "ckptview.readers.savedmodel:read_saved_model", (
+               ("TensorFlow SavedModel (folder with `saved_model.pb` and `variables/`)",
+                "`saved_model.pb` decoded statically, never loaded: serving signatures (inputs/outputs, dtypes, "
+                "shapes) and op types per function in `details`; ops that read or write files or call Python "
+                "(`ReadFile`, `WriteFile`, `PyFunc`, …) named as code; the variables read as a TF checkpoint"),
            )),
     Format("keras", "Keras 3 .keras archives", _is_keras_zip, "ckptview.readers.keras_file:read_keras_zip", (
         ("Keras 3 `.keras` archive",

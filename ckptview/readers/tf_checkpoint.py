@@ -464,7 +464,8 @@ class TensorBundle:
         return raw[pos:pos + length] if pos + length <= len(raw) else None
 
     def checkpoint(self, trust: bool, *, format: str = "tf-checkpoint", details: dict[str, Any] | None = None,
-                   pickle_imports: Any = ()) -> Checkpoint:
+                   pickle_imports: Any = (), path: str | None = None, extra_size: int = 0) -> Checkpoint:
+        """The bundle as a Checkpoint; a SavedModel passes its own `path`, details and code found."""
         from ckptview.readers.keras_file import layer_roles, optimizer_state
 
         graph = _object_graph(self.path, self.string_value(OBJECT_GRAPH_KEY))
@@ -507,7 +508,8 @@ class TensorBundle:
             "not_tensors": other,
             **(details or {}),
         }
-        return Checkpoint(self.path, format, root, file_size=self.size + sum(self.shard_sizes), sources=self.sources,
+        return Checkpoint(path or self.path, format, root, file_size=self.size + sum(self.shard_sizes) + extra_size,
+                          sources=self.sources,
                           trust=trust, details=all_details, layers=layers, pickle_imports=pickle_imports)
 
 

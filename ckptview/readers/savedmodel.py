@@ -1,0 +1,189 @@
+"""
+TensorFlow SavedModel folders (`saved_model.pb` + `variables/`), read without TensorFlow:
+`tf.saved_model.load` builds the graph and its functions, and a graph can read and write files or
+call Python (`PyFunc`). Here `saved_model.pb` is decoded statically from the protobuf wire format
+for what people ask of it, the serving signatures (inputs and outputs with dtypes and shapes, as
+`saved_model_cli show` prints them) and the op types of the graph and each function, and the
+variables are read as the TensorFlow checkpoint they are (`variables/variables.index`).
+
+Ops that touch the file system or run Python (`ReadFile`, `WriteFile`, `PyFunc`, ...) are listed
+in `Checkpoint.pickle_imports`, so `ckptview scan` exits 3 naming them. The checkpoint machinery
+every SavedModel has (`SaveV2`, `RestoreV2`, `MergeV2Checkpoints` in its saver functions) is not.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+from ckptview.errors import CorruptCheckpointError, TruncatedCheckpointError
+from ckptview.readers.model import Checkpoint, PickleImport
+from ckptview.readers.tf_checkpoint import TF_DTYPES, TF_TYPE_NAMES, TensorBundle, _fields, _signed
+
+# op -> what it does that loading or serving the model would do to the machine
+CODE_OPS = {
+    "ReadFile": "reads a file", "WriteFile": "writes a file", "MatchingFiles": "lists files",
+    "PyFunc": "calls Python code", "PyFuncStateless": "calls Python code", "EagerPyFunc": "calls Python code",
+    "WholeFileReader": "reads files", "WholeFileReaderV2": "reads files", "ImmutableConst": "maps a file into memory",
+    "CreateSummaryFileWriter": "writes files", "TextLineDataset": "reads files", "TFRecordDataset": "reads files",
+    "FixedLengthRecordDataset": "reads files", "LoadAndRemapMatrix": "reads a checkpoint file",
+}
+_MAX_PB_BYTES = 2 << 30  # protobuf's own limit for one message
+
+
+def looks_like_saved_model(head: bytes) -> bool:
+    """saved_model_schema_version 1 (field 1), then the first MetaGraphDef (field 2) opening with its
+    MetaInfoDef (field 1): `08 01 12 <length> 0a`."""
+    if not head.startswith(b"\x08\x01\x12"):
+        return False
+    pos = 3
+    while pos < len(head) and head[pos] & 0x80:
+        pos += 1
+    return pos + 1 < len(head) and head[pos + 1] == 0x0A
+
+
+def _text(value: Any) -> str:
+    return bytes(value).decode("utf-8", "replace") if isinstance(value, (bytes, bytearray, memoryview)) else ""
+
+
+def _map_entries(message: bytes, field: int) -> list[tuple[str, bytes]]:
+    entries = []
+    for number, wire, value in _fields(message):
+        if number == field and wire == 2:
+            parts = {n: v for n, w, v in _fields(value) if w == 2}
+            entries.append((_text(parts.get(1, b"")), parts.get(2, b"")))
+    return entries
+
+
+def _dtype_name(code: int) -> str:
+    return TF_DTYPES.get(code) or TF_TYPE_NAMES.get(code) or f"DataType {code}"
+
+
+def _tensor_info(message: bytes) -> dict[str, Any]:
+    info: dict[str, Any] = {"name": "", "dtype": None, "shape": None}
+    for number, wire, value in _fields(message):
+        if number == 1 and wire == 2:
+            info["name"] = _text(value)
+        elif number == 2 and wire == 0:
+            info["dtype"] = _dtype_name(value)
+        elif number == 3 and wire == 2:
+            dims, unknown = [], False
+            for dim_number, dim_wire, dim in _fields(value):
+                if dim_number == 2 and dim_wire == 2:
+                    dims.append(next((_signed(v) for n, w, v in _fields(dim) if n == 1 and w == 0), 0))
+                elif dim_number == 3 and dim_wire == 0:
+                    unknown = bool(dim)
+            info["shape"] = None if unknown else dims  # -1 for a dimension of any size, as saved_model_cli shows
+    return info
+
+
+def _signature(message: bytes) -> dict[str, Any]:
+    method = next((_text(v) for n, w, v in _fields(message) if n == 3 and w == 2), "")
+    return {"inputs": {key: _tensor_info(value) for key, value in _map_entries(message, 1)},
+            "outputs": {key: _tensor_info(value) for key, value in _map_entries(message, 2)},
+            "method_name": method}
+
+
+def _ops(nodes: list[bytes]) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for node in nodes:
+        op = next((_text(v) for n, w, v in _fields(node) if n == 2 and w == 2), "")
+        counts[op] += 1
+    return counts
+
+
+def read_meta_graphs(path: str, data: bytes) -> list[dict[str, Any]]:
+    graphs = []
+    for number, wire, meta in _fields(data):
+        if number != 2 or wire != 2:
+            continue
+        tags: list[str] = []
+        version = ""
+        graph_ops: Counter[str] = Counter()
+        functions: dict[str, Counter[str]] = {}
+        signatures: dict[str, Any] = {}
+        for field, field_wire, value in _fields(meta):
+            if field == 1 and field_wire == 2:  # MetaInfoDef
+                for info_number, info_wire, info in _fields(value):
+                    if info_number == 4 and info_wire == 2:
+                        tags.append(_text(info))
+                    elif info_number == 5 and info_wire == 2:
+                        version = _text(info)
+            elif field == 2 and field_wire == 2:  # GraphDef: nodes, and the function library
+                nodes = []
+                for graph_number, graph_wire, item in _fields(value):
+                    if graph_number == 1 and graph_wire == 2:
+                        nodes.append(item)
+                    elif graph_number == 2 and graph_wire == 2:
+                        for lib_number, lib_wire, function in _fields(item):
+                            if lib_number != 1 or lib_wire != 2:
+                                continue
+                            name, body = "", []
+                            for fn_number, fn_wire, part in _fields(function):
+                                if fn_number == 1 and fn_wire == 2:
+                                    name = next((_text(v) for n, w, v in _fields(part) if n == 1 and w == 2), "")
+                                elif fn_number == 3 and fn_wire == 2:
+                                    body.append(part)
+                            functions[name] = _ops(body)
+                graph_ops = _ops(nodes)
+            elif field == 5 and field_wire == 2:  # signature_def map entry
+                parts = {n: v for n, w, v in _fields(value) if w == 2}
+                signatures[_text(parts.get(1, b""))] = _signature(parts.get(2, b""))
+        graphs.append({"tags": tags, "tensorflow_version": version, "signatures": signatures,
+                       "graph_ops": dict(graph_ops), "functions": {k: dict(v) for k, v in functions.items()}})
+    return graphs
+
+
+def _code_ops(graphs: list[dict[str, Any]]) -> list[PickleImport]:
+    found: Counter[str] = Counter()
+    for graph in graphs:
+        places = [("the graph", graph["graph_ops"])] + [(f"function {name}", ops) for name, ops in graph["functions"].items()]
+        for where, ops in places:
+            for op, count in ops.items():
+                if op in CODE_OPS:
+                    found[f"tf.raw_ops.{op} ({CODE_OPS[op]}; in {where})"] += count
+    return [PickleImport(name, count) for name, count in found.items()]
+
+
+def read_saved_model(path: str, size: int, *, trust: bool) -> Checkpoint:
+    """The registry's entry point for `saved_model.pb`; its folder's `variables/` are the weights."""
+    if size > _MAX_PB_BYTES:
+        raise CorruptCheckpointError(path, "a saved_model.pb over 2 GB, more than protobuf allows: it is damaged. Save "
+                                           "the model again.")
+    with open(path, "rb") as stream:
+        data = stream.read()
+    try:
+        graphs = read_meta_graphs(path, data)
+    except IndexError:
+        raise TruncatedCheckpointError(path, "saved_model.pb ends inside a message: it was cut off. Copy the "
+                                             "SavedModel again.") from None
+    except ValueError:
+        raise CorruptCheckpointError(path, "saved_model.pb does not decode as a SavedModel: it is damaged. Copy the "
+                                           "SavedModel again.") from None
+    if not graphs:
+        raise CorruptCheckpointError(path, "saved_model.pb holds no MetaGraphDef: it is damaged. Save the model "
+                                           "again.")
+    op_counts: Counter[str] = Counter()
+    for graph in graphs:
+        op_counts.update(graph["graph_ops"])
+        for ops in graph["functions"].values():
+            op_counts.update(ops)
+    details = {
+        "meta_graphs": [{"tags": g["tags"], "tensorflow_version": g["tensorflow_version"]} for g in graphs],
+        "signatures": graphs[0]["signatures"],
+        "functions": {name: ops for g in graphs for name, ops in g["functions"].items()},
+        "op_counts": dict(op_counts),
+    }
+    imports = _code_ops(graphs)
+    index = os.path.join(os.path.dirname(os.path.abspath(path)), "variables", "variables.index")
+    if os.path.isfile(index):
+        bundle = TensorBundle(index, os.path.getsize(index))
+        ckpt = bundle.checkpoint(trust, format="savedmodel", details=details, pickle_imports=imports, path=path,
+                                 extra_size=size)
+    else:
+        ckpt = Checkpoint(path, "savedmodel", {}, file_size=size, trust=trust, details=details, pickle_imports=imports)
+    ckpt.metadata.update({"signatures": ", ".join(details["signatures"]) or "none",
+                          "tags": "; ".join(",".join(g["tags"]) for g in graphs),
+                          "tensorflow_version": graphs[0]["tensorflow_version"]})
+    return ckpt
