@@ -6,11 +6,10 @@ LR schedulers, AMP grad scaler, progress (epoch/step/loss), hyper-parameters and
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import numpy
 
 from ckptview.analyzers.sections import Section, find_sections, model_section, model_state_dict
 from ckptview.readers.model import Checkpoint, PickledObject, TensorEntry, TensorInfo, load_tensor
@@ -100,9 +99,11 @@ def plain(value: Any, *, depth: int = 0) -> Any:
         return [plain(v, depth=depth + 1) for v in value]
     if isinstance(value, (set, frozenset)):
         return sorted((plain(v, depth=depth + 1) for v in value), key=repr)
-    if isinstance(value, numpy.generic):  # np.float64(0.93) saved as best_acc
+    # a numpy value can only be here once numpy is imported (by the unpickler or a numpy reader)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, numpy.generic):  # np.float64(0.93) saved as best_acc
         return plain(value.item(), depth=depth + 1)
-    if isinstance(value, numpy.ndarray):
+    if numpy is not None and isinstance(value, numpy.ndarray):
         if value.size <= 16 and value.dtype != object:
             return value.tolist()
         return f"array{list(value.shape)} {value.dtype}"

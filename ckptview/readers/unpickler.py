@@ -361,7 +361,6 @@ def _build_allow_list() -> dict[str, Any]:
     for prefix in ("torch.", "torch.storage.", "torch.cuda."):
         allowed.update({prefix + name: storage for name, storage in _STORAGE_TYPES.items()})
     allowed.update(_QSCHEMES)
-    allowed.update(_numpy_globals())
     return allowed
 
 
@@ -380,13 +379,19 @@ class _StorageRef(_Sealed):
 
 
 _ALLOWED: dict[str, Any] | None = None
+_ALLOWED_WITH_NUMPY: dict[str, Any] | None = None
 
 
-def _allowed() -> dict[str, Any]:
-    global _ALLOWED
+def _allowed(numpy_too: bool = True) -> dict[str, Any]:
+    """The allow-list; numpy's entries (importing numpy, 0.2 s) only where a pickle names numpy."""
+    global _ALLOWED, _ALLOWED_WITH_NUMPY
     if _ALLOWED is None:
         _ALLOWED = _build_allow_list()
-    return _ALLOWED
+    if not numpy_too:
+        return _ALLOWED
+    if _ALLOWED_WITH_NUMPY is None:
+        _ALLOWED_WITH_NUMPY = _ALLOWED | _numpy_globals()
+    return _ALLOWED_WITH_NUMPY
 
 
 SCRIPT_CLASS_PREFIX = "__torch__."
@@ -416,7 +421,7 @@ class SafeUnpickler(pickle.Unpickler):
         else:
             module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         full_name = f"{module}.{name}"
-        allowed = _allowed()
+        allowed = _allowed(numpy_too=module.partition(".")[0] == "numpy")
         if full_name in allowed:
             return allowed[full_name]
         return self._stand_in(full_name)
@@ -473,6 +478,6 @@ def _reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
     # allowed containers get built
     if isinstance(cls, type) and issubclass(cls, PickledObject):
         return cls(state) if state is not None else cls()
-    if cls in (dict, list, set) or cls is _allowed()["collections.OrderedDict"]:
+    if cls in (dict, list, set) or cls is _allowed(numpy_too=False)["collections.OrderedDict"]:
         return cls()
     raise RefusedPickle("copyreg._reconstructor is accepted only for plain containers")
