@@ -6,8 +6,9 @@ explained where it can be: BatchNorm folded into the preceding convolution (chec
 `w·γ/√(var+ε)` and `β + (b − mean)·γ/√(var+ε)` against the exported kernel and bias), counters
 an export drops (`num_batches_tracked`), and constants only the graph has (shape tensors).
 
-Reading stays bounded: every tensor is streamed once in chunks for a fingerprint (element count,
-sum, sum of squares, min, max: unchanged by a transpose, within a cast's rounding after a cast);
+Reading stays bounded: pairs with the same name are loaded one pair at a time and compared in
+full; for the rest, each tensor is streamed once in chunks for a fingerprint (element count, sum,
+sum of squares, min, max: unchanged by a transpose, within a cast's rounding after a cast), and
 only pairs whose fingerprints agree are loaded, one pair at a time, and compared in full. A few
 sampled values would be cheaper but depend on the layout, so they cannot find a transposed copy
 without reading it.
@@ -32,6 +33,7 @@ HOW = ("name", "content", "transposed", "cast", "folded", "dropped", "graph_cons
 _BN_EPS = (1e-5, 1e-3)
 _COUNTERS = ("num_batches_tracked",)
 _CHUNK_BYTES = 8 * 1024 * 1024
+_SLICE = 1 << 20  # elements per slice when subtracting two loaded tensors
 
 
 @dataclass(frozen=True)
@@ -237,7 +239,7 @@ class _Matcher:
         for key in list(self.left_open):
             if key in self.right_open and _shape(self.left[key]) == _shape(self.right[key]):
                 a, b = _load(self.left[key]), _load(self.right[key])
-                self.add(TensorMatch(key, key, "name", _max_abs(a.double(), b.double()), "values differ"))
+                self.add(TensorMatch(key, key, "name", _max_abs(a, b), "values differ"))
                 self.take((key,), key)
 
     # -- helpers ------------------------------------------------------------------------------------
@@ -249,8 +251,9 @@ class _Matcher:
         transposed = len(a_shape) == 2 and a_shape != b_shape and a_shape[::-1] == b_shape
         if a_shape != b_shape and not transposed:
             return None
-        if not _prints_agree(self._print("left", left_key), self._print("right", right_key),
-                             _dtype(a_entry), _dtype(b_entry)):
+        # a name pair is compared directly; fingerprints only narrow the search for content pairs
+        if left_key != right_key and not _prints_agree(self._print("left", left_key), self._print("right", right_key),
+                                                       _dtype(a_entry), _dtype(b_entry)):
             return None
         a, b = _load(a_entry), _load(b_entry)
         if transposed:
@@ -266,7 +269,7 @@ class _Matcher:
             same = torch.equal(a, b)
         if not same:
             return None
-        difference = _max_abs(a.double(), b.double())
+        difference = _max_abs(a, b)
         names = f"{_dtype_text(a.dtype)} → {_dtype_text(b.dtype)}"
         if transposed:
             detail = f"[{', '.join(map(str, a_shape))}] → [{', '.join(map(str, b_shape))}]" + (f", {names}" if cast else "")
@@ -433,8 +436,15 @@ def _dtype_text(dtype: torch.dtype) -> str:
 
 
 def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    if not a.numel():
-        return 0.0
-    difference = (a - b).abs()
-    finite = difference[torch.isfinite(difference)]
-    return float(finite.max()) if finite.numel() else 0.0
+    """max |a − b| over finite differences, in slices so the temporaries stay small whatever the tensor size."""
+    wide = torch.promote_types(a.dtype, b.dtype)
+    if not wide.is_floating_point:
+        wide = torch.float64
+    a, b = a.reshape(-1), b.reshape(-1)
+    largest = 0.0
+    for start in range(0, a.numel(), _SLICE):
+        difference = (a[start:start + _SLICE].to(wide) - b[start:start + _SLICE].to(wide)).abs()
+        finite = difference[torch.isfinite(difference)]
+        if finite.numel():
+            largest = max(largest, float(finite.max()))
+    return largest
