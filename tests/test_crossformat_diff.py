@@ -144,3 +144,20 @@ def test_diff_json_across_formats_gains_the_matching(files: dict[str, Path], cap
     # one format on both sides: the plain diff, without the matching keys
     assert cli_main(["diff", str(files["pt"]), str(files["pt"]), "--values", "--json"]) == 0
     assert "matches" not in json.loads(capsys.readouterr().out)
+
+
+def test_keras_model_and_its_tflite_conversion_are_fully_explained() -> None:
+    # both written by TensorFlow from one trained Keras model (tests/fixtures/make_tf_fixtures.py)
+    fixtures = Path(__file__).parent / "fixtures" / "tf"
+    matching = ckptview.diff(fixtures / "keras3_trained.h5", fixtures / "float.tflite", values=True).matching
+    assert (matching.left_format, matching.right_format) == ("keras-h5", "tflite")
+    assert matching.complete
+    kernel = matching.became("conv.kernel")[0]
+    # TFLite keeps the kernel [out, h, w, in] where Keras has [h, w, in, out], with BatchNorm (eps 1e-3) folded in
+    assert kernel.how == "folded" and set(kernel.left_keys) == {"conv.kernel", "bn.gamma", "bn.moving_variance"}
+    assert "eps 0.001" in kernel.detail
+    bias = next(m for m in matching.became("bn.moving_mean") if m.right != kernel.right)
+    assert bias.how == "folded" and "conv.bias" in bias.left_keys
+    dense = matching.became("dense_1.kernel")[0]
+    assert (dense.how, dense.detail, dense.max_abs_diff) == ("transposed", "[144, 8] → [8, 144]", 0.0)
+    assert {m.how for m in matching.matches if m.left is None} == {"graph_constant"}

@@ -1,7 +1,7 @@
 """
 Did my export keep my weights? Tensors of two files of different formats (a `.pt` and its ONNX
-export, its `.safetensors` or `.npz` copy) are paired by name where the exporter kept names, else
-by content: the same values up to a transpose or a dtype cast. What has no counterpart is
+export, its `.safetensors` or `.npz` copy, a Keras `.h5` and its `.tflite`) are paired by name where
+the exporter kept names, else by content: the same values up to an axis order or a dtype cast. What has no counterpart is
 explained where it can be: BatchNorm folded into the preceding convolution (checked by computing
 `w·γ/√(var+ε)` and `β + (b − mean)·γ/√(var+ε)` against the exported kernel and bias), counters
 an export drops (`num_batches_tracked`), and constants only the graph has (shape tensors).
@@ -16,6 +16,7 @@ without reading it.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +35,10 @@ _BN_EPS = (1e-5, 1e-3)
 _COUNTERS = ("num_batches_tracked",)
 _CHUNK_BYTES = 8 * 1024 * 1024
 _SLICE = 1 << 20  # elements per slice when subtracting two loaded tensors
+_MAX_PERMUTED_DIMS = 5  # axis orders tried up to 5-D (120); exporters permute conv kernels, never more
+# BatchNorm's tensors as torch and Keras name them
+_BN_LEAVES = {"running_mean": ("running_mean", "moving_mean"), "running_var": ("running_var", "moving_variance"),
+              "weight": ("weight", "gamma"), "bias": ("bias", "beta")}
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,7 @@ class TensorMatch:
             the right side has it: a graph constant, a counter the right side added).
         right: the right key (None when the left tensor was dropped).
         how: "name" (same name, same values or the value diff says how they differ), "content"
-            (same values under another name), "transposed", "cast" (another dtype, values equal
+            (same values under another name), "transposed" (axes in another order), "cast" (another dtype, values equal
             after the cast), "folded" (BatchNorm folded into a convolution), "dropped" (a counter
             the export leaves out), "graph_constant" (a tensor only the graph has, used by no layer).
         max_abs_diff: max |left (transformed as `how` says) − right|; None where nothing is compared.
@@ -245,34 +250,29 @@ class _Matcher:
     # -- helpers ------------------------------------------------------------------------------------
 
     def _compare(self, left_key: str, right_key: str) -> TensorMatch | None:
-        """A match when the right tensor holds the left one's values, as stored, transposed or cast."""
+        """A match when the right tensor holds the left one's values, as stored, with its axes permuted, or cast."""
         a_entry, b_entry = self.left[left_key], self.right[right_key]
         a_shape, b_shape = _shape(a_entry), _shape(b_entry)
-        transposed = len(a_shape) == 2 and a_shape != b_shape and a_shape[::-1] == b_shape
-        if a_shape != b_shape and not transposed:
+        orders = _orders(a_shape, b_shape)
+        if not orders:
             return None
         # a name pair is compared directly; fingerprints only narrow the search for content pairs
         if left_key != right_key and not _prints_agree(self._print("left", left_key), self._print("right", right_key),
                                                        _dtype(a_entry), _dtype(b_entry)):
             return None
-        a, b = _load(a_entry), _load(b_entry)
-        if transposed:
-            a = a.t()
-        cast = a.dtype != b.dtype
-        if cast:
-            if not (a.is_floating_point() or b.is_floating_point()):
-                same = torch.equal(a.to(torch.int64), b.to(torch.int64))
-            else:
-                narrow = a.dtype if _eps(a.dtype) > _eps(b.dtype) else b.dtype
-                same = torch.equal(a.to(narrow), b.to(narrow))
+        loaded, b = _load(a_entry), _load(b_entry)
+        for order in orders:
+            a = loaded.permute(order)
+            if _same_values(a, b):
+                break
         else:
-            same = torch.equal(a, b)
-        if not same:
             return None
+        cast = a.dtype != b.dtype
         difference = _max_abs(a, b)
         names = f"{_dtype_text(a.dtype)} → {_dtype_text(b.dtype)}"
-        if transposed:
-            detail = f"[{', '.join(map(str, a_shape))}] → [{', '.join(map(str, b_shape))}]" + (f", {names}" if cast else "")
+        if order != tuple(range(len(order))):
+            detail = (f"[{', '.join(map(str, a_shape))}] → [{', '.join(map(str, b_shape))}]"
+                      + (f" (axes {', '.join(map(str, order))})" if len(order) > 2 else "") + (f", {names}" if cast else ""))
             return TensorMatch(left_key, right_key, "transposed", difference, detail)
         if cast:
             return TensorMatch(left_key, right_key, "cast", difference, names)
@@ -280,10 +280,9 @@ class _Matcher:
 
     def _candidates(self, key: str) -> list[str]:
         shape = _shape(self.left[key])
-        wanted = {shape, shape[::-1]} if len(shape) == 2 else {shape}
-        same_shape = [k for k in self.right_open if _shape(self.right[k]) in wanted]
+        same_shape = [k for k in self.right_open if _orders(shape, _shape(self.right[k]))]
         # a tensor tied to another (embedding and head) may be stored once: fall back to used ones
-        return same_shape or [k for k in self.right if _shape(self.right[k]) in wanted and k not in self.right_open
+        return same_shape or [k for k in self.right if _orders(shape, _shape(self.right[k])) and k not in self.right_open
                               and any(m.right == k and m.how in ("content", "name", "transposed", "cast")
                                       for m in self.matches)]
 
@@ -294,17 +293,18 @@ class _Matcher:
         gamma = _load(left[group["weight"]]).double() if "weight" in group else torch.ones_like(mean)
         beta = _load(left[group["bias"]]).double() if "bias" in group else torch.zeros_like(mean)
         weight = _load(left[conv]).double()
-        conv_bias_key = conv.removesuffix("weight") + "bias" if conv.endswith("weight") else None
+        module = conv.rpartition(".")[0]
+        conv_bias_key = f"{module}.bias" if module else "bias"
         conv_bias = _load(left[conv_bias_key]).double() if conv_bias_key in left else torch.zeros_like(mean)
-        module = conv.rpartition(".")[0] or conv
+        axis = _output_axis(conv)
         for eps in _BN_EPS:
             scale = gamma / torch.sqrt(var + eps)
-            kernel = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+            kernel = weight * scale.reshape([-1 if i == axis % weight.dim() else 1 for i in range(weight.dim())])
             bias = beta + (conv_bias - mean) * scale
             found_kernel = self._find_folded(kernel)
             if found_kernel is None:
                 continue
-            detail = f"BatchNorm {prefix} folded into {module}, eps {eps:g}"
+            detail = f"BatchNorm {prefix} folded into {module or conv}, eps {eps:g}"
             kernel_from = (conv, *(group[k] for k in ("weight", "running_var") if k in group))
             self.add(TensorMatch(kernel_from, found_kernel[0], "folded", found_kernel[1], detail + ": w·γ/√(var+ε)"))
             self.take(kernel_from, found_kernel[0])
@@ -324,17 +324,18 @@ class _Matcher:
             return
 
     def _find_folded(self, expected: torch.Tensor) -> tuple[str, float] | None:
-        shape = tuple(expected.shape)
         scale = float(expected.abs().max()) if expected.numel() else 0.0
         for key in self.right_open:
             entry = self.right[key]
-            if _shape(entry) != shape or not _dtype(entry).is_floating_point:
+            orders = _orders(tuple(expected.shape), _shape(entry))
+            if not orders or not _dtype(entry).is_floating_point:
                 continue
-            value = _load(entry).double()
-            difference = _max_abs(expected, value)
-            # the exporter folds in float32: allow its rounding, nothing more
-            if difference <= 1e-5 * scale + 1e-7:
-                return key, difference
+            value = _load(entry)
+            for order in orders:  # the exported kernel may keep another axis order (TFLite: out, h, w, in)
+                difference = _max_abs(expected.permute(order), value)
+                # the exporter folds in float32: allow its rounding, nothing more
+                if difference <= 1e-5 * scale + 1e-7:
+                    return key, difference
         return None
 
     def _print(self, side: str, key: str) -> _Print:
@@ -379,17 +380,18 @@ def _prints_agree(a: _Print, b: _Print, a_dtype: torch.dtype, b_dtype: torch.dty
 
 
 def _batchnorm_groups(state: Mapping[str, Any]) -> dict[str, dict[str, str]]:
-    """prefix → {"running_mean": key, "running_var": key, "weight"?: key, "bias"?: key}."""
+    """prefix → {"running_mean": key, "running_var": key, "weight"?: key, "bias"?: key}, in torch's or Keras' names."""
     groups: dict[str, dict[str, str]] = {}
     for key in state:
         prefix, _, leaf = key.rpartition(".")
-        if not prefix or leaf != "running_mean" or f"{prefix}.running_var" not in state:
+        if not prefix or leaf not in _BN_LEAVES["running_mean"]:
             continue
-        group = {"running_mean": key, "running_var": f"{prefix}.running_var"}
-        for name in ("weight", "bias"):
-            if f"{prefix}.{name}" in state and _shape(state[f"{prefix}.{name}"]) == _shape(state[key]):
-                group[name] = f"{prefix}.{name}"
-        groups[prefix] = group
+        found = {role: next((f"{prefix}.{name}" for name in names if f"{prefix}.{name}" in state), None)
+                 for role, names in _BN_LEAVES.items()}
+        if found["running_var"] is None:
+            continue
+        groups[prefix] = {role: name for role, name in found.items()
+                          if name is not None and _shape(state[name]) == _shape(state[key])}
     return groups
 
 
@@ -397,9 +399,31 @@ def _preceding_weight(keys: list[str], state: Mapping[str, Any], anchor: str, ch
     """The nearest weight before `anchor` in state-dict order with `channels` outputs: the layer feeding the BatchNorm."""
     for key in reversed(keys[:keys.index(anchor)]):
         shape = _shape(state[key])
-        if key.endswith("weight") and len(shape) >= 2 and shape[0] == channels:
+        if key.rpartition(".")[2] in ("weight", "kernel") and len(shape) >= 2 and shape[_output_axis(key)] == channels:
             return key
     return None
+
+
+def _output_axis(key: str) -> int:
+    """Where a weight keeps its output channels: first in torch ([out, in, kh, kw]), last in a Keras kernel."""
+    return -1 if key.endswith("kernel") else 0
+
+
+def _orders(left: tuple[int, ...], right: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The axis orders that turn `left`'s shape into `right`'s, the identity first (none when they cannot)."""
+    if len(left) != len(right) or sorted(left) != sorted(right) or len(left) > _MAX_PERMUTED_DIMS:
+        return [tuple(range(len(left)))] if left == right else []
+    return [order for order in itertools.permutations(range(len(left))) if tuple(left[i] for i in order) == right]
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal as stored, or equal once the wider side is cast to the narrower one's dtype."""
+    if a.dtype == b.dtype:
+        return torch.equal(a, b)
+    if not (a.is_floating_point() or b.is_floating_point()):
+        return torch.equal(a.to(torch.int64), b.to(torch.int64))
+    narrow = a.dtype if _eps(a.dtype) > _eps(b.dtype) else b.dtype
+    return torch.equal(a.to(narrow), b.to(narrow))
 
 
 def _readable(value: Any) -> bool:

@@ -251,7 +251,7 @@ def diff(a: Any, b: Any, *, values: bool = False, ignore: Sequence[str] = (), th
         changes = value_diff(left, right, ignore=ignore, threads=threads, progress=progress, cancel=cancel) if values else None
         matching = None
         if values and isinstance(a, Checkpoint) and isinstance(b, Checkpoint) and a.format != b.format:
-            matching = match_tensors(left, right, right_layers=b.layers, right_is_graph=b.format == "onnx",
+            matching = match_tensors(left, right, right_layers=b.layers, right_is_graph=b.format in ("onnx", "tflite"),
                                      left_format=a.format, right_format=b.format)
     return Diff(keys, changes, matching)
 
