@@ -17,11 +17,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from format_checks import check_every_command, check_every_tab, cli
 
 import ckptview
 from ckptview.analyzers.sections import model_state_dict
 from ckptview.errors import CkptviewError, CorruptCheckpointError, UnsupportedFormatError
-from format_checks import check_every_command, check_every_tab, cli
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tf"
 LAMBDA_MARKER = Path("/tmp/ckptview-keras-lambda-ran")
@@ -229,10 +229,9 @@ def test_keras3_nested_layers(tmp_path: Path) -> None:
 
 def refused(path: Path, error: type[CkptviewError], match: str) -> str:
     before = path.read_bytes()
-    with pytest.raises(error, match=match) as caught:
-        with ckptview.open(path) as ckpt:
-            for entry in ckpt.tensors():
-                entry.load()
+    with pytest.raises(error, match=match) as caught, ckptview.open(path) as ckpt:
+        for entry in ckpt.tensors():
+            entry.load()
     message = str(caught.value)
     assert "\n" not in message
     code, _, err = cli("info", str(path))
@@ -303,3 +302,19 @@ def test_every_cli_command_and_explorer_tab(name: str, tmp_path: Path) -> None:
     assert {s["kind"] for s in info["sections"]} >= {"state_dict", "optimizer", "hyper_parameters"}
     check_every_tab(path)
     assert os.path.getsize(path) == os.path.getsize(FIXTURES / name)
+
+
+def test_listing_imports_neither_tensorflow_keras_nor_torch() -> None:
+    """Header-only commands stay light on every TensorFlow-world format, and nothing imports TF or Keras."""
+    import subprocess
+    import sys
+
+    paths = [FIXTURES / name for name in ("keras3_trained.h5", "keras3_trained.keras", "int8.tflite", "savedmodel",
+                                           "tf_checkpoint/ckpt.index")]
+    code = ("import sys, io, contextlib\nfrom ckptview.cli import main\n"
+            "for path in sys.argv[1:]:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        assert main(['info', path]) == 0, path\n"
+            "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'tf_keras') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from format_checks import check_every_command, check_every_tab, cli
 
 import ckptview
 from ckptview.analyzers.sections import model_state_dict
 from ckptview.errors import CkptviewError, CorruptCheckpointError, ShardError, TruncatedCheckpointError
-from format_checks import check_every_command, check_every_tab, cli
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tf"
 INDEX = FIXTURES / "tf_checkpoint" / "ckpt.index"
@@ -80,11 +80,10 @@ def copy_checkpoint(tmp_path: Path) -> Path:
 
 def refused(path: Path, error: type[CkptviewError], match: str, *, on_load: bool = False) -> None:
     before = {p: p.read_bytes() for p in path.parent.rglob("*") if p.is_file()}
-    with pytest.raises(error, match=match) as caught:
-        with ckptview.open(path) as ckpt:
-            assert on_load
-            for entry in ckpt.tensors():
-                entry.load()
+    with pytest.raises(error, match=match) as caught, ckptview.open(path) as ckpt:
+        assert on_load
+        for entry in ckpt.tensors():
+            entry.load()
     assert "\n" not in str(caught.value)
     code, _, err = cli("stats", str(path))
     assert code == 1 and err.count("\n") == 1, err

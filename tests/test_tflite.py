@@ -18,9 +18,10 @@ import torch
 
 tflite = pytest.importorskip("tflite")
 
-import ckptview  # noqa: E402
-from ckptview.errors import CkptviewError, CorruptCheckpointError  # noqa: E402
-from format_checks import check_every_command, check_every_tab, cli  # noqa: E402
+from format_checks import check_every_command, check_every_tab, cli
+
+import ckptview
+from ckptview.errors import CkptviewError, CorruptCheckpointError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tf"
 
@@ -218,10 +219,9 @@ def test_per_tensor_and_per_channel_dequantization(dtype: type, tmp_path: Path) 
 
 def refused(path: Path, error: type[CkptviewError], match: str) -> None:
     before = path.read_bytes()
-    with pytest.raises(error, match=match) as caught:
-        with ckptview.open(path) as ckpt:
-            for entry in ckpt.tensors():
-                entry.load()
+    with pytest.raises(error, match=match) as caught, ckptview.open(path) as ckpt:
+        for entry in ckpt.tensors():
+            entry.load()
     assert "\n" not in str(caught.value)
     code, _, err = cli("info", str(path))
     assert code == 1 and err.count("\n") == 1, err

@@ -31,7 +31,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 import struct
 import threading
@@ -162,7 +161,7 @@ class _Window(io.RawIOBase):
     """Bytes [start, start + size) of a file as a file of their own, for h5py to open a stored zip member."""
 
     def __init__(self, path: str, start: int, size: int) -> None:
-        self._file = open(path, "rb")
+        self._file = open(path, "rb")  # noqa: SIM115  (h5py reads it until the checkpoint is opened; closed by close())
         self._start, self._size, self._pos = start, size, 0
 
     def readable(self) -> bool:
@@ -223,11 +222,8 @@ class _RowSource:
         return bytes(buffer)
 
     def close(self) -> None:
-        for item in self._keep_open:
-            try:
-                item.close()
-            except Exception:  # already closed with the checkpoint's other sources
-                pass
+        for item in self._keep_open:  # h5py files and zip streams: closing twice is harmless
+            item.close()
 
 
 class _Reader:
@@ -709,9 +705,9 @@ def optimizer_state(slots: list[tuple[str, TensorInfo]], parameters: list[str],
         else:
             last = parts[-1]
             for flat, param in by_flat.items():
-                if last.startswith(flat + "_") and last[len(flat) + 1:]:
-                    if match is None or len(flat) > len(match[0].replace(".", "_")):
-                        match = (param, last[len(flat) + 1:])
+                longest = match is None or len(flat) > len(match[0].replace(".", "_"))
+                if last.startswith(flat + "_") and last[len(flat) + 1:] and longest:
+                    match = (param, last[len(flat) + 1:])
         if match is not None:
             state.setdefault(match[0], {})[match[1]] = info
         else:

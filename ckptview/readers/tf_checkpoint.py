@@ -298,11 +298,11 @@ def parse_checkpoint_state(path: str, size: int) -> tuple[str, list[str]]:
                                            "Open the checkpoint's .index file instead.")
     with open(path, encoding="utf-8", errors="replace") as stream:
         text = stream.read()
-    latest = re.search(r'^model_checkpoint_path:\s*"((?:[^"\\]|\\.)*)"', text, re.M)
+    latest = re.search(r'^model_checkpoint_path:\s*"((?:[^"\\]|\\.)*)"', text, re.MULTILINE)
     if latest is None:
         raise CorruptCheckpointError(path, "the checkpoint state file names no model_checkpoint_path: open the "
                                            "checkpoint's .index file instead.")
-    others = re.findall(r'^all_model_checkpoint_paths:\s*"((?:[^"\\]|\\.)*)"', text, re.M)
+    others = re.findall(r'^all_model_checkpoint_paths:\s*"((?:[^"\\]|\\.)*)"', text, re.MULTILINE)
     return latest.group(1), others
 
 
@@ -342,7 +342,7 @@ class TensorBundle:
         if not 1 <= self.num_shards <= 100_000:
             raise CorruptCheckpointError(index_path, f"the bundle header claims {self.num_shards:,} data shards: the "
                                                      "index is damaged. Copy the checkpoint again.")
-        prefix = index_path[: -len(".index")] if index_path.endswith(".index") else index_path
+        prefix = index_path.removesuffix(".index")
         self.shards = [f"{prefix}.data-{i:05d}-of-{self.num_shards:05d}" for i in range(self.num_shards)]
         self.sources: list[FileSource] = []
         self.shard_sizes: list[int] = []

@@ -161,8 +161,8 @@ class _Reader:
             "quantized_tensors": quantized,
             "metadata": [(model.Metadata(i).Name() or b"").decode("utf-8", "replace")
                          for i in range(model.MetadataLength())],
-            "notes": ["TFLite's converter folds BatchNorm into the convolution before it: there are no BatchNorm "
-                      "statistics to check", "fully-connected weights are stored [out, in], as torch stores them"],
+            "notes": [("TFLite's converter folds BatchNorm into the convolution before it: there are no BatchNorm "
+                       "statistics to check"), "fully-connected weights are stored [out, in], as torch stores them"],
         }
         metadata = {"description": details["description"], "subgraphs": str(len(subgraphs)),
                     "operators": ", ".join(f"{name} ×{count}" for name, count in op_counts.most_common(8))}
