@@ -165,7 +165,8 @@ class _Reader:
                        "statistics to check"), "fully-connected weights are stored [out, in], as torch stores them"],
         }
         metadata = {"description": details["description"], "subgraphs": str(len(subgraphs)),
-                    "operators": ", ".join(f"{name} ×{count}" for name, count in op_counts.most_common(8))}
+                    "operators": ", ".join(f"{name} ×{count}" for name, count in op_counts.most_common(8)),
+                    "note": "; ".join(details["notes"])}  # the explorer's Overview shows metadata
         return Checkpoint(self.path, "tflite", root, file_size=self.size, sources=[self.source], trust=trust,
                           details=details, metadata=metadata, layers=layers)
 
