@@ -53,6 +53,26 @@ def test_variables_equal_what_tensorflow_reported(index: Path, name: str) -> Non
             assert torch.equal(torch.cat(list(entry.iter_chunks(chunk_bytes=64))), wanted.reshape(-1))
 
 
+def test_tf1_saver_checkpoint_slots_and_stale_absolute_state(tmp_path: Path) -> None:
+    # TF1's Saver names variables by key, keeps Adam's slots under them and writes absolute paths into
+    # its state file: opened from a copy, the checkpoint is found beside the state file
+    folder = tmp_path / "moved"
+    shutil.copytree(FIXTURES / "tf1_checkpoint", folder)
+    expected = {v["key"]: v for v in report("tf1_checkpoint.json")["variables"]}
+    with ckptview.open(folder) as ckpt:
+        assert Path(ckpt.path).parent == folder
+        keys = ckpt.details["checkpoint_keys"]
+        assert sorted(keys.values()) == sorted(expected)
+        for name, key in keys.items():
+            assert torch.equal(ckpt.tensor(name).load(), expected_values(expected[key])), key
+        assert sorted(model_state_dict(ckpt)) == ["dense.bias", "dense.kernel", "head.bias", "head.kernel"]
+        (optimizer,) = ckptview.training_state(ckpt).optimizers
+        assert optimizer.mapping == "param_names"
+        assert {p.name: sorted(p.tensors) for p in optimizer.params} == {
+            name: ["Adam", "Adam_1"] for name in ("dense.bias", "dense.kernel", "head.bias", "head.kernel")}
+        assert optimizer.groups[0].options["global_step"] == 2
+
+
 def test_names_from_the_object_graph_match_the_keras_model() -> None:
     # the checkpoint holds the same trained model as keras3_trained.h5: Keras 3 saved its kernels under
     # optimizer/_trainable_variables/<i>, the object graph gives them back their names

@@ -249,7 +249,7 @@ FORMATS: list[Format] = [
                ("TensorFlow checkpoint (`<prefix>.index` + `<prefix>.data-NNNNN-of-MMMMM`)",
                 "the index's sorted string table and protobuf entries decoded by hand, never TensorFlow; data read in "
                 "place from the shards, crc32c checked when a tensor is read whole; names from the object graph "
-                "(`dense.kernel`, raw keys in `details`), optimizer slots as the training section; a missing shard "
+                "(`dense.kernel`, raw keys in `details`), optimizer slots as the training section (TF1 `Saver` slots too); a missing shard "
                 "named"),
            )),
     Format("tf-checkpoint-state", "TensorFlow `checkpoint` state files", _is_tf_checkpoint_state,

@@ -310,6 +310,10 @@ def _state_prefix(path: str, name: str) -> str:
     from ckptview.readers.paths import resolve_inside
 
     folder = os.path.dirname(os.path.abspath(path))
+    # TF1's Saver writes absolute paths, stale once the folder is copied: the checkpoint is read from
+    # beside the state file, by its file name
+    if os.path.isabs(name):
+        name = os.path.basename(name)
     # the prefix names files that do not exist as such (ckpt-2 -> ckpt-2.index); resolve its .index
     return resolve_inside(folder, name + ".index", named_by=path, what="the checkpoint")[: -len(".index")]
 
@@ -471,6 +475,10 @@ class TensorBundle:
         graph = _object_graph(self.path, self.string_value(OBJECT_GRAPH_KEY))
         listed = [(key, entry, info) for key, entry, info in self.tensors() if key != OBJECT_GRAPH_KEY]
         full_names, optimizer_keys = _graph_names(graph)
+        slot_names: dict[str, str] = {}
+        if graph is None:
+            slot_names = _tf1_slots([key for key, _, info in listed if info is not None])
+            optimizer_keys = set(slot_names)
         names: dict[str, str] = {}
         used: set[str] = set()
         for key, _, _ in listed:
@@ -488,7 +496,7 @@ class TensorBundle:
                 other[names[key]] = {"dtype": TF_TYPE_NAMES.get(entry["dtype"], entry["dtype"]),
                                      "shape": entry["shape"]}
             elif key in optimizer_keys:
-                slots.append((full_names.get(key) or key.removesuffix(ATTRIBUTE_SUFFIX), info))
+                slots.append((slot_names.get(key) or full_names.get(key) or key.removesuffix(ATTRIBUTE_SUFFIX), info))
             else:
                 model[names[key]] = info
         kinds = {name: (name.rpartition(".")[0], "", name.rpartition(".")[2]) for name in model}
@@ -511,6 +519,25 @@ class TensorBundle:
         return Checkpoint(path or self.path, format, root, file_size=self.size + sum(self.shard_sizes) + extra_size,
                           sources=self.sources,
                           trust=trust, details=all_details, layers=layers, pickle_imports=pickle_imports)
+
+
+# TF1 optimizers' own variables, beside the slots they keep under each variable's name
+_TF1_OPTIMIZER_VARIABLES = frozenset({"beta1_power", "beta2_power", "global_step"})
+
+
+def _tf1_slots(keys: list[str]) -> dict[str, str]:
+    """A name-based (TF1 `Saver`) checkpoint's optimizer variables: a slot is saved under the variable's
+    own key (`dense/kernel/Adam`, `dense/kernel/Momentum`), so a key below another variable's is one.
+    Given the `optimizer/<param>/<slot>` form the Keras optimizer shapes use."""
+    present = set(keys)
+    slots = {}
+    for key in keys:
+        parent, _, slot = key.rpartition("/")
+        if parent in present:
+            slots[key] = f"optimizer/{parent}/{slot}"
+        elif key in _TF1_OPTIMIZER_VARIABLES:
+            slots[key] = f"optimizer/{key}"
+    return slots if any(name.count("/") > 1 for name in slots.values()) else {}
 
 
 def _itemsize(dtype: str) -> int:
