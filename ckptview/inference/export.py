@@ -475,8 +475,10 @@ def _export_onnx(model: nn.Module, args: tuple[Any, ...], path: str,
         batch = torch.export.Dim("batch")
         dynamic = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() else None for a in args)
         try:
-            with _quiet(caught):
-                torch.onnx.export(model, args, path, dynamo=True, dynamic_shapes=dynamic, external_data=False)
+            with _quiet(caught, stderr=True):
+                # verbose=False: the dynamo exporter otherwise prints its progress to stdout
+                torch.onnx.export(model, args, path, dynamo=True, dynamic_shapes=dynamic, external_data=False,
+                                  verbose=False)
             return "torch.onnx.export (dynamo)", caught, None
         except Exception as exc:  # torch.export raises many kinds (guards on data, unsupported ops)
             dynamo_error = _export_error(exc)
@@ -484,7 +486,8 @@ def _export_onnx(model: nn.Module, args: tuple[Any, ...], path: str,
     output_names = [f"output_{i}" for i in range(outputs)]
     try:
         with _quiet(caught):
-            torch.onnx.export(model, args, path, dynamo=False, input_names=input_names, output_names=output_names,
+            torch.onnx.export(model, args, path, dynamo=False, verbose=False, input_names=input_names,
+                              output_names=output_names,
                               dynamic_axes={name: {0: "batch"} for name in input_names + output_names})
     except Exception as exc:
         error = _export_error(exc)
@@ -683,16 +686,20 @@ def _kept(caught: list[warnings.WarningMessage]) -> tuple[ExportWarning, ...]:
 
 
 @contextlib.contextmanager
-def _quiet(caught: list[warnings.WarningMessage]) -> Iterator[None]:
-    """Record warnings, and keep the exporters' progress lines and log output off the user's screen."""
+def _quiet(caught: list[warnings.WarningMessage], *, stderr: bool = False) -> Iterator[None]:
+    """
+    Record warnings and keep the exporters' log lines off the user's screen. `stderr=True` also
+    swallows what is printed to stderr: torch.export prints the partial graph there when it fails
+    (torch 2.13), and the failure is reported in one line instead. Redirecting stderr is process-wide,
+    so it is done only around that one call.
+    """
     loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR + 10)
-    sink = io.StringIO()
     try:
-        with warnings.catch_warnings(record=True) as recorded, contextlib.redirect_stdout(sink), \
-                contextlib.redirect_stderr(sink):
+        with warnings.catch_warnings(record=True) as recorded, \
+                (contextlib.redirect_stderr(io.StringIO()) if stderr else contextlib.nullcontext()):
             warnings.simplefilter("always")
             try:
                 yield
