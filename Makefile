@@ -1,8 +1,11 @@
 # Two commands do all the set-up: `make demo` and `make test`.
 # Bring your own torch with e.g. `make TORCH="torch==2.5.1" test`, or TORCH= to keep the one installed.
+# torch comes from PyTorch's CPU wheel index (pip's default index serves CUDA builds on Linux);
+# TORCH_INDEX= takes it from pip's own index instead.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo_checkpoints
 PORT ?= 8888
@@ -17,7 +20,7 @@ $(BIN)/python:
 
 # CPU torch goes in first, so the project's `torch>=2.4` finds it and pulls no CUDA build.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(if $(strip $(TORCH)),$(BIN)/python -m pip install --quiet "$(TORCH)")
+	$(if $(strip $(TORCH)),$(BIN)/python -m pip install --quiet $(if $(strip $(TORCH_INDEX)),--index-url $(TORCH_INDEX)) "$(TORCH)")
 	$(BIN)/python -m pip install --quiet -e ".[lab,test]"
 	touch $@
 

@@ -156,7 +156,7 @@ def test_demo_notebook_in_jupyterlab(lab: str, page) -> None:
     tab(explorer, "Statistics").click()
     explorer.get_by_text("findings on").wait_for(timeout=60_000)
     assert "83 tensors" in explorer.inner_text()
-    page.get_by_text("per-tensor std and abs-max by depth").first.wait_for(timeout=30_000)
+    page.get_by_text("std and abs-max per tensor by depth").first.wait_for(timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "lab-statistics.png"))
 
     tab(explorer, "BatchNorm").click()
@@ -332,3 +332,66 @@ def test_explorer_on_a_gguf_file(lab: str, gguf_notebook: str, page) -> None:
     assert 'class="ckptview-banner-error"' not in explorer.inner_html()
     explorer.get_by_text("per-tensor std and abs-max by depth").first.wait_for(timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "lab-gguf-statistics.png"), full_page=True)
+
+
+def set_theme(page, name: str) -> None:
+    """Switch JupyterLab's theme from its Settings menu, as a user would, and wait until the page wears it."""
+    page.locator(".lm-MenuBar-item", has_text=re.compile("^Settings$")).first.click()
+    page.locator(".lm-Menu-itemLabel", has_text=re.compile("^Theme$")).first.hover()
+    page.locator(".lm-Menu-itemLabel", has_text=re.compile(f"^{re.escape(name)}$")).first.click()
+    light = "true" if "Light" in name else "false"
+    page.wait_for_function(f"document.body.dataset.jpThemeLight === '{light}'", timeout=30_000)
+    page.wait_for_timeout(500)
+
+
+PLOT_BOXES = """explorer => [...explorer.querySelectorAll('.js-plotly-plot')].filter(p => p.offsetParent !== null).map(p => {
+    const plot = p.getBoundingClientRect(), box = p.closest('.ckptview-plot-box').getBoundingClientRect();
+    const svg = p.querySelector('.main-svg').getBoundingClientRect();
+    const tick = p.querySelector('g[class*="tick"] > text, .gtitle');
+    return {plot: [plot.left, plot.right], svg: [svg.left, svg.right], box: [box.left, box.right],
+            view: explorer.getBoundingClientRect().right, fill: tick ? getComputedStyle(tick).fill : ''};
+})"""
+
+
+def luminance(css_colour: str) -> float:
+    red, green, blue = (int(v) for v in re.findall(r"\d+", css_colour)[:3])
+    return (0.2126 * red + 0.7152 * green + 0.0722 * blue) / 255
+
+
+def test_plots_fit_their_boxes_in_light_and_dark_at_1280_and_640(lab: str, page) -> None:
+    run_notebook(page, lab)
+    explorer = page.locator(".ckptview-explorer:visible").first
+    explorer.wait_for(timeout=90_000)
+    page.get_by_text("parameters by module").first.wait_for(timeout=30_000)
+    tab(explorer, "Tensors").click()
+    explorer.locator(".ckptview-rows select").select_option(index=0)
+    page.get_by_text("histogram of model_state_dict.conv1.weight").first.wait_for(timeout=30_000)
+    tab(explorer, "Statistics").click()
+    page.get_by_text("std and abs-max per tensor by depth").first.wait_for(timeout=60_000)
+    tab(explorer, "BatchNorm").click()
+    page.get_by_text("BatchNorm running statistics per layer").first.wait_for(timeout=30_000)
+    checked = 0
+    try:
+        for theme in ("JupyterLab Light", "JupyterLab Dark"):
+            set_theme(page, theme)
+            for width in (1280, 640):
+                page.set_viewport_size({"width": width, "height": 900})
+                for title in ("Overview", "Tensors", "Statistics", "BatchNorm"):
+                    tab(explorer, title).click()
+                    page.wait_for_timeout(1200)  # plotly relayouts on the window's resize event
+                    boxes = explorer.evaluate(PLOT_BOXES)
+                    assert boxes, (theme, width, title)
+                    for box in boxes:
+                        where = (theme, width, title, box)
+                        assert box["svg"][1] <= box["box"][1] + 1 and box["plot"][1] <= box["box"][1] + 1, where
+                        assert box["box"][1] <= box["view"] + 1 and box["svg"][1] <= width, where
+                        dark_text = luminance(box["fill"]) < 0.5
+                        assert dark_text == ("Light" in theme), where  # axis text readable on the theme's background
+                        checked += 1
+                    shot = f"lab-{'dark' if 'Dark' in theme else 'light'}-{width}-{title.lower()}.png"
+                    explorer.locator(".js-plotly-plot:visible").first.scroll_into_view_if_needed()
+                    page.screenshot(path=str(ARTIFACTS / shot))
+    finally:
+        set_theme(page, "JupyterLab Light")
+        page.set_viewport_size({"width": 1400, "height": 1000})
+    assert checked >= 4 * 2 * 2

@@ -303,7 +303,7 @@ def test_inference_tab_builds_its_panel_when_opened(demo: dict[str, Path]) -> No
 
     app = explore(demo["cnn.pt"])
     tab = app.panels["Inference"]
-    assert tab is app.tabs.children[-1] and tab.panel is None
+    assert tab is app.tabs.children[list(app.panels).index("Inference")] and tab.panel is None
     panel = app.select("Inference")
     assert isinstance(panel, InferencePanel) and panel is tab.panel and tab.children == (panel,)
 

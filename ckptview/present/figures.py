@@ -71,7 +71,7 @@ def module_treemap(root: Any, title: str, *, max_nodes: int = MAX_TREE_NODES) ->
     figure = go.Figure(go.Treemap(ids=ids, labels=labels, parents=parents, values=values, branchvalues="total",
                                   hovertext=hover, hoverinfo="label+text+percent root", maxdepth=3))
     figure.update_layout(**{**_LAYOUT, "height": 420, "margin": dict(l=5, r=5, t=30, b=5)},
-                         title=_title("parameters (elements) by module; click a tile to zoom in"))
+                         title=_title("parameters by module (elements); click a tile to zoom in"))
     return figure
 
 

@@ -33,7 +33,8 @@ STYLE = """
 .ckptview-banner-warning {background:#fef7e0;border-left:4px solid #f9ab00;padding:6px 10px;margin:4px 0;color:#5c4400}
 .ckptview-mono select, .ckptview-mono textarea, .ckptview-mono-line {font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace !important; font-size: 12px}
 .ckptview-mono-line {white-space: pre; padding-left: 5px; font-weight: 600}
-.ckptview-table {border-collapse:collapse;font-size:12px;line-height:1.4;margin:4px 0}
+.ckptview-table {border-collapse:collapse;font-size:12px;line-height:1.4;margin:4px 0;
+  display:block;max-width:100%;overflow-x:auto}
 .ckptview-tree, .ckptview-explorer p, .ckptview-explorer li {line-height:1.5}
 .ckptview-table th, .ckptview-table td {padding:2px 8px;border-bottom:1px solid var(--ckv-border);text-align:left;vertical-align:top}
 .ckptview-table td.num {text-align:right;font-variant-numeric:tabular-nums}
@@ -43,6 +44,19 @@ STYLE = """
 .ckptview-tree details {margin-left:14px} .ckptview-tree summary {cursor:pointer}
 .ckptview-tree .meta, .ckptview-muted {color:var(--ckv-muted);font-size:11px;margin-left:6px}
 .ckptview-code {background:var(--ckv-code-bg);padding:4px;white-space:pre-wrap;font-size:12px}
+.ckptview-explorer .js-plotly-plot .main-svg .gtitle, .ckptview-report .js-plotly-plot .main-svg .gtitle,
+.ckptview-explorer .js-plotly-plot g[class*="tick"] > text, .ckptview-report .js-plotly-plot g[class*="tick"] > text,
+.ckptview-explorer .js-plotly-plot g[class*="title"] > text, .ckptview-report .js-plotly-plot g[class*="title"] > text,
+.ckptview-explorer .js-plotly-plot .legendtext, .ckptview-report .js-plotly-plot .legendtext,
+.ckptview-explorer .js-plotly-plot .annotation-text, .ckptview-report .js-plotly-plot .annotation-text
+  {fill: var(--jp-ui-font-color1, #2a3f5f) !important}
+.ckptview-explorer .js-plotly-plot .gridlayer path, .ckptview-report .js-plotly-plot .gridlayer path
+  {stroke: var(--jp-border-color2, #ebf0f8) !important}
+.ckptview-explorer .js-plotly-plot .zerolinelayer path {stroke: var(--jp-border-color1, #ebf0f8) !important}
+.ckptview-plot-box {width: 100%; min-width: 0; overflow: hidden}
+.ckptview-explorer .widget-tab > .lm-TabBar .lm-TabBar-content {flex-wrap: wrap}
+.ckptview-explorer .widget-tab > .lm-TabBar {height: auto; min-height: var(--jp-widgets-horizontal-tab-height, 24px)}
+.ckptview-explorer .widget-tab > .lm-TabBar .lm-TabBar-tab {flex: 0 0 auto; min-width: 0; max-width: none}
 .sev-error {color:#d93025;font-weight:600} .sev-warning {color:#e37400;font-weight:600}
 .sev-info {color:#1a73e8} .sev-ok {color:#188038}
 </style>

@@ -10,6 +10,7 @@ near Jupyter's IOPub message-rate limit.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -206,29 +207,38 @@ class Panel(widgets.VBox):
         self.banner.value = banner_html(kind, message)
 
 
-class FigureBox(widgets.VBox):
+class FigureBox(widgets.Output):
     """
-    A slot for one plotly figure. Each `show()` puts a new FigureWidget in the slot rather than
-    relayouting the old one: a front end that attaches later (Voila renders after the kernel has
-    run) then receives the whole figure as the widget's initial state, not a history of updates.
+    A slot for one plotly figure, shown as plotly's own output (`application/vnd.plotly.v1+json`,
+    drawn by the jupyterlab-plotly renderer) rather than a FigureWidget: that renderer is a Lumino
+    widget that relayouts the figure when its tab is shown or the notebook's width changes, so the
+    figure always fits its box (a FigureWidget keeps the width of its first drawing: plotly's 700 px
+    default when the tab was hidden), and a saved notebook keeps the figure as output data and a PNG.
+    Each `show()` replaces the output whole, so a front end that attaches later (Voila) gets the
+    figure, not a history of updates.
     """
 
     def __init__(self) -> None:
         self.figure: Any = None
-        super().__init__()
+        # As wide as the panel and never wider (min_width 0 lets a flex row shrink it).
+        super().__init__(layout=widgets.Layout(width="100%", min_width="0"))
+        self.add_class("ckptview-plot-box")
 
     def show(self, figure: Any) -> None:
-        import plotly.graph_objects as go
+        import plotly.io as pio
 
-        self.figure = go.FigureWidget(figure)
-        self.children = (self.figure,)
+        # to_json turns numpy arrays into plotly's typed-array form; the renderer takes plain JSON
+        spec = json.loads(pio.to_json(figure, validate=False))
+        spec["config"] = {"responsive": True, "displaylogo": False}
+        self.figure = figure
+        self.outputs = ({"output_type": "display_data", "metadata": {},
+                         "data": {"application/vnd.plotly.v1+json": spec, "text/plain": "<plotly figure>"}},)
 
     def clear(self) -> None:
         self.figure = None
-        self.children = ()
+        self.outputs = ()
 
     @property
     def data(self) -> tuple[Any, ...]:
         """The traces shown (empty when nothing is)."""
         return () if self.figure is None else self.figure.data
-

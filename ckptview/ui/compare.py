@@ -48,12 +48,12 @@ class ComparePanel(Panel):
     def __init__(self, state: ExplorerState) -> None:
         siblings = sibling_checkpoints(state.path)
         self.other_path = widgets.Text(value=str(state.compare_to or ""), placeholder="path of a second checkpoint",
-                                       description="checkpoint", layout=widgets.Layout(width="520px"))
+                                       description="checkpoint", layout=widgets.Layout(width="520px", max_width="100%"))
         self.siblings = widgets.Dropdown(options=[("files next to this one…", "")] + [(os.path.relpath(p, os.path.dirname(
-            os.path.abspath(state.path))), p) for p in siblings], layout=widgets.Layout(width="280px"))
+            os.path.abspath(state.path))), p) for p in siblings], layout=widgets.Layout(width="280px", max_width="100%"))
         self.model_factory = widgets.Text(value=state.model if isinstance(state.model, str) else "",
                                           placeholder="package.module:factory", description="or model",
-                                          layout=widgets.Layout(width="520px"))
+                                          layout=widgets.Layout(width="520px", max_width="100%"))
         self.compare = widgets.Button(description="Compare", button_style="primary", icon="columns")
         self.key_report = widgets.HTML()
         self.fixes = widgets.HTML()
@@ -72,7 +72,9 @@ class ComparePanel(Panel):
         self.compare.on_click(self._on_compare_click)
         self.values_button.on_click(self._on_values_button_click)
         self.cancel_button.on_click(self._on_cancel_button_click)
-        rows = [widgets.HBox([self.other_path, self.siblings]), widgets.HBox([self.model_factory, self.compare])]
+        # at 640 px the controls go under each other, not off-screen
+        rows = [widgets.HBox([self.other_path, self.siblings], layout=widgets.Layout(flex_flow="row wrap")),
+                widgets.HBox([self.model_factory, self.compare], layout=widgets.Layout(flex_flow="row wrap"))]
         super().__init__(state, [*rows, self.key_report, self.fixes, self.code,
                                  widgets.HBox([self.values_button, self.cancel_button]), self.values, self.counters])
 

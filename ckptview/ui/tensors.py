@@ -27,7 +27,7 @@ class TensorsPanel(Panel):
 
     def __init__(self, state: ExplorerState) -> None:
         self.name_filter = widgets.Text(placeholder="name regex, e.g. layer1\\..*weight", continuous_update=False,
-                                        layout=widgets.Layout(width="280px"))
+                                        layout=widgets.Layout(width="280px", max_width="100%"))
         self.dtype_filter = widgets.Dropdown(options=[("any dtype", "")], layout=widgets.Layout(width="130px"))
         self.kind_filter = widgets.Dropdown(options=[("any layer kind", "")], layout=widgets.Layout(width="160px"))
         self.sort_by = widgets.Dropdown(options=_SORTS, value="order", description="sort", layout=widgets.Layout(width="190px"))
@@ -54,7 +54,10 @@ class TensorsPanel(Panel):
         controls = widgets.HBox([self.name_filter, self.dtype_filter, self.kind_filter, self.sort_by, self.descending],
                                 layout=widgets.Layout(flex_flow="row wrap"))
         paging = widgets.HBox([self.previous, self.next, self.page_label])
-        plots = widgets.HBox([self.histogram, self.heatmap])
+        # side by side where there is room, one under the other in a narrow notebook
+        for box in (self.histogram, self.heatmap):
+            box.layout.flex = "1 1 360px"
+        plots = widgets.HBox([self.histogram, self.heatmap], layout=widgets.Layout(flex_flow="row wrap", width="100%"))
         super().__init__(state, [controls, paging, self.header_line, self.rows, self.detail, plots])
 
     def _compute(self) -> pd.DataFrame:
@@ -144,7 +147,7 @@ class TensorsPanel(Panel):
         half = (len(facts) + 1) // 2
         left, right = cells.split("</tr>")[:half], cells.split("</tr>")[half:]
         title = row["name"] if row["label"] == row["name"] else f"{row['label']}  ({row['name']})"
-        self.detail.value = (f"<h4 style='margin:6px 0'>{esc(title)}</h4><div style='display:flex;gap:24px'>"
+        self.detail.value = (f"<h4 style='margin:6px 0'>{esc(title)}</h4><div style='display:flex;gap:0 24px;flex-wrap:wrap'>"
                              f"<table class='ckptview-table'>{'</tr>'.join(left)}</tr></table>"
                              f"<table class='ckptview-table'>{'</tr>'.join(right)}</table></div>")
         histogram = numbers.histogram
