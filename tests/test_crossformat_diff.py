@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SmallCNN, train_a_few_steps
 from safetensors.torch import save_file
 
 import ckptview
 from ckptview.analyzers.crossformat import HOW
 from ckptview.cli import main as cli_main
-from conftest import SmallCNN, train_a_few_steps
 
 
 @pytest.fixture(scope="module")

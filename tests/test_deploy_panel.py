@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SmallCNN, train_a_few_steps
 from torch import nn
 
 import ckptview
 from ckptview.ui.base import ExplorerState
 from ckptview.ui.deploy import DeployPanel
-from conftest import SmallCNN, train_a_few_steps
 
 
 class Branchy(nn.Module):

@@ -15,13 +15,13 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from conftest import SmallCNN, train_a_few_steps
+from inference_models import TinyTransformer
 from torch import nn
 
 import ckptview
 from ckptview.errors import CkptviewError
 from ckptview.inference.export import export_check
-from conftest import SmallCNN, train_a_few_steps
-from inference_models import TinyTransformer
 
 TESTS = Path(__file__).parent
 
@@ -46,7 +46,7 @@ class Unscriptable(nn.Module):
         self.fc = nn.Linear(4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        double = lambda t: t * 2  # noqa: E731 - TorchScript refuses lambdas, which is the point
+        double = lambda t: t * 2  # TorchScript refuses lambdas, which is the point
         return double(self.fc(x))
 
 
@@ -174,7 +174,7 @@ def test_checkpoint_and_factory(tmp_path: Path, trained_cnn: SmallCNN) -> None:
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-m", "ckptview", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=300)
+                          env=env, timeout=300, check=False)
 
 
 def test_cli_exit_codes_and_json(tmp_path: Path) -> None:
@@ -226,7 +226,7 @@ def test_run_inference_on_an_onnx_file_equals_the_pytorch_model(cnn_onnx: Path, 
     result = ckptview.run_inference(cnn_onnx, input=x, repeats=2)
     assert result.model_source == "onnxruntime" and result.device == "cpu"
     assert result.notes[0].startswith("ran in ONNX Runtime") and "CPUExecutionProvider" in result.notes[0]
-    (name, output), = result.output.items()
+    (output,) = result.output.values()
     with torch.no_grad():
         expected = trained_cnn(x)
     assert torch.allclose(output, expected, atol=1e-5)
@@ -262,7 +262,7 @@ TFLITE = TESTS / "fixtures" / "tf"
 def test_run_inference_on_tflite_files_names_the_runtime_and_dequantizes() -> None:
     pytest.importorskip("ai_edge_litert")
     results = {name: ckptview.run_inference(TFLITE / f"{name}.tflite", seed=2, repeats=1) for name in ("float", "int8")}
-    for name, result in results.items():
+    for result in results.values():
         assert result.model_source == "litert" and result.notes[0].startswith("ran in the LiteRT interpreter")
         assert result.input.shape == (1, 8, 8, 3) and result.outputs[0].shape == (1, 3) and result.finite
     int8 = results["int8"]

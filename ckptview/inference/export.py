@@ -489,7 +489,7 @@ def _export_onnx(model: nn.Module, args: tuple[Any, ...], path: str,
             torch.onnx.export(model, args, path, dynamo=False, verbose=False, input_names=input_names,
                               output_names=output_names,
                               dynamic_axes={name: {0: "batch"} for name in input_names + output_names})
-    except Exception as exc:
+    except Exception as exc:  # the legacy exporter fails in as many ways as torch.export
         error = _export_error(exc)
         return "torch.onnx.export (TorchScript-based)", caught, (
             f"{error}; the dynamo exporter failed first: {dynamo_error}" if dynamo_error else error)
