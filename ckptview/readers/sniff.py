@@ -9,7 +9,6 @@ _NOT_CHECKPOINTS: tuple[tuple[bytes, str], ...] = (
     (b"\xff\xd8\xff", "a JPEG image"),
     (b"GIF8", "a GIF image"),
     (b"%PDF", "a PDF document"),
-    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras/TensorFlow .h5 weights?)"),
     (b"\x1f\x8b", "a gzip-compressed file: decompress it (gunzip) and open the result"),
     (b"BZh", "a bzip2-compressed file: decompress it (bunzip2) and open the result"),
     (b"\xfd7zXZ\x00", "an xz-compressed file: decompress it (unxz) and open the result"),
