@@ -259,16 +259,17 @@ def export_check(
     Export the model to ONNX and TorchScript (trace and script) and check each export gives eager
     PyTorch's answers, on the example input and on inputs that take other paths.
 
-    - onnx: `torch.onnx.export` with a dynamic batch axis (the dynamo exporter; the TorchScript-based
-      one when the dynamo one fails or this torch has no other, and `tool` says which), `onnx.checker`,
-      then ONNX Runtime (the CUDA provider when `device` is CUDA and ORT has it, else the CPU).
+    - onnx: `torch.onnx.export` with a dynamic batch axis, and sequence axis for token ids (the dynamo
+      exporter; the TorchScript-based one when the dynamo one fails or this torch has no other, and
+      `tool` says which), `onnx.checker`, then ONNX Runtime (the CUDA provider when `device` is CUDA
+      and ORT has it, else the CPU).
     - trace: `torch.jit.trace` on the example input; a probe that diverges is the tracing pitfall
       (control flow frozen at trace time), reported with the input that shows it and the tracer's warnings.
     - script: `torch.jit.script`; a model that cannot be compiled gets the compiler's message and line.
 
     The probes: the example, another batch size, the example with its sign flipped and scaled ×10
-    (float inputs), and another sequence length (token inputs; TorchScript targets only, since the
-    ONNX export makes only the batch axis dynamic). The model's training flags, device and
+    (float inputs), and another sequence length (token inputs, whose sequence axis the ONNX export
+    makes dynamic too when torch.export allows it). The model's training flags, device and
     `requires_grad` flags are put back afterwards, whatever happens.
 
     Args:
@@ -422,7 +423,7 @@ def _check_onnx(ctx: _Context) -> TargetResult:
     if _shapes(ctx.example) and _shapes(ctx.example)[0][:1] == (1,):
         export_args = next(args for label, args in ctx.probes if label.startswith("batch "))
     outputs = len(ctx.eager["example"])
-    exporter, caught, error = _export_onnx(ctx.model, export_args, path, outputs)
+    exporter, caught, error, dynamic_sequence = _export_onnx(ctx.model, export_args, path, outputs)
     found_warnings = _kept(caught)
     if error is not None:
         return TargetResult("onnx", "failed", "torch.onnx.export", warnings=found_warnings,
@@ -451,8 +452,8 @@ def _check_onnx(ctx: _Context) -> TargetResult:
 
     probes = []
     for label, args in ctx.probes:
-        if label.startswith("sequence length"):
-            continue  # only the batch axis is dynamic in the export
+        if label.startswith("sequence length") and not dynamic_sequence:
+            continue  # only the batch axis is dynamic in this export
         try:
             probes.append(ctx.compare(label, run(args)))
         except Exception as exc:  # ORT's shape errors: this input does not run in the export
@@ -466,37 +467,47 @@ def _check_onnx(ctx: _Context) -> TargetResult:
 
 
 def _export_onnx(model: nn.Module, args: tuple[Any, ...], path: str,
-                 outputs: int) -> tuple[str, list[warnings.WarningMessage], str | None]:
-    """Export with the dynamo exporter, else the TorchScript-based one; (exporter used, warnings, error)."""
+                 outputs: int) -> tuple[str, list[warnings.WarningMessage], str | None, bool]:
+    """
+    Export with the dynamo exporter, else the TorchScript-based one: (exporter used, warnings,
+    error, whether the sequence axis of token inputs is dynamic too). The batch axis is always
+    dynamic; token ids' sequence axis is made dynamic as well, and dropped if torch.export refuses it.
+    """
     caught: list[warnings.WarningMessage] = []
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    tokens = all(not t.is_floating_point() and t.dim() >= 2 and t.shape[1] > 1 for t in tensors) and bool(tensors)
     dynamo_error = None
     if _has_dynamo_exporter():
-        batch = torch.export.Dim("batch")
-        dynamic = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() else None for a in args)
-        try:
-            with _quiet(caught, stderr=True):
-                # verbose=False: the dynamo exporter otherwise prints its progress to stdout
-                torch.onnx.export(model, args, path, dynamo=True, dynamic_shapes=dynamic, external_data=False,
-                                  verbose=False)
-            return "torch.onnx.export (dynamo)", caught, None
-        except Exception as exc:  # torch.export raises many kinds (guards on data, unsupported ops)
-            dynamo_error = _export_error(exc)
+        batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        for with_sequence in ((True, False) if tokens else (False,)):
+            axes = {0: batch, 1: sequence} if with_sequence else {0: batch}
+            dynamic = tuple(axes if isinstance(a, torch.Tensor) and a.dim() else None for a in args)
+            try:
+                with _quiet(caught, stderr=True):
+                    # verbose=False: the dynamo exporter otherwise prints its progress to stdout
+                    torch.onnx.export(model, args, path, dynamo=True, dynamic_shapes=dynamic, external_data=False,
+                                      verbose=False)
+            except Exception as exc:  # torch.export raises many kinds (guards on data, unsupported ops)
+                dynamo_error = dynamo_error or _export_error(exc)
+                continue
+            used = "torch.onnx.export (dynamo" + (", dynamic batch and sequence)" if with_sequence else ")")
+            return used, caught, None, with_sequence
     input_names = [f"input_{i}" for i in range(len(tensors))]
     output_names = [f"output_{i}" for i in range(outputs)]
+    axes_of = {name: {0: "batch", 1: "sequence"} if tokens else {0: "batch"} for name in input_names}
     try:
         with _quiet(caught):
             torch.onnx.export(model, args, path, dynamo=False, verbose=False, input_names=input_names,
                               output_names=output_names,
-                              dynamic_axes={name: {0: "batch"} for name in input_names + output_names})
+                              dynamic_axes={**axes_of, **{name: {0: "batch"} for name in output_names}})
     except Exception as exc:  # the legacy exporter fails in as many ways as torch.export
         error = _export_error(exc)
         return "torch.onnx.export (TorchScript-based)", caught, (
-            f"{error}; the dynamo exporter failed first: {dynamo_error}" if dynamo_error else error)
+            f"{error}; the dynamo exporter failed first: {dynamo_error}" if dynamo_error else error), False
     used = "torch.onnx.export (TorchScript-based)"
     if dynamo_error:
         used += f"; the dynamo exporter failed: {dynamo_error}"
-    return used, caught, None
+    return used, caught, None, tokens
 
 
 def _has_dynamo_exporter() -> bool:
