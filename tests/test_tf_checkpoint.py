@@ -53,6 +53,26 @@ def test_variables_equal_what_tensorflow_reported(index: Path, name: str) -> Non
             assert torch.equal(torch.cat(list(entry.iter_chunks(chunk_bytes=64))), wanted.reshape(-1))
 
 
+def test_keras2_legacy_optimizer_slots_under_their_variables() -> None:
+    # tf.keras 2 with a legacy optimizer saves each slot under its variable's key (.OPTIMIZER_SLOT) and
+    # the checkpoint's own save_counter at the root: neither belongs to the model
+    expected = report("keras2_tf_checkpoint.json")
+    values = {v["key"]: v for v in expected["variables"]}
+    with ckptview.open(FIXTURES / "keras2_tf_checkpoint") as ckpt:
+        keys = ckpt.details["checkpoint_keys"]
+        assert sorted(keys.values()) == sorted(values)
+        for name, key in keys.items():
+            assert torch.equal(ckpt.tensor(name).load(), expected_values(values[key])), key
+        state = model_state_dict(ckpt)
+        assert sorted(state) == sorted(w["name"].removesuffix(":0").replace("/", ".") for w in expected["weights"])
+        assert "save_counter" in keys and not any("OPTIMIZER_SLOT" in keys[f"model.{name}"] for name in state)
+        (optimizer,) = ckptview.training_state(ckpt).optimizers
+        assert optimizer.mapping == "param_names" and len(optimizer.params) == 8
+        assert {tuple(sorted(p.tensors)) for p in optimizer.params} == {("m", "v")}
+        assert keys["optimizer.state.conv.kernel.m"] == \
+            "model/layer_with_weights-0/kernel/.OPTIMIZER_SLOT/optimizer/m/.ATTRIBUTES/VARIABLE_VALUE"
+
+
 def test_tf1_saver_checkpoint_slots_and_stale_absolute_state(tmp_path: Path) -> None:
     # TF1's Saver names variables by key, keeps Adam's slots under them and writes absolute paths into
     # its state file: opened from a copy, the checkpoint is found beside the state file

@@ -42,6 +42,8 @@ TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_BYTES = 48
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 ATTRIBUTE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+SLOT_MARKER = "/.OPTIMIZER_SLOT/"
+SAVE_COUNTER_KEY = "save_counter" + ATTRIBUTE_SUFFIX  # tf.train.Checkpoint.save's own count, not the model's
 _MAX_INDEX_BYTES = 1 << 30
 
 # tensorflow/core/framework/types.proto DataType -> torch dtype name
@@ -491,18 +493,29 @@ class TensorBundle:
         model: dict[str, TensorInfo] = {}
         slots: list[tuple[str, TensorInfo]] = []
         other: dict[str, Any] = {}
+        bookkeeping: dict[str, TensorInfo] = {}
         for key, entry, info in listed:
             if info is None:
                 other[names[key]] = {"dtype": TF_TYPE_NAMES.get(entry["dtype"], entry["dtype"]),
                                      "shape": entry["shape"]}
+            elif key == SAVE_COUNTER_KEY:
+                bookkeeping["save_counter"] = info
+            elif SLOT_MARKER in key:
+                # a legacy optimizer's slot, saved under its variable: <variable>/.OPTIMIZER_SLOT/<opt>/m/...
+                variable, _, rest = key.partition(SLOT_MARKER)
+                param = names.get(variable + ATTRIBUTE_SUFFIX, variable.replace("/", "."))
+                slot = rest.removesuffix(ATTRIBUTE_SUFFIX).rpartition("/")[2]
+                slots.append((f"optimizer/{param.replace('.', '/')}/{slot}", info))
             elif key in optimizer_keys:
                 slots.append((slot_names.get(key) or full_names.get(key) or key.removesuffix(ATTRIBUTE_SUFFIX), info))
             else:
                 model[names[key]] = info
         kinds = {name: (name.rpartition(".")[0], "", name.rpartition(".")[2]) for name in model}
         roles = layer_roles({name: info.shape for name, info in model.items()}, kinds)
-        if slots:
-            root: Any = {"model": model, "optimizer": optimizer_state(slots, list(model), None)}
+        if slots or bookkeeping:
+            root: Any = {"model": model, **bookkeeping}
+            if slots:
+                root["optimizer"] = optimizer_state(slots, list(model), None)
             layers = {**{f"model.{name}": role for name, role in roles.items()}, **roles}
         else:
             root, layers = model, roles
