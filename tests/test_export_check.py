@@ -278,3 +278,10 @@ def test_run_inference_on_tflite_files_names_the_runtime_and_dequantizes() -> No
     assert int8_out.dtype == torch.float32 and float_out.shape == int8_out.shape
     assert float((float_out - int8_out).abs().max()) <= 4 * step
     assert int8.top_k[0].classes[0] == results["float"].top_k[0].classes[0]
+
+
+def test_precisions_of_an_onnx_file_say_what_to_do(cnn_onnx: Path, tmp_path: Path) -> None:
+    with pytest.raises(CkptviewError, match="run by its own runtime .* need a PyTorch model"):
+        ckptview.compare_precisions(cnn_onnx, precisions=["fp32", "fp16"])
+    done = _cli("run", str(cnn_onnx), "--precisions", "fp16", cwd=tmp_path)
+    assert done.returncode == 1 and "need a PyTorch model" in done.stderr

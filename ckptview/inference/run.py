@@ -303,6 +303,10 @@ def run_inference(
     return with_origin(result, loaded)
 
 
+# Formats whose files are their own model, run by their runtime rather than loaded into PyTorch.
+_RUNTIME_FORMATS = {"onnx": "ONNX", "tflite": "TFLite"}
+
+
 class LoadedSource:
     """Context manager: open the source (when given a path) and load its model; closes what it opened."""
 
@@ -324,6 +328,12 @@ class LoadedSource:
             from ckptview.readers import open_checkpoint
 
             checkpoint = self._stack.enter_context(open_checkpoint(source, trust=trust))
+        if model is None and checkpoint.format in _RUNTIME_FORMATS:
+            self._stack.close()
+            raise ModelBuildError(checkpoint.path, f"a {_RUNTIME_FORMATS[checkpoint.format]} file is run by its own "
+                                                   "runtime (run_inference, `ckptview run` without --precisions); "
+                                                   "precisions and checkpoint comparisons need a PyTorch model: give "
+                                                   "one (model=, --model) to load these weights into")
         try:
             return load_model(checkpoint, model, model_kwargs=model_kwargs, device=device)
         except BaseException:
