@@ -299,6 +299,7 @@ def test_every_cli_command_and_explorer_tab(name: str, tmp_path: Path) -> None:
     shutil.copy(FIXTURES / name, path)
     info = check_every_command(path)
     assert info["details"]["optimizer"].startswith("Adam")
+    assert info["metadata"]["layers"].startswith("image (InputLayer), conv (Conv2D), bn (BatchNormalization)")
     assert {s["kind"] for s in info["sections"]} >= {"state_dict", "optimizer", "hyper_parameters"}
     check_every_tab(path)
     assert os.path.getsize(path) == os.path.getsize(FIXTURES / name)

@@ -55,6 +55,7 @@ KERAS_ZIP_MEMBERS = ("metadata.json", "config.json", "model.weights.h5")
 # deflate's best ratio is about 1032:1.
 _MAX_EXPANSION = 1100
 _MAX_JSON_BYTES = 64 * 1024 * 1024
+_OVERVIEW_LAYERS = 24
 
 _NUMERIC_KINDS = "fiub"
 _DTYPES = {"float16": "float16", "float32": "float32", "float64": "float64", "int8": "int8", "int16": "int16",
@@ -382,6 +383,10 @@ class _Reader:
             details["optimizer"] = self.optimizer_name
         metadata = {key: str(value) for key, value in details.items()
                     if key in ("layout", "keras_version", "backend", "model", "loss", "optimizer", "metrics")}
+        if details.get("layers"):  # the Overview shows metadata: the architecture in one line
+            shown = [f"{layer['name']} ({layer['class']})" for layer in details["layers"][:_OVERVIEW_LAYERS]]
+            more = len(details["layers"]) - len(shown)
+            metadata["layers"] = ", ".join(shown) + (f", … {more} more" if more > 0 else "")
         return Checkpoint(self.path, format, root, file_size=self.size, sources=self.sources, trust=trust,
                           details=details, metadata=metadata, layers=self.layers,
                           pickle_imports=_code_in_config(model_config))
