@@ -161,3 +161,28 @@ def test_keras_model_and_its_tflite_conversion_are_fully_explained() -> None:
     dense = matching.became("dense_1.kernel")[0]
     assert (dense.how, dense.detail, dense.max_abs_diff) == ("transposed", "[144, 8] → [8, 144]", 0.0)
     assert {m.how for m in matching.matches if m.left is None} == {"graph_constant"}
+
+
+def test_gguf_conversion_with_llama_names_and_fp16_is_found_by_content(tmp_path: Path) -> None:
+    gguf = pytest.importorskip("gguf")
+    torch.manual_seed(0)
+    state = {"tok.weight": torch.randn(20, 8), "layers.0.q.weight": torch.randn(8, 8),
+             "layers.0.o.weight": torch.randn(12, 8), "norm.weight": torch.randn(8)}
+    pt = tmp_path / "lm.pt"
+    torch.save(state, pt)
+    path = tmp_path / "lm.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", state["tok.weight"].numpy().astype(np.float16))
+    writer.add_tensor("blk.0.attn_q.weight", state["layers.0.q.weight"].numpy())
+    writer.add_tensor("blk.0.attn_output.weight", state["layers.0.o.weight"].numpy().astype(np.float16))
+    writer.add_tensor("output_norm.weight", state["norm.weight"].numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    matching = ckptview.diff(pt, path, values=True).matching
+    assert matching.complete
+    found = {m.left: (m.right, m.how) for m in matching.matches}
+    assert found == {"tok.weight": ("token_embd.weight", "cast"), "layers.0.q.weight": ("blk.0.attn_q.weight", "content"),
+                     "layers.0.o.weight": ("blk.0.attn_output.weight", "cast"),
+                     "norm.weight": ("output_norm.weight", "content")}
