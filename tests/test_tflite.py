@@ -21,7 +21,7 @@ tflite = pytest.importorskip("tflite")
 from format_checks import check_every_command, check_every_tab, cli
 
 import ckptview
-from ckptview.errors import CkptviewError, CorruptCheckpointError
+from ckptview.errors import CkptviewError, CorruptCheckpointError, TensorDataError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tf"
 
@@ -79,7 +79,7 @@ def test_conversion_kept_the_dense_weights() -> None:
 # --- models built with the flatbuffers builder ----------------------------------------------------
 
 def build_model(weight: np.ndarray, *, scales: list[float] | None = None, zero_points: list[int] | None = None,
-                axis: int = 0, external_offset: int | None = None) -> bytes:
+                axis: int = 0, external_offset: int | None = None, sparse: bool = False) -> bytes:
     """A one-operator model: FULLY_CONNECTED(input, weight). With `external_offset` the weight's buffer
     is stored after the flatbuffer (offset/size), as the converter writes models over 2 GB."""
     types = {np.dtype(np.float32): tflite.TensorType.FLOAT32, np.dtype(np.int8): tflite.TensorType.INT8,
@@ -122,6 +122,10 @@ def build_model(weight: np.ndarray, *, scales: list[float] | None = None, zero_p
         tflite.QuantizationParametersAddQuantizedDimension(b, axis)
         quant = tflite.QuantizationParametersEnd(b)
 
+    sparsity = None
+    if sparse:
+        tflite.SparsityParametersStart(b)
+        sparsity = tflite.SparsityParametersEnd(b)
     tensors = []
     for name, shape, dtype, buffer in (("x", [1, weight.shape[1]], tflite.TensorType.FLOAT32, 0),
                                        ("fc/weight", list(weight.shape), types[weight.dtype], 1),
@@ -135,6 +139,8 @@ def build_model(weight: np.ndarray, *, scales: list[float] | None = None, zero_p
         tflite.TensorAddBuffer(b, buffer)
         if buffer and quant is not None:
             tflite.TensorAddQuantization(b, quant)
+        if buffer and sparsity is not None:
+            tflite.TensorAddSparsity(b, sparsity)
         tensors.append(tflite.TensorEnd(b))
     tflite.SubGraphStartTensorsVector(b, len(tensors))
     for tensor in reversed(tensors):
@@ -213,6 +219,16 @@ def test_per_tensor_and_per_channel_dequantization(dtype: type, tmp_path: Path) 
             assert entry.encoding == np.dtype(dtype).name and entry.nbytes == weight.nbytes
             assert torch.equal(entry.load(), torch.from_numpy(expected))
             assert torch.equal(torch.cat(list(entry.iter_chunks(chunk_bytes=8))), torch.from_numpy(expected).reshape(-1))
+
+
+def test_sparse_tensors_are_listed_not_decoded(tmp_path: Path) -> None:
+    path = tmp_path / "sparse.tflite"
+    path.write_bytes(build_model(np.arange(6, dtype=np.float32).reshape(2, 3), sparse=True))
+    with ckptview.open(path) as ckpt:
+        (entry,) = ckpt.tensors()
+        assert entry.layout == "unsupported" and entry.nbytes == 24
+        with pytest.raises(TensorDataError, match="sparse TFLite tensor"):
+            entry.load()
 
 
 # --- hostile files ------------------------------------------------------------------------------

@@ -205,6 +205,12 @@ class _Reader:
         if torch_name is None:
             return TensorInfo(shape=shape, dtype="uint8", storage=storage, layout="encoded", encoding=type_name.lower(),
                               stored_nbytes=length, note=f"TFLite {type_name} tensors have no torch dtype")
+        if tensor.Sparsity() is not None:
+            # block-sparse weights (TFLite's sparsity format: traversal order, block map, CSR-like
+            # dimension metadata) hold fewer bytes than their shape: listed, not decoded
+            return TensorInfo(shape=shape, dtype=torch_name, storage=storage, layout="unsupported",
+                              stored_nbytes=length, note="a sparse TFLite tensor (stored in TFLite's block-sparse "
+                                                         "format), which ckptview lists but does not decode")
         itemsize = np.dtype(numpy_dtype).itemsize
         if math.prod(shape) * itemsize != length:
             raise CorruptCheckpointError(self.path, f"constant tensor {printable(key)!r} is {list(shape)} "
