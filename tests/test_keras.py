@@ -319,3 +319,42 @@ def test_listing_imports_neither_tensorflow_keras_nor_torch() -> None:
             "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'tf_keras') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_urls_are_refused_in_one_line() -> None:
+    """h5py, the FlatBuffer bindings and the bundle reader need a local file: a URL is refused in our words."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Ranged(SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+            path = self.translate_path(self.path)
+            if match is None or not os.path.isfile(path):
+                return super().do_GET()
+            data = Path(path).read_bytes()
+            start = int(match.group(1))
+            end = min(int(match.group(2)) if match.group(2) else len(data) - 1, len(data) - 1)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            self.send_header("Content-Length", str(end - start + 1))
+            self.end_headers()
+            self.wfile.write(data[start:end + 1])
+            return None
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    pytest.importorskip("fsspec")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Ranged, directory=str(FIXTURES)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        for name in ("keras3_trained.h5", "keras3_trained.keras", "int8.tflite", "tf_checkpoint/ckpt.index",
+                     "savedmodel/saved_model.pb"):
+            with pytest.raises(UnsupportedFormatError, match="local file only: download it first"):
+                ckptview.open(f"{base}/{name}")
+    finally:
+        server.shutdown()
+        server.server_close()

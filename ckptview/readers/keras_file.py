@@ -84,7 +84,18 @@ _OPTIMIZER_CLASSES = {"adam": "Adam", "adamw": "AdamW", "nadam": "Nadam", "adama
                       "rmsprop": "RMSprop", "adagrad": "Adagrad"}
 
 
+def local_only(path: str, what: str) -> None:
+    """These readers need random access through libraries (h5py, the FlatBuffer bindings) that read
+    local files: a URL is refused in one line rather than failing inside them."""
+    from ckptview.readers.remote import is_url
+
+    if is_url(path):
+        raise UnsupportedFormatError(path, f"{what} can be read from a local file only: download it first (for "
+                                           "example with `huggingface-cli download` or `curl -O`) and open the copy.")
+
+
 def read_keras_h5(path: str, size: int, *, trust: bool) -> Checkpoint:
+    local_only(path, "a Keras HDF5 file")
     import h5py
 
     source = FileSource(path)
@@ -98,6 +109,7 @@ def read_keras_h5(path: str, size: int, *, trust: bool) -> Checkpoint:
 
 
 def read_keras_zip(path: str, size: int, *, trust: bool) -> Checkpoint:
+    local_only(path, "a .keras archive")
     import h5py
 
     with zipfile.ZipFile(path) as archive:

@@ -139,6 +139,10 @@ def _is_keras_zip(probe: Probe) -> bool:
     (name_length,) = struct.unpack("<H", head[26:28])
     if head[30:30 + name_length] not in (b"metadata.json", b"config.json", b"model.weights.h5", b"assets/"):
         return False
+    from ckptview.readers.remote import is_url
+
+    if is_url(probe.path):  # its directory is not read by URL: the first member decides (the reader says why not)
+        return True
     return {"config.json", "model.weights.h5"} <= set(probe.zip_names)
 
 

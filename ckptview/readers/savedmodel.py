@@ -148,6 +148,9 @@ def _code_ops(graphs: list[dict[str, Any]]) -> list[PickleImport]:
 
 def read_saved_model(path: str, size: int, *, trust: bool) -> Checkpoint:
     """The registry's entry point for `saved_model.pb`; its folder's `variables/` are the weights."""
+    from ckptview.readers.keras_file import local_only
+
+    local_only(path, "a SavedModel")
     if size > _MAX_PB_BYTES:
         raise CorruptCheckpointError(path, "a saved_model.pb over 2 GB, more than protobuf allows: it is damaged. Save "
                                            "the model again.")

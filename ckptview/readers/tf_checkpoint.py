@@ -61,9 +61,12 @@ def looks_like_tensor_bundle_index(head: bytes, size: int, path: str) -> bool:
     and the table's footer ends in LevelDB's magic number."""
     if size < FOOTER_BYTES or head[:2] != b"\x00\x00" or len(head) < 4:
         return False
-    with open(path, "rb") as stream:
-        stream.seek(size - 8)
-        return struct.unpack("<Q", stream.read(8))[0] == TABLE_MAGIC
+    try:
+        with open(path, "rb") as stream:
+            stream.seek(size - 8)
+            return struct.unpack("<Q", stream.read(8))[0] == TABLE_MAGIC
+    except OSError:  # a URL: the head decides alone (registry)
+        return False
 
 
 def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
@@ -278,12 +281,18 @@ class _CheckedRange:
 
 def read_tf_index(path: str, size: int, *, trust: bool) -> Checkpoint:
     """The registry's entry point for a `.index` file."""
+    from ckptview.readers.keras_file import local_only
+
+    local_only(path, "a TensorFlow checkpoint")
     bundle = TensorBundle(path, size)
     return bundle.checkpoint(trust)
 
 
 def read_checkpoint_state(path: str, size: int, *, trust: bool) -> Checkpoint:
     """The registry's entry point for a `checkpoint` state file: opens its latest checkpoint, lists the others."""
+    from ckptview.readers.keras_file import local_only
+
+    local_only(path, "a TensorFlow checkpoint")
     latest, others = parse_checkpoint_state(path, size)
     index = _state_prefix(path, latest) + ".index"
     if not os.path.isfile(index):

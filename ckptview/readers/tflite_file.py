@@ -53,6 +53,9 @@ def is_tflite(head: bytes) -> bool:
 
 
 def read_tflite(path: str, size: int, *, trust: bool) -> Checkpoint:
+    from ckptview.readers.keras_file import local_only
+
+    local_only(path, "a TFLite model")
     import tflite
 
     with open(path, "rb") as stream:
