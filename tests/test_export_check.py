@@ -281,7 +281,9 @@ def test_run_inference_on_tflite_files_names_the_runtime_and_dequantizes() -> No
 
 
 def test_precisions_of_an_onnx_file_say_what_to_do(cnn_onnx: Path, tmp_path: Path) -> None:
-    with pytest.raises(CkptviewError, match="run by its own runtime .* need a PyTorch model"):
+    with pytest.raises(CkptviewError, match="its own model, run by its runtime .* need a PyTorch model"):
         ckptview.compare_precisions(cnn_onnx, precisions=["fp32", "fp16"])
+    with pytest.raises(CkptviewError, match="export checks .* need a PyTorch model"):
+        export_check(cnn_onnx, targets=["trace"])
     done = _cli("run", str(cnn_onnx), "--precisions", "fp16", cwd=tmp_path)
     assert done.returncode == 1 and "need a PyTorch model" in done.stderr

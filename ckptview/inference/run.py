@@ -330,10 +330,11 @@ class LoadedSource:
             checkpoint = self._stack.enter_context(open_checkpoint(source, trust=trust))
         if model is None and checkpoint.format in _RUNTIME_FORMATS:
             self._stack.close()
-            raise ModelBuildError(checkpoint.path, f"a {_RUNTIME_FORMATS[checkpoint.format]} file is run by its own "
-                                                   "runtime (run_inference, `ckptview run` without --precisions); "
-                                                   "precisions and checkpoint comparisons need a PyTorch model: give "
-                                                   "one (model=, --model) to load these weights into")
+            raise ModelBuildError(checkpoint.path, f"this {_RUNTIME_FORMATS[checkpoint.format]} file is its own model, "
+                                                   "run by its runtime (run_inference, `ckptview run` without "
+                                                   "--precisions); precisions, export checks and checkpoint comparisons "
+                                                   "need a PyTorch model: give one (model=, --model) to load these "
+                                                   "weights into")
         try:
             return load_model(checkpoint, model, model_kwargs=model_kwargs, device=device)
         except BaseException:
