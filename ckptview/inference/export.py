@@ -58,6 +58,7 @@ ALL_TARGETS = tuple(Target)
 # use of old APIs, the legacy exporter's notice) say nothing about the user's model; warnings
 # pointing at the user's code (TracerWarning, a deprecated call in their forward) are kept.
 _LIBRARY_DIRS = tuple(os.path.dirname(path) + os.sep for path in (torch.__file__, os.__file__, os.path.dirname(__file__)))
+_PROTOBUF_LIMIT = 3 * 2**29  # 1.5 GiB of weights, leaving room for the graph under protobuf's 2 GiB
 _NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx", "onnxscript")
 
 
@@ -322,13 +323,13 @@ def export_check(
             eager_ms = _median_ms(lambda: net(*example), repeats, target_device)
         workdir = folder or tempfile.mkdtemp(prefix="ckptview-export-")
         checks = {Target.ONNX: _check_onnx, Target.TRACE: _check_trace, Target.SCRIPT: _check_script}
+        context = _Context(net, example, probes, eager, target_device, workdir, folder is not None, atol, rtol,
+                           repeats)
         results = []
         try:
             for number, target in enumerate(wanted):
                 if progress:
                     progress(number, len(wanted), f"exporting: {target.value}")
-                context = _Context(net, example, probes, eager, target_device, workdir, folder is not None,
-                                   atol, rtol, repeats)
                 result = checks[target](context)
                 results.append(_with_eager_latency(result, eager_ms))
             if progress:
@@ -485,8 +486,8 @@ def _export_onnx(model: nn.Module, args: tuple[Any, ...], path: str,
             try:
                 with _quiet(caught, stderr=True):
                     # verbose=False: the dynamo exporter otherwise prints its progress to stdout
-                    torch.onnx.export(model, args, path, dynamo=True, dynamic_shapes=dynamic, external_data=False,
-                                      verbose=False)
+                    torch.onnx.export(model, args, path, dynamo=True, dynamic_shapes=dynamic, verbose=False,
+                                      external_data=_needs_external_data(model))
             except Exception as exc:  # torch.export raises many kinds (guards on data, unsupported ops)
                 dynamo_error = dynamo_error or _export_error(exc)
                 continue
@@ -508,6 +509,12 @@ def _export_onnx(model: nn.Module, args: tuple[Any, ...], path: str,
     if dynamo_error:
         used += f"; the dynamo exporter failed: {dynamo_error}"
     return used, caught, None, tokens
+
+
+def _needs_external_data(model: nn.Module) -> bool:
+    # protobuf caps a message at 2 GiB: larger weights go to model.onnx.data beside the graph
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return size > _PROTOBUF_LIMIT
 
 
 def _has_dynamo_exporter() -> bool:
