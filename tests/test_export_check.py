@@ -287,3 +287,26 @@ def test_precisions_of_an_onnx_file_say_what_to_do(cnn_onnx: Path, tmp_path: Pat
         export_check(cnn_onnx, targets=["trace"])
     done = _cli("run", str(cnn_onnx), "--precisions", "fp16", cwd=tmp_path)
     assert done.returncode == 1 and "need a PyTorch model" in done.stderr
+
+
+def test_token_model_onnx_run_draws_ids_every_embedding_table_accepts(tmp_path: Path) -> None:
+    import contextlib
+    import io
+    import warnings
+
+    torch.manual_seed(0)
+    model = TinyTransformer(vocab=50).eval()
+    path = tmp_path / "lm.onnx"
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randint(0, 50, (2, 8)),), str(path), dynamo=True, external_data=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")},))
+    result = ckptview.run_inference(path, input_shape=(2, 6), seed=5, repeats=1)
+    # the graph gathers from the token table (50 rows) and the position table (12): ids below 12 fit both
+    assert result.input.kind == "tokens" and result.input.dtype == torch.int64 and result.input.high == 12
+    ids = torch.randint(0, 12, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(ids)
+    outputs = dict(zip(("logits", "hidden"), result.output.values()))
+    assert torch.allclose(outputs["logits"], expected["logits"], atol=1e-5)
+    assert result.top_k[0].position == "batch 0, last position"
