@@ -405,3 +405,16 @@ def test_value_diff_reports_integer_buffers_as_counters(demo: dict[str, Path], t
     heatmap = panel.values.data[0]
     rows = dict(zip(heatmap.y, heatmap.z))
     assert max(rows["fc"]) == 1.0 and max(rows["bn1"]) == 0.0  # BatchNorm rows stay white: only counters moved
+
+
+def test_overview_explains_each_kind_of_section_once(demo: dict[str, Path]) -> None:
+    html = opened(explore(demo["training.pt"]), "Overview").sections.value
+    assert html.count("<td><b>progress</b></td>") == 4 and html.count("training progress: epoch, step") == 1
+    assert "step_size=2" in html and "_last_lr.0=0.00025" in html and "_get_lr_called_within_step" not in html
+
+
+def test_compare_never_offers_a_sharded_sets_own_shards(demo: dict[str, Path]) -> None:
+    index = demo["sharded/model.safetensors.index.json"]
+    offered = [value for _, value in opened(explore(index), "Compare").siblings.options if value]
+    shards = sorted(p.name for p in index.parent.glob("*.safetensors"))
+    assert len(shards) == 2 and not [p for p in offered if Path(p).name in shards]

@@ -103,7 +103,14 @@ def _contents(ckpt: Checkpoint, section: Section) -> str:
         return ""
     node = ckpt.get(section.path)
     values = flat_values(node, "" if children_of(node) is not None else section.name)
-    return ", ".join(f"{k}={_short(v)}" for k, v in values.items())
+    return ", ".join(f"{k}={_short(v)}" for k, v in values.items() if not _private(k))
+
+
+# A scheduler's bookkeeping (_step_count, _get_lr_called_within_step, _is_initial) says nothing to a
+# reader at a glance; _last_lr is the learning rate it last set. The Training state tab shows them all.
+def _private(key: str) -> bool:
+    leaf = next((part for part in reversed(key.split(".")) if not part.isdigit()), "")
+    return leaf.startswith("_") and leaf != "_last_lr"
 
 
 def _short(value: Any) -> str:

@@ -97,10 +97,15 @@ def header_html(facts: Summary) -> str:
 
 
 def sections_html(frame: pd.DataFrame) -> str:
-    """The Overview's sections table (`frames.sections_frame`)."""
-    rows = [(f"<td><b>{esc(r['section'])}</b></td>", f"<td><code>{esc(r['path'])}</code></td>",
-             f"<td class='num'>{r['tensors']:,}</td>", f"<td>{esc(r['contents'])}</td>",
-             f"<td class='ckptview-muted'>{esc(r['what it is'])}</td>") for r in frame.to_dict("records")]
+    """The Overview's sections table (`frames.sections_frame`); what a kind of section is, said once."""
+    said: set[str] = set()
+    rows = []
+    for r in frame.to_dict("records"):
+        meaning = "" if r["what it is"] in said else r["what it is"]
+        said.add(r["what it is"])
+        rows.append((f"<td><b>{esc(r['section'])}</b></td>", f"<td><code>{esc(r['path'])}</code></td>",
+                     f"<td class='num'>{r['tensors']:,}</td>", f"<td>{esc(r['contents'])}</td>",
+                     f"<td class='ckptview-muted'>{esc(meaning)}</td>"))
     return table_html(["section", "path", "tensors", "contents", "what it is"], rows)
 
 

@@ -26,8 +26,9 @@ from ckptview.ui.base import ExplorerState, FigureBox, Panel
 _SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar", ".pkl", ".index.json")
 
 
-def sibling_checkpoints(path: str) -> list[str]:
-    """Checkpoint-looking files next to `path` and one folder down (sharded sets live in sub-folders)."""
+def sibling_checkpoints(path: str, parts: tuple[str, ...] = ()) -> list[str]:
+    """Checkpoint-looking files next to `path` and one folder down (sharded sets live in sub-folders),
+    except `parts`: the files `path` itself is made of (a sharded set's own shards)."""
     folder = os.path.dirname(os.path.abspath(path)) if not os.path.isdir(path) else os.path.abspath(path)
     found = []
     try:
@@ -38,15 +39,16 @@ def sibling_checkpoints(path: str) -> list[str]:
                 found += [os.path.join(entry.path, n) for n in sorted(os.listdir(entry.path)) if n.endswith(".index.json")]
     except OSError:
         return []
-    own = os.path.abspath(path)
-    return [p for p in found if os.path.abspath(p) != own]
+    own = {os.path.abspath(path)} | {os.path.abspath(os.path.join(folder, part)) for part in parts}
+    return [p for p in found if os.path.abspath(p) not in own]
 
 
 class ComparePanel(Panel):
     title = "Compare"
 
     def __init__(self, state: ExplorerState) -> None:
-        siblings = sibling_checkpoints(state.path)
+        shards = tuple(state.checkpoint.details.get("shards", ())) if state.checkpoint is not None else ()
+        siblings = sibling_checkpoints(state.path, shards)
         self.other_path = widgets.Text(value=str(state.compare_to or ""), placeholder="path of a second checkpoint",
                                        description="checkpoint", layout=widgets.Layout(width="520px", max_width="100%"))
         self.siblings = widgets.Dropdown(options=[("files next to this one…", "")] + [(os.path.relpath(p, os.path.dirname(
