@@ -231,11 +231,14 @@ class FigureBox(widgets.Output):
         spec = json.loads(pio.to_json(figure, validate=False))
         spec["config"] = {"responsive": True, "displaylogo": False}
         self.figure = figure
+        self.layout.display = ""
         self.outputs = ({"output_type": "display_data", "metadata": {},
                          "data": {"application/vnd.plotly.v1+json": spec, "text/plain": "<plotly figure>"}},)
 
     def clear(self) -> None:
+        # hidden, so a plot beside an empty slot (a 4-D weight has no heatmap) takes the whole row
         self.figure = None
+        self.layout.display = "none"
         self.outputs = ()
 
     @property
