@@ -358,3 +358,33 @@ def test_urls_are_refused_in_one_line() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_damaged_global_heap_is_refused_before_hdf5_reads_it(tmp_path: Path) -> None:
+    """Every Keras name and config is a variable-length string in a global heap collection, which the
+    HDF5 library trusts: a fuzzer's one-byte change to an object's size made an attribute read loop
+    forever. Opened in a subprocess with a timeout, so a regression fails instead of hanging."""
+    import struct
+    import subprocess
+    import sys
+
+    path = tmp_path / "heap.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = [b"dense"]  # lists of bytes: variable-length strings, in a global heap
+        group = f.create_group("dense")
+        group.attrs["weight_names"] = [b"dense/kernel:0", b"dense/bias:0"]
+        group.create_dataset("dense/kernel:0", data=np.ones((2, 2), np.float32))
+        group.create_dataset("dense/bias:0", data=np.zeros(2, np.float32))
+    data = bytearray(path.read_bytes())
+    heap = data.index(b"GCOL\x01\x00\x00\x00")
+    objects, pos = [], heap + 16
+    while struct.unpack_from("<H", data, pos)[0]:
+        objects.append(pos)
+        pos += 16 + -(-struct.unpack_from("<Q", data, pos + 8)[0] // 8) * 8
+    data[objects[1] + 8] += 64  # the second object claims 64 bytes more: the objects after it are misread
+    path.write_bytes(bytes(data))
+    before = path.read_bytes()
+    code = "import sys, ckptview\ntry:\n    ckptview.open(sys.argv[1])\nexcept Exception as e:\n    print(e)"
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert "global heap at byte" in done.stdout and "damaged" in done.stdout, done.stdout + done.stderr
+    assert path.read_bytes() == before
