@@ -30,11 +30,12 @@ class _Counting(SimpleHTTPRequestHandler):
 
     def copyfile(self, source, outputfile) -> None:  # noqa: ANN001
         while chunk := source.read(1 << 16):
+            # counted before it is written: the client may have the bytes before this thread runs again
+            type(self).sent += len(chunk)
             try:
                 outputfile.write(chunk)
             except (BrokenPipeError, ConnectionResetError):
                 return  # the client hung up after the part it wanted
-            type(self).sent += len(chunk)
 
     def log_message(self, *args: object) -> None:
         pass
@@ -64,8 +65,8 @@ class _Ranged(_Counting):
             left = end - start + 1
             while left:
                 chunk = stream.read(min(left, 1 << 20))
-                self.wfile.write(chunk)
                 type(self).sent += len(chunk)
+                self.wfile.write(chunk)
                 left -= len(chunk)
 
 
