@@ -38,6 +38,9 @@ def latency_bars(rows: Sequence[Mapping[str, Any]], *, title: str = "latency per
         margin=dict(l=50, r=10, t=60 if skipped else 40, b=30),
         height=320,
         template="plotly_white",
+        autosize=True,  # no width: the explorer's box decides it
+        paper_bgcolor="rgba(0,0,0,0)",  # the explorer's CSS colours text from the theme
+        plot_bgcolor="rgba(0,0,0,0)",
         showlegend=False,
     )
     return figure

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import ipywidgets as widgets
-import plotly.graph_objects as go
 from torch import nn
 
 from ckptview.analyzers.sections import model_section
@@ -17,7 +16,7 @@ from ckptview.errors import ModelBuildError
 from ckptview.inference import PrecisionComparison, available_devices, compare_precisions
 from ckptview.present.inference_figures import latency_bars
 from ckptview.present.text import human_bytes, shape_text
-from ckptview.ui.base import ExplorerState, Panel, esc
+from ckptview.ui.base import ExplorerState, FigureBox, Panel, esc
 
 _LOWER_PRECISIONS = ("fp16", "bf16", "int8")
 
@@ -51,8 +50,7 @@ class InferencePanel(Panel):
         self.summary = widgets.HTML()
         self.outputs = widgets.HTML()
         self.table = widgets.HTML()
-        self.chart = go.FigureWidget()
-        self.chart.layout.height = 40  # empty until the first run; a full-height blank chart looks like a bug
+        self.chart = FigureBox()  # as wide as the panel, redrawn when it resizes; empty until the first run
         self.comparison: PrecisionComparison | None = None
         self.run_button.on_click(self._on_run_button_click)
         self.cancel_button.on_click(self._on_cancel_button_click)
@@ -121,11 +119,7 @@ class InferencePanel(Panel):
         table = table.assign(size_bytes=[human_bytes(v) if v else "-" for v in table["size_bytes"]])
         self.table.value = table.to_html(classes="ckptview-table", float_format=lambda v: f"{v:.5g}", border=0,
                                          na_rep="-")
-        figure = latency_bars(comparison.table())
-        with self.chart.batch_update():
-            self.chart.data = ()
-            self.chart.add_traces(figure.data)
-            self.chart.layout = figure.layout
+        self.chart.show(latency_bars(comparison.table()))
         if not result.finite:
             self.show_info("the output holds NaN or Inf values (see the nan/inf columns)", kind="warning")
 
