@@ -79,7 +79,7 @@ def test_conversion_kept_the_dense_weights() -> None:
 # --- models built with the flatbuffers builder ----------------------------------------------------
 
 def build_model(weight: np.ndarray, *, scales: list[float] | None = None, zero_points: list[int] | None = None,
-                axis: int = 0, external_offset: int | None = None, sparse: bool = False) -> bytes:
+                axis: int = 0, external_offset: int | None = None, sparse: bool = False, subgraphs: int = 1) -> bytes:
     """A one-operator model: FULLY_CONNECTED(input, weight). With `external_offset` the weight's buffer
     is stored after the flatbuffer (offset/size), as the converter writes models over 2 GB."""
     types = {np.dtype(np.float32): tflite.TensorType.FLOAT32, np.dtype(np.int8): tflite.TensorType.INT8,
@@ -126,49 +126,52 @@ def build_model(weight: np.ndarray, *, scales: list[float] | None = None, zero_p
     if sparse:
         tflite.SparsityParametersStart(b)
         sparsity = tflite.SparsityParametersEnd(b)
-    tensors = []
-    for name, shape, dtype, buffer in (("x", [1, weight.shape[1]], tflite.TensorType.FLOAT32, 0),
-                                       ("fc/weight", list(weight.shape), types[weight.dtype], 1),
-                                       ("y", [1, weight.shape[0]], tflite.TensorType.FLOAT32, 0)):
-        name_offset = b.CreateString(name)
-        shape_vector = int_vector(tflite.TensorStartShapeVector, shape)
-        tflite.TensorStart(b)
-        tflite.TensorAddName(b, name_offset)
-        tflite.TensorAddShape(b, shape_vector)
-        tflite.TensorAddType(b, dtype)
-        tflite.TensorAddBuffer(b, buffer)
-        if buffer and quant is not None:
-            tflite.TensorAddQuantization(b, quant)
-        if buffer and sparsity is not None:
-            tflite.TensorAddSparsity(b, sparsity)
-        tensors.append(tflite.TensorEnd(b))
-    tflite.SubGraphStartTensorsVector(b, len(tensors))
-    for tensor in reversed(tensors):
-        b.PrependUOffsetTRelative(tensor)
-    tensor_vector = b.EndVector()
-    op_inputs = int_vector(tflite.OperatorStartInputsVector, [0, 1, -1])
-    op_outputs = int_vector(tflite.OperatorStartOutputsVector, [2])
-    tflite.OperatorStart(b)
-    tflite.OperatorAddOpcodeIndex(b, 0)
-    tflite.OperatorAddInputs(b, op_inputs)
-    tflite.OperatorAddOutputs(b, op_outputs)
-    operator = tflite.OperatorEnd(b)
-    tflite.SubGraphStartOperatorsVector(b, 1)
-    b.PrependUOffsetTRelative(operator)
-    operators = b.EndVector()
-    inputs, outputs = int_vector(tflite.SubGraphStartInputsVector, [0]), int_vector(tflite.SubGraphStartOutputsVector, [2])
-    tflite.SubGraphStart(b)
-    tflite.SubGraphAddTensors(b, tensor_vector)
-    tflite.SubGraphAddInputs(b, inputs)
-    tflite.SubGraphAddOutputs(b, outputs)
-    tflite.SubGraphAddOperators(b, operators)
-    subgraph = tflite.SubGraphEnd(b)
+    subgraph_offsets = []
+    for _ in range(subgraphs):  # each subgraph uses the same weight buffer, as TFLite shares constants
+        tensors = []
+        for name, shape, dtype, buffer in (("x", [1, weight.shape[1]], tflite.TensorType.FLOAT32, 0),
+                                           ("fc/weight", list(weight.shape), types[weight.dtype], 1),
+                                           ("y", [1, weight.shape[0]], tflite.TensorType.FLOAT32, 0)):
+            name_offset = b.CreateString(name)
+            shape_vector = int_vector(tflite.TensorStartShapeVector, shape)
+            tflite.TensorStart(b)
+            tflite.TensorAddName(b, name_offset)
+            tflite.TensorAddShape(b, shape_vector)
+            tflite.TensorAddType(b, dtype)
+            tflite.TensorAddBuffer(b, buffer)
+            if buffer and quant is not None:
+                tflite.TensorAddQuantization(b, quant)
+            if buffer and sparsity is not None:
+                tflite.TensorAddSparsity(b, sparsity)
+            tensors.append(tflite.TensorEnd(b))
+        tflite.SubGraphStartTensorsVector(b, len(tensors))
+        for tensor in reversed(tensors):
+            b.PrependUOffsetTRelative(tensor)
+        tensor_vector = b.EndVector()
+        op_inputs = int_vector(tflite.OperatorStartInputsVector, [0, 1, -1])
+        op_outputs = int_vector(tflite.OperatorStartOutputsVector, [2])
+        tflite.OperatorStart(b)
+        tflite.OperatorAddOpcodeIndex(b, 0)
+        tflite.OperatorAddInputs(b, op_inputs)
+        tflite.OperatorAddOutputs(b, op_outputs)
+        operator = tflite.OperatorEnd(b)
+        tflite.SubGraphStartOperatorsVector(b, 1)
+        b.PrependUOffsetTRelative(operator)
+        operators = b.EndVector()
+        inputs, outputs = int_vector(tflite.SubGraphStartInputsVector, [0]), int_vector(tflite.SubGraphStartOutputsVector, [2])
+        tflite.SubGraphStart(b)
+        tflite.SubGraphAddTensors(b, tensor_vector)
+        tflite.SubGraphAddInputs(b, inputs)
+        tflite.SubGraphAddOutputs(b, outputs)
+        tflite.SubGraphAddOperators(b, operators)
+        subgraph = tflite.SubGraphEnd(b)
+        subgraph_offsets.append(subgraph)
     tflite.OperatorCodeStart(b)
     tflite.OperatorCodeAddBuiltinCode(b, tflite.BuiltinOperator.FULLY_CONNECTED)
     tflite.OperatorCodeAddDeprecatedBuiltinCode(b, tflite.BuiltinOperator.FULLY_CONNECTED)
     opcode = tflite.OperatorCodeEnd(b)
     vectors = {}
-    for key, items in (("codes", [opcode]), ("subgraphs", [subgraph]), ("buffers", buffers)):
+    for key, items in (("codes", [opcode]), ("subgraphs", subgraph_offsets), ("buffers", buffers)):
         b.StartVector(4, len(items), 4)
         for item in reversed(items):
             b.PrependUOffsetTRelative(item)
@@ -219,6 +222,18 @@ def test_per_tensor_and_per_channel_dequantization(dtype: type, tmp_path: Path) 
             assert entry.encoding == np.dtype(dtype).name and entry.nbytes == weight.nbytes
             assert torch.equal(entry.load(), torch.from_numpy(expected))
             assert torch.equal(torch.cat(list(entry.iter_chunks(chunk_bytes=8))), torch.from_numpy(expected).reshape(-1))
+
+
+def test_subgraphs_sharing_a_buffer(tmp_path: Path) -> None:
+    weight = np.arange(12, dtype=np.float32).reshape(3, 4)
+    path = tmp_path / "two.tflite"
+    path.write_bytes(build_model(weight, subgraphs=2))
+    with ckptview.open(path) as ckpt:
+        assert [e.name for e in ckpt.tensors()] == ["fc/weight", "subgraph1.fc/weight"]
+        assert len(ckpt.details["subgraphs"]) == 2 and ckpt.details["op_counts"] == {"FULLY_CONNECTED": 2}
+        # one buffer, two tensors: counted once, as tied weights are
+        assert len(ckpt.unique_tensors()) == 1 and ckpt.total_bytes == weight.nbytes
+        assert torch.equal(ckpt.tensor("subgraph1.fc/weight").load(), torch.from_numpy(weight))
 
 
 def test_sparse_tensors_are_listed_not_decoded(tmp_path: Path) -> None:

@@ -204,7 +204,10 @@ class _Reader:
                                                     f"{list(shape)}: the file is damaged. Convert the model again.")
         type_name = self.types.get(tensor.Type(), f"type {tensor.Type()}")
         torch_name, numpy_dtype = _TYPES.get(type_name, (None, None))
-        storage = Storage(key=key, source=self.source, offset=start, nbytes=length, location="cpu")
+        # keyed by buffer: the converter shares one buffer between tensors (and subgraphs) holding the
+        # same constant, and a shared buffer counts once, as tied weights do
+        storage = Storage(key=f"buffer{tensor.Buffer()}", source=self.source, offset=start, nbytes=length,
+                          location="cpu")
         if torch_name is None:
             return TensorInfo(shape=shape, dtype="uint8", storage=storage, layout="encoded", encoding=type_name.lower(),
                               stored_nbytes=length, note=f"TFLite {type_name} tensors have no torch dtype")
