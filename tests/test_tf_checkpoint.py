@@ -155,6 +155,15 @@ def test_missing_shard_is_named(tmp_path: Path) -> None:
     refused(index, ShardError, "data shard ckpt.data-00001-of-00002 is missing")
 
 
+def test_shard_symlinked_out_of_the_folder_is_refused(tmp_path: Path) -> None:
+    index = copy_checkpoint(tmp_path)
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes((index.parent / "ckpt.data-00001-of-00002").read_bytes())
+    (index.parent / "ckpt.data-00001-of-00002").unlink()
+    (index.parent / "ckpt.data-00001-of-00002").symlink_to(secret)
+    refused(index, CorruptCheckpointError, "not a file inside its folder")
+
+
 def test_entry_past_its_shard_and_truncated_index(tmp_path: Path) -> None:
     index = copy_checkpoint(tmp_path)
     shard = index.parent / "ckpt.data-00000-of-00002"

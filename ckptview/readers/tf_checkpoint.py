@@ -37,6 +37,7 @@ from ckptview.readers.model import (
     dotted_name,
     walk_tensors,
 )
+from ckptview.readers.paths import resolve_inside
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_BYTES = 48
@@ -361,14 +362,19 @@ class TensorBundle:
         self.shards = [f"{prefix}.data-{i:05d}-of-{self.num_shards:05d}" for i in range(self.num_shards)]
         self.sources: list[FileSource] = []
         self.shard_sizes: list[int] = []
+        folder = os.path.dirname(os.path.abspath(index_path))
         for shard in self.shards:
+            if not os.path.lexists(shard):
+                raise ShardError(index_path, f"data shard {os.path.basename(shard)} is missing from {folder}: copy "
+                                             f"every {os.path.basename(prefix)}.data-* file beside the index.")
+            # a shard that is a symlink leading out of the folder would make ckptview read any file
+            resolved = resolve_inside(folder, os.path.basename(shard), named_by=index_path, what="the data shard")
             try:
-                self.shard_sizes.append(os.path.getsize(shard))
+                self.shard_sizes.append(os.path.getsize(resolved))
             except OSError:
-                raise ShardError(index_path, f"data shard {os.path.basename(shard)} is missing from "
-                                             f"{os.path.dirname(os.path.abspath(shard))}: copy every "
-                                             f"{os.path.basename(prefix)}.data-* file beside the index.") from None
-            self.sources.append(FileSource(shard))
+                raise ShardError(index_path, f"data shard {os.path.basename(shard)} in {folder} cannot be read: copy "
+                                             "it again.") from None
+            self.sources.append(FileSource(resolved))
 
     def tensors(self) -> Iterator[tuple[str, dict[str, Any], TensorInfo | None]]:
         """(key, entry, TensorInfo or None for strings and other untensorable entries) in key order."""
