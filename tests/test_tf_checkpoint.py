@@ -233,6 +233,14 @@ def test_saved_model_with_a_file_op_is_code_and_never_runs(tmp_path: Path) -> No
     assert not marker.exists()
 
 
+def test_saved_model_variables_linked_out_of_the_folder_are_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "linked"
+    shutil.copytree(FIXTURES / "savedmodel", folder)
+    shutil.move(folder / "variables", tmp_path / "elsewhere")
+    (folder / "variables").symlink_to(tmp_path / "elsewhere")
+    refused(folder / "saved_model.pb", CorruptCheckpointError, "not a file inside its folder")
+
+
 def test_saved_model_cut_off(tmp_path: Path) -> None:
     folder = tmp_path / "cut"
     shutil.copytree(FIXTURES / "savedmodel", folder)

@@ -19,6 +19,7 @@ from typing import Any
 
 from ckptview.errors import CorruptCheckpointError, TruncatedCheckpointError
 from ckptview.readers.model import Checkpoint, PickleImport
+from ckptview.readers.paths import resolve_inside
 from ckptview.readers.tf_checkpoint import TF_DTYPES, TF_TYPE_NAMES, TensorBundle, _fields, _signed
 
 # op -> what it does that loading or serving the model would do to the machine
@@ -179,8 +180,11 @@ def read_saved_model(path: str, size: int, *, trust: bool) -> Checkpoint:
         "op_counts": dict(op_counts),
     }
     imports = _code_ops(graphs)
-    index = os.path.join(os.path.dirname(os.path.abspath(path)), "variables", "variables.index")
-    if os.path.isfile(index):
+    folder = os.path.dirname(os.path.abspath(path))
+    index = os.path.join(folder, "variables", "variables.index")
+    if os.path.lexists(index):
+        # `variables` (or the index) being a link out of the SavedModel's folder is refused
+        index = resolve_inside(folder, "variables/variables.index", named_by=path, what="the variables index")
         bundle = TensorBundle(index, os.path.getsize(index))
         ckpt = bundle.checkpoint(trust, format="savedmodel", details=details, pickle_imports=imports, path=path,
                                  extra_size=size)
