@@ -389,3 +389,24 @@ def test_damaged_global_heap_is_refused_before_hdf5_reads_it(tmp_path: Path) -> 
                           check=False)
     assert "global heap at byte" in done.stdout and "damaged" in done.stdout, done.stdout + done.stderr
     assert path.read_bytes() == before
+
+
+def test_text_attribute_with_a_damaged_type_is_refused_before_hdf5_reads_it(tmp_path: Path) -> None:
+    """A fuzzed `weight_names` whose type turned from variable-length string into variable-length
+    sequence crashed the HDF5 library (segmentation fault) when read: run in a subprocess."""
+    import subprocess
+    import sys
+
+    path = write_weights_h5(tmp_path / "type.h5", {"dense": {"dense/kernel:0": np.ones((2, 2), np.float32)}})
+    with h5py.File(path, "a") as f:  # variable-length strings, as Keras writes them
+        f["dense"].attrs["weight_names"] = np.array([b"dense/kernel:0"], dtype=h5py.string_dtype("ascii"))
+    data = bytearray(path.read_bytes())
+    name = data.index(b"weight_names\x00")
+    datatype = data.index(b"\x19", name + len(b"weight_names"))  # datatype message: version 1, class 9 (vlen)
+    data[datatype + 1] = 0x8D  # its flags: a sequence (of a garbage type), no longer a string
+    path.write_bytes(bytes(data))
+    code = "import sys, ckptview\ntry:\n    ckptview.open(sys.argv[1])\nexcept Exception as e:\n    print(e)"
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0 and "should hold text but its type says otherwise" in done.stdout, \
+        (done.returncode, done.stdout, done.stderr[-300:])

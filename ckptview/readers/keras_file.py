@@ -305,6 +305,33 @@ class _RowSource:
             item.close()
 
 
+class _TextAttributes:
+    """
+    The attributes Keras keeps text in (names, configs, versions), each checked to be text before
+    h5py reads it: a fuzzed file whose `weight_names` type said "variable-length sequence" instead of
+    "variable-length string" crashed the HDF5 library (a segmentation fault) when read.
+    """
+
+    def __init__(self, path: str, obj: Any, h5py: Any) -> None:
+        self.path, self.obj, self.h5py = path, obj, h5py
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.obj.attrs
+
+    def __getitem__(self, key: str) -> Any:
+        attribute = self.h5py.h5a.open(self.obj.id, key.encode("utf-8"))
+        # Keras writes an empty list as an empty float array: no elements, nothing to convert
+        if math.prod(attribute.shape or ()) and attribute.get_type().get_class() != self.h5py.h5t.STRING:
+            raise CorruptCheckpointError(self.path, f"the HDF5 attribute {printable(key)!r} of "
+                                                    f"{printable(self.obj.name)} should hold text but its type says "
+                                                    "otherwise: the file is damaged (reading it could crash the HDF5 "
+                                                    "library). Get the original file.")
+        return self.obj.attrs[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+
 class _Reader:
     def __init__(self, path: str, size: int, h5: Any, source: FileSource, *, base_offset: int, in_place: bool,
                  inner_size: int | None = None, keep_open: tuple[Any, ...] = ()) -> None:
@@ -358,6 +385,9 @@ class _Reader:
 
         self.h5py.h5o.visit(self.h5.id, visit, info=True)
         return extents
+
+    def attrs(self, obj: Any) -> _TextAttributes:
+        return _TextAttributes(self.path, obj, self.h5py)
 
     def child(self, group: Any, name: str) -> Any:
         """`group[name]`, or None (external links were refused at open, so it stays in the file)."""
@@ -438,7 +468,7 @@ class _Reader:
             data, start, end = self.heap_bytes
             check_global_heaps(self.path, data, start, end, skip=self.data_extents(start))
         h5 = self.h5
-        attrs = h5.attrs
+        attrs = self.attrs(h5)
         model_config = config if config is not None else _json_attr(self.path, attrs, "model_config")
         training_config = _json_attr(self.path, attrs, "training_config")
         if training_config is None and isinstance(config, dict):  # a .keras archive keeps it in its config
@@ -446,7 +476,7 @@ class _Reader:
         classes = _layer_classes(model_config)
         details: dict[str, Any] = {}
         optimizer: dict[str, Any] | None = None
-        if "model_weights" in h5 and _layer_names(h5["model_weights"].attrs) is not None:
+        if "model_weights" in h5 and _layer_names(self.attrs(h5["model_weights"])) is not None:
             details["layout"] = "legacy full model (model.save to .h5)"
             weights = self.legacy_weights(h5["model_weights"], classes, prefix="model_weights.")
             if "optimizer_weights" in h5:
@@ -496,12 +526,12 @@ class _Reader:
         weights: dict[str, TensorInfo] = {}
         self.prefix = prefix
         self.kinds: dict[str, tuple[str, str, str]] = {}  # weight name -> (layer, class, keras leaf)
-        for layer in _layer_names(group.attrs) or []:
+        for layer in _layer_names(self.attrs(group)) or []:
             layer_group = self.child(group, layer)
             if layer_group is None or not isinstance(layer_group, self.h5py.Group):
                 raise CorruptCheckpointError(self.path, f"layer_names lists {printable(layer)!r} but the file has no "
                                                         "such group: the file is damaged. Save the weights again.")
-            for weight_name in _strings(layer_group.attrs.get("weight_names", ())):
+            for weight_name in _strings(self.attrs(layer_group).get("weight_names", ())):
                 dataset = self.dataset(layer_group, weight_name)
                 if dataset is None:
                     raise CorruptCheckpointError(self.path, f"layer {printable(layer)!r} lists weight "
@@ -546,7 +576,7 @@ class _Reader:
             if parts[index] == "layers" and index + 1 < len(parts):
                 key = "/".join(parts[:index + 2])
                 vars_group = self.child(h5, key + "/vars")
-                names.append(str(vars_group.attrs.get("name", parts[index + 1])) if vars_group is not None
+                names.append(str(self.attrs(vars_group).get("name", parts[index + 1])) if vars_group is not None
                              else parts[index + 1])
                 index += 2
             else:
@@ -567,7 +597,7 @@ class _Reader:
         return found
 
     def legacy_optimizer(self, group: Any, weights: Mapping[str, TensorInfo], training_config: Any) -> dict[str, Any]:
-        names = _strings(group.attrs.get("weight_names", ()))
+        names = _strings(self.attrs(group).get("weight_names", ()))
         slots: list[tuple[str, TensorInfo]] = []
         for weight_name in names:
             dataset = self.dataset(group, weight_name)
@@ -582,7 +612,7 @@ class _Reader:
         count = sum(1 for name in group if name.isdigit())
         tensors = [self.tensor(self.dataset(group, str(index)), f"optimizer_weights.vars.{index}")
                    for index in range(count)]
-        kind = re.sub(r"_\d+$", "", str(group.attrs.get("name", ""))).lower()
+        kind = re.sub(r"_\d+$", "", str(self.attrs(group).get("name", ""))).lower()
         self.optimizer_name = _OPTIMIZER_CLASSES.get(kind, kind)
         trainable = [name for name in weights if self.kinds.get(name, ("", "", ""))[2] not in
                      ("moving_mean", "moving_variance")]
