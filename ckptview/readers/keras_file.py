@@ -329,7 +329,9 @@ class _TextAttributes:
         return self.obj.attrs[key]
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self[key] if key in self else default
+        if key not in self.obj.attrs:
+            return default
+        return self[key]
 
 
 class _Reader:
