@@ -59,6 +59,11 @@ def test_constants_equal_what_the_interpreter_reported(name: str) -> None:
         assert [(t["name"], t["shape"], t["dtype"]) for t in ckpt.details["inputs"]] == \
             [(t["name"], t["shape"], t["dtype"]) for t in info["inputs"]]
         assert [t["name"] for t in ckpt.details["outputs"]] == [t["name"] for t in info["outputs"]]
+        # the converter's serving signature maps the Keras input's name to the interpreter's input tensor
+        index_of = {row["name"]: row["index"] for row in info["tensors"]}
+        serving = ckpt.details["signatures"]["serving_default"]
+        assert serving["inputs"] == {"image": index_of[info["inputs"][0]["name"]]}
+        assert list(serving["outputs"].values()) == [index_of[info["outputs"][0]["name"]]]
         # the interpreter adds DELEGATE nodes when XNNPACK takes over operators; the file has none
         assert ckpt.details["op_counts"] == {op: n for op, n in info["op_counts"].items() if op != "DELEGATE"}
 

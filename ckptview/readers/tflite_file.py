@@ -164,6 +164,7 @@ class _Reader:
             "quantized_tensors": quantized,
             "metadata": [(model.Metadata(i).Name() or b"").decode("utf-8", "replace")
                          for i in range(model.MetadataLength())],
+            "signatures": self.signatures(),
             "notes": [("TFLite's converter folds BatchNorm into the convolution before it: there are no BatchNorm "
                        "statistics to check"), "fully-connected weights are stored [out, in], as torch stores them"],
         }
@@ -172,6 +173,21 @@ class _Reader:
                     "note": "; ".join(details["notes"])}  # the explorer's Overview shows metadata
         return Checkpoint(self.path, "tflite", root, file_size=self.size, sources=[self.source], trust=trust,
                           details=details, metadata=metadata, layers=layers)
+
+    def signatures(self) -> dict[str, Any]:
+        """The model's SignatureDefs (what `interpreter.get_signature_list()` names): per signature key,
+        its subgraph and each input/output name with the tensor it maps to."""
+        out: dict[str, Any] = {}
+        for index in range(self.model.SignatureDefsLength()):
+            signature = self.model.SignatureDefs(index)
+            key = (signature.SignatureKey() or b"").decode("utf-8", "replace") or f"signature_{index}"
+            sides = {}
+            for side, count, item in (("inputs", signature.InputsLength(), signature.Inputs),
+                                      ("outputs", signature.OutputsLength(), signature.Outputs)):
+                sides[side] = {(item(j).Name() or b"").decode("utf-8", "replace"): item(j).TensorIndex()
+                               for j in range(count)}
+            out[key] = {"subgraph": signature.SubgraphIndex(), **sides}
+        return out
 
     def op_name(self, opcode_index: int) -> str:
         if not 0 <= opcode_index < self.model.OperatorCodesLength():
