@@ -500,7 +500,7 @@ class _Reader:
             raise UnsupportedFormatError(self.path, "an HDF5 file without Keras weights (no model_weights, layer_names "
                                                     "or layers/ group): ckptview reads the HDF5 files Keras writes. "
                                                     "Open it with h5py to see what it holds.")
-        self.name_layers(weights, classes)
+        self.name_layers(weights)
         if full:
             root: dict[str, Any] = {"model_weights": weights}
             if optimizer is not None:
@@ -633,7 +633,7 @@ class _Reader:
             named = [(f"vars/{index}", tensor) for index, tensor in enumerate(tensors)]
         return optimizer_state(named, list(weights), training_config)
 
-    def name_layers(self, weights: Mapping[str, TensorInfo], classes: Mapping[str, str]) -> None:
+    def name_layers(self, weights: Mapping[str, TensorInfo]) -> None:
         kinds = {name: self.kinds.get(name, (name.rpartition(".")[0], "", name.rpartition(".")[2])) for name in weights}
         for name, role in layer_roles({name: info.shape for name, info in weights.items()}, kinds).items():
             # the tensor table looks roles up by full name, the BatchNorm checks by the name relative
