@@ -129,25 +129,25 @@ def _build(ckpt: Checkpoint) -> TensorTable:
     storage_users = Counter(entry.storage_key for entry in entries if entry.storage_key is not None)
 
     section_names = {id(section): section.name for section in sections}
-    located: list[tuple[TensorEntry, Section | None, tuple[Any, ...]]] = []
+    # each entry's section and (module, leaf), found once: the second loop needs the layer kinds of all
+    located: list[tuple[TensorEntry, Section | None, str, str]] = []
     modules: dict[tuple[str, str], dict[str, TensorEntry]] = defaultdict(dict)
     for entry in entries:
         section = section_of(entry.path)
         relative = entry.path[len(section.path):] if section is not None else entry.path
-        located.append((entry, section, relative))
+        module, leaf = module_and_leaf(_relative_name(relative, entry), entry, ckpt.layers)
+        located.append((entry, section, module, leaf))
         if section is not None and section.kind in MODEL_SECTION_KINDS:
-            module, leaf = module_and_leaf(_relative_name(relative, entry), entry, ckpt.layers)
             modules[(section_names[id(section)], module)][leaf] = entry
 
     kinds = {key: _layer_kind(key[1], leaves, ckpt.layers) for key, leaves in modules.items()}
 
     first_name: dict[Any, str] = {}
     rows = []
-    for entry, section, relative in located:
+    for entry, section, module, leaf in located:
         identity = view_identity(entry.info)
         tied_to = first_name.setdefault(identity, entry.name)
         section_name = section_names[id(section)] if section is not None else ""
-        module, leaf = module_and_leaf(_relative_name(relative, entry), entry, ckpt.layers)
         kind, detail = kinds.get((section_name, module), ("", ""))
         rows.append(TensorRow(
             name=entry.name,

@@ -23,7 +23,7 @@ from typing import Any
 
 from ckptview.errors import CorruptCheckpointError, TensorDataError, TruncatedCheckpointError
 from ckptview.lazy import torch
-from ckptview.readers.dtypes import dtype_name, itemsize, torch_dtype
+from ckptview.readers.dtypes import ITEMSIZE, dtype_name, itemsize, torch_dtype
 
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
 
@@ -168,17 +168,17 @@ class TensorInfo:
     def torch_dtype(self) -> Any:
         return torch_dtype(self.dtype)
 
-    # computed once per record (the instance's __dict__ holds them; the fields stay frozen):
-    # statistics of a million-tensor file asked each about seven million times
-    @functools.cached_property
+    # plain properties: functools.cached_property takes a lock on every first access (Python 3.11),
+    # which cost more than computing these again
+    @property
     def itemsize(self) -> int:
-        return itemsize(self.dtype)
+        return ITEMSIZE.get(self.dtype) or itemsize(self.dtype)
 
-    @functools.cached_property
+    @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    @functools.cached_property
+    @property
     def nbytes(self) -> int:
         """Bytes as stored in the file."""
         if self.stored_nbytes is not None:
