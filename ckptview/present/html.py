@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from ckptview.analyzers.batchnorm import BatchNormReport
+    from ckptview.analyzers.crossformat import CrossFormatMatch
     from ckptview.analyzers.doctor import Diagnosis
     from ckptview.analyzers.keydiff import KeyDiff
     from ckptview.analyzers.stats import StatsResult
@@ -280,6 +281,46 @@ def counters_html(counters: Sequence[tuple[str, str, str]]) -> str:
              f"<td class='num'>{esc(right)}</td>") for key, left, right in counters]
     return ("<p>Integer counters that moved (compared exactly; a count such as BatchNorm's num_batches_tracked, "
             "not value drift):</p>" + table_html(["counter", "this checkpoint", "the other"], rows))
+
+
+MATCHING_ROWS = 200
+_UNEXPLAINED_NAMES = 50
+# The verdict's counts in words ("2 by name, 4 folded"); the table keeps the `how` values themselves.
+_HOW_WORDS = {"name": "by name", "content": "by content", "graph_constant": "graph constants"}
+
+
+def matching_html(matching: CrossFormatMatch, left: str, right: str, *, max_rows: int = MATCHING_ROWS) -> str:
+    """
+    What each tensor of `left` became in `right` (two files of different formats): a one-line verdict,
+    one row per match (left key(s), right key, how, max |diff|, detail), then the keys nothing explains.
+    """
+    counts = ", ".join(f"{n:,} {_HOW_WORDS.get(how, how)}" for how, n in matching.counts().items())
+    sides = f"{left} ({matching.left_format}) → {right} ({matching.right_format})"
+    if matching.complete:
+        verdict = banner_html("info", f"{sides}: every tensor paired or explained ({counts}).")
+    else:
+        unexplained = len(matching.unexplained_left) + len(matching.unexplained_right)
+        verdict = banner_html("warning", f"{sides}: {unexplained:,} unexplained ({len(matching.unexplained_left):,} "
+                              f"in {left}, {len(matching.unexplained_right):,} in {right}); "
+                              f"the rest: {counts or 'nothing'}.")
+    shown = matching.matches[:max_rows]
+    rows = [("<td>" + "<br>".join(f"<code>{esc(k)}</code>" for k in m.left_keys) + "</td>",
+             f"<td><code>{esc(m.right)}</code></td>" if m.right is not None else "<td></td>", f"<td>{esc(m.how)}</td>",
+             f"<td class='num'>{'' if m.max_abs_diff is None else f'{m.max_abs_diff:.3g}'}</td>",
+             f"<td class='ckptview-muted'>{esc(m.detail)}</td>") for m in shown]
+    more = (f"<div class='ckptview-muted'>… and {len(matching.matches) - len(shown):,} more matches</div>"
+            if len(matching.matches) > len(shown) else "")
+    table = table_html([left, right, "how", "max |diff|", "detail"], rows) + more if rows else ""
+    return (verdict + table + _unexplained_html(left, matching.unexplained_left)
+            + _unexplained_html(right, matching.unexplained_right))
+
+
+def _unexplained_html(side: str, keys: Sequence[str]) -> str:
+    if not keys:
+        return ""
+    names = ", ".join(f"<code>{esc(k)}</code>" for k in keys[:_UNEXPLAINED_NAMES])
+    more = f" … and {len(keys) - _UNEXPLAINED_NAMES:,} more" if len(keys) > _UNEXPLAINED_NAMES else ""
+    return f"<p>Unexplained in {esc(side)} (nothing in the other file matches them): {names}{more}</p>"
 
 
 def fixes_html(diagnosis: Diagnosis, goal: str) -> str:

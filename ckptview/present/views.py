@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ckptview.analyzers.batchnorm import BatchNormReport, batchnorm_checks
+from ckptview.analyzers.crossformat import CrossFormatMatch, match_tensors
 from ckptview.analyzers.doctor import Diagnosis, diagnose
 from ckptview.analyzers.keydiff import KeyDiff, key_diff
 from ckptview.analyzers.sections import model_section, model_state_dict
@@ -93,6 +94,36 @@ def compare_values(ckpt: Checkpoint, other: Checkpoint, diagnosis: Diagnosis | N
         else:
             counters.append((change.key, "", f"{change.fraction_changed:.1%} of {change.numel:,} elements differ"))
     return ValueComparison(changes, tuple(counters))
+
+
+# Formats that hold a graph: their tensors no layer uses are graph constants (as `ckptview.diff` has it).
+_GRAPH_FORMATS = ("onnx", "tflite")
+
+
+@dataclass(frozen=True)
+class FormatMatching:
+    """How the tensors of two checkpoints of different formats pair up, and which file is which side."""
+
+    matching: CrossFormatMatch
+    left: Checkpoint
+    right: Checkpoint
+
+
+def match_formats(ckpt: Checkpoint, other: Checkpoint) -> FormatMatching | None:
+    """
+    Pair the model tensors of two checkpoints of different formats by name or content and explain
+    the rest (`crossformat.match_tensors`); None when both have the same format. A graph (ONNX,
+    TFLite) goes on the right whichever file the explorer was opened on: BatchNorm folded by an
+    export is recognised only from the PyTorch side.
+    """
+    if ckpt.format == other.format:
+        return None
+    swap = ckpt.format in _GRAPH_FORMATS and other.format not in _GRAPH_FORMATS
+    left, right = (other, ckpt) if swap else (ckpt, other)
+    matching = match_tensors(model_state_dict(left), model_state_dict(right), right_layers=right.layers,
+                             right_is_graph=right.format in _GRAPH_FORMATS, left_format=left.format,
+                             right_format=right.format)
+    return FormatMatching(matching, left, right)
 
 
 def _scalar(value: Any) -> int:

@@ -1,6 +1,7 @@
 """
-Compare tab: this checkpoint against a second checkpoint (key diff, value diff per module) or
-against a model (`"package.module:factory"`: the load doctor's fixes, with code to copy).
+Compare tab: this checkpoint against a second checkpoint (key diff, value diff per module; for two
+formats, such as a `.pt` and its ONNX export, what each tensor became in the other file) or against
+a model (`"package.module:factory"`: the load doctor's fixes, with code to copy).
 """
 
 from __future__ import annotations
@@ -16,14 +17,23 @@ from ckptview.analyzers.keydiff import KeyDiff
 from ckptview.analyzers.sections import model_section, model_state_dict
 from ckptview.analyzers.valuediff import ValueDiff
 from ckptview.present import figures
-from ckptview.present.html import counters_html, fixes_html, key_diff_html
+from ckptview.present.html import counters_html, fixes_html, key_diff_html, matching_html
 from ckptview.present.text import human_bytes
-from ckptview.present.views import ValueComparison, compare_keys, compare_values, module_changes_frame
+from ckptview.present.views import (
+    FormatMatching,
+    ValueComparison,
+    compare_keys,
+    compare_values,
+    match_formats,
+    module_changes_frame,
+)
 from ckptview.readers.model import Checkpoint
-from ckptview.ui.base import ExplorerState, FigureBox, Panel
+from ckptview.ui.base import ExplorerState, FigureBox, Panel, esc
 
-# What the sibling dropdown offers: files a checkpoint is usually saved as, and shard indexes.
-_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar", ".pkl", ".index.json")
+# What the sibling dropdown offers: files a checkpoint is usually saved as, shard indexes, and what a
+# model is exported or converted to (compared across formats: "did my export keep my weights").
+_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar", ".pkl", ".index.json", ".onnx", ".tflite",
+             ".npz", ".gguf", ".h5", ".keras")
 
 
 def sibling_checkpoints(path: str, parts: tuple[str, ...] = ()) -> list[str]:
@@ -66,6 +76,8 @@ class ComparePanel(Panel):
         self.cancel_button = widgets.Button(description="Cancel", icon="stop", layout=widgets.Layout(display="none"))
         self.values = FigureBox()
         self.counters = widgets.HTML()
+        self.matching = widgets.HTML()  # two formats: what each tensor became in the other file
+        self.format_matching: FormatMatching | None = None
         self.diagnosis: Diagnosis | None = None
         self.key_diff: KeyDiff | None = None
         self.value_diff: ValueDiff | None = None
@@ -78,7 +90,8 @@ class ComparePanel(Panel):
         rows = [widgets.HBox([self.other_path, self.siblings], layout=widgets.Layout(flex_flow="row wrap")),
                 widgets.HBox([self.model_factory, self.compare], layout=widgets.Layout(flex_flow="row wrap"))]
         super().__init__(state, [*rows, self.key_report, self.fixes, self.code,
-                                 widgets.HBox([self.values_button, self.cancel_button]), self.values, self.counters])
+                                 widgets.HBox([self.values_button, self.cancel_button]), self.values, self.counters,
+                                 self.matching])
 
     def _on_open(self) -> None:
         # Compares at once when explore(compare_to=/model=) prefilled the boxes, else says what to give.
@@ -99,9 +112,9 @@ class ComparePanel(Panel):
 
     def _on_values_button_click(self, button: widgets.Button) -> None:
         self.cancel_button.layout.display = ""
-        self.value_diff = None
+        self.value_diff, self.format_matching = None, None
         self.values.clear()
-        self.counters.value = ""
+        self.counters.value = self.matching.value = ""
         self.run(self._values, self._show_values, label="comparing values…")
 
     def _on_cancel_button_click(self, button: widgets.Button) -> None:
@@ -121,12 +134,12 @@ class ComparePanel(Panel):
 
     def _clear(self) -> None:
         """Take down what the previous comparison showed, so a new result or error never sits under old ones."""
-        self.key_diff, self.diagnosis, self.value_diff = None, None, None
+        self.key_diff, self.diagnosis, self.value_diff, self.format_matching = None, None, None, None
         self.key_report.value = self.fixes.value = self.code.value = ""
         self.code.layout.display = "none"
         self.values_button.layout.display = "none"
         self.values.clear()
-        self.counters.value = ""
+        self.counters.value = self.matching.value = ""
 
     def _doctor(self, model: Any) -> Diagnosis:
         ckpt = self.state.checkpoint
@@ -141,7 +154,7 @@ class ComparePanel(Panel):
         self._other = second
         return compare_keys(ckpt, second)
 
-    def _values(self) -> ValueComparison:
+    def _values(self) -> tuple[ValueComparison, FormatMatching | None]:
         if self._other is None:
             raise RuntimeError("compare with a second checkpoint first")
 
@@ -150,8 +163,12 @@ class ComparePanel(Panel):
                 self.report(done, total, f"{human_bytes(done)} of {human_bytes(total)}")
 
         try:
-            return compare_values(self.state.checkpoint, self._other, self.diagnosis, progress=progress,
-                                  cancel=self._cancel)
+            comparison = compare_values(self.state.checkpoint, self._other, self.diagnosis, progress=progress,
+                                        cancel=self._cancel)
+            if self.state.checkpoint.format == self._other.format or self.cancel_requested:
+                return comparison, None  # a cancelled value diff is shown as it stands, without the pairing
+            self.progress_text.value = esc("pairing the tensors of the two formats…")
+            return comparison, match_formats(self.state.checkpoint, self._other)
         finally:
             self.cancel_button.layout.display = "none"
 
@@ -163,15 +180,24 @@ class ComparePanel(Panel):
         if diagnosis is not None:
             self._show_fixes(diagnosis, "To load the other checkpoint where this one's keys are expected")
 
-    def _show_values(self, comparison: ValueComparison) -> None:
+    def _show_values(self, result: tuple[ValueComparison, FormatMatching | None]) -> None:
+        comparison, matched = result
         changes = self.value_diff = comparison.values
         frame = module_changes_frame(changes)
         self.counters.value = counters_html(comparison.counters)
+        # Across formats a tensor of the same name may differ on purpose (an export folds BatchNorm into
+        # the convolution's kernel): the banner points at the pairing, which says what each one became.
+        below = ""
+        if matched is not None:
+            self.format_matching = matched
+            left, right = os.path.basename(matched.left.path), os.path.basename(matched.right.path)
+            self.matching.value = matching_html(matched.matching, left, right)
+            below = f" Below: what each tensor of {left} became in {right}."
         if frame.empty:
-            self.show_info("no tensors with the same name and shape on both sides: nothing to compare")
+            self.show_info(f"no tensors with the same name and shape on both sides: nothing to compare.{below}")
             return
         note = "" if changes.complete else " (cancelled: partial)"
-        self.show_info(f"{len(changes.tensors):,} tensors compared, {len(changes.changed()):,} differ{note}.")
+        self.show_info(f"{len(changes.tensors):,} tensors compared, {len(changes.changed()):,} differ{note}.{below}")
         self.values.show(figures.value_diff_by_module(frame))
 
     def _show_diagnosis(self, diagnosis: Diagnosis) -> None:
