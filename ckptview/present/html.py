@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from ckptview.analyzers.tree import ModuleTree, TreeNode
 
 # Colours come from JupyterLab's theme variables where the page has them (light and dark themes,
-# Voila), with light fallbacks for a page that has none (the report).
+# Voila), with light fallbacks for a page that has none (the report). An HTML widget's content is a
+# flex item that would never shrink below its widest table (min-width: auto); min-width 0 lets the
+# table take the panel's width and scroll inside it on a narrow page.
 STYLE = """
 <style>
 .ckptview-explorer, .ckptview-report {--ckv-muted: var(--jp-ui-font-color2, #5f6368);
@@ -36,6 +38,7 @@ STYLE = """
 .ckptview-mono-line {white-space: pre; padding-left: 5px; font-weight: 600}
 .ckptview-table {border-collapse:collapse;font-size:12px;line-height:1.4;margin:4px 0;
   display:block;max-width:100%;overflow-x:auto}
+.ckptview-explorer .widget-html-content {min-width:0}
 .ckptview-tree, .ckptview-explorer p, .ckptview-explorer li {line-height:1.5}
 .ckptview-table th, .ckptview-table td {padding:2px 8px;border-bottom:1px solid var(--ckv-border);text-align:left;vertical-align:top}
 .ckptview-table td.num {text-align:right;font-variant-numeric:tabular-nums}

@@ -27,7 +27,7 @@ class DeployPanel(Panel):
 
     def __init__(self, state: ExplorerState) -> None:
         given = state.model
-        wide = widgets.Layout(width="420px")
+        wide = widgets.Layout(width="420px", max_width="100%")  # never wider than a narrow page
         self.model_factory = widgets.Text(
             value=given if isinstance(given, str) else "",
             placeholder="the given module" if given is not None and not isinstance(given, str) else "package.module:factory",
@@ -46,10 +46,11 @@ class DeployPanel(Panel):
         self.check: Any = None
         self.run_button.on_click(self._on_run_button_click)
         self.cancel_button.on_click(self._on_cancel_button_click)
+        # at 640 px the checkboxes and buttons go under each other, not off-screen
         targets_row = widgets.HBox([widgets.Label("export to", layout=widgets.Layout(width="90px")),
-                                    *self.targets.values()])
+                                    *self.targets.values()], layout=widgets.Layout(flex_flow="row wrap"))
         controls = [self.model_factory, targets_row, self.input_shape, self.device,
-                    widgets.HBox([self.run_button, self.cancel_button])]
+                    widgets.HBox([self.run_button, self.cancel_button], layout=widgets.Layout(flex_flow="row wrap"))]
         super().__init__(state, [*controls, self.table, self.pitfalls, self.probes])
 
     def _on_open(self) -> None:
