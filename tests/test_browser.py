@@ -395,3 +395,50 @@ def test_plots_fit_their_boxes_in_light_and_dark_at_1280_and_640(lab: str, page)
         set_theme(page, "JupyterLab Light")
         page.set_viewport_size({"width": 1400, "height": 1000})
     assert checked >= 4 * 2 * 2
+
+
+@pytest.fixture(scope="module")
+def deploy_notebook(workdir: Path) -> str:
+    """A notebook opening the explorer on the demo CNN's state dict with the demo's model factory (Deploy needs one)."""
+    import nbformat
+
+    code = f"import ckptview\nckptview.explore({str(workdir / 'demo' / 'cnn.pt')!r}, model='ckptview.demo:build_model')"
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    demo = json.loads((ROOT / "notebooks" / "explore.ipynb").read_text())
+    notebook.metadata["kernelspec"] = demo["metadata"]["kernelspec"]  # the demo's kernel: JupyterLab starts it unasked
+    nbformat.write(notebook, workdir / "deploy.ipynb")
+    return "deploy.ipynb"
+
+
+def test_deploy_tab_runs_a_trace_check(lab: str, deploy_notebook: str, page) -> None:
+    run_notebook(page, lab.replace("explore.ipynb", deploy_notebook))
+    explorer = page.locator(".ckptview-explorer:visible").first
+    explorer.wait_for(timeout=90_000)
+    set_theme(page, "JupyterLab Light")  # the plots test switches themes; settings outlive its page
+    tab(explorer, "Deploy").click()
+    explorer.get_by_text("Run exports the model").wait_for(timeout=60_000)
+    # trace only: it takes about a second on the demo CNN, ONNX and script many more
+    for target in ("onnx", "script"):
+        explorer.get_by_role("checkbox", name=target, exact=True).uncheck()
+    explorer.get_by_role("button", name="Run").click()  # not exact: the play icon is part of its name
+    explorer.get_by_text("every export matches eager PyTorch").wait_for(timeout=120_000)
+    results = explorer.locator("table.ckptview-table", has_text="exported and run by").first
+    rows = [row.locator("td").all_inner_texts() for row in results.locator("tbody tr").all()]
+    assert len(rows) == 1 and rows[0][:2] == ["trace", "ok"] and rows[0][-1] == "torch.jit.trace", rows
+    assert float(rows[0][2]) < 1e-5  # max |diff| against eager
+    assert explorer.locator("input[placeholder^='from the first layer']").input_value() == "1,3,224,224"
+    page.screenshot(path=str(ARTIFACTS / "lab-light-1280-deploy.png"))
+    try:
+        page.set_viewport_size({"width": 640, "height": 900})
+        page.wait_for_timeout(1200)  # Lumino relayouts on the window's resize event
+        results.scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / "lab-light-640-deploy.png"))
+        # The file browser leaves the notebook ~300 px: the table scrolls inside the explorer, which stays
+        # inside the notebook (widths, so a horizontal scroll of the notebook cannot hide an overflow).
+        table, explorer_width, notebook = results.evaluate(
+            "t => [t, t.closest('.ckptview-explorer'), t.closest('.jp-NotebookPanel')]"
+            ".map(e => e.getBoundingClientRect().width)")
+        assert table <= explorer_width + 1 <= notebook + 1, (table, explorer_width, notebook)
+    finally:
+        page.set_viewport_size({"width": 1400, "height": 1000})
+
