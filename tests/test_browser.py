@@ -442,3 +442,85 @@ def test_deploy_tab_runs_a_trace_check(lab: str, deploy_notebook: str, page) -> 
     finally:
         page.set_viewport_size({"width": 1400, "height": 1000})
 
+
+@pytest.fixture(scope="module")
+def tf_notebook(workdir: Path) -> str:
+    """A notebook opening the explorer on the trained Keras 3 .h5 (BatchNormalization, Adam state) and on the
+    converter's int8 TFLite model: the committed fixtures TensorFlow made (tests/fixtures/tf/)."""
+    import nbformat
+
+    fixtures = ROOT / "tests" / "fixtures" / "tf"
+    cells = [nbformat.v4.new_code_cell(f"import ckptview\nckptview.explore({str(fixtures / name)!r})")
+             for name in ("keras3_trained.h5", "int8.tflite")]
+    notebook = nbformat.v4.new_notebook(cells=cells)
+    notebook.metadata["kernelspec"] = json.loads((ROOT / "notebooks" / "explore.ipynb").read_text())["metadata"]["kernelspec"]
+    nbformat.write(notebook, workdir / "tf_formats.ipynb")
+    return "tf_formats.ipynb"
+
+
+def show_rows(explorer, pattern: str, rows: int) -> None:
+    """Filter the Tensors tab by a name regex, wait for `rows` rows, and select the first."""
+    regex = explorer.locator("input[placeholder^='name regex']")
+    regex.fill(pattern)
+    regex.press("Enter")
+    explorer.get_by_text(f"rows 1–{rows} of {rows}").wait_for(timeout=30_000)
+    explorer.locator(".ckptview-rows select").select_option(index=0)
+
+
+def test_explorer_on_keras_h5_and_int8_tflite(lab: str, tf_notebook: str, page) -> None:
+    run_notebook(page, lab.replace("explore.ipynb", tf_notebook))
+    keras = page.locator(".ckptview-explorer:visible").first
+    keras.wait_for(timeout=90_000)
+    keras.get_by_text("parameters by module").first.wait_for(timeout=30_000)
+    overview = keras.inner_text()
+    assert "keras3_trained.h5" in overview and "keras-h5" in overview and "no foreign code needed" in overview
+    assert "model_weights" in overview and "optimizer_weights" in overview  # weights and Adam's state, as sections
+    assert 'class="ckptview-banner-error"' not in keras.inner_html()
+    keras.screenshot(path=str(ARTIFACTS / "lab-keras-overview.png"))
+    keras.get_by_text("parameters by module").first.scroll_into_view_if_needed()  # below the model's config
+    page.screenshot(path=str(ARTIFACTS / "lab-keras-overview-treemap.png"))
+
+    tab(keras, "Tensors").click()
+    show_rows(keras, r"^model_weights\.bn\.", 4)  # gamma, beta, moving_mean, moving_variance
+    options = keras.locator(".ckptview-rows select option").all_inner_texts()
+    assert "model_weights.bn.moving_variance" in " ".join(options).replace("\xa0", " ")
+    keras.get_by_text("histogram of model_weights.bn.gamma").first.wait_for(timeout=30_000)
+    assert "BatchNorm" in keras.inner_text()
+    keras.screenshot(path=str(ARTIFACTS / "lab-keras-tensors.png"))
+
+    tab(keras, "Statistics").click()
+    keras.get_by_text("findings on").first.wait_for(timeout=60_000)
+    keras.get_by_text("std and abs-max per tensor by depth").first.wait_for(timeout=30_000)
+    assert "28 tensors" in keras.inner_text() and "No outliers" in keras.inner_text()
+    keras.screenshot(path=str(ARTIFACTS / "lab-keras-statistics.png"))
+
+    tab(keras, "BatchNorm").click()
+    keras.get_by_text("BatchNorm running statistics per layer").first.wait_for(timeout=30_000)
+    text = keras.inner_text()
+    # trained for 3 steps: moving statistics updated, nothing wrong (the untrained file's check is in test_keras.py)
+    assert "1 BatchNorm layers" in text and "0 error, 0 warning" in text and "look healthy" in text
+    keras.screenshot(path=str(ARTIFACTS / "lab-keras-batchnorm.png"))
+
+    tflite = page.locator(".ckptview-explorer:visible").nth(1)
+    tflite.scroll_into_view_if_needed()
+    tflite.get_by_text("parameters by module").first.wait_for(timeout=60_000)
+    overview = tflite.inner_text()
+    assert "int8.tflite" in overview and "tflite" in overview and "FULLY_CONNECTED ×2, CONV_2D ×1" in overview
+    assert "folds BatchNorm into the convolution" in overview
+    tflite.screenshot(path=str(ARTIFACTS / "lab-tflite-overview.png"))
+
+    tab(tflite, "Tensors").click()
+    show_rows(tflite, r"MatMul$", 2)  # the two fully-connected weights, int8 per channel
+    tflite.get_by_text("histogram of small_cnn_1/logits_1/MatMul").first.wait_for(timeout=30_000)
+    assert "float32 (stored as int8)" in tflite.inner_text() and "Linear" in tflite.inner_text()
+    tflite.screenshot(path=str(ARTIFACTS / "lab-tflite-tensors.png"))
+
+    tab(tflite, "Statistics").click()
+    tflite.get_by_text("findings on").first.wait_for(timeout=60_000)
+    tflite.get_by_text("std and abs-max per tensor by depth").first.wait_for(timeout=30_000)
+    assert "9 tensors" in tflite.inner_text() and 'class="ckptview-banner-error"' not in tflite.inner_html()
+    tflite.screenshot(path=str(ARTIFACTS / "lab-tflite-statistics.png"))
+
+    tab(tflite, "BatchNorm").click()
+    tflite.get_by_text("No BatchNorm layers").first.wait_for(timeout=30_000)  # folded by the converter
+    tflite.screenshot(path=str(ARTIFACTS / "lab-tflite-batchnorm.png"))
