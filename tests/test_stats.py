@@ -343,3 +343,12 @@ def test_many_small_tensors_reduced_in_batches_equal_torch(tmp_path: Path, kind:
         finite = tensor.double()[torch.isfinite(tensor.double())]
         if finite.numel():
             assert list(item.histogram.counts) == torch.histogram(finite, 16, range=(item.min, item.max) if item.min < item.max else (item.min - 0.5, item.max + 0.5)).hist.long().tolist(), name
+
+
+def test_all_zero_is_a_finding_for_float_weights_only(tmp_path: Path) -> None:
+    path = tmp_path / "zeros.safetensors"
+    save_file({"fc.weight": torch.zeros(4, 4), "shape": torch.zeros(3, dtype=torch.int64),
+               "fc.bias": torch.ones(4)}, path)
+    with ckptview.open(path) as ckpt:
+        found = {(o.name, o.check) for o in ckptview.stats(ckpt, progress=False).outliers}
+    assert ("fc.weight", "all_zero") in found and not any(name == "shape" for name, _ in found)

@@ -153,3 +153,13 @@ def test_table_and_tree_are_cached(tmp_path: Path) -> None:
     with ckptview.open(_save(tmp_path, model.state_dict())) as ckpt:
         assert ckptview.tensor_table(ckpt) is ckptview.tensor_table(ckpt)
         assert ckptview.module_tree(ckpt) is ckptview.module_tree(ckpt)
+
+
+def test_scoped_names_of_tensorflow_files_make_tree_levels() -> None:
+    # TFLite (like TF and ONNX exporters) scopes names with "/": split only on "." the whole model was one node
+    path = Path(__file__).resolve().parent / "fixtures" / "tf" / "float.tflite"
+    with ckptview.open(path) as ckpt:
+        tree = ckptview.module_tree(ckpt)
+        model = next(node for node in tree.root.children if node.name == "small_cnn_1")
+        assert {"dense_1_1", "logits_1"} <= {child.name for child in model.children}
+        assert sum(node.parameter_count for node in tree.root.children) == ckpt.parameter_count

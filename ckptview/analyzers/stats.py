@@ -590,17 +590,19 @@ def find_outliers(ckpt: Checkpoint, results: Iterable[TensorStats], *, abs_max_r
                                f"{item.nan_count:,} NaN, {item.posinf_count:,} +Inf, {item.neginf_count:,} -Inf of "
                                f"{item.numel:,} values: training diverged or the file was damaged; use an earlier "
                                "checkpoint or find the step where the loss became NaN"))
-        if item.numel and item.zero_fraction == 1.0:
+        is_float = item.dtype.startswith(("float", "bfloat"))
+        # integers that are all 0 are counters, shapes and indices (a graph's shape constants), not weights
+        if item.numel and item.zero_fraction == 1.0 and is_float:
             out.append(Outlier(item.name, "all_zero",
                                "every value is 0: fine for a freshly initialised bias, otherwise the layer was "
                                "never trained, was pruned, or was overwritten"))
-        elif (item.numel > 1 and item.dtype.startswith(("float", "bfloat")) and item.finite_count > 1
+        elif (item.numel > 1 and is_float and item.finite_count > 1
               and item.std <= 1e-7 * max(item.abs_max, 1e-30)):
             out.append(Outlier(item.name, "collapsed_std",
                                f"all values equal {item.mean:.6g} (std {item.std:.3g}): normal for a freshly "
                                "initialised norm scale, otherwise the tensor stopped learning"))
         row = rows.get(item.name)
-        if row is not None and row.layer_kind and math.isfinite(item.abs_max) and item.dtype.startswith(("float", "bfloat")):
+        if row is not None and row.layer_kind and math.isfinite(item.abs_max) and is_float:
             groups[(row.layer_kind, row.leaf)].append(item)
     for (kind, leaf), members in groups.items():
         if len(members) < 3:

@@ -118,6 +118,14 @@ class _Builder:
 MAX_TREE_DEPTH = 64  # module levels shown; deeper parts of a name stay in its leaf's name
 
 
+def _name_parts(name: str) -> list[str]:
+    """A tensor name's module path and leaf: torch nests modules with ".", TensorFlow, TFLite and
+    ONNX exporters scope names with "/" ("sequential/conv/BiasAdd"); either makes a level."""
+    if "/" not in name:
+        return name.split(".")
+    return [part for part in name.replace("/", ".").split(".") if part] or [name]
+
+
 @gc_paused()  # tens of thousands of nodes, none of them garbage: collections would only slow the build
 def build_tree(table: TensorTable, fold_repeats: bool = True, *, model: str | None = None) -> ModuleTree:
     """
@@ -127,7 +135,7 @@ def build_tree(table: TensorTable, fold_repeats: bool = True, *, model: str | No
     """
     root = _Builder()
     for row in table.rows:
-        *modules, leaf = row.name.split(".")
+        *modules, leaf = _name_parts(row.name)
         if len(modules) > MAX_TREE_DEPTH:
             # no model nests modules this deep; a file that claims to would make the tree's recursive
             # build and its path strings cost time quadratic in the depth
