@@ -1,7 +1,10 @@
 # Two commands do all the set-up: `make demo` and `make test`.
 # Bring your own torch with e.g. `make TORCH="torch==2.5.1" test`, or TORCH= to keep the one installed.
 # torch comes from PyTorch's CPU wheel index (pip's default index serves CUDA builds on Linux);
-# TORCH_INDEX= takes it from pip's own index instead.
+# TORCH_INDEX= takes it from pip's own index instead, as does a machine that cannot reach that index
+# (an offline mirror). Only torch itself comes from it (--no-deps): the second install then finds
+# torch there and takes its dependencies from pip's own index (an unreachable index as the only one
+# cost ~8 s of retries per dependency).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -20,7 +23,7 @@ $(BIN)/python:
 
 # CPU torch goes in first, so the project's `torch>=2.4` finds it and pulls no CUDA build.
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(if $(strip $(TORCH)),$(BIN)/python -m pip install --quiet $(if $(strip $(TORCH_INDEX)),--index-url $(TORCH_INDEX)) "$(TORCH)")
+	$(if $(strip $(TORCH)),$(if $(strip $(TORCH_INDEX)),$(BIN)/python -m pip install --quiet --no-deps --index-url $(TORCH_INDEX) "$(TORCH)" || echo "torch: $(TORCH_INDEX) not reachable; taking it from pip's own index";) $(BIN)/python -m pip install --quiet "$(TORCH)")
 	$(BIN)/python -m pip install --quiet -e ".[lab,test]"
 	touch $@
 

@@ -347,7 +347,8 @@ class _SmallBatch:
         stored = np.frombuffer(raw, dtype=_BATCHED_DTYPES[self.dtype])
         if self.dtype == "bfloat16":  # numpy has no bfloat16: its bits are a float32's upper half
             stored = (stored.astype(np.uint32) << 16).view(np.float32)
-        values = stored.astype(np.float64)
+        with np.errstate(invalid="ignore"):  # NaN payloads in the data are values to count, not errors
+            values = stored.astype(np.float64)
         itemsize = stored.itemsize if self.dtype != "bfloat16" else 2
         starts = np.array([(offset - self.start) // itemsize for offset, _, _ in self.members], dtype=np.int64)
         ends = starts + np.array([entry.numel for _, _, entry in self.members], dtype=np.int64)
