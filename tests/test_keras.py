@@ -88,6 +88,8 @@ def test_batchnorm_checks_fire_before_training_and_not_after() -> None:
             report_ = ckptview.batchnorm_checks(ckpt)
             assert [layer.module for layer in report_.layers] == ["bn"], name
             assert not report_.problems, (name, report_.problems)
+            # Keras has no num_batches_tracked: the torch note about a missing one does not apply
+            assert not report_.checks("num_batches_tracked_missing"), name
 
 
 def test_layer_kinds_from_keras_shapes() -> None:

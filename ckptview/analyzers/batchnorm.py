@@ -112,6 +112,7 @@ def batchnorm_checks(ckpt: Checkpoint) -> BatchNormReport:
 
 
 def _check(state: dict[str, TensorEntry], layers: Mapping[str, LayerRole]) -> BatchNormReport:
+    layers_named = layers
     modules: dict[str, dict[str, TensorEntry]] = defaultdict(dict)
     # A layer found through the file's graph (an ONNX BatchNormalization's inputs) has tensors named
     # anything; findings name them as the file does, not as module.leaf.
@@ -139,7 +140,9 @@ def _check(state: dict[str, TensorEntry], layers: Mapping[str, LayerRole]) -> Ba
             counts[module] = count
         conv = _preceding_conv(module, channels, modules)
         layers.append(BatchNormLayer(module, channels, affine, tracks, count, conv))
-        findings.extend(_layer_findings(module, leaves, values, tracks, affine, count, conv))
+        # a layer the file's own graph or config names (ONNX, Keras, TFLite) has no num_batches_tracked to miss
+        from_graph = any(entry.name in layers_named for entry in leaves.values())
+        findings.extend(_layer_findings(module, leaves, values, tracks, affine, count, conv, from_graph))
 
     findings.extend(_count_findings(counts, modules))
     if renamed:
@@ -156,7 +159,7 @@ def _name(module: str, leaf: str) -> str:
 
 
 def _layer_findings(module: str, leaves: dict[str, TensorEntry], values: dict[str, torch.Tensor], tracks: bool,
-                    affine: bool, count: int | None, conv: str) -> list[Finding]:
+                    affine: bool, count: int | None, conv: str, from_graph: bool = False) -> list[Finding]:
     out: list[Finding] = []
     if not tracks:
         if affine:
@@ -204,7 +207,7 @@ def _layer_findings(module: str, leaves: dict[str, TensorEntry], values: dict[st
                                f"max {float(positive.max()):.3g}): near-constant channels get amplified by "
                                "1/sqrt(var + eps) and may be dead; exploded ones point to unstable training. "
                                "Inspect the preceding layer's weights for those channels."))
-    if count is None:
+    if count is None and not from_graph:
         out.append(Finding("num_batches_tracked_missing", "info", module, (mean_name,),
                            "no num_batches_tracked buffer: saved by torch < 0.4.1 or by a BN built differently "
                            "(track_running_stats mismatch). load_state_dict(strict=True) into a current BatchNorm "
