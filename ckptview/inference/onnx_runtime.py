@@ -6,7 +6,6 @@ Running an ONNX file itself in ONNX Runtime: inputs synthesised from the graph's
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 from ckptview.errors import ForwardError, ModelBuildError
 from ckptview.inference.devices import resolve_device
 from ckptview.inference.inputs import DEFAULT_SEED, InputSpec, given_input
-from ckptview.inference.run import InferenceResult, Progress, Timing, _describe, _top_k, output_tensors
+from ckptview.inference.run import InferenceResult, Progress, Timing, _describe, _top_k, output_tensors, timed_calls
 from ckptview.readers.model import Checkpoint
 from ckptview.readers.onnx_file import ONNX_DTYPES, ONNX_TYPE_NAMES
 
@@ -138,21 +137,7 @@ def run_onnx(
                                                 f"{', '.join(str(list(s)) for s in shapes)}: {_one_line(exc)}",
                                layer=None, input_shapes=shapes) from exc
 
-    total = 1 + max(0, warmup) + max(1, repeats)
-    values = call("the first call")
-    if progress:
-        progress(1, total, "first call")
-    for number in range(max(0, warmup)):
-        call(f"warm-up call {number + 1}")
-        if progress:
-            progress(2 + number, total, "warm-up")
-    times = []
-    for number in range(max(1, repeats)):
-        start = time.perf_counter()
-        call(f"timed call {number + 1}")
-        times.append(time.perf_counter() - start)
-        if progress:
-            progress(2 + max(0, warmup) + number, total, f"timed call {number + 1} of {max(1, repeats)}")
+    values, times = timed_calls(lambda: call("the first call"), call, warmup, repeats, progress)
     output = {meta.name: torch.from_numpy(value) for meta, value in zip(session.get_outputs(), values)}
     outputs = tuple(_describe(name, tensor) for name, tensor in output_tensors(output))
     where = "cuda" if provider == "CUDAExecutionProvider" else "cpu"

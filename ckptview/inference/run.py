@@ -151,6 +151,34 @@ class InferenceResult:
         }
 
 
+def timed_calls(first: Callable[[], Any], later: Callable[[str], Any], warmup: int, repeats: int,
+                progress: Progress | None, synchronize_device: Callable[[], None] = lambda: None) -> tuple[Any, list[float]]:
+    """
+    One first call (its result is returned), `warmup` untimed calls, then `repeats` (at least 1)
+    timed ones, reporting progress after each: how every runtime (torch, ONNX Runtime, LiteRT) is
+    timed. `later(what)` names the call in its errors; `synchronize_device` waits for queued GPU work
+    around each timed call.
+    """
+    total = 1 + max(0, warmup) + max(1, repeats)
+    result = first()
+    if progress:
+        progress(1, total, "first call")
+    for number in range(max(0, warmup)):
+        later(f"warm-up call {number + 1}")
+        if progress:
+            progress(2 + number, total, "warm-up")
+    times = []
+    for number in range(max(1, repeats)):
+        synchronize_device()
+        start = time.perf_counter()
+        later(f"timed call {number + 1}")
+        synchronize_device()
+        times.append(time.perf_counter() - start)
+        if progress:
+            progress(2 + max(0, warmup) + number, total, f"timed call {number + 1} of {max(1, repeats)}")
+    return result, times
+
+
 def run_model(
     model: nn.Module,
     input: Any = None,
@@ -202,7 +230,6 @@ def run_model(
     else:
         args, spec = given_input(input)
         args = tuple(a.to(target) for a in args)
-    total = 1 + max(0, warmup) + max(1, repeats)
     peak = None
     try:
         if original_device is not None and original_device != target:
@@ -211,22 +238,8 @@ def run_model(
         if target.type == "cuda":
             torch.cuda.reset_peak_memory_stats(target)
         with torch.inference_mode():
-            output = _first_call(model, args)
-            if progress:
-                progress(1, total, "first call")
-            for number in range(max(0, warmup)):
-                _later_call(model, args, f"warm-up call {number + 1}")
-                if progress:
-                    progress(2 + number, total, "warm-up")
-            times = []
-            for number in range(max(1, repeats)):
-                synchronize(target)
-                start = time.perf_counter()
-                _later_call(model, args, f"timed call {number + 1}")
-                synchronize(target)
-                times.append(time.perf_counter() - start)
-                if progress:
-                    progress(2 + max(0, warmup) + number, total, f"timed call {number + 1} of {max(1, repeats)}")
+            output, times = timed_calls(lambda: _first_call(model, args), lambda what: _later_call(model, args, what),
+                                        warmup, repeats, progress, lambda: synchronize(target))
         if target.type == "cuda":
             peak = torch.cuda.max_memory_allocated(target)
     finally:

@@ -7,7 +7,6 @@ the input's scale and zero point), quantized outputs dequantized, described as a
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 
 from ckptview.errors import ForwardError, ModelBuildError
 from ckptview.inference.inputs import DEFAULT_SEED, InputSpec, given_input
-from ckptview.inference.run import InferenceResult, Progress, Timing, _describe, _top_k, output_tensors
+from ckptview.inference.run import InferenceResult, Progress, Timing, _describe, _top_k, output_tensors, timed_calls
 from ckptview.readers.model import Checkpoint
 
 __all__ = ["run_tflite"]
@@ -95,21 +94,7 @@ def run_tflite(
                                                 f"{', '.join(str(list(s)) for s in shapes)}: {_one_line(exc)}",
                                layer=None, input_shapes=shapes) from exc
 
-    total = 1 + max(0, warmup) + max(1, repeats)
-    call("the first call")
-    if progress:
-        progress(1, total, "first call")
-    for number in range(max(0, warmup)):
-        call(f"warm-up call {number + 1}")
-        if progress:
-            progress(2 + number, total, "warm-up")
-    times = []
-    for number in range(max(1, repeats)):
-        start = time.perf_counter()
-        call(f"timed call {number + 1}")
-        times.append(time.perf_counter() - start)
-        if progress:
-            progress(2 + max(0, warmup) + number, total, f"timed call {number + 1} of {max(1, repeats)}")
+    _, times = timed_calls(lambda: call("the first call"), call, warmup, repeats, progress)
     output = {}
     for item in interpreter.get_output_details():
         raw = interpreter.get_tensor(item["index"])
