@@ -1,6 +1,10 @@
 """
 GGUF files (llama.cpp / ggml): metadata key-value pairs, then a table of tensors, then their data.
 
+By URL (`https://…/model.gguf`, any fsspec URL) the header and tensor table are read as a growing
+prefix of the file (64 KiB, doubled while the walk needs more), so a listing moves about the
+header's size, and each tensor's bytes are one exact range.
+
 The header is walked by hand rather than with `gguf.GGUFReader`, which builds a numpy view per
 array element: a 150,000-token vocabulary costs it a second or more. Here an array's body is
 skipped by size (strings by their length prefixes) and only its first items are decoded; the
@@ -25,6 +29,7 @@ import torch
 
 from ckptview.errors import CorruptCheckpointError, TensorDataError, TruncatedCheckpointError
 from ckptview.readers.model import Checkpoint, FileSource, Storage, TensorInfo, contiguous_stride
+from ckptview.readers.remote import is_url, source_for
 
 if TYPE_CHECKING:
     import gguf
@@ -39,6 +44,7 @@ FIRST_ITEMS = 5  # items of an array decoded at open, for the metadata table
 _MIN_KV_BYTES = 8 + 4 + 1
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
 _MAX_KEY_BYTES = 1 << 16  # keys and tensor names are short identifiers; llama.cpp caps names at 64 bytes
+_FIRST_PREFIX = 64 * 1024  # a remote header's first request; most GGUF headers without a vocabulary fit
 
 # torch dtypes of the GGML types stored as plain arrays, read in place like any dense tensor
 _PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
@@ -50,9 +56,12 @@ def is_gguf(head: bytes) -> bool:
 
 
 class _Header:
-    """A cursor over the mapped file that turns every read past its end into one clear error."""
+    """
+    A cursor over the file's header that turns every read past its end into one clear error. `data`
+    is the mapped file, or for a URL the prefix read so far, which `fetch(offset, size)` extends.
+    """
 
-    def __init__(self, path: str, data: mmap.mmap, size: int, order: str) -> None:
+    def __init__(self, path: str, data: Any, size: int, order: str, fetch: Any = None) -> None:
         self.path = path
         self.data = data
         self.size = size
@@ -60,6 +69,17 @@ class _Header:
         self.u32 = struct.Struct(order + "I")
         self.u64 = struct.Struct(order + "Q")
         self.order = order
+        self._fetch = fetch
+
+    def grow(self, end: int) -> bool:
+        """Extend a remote prefix to hold byte `end - 1` (at least doubling it, so the requests stay
+        few and the bytes moved at most twice the header); False when there is nothing more to read."""
+        have = len(self.data)
+        if self._fetch is None or end <= have or have >= self.size:
+            return False
+        want = min(self.size, max(end, 2 * have))
+        self.data += self._fetch(have, want - have)
+        return True
 
     def truncated(self, what: str) -> TruncatedCheckpointError:
         return TruncatedCheckpointError(self.path, f"the GGUF header ends inside {what} (at byte {self.pos:,} of "
@@ -69,6 +89,8 @@ class _Header:
     def unpack(self, fmt: struct.Struct, what: str) -> int:
         if self.pos + fmt.size > self.size:
             raise self.truncated(what)
+        if self.pos + fmt.size > len(self.data):
+            self.grow(self.pos + fmt.size)
         (value,) = fmt.unpack_from(self.data, self.pos)
         self.pos += fmt.size
         return value
@@ -80,6 +102,8 @@ class _Header:
                                                     "the GGUF header is damaged. Download the file again.")
         if self.pos + length > self.size:
             raise self.truncated(what)
+        if self.pos + length > len(self.data):
+            self.grow(self.pos + length)
         raw = self.data[self.pos:self.pos + length]
         self.pos += length
         try:
@@ -160,13 +184,17 @@ class _Walker:
 def _skip_strings(h: _Header, count: int, key: str) -> int:
     """Step over `count` length-prefixed strings without decoding them; the position after them."""
     unpack = h.u64.unpack_from
-    data, pos = h.data, h.pos
-    try:
-        for _ in range(count):
-            pos += 8 + unpack(data, pos)[0]
-    except struct.error:
-        h.pos = pos
-        raise h.truncated(f"the array {key!r}") from None
+    pos, left = h.pos, count
+    while left:
+        data = h.data
+        try:
+            while left:
+                pos += 8 + unpack(data, pos)[0]
+                left -= 1
+        except struct.error:
+            if not h.grow(pos + 8):  # the end of a remote prefix: read on; else the file's end
+                h.pos = min(pos, h.size)
+                raise h.truncated(f"the array {key!r}") from None
     if pos > h.size:
         h.pos = h.size
         raise h.truncated(f"the array {key!r}")
@@ -175,17 +203,21 @@ def _skip_strings(h: _Header, count: int, key: str) -> int:
 
 def read_gguf(path: str, size: int, *, trust: bool) -> Checkpoint:
     gguf = _gguf()
+    if is_url(path):
+        source = source_for(path)
+        prefix = bytearray(source.read(0, min(size, _FIRST_PREFIX)))
+        return _read(path, size, prefix, gguf, trust, source, fetch=source.read)
     with open(path, "rb") as stream, mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        return _read(path, size, data, gguf, trust)
+        return _read(path, size, data, gguf, trust, FileSource(path))
 
 
-def _read(path: str, size: int, data: mmap.mmap, gguf: Any, trust: bool) -> Checkpoint:
+def _read(path: str, size: int, data: Any, gguf: Any, trust: bool, source: Any, fetch: Any = None) -> Checkpoint:
     if size < 4 + 4 + 8 + 8:
         raise TruncatedCheckpointError(path, f"the file is {size} bytes, too short for a GGUF header: it was cut "
                                              "off. Download or copy it again.")
     # Big-endian files (s390x builds) store every number byte-swapped; the version tells which.
     order = "<" if struct.unpack_from("<I", data, 4)[0] & 0xFFFF else ">"
-    h = _Header(path, data, size, order)
+    h = _Header(path, data, size, order, fetch)
     h.pos = 4
     version = h.unpack(h.u32, "the version")
     if version not in SUPPORTED_VERSIONS:
@@ -220,7 +252,6 @@ def _read(path: str, size: int, data: mmap.mmap, gguf: Any, trust: bool) -> Chec
 
     infos = [_tensor_info(h, gguf) for _ in range(tensor_count)]
     data_start = -(-h.pos // alignment) * alignment
-    source = FileSource(path)
     root = _tensors(path, infos, data_start, size, alignment, source, order, gguf)
 
     details = {
@@ -257,7 +288,7 @@ def _tensor_info(h: _Header, gguf: Any) -> tuple[str, tuple[int, ...], Any, int]
 
 
 def _tensors(path: str, infos: list[tuple[str, tuple[int, ...], Any, int]], data_start: int, size: int,
-             alignment: int, source: FileSource, order: str, gguf: Any) -> dict[str, TensorInfo]:
+             alignment: int, source: Any, order: str, gguf: Any) -> dict[str, TensorInfo]:
     root: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
     data_len = max(0, size - data_start)
@@ -417,9 +448,8 @@ def metadata_value(checkpoint: Checkpoint, key: str) -> Any:
         return row["value"]
     gguf = _gguf()
     order = "<" if checkpoint.details["byteorder"] == "little" else ">"
-    with open(checkpoint.path, "rb") as stream:
-        stream.seek(row["offset"] - 12)  # the element type and length precede the body
-        raw = stream.read(row["nbytes"] + 12)
+    # the element type and length precede the body
+    raw = source_for(checkpoint.path).read(row["offset"] - 12, row["nbytes"] + 12)
     h = _Header(checkpoint.path, raw, len(raw), order)  # type: ignore[arg-type]
     walker = _Walker(h, gguf)
     element = walker.value_type(h.unpack(h.u32, f"the element type of {key!r}"), key)

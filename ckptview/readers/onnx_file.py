@@ -9,6 +9,13 @@ a range of its data file, both read in place like safetensors. Only the rare ten
 varints (`int32_data`, `int64_data`, ...), 4-bit/6-bit packed types and `DequantizeLinear`
 weights are decoded, when loaded, by the `onnx` package itself (imported then, not at open).
 
+By URL (any fsspec URL) the same walk runs over ranged requests. Protobuf has no index: the graph,
+names and shapes are read wherever they are, in requests that start at 4 KiB and double while the
+walk reads on (nodes), and every weight's payload is stepped over unread. So a listing moves the
+file's bytes minus its weights (plus at most one 4 KiB request per skipped payload); a model that
+stores its weights as varints (`int64_data`) is read for them too. External data files are found
+beside the model's URL and read by exact ranges.
+
 What the file holds becomes one flat mapping name -> tensor: initializers, sparse initializers
 and `Constant` outputs of the main graph by their names, those of `If`/`Loop`/`Scan` (any graph
 attribute) subgraphs under their graph path (`<node>.<attribute>.<name>`). The graph's nodes give
@@ -30,8 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckptview.errors import CorruptCheckpointError, TensorDataError, TruncatedCheckpointError
+from ckptview.errors import CheckpointNotFoundError, CorruptCheckpointError, TensorDataError, \
+    TruncatedCheckpointError
 from ckptview.readers.model import Checkpoint, FileSource, LayerRole, Storage, TensorInfo, contiguous_stride
+from ckptview.readers.remote import RemoteSource, is_url, remote_file_id, source_for
 
 # TensorProto.DataType (onnx/onnx.proto) -> torch dtype, for the types torch holds bit for bit.
 # Kept here rather than asked of `onnx.helper` so opening a model never imports onnx (0.8 s);
@@ -66,6 +75,9 @@ _MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 2
 _GRAPH_FIELDS = {1: 2, 2: 2, 5: 2, 10: 2, 11: 2, 12: 2, 13: 2, 14: 2, 15: 2, 16: 2}
 _SHORT_STRING = 4096  # producer name/version and domain are short; longer means another proto
 _BLOCK = 256 * 1024  # read-ahead for field headers: many small nodes per read, one read per initializer
+# By URL every read-ahead byte is sent over the network: start small after a skipped payload, double
+# while the walk reads on.
+_REMOTE_BLOCK = 4 * 1024
 _MAX_DEPTH = 64  # subgraphs nested deeper than this are crafted, not exported
 _SMALL_MESSAGE = 16 * 1024 * 1024  # value infos and attribute lists are parsed from memory up to this
 
@@ -145,15 +157,20 @@ class _Wire:
     messages come from it, large payloads (tensor bytes) are skipped by offset, never read.
     """
 
-    def __init__(self, source: FileSource, size: int, path: str) -> None:
+    def __init__(self, source: Any, size: int, path: str) -> None:
         self.source, self.size, self.path = source, size, path
         self._buf = b""
         self._start = 0
+        self._first_block = _REMOTE_BLOCK if isinstance(source, RemoteSource) else _BLOCK
+        self._block = self._first_block
 
     def _ensure(self, pos: int, count: int) -> tuple[bytes, int]:
         """The buffer holding bytes [pos, pos + count) (fewer at the file's end) and pos's index in it."""
-        if pos < self._start or pos + count > self._start + len(self._buf):
-            self._buf = self.source.read(pos, min(max(count, _BLOCK), self.size - pos))
+        end = self._start + len(self._buf)
+        if pos < self._start or pos + count > end:
+            reading_on = self._buf and self._start <= pos <= end
+            self._block = min(_BLOCK, 2 * self._block) if reading_on else self._first_block
+            self._buf = self.source.read(pos, min(max(count, self._block), self.size - pos))
             self._start = pos
         return self._buf, pos - self._start
 
@@ -535,10 +552,10 @@ class _DecodedSource:
 # --- building the checkpoint ----------------------------------------------------------------------
 
 class _Builder:
-    def __init__(self, path: str, wire: _Wire, source: FileSource) -> None:
+    def __init__(self, path: str, wire: _Wire, source: Any) -> None:
         self.path, self.wire, self.source = path, wire, source
-        self.folder = os.path.dirname(os.path.abspath(path))
-        self.external: dict[str, tuple[FileSource, int]] = {}
+        self.folder = path.rsplit("/", 1)[0] if is_url(path) else os.path.dirname(os.path.abspath(path))
+        self.external: dict[str, tuple[Any, int]] = {}
         self.root: dict[str, TensorInfo] = {}
         self.names: dict[int, str] = {}  # id(_Tensor) -> its name in root
         self.data_types: dict[str, int] = {}  # root name -> ONNX data type as stored
@@ -601,7 +618,7 @@ class _Builder:
                                                     f"{nbytes:,}: the file is damaged. Re-export it.")
         return Storage(key=key, source=source, offset=offset, nbytes=length, location="cpu")
 
-    def external_range(self, name: str, tensor: _Tensor, nbytes: int) -> tuple[FileSource, int, int]:
+    def external_range(self, name: str, tensor: _Tensor, nbytes: int) -> tuple[Any, int, int]:
         location = tensor.external.get("location", "")
         source, size = self.external_file(name, location)
         try:
@@ -617,9 +634,11 @@ class _Builder:
                                                     "the model with its data file again.")
         return source, offset, length
 
-    def external_file(self, name: str, location: str) -> tuple[FileSource, int]:
+    def external_file(self, name: str, location: str) -> tuple[Any, int]:
         if location in self.external:
             return self.external[location]
+        if is_url(self.path):
+            return self.external_url(name, location)
         # onnx's path-traversal CVEs (CVE-2022-25882, CVE-2024-27318): a location is a file in
         # the model's own folder, checked after resolving `..` and symlinks.
         folder = os.path.realpath(self.folder)
@@ -640,6 +659,23 @@ class _Builder:
             raise CorruptCheckpointError(self.path, f"tensor {name!r} keeps its data in {location!r}, which is not a "
                                                     "regular file: give the model its real data file.")
         self.external[location] = (FileSource(target), info.st_size)
+        return self.external[location]
+
+    def external_url(self, name: str, location: str) -> tuple[Any, int]:
+        # The same rule as on disk, for URLs: a relative path below the model's own "folder".
+        parts = location.replace("\\", "/").split("/")
+        if not location or location.startswith("/") or is_url(location) or any(p in ("", ".", "..") for p in parts):
+            raise CorruptCheckpointError(self.path, f"tensor {name!r} keeps its data in {location!r}, which is not a "
+                                                    "file beside the model: ckptview reads external data only from "
+                                                    "beside the model. Re-export with a relative location.")
+        url = f"{self.folder}/{location}"
+        try:
+            size = remote_file_id(url)[0]
+        except CheckpointNotFoundError:
+            raise CorruptCheckpointError(self.path, f"tensor {name!r} keeps its data in {location!r} beside the model, "
+                                                    "which the server does not have: upload the model together with "
+                                                    "its data file.") from None
+        self.external[location] = (RemoteSource(url, size), size)
         return self.external[location]
 
     # -- decoders (onnx imported only here, when such a tensor is loaded) --
@@ -936,7 +972,7 @@ def _dequantizer(x: TensorInfo, x_type: int, scale: TensorInfo, zero_point: Tens
 
 def read_onnx(path: str, size: int, *, trust: bool) -> Checkpoint:
     """An ONNX model as a `Checkpoint`: headers and graph walked, no tensor data read."""
-    source = FileSource(path)
+    source = source_for(path)
     wire = _Wire(source, size, path)
     walker = _Walker(wire)
     model = walker.model()
