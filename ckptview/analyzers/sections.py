@@ -66,7 +66,9 @@ def _is_optimizer(node: Any) -> bool:
 
 
 def _is_scheduler(node: Any) -> bool:
-    return isinstance(node, Mapping) and "last_epoch" in node and ("base_lrs" in node or "_last_lr" in node)
+    # ChainedScheduler keeps no last_epoch of its own: only its schedulers' states and the lr they set
+    return isinstance(node, Mapping) and (("last_epoch" in node and ("base_lrs" in node or "_last_lr" in node))
+                                          or ("_schedulers" in node and "_last_lr" in node))
 
 
 def _is_grad_scaler(node: Any) -> bool:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 import sys
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ckptview.analyzers.sections import Section, find_sections, model_section, model_state_dict
-from ckptview.readers.model import Checkpoint, PickledObject, TensorEntry, TensorInfo, load_tensor
+from ckptview.readers.model import Checkpoint, PickledObject, TensorEntry, TensorInfo, dotted_name, load_tensor
 
 # Buffers a state dict holds beside parameters; optimizers never see them.
 BUFFER_LEAVES = frozenset({"running_mean", "running_var", "num_batches_tracked", "position_ids", "inv_freq",
@@ -69,6 +70,17 @@ class TrainingState:
     progress: Mapping[str, Any]  # epoch, global_step, loss, metrics, ... as plain values
     hyper_parameters: Mapping[str, Any]  # rendered with `plain`: objects become {"__class__": ..., fields}
     lightning: Mapping[str, Any] | None  # version, callbacks, loops, when it is a Lightning checkpoint
+    scheduler_states: tuple[SchedulerState, ...] = ()  # `schedulers` with their classes named
+
+    def lr_schedules(self, *, horizon: int | None = None) -> tuple[LrSchedule, ...]:
+        """Each scheduler's learning rate per step (`lr_schedule`), read with its optimizer's param
+        groups: the optimizer of the same position when there are as many, else the first."""
+        paired = len(self.optimizers) == len(self.scheduler_states)
+        schedules = []
+        for number, scheduler in enumerate(self.scheduler_states):
+            optimizer = self.optimizers[number if paired else 0] if self.optimizers else None
+            schedules.append(lr_schedule(scheduler, optimizer.groups if optimizer else (), horizon=horizon))
+        return tuple(schedules)
 
 
 def plain(value: Any, *, depth: int = 0) -> Any:
@@ -158,7 +170,8 @@ def _training_state(checkpoint: Checkpoint) -> TrainingState:
             "loops": {name: _loop_summary(loop) for name, loop in (root.get("loops") or {}).items()},
             "hparams_name": root.get("hparams_name"),
         }
-    return TrainingState(optimizers, tuple(schedulers), scaler, progress, hyper, lightning)
+    named = tuple(scheduler_state(item, number) for number, item in enumerate(schedulers))
+    return TrainingState(optimizers, tuple(schedulers), scaler, progress, hyper, lightning, named)
 
 
 def _loop_summary(loop: Any) -> Any:
@@ -269,3 +282,339 @@ def _map_names(groups: Sequence[ParamGroup], ids: list[Any], state_shapes: Mappi
                                           f"{len(parameters)} parameters (the others were frozen or excluded)")
     return {}, "failed", (f"cannot map: the optimizer has {len(ids)} parameters and the model section "
                           f"{len(parameters)}, and shapes do not line them up")
+
+
+# --- learning-rate schedulers ----------------------------------------------------------------------
+# A torch scheduler's state_dict is its __dict__ minus the optimizer: it never names its class. The
+# fields each class adds are distinctive, so the class is inferred from them, most specific first.
+_SCHEDULER_FIELDS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("SequentialLR", frozenset({"_schedulers", "_milestones"})),
+    ("ChainedScheduler", frozenset({"_schedulers"})),
+    ("ReduceLROnPlateau", frozenset({"patience", "cooldown", "num_bad_epochs"})),
+    ("OneCycleLR", frozenset({"total_steps", "_schedule_phases"})),
+    ("CyclicLR", frozenset({"max_lrs", "total_size", "step_ratio"})),
+    ("CosineAnnealingWarmRestarts", frozenset({"T_0", "T_mult", "T_cur"})),
+    ("CosineAnnealingLR", frozenset({"T_max", "eta_min"})),
+    ("LinearLR", frozenset({"start_factor", "end_factor", "total_iters"})),
+    ("PolynomialLR", frozenset({"power", "total_iters"})),
+    ("ConstantLR", frozenset({"factor", "total_iters"})),
+    ("MultiStepLR", frozenset({"milestones", "gamma"})),
+    ("StepLR", frozenset({"step_size", "gamma"})),
+    # MultiplicativeLR stores the same field (its lambdas are functions, which are not saved)
+    ("LambdaLR/MultiplicativeLR", frozenset({"lr_lambdas"})),
+    ("ExponentialLR", frozenset({"gamma"})),
+)
+
+# Points drawn at most: a OneCycleLR over a million batches is drawn from this many evenly spaced steps.
+MAX_SCHEDULE_POINTS = 2000
+
+
+@dataclass(frozen=True)
+class SchedulerState:
+    """
+    One learning-rate scheduler's saved state: its class (recorded by the file, or inferred from the
+    fields a torch scheduler stores), its fields and bookkeeping apart, and the schedulers it chains.
+    """
+
+    index: int
+    class_name: str | None  # "StepLR"; None when neither recorded nor recognisable
+    named_by: str  # "recorded" | "inferred from its fields" | "unknown"
+    fields: Mapping[str, Any]  # what a reader looks at: step_size, gamma, base_lrs, last_epoch, ...
+    bookkeeping: Mapping[str, Any]  # fields starting with "_" (_step_count, _get_lr_called_within_step, ...)
+    children: tuple[SchedulerState, ...]  # SequentialLR / ChainedScheduler's own schedulers
+
+    @property
+    def last_epoch(self) -> int | None:
+        """How many times scheduler.step() had run (a ChainedScheduler's: its schedulers')."""
+        value = self.fields.get("last_epoch")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        return max((c.last_epoch for c in self.children if c.last_epoch is not None), default=None)
+
+    @property
+    def last_lr(self) -> list[float] | None:
+        value = self.bookkeeping.get("_last_lr")
+        return [float(v) for v in value] if isinstance(value, list) and all(_is_number(v) for v in value) else None
+
+
+@dataclass(frozen=True)
+class LrSchedule:
+    """A scheduler's learning rate per step, computed from its class's formula and saved state."""
+
+    steps: tuple[int, ...]
+    lrs: tuple[tuple[float, ...], ...]  # one curve per param group, lrs[group][i] at steps[i]
+    current: int | None  # last_epoch: how many times scheduler.step() had run when the file was saved
+    note: str  # how it was drawn, or why it could not be
+
+
+def scheduler_state(value: Any, index: int = 0) -> SchedulerState:
+    """
+    A saved scheduler (`plain` data of `scheduler.state_dict()`, or a pickled scheduler object) with its class named.
+
+    Example:
+        >>> scheduler_state({"step_size": 2, "gamma": 0.5, "base_lrs": [0.001], "last_epoch": 3}).class_name
+        'StepLR'
+    """
+    node = dict(value) if isinstance(value, Mapping) else {}
+    if isinstance(node.get("scheduler"), Mapping) and "interval" in node:  # Lightning's {"scheduler": ..., "interval": ...}
+        node = dict(node["scheduler"])
+    recorded = node.pop("__class__", None)
+    children = tuple(scheduler_state(child, number) for number, child in enumerate(node.get("_schedulers") or [])
+                     if isinstance(child, Mapping))
+    fields = {k: v for k, v in node.items() if not str(k).startswith("_")}
+    bookkeeping = {k: v for k, v in node.items() if str(k).startswith("_") and k != "_schedulers"}
+    if isinstance(recorded, str):
+        return SchedulerState(index, recorded.rsplit(".", 1)[-1], "recorded", fields, bookkeeping, children)
+    keys = set(map(str, node))
+    name = next((name for name, wanted in _SCHEDULER_FIELDS if wanted <= keys), None)
+    return SchedulerState(index, name, "inferred from its fields" if name else "unknown", fields, bookkeeping, children)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def lr_schedule(scheduler: SchedulerState, groups: Sequence[ParamGroup] = (), *, horizon: int | None = None) -> LrSchedule:
+    """
+    The learning rate `scheduler` sets at each step from 0 to `horizon`, by its class's closed form
+    (what torch's `_get_closed_form_lr` computes), for every param group.
+
+    Args:
+        scheduler: from `TrainingState.scheduler_states`.
+        groups: the optimizer's param groups; OneCycleLR reads its peak and final rates from them.
+        horizon: the last step drawn; by default where the schedule ends (T_max, total_steps, ...)
+            or a few periods past the saved step.
+
+    Returns:
+        An `LrSchedule`; empty `steps` with a `note` saying why when the schedule cannot be computed
+        (a LambdaLR's functions are not saved; ReduceLROnPlateau follows a metric).
+    """
+    current = scheduler.last_epoch
+    curve = _curve(scheduler, groups)
+    if isinstance(curve, str):
+        return LrSchedule((), (), current, curve)
+    function, natural_end, count = curve
+    end = max(horizon if horizon is not None else natural_end, current or 0, 1)
+    if end + 1 <= MAX_SCHEDULE_POINTS:
+        steps = list(range(end + 1))
+    else:
+        steps = sorted({round(i * end / (MAX_SCHEDULE_POINTS - 1)) for i in range(MAX_SCHEDULE_POINTS)} | {current or 0})
+    try:
+        lrs = tuple(tuple(function(step, group) for step in steps) for group in range(count))
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError, KeyError, IndexError) as exc:
+        return LrSchedule((), (), current, f"the saved fields do not give a schedule ({type(exc).__name__}: {exc})")
+    how = f"drawn with the formula of {scheduler.class_name} from its saved fields"
+    if scheduler.last_lr is not None and current is not None and current in steps:
+        at = steps.index(current)
+        recorded = scheduler.last_lr
+        computed = [lrs[g][at] for g in range(min(count, len(recorded)))]
+        if all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12) for a, b in zip(computed, recorded)):
+            how += f"; at step {current} it gives the lr the scheduler last set ({recorded[0]:.6g})"
+        else:
+            how += (f"; at step {current} it gives {computed[0]:.6g} but the scheduler last set {recorded[0]:.6g}: "
+                    "the run changed the lr another way (scheduler.step(epoch), a manual lr, a resumed run)")
+    return LrSchedule(tuple(steps), lrs, current, how)
+
+
+_Curve = tuple[Any, int, int]  # (lr(step, group), where the schedule ends, number of groups)
+
+
+def _curve(s: SchedulerState, groups: Sequence[ParamGroup]) -> _Curve | str:
+    f = s.fields
+    name = s.class_name
+    base = [float(v) for v in f.get("base_lrs") or []]
+    last = s.last_epoch or 0
+    if name == "ReduceLROnPlateau":
+        return "ReduceLROnPlateau lowers the lr when a metric stops improving: its future depends on that metric"
+    if name in ("LambdaLR", "MultiplicativeLR", "LambdaLR/MultiplicativeLR"):
+        return "the lr functions (lr_lambda) are code, which a state_dict does not save: the schedule cannot be drawn"
+    if name == "SequentialLR":
+        return _sequential(s, groups)
+    if name == "ChainedScheduler":
+        return _chained(s, groups)
+    if not base:
+        return f"no base_lrs saved: the {name or 'scheduler'}'s schedule cannot be drawn"
+    count = len(base)
+    if name == "StepLR":
+        size, gamma = int(f["step_size"]), float(f["gamma"])
+        return (lambda e, g: base[g] * gamma ** (e // size)), max(4 * size, 2 * last), count
+    if name == "MultiStepLR":
+        milestones = _milestones(f["milestones"])
+        gamma = float(f["gamma"])
+        end = max(milestones, default=0)
+        return ((lambda e, g: base[g] * gamma ** sum(n for m, n in milestones.items() if m <= e)),
+                max(end + max(end // 4, 1), last), count)
+    if name == "ExponentialLR":
+        gamma = float(f["gamma"])
+        return (lambda e, g: base[g] * gamma ** e), max(20, 2 * last), count
+    if name == "CosineAnnealingLR":
+        t_max, eta_min = int(f["T_max"]), float(f["eta_min"])
+        return (lambda e, g: eta_min + (base[g] - eta_min) * (1 + math.cos(math.pi * e / t_max)) / 2), t_max, count
+    if name == "CosineAnnealingWarmRestarts":
+        t_0, t_mult, eta_min = int(f["T_0"]), int(f["T_mult"]), float(f["eta_min"])
+
+        def restarts(e: int, g: int) -> float:
+            if t_mult == 1:
+                t_cur, t_i = e % t_0, t_0
+            else:
+                n = int(math.log(e / t_0 * (t_mult - 1) + 1, t_mult))
+                t_cur, t_i = e - t_0 * (t_mult ** n - 1) / (t_mult - 1), t_0 * t_mult ** n
+            return eta_min + (base[g] - eta_min) * (1 + math.cos(math.pi * t_cur / t_i)) / 2
+
+        return restarts, max(t_0 * (1 + t_mult + t_mult ** 2), last), count
+    if name == "LinearLR":
+        start, stop, total = float(f["start_factor"]), float(f["end_factor"]), int(f["total_iters"])
+        return ((lambda e, g: base[g] * (start + (stop - start) * min(total, e) / total)),
+                max(total + max(total // 4, 1), last), count)
+    if name == "ConstantLR":
+        factor, total = float(f["factor"]), int(f["total_iters"])
+        return (lambda e, g: base[g] * (factor if e < total else 1.0)), max(total + max(total // 4, 1), last), count
+    if name == "PolynomialLR":
+        power, total = float(f["power"]), int(f["total_iters"])
+        return ((lambda e, g: base[g] * (1 - min(total, e) / total) ** power),
+                max(total + max(total // 4, 1), last), count)
+    if name == "CyclicLR":
+        return _cyclic(s, base, last)
+    if name == "OneCycleLR":
+        return _one_cycle(s, groups)
+    return f"the scheduler's class is not known ({', '.join(map(str, f))}): its schedule cannot be drawn"
+
+
+def _milestones(value: Any) -> dict[int, int]:
+    # a Counter {milestone: times}; plain() turns it into a dict, an older torch saved a list
+    if isinstance(value, Mapping):
+        return {int(k): int(v) for k, v in value.items()}
+    counts: dict[int, int] = {}
+    for milestone in value:
+        counts[int(milestone)] = counts.get(int(milestone), 0) + 1
+    return counts
+
+
+def _cyclic(s: SchedulerState, base: list[float], last: int) -> _Curve | str:
+    f = s.fields
+    if s.bookkeeping.get("_scale_fn_custom") is not None or f.get("mode") not in ("triangular", "triangular2", "exp_range"):
+        return "a CyclicLR with a custom scale function (code, not saved): its schedule cannot be drawn"
+    peaks = [float(v) for v in f["max_lrs"]]
+    size, ratio, gamma, mode = float(f["total_size"]), float(f["step_ratio"]), float(f["gamma"]), f["mode"]
+    by_cycle = f.get("scale_mode", "cycle" if mode != "exp_range" else "iterations") == "cycle"
+
+    def scale(x: float) -> float:
+        return 1.0 if mode == "triangular" else 1 / (2.0 ** (x - 1)) if mode == "triangular2" else gamma ** x
+
+    def cyclic(e: int, g: int) -> float:
+        cycle = math.floor(1 + e / size)
+        x = 1.0 + e / size - cycle
+        factor = x / ratio if x <= ratio else (x - 1) / (ratio - 1)
+        return base[g] + (peaks[g] - base[g]) * factor * scale(cycle if by_cycle else e)
+
+    return cyclic, max(round(3 * size), last), len(base)
+
+
+def _one_cycle(s: SchedulerState, groups: Sequence[ParamGroup]) -> _Curve | str:
+    phases = s.bookkeeping.get("_schedule_phases")
+    total = int(s.fields["total_steps"])
+    if not groups:
+        return "OneCycleLR keeps its peak and final rates in the optimizer's param groups, which this file does not hold"
+    if not isinstance(phases, list):
+        return "OneCycleLR without its phases (_schedule_phases): its schedule cannot be drawn"
+    kind = s.bookkeeping.get("_anneal_func_type", "cos")  # torch < 2.2 pickled the function; "cos" is the default
+    options = [dict(g.options, lr=g.lr) for g in groups]
+
+    def anneal(start: float, end: float, pct: float) -> float:
+        if kind == "linear":
+            return (end - start) * pct + start
+        return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+    def one_cycle(e: int, g: int) -> float:
+        start_step = 0.0
+        for number, phase in enumerate(phases):
+            end_step = float(phase["end_step"])
+            if e <= end_step or number == len(phases) - 1:
+                pct = (e - start_step) / (end_step - start_step)
+                return anneal(float(options[g][phase["start_lr"]]), float(options[g][phase["end_lr"]]), pct)
+            start_step = end_step
+        raise ValueError("no phases")
+
+    return one_cycle, total - 1, len(options)
+
+
+def _sequential(s: SchedulerState, groups: Sequence[ParamGroup]) -> _Curve | str:
+    # SequentialLR hands over at each milestone with child.step(0): the next child starts from step 0
+    milestones = [int(m) for m in s.bookkeeping.get("_milestones") or []]
+    curves = [_curve(child, groups) for child in s.children]
+    bad = next((c for c in curves if isinstance(c, str)), None)
+    if bad is not None or not curves:
+        return f"one of its schedulers cannot be drawn: {bad}" if bad else "SequentialLR without its schedulers"
+    starts = [0, *milestones]
+
+    def sequential(e: int, g: int) -> float:
+        index = bisect_right(milestones, e)
+        return curves[index][0](e - starts[index], g)
+
+    end = starts[len(curves) - 1] + curves[-1][1]
+    return sequential, max(end, s.last_epoch or 0), min(c[2] for c in curves)
+
+
+def _chained(s: SchedulerState, groups: Sequence[ParamGroup]) -> _Curve | str:
+    # ChainedScheduler steps every scheduler each time; each multiplies the lr by its own factor
+    curves = [_curve(child, groups) for child in s.children]
+    bad = next((c for c in curves if isinstance(c, str)), None)
+    if bad is not None or not curves:
+        return f"one of its schedulers cannot be drawn: {bad}" if bad else "ChainedScheduler without its schedulers"
+    bases = [[float(v) for v in child.fields.get("base_lrs") or []] for child in s.children]
+
+    def chained(e: int, g: int) -> float:
+        lr = bases[0][g]
+        for (function, _, _), base in zip(curves, bases):
+            lr *= function(e, g) / base[g]
+        return lr
+
+    last = max((child.last_epoch or 0) for child in s.children)
+    return chained, max(max(c[1] for c in curves), last), min(c[2] for c in curves)
+
+
+# --- optimizer moments -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MomentNorm:
+    """One per-parameter state tensor of an optimizer (Adam's exp_avg, exp_avg_sq, SGD's momentum_buffer)."""
+
+    parameter: str  # the model parameter's name, or "state <id>" when the ids could not be mapped
+    moment: str  # exp_avg, exp_avg_sq, max_exp_avg_sq, momentum_buffer, square_avg, ...
+    l2_norm: float
+    rms: float  # l2_norm / sqrt(numel): comparable across layers of different sizes
+    numel: int
+
+
+def moment_norms(checkpoint: Checkpoint, optimizer: OptimizerState, *, cancel: Any = None) -> tuple[MomentNorm, ...]:
+    """
+    The L2 norm and RMS of every per-parameter state tensor of `optimizer`, in parameter order,
+    read with the streaming statistics (`ckptview.stats`, cached per checkpoint).
+
+    Args:
+        checkpoint: the checkpoint `optimizer` was read from.
+        optimizer: one of `training_state(checkpoint).optimizers`.
+        cancel: a `threading.Event` (or callable) that stops the reading.
+
+    Returns:
+        One `MomentNorm` per state tensor (scalars such as `step` left out).
+    """
+    from ckptview.analyzers.stats import stats
+
+    wanted: dict[str, tuple[str, str]] = {}
+    keys = {str(k): k for k in (checkpoint.get(optimizer.path + ("state",)) or {})}
+    for param in optimizer.params:
+        key = keys.get(str(param.param_id))
+        for moment, (shape, _) in param.tensors.items():
+            if key is not None and shape:
+                label = param.name or f"state {param.param_id}"
+                wanted[dotted_name(optimizer.path + ("state", key, moment))] = (label, moment)
+    if not wanted:
+        return ()
+    result = stats(checkpoint, filter=lambda entry: entry.name in wanted, progress=False, cancel=cancel)
+    by_name = {item.name: item for item in result.tensors}
+    norms = []
+    for name, (label, moment) in wanted.items():
+        item = by_name.get(name)
+        if item is not None and item.numel:
+            norms.append(MomentNorm(label, moment, item.l2_norm, item.l2_norm / math.sqrt(item.numel), item.numel))
+    return tuple(norms)

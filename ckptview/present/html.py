@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ckptview.analyzers.doctor import Diagnosis
     from ckptview.analyzers.keydiff import KeyDiff
     from ckptview.analyzers.stats import StatsResult
-    from ckptview.analyzers.training import TrainingState
+    from ckptview.analyzers.training import LrSchedule, MomentNorm, SchedulerState, TrainingState
     from ckptview.analyzers.tree import ModuleTree, TreeNode
 
 # Colours come from JupyterLab's theme variables where the page has them (light and dark themes,
@@ -240,8 +240,9 @@ def training_html(training: TrainingState) -> str:
                           ("Lightning", training.lightning), ("AMP grad scaler", training.grad_scaler)):
         if values:
             parts.append(values_table_html(title, values))
-    for number, scheduler in enumerate(training.schedulers):
-        parts.append(values_table_html(f"LR scheduler {number}", scheduler))
+    schedules = training.lr_schedules()
+    for scheduler, schedule in zip(training.scheduler_states, schedules):
+        parts.append(scheduler_html(scheduler, schedule))
     for optimizer in training.optimizers:
         path = ".".join(str(p) for p in optimizer.path)
         params = optimizer.to_frame()
@@ -256,6 +257,49 @@ def training_html(training: TrainingState) -> str:
         )
     return "".join(parts) or ("<p>No training state: this checkpoint holds only weights (no optimizer, scheduler, "
                               "epoch or hyper-parameters).</p>")
+
+
+def scheduler_html(scheduler: SchedulerState, schedule: LrSchedule | None = None) -> str:
+    """
+    A scheduler: its class and how it was named, the lr it last set, its fields (not its private
+    bookkeeping: `_step_count`, `_get_lr_called_within_step`, ...), and how its schedule was drawn.
+    """
+    if scheduler.class_name is None:
+        named = "class unknown (its fields match no torch scheduler)"
+    elif scheduler.named_by == "recorded":
+        named = f"{esc(scheduler.class_name)} <span class='ckptview-muted'>(the file records its class)</span>"
+    else:
+        named = (f"{esc(scheduler.class_name)} <span class='ckptview-muted'>(inferred from its fields: a scheduler's "
+                 "state_dict does not store its class)</span>")
+    values = dict(scheduler.fields)
+    if scheduler.last_lr is not None:
+        values = {"last lr set": ", ".join(f"{v:.6g}" for v in scheduler.last_lr), **values}
+    rows = [(f"<th>{esc(k)}</th>", f"<td>{esc(v)}</td>") for k, v in flat_values(values).items()]
+    children = "".join(scheduler_html(child) for child in scheduler.children)
+    inner = f"<div style='margin-left:16px'>{children}</div>" if children else ""
+    note = f"<p class='ckptview-muted' style='margin-left:0'>Schedule: {esc(schedule.note)}</p>" if schedule else ""
+    tag = "h4" if schedule is not None else "h5"
+    return f"<{tag}>LR scheduler {scheduler.index}: {named}</{tag}>" + table_html([], rows) + note + inner
+
+
+def moment_norms_html(norms: Sequence[MomentNorm], *, max_rows: int = MAX_PARAM_ROWS) -> str:
+    """The optimizer's state tensors per parameter: one row each, L2 norm and RMS per moment."""
+    rows: dict[str, dict[str, MomentNorm]] = {}
+    for norm in norms:
+        rows.setdefault(norm.parameter, {})[norm.moment] = norm
+    moments = list(dict.fromkeys(n.moment for n in norms))
+    header = ["parameter", "elements"] + [f"{label} {m}" for m in moments for label in ("‖·‖", "RMS")]
+    body = []
+    for parameter, by_moment in list(rows.items())[:max_rows]:
+        numel = next(iter(by_moment.values())).numel
+        cells = [f"<td><code>{esc(parameter)}</code></td>", f"<td class='num'>{numel:,}</td>"]
+        for moment in moments:
+            norm = by_moment.get(moment)
+            cells += ([f"<td class='num'>{norm.l2_norm:.4g}</td>", f"<td class='num'>{norm.rms:.4g}</td>"]
+                      if norm else ["<td></td>", "<td></td>"])
+        body.append(cells)
+    more = f"<p>… and {len(rows) - max_rows:,} more parameters.</p>" if len(rows) > max_rows else ""
+    return table_html(header, body) + more
 
 
 def values_table_html(title: str, values: Mapping[str, Any]) -> str:

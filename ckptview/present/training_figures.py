@@ -1,0 +1,71 @@
+"""Plotly figures of a checkpoint's training state: the learning-rate schedule and the optimizer's moments per layer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import plotly.graph_objects as go
+
+from ckptview.analyzers.training import LrSchedule, MomentNorm
+from ckptview.present.figures import _LAYOUT, _LEGEND_BELOW, _title, log_axis
+
+# Parameters drawn at most in the moments plot, one row each; the table below it lists them all.
+MAX_MOMENT_ROWS = 150
+_ROW_PX = 16
+
+
+def lr_schedule_figure(schedules: Sequence[tuple[str, LrSchedule]], title: str) -> go.Figure:
+    """
+    The learning rate per scheduler step of each (label, schedule) and param group, with the step
+    the file was saved at marked (a dashed line, and a dot on each curve).
+    """
+    figure = go.Figure()
+    for label, schedule in schedules:
+        groups = len(schedule.lrs)
+        for group, lrs in enumerate(schedule.lrs):
+            name = label + (f" group {group}" if groups > 1 else "")
+            figure.add_trace(go.Scatter(x=list(schedule.steps), y=list(lrs), mode="lines", name=name,
+                                        hovertemplate=name + "<br>step %{x}<br>lr %{y:.4g}<extra></extra>"))
+        if schedule.current is not None and schedule.current in schedule.steps:
+            at = schedule.steps.index(schedule.current)
+            figure.add_trace(go.Scatter(x=[schedule.current] * groups, y=[lrs[at] for lrs in schedule.lrs],
+                                        mode="markers", marker={"size": 9, "color": "#d93025"},
+                                        name=f"{label}: saved at step {schedule.current}",
+                                        hovertemplate="saved here: step %{x}<br>lr %{y:.4g}<extra></extra>"))
+            figure.add_vline(x=schedule.current, line={"color": "#d93025", "dash": "dash", "width": 1})
+    figure.update_layout(**_LAYOUT)
+    figure.update_layout(title=_title(title), height=320, legend=_LEGEND_BELOW, margin={"l": 70, "r": 20, "t": 40, "b": 90},
+                         xaxis_title="scheduler step (scheduler.step() calls: epochs or batches)",
+                         yaxis={"title": "learning rate", "exponentformat": "power"})
+    return figure
+
+
+def moment_norms_figure(norms: Sequence[MomentNorm], title: str, *, max_rows: int = MAX_MOMENT_ROWS) -> go.Figure:
+    """
+    One row per parameter (in the optimizer's order, top to bottom), one dot per moment: the RMS of
+    each state tensor (L2 norm / √elements, so layers of different sizes compare), on a log axis.
+    """
+    parameters = list(dict.fromkeys(n.parameter for n in norms))[:max_rows]
+    shown = set(parameters)
+    figure = go.Figure()
+    by_moment: dict[str, list[MomentNorm]] = {}
+    for norm in norms:
+        if norm.parameter in shown:
+            by_moment.setdefault(norm.moment, []).append(norm)
+    for moment, rows in by_moment.items():
+        figure.add_trace(go.Scatter(
+            x=[r.rms for r in rows], y=[r.parameter for r in rows], mode="markers", name=moment,
+            customdata=[[r.l2_norm, r.numel] for r in rows],
+            hovertemplate="%{y}<br>" + moment + ": RMS %{x:.3g}<br>L2 norm %{customdata[0]:.3g}"
+                          "<br>%{customdata[1]:,} elements<extra></extra>"))
+    more = f" (first {max_rows} of {len(dict.fromkeys(n.parameter for n in norms)):,} parameters)" \
+        if len(shown) < len(dict.fromkeys(n.parameter for n in norms)) else ""
+    figure.update_layout(**_LAYOUT)
+    figure.update_layout(
+        title=_title(title + more), height=max(260, 130 + _ROW_PX * len(parameters)), legend=_LEGEND_BELOW,
+        margin={"l": 20, "r": 20, "t": 40, "b": 100},
+        xaxis=dict(title="RMS of the state tensor (L2 norm / √elements), log", **log_axis([n.rms for n in norms])),
+        yaxis={"categoryorder": "array", "categoryarray": parameters[::-1], "automargin": True, "tickfont": {"size": 10}},
+    )
+    return figure
+
