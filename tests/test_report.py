@@ -54,16 +54,46 @@ def test_report_holds_every_section_and_embeds_plotly_once(epochs: tuple[Path, P
     page = out.read_text(encoding="utf-8")
     for anchor in (*SECTIONS, "compare"):
         assert f"<section id='{anchor}'>" in page
-    # plotly's bundle once, a figure each for the treemap, depth plot, BatchNorm and value diff, and
-    # nothing the page would fetch from elsewhere
+    # plotly's bundle once, a figure each for the treemap, depth plot, BatchNorm, the optimizer's moments
+    # and the value diff, and nothing the page would fetch from elsewhere
     assert len(re.findall(r"plotly\.js v\d", page)) == 1
-    assert page.count("Plotly.newPlot(") == 4
+    assert page.count("Plotly.newPlot(") == 5
     assert not re.search(r"<(script|link|img)[^>]+(src|href)=", page)
     assert "model_state_dict.fc.weight" in page and "layer1.1" in page
     assert "non_finite" not in page  # the first epoch is clean; the NaN is only in the file compared with
     assert "Keys and shapes match" in page and "tensors compared" in page
     assert first.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # no temporary file left behind
+
+
+def test_report_of_two_formats_pairs_every_tensor(epochs: tuple[Path, Path], tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = torch.load(epochs[0], weights_only=True)["model_state_dict"]
+    copy = tmp_path / "model.safetensors"
+    save_file(state, str(copy))
+    out = tmp_path / "report.html"
+    result = cli("report", epochs[0], "--compare", copy, "-o", out)
+    assert result.returncode == 0, result.stderr
+    page = out.read_text(encoding="utf-8")
+    assert "What each tensor became across formats" in page
+    assert (f"epoch_1.pt (torch-zip) → model.safetensors (safetensors): every tensor paired or explained "
+            f"({len(state):,} by name)") in page
+    assert page.count("<td>name</td>") == len(state)
+
+
+def test_report_draws_the_lr_schedule(tmp_path: Path) -> None:
+    model = SmallCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=30)
+    for _ in range(12):
+        optimizer.step()
+        scheduler.step()
+    path = tmp_path / "cosine.pt"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, path)
+    page = Path(ckptview.report(path, tmp_path / "report.html")).read_text(encoding="utf-8")
+    assert "LR scheduler 0: CosineAnnealingLR" in page and "learning rate per scheduler step" in page
+    assert "saved at step 12" in page and "_get_lr_called_within_step" not in page
 
 
 def test_report_refuses_to_overwrite_without_force(epochs: tuple[Path, Path], tmp_path: Path) -> None:
@@ -115,7 +145,7 @@ def test_report_renders_offline_in_chromium(epochs: tuple[Path, Path], tmp_path:
             for anchor in (*SECTIONS, "compare"):
                 assert page.locator(f"section#{anchor} h2").is_visible()
             plots = page.locator(".js-plotly-plot")
-            assert plots.count() == 4
+            assert plots.count() == 5
             for index in range(plots.count()):
                 plot = plots.nth(index)
                 # drawn: an SVG with marks in it (treemap slices, lines, boxes, heatmap image)

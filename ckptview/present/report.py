@@ -20,16 +20,40 @@ import plotly.graph_objects as go
 import ckptview
 from ckptview.analyzers.stats import stats
 from ckptview.analyzers.table import tensor_table
-from ckptview.analyzers.training import training_state
+from ckptview.analyzers.training import moment_norms, training_state
 from ckptview.analyzers.tree import module_tree
 from ckptview.errors import CkptviewError
 from ckptview.present import figures
 from ckptview.present.frames import sections_frame, stats_frame, summary, tensor_labels
 from ckptview.present.html import (
-    STYLE, banner_html, batchnorm_findings_html, counters_html, esc, fixes_html, header_html, key_diff_html, metadata_html,
-    sections_html, stats_findings_html, stats_summary_html, table_html, tensors_html, training_html, tree_html,
+    STYLE,
+    banner_html,
+    batchnorm_findings_html,
+    counters_html,
+    esc,
+    fixes_html,
+    header_html,
+    key_diff_html,
+    matching_html,
+    metadata_html,
+    moment_norms_html,
+    sections_html,
+    stats_findings_html,
+    stats_summary_html,
+    table_html,
+    tensors_html,
+    training_html,
+    tree_html,
 )
-from ckptview.present.views import batchnorm_view, compare_keys, compare_values, model_treemap, module_changes_frame
+from ckptview.present.training_figures import lr_schedule_figure, moment_norms_figure
+from ckptview.present.views import (
+    batchnorm_view,
+    compare_keys,
+    compare_values,
+    match_formats,
+    model_treemap,
+    module_changes_frame,
+)
 from ckptview.readers.model import Checkpoint
 
 # Rows and nodes written at most: the page stays a few MB for a 20,000-tensor file (the CLI's
@@ -99,7 +123,7 @@ def render(ckpt: Checkpoint, other: Checkpoint | None = None) -> str:
         ("tree", "Module tree", lambda: tree_html(module_tree(ckpt), open_depth=1, max_nodes=MAX_TREE_NODES)),
         ("statistics", "Statistics", lambda: _statistics(ckpt)),
         ("batchnorm", "BatchNorm", lambda: _batchnorm(ckpt)),
-        ("training", "Training state", lambda: training_html(training_state(ckpt))),
+        ("training", "Training state", lambda: _training(ckpt)),
     ]
     if other is not None:
         parts.append(("compare", f"Compare with {summary(other).name}", lambda: _compare(ckpt, other)))
@@ -156,6 +180,23 @@ def _batchnorm(ckpt: Checkpoint) -> str:
     return batchnorm_findings_html(report) + (figure_html(figure) if figure is not None else "")
 
 
+def _training(ckpt: Checkpoint) -> str:
+    training = training_state(ckpt)
+    parts = [training_html(training)]
+    drawn = [(f"scheduler {s.index} ({s.class_name})", schedule)
+             for s, schedule in zip(training.scheduler_states, training.lr_schedules()) if schedule.steps]
+    if drawn:
+        parts.append(figure_html(lr_schedule_figure(drawn, "learning rate per scheduler step")))
+    for optimizer in training.optimizers:
+        norms = moment_norms(ckpt, optimizer)
+        if norms:
+            where = ".".join(map(str, optimizer.path))
+            parts.append(figure_html(moment_norms_figure(norms, f"optimizer state per parameter ({where})"))
+                         + "<details><summary>optimizer state norms per parameter (table)</summary>"
+                         + moment_norms_html(norms) + "</details>")
+    return "".join(parts)
+
+
 def _compare(ckpt: Checkpoint, other: Checkpoint) -> str:
     keys, diagnosis = compare_keys(ckpt, other)
     parts = [key_diff_html(keys, "the other checkpoint", "this one")]
@@ -164,9 +205,15 @@ def _compare(ckpt: Checkpoint, other: Checkpoint) -> str:
     comparison = compare_values(ckpt, other, diagnosis)
     changes = comparison.values
     frame = module_changes_frame(changes)
+    # two formats (a .pt and its ONNX export): what each tensor became in the other file, as the explorer shows it
+    matched = match_formats(ckpt, other)
+    pairing = ""
+    if matched is not None:
+        pairing = ("<h4>What each tensor became across formats</h4>"
+                   + matching_html(matched.matching, summary(matched.left).name, summary(matched.right).name))
     if frame.empty:
         parts.append(banner_html("info", "no tensors with the same name and shape on both sides: no values compared"))
-        return "".join(parts)
+        return "".join(parts) + pairing
     parts.append(f"<p>{len(changes.tensors):,} tensors compared, {len(changes.changed()):,} differ.</p>")
     parts.append(figure_html(figures.value_diff_by_module(frame)))
     parts.append(counters_html(comparison.counters))
@@ -178,7 +225,7 @@ def _compare(ckpt: Checkpoint, other: Checkpoint) -> str:
     if rows:
         parts.append(f"<h4>Tensors that changed most (of {len(drifted):,})</h4>"
                      + table_html(["tensor", "relative change", "max abs diff", "cosine", "elements changed"], rows))
-    return "".join(parts)
+    return "".join(parts) + pairing
 
 
 def _write_atomically(out: str, text: str) -> None:
