@@ -35,6 +35,9 @@ class Summary:
     section_kinds: tuple[str, ...]
     needs_code: bool
     imports: tuple[str, ...]  # globals the pickle wants beyond the allow-list ("module.qualname")
+    shards: tuple[tuple[str, int], ...] = ()  # a sharded set's files and their sizes, in the index's order
+    config: tuple[tuple[str, str], ...] = ()  # what the config.json beside a sharded set says, as (label, value)
+    declared_bytes: int | None = None  # the index's metadata.total_size
 
     @property
     def safety_text(self) -> str:
@@ -47,8 +50,15 @@ class Summary:
 
 
 def summary(ckpt: Checkpoint) -> Summary:
+    """The header's facts; a sharded set is named by its folder (what Hugging Face names a model by),
+    with its shards' sizes and what the `config.json` beside it declares."""
+    name = os.path.basename(ckpt.path.rstrip(os.sep)) or ckpt.path
+    sizes = ckpt.details.get("shard_sizes") or {}
+    if sizes:
+        name = os.path.basename(os.path.dirname(os.path.abspath(ckpt.path))) or name
+    declared = ckpt.metadata.get("total_size") if sizes else None
     return Summary(
-        name=os.path.basename(ckpt.path.rstrip(os.sep)) or ckpt.path,
+        name=name,
         path=ckpt.path,
         format=ckpt.format,
         file_size=ckpt.file_size,
@@ -58,7 +68,48 @@ def summary(ckpt: Checkpoint) -> Summary:
         section_kinds=tuple(dict.fromkeys(s.kind for s in find_sections(ckpt))),
         needs_code=ckpt.needs_trust or ckpt.format == "torchscript",
         imports=tuple(imp.name for imp in ckpt.pickle_imports),
+        shards=tuple((str(k), int(v)) for k, v in sizes.items()),
+        config=config_facts(ckpt.details.get("config"), ckpt.parameter_count),
+        declared_bytes=int(declared) if isinstance(declared, str) and declared.isdigit() else None,
     )
+
+
+# Keys of a Hugging Face config.json people look for first, with the names other model families use.
+_CONFIG_KEYS = (
+    ("model type", ("model_type",)),
+    ("dtype", ("torch_dtype", "dtype")),
+    ("hidden size", ("hidden_size", "d_model", "n_embd", "dim")),
+    ("layers", ("num_hidden_layers", "n_layer", "num_layers", "n_layers")),
+    ("attention heads", ("num_attention_heads", "n_head", "num_heads")),
+    ("key/value heads", ("num_key_value_heads",)),
+    ("vocabulary", ("vocab_size",)),
+    ("context", ("max_position_embeddings", "n_positions", "max_seq_len")),
+)
+_DECLARED_PARAMETERS = ("num_parameters", "num_params", "n_params", "total_params", "parameter_count")
+
+
+def config_facts(config: Any, counted: int) -> tuple[tuple[str, str], ...]:
+    """
+    What a `config.json` says about the model, as (label, value) rows: architectures, dtype, sizes,
+    and the parameter count it declares beside the count of the tensors (a mismatch means the shards
+    are not all the model's).
+    """
+    if not isinstance(config, Mapping):
+        return ()
+    facts: list[tuple[str, str]] = []
+    architectures = config.get("architectures")
+    if isinstance(architectures, list) and architectures:
+        facts.append(("architecture", ", ".join(map(str, architectures))))
+    for label, keys in _CONFIG_KEYS:
+        value = next((config[k] for k in keys if k in config and isinstance(config[k], (str, int, float))), None)
+        if value is not None and not isinstance(value, bool):
+            facts.append((label, f"{value:,}" if isinstance(value, int) else str(value)))
+    declared = next((config[k] for k in _DECLARED_PARAMETERS if isinstance(config.get(k), int)), None)
+    if declared is not None:
+        gap = counted - declared
+        verdict = "the same" if gap == 0 else f"{abs(gap):,} {'more' if gap > 0 else 'fewer'} counted"
+        facts.append(("parameters", f"{declared:,} declared, {counted:,} counted in the shards ({verdict})"))
+    return tuple(facts)
 
 
 def flat_values(node: Any, prefix: str = "", limit: int = _MAX_VALUES) -> dict[str, Any]:

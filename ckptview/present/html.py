@@ -97,7 +97,27 @@ def header_html(facts: Summary) -> str:
         f"<span class='ckptview-badge {badge_class}' title='{esc(', '.join(facts.imports))}'>"
         f"{esc(facts.safety_text)}</span></div>"
         f"<div class='ckptview-muted' style='margin-left:0'>{esc(facts.path)}</div>"
+        + _set_html(facts)
     )
+
+
+def _set_html(facts: Summary) -> str:
+    """A sharded set's config.json and its shards, folded under the header line."""
+    if not (facts.shards or facts.config):
+        return ""
+    config = " · ".join(f"{esc(label)} <b>{esc(value)}</b>" for label, value in facts.config)
+    line = (f"<div>config.json: {config}</div>" if config
+            else "<div class='ckptview-muted' style='margin-left:0'>no config.json beside the index</div>")
+    declared = ""
+    if facts.declared_bytes is not None:
+        same = "the same" if facts.declared_bytes == facts.total_bytes else f"the tensors take {facts.total_bytes:,}"
+        declared = (f"<div class='ckptview-muted' style='margin-left:0'>the index declares {facts.declared_bytes:,} "
+                    f"bytes of tensor data ({same})</div>")
+    rows = [(f"<td><code>{esc(name)}</code></td>", f"<td class='num'>{esc(human_bytes(size))}</td>")
+            for name, size in facts.shards]
+    shards = (f"<details><summary>{len(facts.shards)} shards, {human_bytes(sum(s for _, s in facts.shards))}"
+              f"</summary>{table_html(['shard', 'size on disk'], rows)}</details>" if rows else "")
+    return line + shards + declared
 
 
 def sections_html(frame: pd.DataFrame) -> str:

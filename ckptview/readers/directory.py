@@ -125,8 +125,27 @@ def open_index(path: str, *, trust: bool) -> Checkpoint:
         metadata=metadata,
         pickle_imports=[imp for ckpt in shards.values() for imp in ckpt.pickle_imports],
         trust=trust,
-        details={"shards": shard_names, "missing_tensors": absent, "unlisted_tensors": unlisted, "problems": problems},
+        details={"shards": shard_names, "missing_tensors": absent, "unlisted_tensors": unlisted, "problems": problems,
+                 "shard_sizes": {name: ckpt.file_size for name, ckpt in shards.items()},
+                 "config": _config_beside(folder, path)},
     )
+
+
+_MAX_CONFIG_BYTES = 1 << 20
+
+
+def _config_beside(folder: str, index_path: str) -> dict | None:
+    """The `config.json` Hugging Face saves next to a sharded set (architectures, torch_dtype, sizes),
+    when it is a small JSON object inside the folder; anything else is not a config to show."""
+    try:
+        path = resolve_inside(folder, "config.json", named_by=index_path, what="the config")
+        if not os.path.isfile(path) or os.path.getsize(path) > _MAX_CONFIG_BYTES:
+            return None
+        with open(path, "rb") as stream:
+            config = json.load(stream)
+    except (CorruptCheckpointError, OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def _check_extra_shards(path: str, folder: str, shard_names: list[str]) -> None:

@@ -38,18 +38,22 @@ _SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar", ".pkl", ".i
 
 def sibling_checkpoints(path: str, parts: tuple[str, ...] = ()) -> list[str]:
     """Checkpoint-looking files next to `path` and one folder down (sharded sets live in sub-folders),
-    except `parts`: the files `path` itself is made of (a sharded set's own shards)."""
-    folder = os.path.dirname(os.path.abspath(path)) if not os.path.isdir(path) else os.path.abspath(path)
+    except what `path` itself is made of: `parts` (a sharded set's own shards, beside its index), or
+    everything inside `path` when it is a folder (a set opened by its folder has its neighbours beside
+    that folder)."""
+    path = os.path.abspath(path)
+    own_folder = path if os.path.isdir(path) else None
+    folder = os.path.dirname(path)
     found = []
     try:
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
             if entry.is_file() and entry.name.endswith(_SUFFIXES):
                 found.append(entry.path)
-            elif entry.is_dir() and not entry.name.startswith("."):
+            elif entry.is_dir() and not entry.name.startswith(".") and os.path.abspath(entry.path) != own_folder:
                 found += [os.path.join(entry.path, n) for n in sorted(os.listdir(entry.path)) if n.endswith(".index.json")]
     except OSError:
         return []
-    own = {os.path.abspath(path)} | {os.path.abspath(os.path.join(folder, part)) for part in parts}
+    own = {path} | {os.path.abspath(os.path.join(folder, part)) for part in parts}
     return [p for p in found if os.path.abspath(p) not in own]
 
 
