@@ -7,17 +7,16 @@ item's archive is parsed in place: tensor bytes stay in the .distcp files until 
 
 from __future__ import annotations
 
-import io
 import os
-import zipfile
 from typing import Any
 
 import torch
 
-from ckptview.errors import CorruptCheckpointError, ShardError, printable
+from ckptview.errors import CorruptCheckpointError, ShardError, TruncatedCheckpointError, printable
 from ckptview.readers.model import Checkpoint, FileSource, PickledObject, TensorInfo
 from ckptview.readers.paths import resolve_inside
 from ckptview.readers.torch_pickle import mapped, parse_torch_zip, unpickle
+from ckptview.readers.zip_directory import NoEndRecord
 
 # DCP's own metadata classes, named exactly (a prefix would let `pathlib.os.system` through): what
 # DCP's reader imports for a checkpoint torch wrote, all plain records.
@@ -28,34 +27,6 @@ _DCP_CLASSES = frozenset(
     + ["torch.distributed.checkpoint.filesystem._StorageInfo"]
     + [f"pathlib.{name}" for name in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")]
 )
-
-
-class _FileWindow(io.RawIOBase):
-    """A read-only view of bytes [start, start + length) of a file, so zipfile can parse an embedded archive."""
-
-    def __init__(self, source: FileSource, start: int, length: int) -> None:
-        self._source, self._start, self._length, self._position = source, start, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
-        self._position = max(0, base + offset)
-        return self._position
-
-    def readinto(self, buffer: Any) -> int:
-        count = max(0, min(len(buffer), self._length - self._position))
-        if count:
-            self._source.read_into(memoryview(buffer)[:count], self._start + self._position)
-        self._position += count
-        return count
 
 
 def _field(obj: Any, name: str, position: int | None = None) -> Any:
@@ -130,12 +101,12 @@ def _read_item(path: str, fqn: str, item: Any, locations: list[tuple[Any, Any]],
         raise CorruptCheckpointError(source.path, f"item {fqn!r} runs to byte {start + length:,} but the file ends at "
                                                   f"{file_size:,}: it was cut off. Copy the checkpoint again.")
     try:
-        archive = zipfile.ZipFile(_FileWindow(source, start, length))
-    except zipfile.BadZipFile as exc:
+        parsed = parse_torch_zip(source, source.path, file_size, base_offset=start, length=length)
+    except TruncatedCheckpointError as exc:
+        if not isinstance(exc.__cause__, NoEndRecord):
+            raise
         raise CorruptCheckpointError(source.path, f"item {fqn!r} at byte {start:,} is not a torch.save archive: the "
                                                   "file is damaged. Re-save the checkpoint.") from exc
-    with archive:
-        parsed = parse_torch_zip(archive, source.path, source, file_size, base_offset=start)
     return parsed.root
 
 

@@ -13,12 +13,17 @@ import json
 import re
 from typing import Any
 
-from ckptview.errors import CheckpointNotFoundError, CkptviewError, CorruptCheckpointError, ShardError, \
-    TruncatedCheckpointError, UnsupportedFormatError
+from ckptview.errors import (
+    CheckpointNotFoundError,
+    CkptviewError,
+    CorruptCheckpointError,
+    ShardError,
+    TruncatedCheckpointError,
+    UnsupportedFormatError,
+)
 from ckptview.readers.model import Checkpoint, TensorInfo
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
-_ZIP_BLOCK = 64 * 1024  # zipfile seeks to the archive's end, then to each member: one request per block
 
 
 class RangeNotSupportedError(CkptviewError):
@@ -48,7 +53,7 @@ def _info(url: str) -> dict[str, Any]:
         return fs.info(path)
     except FileNotFoundError:
         raise CheckpointNotFoundError(url, "the server has no such file: check the URL") from None
-    except Exception as exc:  # noqa: BLE001 - back-ends raise their own types (aiohttp, botocore)
+    except Exception as exc:  # back-ends raise their own types (aiohttp, botocore)
         raise CkptviewError(url, f"cannot reach it ({type(exc).__name__}: {exc})") from exc
 
 
@@ -95,7 +100,7 @@ class RemoteSource:
             data = self._fs.cat_file(self._fspath, start=offset, end=offset + size)
         except FileNotFoundError:
             raise CheckpointNotFoundError(self.path, "the server no longer has this file") from None
-        except Exception as exc:  # noqa: BLE001 - back-ends raise their own types (aiohttp, botocore)
+        except Exception as exc:  # back-ends raise their own types (aiohttp, botocore)
             raise CkptviewError(self.path, f"reading bytes {offset:,}..{offset + size:,} failed "
                                            f"({type(exc).__name__}: {exc}); try again") from exc
         if len(data) < size:
@@ -113,9 +118,6 @@ class RemoteSource:
     def close(self) -> None:
         """Nothing to close: every read is its own request."""
 
-    def zip_file(self) -> Any:
-        """A seekable file for `zipfile` (its directory at the end is found by seeking), read in small blocks."""
-        return self._fs.open(self._fspath, "rb", block_size=_ZIP_BLOCK, cache_type="bytes", size=self.size)
 
 
 def source_for(path: str) -> Any:
@@ -123,11 +125,6 @@ def source_for(path: str) -> Any:
     from ckptview.readers.model import FileSource
 
     return RemoteSource(path, remote_file_id(path)[0]) if is_url(path) else FileSource(path)
-
-
-def zip_file_for(path: str) -> Any:
-    """What `zipfile.ZipFile` opens: the path of a local file, a block-reading remote file for a URL."""
-    return source_for(path).zip_file() if is_url(path) else path
 
 
 def open_remote(url: str, *, trust: bool) -> Checkpoint:

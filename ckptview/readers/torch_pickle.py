@@ -8,16 +8,16 @@ pointing at its storage's bytes in the file, and nothing is read beyond the pick
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import mmap
 import os
 import pickle
 import struct
 import tarfile
-import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,19 +26,27 @@ from ckptview.errors import (
     CorruptCheckpointError,
     TruncatedCheckpointError,
     UnsupportedFormatError,
-    UntrustedCodeError,
+    printable,
 )
 from ckptview.readers.dtypes import itemsize
 from ckptview.readers.model import Checkpoint, FileSource, PickleImport, RefusedPickle, Storage
 from ckptview.readers.pickle_scan import MemoIndexRefused, pickle_end
 from ckptview.readers.registry import supported
-from ckptview.readers.remote import source_for, zip_file_for
+from ckptview.readers.remote import source_for
 from ckptview.readers.unpickler import SafeUnpickler
-from ckptview.errors import printable
+from ckptview.readers.zip_directory import (
+    DEFLATED,
+    STORED,
+    BadZip,
+    Member,
+    NoEndRecord,
+    data_offset,
+    read_directory,
+    read_member,
+)
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
-_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra-field lengths at bytes 26..29
 
 # What the C unpickler and our stand-ins raise on a malformed pickle; all become one clear error.
 PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError,
@@ -98,17 +106,17 @@ def unpickle(data: bytes | mmap.mmap, path: str, what: str, storage_for: Any = N
         raise error from exc
 
 
-def _open_zip(path: str, size: int) -> zipfile.ZipFile:
+def _zip_members(path: str, read: Callable[[int, int], bytes], size: int) -> list[Member]:
     try:
-        return zipfile.ZipFile(zip_file_for(path))
-    except zipfile.BadZipFile as exc:
+        return read_directory(read, size)
+    except NoEndRecord as exc:
         raise TruncatedCheckpointError(
             path, f"the zip archive has no end-of-archive directory (the file is {size:,} bytes): it was cut off "
                   "while copying, downloading or saving. Copy it again or re-save it with torch.save.",
         ) from exc
-    except (OSError, EOFError, ValueError, struct.error, NotImplementedError) as exc:
-        # NotImplementedError: zipfile's answer to a damaged "version needed" field
-        raise CorruptCheckpointError(path, f"the zip archive's directory is damaged ({exc}). Re-save it with torch.save.") from exc
+    except (BadZip, UnicodeDecodeError, struct.error) as exc:
+        raise CorruptCheckpointError(path, f"the zip archive's directory is damaged ({exc}). Re-save it with "
+                                           "torch.save.") from exc
 
 
 # torch.save never compresses; a re-zipped archive may deflate (miniz, torch's zip reader, inflates
@@ -117,52 +125,49 @@ _MAX_INFLATION = 100
 _SLACK_BYTES = 1 << 20
 
 
-def _read_member(archive: zipfile.ZipFile, path: str, member: str, limit: int = _MAX_PICKLE_BYTES) -> bytes:
+def _read_member(read: Callable[[int, int], bytes], member: Member, path: str, limit: int = _MAX_PICKLE_BYTES) -> bytes:
     """A member's bytes, checked before any inflation: method, encryption and declared size."""
-    info = archive.getinfo(member)
-    if info.flag_bits & 0x1:
-        raise CorruptCheckpointError(path, f"archive member {member} is encrypted; torch.save never encrypts, so "
+    name = printable(member.name)
+    if member.flag_bits & 0x1:
+        raise CorruptCheckpointError(path, f"archive member {name} is encrypted; torch.save never encrypts, so "
                                            "the file was re-packed. Get the original file.")
-    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        raise CorruptCheckpointError(path, f"archive member {member} is compressed with a method torch cannot read "
-                                           f"(zip method {info.compress_type}); torch.save never compresses. Get the "
-                                           "original file.")
-    ratio_limit = info.compress_size * _MAX_INFLATION + _SLACK_BYTES
-    if info.file_size > limit or (info.compress_type != zipfile.ZIP_STORED and info.file_size > ratio_limit):
-        raise CorruptCheckpointError(path, f"archive member {member} declares {info.file_size:,} bytes from "
-                                           f"{info.compress_size:,} stored: far beyond what a checkpoint's pickle "
+    if member.compress_type not in (STORED, DEFLATED):
+        raise CorruptCheckpointError(path, f"archive member {name} is compressed with a method torch cannot read "
+                                           f"(zip method {member.compress_type}); torch.save never compresses. Get "
+                                           "the original file.")
+    ratio_limit = member.compress_size * _MAX_INFLATION + _SLACK_BYTES
+    if member.file_size > limit or (member.compress_type != STORED and member.file_size > ratio_limit):
+        raise CorruptCheckpointError(path, f"archive member {name} declares {member.file_size:,} bytes from "
+                                           f"{member.compress_size:,} stored: far beyond what a checkpoint's pickle "
                                            "needs (a zip bomb?). ckptview did not inflate it.")
     try:
-        with archive.open(info) as stream:
-            # zipfile stops at the declared size, so a member that inflates further is cut there
-            return stream.read(info.file_size)
-    except zipfile.BadZipFile as exc:
+        return read_member(read, member)
+    except BadZip as exc:
         raise CorruptCheckpointError(
-            path, f"archive member {member} is damaged (its stored checksum or header does not match): the file was "
+            path, f"archive member {name} is damaged (its stored checksum or header does not match): the file was "
                   "corrupted after saving. Copy it again or re-save it with torch.save.",
         ) from exc
-    except (OSError, EOFError, ValueError, struct.error, NotImplementedError, RuntimeError, zlib.error) as exc:
-        raise CorruptCheckpointError(path, f"archive member {member} cannot be read: its compressed data is "
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise CorruptCheckpointError(path, f"archive member {name} cannot be read: its compressed data is "
                                            "damaged. Re-save the file.") from exc
 
 
-def archive_prefix(path: str, infos: list[zipfile.ZipInfo]) -> str:
+def archive_prefix(path: str, names: list[str]) -> str:
     """
     The folder every member of a torch zip sits in, found as torch finds it: the first central
     directory entry's folder (torch's PyTorchStreamReader). Archives torch would read differently
     from Python's zipfile are refused: repeated names (torch reads one copy, zipfile the other)
     and members outside that folder (torch refuses the archive).
     """
-    names = [info.filename for info in infos]
     if not names or "/" not in names[0]:
         raise UnsupportedFormatError(path, "a zip archive, but not one written by torch.save (its first member is "
                                            f"not in a folder); {supported()}.")
     prefix = names[0].split("/", 1)[0] + "/"
-    counts = Counter(names)
-    repeated = [name for name, count in counts.items() if count > 1]
-    if repeated:
-        raise CorruptCheckpointError(path, f"the archive holds {counts[repeated[0]]} members named "
-                                           f"{printable(repeated[0])}: zip readers disagree on which one is read, so "
+    if len(set(names)) != len(names):
+        counts = Counter(names)
+        repeated = next(name for name, count in counts.items() if count > 1)
+        raise CorruptCheckpointError(path, f"the archive holds {counts[repeated]} members named "
+                                           f"{printable(repeated)}: zip readers disagree on which one is read, so "
                                            "what ckptview lists is not what torch.load would run. Do not load this file.")
     outside = [name for name in names if not name.startswith(prefix)]
     if outside:
@@ -170,22 +175,6 @@ def archive_prefix(path: str, infos: list[zipfile.ZipInfo]) -> str:
                                            f"{printable(prefix)}: torch.save never writes that, and torch.load "
                                            "refuses it. Re-save the file.")
     return prefix
-
-
-def member_data_offset(source: FileSource, info: zipfile.ZipInfo, size: int, base_offset: int = 0) -> int:
-    """Where a stored member's bytes start in `source`: after its local header, whose extra field varies."""
-    header_at = base_offset + info.header_offset
-    header = source.read(header_at, _LOCAL_HEADER.size) if header_at + _LOCAL_HEADER.size <= size else b""
-    if len(header) < _LOCAL_HEADER.size:
-        raise TruncatedCheckpointError(source.path, f"archive member {info.filename} starts beyond the end of the "
-                                                    "file: it was cut off. Copy it again.")
-    signature, name_len, extra_len = _LOCAL_HEADER.unpack(header)
-    local_name = source.read(header_at + _LOCAL_HEADER.size, name_len) if name_len else b""
-    if signature != b"PK\x03\x04" or local_name.decode("utf-8", "replace") != info.filename:
-        raise CorruptCheckpointError(source.path, f"archive member {printable(info.filename)} has a damaged local "
-                                                  "header (it disagrees with the archive's directory): the file was "
-                                                  "corrupted or tampered with. Get the original file.")
-    return header_at + _LOCAL_HEADER.size + name_len + extra_len
 
 
 def is_torchscript_archive(names: list[str], prefix: str) -> bool:
@@ -197,9 +186,7 @@ def is_torchscript_archive(names: list[str], prefix: str) -> bool:
 def read_torch_zip(path: str, size: int, *, trust: bool) -> Checkpoint:
     """A torch.save zip archive, or a TorchScript archive (format "torchscript")."""
     source = source_for(path)  # a URL reads through ranged requests
-    archive = _open_zip(path, size)
-    with archive:
-        parsed = parse_torch_zip(archive, path, source, size)
+    parsed = parse_torch_zip(source, path, size)
     format_name = "torchscript" if is_torchscript_archive(parsed.names, parsed.prefix) else "torch-zip"
     details: dict[str, Any] = {"archive_prefix": parsed.prefix.rstrip("/"), "byteorder": parsed.byteorder,
                                "members": len(parsed.names)}
@@ -221,53 +208,70 @@ class ParsedZip:
     byteorder: str
 
 
-def parse_torch_zip(archive: zipfile.ZipFile, path: str, source: FileSource, size: int, base_offset: int = 0) -> ParsedZip:
+def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0, length: int | None = None) -> ParsedZip:
     """
-    Parse the data.pkl of a torch zip whose bytes start at `base_offset` of `source` (0 for a file;
-    DCP embeds one torch.save archive per item inside its .distcp files).
+    Parse the data.pkl of a torch zip whose `length` bytes (to the end of the file when None) start
+    at `base_offset` of `source` (0 for a file; DCP embeds one torch.save archive per item inside
+    its .distcp files). `path` names the file in messages.
     """
-    infos = archive.infolist()
-    prefix = archive_prefix(path, infos)
-    members = {info.filename: info for info in infos}
-    names = list(members)
+    archive_size = file_size - base_offset if length is None else length
+
+    def read(offset: int, count: int) -> bytes:
+        return source.read(base_offset + offset, max(0, min(count, archive_size - offset)))
+
+    listed = _zip_members(path, read, archive_size)
+    names = [member.name for member in listed]
+    members = {member.name: member for member in listed}
+    prefix = archive_prefix(path, names)
     if prefix + "data.pkl" not in members:
         sample = ", ".join(printable(name) for name in names[:5]) + (" …" if len(names) > 5 else "")
         raise UnsupportedFormatError(path, f"a zip archive, but not one written by torch.save (no data.pkl; it "
                                            f"holds {sample}); {supported()}.")
     byteorder = "little"
     if prefix + "byteorder" in members:
-        byteorder = _read_member(archive, path, prefix + "byteorder", limit=64).decode("ascii", "replace").strip()
+        byteorder = _read_member(read, members[prefix + "byteorder"], path, limit=64).decode("ascii", "replace").strip()
         if byteorder not in ("little", "big"):
             raise CorruptCheckpointError(path, "the archive's byteorder record is neither 'little' nor 'big': the "
                                                "file is damaged. Re-save it.")
 
     def storage_for(dtype: str, key: str, location: str, numel: int, view_metadata: Any) -> Storage:
-        member = f"{prefix}data/{key}"
-        info = members.get(member)
-        if info is None:
+        member = members.get(f"{prefix}data/{key}")
+        if member is None:
             raise CorruptCheckpointError(path, f"data.pkl refers to storage {key!r} but the archive has no "
-                                               f"member {member}: the file is incomplete. Re-save it.")
+                                               f"member {prefix}data/{key}: the file is incomplete. Re-save it.")
         nbytes = numel * itemsize(dtype)
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise UnsupportedFormatError(path, f"archive member {member} is compressed; torch.save never "
+        if member.compress_type != STORED:
+            raise UnsupportedFormatError(path, f"archive member {prefix}data/{key} is compressed; torch.save never "
                                                "compresses, so the file was re-zipped. Unzip and re-zip it with "
                                                "`zip -0` (store only), or re-save it with torch.save.")
-        if info.file_size < nbytes:
+        if member.file_size < nbytes:
             raise CorruptCheckpointError(path, f"storage {key!r} should hold {nbytes:,} bytes but its archive "
-                                               f"member has {info.file_size:,}: the file is damaged. Re-save it.")
-        def locate() -> int:
-            offset = member_data_offset(source, info, size, base_offset)
-            if offset + nbytes > size:
-                raise TruncatedCheckpointError(path, f"storage {key!r} runs to byte {offset + nbytes:,} but the file "
-                                                     f"ends at {size:,}: it was cut off. Copy it again.")
-            return offset
-
+                                               f"member has {member.file_size:,}: the file is damaged. Re-save it.")
         return Storage(key=f"{base_offset}:{key}" if base_offset else key, source=source, offset=-1,
-                       nbytes=nbytes, location=location, byteorder=byteorder, locate=locate)
+                       nbytes=nbytes, location=location, byteorder=byteorder,
+                       locate=functools.partial(_storage_offset, read, member, path, key, nbytes, base_offset, file_size))
 
-    data = _read_member(archive, path, prefix + "data.pkl")
+    data = _read_member(read, members[prefix + "data.pkl"], path)
     root, unpickler, _ = unpickle(data, path, "its data.pkl", storage_for)
     return ParsedZip(root, unpickler, names, prefix, byteorder)
+
+
+def _storage_offset(read: Callable[[int, int], bytes], member: Member, path: str, key: str, nbytes: int,
+                    base_offset: int, file_size: int) -> int:
+    """Where a storage's bytes start in the file, from its member's local header (read on first use)."""
+    try:
+        offset = base_offset + data_offset(read, member)
+    except BadZip as exc:
+        if member.header_offset + 30 > file_size - base_offset:
+            raise TruncatedCheckpointError(path, f"archive member {printable(member.name)} starts beyond the end of "
+                                                 "the file: it was cut off. Copy it again.") from exc
+        raise CorruptCheckpointError(path, f"archive member {printable(member.name)} has a damaged local header (it "
+                                           "disagrees with the archive's directory): the file was corrupted or "
+                                           "tampered with. Get the original file.") from exc
+    if offset + nbytes > file_size:
+        raise TruncatedCheckpointError(path, f"storage {key!r} runs to byte {offset + nbytes:,} but the file "
+                                             f"ends at {file_size:,}: it was cut off. Copy it again.")
+    return offset
 
 
 def _refuse_tar(path: str) -> None:
