@@ -7,6 +7,7 @@ a model (`"package.module:factory"`: the load doctor's fixes, with code to copy)
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import ipywidgets as widgets
@@ -16,6 +17,7 @@ from ckptview.analyzers.doctor import Diagnosis, diagnose
 from ckptview.analyzers.keydiff import KeyDiff
 from ckptview.analyzers.sections import model_section, model_state_dict
 from ckptview.analyzers.valuediff import ValueDiff
+from ckptview.errors import CkptviewError
 from ckptview.present import figures
 from ckptview.present.html import counters_html, fixes_html, key_diff_html, matching_html
 from ckptview.present.text import human_bytes
@@ -29,6 +31,7 @@ from ckptview.present.views import (
 )
 from ckptview.readers.model import Checkpoint
 from ckptview.ui.base import ExplorerState, FigureBox, Panel, esc
+from ckptview.ui.copy import CopyButton
 
 # What the sibling dropdown offers: files a checkpoint is usually saved as, shard indexes, and what a
 # model is exported or converted to (compared across formats: "did my export keep my weights").
@@ -57,6 +60,21 @@ def sibling_checkpoints(path: str, parts: tuple[str, ...] = ()) -> list[str]:
     return [p for p in found if os.path.abspath(p) not in own]
 
 
+def fixed_path(source: str) -> str:
+    """A new file beside `source` for its fixed state dict: `model.fixed.safetensors`, `ckpt.fixed-2.pt`, ...
+    (safetensors when the source is, else a torch.save file), never a path that exists."""
+    source = os.path.abspath(source.rstrip(os.sep))
+    name = os.path.basename(source).removesuffix(".index.json")
+    stem, suffix = os.path.splitext(name)
+    stem = re.sub(r"\.fixed(-\d+)?$", "", stem)
+    suffix = ".safetensors" if suffix == ".safetensors" else ".pt"
+    folder = os.path.dirname(source)
+    candidate, number = os.path.join(folder, f"{stem}.fixed{suffix}"), 2
+    while os.path.exists(candidate):
+        candidate, number = os.path.join(folder, f"{stem}.fixed-{number}{suffix}"), number + 1
+    return candidate
+
+
 class ComparePanel(Panel):
     title = "Compare"
 
@@ -75,6 +93,18 @@ class ComparePanel(Panel):
         self.fixes = widgets.HTML()
         self.code = widgets.Textarea(layout=widgets.Layout(width="100%", height="120px", display="none"))
         self.code.add_class("ckptview-mono")
+        self.copy_code = CopyButton(description="Copy fix code", tooltip="copy the fix code to the clipboard",
+                                    layout=widgets.Layout(display="none"))
+        # the doctor's fixed state dict, written to a new file (Diagnosis.save_fixed: atomic, no overwrite unless ticked)
+        self.save_path = widgets.Text(description="save as", placeholder="path of the fixed checkpoint",
+                                      layout=widgets.Layout(width="520px", max_width="100%"))
+        self.overwrite = widgets.Checkbox(value=False, description="replace an existing file", indent=False,
+                                          layout=widgets.Layout(width="auto"))
+        self.save_button = widgets.Button(description="Save fixed checkpoint", icon="save",
+                                          layout=widgets.Layout(width="200px"))
+        self.saved = widgets.HTML()
+        self.save_row = widgets.HBox([self.save_path, self.save_button, self.overwrite],
+                                     layout=widgets.Layout(flex_flow="row wrap", display="none"))
         self.values_button = widgets.Button(description="Compute value diff", icon="bar-chart",
                                             layout=widgets.Layout(display="none", width="190px"))
         self.cancel_button = widgets.Button(description="Cancel", icon="stop", layout=widgets.Layout(display="none"))
@@ -90,10 +120,11 @@ class ComparePanel(Panel):
         self.compare.on_click(self._on_compare_click)
         self.values_button.on_click(self._on_values_button_click)
         self.cancel_button.on_click(self._on_cancel_button_click)
+        self.save_button.on_click(self._on_save_button_click)
         # at 640 px the controls go under each other, not off-screen
         rows = [widgets.HBox([self.other_path, self.siblings], layout=widgets.Layout(flex_flow="row wrap")),
                 widgets.HBox([self.model_factory, self.compare], layout=widgets.Layout(flex_flow="row wrap"))]
-        super().__init__(state, [*rows, self.key_report, self.fixes, self.code,
+        super().__init__(state, [*rows, self.key_report, self.fixes, self.code, self.copy_code, self.save_row, self.saved,
                                  widgets.HBox([self.values_button, self.cancel_button]), self.values, self.counters,
                                  self.matching])
 
@@ -124,6 +155,29 @@ class ComparePanel(Panel):
     def _on_cancel_button_click(self, button: widgets.Button) -> None:
         self.cancel()
 
+    def _on_save_button_click(self, button: widgets.Button) -> None:
+        diagnosis, target, overwrite = self.diagnosis, self.save_path.value.strip(), self.overwrite.value
+        self.saved.value = ""
+        if diagnosis is None or not target:
+            self.show_info("give the path of the file to write", "warning")
+            return
+        self.run(lambda: self._save(diagnosis, target, overwrite), self._show_saved, label=f"writing {target}…")
+
+    def _save(self, diagnosis: Diagnosis, target: str, overwrite: bool) -> str:
+        try:
+            return diagnosis.save_fixed(os.path.expanduser(target), overwrite=overwrite)
+        except FileExistsError as exc:
+            raise CkptviewError(target, "exists; nothing was written. Tick 'replace an existing file' or choose "
+                                        "another path") from exc
+        except OSError as exc:
+            raise CkptviewError(target, f"cannot write here ({exc.strerror or exc}); choose another path") from exc
+
+    def _show_saved(self, written: str) -> None:
+        self.saved.value = (f"Wrote <code>{esc(os.path.abspath(written))}</code> "
+                            f"({human_bytes(os.path.getsize(written))}): the fixed state dict; the checkpoint "
+                            "itself is unchanged.")
+        self.save_path.value = fixed_path(written)  # a second click writes a new file, not over this one
+
     def _refresh(self) -> None:
         other, model = self.other_path.value.strip(), self.model_factory.value.strip()
         model_spec = model or (self.state.model if not isinstance(self.state.model, str) else None)
@@ -139,8 +193,10 @@ class ComparePanel(Panel):
     def _clear(self) -> None:
         """Take down what the previous comparison showed, so a new result or error never sits under old ones."""
         self.key_diff, self.diagnosis, self.value_diff, self.format_matching = None, None, None, None
-        self.key_report.value = self.fixes.value = self.code.value = ""
+        self.key_report.value = self.fixes.value = self.code.value = self.saved.value = ""
         self.code.layout.display = "none"
+        self.copy_code.text = ""
+        self.copy_code.layout.display = self.save_row.layout.display = "none"
         self.values_button.layout.display = "none"
         self.values.clear()
         self.counters.value = self.matching.value = ""
@@ -182,7 +238,8 @@ class ComparePanel(Panel):
         self.key_report.value = key_diff_html(keys, "the other checkpoint", "this one")
         self.values_button.layout.display = ""
         if diagnosis is not None:
-            self._show_fixes(diagnosis, "To load the other checkpoint where this one's keys are expected")
+            self._show_fixes(diagnosis, "To load the other checkpoint where this one's keys are expected",
+                             self.other_path.value.strip())
 
     def _show_values(self, result: tuple[ValueComparison, FormatMatching | None]) -> None:
         comparison, matched = result
@@ -207,10 +264,14 @@ class ComparePanel(Panel):
     def _show_diagnosis(self, diagnosis: Diagnosis) -> None:
         self.key_report.value = key_diff_html(diagnosis.before, "this checkpoint", "the model")
         self.values_button.layout.display = "none"
-        self._show_fixes(diagnosis, "It loads into the model")
+        self._show_fixes(diagnosis, "It loads into the model", self.state.path)
 
-    def _show_fixes(self, diagnosis: Diagnosis, goal: str) -> None:
+    def _show_fixes(self, diagnosis: Diagnosis, goal: str, fixed: str) -> None:
+        """The fixes and their code (with a copy button), and a save row when they make `fixed` load."""
         self.diagnosis = diagnosis
         self.fixes.value = fixes_html(diagnosis, goal)
-        self.code.value = diagnosis.code
-        self.code.layout.display = "" if diagnosis.code else "none"
+        self.code.value = self.copy_code.text = diagnosis.code
+        self.code.layout.display = self.copy_code.layout.display = "" if diagnosis.code else "none"
+        if diagnosis.loads_after_fix and not diagnosis.ok:
+            self.save_path.value = fixed_path(fixed)
+            self.save_row.layout.display = ""
