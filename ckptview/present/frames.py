@@ -153,8 +153,74 @@ def _contents(ckpt: Checkpoint, section: Section) -> str:
     if section.kind not in _VALUE_SECTIONS:
         return ""
     node = ckpt.get(section.path)
+    readable = keras_config_text(node)
+    if readable is not None:
+        return readable
     values = flat_values(node, "" if children_of(node) is not None else section.name)
     return ", ".join(f"{k}={_short(v)}" for k, v in values.items() if not _private(k))
+
+
+def keras_config_text(node: Any) -> str | None:
+    """
+    A Keras model config (`model.get_config()` as .keras/.h5 files store it) as a line per layer
+    (`conv: Conv2D, 4 filters 3×3, relu`), or a compile/training config as its loss, optimizer and
+    metrics; None for anything else. Flattened key by key they are hundreds of unreadable fields.
+    """
+    if not isinstance(node, Mapping):
+        return None
+    config = node.get("config")
+    if isinstance(config, Mapping) and isinstance(config.get("layers"), list):
+        layers = [_keras_layer_text(layer) for layer in config["layers"] if isinstance(layer, Mapping)]
+        head = f"{node.get('class_name', 'model')} {config.get('name', '')!r}: {len(layers)} layers"
+        return head + "\n" + "\n".join(layers)
+    if "loss" in node and ("optimizer_config" in node or "metrics" in node):
+        parts = [f"loss {_keras_class(node.get('loss'))}"]
+        if isinstance(node.get("optimizer_config"), Mapping):
+            optimizer = node["optimizer_config"]
+            rate = (optimizer.get("config") or {}).get("learning_rate") if isinstance(optimizer.get("config"), Mapping) else None
+            parts.append(f"optimizer {_keras_class(optimizer)}" + (f" (learning_rate {_short(rate)})" if rate is not None else ""))
+        metrics = node.get("metrics")
+        if metrics:
+            parts.append(f"metrics {_short(_keras_names(metrics))}")
+        return ", ".join(parts)
+    return None
+
+
+# What tells one layer from another at a glance, in the order shown.
+_KERAS_LAYER_FIELDS = (("units", "{} units"), ("filters", "{} filters"), ("kernel_size", "{}"), ("strides", "stride {}"),
+                       ("pool_size", "pool {}"), ("rate", "rate {}"), ("axis", "axis {}"), ("momentum", "momentum {}"),
+                       ("epsilon", "epsilon {}"), ("activation", "{}"), ("batch_shape", "input {}"),
+                       ("batch_input_shape", "input {}"))
+
+
+def _keras_layer_text(layer: Mapping[str, Any]) -> str:
+    config = layer.get("config") if isinstance(layer.get("config"), Mapping) else {}
+    name = layer.get("name") or config.get("name") or "?"
+    details = []
+    for key, form in _KERAS_LAYER_FIELDS:
+        value = config.get(key)
+        if value is None or (key == "activation" and value == "linear"):
+            continue
+        if isinstance(value, list):
+            value = "×".join(str(v) for v in value) if key in ("kernel_size", "strides", "pool_size") else \
+                "(" + ", ".join("None" if v is None else str(v) for v in value) + ")"
+        details.append(form.format(value))
+    return f"{name}: {layer.get('class_name', '?')}" + (", " + ", ".join(details) if details else "")
+
+
+def _keras_class(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return str(value.get("class_name", "?")).removeprefix("Custom>")
+    return str(value)
+
+
+def _keras_names(value: Any) -> str:
+    if isinstance(value, Mapping):
+        inner = value.get("config")
+        return str(inner.get("name")) if isinstance(inner, Mapping) and "name" in inner else _keras_class(value)
+    if isinstance(value, list):
+        return ", ".join(_keras_names(v) for v in value)
+    return str(value)
 
 
 # A scheduler's bookkeeping (_step_count, _get_lr_called_within_step, _is_initial) says nothing to a

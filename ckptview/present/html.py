@@ -128,9 +128,21 @@ def sections_html(frame: pd.DataFrame) -> str:
         meaning = "" if r["what it is"] in said else r["what it is"]
         said.add(r["what it is"])
         rows.append((f"<td><b>{esc(r['section'])}</b></td>", f"<td><code>{esc(r['path'])}</code></td>",
-                     f"<td class='num'>{r['tensors']:,}</td>", f"<td>{esc(r['contents'])}</td>",
+                     f"<td class='num'>{r['tensors']:,}</td>", f"<td>{_contents_html(r['contents'])}</td>",
                      f"<td class='ckptview-muted'>{esc(meaning)}</td>"))
     return table_html(["section", "path", "tensors", "contents", "what it is"], rows)
+
+
+def _contents_html(text: str) -> str:
+    """A section's contents: a structure given line by line (a Keras model's layers) folded under its
+    first line, a long list of values folded after its start."""
+    first, _, rest = str(text).partition("\n")
+    if rest:
+        return (f"<details><summary>{esc(first)}</summary><div style='white-space:pre-line'>{esc(rest)}</div>"
+                "</details>")
+    if len(first) > 300:
+        return f"<details><summary>{esc(first[:200])}…</summary>{esc(first)}</details>"
+    return esc(first)
 
 
 METADATA_ROWS = 60
