@@ -49,6 +49,10 @@ class Explorer(widgets.VBox):
                   BatchNormPanel(state), TrainingPanel(state), ComparePanel(state), InferenceTab(state),
                   DeployPanel(state)]
         self.panels = {panel.title: panel for panel in panels}
+        # a module tree or statistics row opens its tensor(s) in the Tensors tab, and a statistics
+        # run fills the Tensors tab's checks column
+        panels[2].on_pick = panels[3].on_pick = self.show_tensor
+        panels[3].on_result = panels[1].note_statistics
         self.tabs = widgets.Tab(children=panels, titles=[panel.title for panel in panels])
         self.tabs.observe(self._on_tabs_selected_index, names="selected_index")
         super().__init__([widgets.HTML(STYLE), self.header, self.tabs])
@@ -78,6 +82,15 @@ class Explorer(widgets.VBox):
         self.tabs.selected_index = list(self.panels).index(title)
         tab = self.panels[title]
         return tab.panel if isinstance(tab, InferenceTab) else tab
+
+    def show_tensor(self, name: str) -> TensorsPanel:
+        """
+        Open the Tensors tab on `name`: a tensor's row and its statistics and plots, or a module path's
+        tensors (what a click on a module tree row does). Returns the Tensors panel.
+        """
+        panel = self.select("Tensors")
+        panel.show_tensor(name)
+        return panel
 
     def close(self) -> None:
         """Close the widgets, the worker threads, and the files the explorer opened."""

@@ -11,6 +11,7 @@ from ckptview.analyzers.batchnorm import BatchNormReport
 from ckptview.present.html import batchnorm_findings_html
 from ckptview.present.views import batchnorm_view
 from ckptview.ui.base import ExplorerState, FigureBox, Panel
+from ckptview.ui.grid import download_links
 
 
 class BatchNormPanel(Panel):
@@ -18,9 +19,11 @@ class BatchNormPanel(Panel):
 
     def __init__(self, state: ExplorerState) -> None:
         self.findings = widgets.HTML()
+        # every finding, one row each (the table above groups them by check)
+        self.downloads = widgets.HTML()
         self.figure = FigureBox()
         self.report_result: BatchNormReport | None = None
-        super().__init__(state, [self.findings, self.figure])
+        super().__init__(state, [self.findings, self.downloads, self.figure])
 
     def _compute(self) -> tuple[BatchNormReport, go.Figure | None]:
         return batchnorm_view(self.state.checkpoint)
@@ -29,6 +32,7 @@ class BatchNormPanel(Panel):
         report, figure = result
         self.report_result = report
         self.findings.value = batchnorm_findings_html(report)
+        self.downloads.value = download_links(report.to_frame(), "batchnorm-findings") if report.findings else ""
         if figure is None:
             self.figure.clear()
         else:

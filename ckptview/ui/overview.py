@@ -11,6 +11,7 @@ from ckptview.present.frames import sections_frame
 from ckptview.present.html import metadata_html, sections_html
 from ckptview.present.views import model_treemap
 from ckptview.ui.base import ExplorerState, FigureBox, Panel
+from ckptview.ui.grid import download_links
 
 
 class OverviewPanel(Panel):
@@ -18,9 +19,10 @@ class OverviewPanel(Panel):
 
     def __init__(self, state: ExplorerState) -> None:
         self.sections = widgets.HTML()
+        self.downloads = widgets.HTML()
         self.metadata = widgets.HTML()
         self.treemap = FigureBox()
-        super().__init__(state, [self.sections, self.metadata, self.treemap])
+        super().__init__(state, [self.sections, self.downloads, self.metadata, self.treemap])
 
     def _compute(self) -> tuple[Any, go.Figure]:
         ckpt = self.state.checkpoint
@@ -30,4 +32,5 @@ class OverviewPanel(Panel):
         frame, treemap = result
         self.metadata.value = metadata_html(self.state.checkpoint.metadata)
         self.sections.value = sections_html(frame)
+        self.downloads.value = download_links(frame, "sections")
         self.treemap.show(treemap)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as widgets
+import pandas as pd
 
 from ckptview.analyzers.stats import StatsResult, stats
 from ckptview.present import figures
@@ -14,6 +16,7 @@ from ckptview.readers.model import TensorEntry
 from ckptview.present.frames import stats_frame, tensor_labels
 from ckptview.present.html import stats_findings_html, stats_summary_html
 from ckptview.ui.base import Cancelled, ExplorerState, FigureBox, Panel, banner_html
+from ckptview.ui.grid import Table
 
 # Progress granularity: the work is handed to `stats` in batches of about this share of the bytes,
 # so the bar moves ~50 times whatever the file size (stats itself parallelises within a batch).
@@ -24,7 +27,20 @@ _MIN_BATCH_BYTES = 32 << 20
 _MAX_BATCH_TENSORS = 1000
 
 
+# The per-tensor grid: (column of stats_frame, header, how the grid draws it).
+_COLUMNS = (("label", "name", "name"), ("part", "part", "text"), ("dtype", "dtype", "text"), ("numel", "elements", "count"),
+            ("min", "min", "float"), ("max", "max", "float"), ("mean", "mean", "float"), ("std", "std", "float"),
+            ("abs_max", "abs-max", "float"), ("nan_count", "NaN", "count"), ("inf_count", "±Inf", "count"),
+            ("zero_fraction", "zeros", "percent"), ("outliers", "checks", "badge"))
+
+
 class StatisticsPanel(Panel):
+    """
+    Statistics of every tensor: a summary, the depth plot, the findings grouped by check, and one
+    grid row per tensor. `on_pick(name)` is called when a row is clicked; `on_result(result)` after
+    each run (the explorer fills the Tensors tab's checks column from it).
+    """
+
     title = "Statistics"
 
     def __init__(self, state: ExplorerState) -> None:
@@ -38,7 +54,11 @@ class StatisticsPanel(Panel):
         self.summary = widgets.HTML()
         self.figure = FigureBox()
         self.outliers = widgets.HTML()
+        self.rows = Table("statistics", formats={header: kind for _, header, kind in _COLUMNS},
+                          on_select=self._on_rows_select)
         self.result: StatsResult | None = None
+        self.on_pick: Callable[[str], None] | None = None
+        self.on_result: Callable[[StatsResult], None] | None = None
         self.compute.on_click(self._on_compute_click)
         self.cancel_button.on_click(self._on_cancel_click)
         self.name_filter.observe(self._on_name_filter_value, names="value")
@@ -46,7 +66,7 @@ class StatisticsPanel(Panel):
         self.frame: Any = None
         controls = widgets.HBox([self.name_filter, self.compute, self.cancel_button, self.training_too],
                                 layout=widgets.Layout(flex_flow="row wrap"))
-        super().__init__(state, [controls, self.summary, self.figure, self.outliers])
+        super().__init__(state, [controls, self.summary, self.figure, self.outliers, self.rows])
 
     def _on_compute_click(self, button: widgets.Button) -> None:
         self._refresh()
@@ -59,6 +79,10 @@ class StatisticsPanel(Panel):
 
     def _on_cancel_click(self, button: widgets.Button) -> None:
         self.cancel()
+
+    def _on_rows_select(self, row: pd.Series) -> None:
+        if self.on_pick is not None:
+            self.on_pick(self.frame["name"].iloc[row.name])
 
     def _compute(self) -> StatsResult:
         self.compute.disabled, self.cancel_button.disabled = True, False
@@ -101,6 +125,10 @@ class StatisticsPanel(Panel):
         self.summary.value = stats_summary_html(result, self.frame)
         self._plot()
         self.outliers.value = stats_findings_html(result, tensor_labels(self.state.checkpoint))
+        grid = pd.DataFrame({header: self.frame[column] for column, header, _ in _COLUMNS})
+        self.rows.show(grid, download=grid.assign(tensor=self.frame["name"]))
+        if self.on_result is not None:
+            self.on_result(result)
 
     def _plot(self) -> None:
         # The model's weights and buffers by default: optimizer moments are orders of magnitude apart

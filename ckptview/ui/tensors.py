@@ -1,71 +1,75 @@
-"""Tensors tab: every tensor, filtered, sorted and paged; selecting one shows its statistics and plots."""
+"""Tensors tab: every tensor in one data grid, filtered by name, dtype and layer kind; selecting one shows its statistics and plots."""
 
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from typing import Any
 
 import ipywidgets as widgets
 import pandas as pd
+import traitlets
 
-from ckptview.analyzers.stats import stats
+from ckptview.analyzers.stats import StatsResult, stats
 from ckptview.analyzers.table import tensor_table
 from ckptview.present import figures
-from ckptview.present.frames import filter_frame, page, tensor_labels
+from ckptview.present.frames import filter_frame, tensor_labels
 from ckptview.present.text import human_bytes, shape_text
 from ckptview.ui.base import ExplorerState, FigureBox, Panel, banner_html, esc
+from ckptview.ui.grid import Table
 
-PAGE_SIZE = 50
 _STAT_FIELDS = (("min", "min"), ("max", "max"), ("mean", "mean"), ("std", "std"), ("abs-max", "abs_max"),
                 ("L2 norm", "l2_norm"))
-_SORTS = (("file order", "order"), ("name", "name"), ("elements", "numel"), ("bytes", "nbytes"),
-          ("dtype", "dtype"), ("layer kind", "layer_kind"), ("module", "module"))
+# What the grid shows: (column of the tensor table, header). "checks" fills in from statistics.
+# Bytes comes early: in a narrow notebook the columns right of it scroll out of view first.
+_COLUMNS = (("label", "name"), ("shape_text", "shape"), ("dtype_text", "dtype"), ("nbytes", "bytes"),
+            ("numel", "elements"), ("layer_kind", "layer kind"), ("role", "role"), ("checks", "checks"))
+# The statistics checks as short badges, in the order they are listed.
+BADGES = {"non_finite": "NaN/Inf", "abs_max_outlier": "outlier", "all_zero": "all zero", "collapsed_std": "constant"}
 
 
 class TensorsPanel(Panel):
+    """
+    Every tensor in a grid (sorted, resized and copied in the browser). `selected` is the tensor whose
+    statistics, histogram and heatmap are shown: a row click sets it, and so can a script.
+    """
+
     title = "Tensors"
+    selected = traitlets.Unicode("")
 
     def __init__(self, state: ExplorerState) -> None:
         self.name_filter = widgets.Text(placeholder="name regex, e.g. layer1\\..*weight", continuous_update=False,
                                         layout=widgets.Layout(width="280px", max_width="100%"))
         self.dtype_filter = widgets.Dropdown(options=[("any dtype", "")], layout=widgets.Layout(width="130px"))
         self.kind_filter = widgets.Dropdown(options=[("any layer kind", "")], layout=widgets.Layout(width="160px"))
-        self.sort_by = widgets.Dropdown(options=_SORTS, value="order", description="sort", layout=widgets.Layout(width="190px"))
-        self.descending = widgets.ToggleButton(description="descending", icon="sort-amount-desc",
-                                               layout=widgets.Layout(width="120px"))
-        self.previous = widgets.Button(description="◀", layout=widgets.Layout(width="40px"))
-        self.next = widgets.Button(description="▶", layout=widgets.Layout(width="40px"))
-        self.page_label = widgets.HTML()
-        self.header_line = widgets.HTML()
-        self.rows = widgets.Select(rows=20, layout=widgets.Layout(width="100%"))
-        self.rows.add_class("ckptview-mono")
-        self.rows.add_class("ckptview-rows")
+        self.count_label = widgets.HTML()
+        self.rows = Table("tensors", formats={"name": "name", "elements": "count", "bytes": "bytes", "checks": "badge"},
+                          on_select=self._on_rows_select)
         self.detail = widgets.HTML()
         self.histogram = FigureBox()
         self.heatmap = FigureBox()
         self.frame = pd.DataFrame()
-        self.matching = 0
-        self.page_number = 0
-        for control in (self.name_filter, self.dtype_filter, self.kind_filter, self.sort_by, self.descending):
+        self.shown = pd.DataFrame()
+        self.checks: dict[str, str] = {}
+        for control in (self.name_filter, self.dtype_filter, self.kind_filter):
             control.observe(self._on_filter_change, names="value")
-        self.previous.on_click(self._on_previous_click)
-        self.next.on_click(self._on_next_click)
-        self.rows.observe(self._on_rows_value, names="value")
-        controls = widgets.HBox([self.name_filter, self.dtype_filter, self.kind_filter, self.sort_by, self.descending],
-                                layout=widgets.Layout(flex_flow="row wrap"))
-        paging = widgets.HBox([self.previous, self.next, self.page_label])
+        controls = widgets.HBox([self.name_filter, self.dtype_filter, self.kind_filter, self.count_label],
+                                layout=widgets.Layout(flex_flow="row wrap", align_items="center"))
         # side by side where there is room, one under the other in a narrow notebook
         for box in (self.histogram, self.heatmap):
             box.layout.flex = "1 1 360px"
         plots = widgets.HBox([self.histogram, self.heatmap], layout=widgets.Layout(flex_flow="row wrap", width="100%"))
-        super().__init__(state, [controls, paging, self.header_line, self.rows, self.detail, plots])
+        super().__init__(state, [controls, self.rows, self.detail, plots])
+        self.observe(self._on_selected_value, names="selected")
 
     def _compute(self) -> pd.DataFrame:
         ckpt = self.state.checkpoint
         frame = tensor_table(ckpt).to_frame()
-        frame.insert(0, "order", range(len(frame)))
         labels = tensor_labels(ckpt)
         frame["label"] = [labels.get(name, name) for name in frame["name"]]
+        frame["shape_text"] = [shape_text(shape) for shape in frame["shape"]]
+        frame["dtype_text"] = [f"{dtype} ({encoding})" if encoding else dtype
+                               for dtype, encoding in zip(frame["dtype"], frame["encoding"], strict=True)]
         return frame
 
     def _show(self, frame: pd.DataFrame) -> None:
@@ -74,28 +78,39 @@ class TensorsPanel(Panel):
         self.kind_filter.options = [("any layer kind", "")] + [(k, k) for k in sorted(frame["layer_kind"].unique()) if k]
         self._refresh()
 
+    # --- what other tabs ask ----------------------------------------------------------------------
+    def show_tensor(self, name: str) -> None:
+        """
+        Show the tensor `name` (its row alone, and its detail), or a module's tensors when `name` is a
+        module path (`layer1.0`: the rows under it). The other filters are cleared.
+        """
+        exact = any(entry.name == name for entry in self.state.checkpoint.tensors())
+        self.dtype_filter.value = self.kind_filter.value = ""
+        self.name_filter.value = f"^{re.escape(name)}$" if exact else f"^{re.escape(name)}\\."
+        if exact:
+            self.selected = name
+
+    def note_statistics(self, result: StatsResult) -> None:
+        """Fill the checks column with the findings of a statistics run (NaN/Inf, outliers, ...)."""
+        found: dict[str, list[str]] = defaultdict(list)
+        for outlier in result.outliers:
+            found[outlier.name].append(BADGES.get(outlier.check, outlier.check))
+        self.checks.update({item.name: " · ".join(found.get(item.name, ())) for item in result.tensors})
+        self._refresh()
+
     # --- handlers ---------------------------------------------------------------------------------
     def _on_filter_change(self, change: dict[str, Any]) -> None:
-        self.page_number = 0
         self._refresh()
 
-    def _on_previous_click(self, button: widgets.Button) -> None:
-        self.page_number = max(0, self.page_number - 1)
-        self._refresh()
+    def _on_rows_select(self, row: pd.Series) -> None:
+        self.selected = self.shown.iloc[row.name]["name"]
 
-    def _on_next_click(self, button: widgets.Button) -> None:
-        self.page_number = min(self._last_page(), self.page_number + 1)
-        self._refresh()
-
-    def _on_rows_value(self, change: dict[str, Any]) -> None:
+    def _on_selected_value(self, change: dict[str, Any]) -> None:
         if change["new"]:
             name = change["new"]
             self.run(lambda: self._tensor_detail(name), self._show_detail, label=f"reading {name}…")
 
     # --- view ---------------------------------------------------------------------------------------
-    def _last_page(self) -> int:
-        return max(0, (self.matching - 1) // PAGE_SIZE)
-
     def _refresh(self) -> None:
         if self.frame.empty:
             return
@@ -106,19 +121,13 @@ class TensorsPanel(Panel):
             self.banner.value = banner_html("error", f"the name filter is not a valid regular expression: {exc}")
             return
         self.banner.value = ""
-        self.matching = len(matching)
-        self.page_number = min(self.page_number, self._last_page())
-        shown = page(matching, sort_by=self.sort_by.value, descending=self.descending.value,
-                     number=self.page_number, size=PAGE_SIZE)
-        first = self.page_number * PAGE_SIZE
-        self.page_label.value = (f"rows {first + 1 if len(shown) else 0:,}–{first + len(shown):,} of {self.matching:,}"
-                                 f" (of {len(self.frame):,})")
-        self.header_line.value = (f"<div class='ckptview-mono-line'>"
-                                  f"{esc(_line('name', 'shape', 'dtype', 'layer kind', 'role', 'size'))}</div>")
-        self.rows.index = None  # else the Select picks the first row, which would load that tensor
-        self.rows.rows = max(3, min(len(shown), 20))
-        self.rows.options = [(_line(r["label"], shape_text(r["shape"]), r["encoding"] or r["dtype"], r["layer_kind"], r["role"],
-                                    human_bytes(r["nbytes"])), r["name"]) for r in shown.to_dict("records")]
+        self.shown = matching.reset_index(drop=True)
+        self.count_label.value = f"{len(matching):,} of {len(self.frame):,} tensors"
+        grid = pd.DataFrame({header: self.shown[column] if column != "checks" else
+                             [self.checks.get(name, "") for name in self.shown["name"]] for column, header in _COLUMNS})
+        # the download carries the file's own names beside the labels (optimizer state: its parameter's name)
+        download = grid.assign(tensor=self.shown["name"], module=self.shown["module"], section=self.shown["section"])
+        self.rows.show(grid, download=download)
 
     def _tensor_detail(self, name: str) -> dict[str, Any]:
         ckpt = self.state.checkpoint
@@ -159,9 +168,3 @@ class TensorsPanel(Panel):
             self.heatmap.clear()
         else:
             self.heatmap.show(detail["heatmap"])
-
-
-def _line(name: str, shape: str, dtype: str, kind: str, role: str, size: str) -> str:
-    name = name if len(name) <= 56 else "…" + name[-55:]
-    # Browsers collapse runs of spaces inside <option>; non-breaking spaces keep the columns aligned.
-    return f"{name:<56}  {shape:<20}  {dtype:<9}  {kind:<14}  {role:<9}  {size:>10}".replace(" ", "\u00a0")
