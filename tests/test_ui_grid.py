@@ -143,6 +143,9 @@ def test_a_module_tree_row_lists_its_tensors_and_a_statistics_row_selects_its_te
     assert app.show_tensor("conv1.weight") is tensors
     tensors.wait()
     assert "<h4 style='margin:6px 0'>conv1.weight</h4>" in tensors.detail.value
+    app.show_tensor("layer1")  # a module: its rows, and no detail of a tensor they no longer show
+    assert len(tensors.rows.frame) == 12 and tensors.selected == "" and not tensors.detail.value
+    assert not tensors.histogram.data and tensors.name_filter.value == r"^layer1\."
 
 
 def test_overview_and_batchnorm_tables_can_be_downloaded(demo: dict[str, Path]) -> None:

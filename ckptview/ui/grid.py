@@ -30,6 +30,9 @@ INLINE_DOWNLOAD_BYTES = 256 << 10
 
 ROW_PX = 22
 HEADER_PX = 26
+# Lumino's scroll bar, the grid's border, and what the output area takes (a 7-row grid at + 18 px
+# lost its last row's lower half under a horizontal scroll bar in a 640 px page)
+SCROLL_BAR_PX = 28
 _CHAR_PX = 7  # 12px sans-serif averages under 7 px a character; columns start wide enough for their text
 
 # A Vega expression (evaluated by the grid in the browser): the same text as `human_bytes`.
@@ -98,7 +101,7 @@ class Table(widgets.VBox):
                              header_visibility="column", base_row_size=ROW_PX, base_column_header_size=HEADER_PX,
                              renderers={name: renderer for name, kind in self.formats.items()
                                         if (renderer := _renderer(kind)) is not None},
-                             layout=widgets.Layout(width="100%", height=f"{HEADER_PX + ROW_PX}px"))
+                             layout=widgets.Layout(width="100%", max_width="100%", height=f"{HEADER_PX + ROW_PX}px"))
         self.grid.on_cell_click(self._on_grid_click)
         self.downloads = widgets.HTML()
         self.prepare = widgets.Button(description="prepare downloads", icon="download",
@@ -116,8 +119,10 @@ class Table(widgets.VBox):
         self.grid.column_widths = _widths(self.frame, self.formats)
         self.grid.data = self.frame
         visible_rows = max(1, min(len(self.frame), (self.max_height - HEADER_PX) // ROW_PX))
-        # + a scroll bar's height, so a short table is not hidden under its horizontal scroll bar
-        self.grid.layout.height = f"{HEADER_PX + visible_rows * ROW_PX + 16}px"
+        # + a scroll bar's height, so a short table's last row is not hidden under its horizontal scroll bar
+        self.grid.layout.height = f"{HEADER_PX + visible_rows * ROW_PX + SCROLL_BAR_PX}px"
+        # as wide as its columns (the grid paints the rest in its own void colour) and never wider than the panel
+        self.grid.layout.width = f"{sum(self.grid.column_widths.values()) + SCROLL_BAR_PX}px"
         if _csv_size(self._download) > INLINE_DOWNLOAD_BYTES:
             self.downloads.value = ""
             self.prepare.description = f"prepare downloads ({len(self._download):,} rows)"

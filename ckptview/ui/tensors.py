@@ -89,6 +89,11 @@ class TensorsPanel(Panel):
         self.name_filter.value = f"^{re.escape(name)}$" if exact else f"^{re.escape(name)}\\."
         if exact:
             self.selected = name
+        else:  # a module: the last tensor's detail would sit under rows that no longer hold it
+            self.selected = ""
+            self.detail.value = ""
+            self.histogram.clear()
+            self.heatmap.clear()
 
     def note_statistics(self, result: StatsResult) -> None:
         """Fill the checks column with the findings of a statistics run (NaN/Inf, outliers, ...)."""

@@ -1,0 +1,152 @@
+"""
+The explorer's data grid in a real browser (JupyterLab on 127.0.0.1, headless Chromium, the servers and
+helpers of tests/test_browser.py): the Tensors grid shows the bytes column and its header menu sorts
+by bytes, largest first; a click on a row shows that tensor; a module tree row opens its tensors;
+the CSV download holds the rows; at 1280 and 640 px, light and dark. Screenshots: test-artifacts/grid-*.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from test_browser import ARTIFACTS, ROOT, browser, lab, luminance, page, run_notebook, set_theme, tab, workdir  # noqa: F401
+
+pytestmark = pytest.mark.browser
+
+# In file order the largest tensor is neither first nor last, so a sort has to move it.
+SIZES = {"embed.weight": (64, 8), "blocks.0.proj.weight": (48, 48), "blocks.0.norm.weight": (48,),
+         "blocks.1.proj.weight": (300, 200), "blocks.1.norm.weight": (48,), "head.weight": (10, 48), "head.bias": (10,)}
+LARGEST = "blocks.1.proj.weight"
+
+
+@pytest.fixture(scope="module")
+def grid_notebook(workdir: Path) -> tuple[str, Path]:  # noqa: F811 - the fixture imported above
+    import nbformat
+    import torch
+
+    torch.manual_seed(0)
+    path = workdir / "grid.pt"
+    torch.save({name: torch.randn(shape) for name, shape in SIZES.items()}, path)
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f"import ckptview\nckptview.explore({str(path)!r})")])
+    notebook.metadata["kernelspec"] = json.loads((ROOT / "notebooks" / "explore.ipynb").read_text())["metadata"]["kernelspec"]
+    nbformat.write(notebook, workdir / "grid.ipynb")
+    return "grid.ipynb", path
+
+
+def tensor_widths(path: Path) -> tuple[list[str], dict[str, int]]:
+    """The Tensors grid's columns and the widths the kernel sends for them (the same code on the same file)."""
+    from ckptview.ui import explore
+
+    app = explore(path)
+    panel = app.select("Tensors")
+    panel.wait()
+    columns, widths = list(panel.rows.frame.columns), dict(panel.rows.grid.column_widths)
+    app.close()
+    return columns, widths
+
+
+def column_right(columns: list[str], widths: dict[str, int], column: str) -> int:
+    return sum(widths[c] for c in columns[:columns.index(column) + 1])
+
+
+GRID_BACKGROUND = """g => { const canvas = g.querySelector('canvas'); const scale = window.devicePixelRatio || 1;
+    const pixel = canvas.getContext('2d').getImageData(Math.round(6 * scale), Math.round((HEADER + ROW * 1.5) * scale), 1, 1).data;
+    return `rgb(${pixel[0]}, ${pixel[1]}, ${pixel[2]})`; }"""
+
+
+def grid_background(grid) -> str:
+    """The colour the grid paints its second row with, left of the text (a canvas: read from its pixels)."""
+    from ckptview.ui.grid import HEADER_PX, ROW_PX
+
+    return grid.evaluate(GRID_BACKGROUND.replace("HEADER", str(HEADER_PX)).replace("ROW", str(ROW_PX)))
+
+
+def test_grid_sorts_by_bytes_and_selects_rows_in_light_and_dark_at_1280_and_640(lab: str, grid_notebook, page) -> None:  # noqa: F811
+    from ckptview.ui.grid import HEADER_PX, ROW_PX
+
+    name, path = grid_notebook
+    columns, widths = tensor_widths(path)
+    run_notebook(page, lab.replace("explore.ipynb", name))
+    explorer = page.locator(".ckptview-explorer:visible").first
+    explorer.wait_for(timeout=90_000)
+    tab(explorer, "Tensors").click()
+    explorer.get_by_text(f"{len(SIZES)} of {len(SIZES)} tensors").wait_for(timeout=30_000)
+    grid = explorer.locator(".ckptview-table-grid .lm-DataGrid").first
+    grid.wait_for(timeout=30_000)
+    page.wait_for_timeout(500)
+    try:
+        for theme in ("JupyterLab Light", "JupyterLab Dark"):
+            set_theme(page, theme)
+            shade = "dark" if "Dark" in theme else "light"
+            for width in (1280, 640):
+                page.set_viewport_size({"width": width, "height": 900})
+                page.wait_for_timeout(1200)  # Lumino relayouts on the window's resize event
+                notebook = explorer.evaluate("e => e.closest('.jp-NotebookPanel').getBoundingClientRect().width")
+                if notebook < 400:
+                    # the file browser leaves a 640 px page a 300 px notebook: fold it, as a user would
+                    page.screenshot(path=str(ARTIFACTS / f"grid-{shade}-{width}-file-browser-open.png"))
+                    page.locator(".jp-SideBar.jp-mod-left .lm-TabBar-tab.lm-mod-current").first.click()
+                    page.wait_for_timeout(1200)
+                tab(explorer, "Tensors").click()
+                grid.scroll_into_view_if_needed()
+                box = grid.bounding_box()
+                # the bytes column is drawn inside the grid's box, not scrolled out of view
+                assert box["width"] >= column_right(columns, widths, "bytes"), (theme, width, box, widths)
+                background = luminance(grid_background(grid))
+                assert (background < 0.5) == (shade == "dark"), (theme, width, background)
+                page.screenshot(path=str(ARTIFACTS / f"grid-{shade}-{width}-tensors.png"))
+    finally:
+        set_theme(page, "JupyterLab Light")
+        page.set_viewport_size({"width": 1400, "height": 1000})
+
+    # the bytes header's menu (the funnel at its right end): Sort Descending puts the largest tensor first
+    page.wait_for_timeout(1200)
+    grid.scroll_into_view_if_needed()
+    box = grid.bounding_box()
+    page.mouse.click(box["x"] + column_right(columns, widths, "bytes") - 7, box["y"] + HEADER_PX - 7)
+    page.get_by_text("Sort Descending").first.click()
+    page.wait_for_timeout(500)
+    grid.click(position={"x": 40, "y": HEADER_PX + ROW_PX // 2})  # the first row as drawn now
+    explorer.get_by_text(f"histogram of {LARGEST}").first.wait_for(timeout=30_000)
+    grid.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "grid-light-1280-sorted-by-bytes.png"))
+
+    # the CSV link downloads the table's rows, bytes as numbers
+    with page.expect_download() as download:
+        explorer.locator("a[download='tensors.csv']:visible").first.click()
+    rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
+    assert download.value.suggested_filename == "tensors.csv"
+    assert {row["tensor"]: int(row["bytes"]) for row in rows} == {
+        name: 4 * torch_numel(shape) for name, shape in SIZES.items()}
+
+    # a module tree row opens the Tensors tab on that module's tensors
+    tab(explorer, "Module tree").click()
+    explorer.get_by_text("click a module to list its tensors").wait_for(timeout=30_000)
+    tree = explorer.locator(".ckptview-table-grid .lm-DataGrid:visible").first
+    tree.wait_for(timeout=30_000)
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(ARTIFACTS / "grid-light-1280-tree.png"))
+    modules = [row["path"] for row in csv.DictReader(io.StringIO(_link_text(explorer, "modules.csv")))]
+    tree.click(position={"x": 40, "y": HEADER_PX + ROW_PX * modules.index("head") + ROW_PX // 2})
+    explorer.get_by_text("2 of 7 tensors").wait_for(timeout=30_000)
+    assert explorer.locator("input[placeholder^='name regex']").input_value() == r"^head\."
+    page.screenshot(path=str(ARTIFACTS / "grid-light-1280-tree-picked-head.png"))
+
+
+def torch_numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _link_text(explorer, file_name: str) -> str:
+    import base64
+
+    href = explorer.locator(f"a[download='{file_name}']:visible").first.get_attribute("href")
+    return base64.b64decode(href.split(",", 1)[1]).decode()
