@@ -8,7 +8,6 @@ pointing at its storage's bytes in the file, and nothing is read beyond the pick
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import mmap
 import os
@@ -234,6 +233,14 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
             raise CorruptCheckpointError(path, "the archive's byteorder record is neither 'little' nor 'big': the "
                                                "file is damaged. Re-save it.")
 
+    # storage key -> (member name, local header offset): plain data the garbage collector skips,
+    # where 20,000 per-storage closures or member records would be scanned after every listing
+    headers: dict[str, tuple[str, int]] = {}
+
+    def locate(storage: Storage) -> int:
+        name, header_offset = headers[storage.key]
+        return _storage_offset(read, name, header_offset, path, storage.nbytes, base_offset, file_size)
+
     def storage_for(dtype: str, key: str, location: str, numel: int, view_metadata: Any) -> Storage:
         member = members.get(f"{prefix}data/{key}")
         if member is None:
@@ -247,30 +254,32 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
         if member.file_size < nbytes:
             raise CorruptCheckpointError(path, f"storage {key!r} should hold {nbytes:,} bytes but its archive "
                                                f"member has {member.file_size:,}: the file is damaged. Re-save it.")
-        return Storage(key=f"{base_offset}:{key}" if base_offset else key, source=source, offset=-1,
-                       nbytes=nbytes, location=location, byteorder=byteorder,
-                       locate=functools.partial(_storage_offset, read, member, path, key, nbytes, base_offset, file_size))
+        storage_key = f"{base_offset}:{key}" if base_offset else key
+        headers[storage_key] = (member.name, member.header_offset)
+        return Storage(key=storage_key, source=source, offset=-1, nbytes=nbytes, location=location,
+                       byteorder=byteorder, locate=locate)
 
     data = _read_member(read, members[prefix + "data.pkl"], path)
     root, unpickler, _ = unpickle(data, path, "its data.pkl", storage_for)
     return ParsedZip(root, unpickler, names, prefix, byteorder)
 
 
-def _storage_offset(read: Callable[[int, int], bytes], member: Member, path: str, key: str, nbytes: int,
+def _storage_offset(read: Callable[[int, int], bytes], name: str, header_offset: int, path: str, nbytes: int,
                     base_offset: int, file_size: int) -> int:
     """Where a storage's bytes start in the file, from its member's local header (read on first use)."""
     try:
-        offset = base_offset + data_offset(read, member)
+        offset = base_offset + data_offset(read, name, header_offset)
     except BadZip as exc:
-        if member.header_offset + 30 > file_size - base_offset:
-            raise TruncatedCheckpointError(path, f"archive member {printable(member.name)} starts beyond the end of "
-                                                 "the file: it was cut off. Copy it again.") from exc
-        raise CorruptCheckpointError(path, f"archive member {printable(member.name)} has a damaged local header (it "
+        if base_offset + header_offset + 30 > file_size:
+            raise TruncatedCheckpointError(path, f"archive member {printable(name)} starts beyond the end of the "
+                                                 "file: it was cut off. Copy it again.") from exc
+        raise CorruptCheckpointError(path, f"archive member {printable(name)} has a damaged local header (it "
                                            "disagrees with the archive's directory): the file was corrupted or "
                                            "tampered with. Get the original file.") from exc
     if offset + nbytes > file_size:
-        raise TruncatedCheckpointError(path, f"storage {key!r} runs to byte {offset + nbytes:,} but the file "
-                                             f"ends at {file_size:,}: it was cut off. Copy it again.")
+        key = name.rsplit("/", 1)[-1]
+        raise TruncatedCheckpointError(path, f"storage {key!r} runs to byte {offset + nbytes:,} but the file ends at "
+                                             f"{file_size:,}: it was cut off. Copy it again.")
     return offset
 
 

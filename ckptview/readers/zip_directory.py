@@ -135,20 +135,20 @@ def _zip64_values(extra: bytes, file_size: int, compress_size: int, header_offse
     raise BadZip("a member marked ZIP64 without its ZIP64 extra field")
 
 
-def data_offset(read: Callable[[int, int], bytes], member: Member) -> int:
-    """Where a member's bytes start: after its local header, whose name must be the directory's.
+def data_offset(read: Callable[[int, int], bytes], name: str, header_offset: int) -> int:
+    """Where the bytes of member `name` start: after its local header, whose name must be the directory's.
 
     Raises:
         BadZip: the local header is missing, cut off, or names another member.
     """
-    header = read(member.header_offset, _LOCAL.size)
+    header = read(header_offset, _LOCAL.size)
     if len(header) < _LOCAL.size:
         raise BadZip("cut off")
     signature, name_len, extra_len = _LOCAL.unpack(header)
-    local_name = read(member.header_offset + _LOCAL.size, name_len) if name_len else b""
-    if signature != b"PK\x03\x04" or local_name.decode("utf-8", "replace") != member.name:
+    local_name = read(header_offset + _LOCAL.size, name_len) if name_len else b""
+    if signature != b"PK\x03\x04" or local_name.decode("utf-8", "replace") != name:
         raise BadZip("a local header that disagrees with the directory")
-    return member.header_offset + _LOCAL.size + name_len + extra_len
+    return header_offset + _LOCAL.size + name_len + extra_len
 
 
 def read_member(read: Callable[[int, int], bytes], member: Member) -> bytes:
@@ -158,7 +158,7 @@ def read_member(read: Callable[[int, int], bytes], member: Member) -> bytes:
         BadZip: a damaged header, a cut-off member, or a checksum that does not match.
         zlib.error: deflated data that does not inflate.
     """
-    start = data_offset(read, member)
+    start = data_offset(read, member.name, member.header_offset)
     stored = read(start, member.compress_size)
     if len(stored) < member.compress_size:
         raise BadZip("cut off")
