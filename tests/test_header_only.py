@@ -77,3 +77,20 @@ def test_dtype_table_agrees_with_torch() -> None:
         assert getattr(torch, alias) is getattr(torch, name)
     for dtype, storage_class in torch.storage._dtype_to_storage_type_map().items():
         assert STORAGE_CLASSES[storage_class] == str(dtype).removeprefix("torch."), storage_class
+
+
+def test_scan_reads_only_what_decides_whether_code_runs(tmp_path: Path) -> None:
+    # offsets that overlap: the safetensors library refuses the header, `info` says the file is
+    # damaged; `scan` answers the one question it is for (no safetensors header runs code) without
+    # validating the header, which took 2.4 s of 3.3 s on a million tensors
+    path = tmp_path / "overlap.safetensors"
+    save_file({"a": torch.zeros(4), "b": torch.ones(4)}, str(path))
+    data = bytearray(path.read_bytes())
+    data[:] = data.replace(b'"data_offsets":[16,32]', b'"data_offsets":[8,24]')
+    path.write_bytes(bytes(data))
+    cli = [sys.executable, "-m", "ckptview"]
+    scan = subprocess.run([*cli, "scan", str(path)], capture_output=True, text=True)
+    assert scan.returncode == 0, scan.stderr
+    assert "needs no foreign code (safetensors)" in scan.stdout
+    info = subprocess.run([*cli, "info", str(path)], capture_output=True, text=True)
+    assert info.returncode == 1 and "error" in info.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from ckptview.analyzers.training import training_state
 from ckptview.cli import add_path_command, print_json
 from ckptview.errors import CkptviewError, printable
 from ckptview.present.text import human_bytes, human_count, shape_text, text_table
+from ckptview.readers import code_verdict_only
 from ckptview.readers.model import Checkpoint
 
 EXIT_NEEDS_CODE = 3
@@ -72,10 +74,11 @@ def _is_checkpoint_folder(path: str) -> bool:
             or "saved_model.pb" in names)
 
 
-def _each(paths: list[str], trust: bool) -> Iterator[tuple[str, Checkpoint | None, CkptviewError | None]]:
+def _each(paths: list[str], trust: bool, *, for_scan: bool = False) -> Iterator[tuple[str, Checkpoint | None, CkptviewError | None]]:
     for path in paths:
         try:
-            ckpt = ckptview.open(path, trust=trust)
+            with code_verdict_only() if for_scan else contextlib.nullcontext():
+                ckpt = ckptview.open(path, trust=trust)
         except CkptviewError as error:
             yield path, None, error
             continue
@@ -220,7 +223,9 @@ def scan(args: argparse.Namespace) -> int:
     if paths != args.path or len(paths) > 1:  # several files, or a folder walked: one line each
         return _scan_many(paths, args)
     args.path = paths[0]
-    with ckptview.open(args.path, trust=args.trust) as ckpt:
+    with code_verdict_only():
+        ckpt = ckptview.open(args.path, trust=args.trust)
+    with ckpt:
         record = _scan_record(ckpt)
         imports, code_files, verdict = record["imports"], record["torchscript_code"], record["needs_code"]
         if args.json:
@@ -252,7 +257,7 @@ def _scan_record(ckpt: Checkpoint) -> dict[str, Any]:
 def _scan_many(paths: list[str], args: argparse.Namespace) -> int:
     """One line per file, the worst exit status: a pre-commit hook or CI gate over a model folder."""
     records, codes = [], []
-    for path, ckpt, error in _each(paths, args.trust):
+    for path, ckpt, error in _each(paths, args.trust, for_scan=True):
         if ckpt is None:
             records.append({"path": path, "error": str(error), "needs_code": None})
             codes.append(1)
