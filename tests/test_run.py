@@ -291,12 +291,20 @@ def test_each_tensor_is_read_once(run_folder: Path, local_summary: ckptview.RunS
 
     reads: Counter[tuple[str, str]] = Counter()
     real = model.iter_tensor_chunks
+    real_view = run_tasks._FileMaps.view
 
     def counting(info, name, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - a spy on the real reader
         reads[(Path(info.storage.source.path).name, info.storage.key)] += 1
         return real(info, name, *args, **kwargs)
 
+    def counting_view(maps, entry):  # noqa: ANN001, ANN202 - a tensor taken from the file's map is read too
+        view = real_view(maps, entry)
+        if view is not None:
+            reads[(Path(entry.info.storage.source.path).name, entry.info.storage.key)] += 1
+        return view
+
     monkeypatch.setattr(model, "iter_tensor_chunks", counting)
+    monkeypatch.setattr(run_tasks._FileMaps, "view", counting_view)
     summary = ckptview.open_run(run_folder, cache=False, workers=1).analyze(progress=False)
     assert json.dumps(summary.to_dict()) == json.dumps(local_summary.to_dict())
     chain_starts = {chain[0] for chain in run_tasks.plan_chains(list(range(EPOCHS)), 1)} - {0}
@@ -307,3 +315,17 @@ def test_each_tensor_is_read_once(run_folder: Path, local_summary: ckptview.RunS
         again = epoch in chain_starts  # the last file of a chain is read again as the previous of the next chain
         expected = {key: 1 + (again and key in model_keys) for key in float_keys}
         assert {key: n for (file, key), n in reads.items() if file == f"epoch_{epoch}.pt"} == expected
+
+
+@pytest.mark.parametrize("how", ["read, not mapped", "streamed, not held"])
+def test_fused_mapped_pass_equals_the_read_and_streamed_ones(run_folder: Path, local_summary: ckptview.RunSummary,
+                                                            monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    from ckptview.analyzers import run_tasks
+
+    # the default pass takes tensors from the files' maps and reduces each checkpoint in one compiled call;
+    # pread into buffers, and chunk-by-chunk streaming beside the previous file, must give the same bits
+    monkeypatch.setattr(run_tasks, "MAP_FILES" if how.startswith("read") else "HOLD_BYTES", 0)
+    run_tasks.OPEN_CHECKPOINTS.clear()
+    run_tasks.FIRST_CHECKPOINTS.clear()
+    other = ckptview.open_run(run_folder, cache=False, workers=1).analyze(progress=False)
+    assert json.dumps(other.to_dict()) == json.dumps(local_summary.to_dict())

@@ -35,7 +35,7 @@ Cancel = Union[threading.Event, Callable[[], bool], None]
 Progress = Union[bool, Callable[[int, int], None]]
 
 # Bumped whenever a task's results change meaning, so older cache files are ignored.
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"
 
 
 def _cancelled(cancel: Cancel) -> bool:

@@ -16,9 +16,12 @@ themselves.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
+import mmap
 import os
 import re
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -31,7 +34,15 @@ import torch
 from ckptview.analyzers.sections import find_sections, model_state_dict
 from ckptview.analyzers.training import plain, training_state
 from ckptview.errors import CkptviewError
-from ckptview.readers.model import Checkpoint, ScratchBuffers, TensorEntry, TensorInfo, dotted_name, walk_tensors
+from ckptview.readers.model import (
+    Checkpoint,
+    FileSource,
+    ScratchBuffers,
+    TensorEntry,
+    TensorInfo,
+    dotted_name,
+    walk_tensors,
+)
 
 # Elements per chunk: 1 MiB of float32, so a chunk is still in L2 when the second and third kernel read it.
 CHUNK_ELEMENTS = 256 * 1024
@@ -328,17 +339,99 @@ def _read_whole(entry: TensorEntry, buffer: torch.Tensor) -> torch.Tensor:
     return next(iter(entry.iter_chunks(max(entry.nbytes, 1), buffer=buffer)))
 
 
-def _read_model(rows: list[_Row], buffer: torch.Tensor | None = None) -> tuple[Held, torch.Tensor]:
-    """The model rows' values, read into `buffer` (replaced when too small), and the buffer they are in."""
-    model = [row for row in rows if row.part == "model"]
-    total = sum(row.entry.nbytes for row in model)
-    space = buffer if buffer is not None and buffer.numel() >= total else torch.empty(total, dtype=torch.uint8)
+_ALIGN = 64  # every tensor in a held buffer starts on a cache line, so its bit patterns are aligned views
+
+# Held tensors of a local file are views of a memory map of it rather than copies read out of it:
+# the copy was a fifth of a warm run's time (23.5 MB per checkpoint at 4-8 GB/s on this machine),
+# and MADV_POPULATE_READ maps every page of the page cache in one call instead of a fault per page.
+# The cost is a window: a file cut short while its map is read raises SIGBUS, which ends the
+# process, where a read raises TruncatedCheckpointError. The window is the milliseconds between
+# the populate (which itself fails cleanly, EFAULT, on a file already shorter than its header
+# says) and the end of the reduction; a run's files are ones whose size did not change across the
+# header scan. Set to False to read every tensor with pread.
+MAP_FILES = True
+_MADV_POPULATE_READ = 22  # Linux >= 5.14; Python 3.11 does not name it
+
+
+class _FileMaps:
+    """Whole-file maps of one checkpoint's local files as uint8 tensors, each made on first use."""
+
+    def __init__(self, fid: FileId | None = None) -> None:
+        self._fid = fid
+        self._maps: dict[str, torch.Tensor | None] = {}
+
+    def view(self, entry: TensorEntry) -> torch.Tensor | None:
+        """The entry's values as a flat tensor over the map, or None where it is read instead (another
+        kind of source, another byte order, a view, a range the read will report as damaged)."""
+        info = entry.info
+        storage = info.storage
+        if (not MAP_FILES or storage is None or type(storage.source) is not FileSource or info.layout != "strided"
+                or storage.byteorder != sys.byteorder or not info.is_contiguous() or not info.numel):
+            return None
+        itemsize = info.itemsize
+        start, size = info.storage_offset * itemsize, info.numel * itemsize
+        if start + size > storage.nbytes:
+            return None
+        path = storage.source.path
+        if path not in self._maps:
+            expected = self._fid.size if self._fid is not None and self._fid.path == path else None
+            self._maps[path] = _map_file(path, expected)
+        whole = self._maps[path]
+        offset = storage.data_offset() + start
+        if whole is None or offset + size > whole.numel() or offset % itemsize:
+            return None
+        return whole[offset:offset + size].view(info.torch_dtype)
+
+
+def _map_file(path: str, expected_size: int | None) -> torch.Tensor | None:
+    try:
+        with open(path, "rb") as stream:
+            size = os.fstat(stream.fileno()).st_size
+            if not size or (expected_size is not None and size != expected_size):
+                return None  # changed since the scan: the reads report what happened
+            mapped = mmap.mmap(stream.fileno(), size, access=mmap.ACCESS_COPY)  # private: writable, never written
+    except (OSError, ValueError):
+        return None
+    if sys.platform == "linux":
+        try:
+            mapped.madvise(_MADV_POPULATE_READ)
+        except OSError as exc:
+            if exc.errno == errno.EFAULT:  # cut short since the fstat: read instead, which says so
+                mapped.close()
+                return None
+            # EINVAL: a kernel before 5.14, where pages fault in as they are touched
+    return torch.from_numpy(np.frombuffer(mapped, dtype=np.uint8))
+
+
+def _read_rows(rows: list[_Row], buffer: torch.Tensor | None = None,
+               maps: _FileMaps | None = None) -> tuple[Held, torch.Tensor]:
+    """The rows' values as flat tensors: views of the file's map where `maps` gives one, else read back to
+    back into `buffer` (replaced when too small), which is returned too."""
     held: Held = {}
+    reads = []
+    for row in rows:
+        view = maps.view(row.entry) if maps is not None else None
+        if view is not None:
+            held[row.name] = (row.entry.shape, view)
+        else:
+            reads.append(row)
+    total = _held_bytes(reads)
+    space = buffer if buffer is not None and buffer.numel() >= total else torch.empty(total, dtype=torch.uint8)
     offset = 0
-    for row in model:
+    for row in reads:
         held[row.name] = (row.entry.shape, _read_whole(row.entry, space[offset:offset + row.entry.nbytes]))
-        offset += row.entry.nbytes
+        offset += -(-row.entry.nbytes // _ALIGN) * _ALIGN
     return held, space
+
+
+def _read_model(rows: list[_Row], buffer: torch.Tensor | None = None,
+                maps: _FileMaps | None = None) -> tuple[Held, torch.Tensor]:
+    """The model rows' values (see `_read_rows`) and the buffer of those read."""
+    return _read_rows([row for row in rows if row.part == "model"], buffer, maps)
+
+
+def _held_bytes(rows: list[_Row]) -> int:
+    return sum(-(-row.entry.nbytes // _ALIGN) * _ALIGN for row in rows)
 
 
 class _FirstCheckpoints:
@@ -361,8 +454,19 @@ class _FirstCheckpoints:
             return self._held[key]
 
     def put(self, fid: FileId, trust: bool, held: Held) -> None:
+        # copied out of the file's map or the chain's buffer, back to back in one buffer of its own, so
+        # the fused kernel finds every tensor in one array and no map outlives the run
+        sizes = [values.numel() * values.element_size() for _, values in held.values()]
+        copy = torch.empty(sum(-(-n // _ALIGN) * _ALIGN for n in sizes), dtype=torch.uint8)
+        kept: Held = {}
+        offset = 0
+        for (name, (shape, values)), size in zip(held.items(), sizes):
+            part = copy[offset:offset + size]
+            part.copy_(values.reshape(-1).view(torch.uint8))
+            kept[name] = (shape, part.view(values.dtype))
+            offset += -(-size // _ALIGN) * _ALIGN
         with self._lock:
-            self._held[(fid, trust)] = {name: (shape, values.clone()) for name, (shape, values) in held.items()}
+            self._held[(fid, trust)] = kept
             while len(self._held) > self.capacity:
                 self._held.popitem(last=False)
 
@@ -416,28 +520,109 @@ def summarize_chain(ids: tuple[FileId, ...], prev: FileId | None, first: FileId 
                 last = None
                 continue
             prev_held, first_held = sides
-            held, spare[position % 2] = _read_model(rows, spare[position % 2])
+            maps = _FileMaps(cur)
+            held, spare[position % 2] = _read_model(rows, spare[position % 2], maps)
             if f is None:
                 FIRST_CHECKPOINTS.put(cur, trust, held)
-            table = _new_table()
+            others = [row for row in rows if row.part != "model"]
+            rest, _ = _read_rows(others, buffers.get("read rest", _held_bytes(others), torch.uint8), maps)
+            values, prevs, firsts = [], [], []
             for row in rows:
-                values = held[row.name][1] if row.part == "model" else _read_whole(
-                    row.entry, buffers.get("read rest", row.entry.nbytes, torch.uint8))
+                values.append((held if row.part == "model" else rest)[row.name][1])
                 prev_values = first_values = None
                 if row.part == "model":
                     prev_values = _same_held(prev_held, row)
                     first_values = prev_values if first_held is prev_held else _same_held(first_held, row)
-                _add_row(table, kernels, buffers, row, values, prev_values, first_values)
-            tables.append(table)
+                prevs.append(prev_values)
+                firsts.append(first_values)
+            tables.append(_reduce_rows(rows, values, prevs, firsts, kernels, buffers))
             last = (cur, held)
     return tables
+
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32, torch.float64)  # read as bit patterns; float16 is converted
+
+
+def _reduce_rows(rows: list[_Row], values: list[torch.Tensor], prevs: list[torch.Tensor | None],
+                 firsts: list[torch.Tensor | None], kernels: Any, buffers: ScratchBuffers) -> dict[str, list[Any]]:
+    """
+    The table of rows whose values (and previous/first values) are in memory: one compiled call
+    (`run_kernels.reduce_segments`) per buffer and float width for the rows whose three sides share
+    a dtype the kernels read, `_add_row` for the others; equal results either way.
+    """
+    from ckptview.analyzers import run_kernels
+
+    cells: list[tuple[Any, ...] | None] = [None] * len(rows)
+    groups: dict[tuple[int, torch.dtype], list[int]] = {}
+    for i, (value, prev, first) in enumerate(zip(values, prevs, firsts)):
+        if value.dtype in _KERNEL_DTYPES and all(v is None or v.dtype == value.dtype for v in (prev, first)):
+            groups.setdefault((value.untyped_storage().data_ptr(), value.dtype), []).append(i)
+    for (_, dtype), members in groups.items():
+        sides = [_Side([values[i] for i in members], dtype), _Side([prevs[i] for i in members], dtype),
+                 _Side([firsts[i] for i in members], dtype)]
+        if not all(side.ok for side in sides):
+            continue  # a side spread over several buffers: the rows go the Python way
+        count = len(members)
+        shared = [prevs[i] is firsts[i] for i in members]
+        first_starts = np.where(shared, run_kernels.SAME_AS_PREV, sides[2].starts)
+        acc = np.zeros((count, kernels.MOMENT_SLOTS))
+        keys = np.repeat(kernels.new_moments()[1][None], count, axis=0)
+        prev_sums = np.zeros((count, kernels.DIFF_SLOTS))
+        first_sums = np.zeros((count, kernels.DIFF_SLOTS))
+        samples = np.empty(0, dtype=np.float64 if dtype == torch.float64 else np.float32)
+        run_kernels.reduce_segments(sides[0].bits, sides[0].starts, sides[0].counts, sides[1].bits, sides[1].starts,
+                                    sides[2].bits, first_starts, CHUNK_ELEMENTS, samples, acc, keys, prev_sums,
+                                    first_sums)
+        for k, i in enumerate(members):
+            prev = prev_sums[k] if prevs[i] is not None else None
+            first = prev if shared[k] else first_sums[k] if firsts[i] is not None else None
+            cells[i] = _cells(kernels, rows[i], dtype, acc[k], keys[k], prev, first)
+    table = _new_table()
+    for i, row in enumerate(rows):
+        if cells[i] is None:
+            _add_row(table, kernels, buffers, row, values[i], prevs[i], firsts[i])
+            continue
+        for column, value in zip(COLUMNS, cells[i]):
+            table[column].append(value)
+    return table
+
+
+class _Side:
+    """One side (this checkpoint, its previous, the first) of a group of rows: the buffer holding every
+    present tensor as bit patterns, and each tensor's element offset in it (`run_kernels.NONE` if absent)."""
+
+    def __init__(self, tensors: list[torch.Tensor | None], dtype: torch.dtype) -> None:
+        from ckptview.analyzers import kernels, run_kernels
+
+        itemsize = dtype.itemsize
+        present = [t for t in tensors if t is not None and t.numel()]
+        self.ok = True
+        self.starts = np.full(len(tensors), run_kernels.NONE, dtype=np.int64)
+        self.counts = np.array([t.numel() if t is not None else 0 for t in tensors], dtype=np.int64)
+        if not present:
+            self.bits = kernels.bit_patterns(torch.empty(0, dtype=dtype))
+            self.starts = np.array([0 if t is not None else run_kernels.NONE for t in tensors], dtype=np.int64)
+            return
+        storage = present[0].untyped_storage()
+        base = storage.data_ptr()
+        whole = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes() // itemsize * itemsize,))
+        for k, tensor in enumerate(tensors):
+            if tensor is None:
+                continue
+            offset = tensor.data_ptr() - base if tensor.numel() else 0
+            if tensor.numel() and (tensor.untyped_storage().data_ptr() != base or offset % itemsize
+                                   or not tensor.is_contiguous()):
+                self.ok = False
+                return
+            self.starts[k] = offset // itemsize
+        self.bits = kernels.bit_patterns(whole.view(dtype))
 
 
 def _held_of(fid: FileId, trust: bool) -> Held | None:
     """A checkpoint's model tensors read into memory, or None when it is too large to hold (then it is streamed)."""
     with OPEN_CHECKPOINTS.use(fid, trust) as ckpt:
         rows = _tensor_rows(ckpt)
-        return _read_model(rows)[0] if _fits_in_memory(rows) else None
+        return _read_model(rows, maps=_FileMaps(fid))[0] if _fits_in_memory(rows) else None
 
 
 def _held_sides(rows: list[_Row], prev: FileId | None, first: FileId | None, last: tuple[FileId, Held] | None,
@@ -501,9 +686,14 @@ def _model(ckpt: Checkpoint) -> dict[str, TensorEntry]:
     return ckpt.cached("run:model_state_dict", lambda: model_state_dict(ckpt))
 
 
+# Floating-point dtypes the run reduces, by torch's name: asking each entry for its torch.dtype cost
+# more than the name lookup (float8 types are left out: no kernel reads them, and they hold no moments)
+_FLOAT_NAMES = frozenset({"float16", "bfloat16", "float32", "float64"})
+
+
 def _readable_float(entry: TensorEntry) -> bool:
-    return (entry.layout == "strided" and entry.info.storage is not None and entry.dtype.is_floating_point
-            and entry.dtype.itemsize >= 2)
+    info = entry.info
+    return info.layout == "strided" and info.storage is not None and info.dtype in _FLOAT_NAMES
 
 
 def _same(other: TensorEntry | None, entry: TensorEntry) -> TensorEntry | None:
@@ -553,7 +743,8 @@ def _as(chunk: torch.Tensor, buffers: ScratchBuffers, purpose: str, dtype: torch
 
 def _add_row(table: dict[str, list[Any]], kernels: Any, buffers: ScratchBuffers, row: _Row, values: Values,
              prev: Values | None, first: Values | None) -> None:
-    entry = row.entry
+    from ckptview.analyzers import run_kernels
+
     dtype = _work_dtype(*(v.dtype for v in (values, prev, first) if v is not None))
     acc, keys = kernels.new_moments()
     samples = np.empty(0, dtype=np.float64 if dtype == torch.float64 else np.float32)
@@ -565,18 +756,31 @@ def _add_row(table: dict[str, list[Any]], kernels: Any, buffers: ScratchBuffers,
         sides.append((first, first_sums))
     streams = [_chunks(values, buffers, "read cur")]
     streams += [_chunks(side, buffers, f"read {i}") for i, (side, _) in enumerate(sides)]
+    none = np.zeros(1, dtype=np.int64) + run_kernels.NONE
+    here = np.zeros(1, dtype=np.int64)
+    scratch = np.zeros((1, kernels.DIFF_SLOTS))
     for chunks in zip(*streams):
         bits = _as(chunks[0], buffers, "work cur", dtype)
-        kernels.moments(bits, acc, keys, samples, 0, 0)
-        for i, (_, sums) in enumerate(sides):
-            kernels.diff(_as(chunks[i + 1], buffers, f"work {i}", dtype), bits, sums)
+        other = [_as(chunk, buffers, f"work {i}", dtype) for i, chunk in enumerate(chunks[1:])]
+        # the compiled code `_reduce_rows` runs, one chunk at a time: the same results to the last bit
+        run_kernels.reduce_segments(
+            bits, here, np.array([bits.shape[0]]), other[0] if other else bits[:0], here if other else none,
+            other[1] if len(other) > 1 else bits[:0], here if len(other) > 1 else none, max(1, bits.shape[0]),
+            samples, acc[None], keys[None], sides[0][1][None] if sides else scratch,
+            sides[1][1][None] if len(sides) > 1 else scratch)
+    table_cells = _cells(kernels, row, dtype, acc, keys, prev_sums, first_sums)
+    for column, value in zip(COLUMNS, table_cells):
+        table[column].append(value)
+
+
+def _cells(kernels: Any, row: _Row, dtype: torch.dtype, acc: np.ndarray, keys: np.ndarray,
+           prev_sums: np.ndarray | None, first_sums: np.ndarray | None) -> tuple[Any, ...]:
+    entry = row.entry
     count, mean, m2, _, nan, posinf, neginf = acc.tolist()
     width = 8 if dtype == torch.float64 else 4
     low, high = (kernels.key_to_float(k, width) for k in keys.tolist()) if count else (math.nan, math.nan)
     prev_dd, prev_aa = (float(prev_sums[1]), float(prev_sums[2])) if prev_sums is not None else (math.nan, math.nan)
     first_dd, first_aa = (float(first_sums[1]), float(first_sums[2])) if first_sums is not None else (math.nan, math.nan)
-    cells = (row.name, row.part, row.param, row.slot, str(entry.dtype).removeprefix("torch."), entry.numel, int(count),
-             mean if count else math.nan, m2, low, high, int(nan), int(posinf), int(neginf),
-             prev_dd, prev_aa, first_dd, first_aa)
-    for column, value in zip(COLUMNS, cells):
-        table[column].append(value)
+    return (row.name, row.part, row.param, row.slot, entry.dtype_name, entry.numel, int(count),
+            mean if count else math.nan, m2, low, high, int(nan), int(posinf), int(neginf),
+            prev_dd, prev_aa, first_dd, first_aa)

@@ -1,0 +1,72 @@
+"""
+One compiled call per checkpoint for a run's per-tensor pass: every tensor of one float width, laid
+out back to back in one buffer, reduced with `kernels.moments` and compared with the same tensor of
+the previous and of the first checkpoint with `kernels.diff`, chunk by chunk, inside one numba loop.
+
+Why: a training checkpoint holds ~100 tensors (weights, BatchNorm buffers, two Adam slots each),
+most of them small. Driving the kernels from Python took ~15 Python calls per tensor and chunk,
+each holding the GIL, so a second thread could not run and small tensors cost more in calls than
+in arithmetic. Here the loop over tensors and chunks is compiled and releases the GIL throughout.
+
+The chunks are the ones the Python driver cuts (`CHUNK_ELEMENTS` from each tensor's start) and the
+kernels are the same functions, so results are bit-for-bit those of `run_tasks._add_row`, which
+remains the path for tensors whose sides differ in dtype and for float16 (converted first).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from ckptview.analyzers.kernels import diff, moments
+
+NONE = -1  # no such tensor on that side (the row's prev/first sums are NaN)
+SAME_AS_PREV = -2  # the first checkpoint is the previous one: its sums are the previous sums
+
+
+def _disk_cache_usable() -> bool:
+    # as in kernels: numba refuses cache=True where neither the package folder nor the user's cache
+    # directory is writable; compiling in every process is better than failing
+    try:
+        njit(cache=True)(lambda: None)
+    except RuntimeError:
+        return False
+    return True
+
+
+@njit(nogil=True, error_model="numpy", boundscheck=False, cache=_disk_cache_usable())
+def reduce_segments(cur, starts, counts, prev, prev_starts, first, first_starts, chunk, samples, acc, keys,
+                    prev_sums, first_sums):
+    """
+    For each tensor k, the elements `cur[starts[k]:starts[k] + counts[k]]` (bit patterns: int16 for
+    bfloat16, int32 for float32, int64 for float64): their moments into `acc[k]`, `keys[k]` (as
+    `kernels.new_moments` lays them out) and, where `prev_starts[k]` (`first_starts[k]`) is an
+    element offset into `prev` (`first`), the diff of that tensor against this one into
+    `prev_sums[k]` (`first_sums[k]`), `chunk` elements at a time. `samples`: an empty array of the
+    sample type `moments` takes (no histogram samples are drawn).
+    """
+    for k in range(starts.shape[0]):
+        begin = starts[k]
+        n = counts[k]
+        p = prev_starts[k]
+        f = first_starts[k]
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            part = cur[begin + s:begin + e]
+            moments(part, acc[k], keys[k], samples, 0, 0)
+            if p >= 0:
+                diff(prev[p + s:p + e], part, prev_sums[k])
+            if f >= 0:
+                diff(first[f + s:f + e], part, first_sums[k])
+
+
+def warm_up() -> None:
+    """Load (or compile, the first time) the kernel for each float width, as `kernels.warm_up` does."""
+    from ckptview.analyzers.kernels import DIFF_SLOTS, new_moments
+
+    for bits_type, sample_type in ((np.int16, np.float32), (np.int32, np.float32), (np.int64, np.float64)):
+        acc, keys = new_moments()
+        bits = np.zeros(1, dtype=bits_type)
+        offsets = np.zeros(1, dtype=np.int64)
+        reduce_segments(bits, offsets, offsets + 1, bits, offsets, bits, offsets, 1, np.empty(0, dtype=sample_type),
+                        acc[None], keys[None], np.zeros((1, DIFF_SLOTS)), np.zeros((1, DIFF_SLOTS)))
