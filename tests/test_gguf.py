@@ -178,7 +178,7 @@ def test_every_command_and_tab_runs_and_info_json_has_details(model: Path) -> No
     assert info["details"]["ggml_types"]["Q4_K"] == BLOCKS
     assert any(row["key"] == "tokenizer.ggml.tokens" and row["length"] == VOCAB for row in info["details"]["metadata"])
     app = check_every_tab(model)
-    assert "Q4_K" in str(app.panels["Tensors"].rows.options)
+    assert "float32 (Q4_K)" in set(app.panels["Tensors"].rows.frame["dtype"])
 
 
 # --- hostile files: built byte by byte --------------------------------------------------------------
