@@ -329,3 +329,19 @@ def test_fused_mapped_pass_equals_the_read_and_streamed_ones(run_folder: Path, l
     run_tasks.FIRST_CHECKPOINTS.clear()
     other = ckptview.open_run(run_folder, cache=False, workers=1).analyze(progress=False)
     assert json.dumps(other.to_dict()) == json.dumps(local_summary.to_dict())
+
+
+def test_each_file_is_parsed_once_by_the_local_engine(run_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from collections import Counter
+
+    opened: Counter[str] = Counter()
+    real = ckptview.open
+
+    def counting(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - a spy on the real open
+        opened[Path(path).name] += 1
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckptview, "open", counting)
+    ckptview.open_run(run_folder, cache=False, workers=1).analyze(progress=False)
+    # the header scan's parsed checkpoint is the one its task reads (a chain's previous file is kept too)
+    assert opened == Counter({f"epoch_{epoch}.pt": 1 for epoch in range(1, EPOCHS + 1)})

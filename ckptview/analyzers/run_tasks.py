@@ -34,6 +34,7 @@ import torch
 from ckptview.analyzers.sections import find_sections, model_state_dict
 from ckptview.analyzers.training import plain, training_state
 from ckptview.errors import CkptviewError
+from ckptview.readers.remote import RemoteSource
 from ckptview.readers.model import (
     Checkpoint,
     FileSource,
@@ -101,9 +102,10 @@ class Scan:
     skipped: str = ""
 
 
-def scan(path: str, trust: bool = False) -> Scan:
+def scan(path: str, trust: bool = False, keep: bool = False) -> Scan:
     """Open `path` (headers only) and read its epoch, step and scalars; a file that cannot be read, or that
-    changes while it is read (still being written), comes back with `skipped` saying why."""
+    changes while it is read (still being written), comes back with `skipped` saying why. `keep`: leave the
+    parsed checkpoint in `OPEN_CHECKPOINTS` for this process's tasks (the local engine), not parse it twice."""
     import ckptview
 
     try:
@@ -111,7 +113,7 @@ def scan(path: str, trust: bool = False) -> Scan:
     except OSError as exc:
         return Scan(FileId(path, -1, ""), skipped=f"cannot be read: {exc.strerror or exc}")
     try:
-        with ckptview.open(path, trust=trust) as ckpt:
+        with OPEN_CHECKPOINTS.use(before, trust) if keep else ckptview.open(path, trust=trust) as ckpt:
             fmt = ckpt.format
             scalars = checkpoint_scalars(ckpt)
     except CkptviewError as exc:
@@ -232,14 +234,25 @@ class _OpenCheckpoints:
     """
     Checkpoints kept open between tasks of one process: task i reads checkpoints i, i-1 and 0, so
     the first stays open for the whole run and each file is opened about once, not three times
-    (opening a 25 MB training checkpoint parses its pickle: ~2 ms). One is closed only when no task
-    is reading it: closing a file another thread reads would hand its descriptor number to the
-    next file opened.
+    (opening a 25 MB training checkpoint parses its pickle: ~3 ms). The header scan leaves its
+    parsed checkpoints here too, so a file's task does not parse it again. One is closed only when
+    no task is reading it: closing a file another thread reads would hand its descriptor number to
+    the next file opened.
+
+    Bounds: at most `capacity` checkpoints holding `max_tensors` tensors in all (the oldest idle ones
+    go first); idle ones beyond the `files` most recently used keep no file descriptor (a
+    `FileSource` opens its file again on the next read), so a run of thousands of files does not
+    exhaust them. A checkpoint with another kind of source (HDF5, a decoded tensor) is closed, not
+    kept, once it falls out of those `files`.
     """
 
-    def __init__(self, capacity: int = 8) -> None:
+    def __init__(self, capacity: int = 1024, files: int = 8, max_tensors: int = 250_000) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[tuple[FileId, bool], list[Any]] = OrderedDict()  # key -> [checkpoint, users]
+        self.files = files
+        self.max_tensors = max_tensors
+        # key -> [checkpoint, users, its tensor count]
+        self._entries: OrderedDict[tuple[FileId, bool], list[Any]] = OrderedDict()
+        self._tensors = 0
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -257,7 +270,8 @@ class _OpenCheckpoints:
             with self._lock:
                 entry = self._entries.get(key)
                 if entry is None:
-                    entry = self._entries[key] = [opened, 1]
+                    entry = self._entries[key] = [opened, 1, len(opened.tensors())]
+                    self._tensors += entry[2]
                 else:  # another thread opened it meanwhile
                     entry[1] += 1
                     opened.close()
@@ -269,14 +283,25 @@ class _OpenCheckpoints:
                 self._evict()
 
     def _evict(self) -> None:
-        idle = [key for key, (_, users) in self._entries.items() if users == 0]
-        for key in idle[: max(0, len(self._entries) - self.capacity)]:
-            self._entries.pop(key)[0].close()
+        idle = [key for key, (_, users, _) in self._entries.items() if users == 0]  # least recently used first
+        while idle and (len(self._entries) > self.capacity or self._tensors > self.max_tensors):
+            self._drop(idle.pop(0))
+        for key in idle[:max(0, len(idle) - self.files)]:
+            checkpoint = self._entries[key][0]
+            if all(type(source) in (FileSource, RemoteSource) for source in checkpoint._sources):
+                checkpoint.close()  # its descriptors only: the sources reopen on their next read
+            else:
+                self._drop(key)
+
+    def _drop(self, key: tuple[FileId, bool]) -> None:
+        checkpoint, _, tensors = self._entries.pop(key)
+        self._tensors -= tensors
+        checkpoint.close()
 
     def clear(self) -> None:
         with self._lock:
-            for key in [key for key, (_, users) in self._entries.items() if users == 0]:
-                self._entries.pop(key)[0].close()
+            for key in [key for key, (_, users, _) in self._entries.items() if users == 0]:
+                self._drop(key)
 
 
 OPEN_CHECKPOINTS = _OpenCheckpoints()
