@@ -11,8 +11,18 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from ckptview.analyzers.run import RunSummary, metric_direction
+from ckptview.present.figures import log_axis
 
-_LAYOUT = dict(margin=dict(l=50, r=10, t=40, b=40), height=340, template="plotly_white")
+# As the explorer's other figures: transparent, so the theme's background shows and the explorer's CSS
+# colours text and grid lines for light and dark; the legend under the plot, where it covers neither
+# the data nor a second axis's labels.
+_LAYOUT = dict(margin=dict(l=60, r=20, t=40, b=50), height=380, template="plotly_white", autosize=True,
+               paper_bgcolor="rgba(0,0,0,0)", plot_bgcolor="rgba(0,0,0,0)")
+# At the foot of the figure (not at a fraction of the plot's height under it): when a narrow window
+# wraps the legend into rows, the margin grows and a legend placed relative to the plot landed on the
+# x axis's labels after the window widened again.
+_LEGEND_BELOW = dict(orientation="h", yref="container", y=0, yanchor="bottom", xanchor="left", x=0)
+_MAX_LOG_TICKS = 8  # a diverged run's learning rate spans 30+ decades: one label per decade would overlap
 _COUNTERS = {"epoch", "epochs", "current_epoch", "step", "global_step", "steps", "iteration", "iter"}
 
 
@@ -28,8 +38,13 @@ def _mark_onset(figure: go.Figure, summary: RunSummary, x: list[Any]) -> None:
     if onset is None:
         return
     where = next(x[i] for i, c in enumerate(summary.checkpoints) if c.path == onset.path)
+    # the label above the plot area, where it hides no heatmap cell or line
     figure.add_vline(x=where, line=dict(color="#d93025", dash="dash"), annotation_text="NaN/Inf",
-                     annotation_font_color="#d93025")
+                     annotation_position="top", annotation_yanchor="bottom", annotation_font_color="#d93025")
+
+
+def _title(text: str) -> dict[str, Any]:
+    return dict(text=text, font=dict(size=13), x=0, xanchor="left", xref="paper")
 
 
 def metrics_figure(summary: RunSummary) -> go.Figure:
@@ -49,9 +64,15 @@ def metrics_figure(summary: RunSummary) -> go.Figure:
         figure.add_trace(go.Scatter(x=[where], y=[best.value], mode="markers", name=f"best ({best.metric})",
                                     marker=dict(symbol="star", size=14, color="#f9ab00")))
     _mark_onset(figure, summary, x)
-    figure.update_layout(**_LAYOUT, title=dict(text="metrics over the run", font=dict(size=13)),
-                         xaxis_title=label, yaxis2=dict(overlaying="y", side="right", type="log", title="lr",
-                                                        showgrid=False))
+    rates = [v for c in summary.checkpoints for k, v in c.scalars.items() if k == "lr" or k.startswith("lr_")]
+    lr_axis = log_axis(rates)
+    finite = [v for v in rates if v > 0 and math.isfinite(v)]
+    if finite:
+        decades = math.log10(max(finite)) - math.log10(min(finite))
+        lr_axis["dtick"] = max(lr_axis.get("dtick", 1), math.ceil(decades / _MAX_LOG_TICKS))
+    figure.update_layout(**_LAYOUT, title=_title("metrics over the run"), legend=_LEGEND_BELOW,
+                         xaxis_title=label, yaxis_title="loss, metric",
+                         yaxis2=dict(overlaying="y", side="right", title="learning rate", showgrid=False, **lr_axis))
     return figure
 
 
@@ -60,7 +81,7 @@ def drift_heatmap(summary: RunSummary, *, max_modules: int = 120) -> go.Figure:
     x, label = _x(summary)
     frame = summary.drift_frame()
     if frame.empty:
-        return go.Figure().update_layout(**_LAYOUT, title="no model weights to compare")
+        return go.Figure().update_layout(**_LAYOUT, title=_title("no model weights to compare"))
     modules = list(dict.fromkeys(frame["module"]))[:max_modules]
     column = {c.path: i for i, c in enumerate(summary.checkpoints)}
     z = np.full((len(modules), len(x)), np.nan)
@@ -69,12 +90,13 @@ def drift_heatmap(summary: RunSummary, *, max_modules: int = 120) -> go.Figure:
         if item.module in row and item.rel_change_prev > 0 and math.isfinite(item.rel_change_prev):
             z[row[item.module], column[item.path]] = math.log10(item.rel_change_prev)
     names = [os.path.basename(c.path) for c in summary.checkpoints]
-    figure = go.Figure(go.Heatmap(z=z, x=x, y=modules, colorscale="Viridis", colorbar=dict(title="log10 Δ"),
+    # the title short enough for a 640 px window; the colour bar and hover say what the change is
+    figure = go.Figure(go.Heatmap(z=z, x=x, y=modules, colorscale="Viridis", colorbar=dict(title="log10 Δ<br>vs prev"),
                                   customdata=np.array([names] * len(modules)),
                                   hovertemplate="%{y} @ %{customdata}<br>log10 relative change %{z:.2f}<extra></extra>"))
     _mark_onset(figure, summary, x)
     figure.update_layout(**{**_LAYOUT, "height": max(300, 18 * len(modules) + 120)}, xaxis_title=label,
-                         title=dict(text="weight change from the previous checkpoint, per module", font=dict(size=13)),
+                         title=_title("weight change per module"),
                          yaxis=dict(autorange="reversed"))
     return figure
 

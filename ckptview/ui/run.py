@@ -30,6 +30,10 @@ class RunExplorer(widgets.VBox):
         self.cancel_button = widgets.Button(description="Cancel", layout=widgets.Layout(width="90px"))
         self.metrics = FigureBox()
         self.heatmap = FigureBox()
+        for box in (self.metrics, self.heatmap):
+            # a direct child of this column: 100 % plus the widget margin ran 2 px past the view's edge
+            box.layout.width = "auto"
+            box.layout.align_self = "stretch"
         self.table = widgets.HTML()
         self.checkpoint = widgets.Dropdown(description="checkpoint", options=[], layout=widgets.Layout(width="60%"))
         self.open_button = widgets.Button(description="Open in explorer", button_style="primary")
@@ -80,8 +84,9 @@ class RunExplorer(widgets.VBox):
         self.metrics.show(metrics_figure(summary))
         self.heatmap.show(drift_heatmap(summary))
         onset = summary.nan_onset
+        epoch = "?" if onset is None or onset.epoch is None else f"{onset.epoch:g}"
         text = ("<p>No NaN or Inf in any checkpoint.</p>" if onset is None else
-                f"<p class='sev-error'>NaN/Inf first in {esc(onset.path)} (epoch {esc(onset.epoch)}): "
+                f"<p class='sev-error'>NaN/Inf first in {esc(onset.path)} (epoch {epoch}): "
                 f"{esc(', '.join(onset.tensors[:10]))}</p>")
         text += "".join(f"<p>{esc(s.module)}: {'never moved' if s.never_moved else 'stopped moving'}</p>"
                         for s in summary.stopped)
