@@ -11,6 +11,7 @@ import csv
 import time
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.browser
 SIZES = {"embed.weight": (64, 8), "blocks.0.proj.weight": (48, 48), "blocks.0.norm.weight": (48,),
          "blocks.1.proj.weight": (300, 200), "blocks.1.norm.weight": (48,), "head.weight": (10, 48), "head.bias": (10,)}
 LARGEST = "blocks.1.proj.weight"
+POISONED = "blocks.0.norm.weight"  # holds a NaN: a click on its row marks it in the checks column
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,9 @@ def grid_notebook(workdir: Path) -> tuple[str, Path]:  # noqa: F811 - the fixtur
 
     torch.manual_seed(0)
     path = workdir / "grid.pt"
-    torch.save({name: torch.randn(shape) for name, shape in SIZES.items()}, path)
+    state = {name: torch.randn(shape) for name, shape in SIZES.items()}
+    state[POISONED][3] = float("nan")
+    torch.save(state, path)
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f"import ckptview\nckptview.explore({str(path)!r})")])
     notebook.metadata["kernelspec"] = json.loads((ROOT / "notebooks" / "explore.ipynb").read_text())["metadata"]["kernelspec"]
     nbformat.write(notebook, workdir / "grid.ipynb")
@@ -55,16 +59,21 @@ def column_right(columns: list[str], widths: dict[str, int], column: str) -> int
     return sum(widths[c] for c in columns[:columns.index(column) + 1])
 
 
-GRID_BACKGROUND = """g => { const canvas = g.querySelector('canvas'); const scale = window.devicePixelRatio || 1;
-    const pixel = canvas.getContext('2d').getImageData(Math.round(6 * scale), Math.round((HEADER + ROW * 1.5) * scale), 1, 1).data;
+def grid_pixel(grid, x: int, y: int) -> str:
+    """The colour the grid paints at (x, y) of its box (a canvas: read from its pixels)."""
+    return grid.evaluate(PIXEL, [x, y])
+
+
+PIXEL = """(g, [x, y]) => { const canvas = g.querySelector('canvas'); const scale = window.devicePixelRatio || 1;
+    const pixel = canvas.getContext('2d').getImageData(Math.round(x * scale), Math.round(y * scale), 1, 1).data;
     return `rgb(${pixel[0]}, ${pixel[1]}, ${pixel[2]})`; }"""
 
 
 def grid_background(grid) -> str:
-    """The colour the grid paints its second row with, left of the text (a canvas: read from its pixels)."""
+    """The colour of the grid's second row, left of its text."""
     from ckptview.ui.grid import HEADER_PX, ROW_PX
 
-    return grid.evaluate(GRID_BACKGROUND.replace("HEADER", str(HEADER_PX)).replace("ROW", str(ROW_PX)))
+    return grid_pixel(grid, 6, HEADER_PX + ROW_PX * 3 // 2)
 
 
 def test_grid_sorts_by_bytes_and_selects_rows_in_light_and_dark_at_1280_and_640(lab: str, grid_notebook, page) -> None:  # noqa: F811
@@ -143,6 +152,23 @@ def test_grid_sorts_by_bytes_and_selects_rows_in_light_and_dark_at_1280_and_640(
     explorer.get_by_text("2 of 7 tensors").wait_for(timeout=30_000)
     assert explorer.locator("input[placeholder^='name regex']").input_value() == r"^head\."
     page.screenshot(path=str(ARTIFACTS / "grid-light-1280-tree-picked-head.png"))
+
+    # a click on the NaN tensor's row marks its checks cell (one cell sent, drawn on a red badge)
+    regex = explorer.locator("input[placeholder^='name regex']")
+    regex.fill(f"^{POISONED}$")
+    regex.press("Enter")
+    explorer.get_by_text(f"1 of {len(SIZES)} tensors").wait_for(timeout=30_000)
+    grid = explorer.locator(".ckptview-table-grid .lm-DataGrid:visible").first
+    page.wait_for_timeout(500)
+    badge = (column_right(columns, widths, "checks") - 6, HEADER_PX + ROW_PX // 2)
+    assert grid_pixel(grid, *badge) == grid_pixel(grid, 6, HEADER_PX + ROW_PX // 2)  # no mark yet
+    grid.click(position={"x": 40, "y": HEADER_PX + ROW_PX // 2})
+    explorer.get_by_text(f"histogram of {POISONED}").first.wait_for(timeout=30_000)
+    page.wait_for_timeout(500)
+    red, green, _ = (int(v) for v in re.findall(r"\d+", grid_pixel(grid, *badge)))
+    assert red > green + 30, grid_pixel(grid, *badge)
+    grid.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "grid-light-1280-nan-checked.png"))
 
 
 def torch_numel(shape: tuple[int, ...]) -> int:

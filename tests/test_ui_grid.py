@@ -126,6 +126,19 @@ def test_statistics_fill_the_tensor_grids_checks_column(many_tensors: Path) -> N
     assert list(marked["name"]) == ["blocks.7.layer3.weight"] and marked["checks"].iloc[0] == "NaN/Inf"
 
 
+def test_a_clicked_tensors_own_statistics_mark_its_row(many_tensors: Path) -> None:
+    tensors = opened(explore(many_tensors), "Tensors")
+    tensors.name_filter.value = r"^blocks\.7\."
+    tensors.rows.select_row(3)  # blocks.7.layer3.weight, the one holding a NaN
+    tensors.wait()
+    assert tensors.rows.frame["checks"].iloc[3] == "NaN/Inf" and set(tensors.rows.frame["checks"].drop(3)) == {""}
+    assert tensors.rows.grid._data["data"]["checks"].iloc[3] == "NaN/Inf"  # what the browser was sent
+    rows = list(csv.DictReader(io.StringIO(downloads(tensors.rows.downloads.value)["tensors.csv"].decode())))
+    assert rows[3]["checks"] == "NaN/Inf"
+    tensors.name_filter.value = ""  # the mark stays with the tensor, not with the row position
+    assert tensors.rows.frame.set_index("name").loc["blocks.7.layer3.weight", "checks"] == "NaN/Inf"
+
+
 def test_a_module_tree_row_lists_its_tensors_and_a_statistics_row_selects_its_tensor(demo: dict[str, Path]) -> None:
     app = explore(demo["cnn.pt"])
     tree = opened(app, "Module tree")

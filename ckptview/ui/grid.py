@@ -116,7 +116,10 @@ class Table(widgets.VBox):
         """Show `frame` (its index is dropped); the download links carry `download` (default `frame`)."""
         self.frame = frame.reset_index(drop=True)
         self._download = self.frame if download is None else download
-        self.grid.column_widths = _widths(self.frame, self.formats)
+        # Widths are set by the first rows shown (a full table) and kept: a filter that leaves short
+        # names does not shrink the columns under the user, nor undo a column they dragged wider.
+        kept = {name: width for name, width in self.grid.column_widths.items() if name in self.frame.columns}
+        self.grid.column_widths = _widths(self.frame, self.formats) | kept
         self.grid.data = self.frame
         visible_rows = max(1, min(len(self.frame), (self.max_height - HEADER_PX) // ROW_PX))
         # + a scroll bar's height, so a short table's last row is not hidden under its horizontal scroll bar
@@ -129,6 +132,15 @@ class Table(widgets.VBox):
             self.prepare.layout.display = ""
         else:
             self.prepare.layout.display = "none"
+            self.downloads.value = download_links(self._download, self.stem)
+
+    def set_cell(self, position: int, column: str, value: Any) -> None:
+        """Change one cell (one small message to the browser, not the whole table again) and its downloads."""
+        self.frame.loc[position, column] = value
+        self.grid.set_cell_value_by_index(column, position, value)
+        if column in self._download.columns:
+            self._download.loc[position, column] = value
+        if self.downloads.value:
             self.downloads.value = download_links(self._download, self.stem)
 
     def sort(self, column: str, *, descending: bool = False) -> None:
@@ -174,5 +186,7 @@ def _widths(frame: pd.DataFrame, formats: Mapping[str, str]) -> dict[str, int]:
             chars = int(frame[column].astype(str).str.len().max())
         else:
             chars = 10
-        widths[column] = max(60, min(NAME_PX if kind == "name" else 420, _CHAR_PX * max(chars, len(str(column))) + 24))
+        cells = min(NAME_PX if kind == "name" else 420, _CHAR_PX * chars + 24)
+        header = _CHAR_PX * len(str(column)) + 36  # the header's text and its menu button
+        widths[column] = max(60, cells, header)
     return widths

@@ -10,7 +10,7 @@ import ipywidgets as widgets
 import pandas as pd
 import traitlets
 
-from ckptview.analyzers.stats import StatsResult, stats
+from ckptview.analyzers.stats import StatsResult, find_outliers, stats
 from ckptview.analyzers.table import tensor_table
 from ckptview.present import figures
 from ckptview.present.frames import filter_frame, tensor_labels
@@ -164,6 +164,7 @@ class TensorsPanel(Panel):
         self.detail.value = (f"<h4 style='margin:6px 0'>{esc(title)}</h4><div style='display:flex;gap:0 24px;flex-wrap:wrap'>"
                              f"<table class='ckptview-table'>{'</tr>'.join(left)}</tr></table>"
                              f"<table class='ckptview-table'>{'</tr>'.join(right)}</table></div>")
+        self._note_checks(row["name"], numbers)
         histogram = numbers.histogram
         if histogram is None:
             self.histogram.clear()
@@ -173,3 +174,13 @@ class TensorsPanel(Panel):
             self.heatmap.clear()
         else:
             self.heatmap.show(detail["heatmap"])
+
+    def _note_checks(self, name: str, numbers: Any) -> None:
+        # A clicked tensor's own statistics are known now: its row gets the checks that need no
+        # siblings (NaN/Inf, all zero, constant) unless a statistics run already judged it.
+        if name in self.checks or numbers.skipped:
+            return
+        self.checks[name] = " · ".join(BADGES[o.check] for o in find_outliers(self.state.checkpoint, [numbers]))
+        positions = self.shown.index[self.shown["name"] == name]
+        if self.checks[name] and len(positions):
+            self.rows.set_cell(int(positions[0]), "checks", self.checks[name])
