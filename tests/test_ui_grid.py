@@ -161,7 +161,13 @@ def test_a_module_tree_row_lists_its_tensors_and_a_statistics_row_selects_its_te
     assert not tensors.histogram.data and tensors.name_filter.value == r"^layer1\."
 
 
-def test_overview_and_batchnorm_tables_can_be_downloaded(demo: dict[str, Path]) -> None:
+def test_overview_and_batchnorm_tables_can_be_downloaded(demo: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "tagged.safetensors"
+    save_file({"w": torch.zeros(2)}, path, metadata={f"key{i}": str(i) for i in range(100)})
+    metadata = json.loads(downloads(opened(explore(path), "Overview").metadata_downloads.value)["metadata.json"])
+    assert len(metadata) == 100 and {"metadata": "key99", "value": "99"} in metadata  # beyond the rows drawn
     app = explore(demo["training.pt"])
     sections = downloads(opened(app, "Overview").downloads.value)
     assert "progress" in sections["sections.csv"].decode() and json.loads(sections["sections.json"])

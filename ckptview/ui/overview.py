@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import ipywidgets as widgets
+import pandas as pd
 import plotly.graph_objects as go
 
 from ckptview.present.frames import sections_frame
@@ -21,8 +22,10 @@ class OverviewPanel(Panel):
         self.sections = widgets.HTML()
         self.downloads = widgets.HTML()
         self.metadata = widgets.HTML()
+        # every key, where the table above stops after its first rows
+        self.metadata_downloads = widgets.HTML()
         self.treemap = FigureBox()
-        super().__init__(state, [self.sections, self.downloads, self.metadata, self.treemap])
+        super().__init__(state, [self.sections, self.downloads, self.metadata, self.metadata_downloads, self.treemap])
 
     def _compute(self) -> tuple[Any, go.Figure]:
         ckpt = self.state.checkpoint
@@ -30,7 +33,10 @@ class OverviewPanel(Panel):
 
     def _show(self, result: tuple[Any, go.Figure]) -> None:
         frame, treemap = result
-        self.metadata.value = metadata_html(self.state.checkpoint.metadata)
+        metadata = self.state.checkpoint.metadata
+        self.metadata.value = metadata_html(metadata)
+        self.metadata_downloads.value = download_links(pd.DataFrame(
+            {"metadata": list(metadata), "value": [str(v) for v in metadata.values()]}), "metadata") if metadata else ""
         self.sections.value = sections_html(frame)
         self.downloads.value = download_links(frame, "sections")
         self.treemap.show(treemap)
