@@ -257,13 +257,6 @@ def filter_frame(frame: pd.DataFrame, *, name_regex: str = "", column_values: Ma
     return frame[mask]
 
 
-def page(frame: pd.DataFrame, *, sort_by: str | None, descending: bool, number: int, size: int) -> pd.DataFrame:
-    """Page `number` (0-based) of `size` rows after a stable sort on `sort_by`."""
-    if sort_by:
-        frame = frame.sort_values(sort_by, ascending=not descending, kind="stable")
-    return frame.iloc[number * size:(number + 1) * size]
-
-
 def optimizer_groups_frame(optimizer: Any) -> pd.DataFrame:
     """One row per param group of an `OptimizerState`: lr, the group's other options, how many parameters."""
     rows = [{"group": g.index, "lr": g.lr, "parameters": len(g.param_ids),

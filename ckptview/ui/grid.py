@@ -74,7 +74,9 @@ def download_links(frame: pd.DataFrame, stem: str) -> str:
     links = []
     for data, kind, mime in ((csv, "CSV", "text/csv"), (records, "JSON", "application/json")):
         href = f"data:{mime};charset=utf-8;base64,{base64.b64encode(data).decode()}"
+        # the theme's link colour: JupyterLab draws an HTML widget's links as plain text otherwise
         links.append(f"<a class='ckptview-download' download='{stem}.{kind.lower()}' href='{href}' "
+                     f"style='color: var(--jp-content-link-color, #1976d2); margin-right: 10px' "
                      f"title='{len(frame):,} rows, {human_bytes(len(data))}'>⤓ {kind}</a>")
     return "<span class='ckptview-downloads'>" + " ".join(links) + "</span>"
 
