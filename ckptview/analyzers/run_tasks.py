@@ -34,16 +34,8 @@ import torch
 from ckptview.analyzers.sections import find_sections, model_state_dict
 from ckptview.analyzers.training import plain, training_state
 from ckptview.errors import CkptviewError
+from ckptview.readers.model import Checkpoint, FileSource, ScratchBuffers, TensorEntry, TensorInfo
 from ckptview.readers.remote import RemoteSource
-from ckptview.readers.model import (
-    Checkpoint,
-    FileSource,
-    ScratchBuffers,
-    TensorEntry,
-    TensorInfo,
-    dotted_name,
-    walk_tensors,
-)
 
 # Elements per chunk: 1 MiB of float32, so a chunk is still in L2 when the second and third kernel read it.
 CHUNK_ELEMENTS = 256 * 1024
@@ -250,7 +242,7 @@ class _OpenCheckpoints:
         self.capacity = capacity
         self.files = files
         self.max_tensors = max_tensors
-        # key -> [checkpoint, users, its tensor count]
+        # key -> [checkpoint, users, its tensor count, whether it may hold descriptors]
         self._entries: OrderedDict[tuple[FileId, bool], list[Any]] = OrderedDict()
         self._tensors = 0
         self._lock = threading.Lock()
@@ -270,11 +262,12 @@ class _OpenCheckpoints:
             with self._lock:
                 entry = self._entries.get(key)
                 if entry is None:
-                    entry = self._entries[key] = [opened, 1, len(opened.tensors())]
+                    entry = self._entries[key] = [opened, 1, len(opened.tensors()), True]
                     self._tensors += entry[2]
                 else:  # another thread opened it meanwhile
                     entry[1] += 1
                     opened.close()
+        entry[3] = True  # may hold descriptors again
         try:
             yield entry[0]
         finally:
@@ -283,24 +276,27 @@ class _OpenCheckpoints:
                 self._evict()
 
     def _evict(self) -> None:
-        idle = [key for key, (_, users, _) in self._entries.items() if users == 0]  # least recently used first
+        idle = [key for key, entry in self._entries.items() if entry[1] == 0]  # least recently used first
         while idle and (len(self._entries) > self.capacity or self._tensors > self.max_tensors):
             self._drop(idle.pop(0))
         for key in idle[:max(0, len(idle) - self.files)]:
-            checkpoint = self._entries[key][0]
-            if all(type(source) in (FileSource, RemoteSource) for source in checkpoint._sources):
-                checkpoint.close()  # its descriptors only: the sources reopen on their next read
+            entry = self._entries[key]
+            if not entry[3]:
+                continue  # closed already, not used since
+            if all(type(source) in (FileSource, RemoteSource) for source in entry[0]._sources):
+                entry[0].close()  # its descriptors only: the sources reopen on their next read
+                entry[3] = False
             else:
                 self._drop(key)
 
     def _drop(self, key: tuple[FileId, bool]) -> None:
-        checkpoint, _, tensors = self._entries.pop(key)
+        checkpoint, _, tensors, _ = self._entries.pop(key)
         self._tensors -= tensors
         checkpoint.close()
 
     def clear(self) -> None:
         with self._lock:
-            for key in [key for key, (_, users, _) in self._entries.items() if users == 0]:
+            for key in [key for key, entry in self._entries.items() if entry[1] == 0]:
                 self._drop(key)
 
 
@@ -332,10 +328,10 @@ def _tensor_rows(ckpt: Checkpoint) -> list[_Row]:
         rows = [_Row(entry, name, "model") for name, entry in model.items() if _readable_float(entry)]
         model_paths = {entry.path for entry in model.values()}
         param_names = _optimizer_names(ckpt)
-        for path, info in walk_tensors(ckpt.root):
+        for entry in ckpt.tensors():  # made once per checkpoint (the open checkpoints count them), not walked again
+            path = entry.path
             if path in model_paths:
                 continue
-            entry = TensorEntry(dotted_name(path), info, path)
             owner = path[:-1]
             if not _readable_float(entry) or (owner in param_names and path[-1] == "step"):
                 continue  # Adam's step counter is a float tensor, not a moment
