@@ -33,7 +33,15 @@ import numpy as np
 import torch
 
 from ckptview.analyzers.table import tensor_table
-from ckptview.readers.model import Checkpoint, ScratchBuffers, TensorEntry, gc_paused, repeated_view, view_identity
+from ckptview.readers.model import (
+    Checkpoint,
+    ScratchBuffers,
+    TensorEntry,
+    fast_init,
+    gc_paused,
+    repeated_view,
+    view_identity,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -75,6 +83,7 @@ class Histogram:
         return tuple(math.log10(1 + c) for c in self.counts)
 
 
+@fast_init
 @dataclass(frozen=True)
 class TensorStats:
     """

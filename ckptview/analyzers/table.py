@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptview.analyzers.sections import Section, find_sections
 from ckptview.readers.dtypes import torch_dtype
-from ckptview.readers.model import Checkpoint, LayerRole, TensorEntry, gc_paused, view_identity
+from ckptview.readers.model import Checkpoint, LayerRole, TensorEntry, fast_init, gc_paused, view_identity
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -43,6 +43,7 @@ _EMBEDDING = re.compile(r"emb|wte|wpe|tok_embeddings|word_embeddings|shared$|loo
 _NORM_TOKEN = re.compile(r"(^|_)(norm|ln|layernorm|layer_norm|rmsnorm|bn|batchnorm|batch_norm|gn|groupnorm)\d*(_|$)")
 
 
+@fast_init
 @dataclass(frozen=True)
 class TensorRow:
     """One tensor of a checkpoint as the tensor table shows it."""

@@ -54,8 +54,17 @@ def add_path_command(subparsers: Any, name: str, help: str, *, json_help: str = 
 
 
 def print_json(data: Any) -> None:
-    # one write: json.dump writes each token on its own (840,000 writes for 20,000 tensors)
-    sys.stdout.write(json.dumps(data, indent=2, default=_json_default, allow_nan=True) + "\n")
+    """
+    `--json` output in one write (json.dump writes each token on its own: 840,000 writes for
+    20,000 tensors). A list is written one element per line by the C encoder: `indent` makes json
+    fall back to its Python encoder, 160 s for the statistics of a million tensors.
+    """
+    if isinstance(data, list) and data:
+        encode = json.JSONEncoder(default=_json_default, allow_nan=True).encode
+        text = "[\n" + ",\n".join("  " + encode(item) for item in data) + "\n]"
+    else:
+        text = json.dumps(data, indent=2, default=_json_default, allow_nan=True)
+    sys.stdout.write(text + "\n")
 
 
 def _json_default(value: Any) -> Any:

@@ -456,6 +456,14 @@ class SafeUnpickler(pickle.Unpickler):
         return stand_in
 
     def persistent_load(self, saved_id: Any) -> Any:
+        # what torch.save writes for every storage, checked in one step (a 20,000-tensor file makes
+        # 20,000 of these); anything else takes the general path below
+        if type(saved_id) is tuple and len(saved_id) == 5 and self._storage_for is not None:
+            kind, storage_type, key, location, numel = saved_id
+            if (kind == "storage" and type(storage_type) is StorageType and type(key) is str and type(location) is str
+                    and type(numel) is int and 0 <= numel <= MAX_ELEMENTS):
+                dtype = storage_type.dtype
+                return _StorageRef(self._storage_for(dtype, key, location, numel, None), dtype)
         if not isinstance(saved_id, tuple) or not saved_id:
             raise RefusedPickle(f"unknown persistent id {saved_id!r}")
         kind = saved_id[0].decode("ascii") if isinstance(saved_id[0], bytes) else saved_id[0]
