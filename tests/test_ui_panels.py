@@ -117,7 +117,7 @@ def test_tensor_grid_holds_and_filters_20000_tensors(many_tensors: Path) -> None
     app = explore(many_tensors)
     panel = opened(app, "Tensors")
     assert len(panel.rows.frame) == 20_000 and panel.count_label.value == "20,000 of 20,000 tensors"
-    assert list(panel.rows.frame.columns) == ["name", "shape", "dtype", "bytes", "elements", "layer kind", "role", "checks"]
+    assert list(panel.rows.frame.columns) == ["name", "bytes", "shape", "dtype", "elements", "layer kind", "role", "checks"]
     assert panel.rows.frame["bytes"].iloc[0] == 64 and panel.rows.frame["shape"].iloc[0] == "[4, 4]"
     panel.name_filter.value = r"^blocks\.1\d\.layer[12]\."
     assert list(panel.rows.frame["name"][:3]) == ["blocks.10.layer1.weight", "blocks.10.layer2.weight",

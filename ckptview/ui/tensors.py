@@ -21,8 +21,9 @@ from ckptview.ui.grid import Table
 _STAT_FIELDS = (("min", "min"), ("max", "max"), ("mean", "mean"), ("std", "std"), ("abs-max", "abs_max"),
                 ("L2 norm", "l2_norm"))
 # What the grid shows: (column of the tensor table, header). "checks" fills in from statistics.
-# Bytes comes early: in a narrow notebook the columns right of it scroll out of view first.
-_COLUMNS = (("label", "name"), ("shape_text", "shape"), ("dtype_text", "dtype"), ("nbytes", "bytes"),
+# Bytes comes next to the name: in a narrow notebook (a 640 px page with the file browser open
+# leaves the grid ~230 px) the columns on the right scroll out of view first.
+_COLUMNS = (("label", "name"), ("nbytes", "bytes"), ("shape_text", "shape"), ("dtype_text", "dtype"),
             ("numel", "elements"), ("layer_kind", "layer kind"), ("role", "role"), ("checks", "checks"))
 # The statistics checks as short badges, in the order they are listed.
 BADGES = {"non_finite": "NaN/Inf", "abs_max_outlier": "outlier", "all_zero": "all zero", "collapsed_std": "constant"}
