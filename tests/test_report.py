@@ -92,7 +92,7 @@ def test_report_draws_the_lr_schedule(tmp_path: Path) -> None:
     path = tmp_path / "cosine.pt"
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, path)
     page = Path(ckptview.report(path, tmp_path / "report.html")).read_text(encoding="utf-8")
-    assert "LR scheduler 0: CosineAnnealingLR" in page and "learning rate per scheduler step" in page
+    assert "LR scheduler 0: CosineAnnealingLR" in page and "learning-rate schedule" in page
     assert "saved at step 12" in page and "_get_lr_called_within_step" not in page
 
 

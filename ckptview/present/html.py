@@ -58,6 +58,8 @@ STYLE = """
   {stroke: var(--jp-border-color2, #ebf0f8) !important}
 .ckptview-explorer .js-plotly-plot .zerolinelayer path {stroke: var(--jp-border-color1, #ebf0f8) !important}
 .ckptview-plot-box {width: 100%; min-width: 0; overflow: hidden}
+.ckptview-plot-box .js-plotly-plot .svg-container {height: auto !important}
+.ckptview-plot-box .js-plotly-plot .svg-container > .main-svg:first-child {position: relative; display: block}
 .ckptview-explorer .widget-tab > .lm-TabBar .lm-TabBar-content {flex-wrap: wrap}
 .ckptview-explorer .widget-tab > .lm-TabBar {height: auto; min-height: var(--jp-widgets-horizontal-tab-height, 24px)}
 .ckptview-explorer .widget-tab > .lm-TabBar .lm-TabBar-tab {flex: 0 0 auto; min-width: 0; max-width: none}

@@ -186,12 +186,12 @@ def _training(ckpt: Checkpoint) -> str:
     drawn = [(f"scheduler {s.index} ({s.class_name})", schedule)
              for s, schedule in zip(training.scheduler_states, training.lr_schedules()) if schedule.steps]
     if drawn:
-        parts.append(figure_html(lr_schedule_figure(drawn, "learning rate per scheduler step")))
+        parts.append(figure_html(lr_schedule_figure(drawn, "learning-rate schedule")))
     for optimizer in training.optimizers:
         norms = moment_norms(ckpt, optimizer)
         if norms:
             where = ".".join(map(str, optimizer.path))
-            parts.append(figure_html(moment_norms_figure(norms, f"optimizer state per parameter ({where})"))
+            parts.append(figure_html(moment_norms_figure(norms, f"optimizer moments per parameter ({where})"))
                          + "<details><summary>optimizer state norms per parameter (table)</summary>"
                          + moment_norms_html(norms) + "</details>")
     return "".join(parts)

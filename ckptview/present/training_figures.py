@@ -30,12 +30,12 @@ def lr_schedule_figure(schedules: Sequence[tuple[str, LrSchedule]], title: str) 
             at = schedule.steps.index(schedule.current)
             figure.add_trace(go.Scatter(x=[schedule.current] * groups, y=[lrs[at] for lrs in schedule.lrs],
                                         mode="markers", marker={"size": 9, "color": "#d93025"},
-                                        name=f"{label}: saved at step {schedule.current}",
+                                        name=f"saved at step {schedule.current}",
                                         hovertemplate="saved here: step %{x}<br>lr %{y:.4g}<extra></extra>"))
             figure.add_vline(x=schedule.current, line={"color": "#d93025", "dash": "dash", "width": 1})
     figure.update_layout(**_LAYOUT)
     figure.update_layout(title=_title(title), height=320, legend=_LEGEND_BELOW, margin={"l": 70, "r": 20, "t": 40, "b": 90},
-                         xaxis_title="scheduler step (scheduler.step() calls: epochs or batches)",
+                         xaxis_title="scheduler step (epoch or batch)",
                          yaxis={"title": "learning rate", "exponentformat": "power"})
     return figure
 

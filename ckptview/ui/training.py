@@ -38,7 +38,7 @@ class TrainingPanel(Panel):
         drawn = [(f"scheduler {s.index} ({s.class_name})", schedule)
                  for s, schedule in zip(training.scheduler_states, schedules) if schedule.steps]
         if drawn:
-            self.schedule.show(lr_schedule_figure(drawn, "learning rate per scheduler step"))
+            self.schedule.show(lr_schedule_figure(drawn, "learning-rate schedule"))
         if any(p.tensors for optimizer in training.optimizers for p in optimizer.params):
             # the moments are read from disk (all of an LLM's optimizer state): after the rest is shown
             self.run(self._norms, self._show_norms, label="reading the optimizer's moments…")
@@ -60,6 +60,6 @@ class TrainingPanel(Panel):
         self.norms = norms
         if not norms:
             return
-        self.moments.show(moment_norms_figure(norms, "optimizer state per parameter"))
+        self.moments.show(moment_norms_figure(norms, "optimizer moments per parameter"))
         self.moments_table.value = ("<details><summary>optimizer state norms per parameter (table)</summary>"
                                     + moment_norms_html(norms) + "</details>")
