@@ -15,8 +15,8 @@ Methods, each giving the same figures (the bench checks they agree):
    norm of every Adam slot and its NaN/Inf check. Timed with one torch thread: with torch's
    default (2 intra-op threads here) it was 15-40x slower whenever other processes shared the
    two cores (a short sample of it is printed).
-2. `ckptview.open_run(folder).analyze()` with no cache: headers, order, then tensors, on 2 threads
-   (and on 1, to compare per core).
+2. `ckptview.open_run(folder).analyze()` with no cache: headers, order, then tensors, with its default
+   worker count (a thread per CPU: 2 here) and on 1 thread, to compare per core.
 3. the same on a 2-worker Dask `LocalCluster` (started before timing; its start-up printed apart).
 4. `open_run(...).analyze()` filling an empty cache, then 10 new checkpoints and the same again:
    only the new files are read.
@@ -178,9 +178,10 @@ def main() -> int:
               f"torch {torch.get_num_threads()} intra-op threads by default", flush=True)
         if size >= available / 2:
             print("  warm figures are not warm: rerun with fewer --checkpoints")
-        from ckptview.analyzers import kernels
+        from ckptview.analyzers import kernels, run_kernels
 
         kernels.warm_up()  # numba's one-off load (~0.3 s) is not what is measured
+        run_kernels.warm_up()
         threads = torch.get_num_threads()
 
         def loop(n: int, files: list[Path] = paths) -> Callable[[], object]:
@@ -197,12 +198,12 @@ def main() -> int:
             seconds = timed(f"(sample) loop, torch {n} threads, {len(sample)} files", "warm", sample, loop(n, sample))
             print(f"    {seconds / len(sample) * 1000:.0f} ms per file")
 
-        def local(workers: int) -> Callable[[], object]:
+        def local(workers: int | None) -> Callable[[], object]:
             return lambda: ckptview.open_run(folder, cache=False, workers=workers).analyze(progress=False)
 
         results: dict[tuple[str, str], list[float]] = defaultdict(list)
         for state in ("warm", "cold"):
-            plan = [("loop, torch 1 thread", loop(1)), ("ckptview local, 2 threads", local(2)),
+            plan = [("loop, torch 1 thread", loop(1)), ("ckptview local, default workers", local(None)),
                     ("ckptview local, 1 thread", local(1))]
             for label, work in plan + plan[::-1]:  # interleaved: each method once early, once late
                 results[(state, label)].append(timed(label, state, paths, work))
@@ -218,6 +219,7 @@ def main() -> int:
         started = time.perf_counter()
         with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
             client.run(kernels.warm_up)
+            client.run(run_kernels.warm_up)
             print(f"  (LocalCluster of 2 workers started in {time.perf_counter() - started:.1f} s, not counted)")
             dask = timed("ckptview on a 2-worker LocalCluster", "warm", paths,
                          lambda: ckptview.open_run(folder, cache=False, engine=client).analyze(progress=False))
@@ -233,9 +235,9 @@ def main() -> int:
             best = {label: min(times) for (s, label), times in results.items() if s == state}
             loop_best = best["loop, torch 1 thread"]
             print(f"{state} page cache ({args.checkpoints} files): loop {loop_best:.2f} s (1 torch thread), ckptview "
-                  f"{best['ckptview local, 2 threads']:.2f} s on 2 threads = "
-                  f"{loop_best / best['ckptview local, 2 threads']:.1f}x faster; per core (1 thread each): "
-                  f"{best['loop, torch 1 thread'] / best['ckptview local, 1 thread']:.1f}x")
+                  f"{best['ckptview local, default workers']:.2f} s with its default = "
+                  f"{loop_best / best['ckptview local, default workers']:.1f}x faster; on 1 thread "
+                  f"{best['ckptview local, 1 thread']:.2f} s = {loop_best / best['ckptview local, 1 thread']:.1f}x per core")
         print(f"2-worker LocalCluster, warm: {dask:.2f} s; cached re-run with {args.new} new files: "
               f"{again:.3f} s = {again / first:.1%} of the {first:.2f} s first run (both warm)")
     finally:

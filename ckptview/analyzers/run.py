@@ -409,29 +409,13 @@ def open_run(path_or_glob: str | os.PathLike[str] | Sequence[str | os.PathLike[s
                trust=trust)
 
 
-# Threads of one process only pay where the work releases the GIL. Reading a local file's headers
-# is Python throughout, and each of its small reads (a zip member's header) released the GIL only to
-# wait up to the interpreter's 5 ms switch interval to get it back while the other thread ran
-# Python: on 200 training checkpoints of 23.6 MB (~150 tensors of ~160 kB), two threads took
-# 7.8-14 s where one took 5.7-10 s (loaded machine, same run). A checkpoint's own pass is the same
-# mix until its tensors are large enough for the compiled kernels to dominate.
-SMALL_CHECKPOINT = 256 * 2**20
 _REMOTE_HEADER_WORKERS = 8  # by URL a header scan waits on the network: overlap the requests
 
 
 def _header_workers(paths: Sequence[str], workers: int | None) -> int | None:
-    if workers is not None:
+    if workers is not None or not any(is_url(p) for p in paths):
         return workers
-    return _REMOTE_HEADER_WORKERS if any(is_url(p) for p in paths) else 1
-
-
-def _local_workers(run: Run, workers: int | None) -> int | None:
-    """Threads for the tensor pass: as asked, else one for a run of small checkpoints (see SMALL_CHECKPOINT)."""
-    if workers is not None or not run.checkpoints:
-        return workers
-    local = not any(is_url(c.path) for c in run.checkpoints)
-    mean = sum(c.size for c in run.checkpoints) / len(run.checkpoints)
-    return 1 if local and mean < SMALL_CHECKPOINT else None
+    return _REMOTE_HEADER_WORKERS
 
 
 def _cached_scan(cache: RunCache | None, path: str) -> Scan | None:
@@ -689,7 +673,7 @@ def analyze_run(run: Run, *, engine: Any = "local", workers: int | None = None, 
                 tables[i] = table
 
         try:
-            with engine_for(engine, _local_workers(run, workers) if engine == "local" else workers) as runner:
+            with engine_for(engine, workers) as runner:
                 chains = plan_chains(todo, runner.workers)
                 calls = [(tuple(ids[i] for i in chain), prevs[chain[0]], ids[0] if chain[0] else None, run.trust)
                          for chain in chains]
