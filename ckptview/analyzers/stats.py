@@ -27,12 +27,14 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field, replace
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ckptview.analyzers.table import tensor_table
+from ckptview.readers.dtypes import ITEMSIZE
 from ckptview.readers.model import (
     Checkpoint,
     ScratchBuffers,
@@ -392,23 +394,28 @@ def _small_batches(todo: list[tuple[Any, TensorEntry]], histogram_sample: int | 
     for key, entry in todo:
         info = entry.info
         storage = info.storage
-        if (info.dtype in _BATCHED_DTYPES and info.layout == "strided" and storage is not None
+        dtype = info.dtype
+        if (dtype in _BATCHED_DTYPES and info.layout == "strided" and storage is not None
                 and storage.byteorder == "little" and 0 < info.numel <= limit and info.is_contiguous()):
-            offset = storage.data_offset() + info.storage_offset * info.itemsize
-            groups[(id(storage.source), info.dtype)].append((offset, key, entry))
+            itemsize = ITEMSIZE[dtype]
+            offset = storage.data_offset() + info.storage_offset * itemsize
+            groups[(id(storage.source), dtype)].append((offset, info.numel * itemsize, itemsize, key, entry))
         else:
             singles.append((key, entry))
     batches: list[_SmallBatch] = []
     for members in groups.values():
-        members.sort(key=lambda member: member[0])
+        members.sort(key=itemgetter(0))
         batch: _SmallBatch | None = None
-        for offset, key, entry in members:
-            if (batch is None or len(batch.members) >= _BATCH_TENSORS or offset + entry.nbytes - batch.start > chunk_bytes
-                    or offset - batch.end > _BATCH_GAP or (offset - batch.start) % entry.info.itemsize):
+        batch_start = batch_end = 0
+        for offset, nbytes, itemsize, key, entry in members:
+            if (batch is None or len(batch.members) >= _BATCH_TENSORS or offset + nbytes - batch_start > chunk_bytes
+                    or offset - batch_end > _BATCH_GAP or (offset - batch_start) % itemsize):
                 batch = _SmallBatch(entry.info.storage.source, entry.info.dtype)  # type: ignore[union-attr]
                 batches.append(batch)
+                batch_start = offset
             batch.members.append((offset, key, entry))
-            batch.nbytes += entry.nbytes
+            batch.nbytes += nbytes
+            batch_end = offset + nbytes
     return batches, singles
 
 
