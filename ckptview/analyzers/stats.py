@@ -236,9 +236,9 @@ def _stats(ckpt: Checkpoint, filter: str | Callable[[TensorEntry], bool] | None,
            cancel: CancelHook | None) -> StatsResult:
     selected = _select(ckpt.tensors(), filter)
     cache: dict[Any, TensorStats] = ckpt.cached(f"stats:{bins}:{histogram_sample}", dict)
+    keys = [view_identity(entry.info) for entry in selected]
     todo: dict[Any, TensorEntry] = {}
-    for entry in selected:
-        key = view_identity(entry.info)
+    for key, entry in zip(keys, selected):
         if key not in cache:
             todo.setdefault(key, entry)
     if todo:
@@ -246,8 +246,8 @@ def _stats(ckpt: Checkpoint, filter: str | Callable[[TensorEntry], bool] | None,
         cache.update(_compute(list(todo.items()), bins, histogram_sample, workers, chunk_bytes, progress, cancel,
                               while_waiting=lambda: tensor_table(ckpt)))
     results = []
-    for entry in selected:
-        item = cache[view_identity(entry.info)]
+    for key, entry in zip(keys, selected):
+        item = cache[key]
         results.append(item if item.name == entry.name else replace(item, name=entry.name))
     return StatsResult(tuple(results), find_outliers(ckpt, results))
 
