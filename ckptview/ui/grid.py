@@ -126,8 +126,10 @@ class Table(widgets.VBox):
         visible_rows = max(1, min(len(self.frame), (self.max_height - HEADER_PX) // ROW_PX))
         # + a scroll bar's height, so a short table's last row is not hidden under its horizontal scroll bar
         self.grid.layout.height = f"{HEADER_PX + visible_rows * ROW_PX + SCROLL_BAR_PX}px"
-        # as wide as its columns (the grid paints the rest in its own void colour) and never wider than the panel
-        self.grid.layout.width = f"{sum(self.grid.column_widths.values()) + SCROLL_BAR_PX}px"
+        # as wide as its columns (the grid paints the rest in its own void colour), + a vertical scroll
+        # bar when the rows do not all fit, and never wider than the panel (max_width)
+        scroll_bar = SCROLL_BAR_PX if len(self.frame) > visible_rows else 8  # 8: borders and rounding
+        self.grid.layout.width = f"{sum(self.grid.column_widths.values()) + scroll_bar}px"
         if _csv_size(self._download) > INLINE_DOWNLOAD_BYTES:
             self.downloads.value = ""
             self.prepare.description = f"prepare downloads ({len(self._download):,} rows)"
