@@ -20,12 +20,15 @@ from test_browser import (  # noqa: F401 - fixtures are used by name
     ROOT,
     browser,
     click_row,
+    free_port,
     lab,
     luminance,
     page,
     run_notebook,
+    server_env,
     set_theme,
     tab,
+    wait_for_http,
     workdir,
 )
 
@@ -121,6 +124,34 @@ def test_copy_fix_code_and_save_fixed_checkpoint(lab: str, compare_notebook: str
 
     build_model().load_state_dict(torch.load(target, weights_only=True), strict=True)
     page.screenshot(path=str(ARTIFACTS / "compare-saved.png"))
+
+
+def test_copy_fix_code_in_voila(workdir: Path, compare_notebook: str, page) -> None:  # noqa: F811
+    import subprocess
+    import sys
+
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    port = free_port()
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "voila"), compare_notebook, "--no-browser", f"--port={port}",
+         "--Voila.ip=127.0.0.1"],
+        cwd=workdir, env=server_env(workdir), stdout=subprocess.DEVNULL, stderr=(workdir / "voila.log").open("wb"))
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/", process, timeout=60)
+        page.goto(f"http://127.0.0.1:{port}/", timeout=120_000)
+        doctor = page.locator(".ckptview-explorer").nth(1)
+        doctor.wait_for(timeout=120_000)
+        doctor.scroll_into_view_if_needed()
+        tab(doctor, "Compare").click()
+        doctor.get_by_text("strip_prefix").wait_for(timeout=60_000)
+        code = doctor.locator("textarea").first.input_value()
+        doctor.get_by_role("button", name="Copy fix code").click()
+        doctor.get_by_role("button", name="Copied").wait_for(timeout=10_000)
+        assert page.evaluate("navigator.clipboard.readText()") == code and "consume_prefix" in code
+        page.screenshot(path=str(ARTIFACTS / "voila-compare-copy.png"))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
