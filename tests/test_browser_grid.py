@@ -8,14 +8,13 @@ the CSV download holds the rows; at 1280 and 640 px, light and dark. Screenshots
 from __future__ import annotations
 
 import csv
-import time
 import io
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
-
 from test_browser import ARTIFACTS, ROOT, browser, lab, luminance, page, run_notebook, set_theme, tab, workdir  # noqa: F401
 
 pytestmark = pytest.mark.browser

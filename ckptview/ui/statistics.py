@@ -11,10 +11,10 @@ import pandas as pd
 
 from ckptview.analyzers.stats import StatsResult, stats
 from ckptview.present import figures
-from ckptview.present.text import human_bytes
-from ckptview.readers.model import TensorEntry
 from ckptview.present.frames import stats_frame, tensor_labels
 from ckptview.present.html import stats_findings_html, stats_summary_html
+from ckptview.present.text import human_bytes
+from ckptview.readers.model import TensorEntry
 from ckptview.ui.base import Cancelled, ExplorerState, FigureBox, Panel, banner_html
 from ckptview.ui.grid import Table
 
