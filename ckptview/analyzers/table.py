@@ -146,26 +146,28 @@ def _build(ckpt: Checkpoint) -> TensorTable:
     first_name: dict[Any, str] = {}
     rows = []
     for entry, section, module, leaf in located:
-        identity = view_identity(entry.info)
-        tied_to = first_name.setdefault(identity, entry.name)
+        # read from the record itself: each TensorEntry property is one more call, a million times over
+        info, name = entry.info, entry.name
+        tied_to = first_name.setdefault(view_identity(info), name)
         section_name = section_names[id(section)] if section is not None else ""
         kind, detail = kinds.get((section_name, module), ("", ""))
+        storage = info.storage
         rows.append(TensorRow(
-            name=entry.name,
+            name=name,
             section=section.kind if section is not None else "",
             module=module,
             leaf=leaf,
             layer_kind=kind,
             layer_detail=detail,
             role="attribute" if section is not None and section.kind == "script_attribute" else tensor_role(entry, leaf),
-            shape=entry.shape,
-            dtype_name=entry.dtype_name,
-            numel=entry.numel,
-            nbytes=entry.nbytes,
-            device=entry.device,
-            shared=entry.storage_key is not None and storage_users[entry.storage_key] > 1,
-            tied_to="" if tied_to == entry.name else tied_to,
-            encoding=entry.encoding or "",
+            shape=info.shape,
+            dtype_name=info.dtype,
+            numel=info.numel,
+            nbytes=info.nbytes,
+            device=info.device,
+            shared=storage is not None and storage_users[storage.key] > 1,
+            tied_to="" if tied_to == name else tied_to,
+            encoding=info.encoding or "",
         ))
 
     parameters = buffers = 0
