@@ -162,3 +162,16 @@ def test_training_tab_draws_the_schedule_with_the_saved_step_and_the_moments(tmp
     moments = {trace.name: list(trace.y) for trace in panel.moments.data}
     assert moments["exp_avg"] == ["0.weight", "0.bias", "2.weight", "2.bias"] and "exp_avg_sq" in moments
     assert "<code>2.weight</code>" in panel.moments_table.value
+
+
+def test_damaged_scheduler_fields_give_a_sentence_not_a_failure(tmp_path: Path) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = S.StepLR(opt, step_size=3).state_dict()
+    path = tmp_path / "damaged.pt"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": {**state, "step_size": 0}, "other_scheduler": {**state, "gamma": "half"}}, path)
+    with ckptview.open(path) as ckpt:
+        schedules = training_state(ckpt).lr_schedules()
+    assert [s.steps for s in schedules] == [(), ()]
+    assert "ZeroDivisionError" in schedules[0].note and "ValueError" in schedules[1].note

@@ -390,18 +390,20 @@ def lr_schedule(scheduler: SchedulerState, groups: Sequence[ParamGroup] = (), *,
         (a LambdaLR's functions are not saved; ReduceLROnPlateau follows a metric).
     """
     current = scheduler.last_epoch
-    curve = _curve(scheduler, groups)
-    if isinstance(curve, str):
-        return LrSchedule((), (), current, curve)
-    function, natural_end, count = curve
-    end = max(horizon if horizon is not None else natural_end, current or 0, 1)
-    if end + 1 <= MAX_SCHEDULE_POINTS:
-        steps = list(range(end + 1))
-    else:
-        steps = sorted({round(i * end / (MAX_SCHEDULE_POINTS - 1)) for i in range(MAX_SCHEDULE_POINTS)} | {current or 0})
+    # the fields come from the file: a damaged or hand-made one gets a sentence, not a failed tab
     try:
-        lrs = tuple(tuple(function(step, group) for step in steps) for group in range(count))
-    except (TypeError, ValueError, ZeroDivisionError, OverflowError, KeyError, IndexError) as exc:
+        curve = _curve(scheduler, groups)
+        if isinstance(curve, str):
+            return LrSchedule((), (), current, curve)
+        function, natural_end, count = curve
+        end = max(horizon if horizon is not None else natural_end, current or 0, 1)
+        if end + 1 <= MAX_SCHEDULE_POINTS:
+            steps = list(range(end + 1))
+        else:
+            steps = sorted({round(i * end / (MAX_SCHEDULE_POINTS - 1)) for i in range(MAX_SCHEDULE_POINTS)}
+                           | {current or 0})
+        lrs = tuple(tuple(float(function(step, group)) for step in steps) for group in range(count))
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError, KeyError, IndexError, AttributeError) as exc:
         return LrSchedule((), (), current, f"the saved fields do not give a schedule ({type(exc).__name__}: {exc})")
     how = f"drawn with the formula of {scheduler.class_name} from its saved fields"
     if scheduler.last_lr is not None and current is not None and current in steps:
