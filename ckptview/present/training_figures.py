@@ -14,6 +14,11 @@ MAX_MOMENT_ROWS = 150
 _ROW_PX = 16
 
 
+def _legend_below(plot_px: int) -> dict:
+    # under the x-axis title, not on it: the offset is in pixels, the legend's y in fractions of the plot
+    return {**_LEGEND_BELOW, "y": -66 / max(plot_px, 1)}
+
+
 def lr_schedule_figure(schedules: Sequence[tuple[str, LrSchedule]], title: str) -> go.Figure:
     """
     The learning rate per scheduler step of each (label, schedule) and param group, with the step
@@ -34,7 +39,8 @@ def lr_schedule_figure(schedules: Sequence[tuple[str, LrSchedule]], title: str) 
                                         hovertemplate="saved here: step %{x}<br>lr %{y:.4g}<extra></extra>"))
             figure.add_vline(x=schedule.current, line={"color": "#d93025", "dash": "dash", "width": 1})
     figure.update_layout(**_LAYOUT)
-    figure.update_layout(title=_title(title), height=320, legend=_LEGEND_BELOW, margin={"l": 70, "r": 20, "t": 40, "b": 90},
+    figure.update_layout(title=_title(title), height=340, legend=_legend_below(340 - 40 - 110),
+                         margin={"l": 70, "r": 20, "t": 40, "b": 110},
                          xaxis_title="scheduler step (epoch or batch)",
                          yaxis={"title": "learning rate", "exponentformat": "power"})
     return figure
@@ -60,9 +66,10 @@ def moment_norms_figure(norms: Sequence[MomentNorm], title: str, *, max_rows: in
                           "<br>%{customdata[1]:,} elements<extra></extra>"))
     more = f" (first {max_rows} of {len(dict.fromkeys(n.parameter for n in norms)):,} parameters)" \
         if len(shown) < len(dict.fromkeys(n.parameter for n in norms)) else ""
+    height = max(260, 140 + _ROW_PX * len(parameters))
     figure.update_layout(**_LAYOUT)
     figure.update_layout(
-        title=_title(title + more), height=max(260, 130 + _ROW_PX * len(parameters)), legend=_LEGEND_BELOW,
+        title=_title(title + more), height=height, legend=_legend_below(height - 140),
         margin={"l": 20, "r": 20, "t": 40, "b": 100},
         xaxis=dict(title="RMS of the state tensor (L2 norm / √elements), log", **log_axis([n.rms for n in norms])),
         yaxis={"categoryorder": "array", "categoryarray": parameters[::-1], "automargin": True, "tickfont": {"size": 10}},
