@@ -127,7 +127,7 @@ def test_remote_onnx_external_data_by_exact_ranges(served: tuple[Path, str, type
 
 
 def test_remote_onnx_external_data_outside_its_folder_is_refused(served: tuple[Path, str, type[_Counting]]) -> None:
-    folder, url, server = served
+    folder, url, _ = served
     (folder / "secret.bin").write_bytes(bytes(16))
     (folder / "models").mkdir()
     tensor = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4], data_location=TensorProto.EXTERNAL)
