@@ -190,7 +190,7 @@ def test_demo_notebook_in_jupyterlab(lab: str, page) -> None:
     page.screenshot(path=str(ARTIFACTS / "lab-batchnorm.png"))
 
     tab(explorer, "Training state").click()
-    explorer.get_by_text("Adam/AdamW").wait_for(timeout=30_000)
+    explorer.locator("h4", has_text="Adam").first.wait_for(timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "lab-training.png"))
 
     tab(explorer, "Inference").click()

@@ -44,7 +44,7 @@ class OptimizerState:
     """One optimizer's state_dict: groups, per-parameter state, and how ids were mapped to names."""
 
     path: tuple[Any, ...]
-    optimizer_kind: str  # a guess from the state keys: "Adam/AdamW", "SGD with momentum", ...
+    optimizer_kind: str  # from the state keys (and Adam's saved decoupled_weight_decay): "AdamW", "SGD with momentum", ...
     groups: tuple[ParamGroup, ...]
     params: tuple[ParamState, ...]
     mapping: str  # "param_names" | "order" | "order+shape" | "guess" | "failed" | "no model section"
@@ -225,7 +225,7 @@ def _optimizer(checkpoint: Checkpoint, section: Section, parameters: list[Tensor
         step = plain(entry.get("step")) if "step" in entry else None
         name = names.get(pid)
         params.append(ParamState(pid, name, group_of[pid], step, tensors, shape_of.get(name) if name else None))
-    return OptimizerState(section.path, _optimizer_kind(state), tuple(groups), tuple(params), mapping, note)
+    return OptimizerState(section.path, _optimizer_kind(state, groups), tuple(groups), tuple(params), mapping, note)
 
 
 def _state_shape(entry: Any) -> tuple[int, ...] | None:
@@ -237,10 +237,13 @@ def _state_shape(entry: Any) -> tuple[int, ...] | None:
     return None
 
 
-def _optimizer_kind(state: Any) -> str:
+def _optimizer_kind(state: Any, groups: Sequence[ParamGroup] = ()) -> str:
     keys = {k for entry in (state.values() if isinstance(state, Mapping) else []) if isinstance(entry, Mapping) for k in entry}
     if {"exp_avg", "exp_avg_sq"} <= keys:
-        return "Adam/AdamW" + (" (amsgrad)" if "max_exp_avg_sq" in keys else "")
+        # torch >= 2.6 saves which weight decay a group used: AdamW is Adam with decoupled_weight_decay=True
+        decoupled = {g.options.get("decoupled_weight_decay") for g in groups}
+        kind = "AdamW" if decoupled == {True} else "Adam" if decoupled == {False} else "Adam/AdamW"
+        return kind + (" (amsgrad)" if "max_exp_avg_sq" in keys else "")
     if "momentum_buffer" in keys:
         return "SGD with momentum"
     if "square_avg" in keys:

@@ -295,7 +295,9 @@ def training(args: argparse.Namespace) -> int:
                             "state": {k: {"shape": list(shape), "dtype": dtype} for k, (shape, dtype) in p.tensors.items()}}
                            for p in opt.params],
             } for opt in state.optimizers],
-            "schedulers": list(state.schedulers), "grad_scaler": state.grad_scaler, "progress": state.progress,
+            "schedulers": list(state.schedulers),
+            "scheduler_classes": [{"class": s.class_name, "named_by": s.named_by} for s in state.scheduler_states],
+            "grad_scaler": state.grad_scaler, "progress": state.progress,
             "hyper_parameters": state.hyper_parameters, "lightning": state.lightning,
         })
         return 0
@@ -313,8 +315,10 @@ def training(args: argparse.Namespace) -> int:
         print(text_table([(p.param_id, p.name or "?", p.step if p.step is not None else "",
                            ", ".join(f"{k} {shape_text(shape)}" for k, (shape, _) in p.tensors.items()))
                           for p in opt.params], ("id", "parameter", "step", "state")))
-    for scheduler in state.schedulers:
-        print("\nscheduler   " + printable(", ".join(f"{k}={v}" for k, v in scheduler.items() if not str(k).startswith("_"))))
+    for scheduler in state.scheduler_states:
+        named = f"{scheduler.class_name} ({scheduler.named_by})" if scheduler.class_name else "class unknown"
+        print(f"\nscheduler   {printable(named)}: "
+              + printable(", ".join(f"{k}={v}" for k, v in scheduler.fields.items())))
     if state.grad_scaler:
         print("\ngrad scaler " + printable(", ".join(f"{k}={v}" for k, v in state.grad_scaler.items())))
     for name, values in state.hyper_parameters.items():

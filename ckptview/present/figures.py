@@ -196,11 +196,14 @@ def value_diff_by_module(frame: pd.DataFrame, *, module_column: str = "module", 
     scaled = table / table.max().replace(0, 1)
     figure = go.Figure(go.Heatmap(z=scaled.to_numpy(), x=list(table.columns), y=list(table.index),
                                   text=table.map(lambda v: f"{v:.3g}").to_numpy(), texttemplate="%{text}",
-                                  colorscale="Reds", zmin=0, zmax=1, showscale=False,
+                                  # from transparent: an unchanged module shows the notebook's own
+                                  # background (plotly's "Reds" starts white, a pale box in a dark theme)
+                                  colorscale=[[0.0, "rgba(220, 53, 69, 0)"], [1.0, "rgba(220, 53, 69, 0.9)"]],
+                                  zmin=0, zmax=1, showscale=False,
                                   hovertemplate="%{y}<br>%{x}: %{text}<extra></extra>"))
     figure.update_layout(**{**_LAYOUT, "height": max(240, 22 * len(table) + 100), "margin": dict(l=10, r=10, t=60, b=30)},
-                         title=_title("value difference per module (colour: each column scaled to its largest; "
-                                      "integer counters are listed apart)"))
+                         title=_title("value difference per module<br><span style='font-size:11px'>colour: each "
+                                      "column scaled to its largest; integer counters are listed apart</span>"))
     figure.update_xaxes(side="top")
     figure.update_yaxes(autorange="reversed", automargin=True)
     return figure

@@ -52,7 +52,8 @@ STYLE = """
 .ckptview-explorer .js-plotly-plot g[class*="tick"] > text, .ckptview-report .js-plotly-plot g[class*="tick"] > text,
 .ckptview-explorer .js-plotly-plot g[class*="title"] > text, .ckptview-report .js-plotly-plot g[class*="title"] > text,
 .ckptview-explorer .js-plotly-plot .legendtext, .ckptview-report .js-plotly-plot .legendtext,
-.ckptview-explorer .js-plotly-plot .annotation-text, .ckptview-report .js-plotly-plot .annotation-text
+.ckptview-explorer .js-plotly-plot .annotation-text, .ckptview-report .js-plotly-plot .annotation-text,
+.ckptview-explorer .js-plotly-plot .heatmap-label text, .ckptview-report .js-plotly-plot .heatmap-label text
   {fill: var(--jp-ui-font-color1, #2a3f5f) !important}
 .ckptview-explorer .js-plotly-plot .gridlayer path, .ckptview-report .js-plotly-plot .gridlayer path
   {stroke: var(--jp-border-color2, #ebf0f8) !important}
