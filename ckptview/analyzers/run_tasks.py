@@ -594,10 +594,22 @@ def _reduce_rows(rows: list[_Row], values: list[torch.Tensor], prevs: list[torch
         run_kernels.reduce_segments(sides[0].bits, sides[0].starts, sides[0].counts, sides[1].bits, sides[1].starts,
                                     sides[2].bits, first_starts, CHUNK_ELEMENTS, samples, acc, keys, prev_sums,
                                     first_sums)
+        # the cells of the whole group from its arrays at once: per row, numpy scalars and key conversions
+        # cost more than the compiled pass over a small tensor
+        extremes = _keys_to_floats(keys, 8 if dtype == torch.float64 else 4).tolist()
+        sums = acc.tolist()
+        to_prev = prev_sums[:, 1:3].tolist()
+        to_first = first_sums[:, 1:3].tolist()
         for k, i in enumerate(members):
-            prev = prev_sums[k] if prevs[i] is not None else None
-            first = prev if shared[k] else first_sums[k] if firsts[i] is not None else None
-            cells[i] = _cells(kernels, rows[i], dtype, acc[k], keys[k], prev, first)
+            count, mean, m2, _, nan, posinf, neginf = sums[k]
+            low, high = extremes[k] if count else (math.nan, math.nan)
+            prev_dd, prev_aa = to_prev[k] if prevs[i] is not None else (math.nan, math.nan)
+            first_dd, first_aa = (prev_dd, prev_aa) if shared[k] else to_first[k] if firsts[i] is not None else \
+                (math.nan, math.nan)
+            row = rows[i]
+            cells[i] = (row.name, row.part, row.param, row.slot, row.entry.dtype_name, row.entry.numel, int(count),
+                        mean if count else math.nan, m2, low, high, int(nan), int(posinf), int(neginf),
+                        prev_dd, prev_aa, first_dd, first_aa)
     table = _new_table()
     for i, row in enumerate(rows):
         if cells[i] is None:
@@ -792,6 +804,13 @@ def _add_row(table: dict[str, list[Any]], kernels: Any, buffers: ScratchBuffers,
     table_cells = _cells(kernels, row, dtype, acc, keys, prev_sums, first_sums)
     for column, value in zip(COLUMNS, table_cells):
         table[column].append(value)
+
+
+def _keys_to_floats(keys: np.ndarray, width: int) -> np.ndarray:
+    """`kernels.key_to_float` over an (n, 2) array of [min key, max key] rows, as float64."""
+    if width == 4:
+        return (keys ^ ((keys >> 31) & 0x7FFFFFFF)).astype(np.int32).view(np.float32).astype(np.float64)
+    return (keys ^ ((keys >> 63) & 0x7FFFFFFFFFFFFFFF)).view(np.float64)
 
 
 def _cells(kernels: Any, row: _Row, dtype: torch.dtype, acc: np.ndarray, keys: np.ndarray,
