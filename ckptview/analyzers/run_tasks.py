@@ -583,13 +583,13 @@ def _reduce_rows(rows: list[_Row], values: list[torch.Tensor], prevs: list[torch
                  _Side([firsts[i] for i in members], dtype)]
         if not all(side.ok for side in sides):
             continue  # a side spread over several buffers: the rows go the Python way
-        count = len(members)
+        size = len(members)
         shared = [prevs[i] is firsts[i] for i in members]
         first_starts = np.where(shared, run_kernels.SAME_AS_PREV, sides[2].starts)
-        acc = np.zeros((count, kernels.MOMENT_SLOTS))
-        keys = np.repeat(kernels.new_moments()[1][None], count, axis=0)
-        prev_sums = np.zeros((count, kernels.DIFF_SLOTS))
-        first_sums = np.zeros((count, kernels.DIFF_SLOTS))
+        acc = np.zeros((size, kernels.MOMENT_SLOTS))
+        keys = np.repeat(kernels.new_moments()[1][None], size, axis=0)
+        prev_sums = np.zeros((size, kernels.DIFF_SLOTS))
+        first_sums = np.zeros((size, kernels.DIFF_SLOTS))
         samples = np.empty(0, dtype=np.float64 if dtype == torch.float64 else np.float32)
         run_kernels.reduce_segments(sides[0].bits, sides[0].starts, sides[0].counts, sides[1].bits, sides[1].starts,
                                     sides[2].bits, first_starts, CHUNK_ELEMENTS, samples, acc, keys, prev_sums,
