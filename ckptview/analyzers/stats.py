@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ckptview.analyzers.table import tensor_table
+from ckptview.analyzers.table import layer_kinds
 from ckptview.readers.dtypes import ITEMSIZE
 from ckptview.readers.model import (
     Checkpoint,
@@ -242,9 +242,9 @@ def _stats(ckpt: Checkpoint, filter: str | Callable[[TensorEntry], bool] | None,
         if key not in cache:
             todo.setdefault(key, entry)
     if todo:
-        # The outlier check's tensor table is built on this thread while the workers read.
+        # The outlier check's layer kinds are found on this thread while the workers read.
         cache.update(_compute(list(todo.items()), bins, histogram_sample, workers, chunk_bytes, progress, cancel,
-                              while_waiting=lambda: tensor_table(ckpt)))
+                              while_waiting=lambda: layer_kinds(ckpt)))
     results = []
     for key, entry in zip(keys, selected):
         item = cache[key]
@@ -598,7 +598,7 @@ def find_outliers(ckpt: Checkpoint, results: Iterable[TensorStats], *, abs_max_r
     inferred layer kind and leaf name, e.g. every attention q weight).
     """
     results = [r for r in results if not r.skipped]
-    rows = {row.name: row for row in tensor_table(ckpt).rows}
+    layers = layer_kinds(ckpt)
     groups: dict[tuple[str, str], list[TensorStats]] = defaultdict(list)
     out: list[Outlier] = []
     for item in results:
@@ -618,9 +618,9 @@ def find_outliers(ckpt: Checkpoint, results: Iterable[TensorStats], *, abs_max_r
             out.append(Outlier(item.name, "collapsed_std",
                                f"all values equal {item.mean:.6g} (std {item.std:.3g}): normal for a freshly "
                                "initialised norm scale, otherwise the tensor stopped learning"))
-        row = rows.get(item.name)
-        if row is not None and row.layer_kind and math.isfinite(item.abs_max) and is_float:
-            groups[(row.layer_kind, row.leaf)].append(item)
+        kind, leaf = layers.get(item.name, ("", ""))
+        if kind and math.isfinite(item.abs_max) and is_float:
+            groups[(kind, leaf)].append(item)
     for (kind, leaf), members in groups.items():
         if len(members) < 3:
             continue

@@ -122,26 +122,48 @@ def tensor_table(ckpt: Checkpoint) -> TensorTable:
     return ckpt.cached("tensor_table", lambda: _build(ckpt))
 
 
-@gc_paused()  # 20,000 rows, none of them garbage: collections would only slow the build
-def _build(ckpt: Checkpoint) -> TensorTable:
-    entries = ckpt.tensors()
+def layer_kinds(ckpt: Checkpoint) -> dict[str, tuple[str, str]]:
+    """
+    Each tensor's inferred layer kind and leaf, by name (`("Linear", "weight")`; kind "" when
+    unknown): what the statistics' outlier check groups by, without the tensor table's rows (a
+    million-tensor file's rows took a third of its statistics). Cached per checkpoint.
+    """
+    return ckpt.cached("layer_kinds", lambda: _layer_kinds(ckpt))
+
+
+@gc_paused()
+def _layer_kinds(ckpt: Checkpoint) -> dict[str, tuple[str, str]]:
+    located, kinds, section_names = _locate(ckpt)
+    return {entry.name: (kinds.get((section_names[id(section)] if section is not None else "", module), ("", ""))[0], leaf)
+            for entry, section, module, leaf in located}
+
+
+def _locate(ckpt: Checkpoint) -> tuple[list[tuple[TensorEntry, Section | None, str, str]],
+                                       dict[tuple[str, str], tuple[str, str]], dict[int, str]]:
+    """Each entry's section, module and leaf; each model module's (layer kind, detail) by (section name,
+    module); the sections' names by id."""
     sections = find_sections(ckpt)
     section_of = _section_finder(sections)
-    storage_users = Counter(entry.storage_key for entry in entries if entry.storage_key is not None)
-
     section_names = {id(section): section.name for section in sections}
-    # each entry's section and (module, leaf), found once: the second loop needs the layer kinds of all
+    # each entry's section and (module, leaf), found once: the layer kinds need all of a module's leaves
     located: list[tuple[TensorEntry, Section | None, str, str]] = []
     modules: dict[tuple[str, str], dict[str, TensorEntry]] = defaultdict(dict)
-    for entry in entries:
+    for entry in ckpt.tensors():
         section = section_of(entry.path)
         relative = entry.path[len(section.path):] if section is not None else entry.path
         module, leaf = module_and_leaf(_relative_name(relative, entry), entry, ckpt.layers)
         located.append((entry, section, module, leaf))
         if section is not None and section.kind in MODEL_SECTION_KINDS:
             modules[(section_names[id(section)], module)][leaf] = entry
-
     kinds = {key: _layer_kind(key[1], leaves, ckpt.layers) for key, leaves in modules.items()}
+    return located, kinds, section_names
+
+
+@gc_paused()  # 20,000 rows, none of them garbage: collections would only slow the build
+def _build(ckpt: Checkpoint) -> TensorTable:
+    entries = ckpt.tensors()
+    storage_users = Counter(entry.storage_key for entry in entries if entry.storage_key is not None)
+    located, kinds, section_names = _locate(ckpt)
 
     first_name: dict[Any, str] = {}
     rows = []
