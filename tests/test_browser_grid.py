@@ -15,7 +15,19 @@ import time
 from pathlib import Path
 
 import pytest
-from test_browser import ARTIFACTS, ROOT, browser, lab, luminance, page, run_notebook, set_theme, tab, workdir  # noqa: F401
+from test_browser import (  # noqa: F401
+    ARTIFACTS,
+    ROOT,
+    browser,
+    count_label,
+    lab,
+    luminance,
+    page,
+    run_notebook,
+    set_theme,
+    tab,
+    workdir,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -241,3 +253,27 @@ def test_20000_rows_show_scroll_and_filter_in_the_browser(lab: str, many_noteboo
     # these ran 6-17 s, 2-13 s, 0.2-1.2 s and 1.4-4.1 s. A wheel step costs about the same with 200
     # rows as with 20,000 (10 steps: 3.2 s and 4.1 s there): the grid draws only what is visible.
     assert shown < 60 and scrolled < 30 and filtered < 10 and unfiltered < 20
+
+
+def test_plot_clicks_open_tensors(lab: str, grid_notebook, page) -> None:  # noqa: F811
+    """A leaf tile of the Overview treemap lists that module's tensors; a Statistics point opens its tensor."""
+    name, _ = grid_notebook
+    run_notebook(page, lab.replace("explore.ipynb", name))
+    explorer = page.locator(".ckptview-explorer:visible").first
+    explorer.wait_for(timeout=90_000)
+    tile = explorer.locator(".treemaplayer g.slice", has_text=re.compile(r"^head")).first
+    tile.wait_for(timeout=60_000)
+    tile.click()
+    explorer.get_by_text(count_label(2)).wait_for(timeout=30_000)  # head.weight and head.bias
+    assert "lm-mod-current" in (tab(explorer, "Tensors").get_attribute("class") or "")
+    page.screenshot(path=str(ARTIFACTS / "grid-light-1280-treemap-picked.png"))
+
+    tab(explorer, "Statistics").click()
+    point = explorer.locator(".scatterlayer .point").locator("visible=true").first
+    point.wait_for(timeout=60_000)
+    box = point.bounding_box()
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    # the first point is the first tensor in file order, shown alone with its histogram
+    explorer.get_by_text("histogram of embed.weight").first.wait_for(timeout=30_000)
+    explorer.get_by_text(count_label(1)).wait_for(timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "grid-light-1280-point-picked.png"))

@@ -161,6 +161,23 @@ def test_a_module_tree_row_lists_its_tensors_and_a_statistics_row_selects_its_te
     assert not tensors.histogram.data and tensors.name_filter.value == r"^layer1\."
 
 
+def test_plot_points_carry_what_a_click_opens(demo: dict[str, Path]) -> None:
+    """The treemap's tiles carry their module paths and the Statistics points their tensor names; a click
+    the page reports (PlotClicks, tested in the browser in test_browser_grid.py) opens it in the Tensors tab."""
+    app = explore(demo["cnn.pt"])
+    treemap = opened(app, "Overview").treemap.figure.data[0]
+    assert {"conv1", "layer2.0", "fc"} <= set(treemap.customdata) and len(treemap.customdata) == len(treemap.ids)
+    statistics = opened(app, "Statistics")
+    names = {name for trace in statistics.figure.data for name in trace.customdata}
+    assert "fc.weight" in names and names <= {entry.name for entry in app.state.checkpoint.tensors()}
+    app.plot_clicks.target = "fc"
+    app.plot_clicks.clicks += 1  # as the page reports a click on that tile
+    tensors = app.panels["Tensors"]
+    tensors.wait()
+    assert app.tabs.selected_index == list(app.panels).index("Tensors")
+    assert list(tensors.rows.frame["name"]) == ["fc.weight", "fc.bias"]
+
+
 def test_overview_and_batchnorm_tables_can_be_downloaded(demo: dict[str, Path], tmp_path: Path) -> None:
     from safetensors.torch import save_file
 

@@ -55,7 +55,8 @@ def module_treemap(root: Any, title: str, *, max_nodes: int = MAX_TREE_NODES) ->
     A treemap of parameters by module under `root` (a `TreeNode` of a `ModuleTree`), breadth first
     up to `max_nodes` nodes (deep leaves of huge models are summed into their parents rather than drawn).
     """
-    ids, labels, parents, values, hover = [title], [title], [""], [root.parameter_count], [""]
+    # customdata: the module path a click on a leaf tile opens in the explorer's Tensors tab
+    ids, labels, parents, values, hover, paths = [title], [title], [""], [root.parameter_count], [""], [root.path]
     queue = [(child, title) for child in root.children]
     while queue and len(ids) < max_nodes:
         node, parent = queue.pop(0)
@@ -64,14 +65,16 @@ def module_treemap(root: Any, title: str, *, max_nodes: int = MAX_TREE_NODES) ->
         labels.append(node.name + (f" ×{node.repeat}" if node.repeat > 1 else ""))
         parents.append(parent)
         values.append(node.parameter_count)
+        paths.append(node.path)
         hover.append(f"{node.path}<br>{human_count(node.parameter_count)} elements, {human_bytes(node.nbytes)}"
                      f"<br>{', '.join(node.layer_kinds[:3])}")
         if node.repeat == 1:  # a folded run's children describe one block, not the run's total
             queue.extend((child, node_id) for child in node.children)
     figure = go.Figure(go.Treemap(ids=ids, labels=labels, parents=parents, values=values, branchvalues="total",
-                                  hovertext=hover, hoverinfo="label+text+percent root", maxdepth=3))
+                                  hovertext=hover, hoverinfo="label+text+percent root", maxdepth=3, customdata=paths))
     figure.update_layout(**{**_LAYOUT, "height": 420, "margin": dict(l=5, r=5, t=30, b=5)},
-                         title=_title("parameters by module (elements); click a tile to zoom in"))
+                         title=_title("parameters by module (elements); click a tile to zoom in, a layer to list "
+                                      "its tensors"))
     return figure
 
 
@@ -149,11 +152,13 @@ def stats_by_depth(frame: pd.DataFrame, outliers: set[str], *, parts: Sequence[s
             suffix = "" if part == "weights" else f" ({part})"
             figure.add_trace(go.Scatter(
                 x=members.index.to_numpy(), y=members[column], mode=mode, name=name + suffix, text=text,
+                customdata=frame["name"][members.index],  # a click opens this tensor in the explorer's Tensors tab
                 marker=dict(size=4 if symbol is None else 6, symbol=symbol), legendgroup=part,
                 hovertemplate=f"%{{text}}<br>{name} %{{y:.3g}}<extra>{part}</extra>"))
     bad = frame[frame["name"].isin(outliers) | (frame["nan_count"] > 0) | (frame["inf_count"] > 0)]
     figure.add_trace(go.Scatter(x=bad.index.to_numpy(), y=bad["abs_max"].fillna(0).clip(lower=1e-12),
                                 mode="markers", name="outlier / NaN / Inf", text=labels[bad.index],
+                                customdata=bad["name"],
                                 marker=dict(color="#d62728", size=11, symbol="x"),
                                 hovertemplate="%{text}<extra>flagged</extra>"))
     shown = " and ".join(parts)

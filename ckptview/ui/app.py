@@ -15,6 +15,7 @@ from ckptview.ui.compare import ComparePanel
 from ckptview.ui.deploy import DeployPanel
 from ckptview.ui.inference import InferenceTab
 from ckptview.ui.overview import OverviewPanel
+from ckptview.ui.plot_clicks import PlotClicks
 from ckptview.ui.statistics import StatisticsPanel
 from ckptview.ui.tensors import TensorsPanel
 from ckptview.ui.training import TrainingPanel
@@ -55,7 +56,10 @@ class Explorer(widgets.VBox):
         panels[3].on_result = panels[1].note_statistics
         self.tabs = widgets.Tab(children=panels, titles=[panel.title for panel in panels])
         self.tabs.observe(self._on_tabs_selected_index, names="selected_index")
-        super().__init__([widgets.HTML(STYLE), self.header, self.tabs])
+        # a Statistics point or a treemap leaf clicked in the page opens that tensor or module here
+        self.plot_clicks = PlotClicks(layout=widgets.Layout(display="none"))
+        self.plot_clicks.observe(self._on_plot_clicks, names="clicks")
+        super().__init__([widgets.HTML(STYLE), self.header, self.tabs, self.plot_clicks])
         self.add_class("ckptview-explorer")
         # The statistics and diff kernels take ~0.3 s to import and load the first time in a process;
         # done now, in the background, the Statistics and Compare tabs do not wait for it.
@@ -68,6 +72,10 @@ class Explorer(widgets.VBox):
             return (f"<h3 style='margin:4px 0'>{esc(state.path)}</h3>"
                     + banner_html("error", error_message(state.open_error)))
         return header_html(summary(state.checkpoint))
+
+    def _on_plot_clicks(self, change: dict[str, Any]) -> None:
+        if self.plot_clicks.target:
+            self.show_tensor(self.plot_clicks.target)
 
     def _on_tabs_selected_index(self, change: dict[str, Any]) -> None:
         self._activate(change["new"])
