@@ -206,7 +206,7 @@ def value_diff_by_module(frame: pd.DataFrame, *, module_column: str = "module", 
                                   colorscale=[[0.0, "rgba(220, 53, 69, 0)"], [1.0, "rgba(220, 53, 69, 0.9)"]],
                                   zmin=0, zmax=1, showscale=False,
                                   hovertemplate="%{y}<br>%{x}: %{text}<extra></extra>"))
-    figure.update_layout(**{**_LAYOUT, "height": max(240, 22 * len(table) + 100), "margin": dict(l=10, r=10, t=60, b=30)},
+    figure.update_layout(**{**_LAYOUT, "height": max(260, 22 * len(table) + 130), "margin": dict(l=10, r=10, t=95, b=30)},
                          title=_title("value difference per module<br><span style='font-size:11px'>colour: each "
                                       "column scaled to its largest; integer counters are listed apart</span>"))
     figure.update_xaxes(side="top")
