@@ -59,7 +59,8 @@ def _disk_cache_usable() -> bool:
 
 # Not "fast": no-NaN/no-Inf flags would let LLVM delete the NaN checks of the scalar paths.
 _FLAGS = {"reassoc", "nsz", "contract"}
-_OPTIONS = dict(nogil=True, fastmath=_FLAGS, error_model="numpy", boundscheck=False, cache=_disk_cache_usable())
+DISK_CACHE_USABLE = _disk_cache_usable()  # run_kernels compiles with the same answer
+_OPTIONS = dict(nogil=True, fastmath=_FLAGS, error_model="numpy", boundscheck=False, cache=DISK_CACHE_USABLE)
 _LARGEST = np.finfo(np.float64).max
 
 # acc slots of `moments`: finite count, mean, M2 (sum of squared deviations), zeros, NaN, +Inf, -Inf

@@ -18,23 +18,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ckptview.analyzers.kernels import diff, moments
+from ckptview.analyzers.kernels import DISK_CACHE_USABLE, diff, moments
 
 NONE = -1  # no such tensor on that side (the row's prev/first sums are NaN)
 SAME_AS_PREV = -2  # the first checkpoint is the previous one: its sums are the previous sums
 
 
-def _disk_cache_usable() -> bool:
-    # as in kernels: numba refuses cache=True where neither the package folder nor the user's cache
-    # directory is writable; compiling in every process is better than failing
-    try:
-        njit(cache=True)(lambda: None)
-    except RuntimeError:
-        return False
-    return True
-
-
-@njit(nogil=True, error_model="numpy", boundscheck=False, cache=_disk_cache_usable())
+@njit(nogil=True, error_model="numpy", boundscheck=False, cache=DISK_CACHE_USABLE)
 def reduce_segments(cur, starts, counts, prev, prev_starts, first, first_starts, chunk, samples, acc, keys,
                     prev_sums, first_sums):
     """
