@@ -54,6 +54,7 @@ def test_run_fills_the_table_for_the_checked_targets(cnn_path: Path) -> None:
     assert "<td>onnx</td><td><span class=''>ok</span></td>" in panel.table.value
     assert "<td>trace</td>" in panel.table.value and "<td>script</td>" not in panel.table.value
     assert "ONNX Runtime" in panel.table.value and panel.pitfalls.value == ""
+    assert "download='export-check.csv'" in panel.table.value and "download='export-check.json'" in panel.table.value
     assert panel.probes.value.count("<tr><td>onnx</td>") == 4
 
 

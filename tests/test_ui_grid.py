@@ -190,3 +190,22 @@ def test_overview_and_batchnorm_tables_can_be_downloaded(demo: dict[str, Path], 
     assert "progress" in sections["sections.csv"].decode() and json.loads(sections["sections.json"])
     findings = json.loads(downloads(opened(app, "BatchNorm").downloads.value)["batchnorm-findings.json"])
     assert {"check", "severity", "module", "tensors", "message"} <= set(findings[0])
+
+
+def test_compare_and_training_tables_can_be_downloaded(demo: dict[str, Path]) -> None:
+    compare = opened(explore(demo["cnn_dataparallel.pt"], model="ckptview.demo:build_model"), "Compare")
+    key_diff = json.loads(downloads(compare.downloads.value)["key-diff.json"])
+    assert any(row["key"].startswith("module.") for row in key_diff)  # the 32 keys only the checkpoint has
+    app = explore(demo["cnn.pt"], compare_to=demo["cnn.safetensors"])
+    compare = opened(app, "Compare")
+    compare.values_button.click()
+    compare.wait()
+    files = downloads(compare.downloads.value)
+    assert {"key-diff.csv", "value-diff.csv", "value-diff.json"} <= set(files)
+    assert "conv1.weight" in files["value-diff.csv"].decode()
+    training = opened(explore(demo["training.pt"]), "Training state")
+    training.wait()
+    files = downloads(training.downloads.value + training.moments_table.value)
+    optimizer = next(name for name in files if name.startswith("optimizer-") and name.endswith(".json"))
+    assert "conv1.weight" in {row["name"] for row in json.loads(files[optimizer])}
+    assert {"moment-norms.csv", "moment-norms.json"} <= set(files)

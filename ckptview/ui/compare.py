@@ -32,6 +32,7 @@ from ckptview.present.views import (
 from ckptview.readers.model import Checkpoint
 from ckptview.ui.base import ExplorerState, FigureBox, Panel, esc
 from ckptview.ui.copy import CopyButton
+from ckptview.ui.grid import download_links
 
 # What the sibling dropdown offers: files a checkpoint is usually saved as, shard indexes, and what a
 # model is exported or converted to (compared across formats: "did my export keep my weights").
@@ -111,6 +112,7 @@ class ComparePanel(Panel):
         self.values = FigureBox()
         self.counters = widgets.HTML()
         self.matching = widgets.HTML()  # two formats: what each tensor became in the other file
+        self.downloads = widgets.HTML()  # the key diff's and the value diff's tables as CSV/JSON
         self.format_matching: FormatMatching | None = None
         self.diagnosis: Diagnosis | None = None
         self.key_diff: KeyDiff | None = None
@@ -126,7 +128,7 @@ class ComparePanel(Panel):
                 widgets.HBox([self.model_factory, self.compare], layout=widgets.Layout(flex_flow="row wrap"))]
         super().__init__(state, [*rows, self.key_report, self.fixes, self.code, self.copy_code, self.save_row, self.saved,
                                  widgets.HBox([self.values_button, self.cancel_button]), self.values, self.counters,
-                                 self.matching])
+                                 self.matching, self.downloads])
 
     def _on_open(self) -> None:
         # Compares at once when explore(compare_to=/model=) prefilled the boxes, else says what to give.
@@ -199,7 +201,7 @@ class ComparePanel(Panel):
         self.copy_code.layout.display = self.save_row.layout.display = "none"
         self.values_button.layout.display = "none"
         self.values.clear()
-        self.counters.value = self.matching.value = ""
+        self.counters.value = self.matching.value = self.downloads.value = ""
 
     def _doctor(self, model: Any) -> Diagnosis:
         ckpt = self.state.checkpoint
@@ -236,6 +238,7 @@ class ComparePanel(Panel):
         keys, diagnosis = result
         self.key_diff = keys
         self.key_report.value = key_diff_html(keys, "the other checkpoint", "this one")
+        self.downloads.value = download_links(keys.to_frame(), "key-diff")
         self.values_button.layout.display = ""
         if diagnosis is not None:
             self._show_fixes(diagnosis, "To load the other checkpoint where this one's keys are expected",
@@ -260,9 +263,13 @@ class ComparePanel(Panel):
         note = "" if changes.complete else " (cancelled: partial)"
         self.show_info(f"{len(changes.tensors):,} tensors compared, {len(changes.changed()):,} differ{note}.{below}")
         self.values.show(figures.value_diff_by_module(frame))
+        keys = self.key_diff or (self.diagnosis.before if self.diagnosis is not None else None)
+        self.downloads.value = ((download_links(keys.to_frame(), "key-diff") if keys is not None else "")
+                                + download_links(changes.to_frame(), "value-diff"))
 
     def _show_diagnosis(self, diagnosis: Diagnosis) -> None:
         self.key_report.value = key_diff_html(diagnosis.before, "this checkpoint", "the model")
+        self.downloads.value = download_links(diagnosis.before.to_frame(), "key-diff")
         self.values_button.layout.display = "none"
         self._show_fixes(diagnosis, "It loads into the model", self.state.path)
 

@@ -13,6 +13,7 @@ import ipywidgets as widgets
 from ckptview.errors import ModelBuildError
 from ckptview.present.text import human_bytes
 from ckptview.ui.base import ExplorerState, Panel, banner_html, esc
+from ckptview.ui.grid import download_links
 
 _TARGETS = ("onnx", "trace", "script")
 
@@ -97,7 +98,7 @@ class DeployPanel(Panel):
         self.check = check
         if not self.input_shape.value.strip():
             self.input_shape.value = ",".join(map(str, check.input.shape))  # editable for the next run
-        self.table.value = _results_html(check)
+        self.table.value = _results_html(check) + download_links(check.to_frame(), "export-check")
         self.pitfalls.value = "".join(
             banner_html("error" if r.status == "failed" else "warning", f"{r.target}: {r.message}")
             for r in check.results if r.message)

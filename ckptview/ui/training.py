@@ -5,12 +5,16 @@ optimizer with its per-parameter state mapped to names, and the optimizer's mome
 
 from __future__ import annotations
 
+import dataclasses
+
 import ipywidgets as widgets
+import pandas as pd
 
 from ckptview.analyzers.training import LrSchedule, MomentNorm, TrainingState, moment_norms, training_state
 from ckptview.present.html import moment_norms_html, training_html
 from ckptview.present.training_figures import lr_schedule_figure, moment_norms_figure
 from ckptview.ui.base import ExplorerState, FigureBox, Panel
+from ckptview.ui.grid import download_links
 
 
 class TrainingPanel(Panel):
@@ -21,11 +25,12 @@ class TrainingPanel(Panel):
         self.schedule = FigureBox()
         self.moments = FigureBox()
         self.moments_table = widgets.HTML()
+        self.downloads = widgets.HTML()  # each optimizer's per-parameter table as CSV/JSON
         self.training: TrainingState | None = None
         self.norms: tuple[MomentNorm, ...] = ()
         self.schedule.clear()
         self.moments.clear()
-        super().__init__(state, [self.content, self.schedule, self.moments, self.moments_table])
+        super().__init__(state, [self.content, self.downloads, self.schedule, self.moments, self.moments_table])
 
     def _compute(self) -> tuple[TrainingState, tuple[LrSchedule, ...]]:
         training = training_state(self.state.checkpoint)
@@ -35,6 +40,9 @@ class TrainingPanel(Panel):
         training, schedules = result
         self.training = training
         self.content.value = training_html(training)
+        self.downloads.value = "".join(
+            download_links(optimizer.to_frame(), "optimizer-" + ("-".join(map(str, optimizer.path)) or "state"))
+            for optimizer in training.optimizers)
         drawn = [(f"scheduler {s.index} ({s.class_name})", schedule)
                  for s, schedule in zip(training.scheduler_states, schedules) if schedule.steps]
         if drawn:
@@ -62,4 +70,5 @@ class TrainingPanel(Panel):
             return
         self.moments.show(moment_norms_figure(norms, "optimizer moments per parameter"))
         self.moments_table.value = ("<details><summary>optimizer state norms per parameter (table)</summary>"
-                                    + moment_norms_html(norms) + "</details>")
+                                    + moment_norms_html(norms) + "</details>"
+                                    + download_links(pd.DataFrame([dataclasses.asdict(n) for n in norms]), "moment-norms"))
