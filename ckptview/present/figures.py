@@ -196,8 +196,8 @@ def value_diff_by_module(frame: pd.DataFrame, *, module_column: str = "module", 
     table = frame.set_index(module_column)[metrics].head(max_rows).astype(float)
     if "cosine" in table:
         table["cosine"] = 1.0 - table["cosine"]
-    table = table.rename(columns={"rel_change": "relative change ‖a−b‖/‖a‖", "max_abs_diff": "max |a−b|",
-                                  "cosine": "1 − cosine"})
+    # short column names: long ones are turned on their side in a narrow notebook, up into the title
+    table = table.rename(columns={"rel_change": "‖a−b‖/‖a‖", "max_abs_diff": "max |a−b|", "cosine": "1 − cos"})
     scaled = table / table.max().replace(0, 1)
     figure = go.Figure(go.Heatmap(z=scaled.to_numpy(), x=list(table.columns), y=list(table.index),
                                   text=table.map(lambda v: f"{v:.3g}").to_numpy(), texttemplate="%{text}",
@@ -207,8 +207,9 @@ def value_diff_by_module(frame: pd.DataFrame, *, module_column: str = "module", 
                                   zmin=0, zmax=1, showscale=False,
                                   hovertemplate="%{y}<br>%{x}: %{text}<extra></extra>"))
     figure.update_layout(**{**_LAYOUT, "height": max(260, 22 * len(table) + 130), "margin": dict(l=10, r=10, t=95, b=30)},
-                         title=_title("value difference per module<br><span style='font-size:11px'>colour: each "
-                                      "column scaled to its largest; integer counters are listed apart</span>"))
-    figure.update_xaxes(side="top")
+                         title=_title("value difference per module<br><span style='font-size:11px'>relative change, "
+                                      "largest |a−b|, 1 − cosine; colour: each column scaled to its largest; integer "
+                                      "counters are listed apart</span>"))
+    figure.update_xaxes(side="top", tickangle=0)
     figure.update_yaxes(autorange="reversed", automargin=True)
     return figure

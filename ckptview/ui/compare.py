@@ -238,7 +238,7 @@ class ComparePanel(Panel):
         keys, diagnosis = result
         self.key_diff = keys
         self.key_report.value = key_diff_html(keys, "the other checkpoint", "this one")
-        self.downloads.value = download_links(keys.to_frame(), "key-diff")
+        self.downloads.value = download_links(keys.to_frame(), "key-diff", "key diff")
         self.values_button.layout.display = ""
         if diagnosis is not None:
             self._show_fixes(diagnosis, "To load the other checkpoint where this one's keys are expected",
@@ -264,12 +264,12 @@ class ComparePanel(Panel):
         self.show_info(f"{len(changes.tensors):,} tensors compared, {len(changes.changed()):,} differ{note}.{below}")
         self.values.show(figures.value_diff_by_module(frame))
         keys = self.key_diff or (self.diagnosis.before if self.diagnosis is not None else None)
-        self.downloads.value = ((download_links(keys.to_frame(), "key-diff") if keys is not None else "")
-                                + download_links(changes.to_frame(), "value-diff"))
+        self.downloads.value = ((download_links(keys.to_frame(), "key-diff", "key diff") if keys is not None else "")
+                                + download_links(changes.to_frame(), "value-diff", "value diff"))
 
     def _show_diagnosis(self, diagnosis: Diagnosis) -> None:
         self.key_report.value = key_diff_html(diagnosis.before, "this checkpoint", "the model")
-        self.downloads.value = download_links(diagnosis.before.to_frame(), "key-diff")
+        self.downloads.value = download_links(diagnosis.before.to_frame(), "key-diff", "key diff")
         self.values_button.layout.display = "none"
         self._show_fixes(diagnosis, "It loads into the model", self.state.path)
 

@@ -23,6 +23,7 @@ import ipywidgets as widgets
 import pandas as pd
 from ipydatagrid import DataGrid, TextRenderer, VegaExpr
 
+from ckptview.present.html import esc
 from ckptview.present.text import human_bytes
 
 # Above this many bytes of CSV the links wait for a click (a 20,000-tensor table is ~1.2 MB of CSV).
@@ -67,8 +68,9 @@ def _renderer(kind: str) -> TextRenderer | None:
     raise ValueError(f"unknown column format {kind!r}; use one of {', '.join(FORMATS)}")
 
 
-def download_links(frame: pd.DataFrame, stem: str) -> str:
-    """Two `<a download>` links holding `frame` as CSV and as JSON records (base64 data URIs)."""
+def download_links(frame: pd.DataFrame, stem: str, label: str = "") -> str:
+    """Two `<a download>` links holding `frame` as CSV and as JSON records (base64 data URIs), after
+    `label` when a panel has several tables' links side by side."""
     csv = frame.to_csv(index=False).encode()
     records = frame.to_json(orient="records", default_handler=str).encode()
     links = []
@@ -78,7 +80,10 @@ def download_links(frame: pd.DataFrame, stem: str) -> str:
         links.append(f"<a class='ckptview-download' download='{stem}.{kind.lower()}' href='{href}' "
                      f"style='color: var(--jp-content-link-color, #1976d2); margin-right: 10px' "
                      f"title='{len(frame):,} rows, {human_bytes(len(data))}'>⤓ {kind}</a>")
-    return "<span class='ckptview-downloads'>" + " ".join(links) + "</span>"
+    named = f"<span class='ckptview-muted' style='margin: 0 6px 0 0'>{esc(label)}:</span>" if label else ""
+    # one unbreakable group per table: a narrow notebook wraps between tables, never inside one
+    return ("<span class='ckptview-downloads' style='display: inline-block; white-space: nowrap; margin-right: 8px'>"
+            + named + " ".join(links) + "</span>")
 
 
 class Table(widgets.VBox):

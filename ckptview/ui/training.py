@@ -41,7 +41,8 @@ class TrainingPanel(Panel):
         self.training = training
         self.content.value = training_html(training)
         self.downloads.value = "".join(
-            download_links(optimizer.to_frame(), "optimizer-" + ("-".join(map(str, optimizer.path)) or "state"))
+            download_links(optimizer.to_frame(), "optimizer-" + ("-".join(map(str, optimizer.path)) or "state"),
+                           "optimizer " + (".".join(map(str, optimizer.path)) or "state") + " per parameter")
             for optimizer in training.optimizers)
         drawn = [(f"scheduler {s.index} ({s.class_name})", schedule)
                  for s, schedule in zip(training.scheduler_states, schedules) if schedule.steps]
