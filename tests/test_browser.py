@@ -383,6 +383,18 @@ def luminance(css_colour: str) -> float:
     return (0.2126 * red + 0.7152 * green + 0.0722 * blue) / 255
 
 
+def fitting_plots(root, theme: str, width: int, *where: object) -> list[dict]:
+    """The visible plots under `root`, each checked to fit its box and the view at `width` with axis
+    text readable on `theme`'s background."""
+    boxes = root.evaluate(PLOT_BOXES)
+    for box in boxes:
+        at = (theme, width, *where, box)
+        assert box["svg"][1] <= box["box"][1] + 1 and box["plot"][1] <= box["box"][1] + 1, at
+        assert box["box"][1] <= box["view"] + 1 and box["svg"][1] <= width, at
+        assert (luminance(box["fill"]) < 0.5) == ("Light" in theme), at
+    return boxes
+
+
 def test_plots_fit_their_boxes_in_light_and_dark_at_1280_and_640(lab: str, page) -> None:
     run_notebook(page, lab)
     explorer = page.locator(".ckptview-explorer:visible").first
@@ -404,15 +416,9 @@ def test_plots_fit_their_boxes_in_light_and_dark_at_1280_and_640(lab: str, page)
                 for title in ("Overview", "Tensors", "Statistics", "BatchNorm"):
                     tab(explorer, title).click()
                     page.wait_for_timeout(1200)  # plotly relayouts on the window's resize event
-                    boxes = explorer.evaluate(PLOT_BOXES)
+                    boxes = fitting_plots(explorer, theme, width, title)
                     assert boxes, (theme, width, title)
-                    for box in boxes:
-                        where = (theme, width, title, box)
-                        assert box["svg"][1] <= box["box"][1] + 1 and box["plot"][1] <= box["box"][1] + 1, where
-                        assert box["box"][1] <= box["view"] + 1 and box["svg"][1] <= width, where
-                        dark_text = luminance(box["fill"]) < 0.5
-                        assert dark_text == ("Light" in theme), where  # axis text readable on the theme's background
-                        checked += 1
+                    checked += len(boxes)
                     shot = f"lab-{'dark' if 'Dark' in theme else 'light'}-{width}-{title.lower()}.png"
                     explorer.locator(".js-plotly-plot:visible").first.scroll_into_view_if_needed()
                     page.screenshot(path=str(ARTIFACTS / shot))

@@ -16,13 +16,12 @@ import pytest
 import torch
 from test_browser import (  # noqa: F401 - fixtures are used by name
     ARTIFACTS,
-    PLOT_BOXES,
     ROOT,
     browser,
     click_row,
+    fitting_plots,
     free_port,
     lab,
-    luminance,
     page,
     run_notebook,
     server_env,
@@ -54,17 +53,6 @@ def compare_notebook(workdir: Path) -> str:  # noqa: F811 - the fixture imported
                           f"ckptview.explore({str(demo / 'cnn_dataparallel.pt')!r}, model='ckptview.demo:build_model')")
 
 
-def check_plots(explorer, theme: str, width: int, title: str) -> int:
-    boxes = explorer.evaluate(PLOT_BOXES)
-    assert boxes, (theme, width, title)
-    for box in boxes:
-        where = (theme, width, title, box)
-        assert box["svg"][1] <= box["box"][1] + 1 and box["plot"][1] <= box["box"][1] + 1, where
-        assert box["box"][1] <= box["view"] + 1 and box["svg"][1] <= width, where
-        assert (luminance(box["fill"]) < 0.5) == ("Light" in theme), where
-    return len(boxes)
-
-
 def test_training_and_compare_tabs_fit_in_light_and_dark_at_1280_and_640(lab: str, compare_notebook: str, page) -> None:  # noqa: F811
     run_notebook(page, lab.replace("explore.ipynb", compare_notebook))
     explorer = page.locator(".ckptview-explorer:visible").first
@@ -89,7 +77,9 @@ def test_training_and_compare_tabs_fit_in_light_and_dark_at_1280_and_640(lab: st
                 for title, shot in (("Training state", "training"), ("Compare", "compare")):
                     tab(explorer, title).click()
                     page.wait_for_timeout(1200)  # plotly relayouts on the window's resize event
-                    checked += check_plots(explorer, theme, width, title)
+                    boxes = fitting_plots(explorer, theme, width, title)
+                    assert boxes, (theme, width, title)
+                    checked += len(boxes)
                     mode = "dark" if "Dark" in theme else "light"
                     explorer.locator(".js-plotly-plot:visible").first.scroll_into_view_if_needed()
                     page.screenshot(path=str(ARTIFACTS / f"{shot}-{mode}-{width}.png"))
