@@ -17,15 +17,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from test_ui_panels import demo, opened  # noqa: F401 - the demo files fixture, used by name
 
-from ckptview.demo import write_samples
-from ckptview.ui import Explorer, explore
+from ckptview.ui import explore
 from ckptview.ui.grid import INLINE_DOWNLOAD_BYTES, Table
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return write_samples(tmp_path_factory.mktemp("demo"))
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +33,6 @@ def many_tensors(tmp_path_factory: pytest.TempPathFactory) -> Path:
     state["blocks.7.layer3.weight"][0, 0] = float("nan")
     torch.save(state, path)
     return path
-
-
-def opened(app: Explorer, title: str):
-    panel = app.select(title)
-    panel.wait()
-    return panel
 
 
 def downloads(html: str) -> dict[str, bytes]:
