@@ -39,7 +39,7 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ckptview.errors import CorruptCheckpointError, UnsupportedFormatError, printable
+from ckptview.errors import CorruptCheckpointError, TruncatedCheckpointError, UnsupportedFormatError, printable
 from ckptview.readers.model import (
     Checkpoint,
     FileSource,
@@ -49,6 +49,7 @@ from ckptview.readers.model import (
     TensorInfo,
     contiguous_stride,
 )
+from ckptview.readers.zip_directory import BadZip, data_offset
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 KERAS_ZIP_MEMBERS = ("metadata.json", "config.json", "model.weights.h5")
@@ -226,14 +227,14 @@ def _zip_json(path: str, archive: zipfile.ZipFile, name: str) -> Any:
 
 
 def _member_data_offset(path: str, member: zipfile.ZipInfo) -> int:
-    with open(path, "rb") as stream:
-        stream.seek(member.header_offset)
-        local = stream.read(30)
-    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+    source = FileSource(path)
+    try:
+        return data_offset(source.read, member.orig_filename, member.header_offset)
+    except (BadZip, TruncatedCheckpointError) as exc:
         raise CorruptCheckpointError(path, "the archive's directory points at a member header that is not there: the "
-                                           ".keras file is damaged. Save the model again.")
-    name_length, extra_length = struct.unpack("<HH", local[26:30])
-    return member.header_offset + 30 + name_length + extra_length
+                                           ".keras file is damaged. Save the model again.") from exc
+    finally:
+        source.close()
 
 
 class _Window(io.RawIOBase):

@@ -23,10 +23,10 @@ import torch
 
 from ckptview.errors import CorruptCheckpointError, TruncatedCheckpointError, UnsupportedFormatError
 from ckptview.readers.model import Checkpoint, FileSource, Storage, TensorInfo
+from ckptview.readers.zip_directory import LOCAL_HEADER_BYTES, BadZip, data_offset
 
 # Deflate cannot expand data more than ~1032:1; a member claiming more is a zip bomb or damaged.
 _MAX_DEFLATE_RATIO = 1032
-_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (skipped), name length, extra length
 _INFLATE_READ = 1 << 20  # compressed bytes read at a time
 
 
@@ -175,14 +175,14 @@ def _member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, size: in
 
 
 def _local_data_start(source: FileSource, info: zipfile.ZipInfo, path: str, size: int) -> int:
-    if info.header_offset + _LOCAL_HEADER.size > size:
+    if info.header_offset + LOCAL_HEADER_BYTES > size:
         raise TruncatedCheckpointError(path, f"member {info.filename} starts past the end of the file: the .npz was "
                                              "cut off. Copy it again.")
-    signature, name_len, extra_len = _LOCAL_HEADER.unpack(source.read(info.header_offset, _LOCAL_HEADER.size))
-    if signature != b"PK\x03\x04":
+    try:
+        return data_offset(source.read, info.orig_filename, info.header_offset)
+    except BadZip as exc:
         raise CorruptCheckpointError(path, f"member {info.filename} has a damaged local header: the .npz is "
-                                           "corrupted. Copy it again or re-save it.")
-    return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+                                           "corrupted. Copy it again or re-save it.") from exc
 
 
 class _Deflated:

@@ -35,6 +35,7 @@ from ckptview.readers.remote import source_for
 from ckptview.readers.unpickler import SafeUnpickler
 from ckptview.readers.zip_directory import (
     DEFLATED,
+    LOCAL_HEADER_BYTES,
     STORED,
     BadZip,
     Member,
@@ -270,7 +271,7 @@ def _storage_offset(read: Callable[[int, int], bytes], name: str, header_offset:
     try:
         offset = base_offset + data_offset(read, name, header_offset)
     except BadZip as exc:
-        if base_offset + header_offset + 30 > file_size:
+        if base_offset + header_offset + LOCAL_HEADER_BYTES > file_size:
             raise TruncatedCheckpointError(path, f"archive member {printable(name)} starts beyond the end of the "
                                                  "file: it was cut off. Copy it again.") from exc
         raise CorruptCheckpointError(path, f"archive member {printable(name)} has a damaged local header (it "

@@ -27,7 +27,8 @@ _END = struct.Struct("<4s4H2LH")  # signature, disk numbers, entry counts, direc
 _END64_LOCATOR = struct.Struct("<4sLQL")
 _END64 = struct.Struct("<4sQ2H2L4Q")
 _ENTRY = struct.Struct("<4s4B4HL2L5H2L")
-_LOCAL = struct.Struct("<4s22xHH")  # signature, then name and extra-field lengths at bytes 26..29
+_LOCAL = struct.Struct("<4s2xH18xHH")  # signature, flags at bytes 6..7, name and extra-field lengths at 26..29
+LOCAL_HEADER_BYTES = _LOCAL.size  # before a member's name: a header starting later than size - this is cut off
 _MAX_COMMENT = 65535
 _UTF8_NAMES = 0x800
 _MAX_EXTRACT_VERSION = 63  # zipfile's limit
@@ -144,9 +145,10 @@ def data_offset(read: Callable[[int, int], bytes], name: str, header_offset: int
     header = read(header_offset, _LOCAL.size)
     if len(header) < _LOCAL.size:
         raise BadZip("cut off")
-    signature, name_len, extra_len = _LOCAL.unpack(header)
+    signature, flags, name_len, extra_len = _LOCAL.unpack(header)
     local_name = read(header_offset + _LOCAL.size, name_len) if name_len else b""
-    if signature != b"PK\x03\x04" or local_name.decode("utf-8", "replace") != name:
+    # decoded as zipfile decodes it: UTF-8 when the header says so, else cp437
+    if signature != b"PK\x03\x04" or local_name.decode("utf-8" if flags & _UTF8_NAMES else "cp437", "replace") != name:
         raise BadZip("a local header that disagrees with the directory")
     return header_offset + _LOCAL.size + name_len + extra_len
 
