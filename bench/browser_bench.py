@@ -10,17 +10,15 @@ drawn result on the page (not the kernel's computation alone):
 
     python bench/browser_bench.py [--rounds 3]
 
-Needs /usr/bin/chromium (apt-get install -y chromium) and the `lab` extra; the test suite's
-browser helpers (tests/test_browser.py) start nothing here, their click and notebook helpers are reused.
+Needs /usr/bin/chromium (apt-get install -y chromium) and the `lab` extra; the server, notebook and
+click helpers are the browser tests' own (tests/test_browser.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,17 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from test_browser import (  # noqa: E402
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    ROOT_FLAG,
-    click_row,
-    free_port,
-    run_notebook,
-    server_env,
-    tab,
-    wait_for_http,
-)
+from test_browser import CHROMIUM, CHROMIUM_ARGS, click_row, jupyter_lab, run_notebook, tab  # noqa: E402
 
 # What shows that a tab has its first content: a drawn plot, a grid, or a table.
 FIRST_CONTENT = {
@@ -113,21 +101,11 @@ def main() -> None:
         write_samples(folder / "demo")
         (folder / "jupyter-config" / "labconfig").mkdir(parents=True)
         name = _notebook(folder, folder / "demo" / "training.pt")
-        port, token = free_port(), secrets.token_hex(16)
-        lab = subprocess.Popen(
-            [str(Path(sys.executable).parent / "jupyter"), "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-             f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={folder}", *ROOT_FLAG],
-            cwd=folder, env=server_env(folder), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_for_http(f"http://127.0.0.1:{port}/api/status?token={token}", lab)
-            with sync_playwright() as playwright:
-                chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-                page = chromium.new_page(viewport={"width": 1280, "height": 800})
-                figures = measure(page, f"http://127.0.0.1:{port}/lab/tree/{name}?token={token}", args.rounds)
-                chromium.close()
-        finally:
-            lab.terminate()
-            lab.wait(timeout=30)
+        with jupyter_lab(folder, name) as url, sync_playwright() as playwright:
+            chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            page = chromium.new_page(viewport={"width": 1280, "height": 800})
+            figures = measure(page, url, args.rounds)
+            chromium.close()
     print(f"{'what (demo training.pt, JupyterLab, warm kernel, 1280x800)':<48} {'median':>8} {'min':>7} {'max':>7}  runs")
     for label, values in figures.items():
         print(f"{label:<48} {statistics.median(values):7.2f}s {min(values):6.2f}s {max(values):6.2f}s  {len(values)}")

@@ -9,6 +9,7 @@ outputs saved into it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import io
 import json
@@ -82,20 +83,28 @@ def server_env(workdir: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def lab(workdir: Path) -> Iterator[str]:
+@contextlib.contextmanager
+def jupyter_lab(folder: Path, notebook: str) -> Iterator[str]:
+    """JupyterLab serving `folder` on 127.0.0.1 (its log in folder/lab.log); yields the URL opening `notebook`."""
     port, token = free_port(), secrets.token_hex(16)
     bin_dir = Path(sys.executable).parent
-    process = subprocess.Popen(
-        [str(bin_dir / "jupyter"), "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={workdir}", *ROOT_FLAG],
-        cwd=workdir, env=server_env(workdir), stdout=subprocess.DEVNULL, stderr=(workdir / "lab.log").open("wb"))
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/api/status?token={token}", process)
-        yield f"http://127.0.0.1:{port}/lab/tree/explore.ipynb?token={token}"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with (folder / "lab.log").open("wb") as log:
+        process = subprocess.Popen(
+            [str(bin_dir / "jupyter"), "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+             f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={folder}", *ROOT_FLAG],
+            cwd=folder, env=server_env(folder), stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/api/status?token={token}", process)
+            yield f"http://127.0.0.1:{port}/lab/tree/{notebook}?token={token}"
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def lab(workdir: Path) -> Iterator[str]:
+    with jupyter_lab(workdir, "explore.ipynb") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +330,6 @@ def test_explorer_on_an_onnx_file(lab: str, onnx_notebook: str, page) -> None:
 def gguf_notebook(workdir: Path) -> str:
     """A notebook opening the explorer on a GGUF file of Q8_0, Q4_0, Q4_K and F16 tensors (tests/test_gguf.py)."""
     import nbformat
-
     from test_gguf import write_model
 
     path = write_model(workdir / "llama.gguf")
