@@ -12,9 +12,17 @@ from collections import OrderedDict
 import pytest
 import torch
 
+from ckptview.readers import pickle_scan
 from ckptview.readers.pickle_scan import MemoIndexRefused, pickle_end
 
 import hostile_files as hostile
+
+
+@pytest.fixture(autouse=True, params=["plain run", "run with short strings"])
+def run_pattern(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test under both patterns: the one that steps over short strings serves large pickles only."""
+    if request.param == "run with short strings":
+        monkeypatch.setattr(pickle_scan, "_LARGE_PICKLE", -1)
 
 
 def _values() -> list[object]:

@@ -9,13 +9,14 @@ honestly numbers its objects 0, 1, 2, …, one per PUT, and each PUT follows the
 the object, so an index is always below the PUT's byte offset. An index at or past its offset is
 refused here, with a floor (`_ALWAYS_FINE`, a 64 MB memo) so no small pickle is judged by it.
 
-Most opcodes have a fixed-size argument; a regular expression steps over runs of them in C and
-Python handles only the others (strings, newline-terminated arguments, large LONG_BINPUTs), so the
-pass costs a small part of the unpickling it guards.
+Most opcodes have a fixed-size argument, and most strings are short; a regular expression steps
+over runs of them in C and Python handles only the others (long strings, newline-terminated
+arguments, large LONG_BINPUTs), so the pass costs a small part of the unpickling it guards.
 """
 
 from __future__ import annotations
 
+import functools
 import pickletools
 import re
 from typing import Any
@@ -51,7 +52,7 @@ def _argument_kinds() -> list[int | None]:
 _KINDS = _argument_kinds()
 
 
-def _fixed_run_pattern() -> re.Pattern[bytes]:
+def _fixed_run_pattern(short_strings: bool) -> re.Pattern[bytes]:
     by_size: dict[int, list[int]] = {}
     for code, kind in enumerate(_KINDS):
         if kind is not None and kind >= 0 and code != _LONG_BINPUT:
@@ -60,10 +61,26 @@ def _fixed_run_pattern() -> re.Pattern[bytes]:
                 for size, codes in sorted(by_size.items())]
     # a LONG_BINPUT under _ALWAYS_FINE (little-endian: third byte below 0x40, fourth zero) stays in the run
     branches.append(b"r..[\\x00-\\x3f]\\x00")
+    if short_strings:
+        # strings and bytes shorter than 256 stay in the run too, one branch per length
+        for kind, length_bytes in ((_LENGTH1, b""), (_LENGTH4, b"\\x00\\x00\\x00")):
+            codes = b"".join(b"\\x%02x" % code for code, code_kind in enumerate(_KINDS) if code_kind == kind)
+            lengths = b"|".join(b"\\x%02x%s.{%d}" % (n, length_bytes, n) for n in range(256))
+            branches.append(b"[" + codes + b"](?:" + lengths + b")")
     return re.compile(b"(?:" + b"|".join(branches) + b")*+", re.DOTALL)
 
 
-_FIXED_RUN = _fixed_run_pattern()
+_FIXED_RUN = _fixed_run_pattern(short_strings=False)
+
+# A state dict's pickle holds two short strings per tensor (its name, its storage key); leaving the
+# run for each cost a third of the pass over a 20,000-tensor pickle. The pattern that stays in takes
+# 10 ms to compile, paid only once a pickle is large enough to win it back.
+_LARGE_PICKLE = 1 << 20
+
+
+@functools.cache
+def _fixed_run_with_strings() -> re.Pattern[bytes]:
+    return _fixed_run_pattern(short_strings=True)
 
 
 def pickle_end(data: Any, start: int = 0) -> int:
@@ -78,7 +95,8 @@ def pickle_end(data: Any, start: int = 0) -> int:
             memo far larger than the pickle.
     """
     position, end = start, len(data)
-    match_run, find, from_bytes, kinds = _FIXED_RUN.match, data.find, int.from_bytes, _KINDS
+    run = _fixed_run_with_strings() if end - start > _LARGE_PICKLE else _FIXED_RUN
+    match_run, find, from_bytes, kinds = run.match, data.find, int.from_bytes, _KINDS
     while True:
         position = match_run(data, position).end()
         if position >= end:
