@@ -58,9 +58,9 @@ def _disk_cache_usable() -> bool:
 
 
 # Not "fast": no-NaN/no-Inf flags would let LLVM delete the NaN checks of the scalar paths.
-_FLAGS = {"reassoc", "nsz", "contract"}
+FASTMATH = {"reassoc", "nsz", "contract"}  # run_kernels compiles the kernels into its loop with these
 DISK_CACHE_USABLE = _disk_cache_usable()  # run_kernels compiles with the same answer
-_OPTIONS = dict(nogil=True, fastmath=_FLAGS, error_model="numpy", boundscheck=False, cache=DISK_CACHE_USABLE)
+_OPTIONS = dict(nogil=True, fastmath=FASTMATH, error_model="numpy", boundscheck=False, cache=DISK_CACHE_USABLE)
 _LARGEST = np.finfo(np.float64).max
 
 # acc slots of `moments`: finite count, mean, M2 (sum of squared deviations), zeros, NaN, +Inf, -Inf
@@ -220,7 +220,9 @@ def merge_moments(acc, n, mean, m2):
     _merge(acc, n, mean, m2)
 
 
-@njit(**_OPTIONS)
+# Inlined into every caller (as the other helpers are), so each compiled kernel holds its own code
+# and no other library's copy: see run_kernels for why that decides the last bits.
+@njit(**_OPTIONS, inline="always")
 def _moments_exact_block(block, acc, keys):
     # The scalar path, in float64: counts NaN/±Inf apart and reduces the finite values (also those
     # so large that the vectorised float32 sums overflowed).
@@ -335,7 +337,7 @@ def moments(bits, acc, keys, samples, offset, stride):
         keys[1] = max(keys[1], _wide_key(hi))
 
 
-@njit(**_OPTIONS)
+@njit(**_OPTIONS, inline="always")  # inlined for the reason `_moments_exact_block` is
 def _diff_nonfinite_block(a, b, acc):
     # Positions where either side is NaN/Inf count for NaN and "changed" only; the sums are in
     # float64 over positions finite on both sides, so huge finite values whose float32 sum

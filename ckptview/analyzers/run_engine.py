@@ -34,8 +34,8 @@ from ckptview.errors import CkptviewError
 Cancel = Union[threading.Event, Callable[[], bool], None]
 Progress = Union[bool, Callable[[int, int], None]]
 
-# Bumped whenever a task's results change meaning, so older cache files are ignored.
-CACHE_VERSION = "3"
+# Bumped whenever a task's results change (meaning or last bits), so older cache files are ignored.
+CACHE_VERSION = "4"  # 4: the run kernel inlines its kernels (run_kernels: one copy of the code)
 
 
 def _cancelled(cancel: Cancel) -> bool:

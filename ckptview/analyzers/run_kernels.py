@@ -11,6 +11,15 @@ in arithmetic. Here the loop over tensors and chunks is compiled and releases th
 The chunks are the ones the Python driver cuts (`CHUNK_ELEMENTS` from each tensor's start) and the
 kernels are the same functions, so results are bit-for-bit those of `run_tasks._add_row`, which
 remains the path for tensors whose sides differ in dtype and for float16 (converted first).
+
+Why the kernels are inlined (numba's `inline="always"`, so this function's machine code holds all of
+its arithmetic): numba links a called njit function into its caller as a weak copy of the callee's
+optimised IR and optimises it again there. The float sums are reassociated (`kernels.FASTMATH`), and
+that second optimisation rebalances their reduction trees, so the caller's copy of `moments` rounds
+differently from the callee's own library in the last bits (~1e-7 relative in float32 mean and M2).
+Which copy ran depended on the process: one that compiled this function had the callee's library
+loaded and the JIT bound the weak symbol to it; one that loaded this function from the disk cache
+ran the copy inside it; a local run and its Dask workers disagreed. Inlined, there is one copy.
 """
 
 from __future__ import annotations
@@ -18,13 +27,17 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ckptview.analyzers.kernels import DISK_CACHE_USABLE, diff, moments
+from ckptview.analyzers import kernels
+
+_moments = njit(inline="always")(kernels.moments.py_func)
+_diff = njit(inline="always")(kernels.diff.py_func)
 
 NONE = -1  # no such tensor on that side (the row's prev/first sums are NaN)
 SAME_AS_PREV = -2  # the first checkpoint is the previous one: its sums are the previous sums
 
 
-@njit(nogil=True, error_model="numpy", boundscheck=False, cache=DISK_CACHE_USABLE)
+# the inlined kernels' arithmetic is compiled with these flags, so they must be the kernels' own
+@njit(nogil=True, fastmath=kernels.FASTMATH, error_model="numpy", boundscheck=False, cache=kernels.DISK_CACHE_USABLE)
 def reduce_segments(cur, starts, counts, prev, prev_starts, first, first_starts, chunk, samples, acc, keys,
                     prev_sums, first_sums):
     """
@@ -43,20 +56,18 @@ def reduce_segments(cur, starts, counts, prev, prev_starts, first, first_starts,
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             part = cur[begin + s:begin + e]
-            moments(part, acc[k], keys[k], samples, 0, 0)
+            _moments(part, acc[k], keys[k], samples, 0, 0)
             if p >= 0:
-                diff(prev[p + s:p + e], part, prev_sums[k])
+                _diff(prev[p + s:p + e], part, prev_sums[k])
             if f >= 0:
-                diff(first[f + s:f + e], part, first_sums[k])
+                _diff(first[f + s:f + e], part, first_sums[k])
 
 
 def warm_up() -> None:
     """Load (or compile, the first time) the kernel for each float width, as `kernels.warm_up` does."""
-    from ckptview.analyzers.kernels import DIFF_SLOTS, new_moments
-
     for bits_type, sample_type in ((np.int16, np.float32), (np.int32, np.float32), (np.int64, np.float64)):
-        acc, keys = new_moments()
+        acc, keys = kernels.new_moments()
         bits = np.zeros(1, dtype=bits_type)
         offsets = np.zeros(1, dtype=np.int64)
         reduce_segments(bits, offsets, offsets + 1, bits, offsets, bits, offsets, 1, np.empty(0, dtype=sample_type),
-                        acc[None], keys[None], np.zeros((1, DIFF_SLOTS)), np.zeros((1, DIFF_SLOTS)))
+                        acc[None], keys[None], np.zeros((1, kernels.DIFF_SLOTS)), np.zeros((1, kernels.DIFF_SLOTS)))
