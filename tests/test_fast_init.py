@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from ckptview.readers.model import TensorInfo, fast_init
+from ckptview.readers.model import FileSource, Storage, TensorInfo, fast_init, strided_tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,3 +43,21 @@ def test_post_init_still_runs() -> None:
 def test_default_factory_is_refused() -> None:
     with pytest.raises(TypeError, match="default_factory"):
         fast_init(dataclasses.make_dataclass("_Bad", [("a", list, dataclasses.field(default_factory=list))], frozen=True))
+
+
+def test_strided_tensor_is_the_record_the_keyword_init_makes() -> None:
+    storage = Storage("0", FileSource(__file__), -1, 256, "cuda:1")
+    made = strided_tensor((4, 8), "float16", storage, 3, (8, 1), True)
+    expected = TensorInfo(shape=(4, 8), dtype="float16", storage=storage, storage_offset=3, stride=(8, 1),
+                          requires_grad=True)
+    assert made == expected and repr(made) == repr(expected) and hash(made) == hash(expected)
+    assert list(vars(made).items()) == list(vars(expected).items())  # every default, in field order
+    assert dataclasses.replace(made, is_parameter=True) == dataclasses.replace(expected, is_parameter=True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.shape = (1,)  # type: ignore[misc]
+
+
+def test_storage_fields_positional_and_by_keyword() -> None:
+    source = FileSource(__file__)
+    assert Storage("k", source, -1, 8, "cpu") == Storage(key="k", source=source, offset=-1, nbytes=8, location="cpu",
+                                                         byteorder="little", locate=None)

@@ -234,16 +234,15 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
             raise CorruptCheckpointError(path, "the archive's byteorder record is neither 'little' nor 'big': the "
                                                "file is damaged. Re-save it.")
 
-    # storage key -> (member name, local header offset): plain data the garbage collector skips,
-    # where 20,000 per-storage closures or member records would be scanned after every listing
-    headers: dict[str, tuple[str, int]] = {}
+    data_folder = prefix + "data/"
+    key_prefix = f"{base_offset}:" if base_offset else ""  # DCP: keys unique across the archives of one file
 
     def locate(storage: Storage) -> int:
-        name, header_offset = headers[storage.key]
-        return _storage_offset(read, name, header_offset, path, storage.nbytes, base_offset, file_size)
+        member = members[data_folder + storage.key[len(key_prefix):]]
+        return _storage_offset(read, member.name, member.header_offset, path, storage.nbytes, base_offset, file_size)
 
     def storage_for(dtype: str, key: str, location: str, numel: int, view_metadata: Any) -> Storage:
-        member = members.get(f"{prefix}data/{key}")
+        member = members.get(data_folder + key)
         if member is None:
             raise CorruptCheckpointError(path, f"data.pkl refers to storage {key!r} but the archive has no "
                                                f"member {prefix}data/{key}: the file is incomplete. Re-save it.")
@@ -255,10 +254,7 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
         if member.file_size < nbytes:
             raise CorruptCheckpointError(path, f"storage {key!r} should hold {nbytes:,} bytes but its archive "
                                                f"member has {member.file_size:,}: the file is damaged. Re-save it.")
-        storage_key = f"{base_offset}:{key}" if base_offset else key
-        headers[storage_key] = (member.name, member.header_offset)
-        return Storage(key=storage_key, source=source, offset=-1, nbytes=nbytes, location=location,
-                       byteorder=byteorder, locate=locate)
+        return Storage(key_prefix + key, source, -1, nbytes, location, byteorder, locate)
 
     data = _read_member(read, members[prefix + "data.pkl"], path)
     root, unpickler, _ = unpickle(data, path, "its data.pkl", storage_for)
