@@ -696,16 +696,19 @@ def summarize_run(run: Run, tables: Sequence[Mapping[str, list[Any]]]) -> RunSum
     batchnorm: list[BatchNormDrift] = []
     moments: list[MomentNorm] = []
     nan_onset: NanOnset | None = None
+    # Each table is read by column and row index: a dict per row cost a third of this function, which
+    # a cached re-run spends on every checkpoint of the run.
     for i, (checkpoint, table) in enumerate(zip(checkpoints, tables)):
-        rows = [dict(zip(table, values)) for values in zip(*table.values())]
         if nan_onset is None:
-            nan_onset = _nan_onset(checkpoint, rows)
+            nan_onset = _nan_onset(checkpoint, table)
         steps = None
         if per_step and i:
             steps = checkpoint.step - checkpoints[i - 1].step  # type: ignore[operator]
-        drift.extend(_module_drift(checkpoint, rows, steps))
-        batchnorm.extend(_batchnorm_drift(checkpoint, rows))
-        moments.extend(_moment_norms(checkpoint, rows))
+        squares = [m2 + finite * mean ** 2 if finite else 0.0
+                   for finite, mean, m2 in zip(table["finite"], table["mean"], table["m2"])]
+        drift.extend(_module_drift(checkpoint, table, squares, steps))
+        batchnorm.extend(_batchnorm_drift(checkpoint, table))
+        moments.extend(_moment_norms(checkpoint, table, squares))
     return RunSummary(
         checkpoints=checkpoints, order_by=run.order_by, order_note=run.order_note, skipped=run.skipped,
         aliases=run.aliases, best=run.best, nan_onset=nan_onset, drift=tuple(drift),
@@ -718,68 +721,71 @@ def _module_of(name: str) -> str:
     return name.rpartition(".")[0] or name
 
 
-def _nan_onset(checkpoint: RunCheckpoint, rows: list[dict[str, Any]]) -> NanOnset | None:
-    bad = [r for r in rows if r["nan"] or r["posinf"] or r["neginf"]]
+def _nan_onset(checkpoint: RunCheckpoint, table: Mapping[str, list[Any]]) -> NanOnset | None:
+    nan, posinf, neginf = table["nan"], table["posinf"], table["neginf"]
+    bad = [i for i, counts in enumerate(zip(nan, posinf, neginf)) if any(counts)]
     if not bad:
         return None
-    bad.sort(key=lambda r: r["part"] != "model")  # stable: model tensors first, each group in file order
-    names = tuple(r["name"] + (f" ({r['param']})" if r["param"] else "") for r in bad)
+    part, name, param = table["part"], table["name"], table["param"]
+    bad.sort(key=lambda i: part[i] != "model")  # stable: model tensors first, each group in file order
+    names = tuple(name[i] + (f" ({param[i]})" if param[i] else "") for i in bad)
     return NanOnset(checkpoint.path, checkpoint.epoch, checkpoint.step, names,
-                    sum(r["nan"] for r in bad), sum(r["posinf"] + r["neginf"] for r in bad))
+                    sum(nan[i] for i in bad), sum(posinf[i] + neginf[i] for i in bad))
 
 
-def _sum_squares(row: Mapping[str, Any]) -> float:
-    return row["m2"] + row["finite"] * row["mean"] ** 2 if row["finite"] else 0.0
-
-
-def _module_drift(checkpoint: RunCheckpoint, rows: list[dict[str, Any]], steps: float | None) -> list[ModuleDrift]:
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        if row["part"] == "model" and row["name"].rsplit(".", 1)[-1] not in BUFFER_LEAVES:
-            groups[_module_of(row["name"])].append(row)
+def _module_drift(checkpoint: RunCheckpoint, table: Mapping[str, list[Any]], squares: list[float],
+                  steps: float | None) -> list[ModuleDrift]:
+    """`squares`: each row's sum of squares over its finite values."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, (name, part) in enumerate(zip(table["name"], table["part"])):
+        if part == "model" and name.rsplit(".", 1)[-1] not in BUFFER_LEAVES:
+            groups[_module_of(name)].append(i)
+    prev_dd_of, prev_aa_of = table["prev_dd"], table["prev_aa"]
+    first_dd_of, first_aa_of, nan = table["first_dd"], table["first_aa"], table["nan"]
     out = []
     for module, members in groups.items():
-        squares = sum(_sum_squares(r) for r in members)
-        prev_dd, prev_aa = sum(r["prev_dd"] for r in members), sum(r["prev_aa"] for r in members)
-        first_dd, first_aa = sum(r["first_dd"] for r in members), sum(r["first_aa"] for r in members)
-        norm = math.sqrt(squares)
+        total = sum(squares[i] for i in members)
+        prev_dd, prev_aa = sum(prev_dd_of[i] for i in members), sum(prev_aa_of[i] for i in members)
+        first_dd, first_aa = sum(first_dd_of[i] for i in members), sum(first_aa_of[i] for i in members)
+        norm = math.sqrt(total)
         update = math.sqrt(prev_dd) / norm if norm > 0 and math.isfinite(prev_dd) else math.nan
         if steps:
             update /= steps
         out.append(ModuleDrift(module, checkpoint.path, checkpoint.epoch, checkpoint.step, norm,
                                _relative(prev_dd, prev_aa), _relative(first_dd, first_aa), update,
-                               sum(r["nan"] for r in members)))
+                               sum(nan[i] for i in members)))
     return out
 
 
-def _batchnorm_drift(checkpoint: RunCheckpoint, rows: list[dict[str, Any]]) -> list[BatchNormDrift]:
-    stats: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
-    for row in rows:
-        module, _, leaf = row["name"].rpartition(".")
-        if row["part"] == "model" and leaf in ("running_mean", "running_var"):
-            stats[module][leaf] = row
+def _batchnorm_drift(checkpoint: RunCheckpoint, table: Mapping[str, list[Any]]) -> list[BatchNormDrift]:
+    stats: dict[str, dict[str, int]] = defaultdict(dict)
+    for i, (name, part) in enumerate(zip(table["name"], table["part"])):
+        module, _, leaf = name.rpartition(".")
+        if part == "model" and leaf in ("running_mean", "running_var"):
+            stats[module][leaf] = i
+    mean_of, prev_dd, prev_aa, first_dd, first_aa = (table[c] for c in ("mean", "prev_dd", "prev_aa", "first_dd",
+                                                                         "first_aa"))
     out = []
     for module, pair in stats.items():
         mean, var = pair.get("running_mean"), pair.get("running_var")
         if mean is None or var is None:
             continue
-        out.append(BatchNormDrift(module, checkpoint.path, checkpoint.epoch, mean["mean"], var["mean"],
-                                  _relative(mean["prev_dd"], mean["prev_aa"]), _relative(var["prev_dd"], var["prev_aa"]),
-                                  _relative(mean["first_dd"], mean["first_aa"]),
-                                  _relative(var["first_dd"], var["first_aa"])))
+        out.append(BatchNormDrift(module, checkpoint.path, checkpoint.epoch, mean_of[mean], mean_of[var],
+                                  _relative(prev_dd[mean], prev_aa[mean]), _relative(prev_dd[var], prev_aa[var]),
+                                  _relative(first_dd[mean], first_aa[mean]), _relative(first_dd[var], first_aa[var])))
     return out
 
 
-def _moment_norms(checkpoint: RunCheckpoint, rows: list[dict[str, Any]]) -> list[MomentNorm]:
-    squares: dict[tuple[str, str], float] = defaultdict(float)
-    for row in rows:
-        if row["part"] != "optimizer" or row["slot"] == "step":
+def _moment_norms(checkpoint: RunCheckpoint, table: Mapping[str, list[Any]], squares: list[float]) -> list[MomentNorm]:
+    totals: dict[tuple[str, str], float] = defaultdict(float)
+    for i, (part, slot, param) in enumerate(zip(table["part"], table["slot"], table["param"])):
+        if part != "optimizer" or slot == "step":
             continue
-        module = _module_of(row["param"]) if row["param"] else "<unmapped>"
-        squares[(module, row["slot"])] += _sum_squares(row)
-        squares[("<all>", row["slot"])] += _sum_squares(row)
+        module = _module_of(param) if param else "<unmapped>"
+        totals[(module, slot)] += squares[i]
+        totals[("<all>", slot)] += squares[i]
     return [MomentNorm(module, slot, checkpoint.path, checkpoint.epoch, math.sqrt(total))
-            for (module, slot), total in squares.items()]
+            for (module, slot), total in totals.items()]
 
 
 def _stopped(drift: Sequence[ModuleDrift], checkpoints: Sequence[RunCheckpoint]) -> list[StoppedModule]:
