@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ckptview.analyzers.sections import find_sections, model_state_dict
-from ckptview.analyzers.training import plain, training_state
+from ckptview.analyzers.training import optimizer_parameter_names, plain, training_state
 from ckptview.errors import CkptviewError
 from ckptview.readers.model import Checkpoint, FileSource, ScratchBuffers, TensorEntry, TensorInfo
 from ckptview.readers.remote import RemoteSource
@@ -744,13 +744,12 @@ def _same(other: TensorEntry | None, entry: TensorEntry) -> TensorEntry | None:
 def _optimizer_names(ckpt: Checkpoint) -> dict[tuple[Any, ...], str]:
     """Path of each parameter's optimizer state (`(..., "state", 3)`) -> the parameter's name ("" when unmapped)."""
     names: dict[tuple[Any, ...], str] = {}
-    for optimizer in training_state(ckpt).optimizers:
-        state = ckpt.get(optimizer.path).get("state")
+    for path, by_id in optimizer_parameter_names(ckpt).items():
+        state = ckpt.get(path).get("state")
         if not isinstance(state, Mapping):
             continue
-        by_id = {str(p.param_id): p.name or "" for p in optimizer.params}
         for key in state:
-            names[optimizer.path + ("state", key)] = by_id.get(str(key), "")
+            names[path + ("state", key)] = by_id.get(str(key), "")
     return names
 
 

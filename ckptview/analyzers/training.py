@@ -199,8 +199,23 @@ def model_parameters(checkpoint: Checkpoint, section: Section | None = None) -> 
     return [e for e in entries if e.name.rsplit(".", 1)[-1] not in BUFFER_LEAVES and e.dtype.is_floating_point]
 
 
-def _optimizer(checkpoint: Checkpoint, section: Section, parameters: list[TensorEntry]) -> OptimizerState:
-    node = checkpoint.get(section.path)
+def optimizer_parameter_names(checkpoint: Checkpoint) -> dict[tuple[Any, ...], dict[str, str]]:
+    """
+    Each optimizer section's path -> its parameter ids (as strings) -> model parameter names, mapped
+    as `training_state` maps them, without loading any state tensor: `training_state` reads every
+    parameter's `step`, a read per parameter that a caller wanting only the names (the run's
+    per-checkpoint pass) need not pay.
+    """
+    parameters = model_parameters(checkpoint, model_section(checkpoint))
+    found = {}
+    for section in (s for s in find_sections(checkpoint) if s.kind == "optimizer"):
+        _, _, ordered_ids, names, _, _ = _groups_and_names(checkpoint.get(section.path), parameters)
+        found[section.path] = {str(pid): names[pid] for pid in ordered_ids if pid in names}
+    return found
+
+
+def _groups_and_names(node: Any, parameters: list[TensorEntry]) -> tuple[list[ParamGroup], dict[str, Any], list[Any],
+                                                                          dict[Any, str], str, str]:
     groups = []
     for index, group in enumerate(node.get("param_groups") or []):
         group = dict(group) if isinstance(group, Mapping) else {}
@@ -212,9 +227,14 @@ def _optimizer(checkpoint: Checkpoint, section: Section, parameters: list[Tensor
     # ids are ints in torch.save files but strings once DCP has flattened the state to paths
     state = {str(k): v for k, v in (node.get("state") or {}).items()} if isinstance(node.get("state"), Mapping) else {}
     ordered_ids = [pid for g in groups for pid in g.param_ids]
-    group_of = {pid: g.index for g in groups for pid in g.param_ids}
     state_shapes = {pid: _state_shape(state.get(str(pid))) for pid in ordered_ids}
     names, mapping, note = _map_names(groups, ordered_ids, state_shapes, parameters)
+    return groups, state, ordered_ids, names, mapping, note
+
+
+def _optimizer(checkpoint: Checkpoint, section: Section, parameters: list[TensorEntry]) -> OptimizerState:
+    groups, state, ordered_ids, names, mapping, note = _groups_and_names(checkpoint.get(section.path), parameters)
+    group_of = {pid: g.index for g in groups for pid in g.param_ids}
     shape_of = {e.name: e.shape for e in parameters}
     params = []
     for pid in ordered_ids:
