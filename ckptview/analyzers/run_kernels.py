@@ -9,7 +9,7 @@ each holding the GIL, so a second thread could not run and small tensors cost mo
 in arithmetic. Here the loop over tensors and chunks is compiled and releases the GIL throughout.
 
 The chunks are the ones the Python driver cuts (`CHUNK_ELEMENTS` from each tensor's start) and the
-kernels are the same functions, so results are bit-for-bit those of `run_tasks._add_row`, which
+kernels are the same functions, so results are bit-for-bit those of `run_tasks._row_cells`, which
 remains the path for tensors whose sides differ in dtype and for float16 (converted first).
 
 Why the kernels are inlined (numba's `inline="always"`, so this function's machine code holds all of

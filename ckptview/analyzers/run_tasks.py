@@ -328,7 +328,7 @@ def _tensor_rows(ckpt: Checkpoint) -> list[_Row]:
         model = _model(ckpt)
         rows = [_Row(entry, name, "model") for name, entry in model.items() if _readable_float(entry)]
         model_paths = {entry.path for entry in model.values()}
-        param_names = _optimizer_names(ckpt)
+        param_names = _optimizer_names(ckpt, model)
         for entry in ckpt.tensors():  # made once per checkpoint (the open checkpoints count them), not walked again
             path = entry.path
             if path in model_paths:
@@ -393,11 +393,12 @@ class _FileMaps:
         kind of source, another byte order, a view, a range the read will report as damaged)."""
         info = entry.info
         storage = info.storage
+        numel = info.numel
         if (not MAP_FILES or storage is None or type(storage.source) is not FileSource or info.layout != "strided"
-                or storage.byteorder != sys.byteorder or not info.is_contiguous() or not info.numel):
+                or storage.byteorder != sys.byteorder or not info.is_contiguous() or not numel):
             return None
         itemsize = info.itemsize
-        start, size = info.storage_offset * itemsize, info.numel * itemsize
+        start, size = info.storage_offset * itemsize, numel * itemsize
         if start + size > storage.nbytes:
             return None
         path = storage.source.path
@@ -408,7 +409,13 @@ class _FileMaps:
         offset = storage.data_offset() + start
         if whole is None or offset + size > whole.numel() or offset % itemsize:
             return None
-        return whole[offset:offset + size].view(info.torch_dtype)
+        dtype = _TORCH_DTYPES.get(info.dtype) or _TORCH_DTYPES.setdefault(info.dtype, info.torch_dtype)
+        return whole[offset:offset + size].view(dtype)
+
+
+# torch dtypes by name, looked up once: `TensorInfo.torch_dtype` goes through a lazy module attribute,
+# 6 us for each of a checkpoint's ~100 tensors
+_TORCH_DTYPES: dict[str, torch.dtype] = {}
 
 
 def _map_file(path: str, expected_size: int | None) -> torch.Tensor | None:
@@ -575,7 +582,7 @@ def _reduce_rows(rows: list[_Row], values: list[torch.Tensor], prevs: list[torch
     """
     The table of rows whose values (and previous/first values) are in memory: one compiled call
     (`run_kernels.reduce_segments`) per buffer and float width for the rows whose three sides share
-    a dtype the kernels read, `_add_row` for the others; equal results either way.
+    a dtype the kernels read, `_row_cells` for the others; equal results either way.
     """
     from ckptview.analyzers import run_kernels
 
@@ -616,14 +623,10 @@ def _reduce_rows(rows: list[_Row], values: list[torch.Tensor], prevs: list[torch
             cells[i] = (row.name, row.part, row.param, row.slot, row.entry.dtype_name, row.entry.numel, int(count),
                         mean if count else math.nan, m2, low, high, int(nan), int(posinf), int(neginf),
                         prev_dd, prev_aa, first_dd, first_aa)
-    table = _new_table()
     for i, row in enumerate(rows):
         if cells[i] is None:
-            _add_row(table, kernels, buffers, row, values[i], prevs[i], firsts[i])
-            continue
-        for column, value in zip(COLUMNS, cells[i]):
-            table[column].append(value)
-    return table
+            cells[i] = _row_cells(kernels, buffers, row, values[i], prevs[i], firsts[i])
+    return _table(cells)
 
 
 class _Side:
@@ -644,16 +647,21 @@ class _Side:
             return
         storage = present[0].untyped_storage()
         base = storage.data_ptr()
-        whole = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes() // itemsize * itemsize,))
-        for k, tensor in enumerate(tensors):
+        usable = storage.nbytes() // itemsize * itemsize
+        whole = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (usable,))
+        starts = self.starts.tolist()
+        for k, (tensor, count) in enumerate(zip(tensors, self.counts.tolist())):
             if tensor is None:
                 continue
-            offset = tensor.data_ptr() - base if tensor.numel() else 0
-            if tensor.numel() and (tensor.untyped_storage().data_ptr() != base or offset % itemsize
-                                   or not tensor.is_contiguous()):
+            # by address, not by asking each tensor for its storage (a new Python object each time): memory
+            # inside this storage's range is this storage's
+            offset = tensor.data_ptr() - base if count else 0
+            if count and (offset < 0 or offset + count * itemsize > usable or offset % itemsize
+                          or not tensor.is_contiguous()):
                 self.ok = False
                 return
-            self.starts[k] = offset // itemsize
+            starts[k] = offset // itemsize
+        self.starts = np.array(starts, dtype=np.int64)
         self.bits = kernels.bit_patterns(whole.view(dtype))
 
 
@@ -686,8 +694,10 @@ def _same_held(held: Held | None, row: _Row) -> torch.Tensor | None:
     return found[1] if found is not None and found[0] == row.entry.shape else None
 
 
-def _new_table() -> dict[str, list[Any]]:
-    return {column: [] for column in COLUMNS}
+def _table(cells: list[tuple[Any, ...]]) -> dict[str, list[Any]]:
+    """The column-wise table of rows of cells (one tuple per row, in `COLUMNS` order)."""
+    columns = zip(*cells) if cells else [()] * len(COLUMNS)
+    return {column: list(values) for column, values in zip(COLUMNS, columns)}
 
 
 def summarize(cur: FileId, prev: FileId | None, first: FileId | None, trust: bool = False) -> dict[str, list[Any]]:
@@ -710,14 +720,14 @@ def summarize(cur: FileId, prev: FileId | None, first: FileId | None, trust: boo
             first_model = prev_model
         else:
             first_model = _model(stack.enter_context(OPEN_CHECKPOINTS.use(first, trust))) if first else {}
-        table = _new_table()
+        cells = []
         buffers = ScratchBuffers()
         for row in _tensor_rows(ckpt):
             prev_entry = first_entry = None
             if row.part == "model":
                 prev_entry, first_entry = _same(prev_model.get(row.name), row.entry), _same(first_model.get(row.name), row.entry)
-            _add_row(table, kernels, buffers, row, row.entry, prev_entry, first_entry)
-    return table
+            cells.append(_row_cells(kernels, buffers, row, row.entry, prev_entry, first_entry))
+    return _table(cells)
 
 
 def _model(ckpt: Checkpoint) -> dict[str, TensorEntry]:
@@ -741,10 +751,10 @@ def _same(other: TensorEntry | None, entry: TensorEntry) -> TensorEntry | None:
     return other
 
 
-def _optimizer_names(ckpt: Checkpoint) -> dict[tuple[Any, ...], str]:
+def _optimizer_names(ckpt: Checkpoint, model: Mapping[str, TensorEntry]) -> dict[tuple[Any, ...], str]:
     """Path of each parameter's optimizer state (`(..., "state", 3)`) -> the parameter's name ("" when unmapped)."""
     names: dict[tuple[Any, ...], str] = {}
-    for path, by_id in optimizer_parameter_names(ckpt).items():
+    for path, by_id in optimizer_parameter_names(ckpt, model).items():
         state = ckpt.get(path).get("state")
         if not isinstance(state, Mapping):
             continue
@@ -779,8 +789,8 @@ def _as(chunk: torch.Tensor, buffers: ScratchBuffers, purpose: str, dtype: torch
     return kernels.bit_patterns(chunk)
 
 
-def _add_row(table: dict[str, list[Any]], kernels: Any, buffers: ScratchBuffers, row: _Row, values: Values,
-             prev: Values | None, first: Values | None) -> None:
+def _row_cells(kernels: Any, buffers: ScratchBuffers, row: _Row, values: Values, prev: Values | None,
+               first: Values | None) -> tuple[Any, ...]:
     from ckptview.analyzers import run_kernels
 
     dtype = _work_dtype(*(v.dtype for v in (values, prev, first) if v is not None))
@@ -806,9 +816,7 @@ def _add_row(table: dict[str, list[Any]], kernels: Any, buffers: ScratchBuffers,
             other[1] if len(other) > 1 else bits[:0], here if len(other) > 1 else none, max(1, bits.shape[0]),
             samples, acc[None], keys[None], sides[0][1][None] if sides else scratch,
             sides[1][1][None] if len(sides) > 1 else scratch)
-    table_cells = _cells(kernels, row, dtype, acc, keys, prev_sums, first_sums)
-    for column, value in zip(COLUMNS, table_cells):
-        table[column].append(value)
+    return _cells(kernels, row, dtype, acc, keys, prev_sums, first_sums)
 
 
 def _keys_to_floats(keys: np.ndarray, width: int) -> np.ndarray:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import sys
 from bisect import bisect_right
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,21 +192,30 @@ def model_parameters(checkpoint: Checkpoint, section: Section | None = None) -> 
     """The model section's parameters in order: state dict entries minus buffers."""
     if section is None and model_section(checkpoint) is None:
         return []
-    entries = model_state_dict(checkpoint, section).values()
+    return _parameters(model_state_dict(checkpoint, section).values())
+
+
+def _parameters(entries: Iterable[TensorEntry]) -> list[TensorEntry]:
+    entries = list(entries)
     marked = [e for e in entries if e.info.is_parameter]
     if marked:  # a whole pickled module records which tensors are nn.Parameters
         return marked
     return [e for e in entries if e.name.rsplit(".", 1)[-1] not in BUFFER_LEAVES and e.dtype.is_floating_point]
 
 
-def optimizer_parameter_names(checkpoint: Checkpoint) -> dict[tuple[Any, ...], dict[str, str]]:
+def optimizer_parameter_names(checkpoint: Checkpoint, model: Mapping[str, TensorEntry] | None = None
+                              ) -> dict[tuple[Any, ...], dict[str, str]]:
     """
     Each optimizer section's path -> its parameter ids (as strings) -> model parameter names, mapped
     as `training_state` maps them, without loading any state tensor: `training_state` reads every
     parameter's `step`, a read per parameter that a caller wanting only the names (the run's
-    per-checkpoint pass) need not pay.
+    per-checkpoint pass) need not pay. `model`: `model_state_dict(checkpoint)` where the caller has
+    it already (it is not cached).
     """
-    parameters = model_parameters(checkpoint, model_section(checkpoint))
+    if model is None or model_section(checkpoint) is None:
+        parameters = model_parameters(checkpoint, model_section(checkpoint))
+    else:
+        parameters = _parameters(model.values())
     found = {}
     for section in (s for s in find_sections(checkpoint) if s.kind == "optimizer"):
         _, _, ordered_ids, names, _, _ = _groups_and_names(checkpoint.get(section.path), parameters)
