@@ -99,7 +99,7 @@ def info_data(ckpt: Checkpoint) -> dict[str, Any]:
         "format": ckpt.format,
         "file_size": ckpt.file_size,
         "tensor_count": ckpt.tensor_count,
-        "parameter_count": ckpt.parameter_count,
+        "parameter_count": sum(dtypes.values()),  # ckpt.parameter_count, without a second pass
         "total_bytes": ckpt.total_bytes,
         "dtypes": dict(dtypes),
         "devices": sorted({entry.device for entry in ckpt.tensors()}),

@@ -599,9 +599,13 @@ class Checkpoint:
 
     def _unique_tensors(self) -> list[TensorEntry]:
         # parameter_count, total_bytes, info and the stats panel all ask; the tree never changes
+        entries = self.tensors()
+        # most files store one tensor per storage: then every view is its own, and no identity is needed
+        if len({entry.info.storage.key for entry in entries if entry.info.storage is not None}) == len(entries):
+            return list(entries)
         seen: set[Any] = set()
         unique = []
-        for entry in self.tensors():
+        for entry in entries:
             identity = view_identity(entry.info)
             if identity not in seen:
                 seen.add(identity)
