@@ -275,6 +275,57 @@ def test_deep_nesting_info_under_a_second(tmp_path: Path) -> None:
     assert data["tensor_count"] == 1
 
 
+def _header_variants() -> dict[str, dict[str, object]]:
+    """A valid header (16 data bytes) and one change each: what a damaged or crafted file may hold."""
+    def valid() -> dict[str, object]:
+        return {"__metadata__": {"format": "pt"}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F16", "shape": [1, 3], "data_offsets": [8, 14]},
+                "c": {"dtype": "BF16", "shape": [], "data_offsets": [14, 16]},
+                "e": {"dtype": "F32", "shape": [0, 5], "data_offsets": [16, 16]}}
+    changes: dict[str, tuple[str, str, object]] = {
+        "overlap": ("b", "data_offsets", [6, 12]), "past the data": ("c", "data_offsets", [15, 17]),
+        "reversed offsets": ("a", "data_offsets", [8, 0]), "negative offset": ("a", "data_offsets", [-8, 0]),
+        "huge offsets": ("a", "data_offsets", [2**70, 2**70 + 8]), "three offsets": ("a", "data_offsets", [0, 4, 8]),
+        "offsets as text": ("a", "data_offsets", "08"), "offsets as object": ("a", "data_offsets", {"0": 8}),
+        "float offset": ("a", "data_offsets", [0.0, 8]), "size mismatch": ("a", "shape", [3]),
+        "negative dim": ("b", "shape", [-1, -6]), "float dim": ("a", "shape", [2.0]), "shape as text": ("a", "shape", "2"),
+        "shape as object": ("a", "shape", {"2": 1}), "shape as number": ("a", "shape", 2), "bool dims": ("a", "shape", [True, 2]),
+        "huge dims": ("a", "shape", [2**62, 2**62]), "unknown dtype": ("a", "dtype", "F33"), "dtype list": ("a", "dtype", ["F32"]),
+        "dtype object": ("a", "dtype", {"F32": 1}), "dtype number": ("a", "dtype", 4), "dtype null": ("a", "dtype", None),
+        "dtype lower case": ("a", "dtype", "f32"), "empty tensor past the data": ("e", "data_offsets", [99, 99]),
+        "empty tensor inside another": ("e", "data_offsets", [4, 4]),
+    }
+    variants = {"valid": valid(), "no tensors": {"__metadata__": {"format": "pt"}}, "empty": {}}
+    for label, (name, field, value) in changes.items():
+        header = valid()
+        header[name] = dict(header[name], **{field: value})  # type: ignore[arg-type]
+        variants[label] = header
+    for label, spec in {"spec list": [1], "spec text": "F32", "spec null": None, "spec number": 3}.items():
+        variants[label] = dict(valid(), b=spec)
+    # three offsets and one: flattened, they read as the valid header's pairs
+    variants["offsets of three and of one"] = dict(valid(), a=dict(valid()["a"], data_offsets=[0, 8, 8]),  # type: ignore[arg-type]
+                                                   b=dict(valid()["b"], data_offsets=[14]))  # type: ignore[arg-type]
+    variants["missing dtype"] = dict(valid(), b={"shape": [1, 3], "data_offsets": [8, 14]})
+    variants["missing offsets"] = dict(valid(), b={"dtype": "F16", "shape": [1, 3]})
+    return variants
+
+
+@pytest.mark.parametrize(("label", "header"), _header_variants().items())
+def test_bulk_header_check_accepts_only_what_the_one_by_one_check_accepts(label: str, header: dict[str, object]) -> None:
+    # a million-tensor header is checked a column at a time; the per-tensor check stays the authority
+    from ckptview.readers.safetensors_file import _valid_in_bulk, _valid_one_by_one
+
+    bulk = _valid_in_bulk(header, 16)
+    try:
+        one_by_one = _valid_one_by_one("x.safetensors", header, 8, 8 + 16)
+    except CorruptCheckpointError:
+        assert bulk is None, label
+        return
+    if bulk is not None:
+        assert list(bulk.names) == list(one_by_one), label
+        assert list(zip(bulk.dtypes, map(tuple, bulk.shapes), bulk.begins, bulk.ends)) == list(one_by_one.values()), label
+
+
 # --- 5. every failure is ours -----------------------------------------------------------------------
 
 def _safetensors_with_header(path: Path, header: object) -> Path:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import ckptview
@@ -48,10 +48,15 @@ def stats_command(args: argparse.Namespace) -> int:
 
 def render_stats(result: StatsResult) -> str:
     """The statistics as an aligned text table followed by the outliers, one line each."""
-    rows = [(item.name, item.dtype, _num(item.min), _num(item.max), _num(item.mean), _num(item.std), _num(item.abs_max),
-             f"{item.zero_fraction:.1%}" if math.isfinite(item.zero_fraction) else "-", item.nan_count, item.inf_count)
-            for item in result.tensors]
-    lines = [text_table(rows, ("name", "dtype", "min", "max", "mean", "std", "abs max", "zeros", "NaN", "Inf"),
+    # Column by column: each number column is formatted by one `map` of a bound format method, and
+    # its NaN cells replaced after, instead of a Python call per cell (five million for a million
+    # tensors, and a tuple per row, took 7 of the command's 40 s).
+    tensors = result.tensors
+    column = lambda field: list(map(attrgetter(field), tensors))  # noqa: E731
+    columns = [column("name"), column("dtype")]
+    columns += [_numbers(column(field)) for field in ("min", "max", "mean", "std", "abs_max")]
+    columns += [_percentages(column("zero_fraction")), column("nan_count"), column("inf_count")]
+    lines = [text_table(list(zip(*columns)), ("name", "dtype", "min", "max", "mean", "std", "abs max", "zeros", "NaN", "Inf"),
                         align_right=(2, 3, 4, 5, 6, 7, 8, 9))]
     if result.outliers:
         lines.append(f"\n{len(result.outliers)} outlier(s):")
@@ -59,8 +64,16 @@ def render_stats(result: StatsResult) -> str:
     return "\n".join(lines)
 
 
-def _num(value: float) -> str:
-    return f"{value:.4g}" if math.isfinite(value) else "-" if math.isnan(value) else str(value)
+def _numbers(values: list[float]) -> list[str]:
+    """Four significant digits; NaN (a statistic of no values) as "-", infinities as "inf"/"-inf"."""
+    cells = list(map("{:.4g}".format, values))
+    return [cell if cell != "nan" else "-" for cell in cells] if "nan" in cells else cells
+
+
+def _percentages(values: list[float]) -> list[str]:
+    """One decimal of a percent; "-" for the zero fraction of an empty tensor (NaN)."""
+    cells = list(map("{:.1%}".format, values))
+    return [cell if cell != "nan%" else "-" for cell in cells] if "nan%" in cells else cells
 
 
 def bn_command(args: argparse.Namespace) -> int:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
-from typing import Any
+from itertools import chain
+from operator import mul, sub
+from typing import Any, NamedTuple
 
+import numpy as np
 
 from ckptview.errors import CkptviewError, CorruptCheckpointError, TruncatedCheckpointError
 from ckptview.readers import code_verdict_only_requested
-from ckptview.readers.dtypes import itemsize
+from ckptview.readers.dtypes import ITEMSIZE, itemsize
 from ckptview.readers.model import (
     Checkpoint,
     FileSource,
@@ -31,6 +35,7 @@ _DTYPE_NAMES = {
     "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
 }
 SAFETENSORS_DTYPES: dict[str, str] = _DTYPE_NAMES
+_ITEMSIZES = {name: ITEMSIZE[name] for name in SAFETENSORS_DTYPES.values()}
 
 
 def read_header(source: FileSource, size: int) -> tuple[dict[str, Any], int]:
@@ -62,11 +67,72 @@ def read_header(source: FileSource, size: int) -> tuple[dict[str, Any], int]:
     return header, 8 + header_len
 
 
-def parse_tensors(path: str, header: dict[str, Any], data_start: int, size: int) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
-    """Validate the header: every tensor's (dtype, shape, begin, end), and the metadata."""
+class Layout(NamedTuple):
+    """The tensors of a checked header, a column per field (a million (dtype, shape, begin, end)
+    tuples and the dict holding them took 1 s to make), in the header's order."""
+
+    names: list[str]
+    dtypes: list[str]  # torch's names
+    shapes: list[list[int]] | list[tuple[int, ...]]
+    begins: list[int]  # byte offsets in the data region
+    ends: list[int]
+
+
+def parse_tensors(path: str, header: dict[str, Any], data_start: int, size: int) -> tuple[Layout, dict[str, str]]:
+    """Validate the header: every tensor's dtype, shape and place in the data region, and the metadata."""
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict):
         raise CorruptCheckpointError(path, "its safetensors __metadata__ is not a JSON object: re-save the file.")
+    layout = _valid_in_bulk(header, size - data_start)
+    if layout is None:
+        tensors = _valid_one_by_one(path, header, data_start, size)
+        layout = Layout(list(tensors), *map(list, zip(*tensors.values()))) if tensors else Layout([], [], [], [], [])
+    return layout, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _valid_in_bulk(header: dict[str, Any], data_len: int) -> Layout | None:
+    """
+    The tensors of a header that passes every check `_valid_one_by_one` makes, or None when any
+    check fails (that function then says which). Checked a column at a time, by C-level maps,
+    sets and numpy, not a Python loop with its own checks per tensor: on a million tensors the
+    loop took 1.8-2.9 s, this 1.1-1.4 s. It is stricter only where the loop is lenient in ways a
+    writer never is (a bool as a dimension, an empty tensor placed past the data), and those
+    take the loop.
+    """
+    specs = dict(header)
+    specs.pop("__metadata__", None)
+    values = list(specs.values())
+    try:  # TypeError: an entry that is not an object, or a dtype that is a list or an object
+        dtype_names = [spec["dtype"] for spec in values]
+        shapes = [spec["shape"] for spec in values]
+        offsets = [spec["data_offsets"] for spec in values]
+        dtypes = list(map(SAFETENSORS_DTYPES.__getitem__, dtype_names))
+    except (KeyError, TypeError):
+        return None
+    if not (set(map(type, shapes)) | set(map(type, offsets))) <= {list} or not set(map(len, offsets)) <= {2}:
+        return None
+    dims, bounds = list(chain.from_iterable(shapes)), list(chain.from_iterable(offsets))
+    if not (set(map(type, dims)) | set(map(type, bounds))) <= {int}:
+        return None
+    if (dims and min(dims) < 0) or (bounds and (min(bounds) < 0 or max(bounds) > data_len)):
+        return None
+    begins, ends = bounds[0::2], bounds[1::2]
+    needed = map(mul, map(math.prod, shapes), map(_ITEMSIZES.__getitem__, dtypes))
+    if list(map(sub, ends, begins)) != list(needed):
+        return None
+    # within the data now, so int64 holds every offset; sorted by start, each stored tensor must
+    # end before the next one starts
+    begin_at, end_at = np.array(begins, dtype=np.int64), np.array(ends, dtype=np.int64)
+    stored = end_at > begin_at
+    order = np.argsort(begin_at[stored], kind="stable")
+    starts, stops = begin_at[stored][order], end_at[stored][order]
+    if np.any(starts[1:] < stops[:-1]):
+        return None
+    return Layout(list(specs), dtypes, shapes, begins, ends)
+
+
+def _valid_one_by_one(path: str, header: dict[str, Any], data_start: int, size: int) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """The tensors, each checked in turn; raises at the first problem, saying what it is."""
     data_len = size - data_start
     tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
     for name, spec in header.items():
@@ -101,7 +167,7 @@ def parse_tensors(path: str, header: dict[str, Any], data_start: int, size: int)
     if last > data_len:
         raise TruncatedCheckpointError(path, f"its header places data up to byte {data_start + last:,} but the file "
                                              f"ends at byte {size:,}: it was cut off. Copy it again or re-save it.")
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    return tensors
 
 
 def _prod(shape: tuple[int, ...]) -> int:
@@ -119,55 +185,32 @@ def read_safetensors(path: str, size: int, *, trust: bool) -> Checkpoint:
         return Checkpoint(path, "safetensors", LazyRoot(lambda: _records(source, path, *_checked(source, path, size)[::2])),
                           file_size=size, sources=[source], trust=trust,
                           pickle_imports=_imports_if_read_as_pickle(path, size, source))
-    metadata = _metadata_if_valid(path) if isinstance(source, FileSource) else None
-    if metadata is not None:
-        # the safetensors library has checked the header (in Rust, a million tensors in about a
-        # second): the records are made when something lists them, never for `scan`
-        root: Any = LazyRoot(lambda: _records(source, path, *_library_checked(source, path, size)))
-    else:
-        tensors, metadata, data_start = _checked(source, path, size)
-        root = _records(source, path, tensors, data_start)
-    return Checkpoint(path, "safetensors", root, file_size=size, sources=[source], metadata=metadata, trust=trust,
+    # The header is checked at open, so `info` reports a damaged one; the records are made when
+    # something lists them. (The safetensors library's own validation, in Rust, is not used first:
+    # it parses the JSON a second time, 3-4 s of a million-tensor file's open, and ckptview's checks
+    # decide anyway where the two disagree.)
+    layout, metadata, data_start = _checked(source, path, size)
+    return Checkpoint(path, "safetensors", LazyRoot(lambda: _records(source, path, layout, data_start)),
+                      file_size=size, sources=[source], metadata=metadata, trust=trust,
                       pickle_imports=_imports_if_read_as_pickle(path, size, source))
 
 
-def _checked(source: FileSource, path: str, size: int) -> tuple[dict[str, Any], dict[str, str], int]:
+def _checked(source: FileSource, path: str, size: int) -> tuple[Layout, dict[str, str], int]:
     header, data_start = read_header(source, size)
-    tensors, metadata = parse_tensors(path, header, data_start, size)
-    return tensors, metadata, data_start
+    layout, metadata = parse_tensors(path, header, data_start, size)
+    return layout, metadata, data_start
 
 
-def _library_checked(source: FileSource, path: str, size: int) -> tuple[dict[str, Any], int]:
-    """The tensors of a header the safetensors library has validated, without checking it again
-    (ckptview's own checks cost 5 s on a million tensors); a dtype torch lacks takes the full path."""
-    header, data_start = read_header(source, size)
-    try:
-        tensors = {name: (SAFETENSORS_DTYPES[spec["dtype"]], tuple(spec["shape"]), *spec["data_offsets"])
-                   for name, spec in header.items() if name != "__metadata__"}
-    except KeyError:
-        tensors, _ = parse_tensors(path, header, data_start, size)
-    return tensors, data_start
-
-
-def _metadata_if_valid(path: str) -> dict[str, str] | None:
-    """The header's metadata when the safetensors library accepts the file, else None (ckptview's own
-    checks then say what is wrong, or accept what the library is stricter about)."""
-    try:
-        from safetensors import safe_open
-
-        with safe_open(path, framework="numpy") as checked:
-            return dict(checked.metadata() or {})
-    except Exception:  # noqa: BLE001 - SafetensorError, or a dtype this safetensors does not know
-        return None
-
-
-def _records(source: FileSource, path: str, tensors: dict[str, Any], data_start: int) -> dict[str, TensorInfo]:
+def _records(source: FileSource, path: str, layout: Layout, data_start: int) -> dict[str, TensorInfo]:
+    """The tensors in file order (by where their data starts; the header's order among equals)."""
     root: dict[str, TensorInfo] = {}
     key_prefix = os.path.basename(path) + ":"
-    for name, (dtype, shape, begin, end) in sorted(tensors.items(), key=lambda item: item[1][2]):
-        storage = Storage(key=key_prefix + name, source=source, offset=data_start + begin, nbytes=end - begin,
+    names, dtypes, shapes, begins, ends = layout
+    for index in sorted(range(len(names)), key=begins.__getitem__):
+        name, shape, begin = names[index], tuple(shapes[index]), begins[index]
+        storage = Storage(key=key_prefix + name, source=source, offset=data_start + begin, nbytes=ends[index] - begin,
                           location="cpu")
-        root[name] = TensorInfo(shape=shape, dtype=dtype, storage=storage, stride=contiguous_stride(shape))
+        root[name] = TensorInfo(shape=shape, dtype=dtypes[index], storage=storage, stride=contiguous_stride(shape))
     return root
 
 
