@@ -12,17 +12,9 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from ckptview.readers import pickle_scan
 from ckptview.readers.pickle_scan import MemoIndexRefused, pickle_end
 
 import hostile_files as hostile
-
-
-@pytest.fixture(autouse=True, params=["plain run", "run with short strings"])
-def run_pattern(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test under both patterns: the one that steps over short strings serves large pickles only."""
-    if request.param == "run with short strings":
-        monkeypatch.setattr(pickle_scan, "_LARGE_PICKLE", -1)
 
 
 def _values() -> list[object]:
@@ -33,6 +25,8 @@ def _values() -> list[object]:
         list(range(3000)), {f"layer{i}.weight": i for i in range(1500)}, {1, 2, 3}, frozenset({4}),
         OrderedDict(a=1), [shared, shared, [shared]], complex(1, 2), slice(1, 5), {"nested": [[[["deep"]]]]},
         [b"\x72" * 5, "\x72\x00\x00\x00\x7f"],  # bytes that look like a LONG_BINPUT, inside strings
+        # around the longest string the pass steps over in C (127), for each string opcode a protocol picks
+        [("s" * n, b"b" * n, bytearray(n)) for n in (0, 1, 2, 126, 127, 128, 129, 255, 256, 257)],
     ]
 
 

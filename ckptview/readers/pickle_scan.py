@@ -16,7 +16,6 @@ arguments, large LONG_BINPUTs), so the pass costs a small part of the unpickling
 
 from __future__ import annotations
 
-import functools
 import pickletools
 import re
 from typing import Any
@@ -52,7 +51,7 @@ def _argument_kinds() -> list[int | None]:
 _KINDS = _argument_kinds()
 
 
-def _fixed_run_pattern(short_strings: bool) -> re.Pattern[bytes]:
+def _fixed_run_pattern() -> re.Pattern[bytes]:
     by_size: dict[int, list[int]] = {}
     for code, kind in enumerate(_KINDS):
         if kind is not None and kind >= 0 and code != _LONG_BINPUT:
@@ -61,26 +60,18 @@ def _fixed_run_pattern(short_strings: bool) -> re.Pattern[bytes]:
                 for size, codes in sorted(by_size.items())]
     # a LONG_BINPUT under _ALWAYS_FINE (little-endian: third byte below 0x40, fourth zero) stays in the run
     branches.append(b"r..[\\x00-\\x3f]\\x00")
-    if short_strings:
-        # strings and bytes shorter than 256 stay in the run too, one branch per length
-        for kind, length_bytes in ((_LENGTH1, b""), (_LENGTH4, b"\\x00\\x00\\x00")):
-            codes = b"".join(b"\\x%02x" % code for code, code_kind in enumerate(_KINDS) if code_kind == kind)
-            lengths = b"|".join(b"\\x%02x%s.{%d}" % (n, length_bytes, n) for n in range(256))
-            branches.append(b"[" + codes + b"](?:" + lengths + b")")
+    # Strings and bytes shorter than _SHORT stay in the run too, one branch per length: a state dict
+    # holds two per tensor (its name, its storage key), and leaving the run for each cost a third of
+    # the pass. Each length costs compile time (3 ms in all at import for these).
+    for kind, length_bytes in ((_LENGTH1, b""), (_LENGTH4, b"\\x00\\x00\\x00")):
+        codes = b"".join(b"\\x%02x" % code for code, code_kind in enumerate(_KINDS) if code_kind == kind)
+        lengths = b"|".join(b"\\x%02x%s.{%d}" % (n, length_bytes, n) for n in range(_SHORT))
+        branches.append(b"[" + codes + b"](?:" + lengths + b")")
     return re.compile(b"(?:" + b"|".join(branches) + b")*+", re.DOTALL)
 
 
-_FIXED_RUN = _fixed_run_pattern(short_strings=False)
-
-# A state dict's pickle holds two short strings per tensor (its name, its storage key); leaving the
-# run for each cost a third of the pass over a 20,000-tensor pickle. The pattern that stays in takes
-# 10 ms to compile, paid only once a pickle is large enough to win it back.
-_LARGE_PICKLE = 1 << 20
-
-
-@functools.cache
-def _fixed_run_with_strings() -> re.Pattern[bytes]:
-    return _fixed_run_pattern(short_strings=True)
+_SHORT = 128
+_FIXED_RUN = _fixed_run_pattern()
 
 
 def pickle_end(data: Any, start: int = 0) -> int:
@@ -95,8 +86,7 @@ def pickle_end(data: Any, start: int = 0) -> int:
             memo far larger than the pickle.
     """
     position, end = start, len(data)
-    run = _fixed_run_with_strings() if end - start > _LARGE_PICKLE else _FIXED_RUN
-    match_run, find, from_bytes, kinds = run.match, data.find, int.from_bytes, _KINDS
+    match_run, find, from_bytes, kinds = _FIXED_RUN.match, data.find, int.from_bytes, _KINDS
     while True:
         position = match_run(data, position).end()
         if position >= end:
