@@ -696,25 +696,58 @@ def summarize_run(run: Run, tables: Sequence[Mapping[str, list[Any]]]) -> RunSum
     batchnorm: list[BatchNormDrift] = []
     moments: list[MomentNorm] = []
     nan_onset: NanOnset | None = None
-    # Each table is read by column and row index: a dict per row cost a third of this function, which
-    # a cached re-run spends on every checkpoint of the run.
+    # Each table is read by column and row index (a dict per row cost a third of this function, which a
+    # cached re-run spends on every checkpoint), and the checkpoints of a run mostly list the same
+    # tensors: which rows make which module is worked out once per distinct list.
+    layouts: dict[tuple[tuple[str, ...], ...], _Layout] = {}
     for i, (checkpoint, table) in enumerate(zip(checkpoints, tables)):
         if nan_onset is None:
             nan_onset = _nan_onset(checkpoint, table)
         steps = None
         if per_step and i:
             steps = checkpoint.step - checkpoints[i - 1].step  # type: ignore[operator]
+        key = (tuple(table["name"]), tuple(table["part"]), tuple(table["param"]), tuple(table["slot"]))
+        layout = layouts.get(key)
+        if layout is None:
+            layout = layouts[key] = _layout(*key)
         squares = [m2 + finite * mean ** 2 if finite else 0.0
                    for finite, mean, m2 in zip(table["finite"], table["mean"], table["m2"])]
-        drift.extend(_module_drift(checkpoint, table, squares, steps))
-        batchnorm.extend(_batchnorm_drift(checkpoint, table))
-        moments.extend(_moment_norms(checkpoint, table, squares))
+        drift.extend(_module_drift(checkpoint, table, layout, squares, steps))
+        batchnorm.extend(_batchnorm_drift(checkpoint, table, layout))
+        moments.extend(_moment_norms(checkpoint, layout, squares))
     return RunSummary(
         checkpoints=checkpoints, order_by=run.order_by, order_note=run.order_note, skipped=run.skipped,
         aliases=run.aliases, best=run.best, nan_onset=nan_onset, drift=tuple(drift),
         stopped=tuple(_stopped(drift, checkpoints)), batchnorm=tuple(batchnorm), moments=tuple(moments),
         update_ratio_unit="per step" if per_step else "per checkpoint",
     )
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Which rows of a checkpoint's table make what, by row index."""
+
+    modules: tuple[tuple[str, tuple[int, ...]], ...]  # module -> its parameters' rows (running statistics apart)
+    batchnorm: tuple[tuple[str, int, int], ...]  # BatchNorm module, its running_mean row, its running_var row
+    moments: tuple[tuple[int, str, str], ...]  # an optimizer slot's row, the parameter's module, the slot
+
+
+def _layout(names: Sequence[str], parts: Sequence[str], params: Sequence[str], slots: Sequence[str]) -> _Layout:
+    modules: dict[str, list[int]] = defaultdict(list)
+    statistics: dict[str, dict[str, int]] = defaultdict(dict)
+    moments = []
+    for i, (name, part, param, slot) in enumerate(zip(names, parts, params, slots)):
+        if part == "model":
+            module, _, leaf = name.rpartition(".")
+            if leaf in ("running_mean", "running_var"):
+                statistics[module][leaf] = i
+            if leaf not in BUFFER_LEAVES:
+                modules[_module_of(name)].append(i)
+        elif part == "optimizer" and slot != "step":
+            moments.append((i, _module_of(param) if param else "<unmapped>", slot))
+    pairs = tuple((module, pair["running_mean"], pair["running_var"]) for module, pair in statistics.items()
+                  if len(pair) == 2)
+    return _Layout(tuple((module, tuple(rows)) for module, rows in modules.items()), pairs, tuple(moments))
 
 
 def _module_of(name: str) -> str:
@@ -733,17 +766,13 @@ def _nan_onset(checkpoint: RunCheckpoint, table: Mapping[str, list[Any]]) -> Nan
                     sum(nan[i] for i in bad), sum(posinf[i] + neginf[i] for i in bad))
 
 
-def _module_drift(checkpoint: RunCheckpoint, table: Mapping[str, list[Any]], squares: list[float],
+def _module_drift(checkpoint: RunCheckpoint, table: Mapping[str, list[Any]], layout: _Layout, squares: list[float],
                   steps: float | None) -> list[ModuleDrift]:
     """`squares`: each row's sum of squares over its finite values."""
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, (name, part) in enumerate(zip(table["name"], table["part"])):
-        if part == "model" and name.rsplit(".", 1)[-1] not in BUFFER_LEAVES:
-            groups[_module_of(name)].append(i)
     prev_dd_of, prev_aa_of = table["prev_dd"], table["prev_aa"]
     first_dd_of, first_aa_of, nan = table["first_dd"], table["first_aa"], table["nan"]
     out = []
-    for module, members in groups.items():
+    for module, members in layout.modules:
         total = sum(squares[i] for i in members)
         prev_dd, prev_aa = sum(prev_dd_of[i] for i in members), sum(prev_aa_of[i] for i in members)
         first_dd, first_aa = sum(first_dd_of[i] for i in members), sum(first_aa_of[i] for i in members)
@@ -757,31 +786,18 @@ def _module_drift(checkpoint: RunCheckpoint, table: Mapping[str, list[Any]], squ
     return out
 
 
-def _batchnorm_drift(checkpoint: RunCheckpoint, table: Mapping[str, list[Any]]) -> list[BatchNormDrift]:
-    stats: dict[str, dict[str, int]] = defaultdict(dict)
-    for i, (name, part) in enumerate(zip(table["name"], table["part"])):
-        module, _, leaf = name.rpartition(".")
-        if part == "model" and leaf in ("running_mean", "running_var"):
-            stats[module][leaf] = i
+def _batchnorm_drift(checkpoint: RunCheckpoint, table: Mapping[str, list[Any]], layout: _Layout) -> list[BatchNormDrift]:
     mean_of, prev_dd, prev_aa, first_dd, first_aa = (table[c] for c in ("mean", "prev_dd", "prev_aa", "first_dd",
                                                                          "first_aa"))
-    out = []
-    for module, pair in stats.items():
-        mean, var = pair.get("running_mean"), pair.get("running_var")
-        if mean is None or var is None:
-            continue
-        out.append(BatchNormDrift(module, checkpoint.path, checkpoint.epoch, mean_of[mean], mean_of[var],
-                                  _relative(prev_dd[mean], prev_aa[mean]), _relative(prev_dd[var], prev_aa[var]),
-                                  _relative(first_dd[mean], first_aa[mean]), _relative(first_dd[var], first_aa[var])))
-    return out
+    return [BatchNormDrift(module, checkpoint.path, checkpoint.epoch, mean_of[mean], mean_of[var],
+                           _relative(prev_dd[mean], prev_aa[mean]), _relative(prev_dd[var], prev_aa[var]),
+                           _relative(first_dd[mean], first_aa[mean]), _relative(first_dd[var], first_aa[var]))
+            for module, mean, var in layout.batchnorm]
 
 
-def _moment_norms(checkpoint: RunCheckpoint, table: Mapping[str, list[Any]], squares: list[float]) -> list[MomentNorm]:
+def _moment_norms(checkpoint: RunCheckpoint, layout: _Layout, squares: list[float]) -> list[MomentNorm]:
     totals: dict[tuple[str, str], float] = defaultdict(float)
-    for i, (part, slot, param) in enumerate(zip(table["part"], table["slot"], table["param"])):
-        if part != "optimizer" or slot == "step":
-            continue
-        module = _module_of(param) if param else "<unmapped>"
+    for i, module, slot in layout.moments:
         totals[(module, slot)] += squares[i]
         totals[("<all>", slot)] += squares[i]
     return [MomentNorm(module, slot, checkpoint.path, checkpoint.epoch, math.sqrt(total))

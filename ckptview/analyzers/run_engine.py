@@ -22,7 +22,7 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
@@ -224,6 +224,9 @@ class RunCache:
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = os.fspath(directory)
+        # the last run table `summaries` read, (first checkpoint's key, the Arrow table, id of each table
+        # handed out -> (that table, its first row, its row count)), for `store_summaries` to copy from
+        self._read: tuple[str, Any, dict[int, tuple[dict[str, list[Any]], int, int]]] = ("", None, {})
 
     def _path(self, fid: FileId, suffix: str) -> str:
         digest = hashlib.sha256(f"{CACHE_VERSION}\x00{fid.key}".encode()).hexdigest()[:40]
@@ -254,24 +257,70 @@ class RunCache:
             meta = json.loads((table.schema.metadata or {})[b"ckptview"])
             if meta.get("first") != first.key:
                 return {}
-            columns = table.to_pydict()
+            columns = {c: _column_values(table.column(c)) for c in COLUMNS} if table.num_rows else {}
             found, start = {}, 0
+            slices = {}
             for key, prev, rows in meta["files"]:
                 found[key] = (prev, {c: columns[c][start:start + rows] if columns else [] for c in COLUMNS})
+                slices[id(found[key][1])] = (found[key][1], start, rows)
                 start += rows
-            return found
         except (OSError, KeyError, TypeError, ValueError):
             return {}
+        if table.schema.remove_metadata().equals(_schema()):
+            self._read = (first.key, table, slices)
+        return found
 
     def store_summaries(self, first: FileId, entries: Sequence[tuple[FileId, FileId | None, dict[str, list[Any]]]]) -> None:
-        """Replace the run's stored tables with `entries`: (file, the previous checkpoint, its table) each."""
+        """
+        Replace the run's stored tables with `entries`: (file, the previous checkpoint, its table) each.
+        Tables this cache returned from `summaries` are taken from the file it read as they were, not
+        converted again: a re-run after a few new checkpoints stores the others in milliseconds.
+        """
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        columns = {c: [value for _, _, t in entries for value in t[c]] for c in COLUMNS}
+        read_first, read_table, slices = self._read
+        pieces, new = [], []
+        for _, _, table in entries:
+            held = slices.get(id(table)) if read_first == first.key else None
+            if held is not None and held[0] is table:
+                if new:
+                    pieces.append(_arrow_table(new))
+                    new = []
+                pieces.append(read_table.slice(held[1], held[2]))
+            else:
+                new.append(table)
+        if new or not pieces:
+            pieces.append(_arrow_table(new))
         meta = {"first": first.key, "files": [(fid.key, _key(prev), len(t[COLUMNS[0]])) for fid, prev, t in entries]}
-        table = pa.Table.from_pydict(columns).replace_schema_metadata({b"ckptview": json.dumps(meta).encode()})
+        table = pa.concat_tables(pieces).replace_schema_metadata({b"ckptview": json.dumps(meta).encode()})
         _write_replacing(self._path(first, ".run.parquet"), lambda path: pq.write_table(table, path))
+
+
+# Each column's Arrow type, given rather than inferred: a table read back and one made from new rows concatenate
+_TYPES = {"name": "string", "part": "string", "param": "string", "slot": "string", "dtype": "string",
+          "numel": "int64", "finite": "int64", "nan": "int64", "posinf": "int64", "neginf": "int64"}
+
+
+def _schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([(c, pa.type_for_alias(_TYPES.get(c, "float64"))) for c in COLUMNS])
+
+
+def _arrow_table(tables: Sequence[Mapping[str, list[Any]]]) -> Any:
+    import pyarrow as pa
+
+    return pa.Table.from_pydict({c: [value for t in tables for value in t[c]] for c in COLUMNS}, schema=_schema())
+
+
+def _column_values(column: Any) -> list[Any]:
+    import pyarrow as pa
+
+    # numbers through numpy: to_pylist makes a Python-level Arrow scalar for each value first
+    if column.null_count or not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+        return column.to_pylist()
+    return column.to_numpy().tolist()
 
 
 def _write_replacing(path: str, write: Callable[[str], Any]) -> None:
