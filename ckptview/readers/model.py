@@ -42,6 +42,14 @@ def gc_paused() -> Iterator[None]:
         yield
     finally:
         if was_enabled:
+            if gc.get_freeze_count() == 0:  # else the user froze objects of their own: leave them frozen
+                # Move what was made while paused straight to the oldest generation (freeze, then
+                # unfreeze: two list splices). Re-enabled as they were, the records would sit in the
+                # youngest, walked by its next collection and again by the middle one's (28 ms each
+                # for 20,000 tensors), though they live as long as the checkpoint. Only a full
+                # collection, on its usual schedule, walks them now.
+                gc.freeze()
+                gc.unfreeze()
             gc.enable()
 
 

@@ -268,9 +268,14 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
     data_folder = prefix + "data/"
     key_prefix = f"{base_offset}:" if base_offset else ""  # DCP: keys unique across the archives of one file
 
+    # storage key -> where its member's local header is: ints, which the garbage collector never
+    # walks, where keeping the archive's Member records alive for locate would add one per storage
+    header_offsets: dict[str, int] = {}
+
     def locate(storage: Storage) -> int:
-        member = members[data_folder + storage.key[len(key_prefix):]]
-        return _storage_offset(read, member.name, member.header_offset, path, storage.nbytes, base_offset, file_size)
+        key = storage.key[len(key_prefix):]
+        return _storage_offset(read, data_folder + key, header_offsets[key], path, storage.nbytes, base_offset,
+                               file_size)
 
     def storage_for(dtype: str, key: str, location: str, numel: int, view_metadata: Any) -> Storage:
         member = members.get(data_folder + key)
@@ -285,6 +290,7 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
         if member.file_size < nbytes:
             raise CorruptCheckpointError(path, f"storage {key!r} should hold {nbytes:,} bytes but its archive "
                                                f"member has {member.file_size:,}: the file is damaged. Re-save it.")
+        header_offsets[key] = member.header_offset
         return Storage(key_prefix + key, source, -1, nbytes, location, byteorder, locate)
 
     data = _read_member(read, members[prefix + "data.pkl"], path)
