@@ -105,7 +105,9 @@ def _entries(directory: bytes, shift: int) -> list[Member]:
             raise BadZip(f"a member that needs zip version {extract_version / 10:.1f} to extract")
         position += entry_size
         raw_name = directory[position:position + name_len]
-        name = raw_name.decode("utf-8" if flags & _UTF8_NAMES else "cp437")
+        # ASCII reads the same in both encodings, and decodes ten times faster than cp437 (whose
+        # charmap decode was a third of this loop: torch writes no UTF-8 flag)
+        name = raw_name.decode("ascii" if raw_name.isascii() else "utf-8" if flags & _UTF8_NAMES else "cp437")
         if "\x00" in name:
             # zipfile cuts a name at its NUL, torch's reader does not: the two would read different members
             raise BadZip("a member name with a NUL byte")
