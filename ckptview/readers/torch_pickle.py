@@ -16,6 +16,7 @@ import tarfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
+from itertools import repeat
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from ckptview.errors import (
     UnsupportedFormatError,
     printable,
 )
-from ckptview.readers.dtypes import itemsize
+from ckptview.readers.dtypes import ITEMSIZE, itemsize
 from ckptview.readers.model import Checkpoint, FileSource, PickleImport, RefusedPickle, Storage
 from ckptview.readers.pickle_scan import MemoIndexRefused, pickle_end
 from ckptview.readers.registry import supported
@@ -200,9 +201,9 @@ def archive_prefix(path: str, names: list[str]) -> str:
         raise CorruptCheckpointError(path, f"the archive holds {counts[repeated]} members named "
                                            f"{printable(repeated)}: zip readers disagree on which one is read, so "
                                            "what ckptview lists is not what torch.load would run. Do not load this file.")
-    outside = [name for name in names if not name.startswith(prefix)]
-    if outside:
-        raise CorruptCheckpointError(path, f"member {printable(outside[0])} lies outside the archive's folder "
+    if not all(map(str.startswith, names, repeat(prefix))):  # in C: a torch archive has a member per storage
+        outside = next(name for name in names if not name.startswith(prefix))
+        raise CorruptCheckpointError(path, f"member {printable(outside)} lies outside the archive's folder "
                                            f"{printable(prefix)}: torch.save never writes that, and torch.load "
                                            "refuses it. Re-save the file.")
     return prefix
@@ -211,7 +212,7 @@ def archive_prefix(path: str, names: list[str]) -> str:
 def is_torchscript_archive(names: list[str], prefix: str) -> bool:
     """torch.jit.save writes constants.pkl and a code/ folder beside data.pkl; torch.save does not.
     torch.load hands any archive with a constants.pkl to torch.jit.load, which runs its code."""
-    return prefix + "constants.pkl" in names or any(n.startswith(prefix + "code/") for n in names)
+    return prefix + "constants.pkl" in names or any(map(str.startswith, names, repeat(prefix + "code/")))
 
 
 def read_torch_zip(path: str, size: int, *, trust: bool) -> Checkpoint:
@@ -282,7 +283,7 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
         if member is None:
             raise CorruptCheckpointError(path, f"data.pkl refers to storage {key!r} but the archive has no "
                                                f"member {prefix}data/{key}: the file is incomplete. Re-save it.")
-        nbytes = numel * itemsize(dtype)
+        nbytes = numel * (ITEMSIZE.get(dtype) or itemsize(dtype))
         if member.compress_type != STORED:
             raise UnsupportedFormatError(path, f"archive member {prefix}data/{key} is compressed; torch.save never "
                                                "compresses, so the file was re-zipped. Unzip and re-zip it with "
