@@ -35,13 +35,15 @@ How the loops stay vectorisable and exact:
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import numpy as np
-import torch
 from numba import njit, types
 from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
+
+from ckptview.lazy import torch
 
 BLOCK = 16384  # elements: 32 KiB of bfloat16 stays in L1 while every loop runs over it (4096 measured 7 % slower)
 
@@ -69,13 +71,16 @@ MOMENT_SLOTS = 7
 DIFF_SLOTS = 8
 
 
-# The integer type each float type's stored bits are read as.
-_BITS_OF = {torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+@functools.cache
+def _bits_of() -> dict[torch.dtype, torch.dtype]:
+    """The integer type each float type's stored bits are read as (made on first use: importing torch
+    takes 1.5 s, which statistics of small float tensors, `segment_stats` alone, do not need)."""
+    return {torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
 
 
 def bit_patterns(chunk: torch.Tensor) -> np.ndarray:
     """A contiguous CPU chunk of bfloat16, float32 or float64 as the kernels take it: its bits, not copied."""
-    return chunk.view(_BITS_OF[chunk.dtype]).numpy()
+    return chunk.view(_bits_of()[chunk.dtype]).numpy()
 
 
 _NO_KEYS = np.array([np.iinfo(np.int64).max, np.iinfo(np.int64).min], dtype=np.int64)

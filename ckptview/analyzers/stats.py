@@ -27,13 +27,14 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field, replace
-from operator import itemgetter
+from itertools import repeat
+from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ckptview.analyzers.table import layer_kinds
+from ckptview.lazy import torch
 from ckptview.readers.dtypes import ITEMSIZE
 from ckptview.readers.model import (
     Checkpoint,
@@ -274,10 +275,6 @@ def _compute(
 ) -> dict[Any, TensorStats]:
     from tqdm.auto import tqdm
 
-    total = sum(entry.nbytes for _, entry in todo)
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="statistics", disable=not progress,
-               leave=False)
-    stop = threading.Event()
     # Largest first, so the last tensors to finish are small and the threads end together. Workers
     # take the next tensor from a shared iterator (atomic under the GIL) rather than one future per
     # tensor: 20,000 futures and their condition variables cost 0.4 s before any data was read.
@@ -285,6 +282,11 @@ def _compute(
     units: list[tuple[int, Any]] = [(entry.nbytes, item) for item in singles for entry in (item[1],)]
     units += [(batch.nbytes, batch) for batch in batches]
     queue = iter([unit for _, unit in sorted(units, key=lambda unit: -unit[0])])
+    # from the units, not each tensor's `nbytes` again (a chain of properties: 1.5 s for a million)
+    total = sum(nbytes for nbytes, _ in units)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="statistics", disable=not progress,
+               leave=False)
+    stop = threading.Event()
     results: dict[Any, TensorStats] = {}
     errors: list[BaseException] = []
 
@@ -396,14 +398,17 @@ class _SmallBatch:
         # (rows compared as raw bytes: np.unique(axis=0) took 0.6 s per batch of 16,384)
         distinct, which = np.unique(counts.view(np.dtype((np.void, counts.strides[0]))).reshape(-1), return_inverse=True)
         row_tuples = list(map(tuple, distinct.view(np.int64).reshape(-1, counts.shape[1]).tolist()))
-        histograms = [Histogram(a, b, row_tuples[r], 1) if present else None for a, b, r, present in zip(
-            left.tolist(), right.tolist(), which.reshape(-1).tolist(), some.tolist())]
+        # records made by `map` over the columns, without a Python loop (a third less time)
+        histograms: list[Histogram | None] = list(map(
+            Histogram, left.tolist(), right.tolist(), map(row_tuples.__getitem__, which.reshape(-1).tolist()), repeat(1)))
+        if not some.all():  # no finite value, no histogram
+            histograms = [histogram if present else None for histogram, present in zip(histograms, some.tolist())]
         nan_count, posinf, neginf = moments[:, 4:7].astype(np.int64).T.tolist()
-        dtype = self.dtype
-        return [TensorStats(entry.name, dtype, entry.info.shape, *fields) for entry, *fields in zip(
-            entries, numels, np.where(some, low, nan).tolist(), np.where(some, high, nan).tolist(),
-            np.where(some, mean, nan).tolist(), std.tolist(), abs_max.tolist(), l2_norm.tolist(),
-            zero_fraction.tolist(), nan_count, posinf, neginf, histograms)]
+        return list(map(
+            TensorStats, map(attrgetter("name"), entries), repeat(self.dtype), map(attrgetter("info.shape"), entries),
+            numels, np.where(some, low, nan).tolist(), np.where(some, high, nan).tolist(),
+            np.where(some, mean, nan).tolist(), std.tolist(), abs_max.tolist(), l2_norm.tolist(), zero_fraction.tolist(),
+            nan_count, posinf, neginf, histograms))
 
 
 def _small_batches(todo: list[tuple[Any, TensorEntry]], histogram_sample: int | None,
@@ -625,7 +630,7 @@ def find_outliers(ckpt: Checkpoint, results: Iterable[TensorStats], *, abs_max_r
     groups: dict[tuple[str, str], list[TensorStats]] = defaultdict(list)
     out: list[Outlier] = []
     for item in results:
-        if item.nan_count or item.inf_count:
+        if item.nan_count or item.posinf_count or item.neginf_count:  # not `inf_count`: a call per tensor
             out.append(Outlier(item.name, "non_finite",
                                f"{item.nan_count:,} NaN, {item.posinf_count:,} +Inf, {item.neginf_count:,} -Inf of "
                                f"{item.numel:,} values: training diverged or the file was damaged; use an earlier "

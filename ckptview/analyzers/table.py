@@ -124,8 +124,8 @@ def tensor_table(ckpt: Checkpoint) -> TensorTable:
 
 def layer_kinds(ckpt: Checkpoint) -> dict[str, tuple[str, str]]:
     """
-    Each tensor's inferred layer kind and leaf, by name (`("Linear", "weight")`; kind "" when
-    unknown): what the statistics' outlier check groups by, without the tensor table's rows (a
+    The inferred layer kind and leaf of each tensor whose kind is known, by name (`("Linear",
+    "weight")`): what the statistics' outlier check groups by, without the tensor table's rows (a
     million-tensor file's rows took a third of its statistics). Cached per checkpoint.
     """
     return ckpt.cached("layer_kinds", lambda: _layer_kinds(ckpt))
@@ -134,8 +134,15 @@ def layer_kinds(ckpt: Checkpoint) -> dict[str, tuple[str, str]]:
 @gc_paused()
 def _layer_kinds(ckpt: Checkpoint) -> dict[str, tuple[str, str]]:
     located, kinds, section_names = _locate(ckpt)
-    return {entry.name: (kinds.get((section_names[id(section)] if section is not None else "", module), ("", ""))[0], leaf)
-            for entry, section, module, leaf in located}
+    known = {}
+    # only the tensors of a known kind: a million tensors no layer explains made a million
+    # ("", leaf) pairs for the outlier check to skip (1 s)
+    for entry, section, module, leaf in located:
+        if section is not None:
+            kind = kinds.get((section_names[id(section)], module))
+            if kind is not None and kind[0]:
+                known[entry.name] = (kind[0], leaf)
+    return known
 
 
 def _locate(ckpt: Checkpoint) -> tuple[list[tuple[TensorEntry, Section | None, str, str]],

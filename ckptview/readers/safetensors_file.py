@@ -6,7 +6,7 @@ import json
 import math
 import os
 import struct
-from itertools import chain
+from itertools import chain, repeat
 from operator import mul, sub
 from typing import Any, NamedTuple
 
@@ -203,15 +203,18 @@ def _checked(source: FileSource, path: str, size: int) -> tuple[Layout, dict[str
 
 def _records(source: FileSource, path: str, layout: Layout, data_start: int) -> dict[str, TensorInfo]:
     """The tensors in file order (by where their data starts; the header's order among equals)."""
-    root: dict[str, TensorInfo] = {}
-    key_prefix = os.path.basename(path) + ":"
     names, dtypes, shapes, begins, ends = layout
-    for index in sorted(range(len(names)), key=begins.__getitem__):
-        name, shape, begin = names[index], tuple(shapes[index]), begins[index]
-        storage = Storage(key=key_prefix + name, source=source, offset=data_start + begin, nbytes=ends[index] - begin,
-                          location="cpu")
-        root[name] = TensorInfo(shape=shape, dtype=dtypes[index], storage=storage, stride=contiguous_stride(shape))
-    return root
+    order = sorted(range(len(names)), key=begins.__getitem__)
+    in_order = lambda column: list(map(column.__getitem__, order))  # noqa: E731
+    names, dtypes, begins, ends = in_order(names), in_order(dtypes), in_order(begins), in_order(ends)
+    shapes = list(map(tuple, in_order(shapes)))
+    # made by `map` over the columns, without a Python loop: 0.8 of 4.2 s on a million tensors.
+    # Positional: Storage(key, source, offset, nbytes, location), TensorInfo(shape, dtype, storage,
+    # storage_offset, stride)
+    key_prefix = os.path.basename(path) + ":"
+    storages = map(Storage, map(key_prefix.__add__, names), repeat(source), map(data_start.__add__, begins),
+                   map(sub, ends, begins), repeat("cpu"))
+    return dict(zip(names, map(TensorInfo, shapes, dtypes, storages, repeat(0), map(contiguous_stride, shapes))))
 
 
 def _imports_if_read_as_pickle(path: str, size: int, source: FileSource) -> list[PickleImport]:
