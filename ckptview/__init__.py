@@ -16,13 +16,14 @@ from ckptview import errors
 from ckptview.errors import CkptviewError
 from ckptview.readers import Checkpoint, PickledObject, PickleImport, TensorEntry, open_checkpoint
 from ckptview.analyzers.sections import find_sections as sections, model_state_dict, pickled_modules
-from ckptview.analyzers.training import training_state
-from ckptview.analyzers.table import tensor_table
-from ckptview.analyzers.tree import module_tree
 
-# Imported on first use (PEP 562): they need torch, numba or pandas, and listing a file needs none
+# Imported on first use (PEP 562): they need torch, numba or pandas, or take import time (a fifth of
+# `ckptview info`'s start for the training, table and tree analyzers), and listing a file needs none
 # of them (`ckptview info` answers in a fraction of torch's import time).
 _LAZY = {
+    "training_state": "ckptview.analyzers.training",
+    "tensor_table": "ckptview.analyzers.table",
+    "module_tree": "ckptview.analyzers.tree",
     "batchnorm_checks": "ckptview.analyzers.batchnorm",
     "stats": "ckptview.analyzers.stats",
     "doctor": "ckptview.analyzers.doctor",

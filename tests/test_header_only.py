@@ -16,7 +16,9 @@ import ckptview
 from ckptview.readers.dtypes import ALIASES, ITEMSIZE, STORAGE_CLASSES, itemsize, torch_dtype
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "numba", "pandas")
+# torch, numba and pandas take seconds; the training analyzer and the SavedModel reader (with the TF
+# checkpoint reader it imports) took a fifth of a small file's `ckptview info`, and none of them is needed
+HEAVY = ("torch", "numba", "pandas", "ckptview.analyzers.training", "ckptview.readers.savedmodel")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from typing import Any
 
 import ckptview
 from ckptview.analyzers.sections import find_sections, pickled_modules
-from ckptview.analyzers.training import training_state
 from ckptview.cli import add_path_command, print_json
 from ckptview.errors import CkptviewError, printable
 from ckptview.present.text import human_bytes, human_count, shape_text, text_table
@@ -284,6 +283,8 @@ def _scan_many(paths: list[str], args: argparse.Namespace) -> int:
 
 
 def training(args: argparse.Namespace) -> int:
+    from ckptview.analyzers.training import training_state  # its import is a fifth of `ckptview info`'s start
+
     with ckptview.open(args.path, trust=args.trust) as ckpt:
         state = training_state(ckpt)
     if args.json:

@@ -169,9 +169,15 @@ def _is_tf_checkpoint_state(probe: Probe) -> bool:
 
 
 def _is_saved_model(probe: Probe) -> bool:
-    from ckptview.readers.savedmodel import looks_like_saved_model
-
-    return looks_like_saved_model(probe.head)
+    """saved_model_schema_version 1 (field 1), then the first MetaGraphDef (field 2) opening with its
+    MetaInfoDef (field 1): `08 01 12 <length> 0a`."""
+    head = probe.head
+    if not head.startswith(b"\x08\x01\x12"):
+        return False
+    pos = 3
+    while pos < len(head) and head[pos] & 0x80:
+        pos += 1
+    return pos + 1 < len(head) and head[pos + 1] == 0x0A
 
 
 def _is_torchscript(probe: Probe) -> bool:

@@ -33,17 +33,6 @@ CODE_OPS = {
 _MAX_PB_BYTES = 2 << 30  # protobuf's own limit for one message
 
 
-def looks_like_saved_model(head: bytes) -> bool:
-    """saved_model_schema_version 1 (field 1), then the first MetaGraphDef (field 2) opening with its
-    MetaInfoDef (field 1): `08 01 12 <length> 0a`."""
-    if not head.startswith(b"\x08\x01\x12"):
-        return False
-    pos = 3
-    while pos < len(head) and head[pos] & 0x80:
-        pos += 1
-    return pos + 1 < len(head) and head[pos + 1] == 0x0A
-
-
 def _text(value: Any) -> str:
     return bytes(value).decode("utf-8", "replace") if isinstance(value, (bytes, bytearray, memoryview)) else ""
 
