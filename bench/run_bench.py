@@ -178,7 +178,7 @@ def main() -> int:
               f"torch {torch.get_num_threads()} intra-op threads by default", flush=True)
         if size >= available / 2:
             print("  warm figures are not warm: rerun with fewer --checkpoints")
-        from ckptview.analyzers import kernels, run_kernels
+        from ckptview.analyzers import kernels, run_kernels, run_tasks
 
         kernels.warm_up()  # numba's one-off load (~0.3 s) is not what is measured
         run_kernels.warm_up()
@@ -220,6 +220,8 @@ def main() -> int:
         with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
             client.run(kernels.warm_up)
             client.run(run_kernels.warm_up)
+            # the imports a task needs (torch alone takes ~1.5 s in each worker; kernels no longer imports it)
+            client.run(run_tasks.scan, str(paths[0]))
             print(f"  (LocalCluster of 2 workers started in {time.perf_counter() - started:.1f} s, not counted)")
             dask = timed("ckptview on a 2-worker LocalCluster", "warm", paths,
                          lambda: ckptview.open_run(folder, cache=False, engine=client).analyze(progress=False))
