@@ -11,7 +11,15 @@ with a warm page cache and a cold one (posix_fadvise(DONTNEED) before each run),
 extra anonymous memory (RssAnon growth) of each, and the tensor table + module tree of a
 20,000-tensor file. Each measurement runs in a fresh subprocess so memory figures are its own.
 
-    python bench/stats_bench.py [--dir /tmp/somewhere] [--repeat 5]
+And a safetensors file of one million one-element tensors (the hostile-file suite's layout,
+tests/hostile_files.py), side by side as whole `ckptview` processes: `scan` (the header is not
+checked), `info` (checked, not listed), `stats` (listed, read, every row printed) and `stats --json`,
+each with its wall time and peak RSS (the child's ru_maxrss), and the load average around them:
+the machine is shared, and other work slows every row. `--baseline DIR` runs the same commands,
+interleaved, with another checkout's `ckptview` package first on PYTHONPATH (e.g. one made by
+`git archive COMMIT ckptview | tar -x -C DIR`), for a before/after side by side.
+
+    python bench/stats_bench.py [--dir /tmp/somewhere] [--repeat 5] [--only llm|million] [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -168,8 +176,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", help="where to write the files (default: a temp dir, removed afterwards)")
     parser.add_argument("--repeat", type=int, default=5, help="rounds of the fast methods (median); torch.load+loop runs once")
+    parser.add_argument("--only", choices=("llm", "million"), help="run one part: the LLM file and the 20,000-tensor "
+                                                                    "file, or the million-tensor file")
+    parser.add_argument("--baseline", metavar="DIR", help="also run the million-tensor commands with the ckptview "
+                                                           "package in DIR (another checkout) first on the path")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        if args.only != "llm":
+            report_million(Path(tmp) / "million.safetensors", repeat=max(1, min(args.repeat, 3)), baseline=args.baseline)
+        if args.only == "million":
+            return
         t0 = time.perf_counter()
         llm = make_llm_checkpoint(Path(tmp) / "llm.pt")
         many = make_many_tensors(Path(tmp) / "many.pt")
@@ -199,6 +215,53 @@ def main() -> None:
               f"{best['table']:.3f}s, module_tree {best['tree']:.3f}s, table+tree {best['table'] + best['tree']:.3f}s "
               f"(best of {args.repeat}); folded {timings[0]['folded']}")
         print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
+MILLION = 1_000_000
+MILLION_COMMANDS = {"scan": ["scan"], "info": ["info"], "stats": ["stats"], "stats --json": ["stats", "--json"]}
+
+
+def cli_process(arguments: list[str], package_dir: str | None = None) -> dict[str, float]:
+    """One `python -m ckptview ...` process, output discarded: wall seconds from start to exit (imports and
+    teardown included) and its peak RSS. `package_dir` holds the ckptview to run instead of this one."""
+    environment = dict(os.environ, PYTHONPATH=package_dir) if package_dir else None
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "ckptview", *arguments], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=environment)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"ckptview {' '.join(arguments)} failed (exit {os.waitstatus_to_exitcode(status)})")
+    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}  # ru_maxrss is in KiB on Linux
+
+
+def report_million(path: Path, *, repeat: int, baseline: str | None) -> None:
+    """The million-tensor figures: each command `repeat` times, interleaved (with the baseline's, when given,
+    so both meet the same load); the fastest run and its memory."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from hostile_files import many_tensor_safetensors
+
+    many_tensor_safetensors(path, MILLION)
+    versions = {"this": None} | ({"baseline": baseline} if baseline else {})
+    for package_dir in versions.values():  # numba's and Python's caches, and the file's pages, warm for every row
+        cli_process(["stats", str(path)], package_dir)
+    load_before = os.getloadavg()
+    runs: dict[tuple[str, str], list[dict[str, float]]] = {
+        (version, label): [] for label in MILLION_COMMANDS for version in versions}
+    for _ in range(repeat):
+        for label, command in MILLION_COMMANDS.items():
+            for version, package_dir in versions.items():
+                runs[(version, label)].append(cli_process([*command, str(path)], package_dir))
+    load_after = os.getloadavg()
+    print(f"{MILLION:,} one-element float32 tensors ({path.stat().st_size / 1e6:.0f} MB safetensors), whole "
+          f"`ckptview` processes, fastest of {repeat}; load average {load_before[0]:.1f} before, "
+          f"{load_after[0]:.1f} after, {os.cpu_count()} CPUs")
+    print(f"{'version':<9} {'command':<14} {'seconds':>8} {'slowest':>8} {'peak RSS':>9}")
+    for (version, label), results in runs.items():
+        best = min(results, key=lambda result: result["seconds"])
+        print(f"{version:<9} {label:<14} {best['seconds']:>8.2f} {max(r['seconds'] for r in results):>8.2f} "
+              f"{best['peak_rss_mb']:>7.0f}MB")
+    print()
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from ckptview.readers.model import (
     Checkpoint,
     ScratchBuffers,
     TensorEntry,
+    contiguous_stride,
     fast_init,
     gc_paused,
     repeated_view,
@@ -238,7 +239,7 @@ def _stats(ckpt: Checkpoint, filter: str | Callable[[TensorEntry], bool] | None,
            cancel: CancelHook | None) -> StatsResult:
     selected = _select(ckpt.tensors(), filter)
     cache: dict[Any, TensorStats] = ckpt.cached(f"stats:{bins}:{histogram_sample}", dict)
-    keys = [view_identity(entry.info) for entry in selected]
+    keys = list(map(view_identity, map(attrgetter("info"), selected)))
     todo: dict[Any, TensorEntry] = {}
     for key, entry in zip(keys, selected):
         if key not in cache:
@@ -247,10 +248,10 @@ def _stats(ckpt: Checkpoint, filter: str | Callable[[TensorEntry], bool] | None,
         # The outlier check's layer kinds are found on this thread while the workers read.
         cache.update(_compute(list(todo.items()), bins, histogram_sample, workers, chunk_bytes, progress, cancel,
                               while_waiting=lambda: layer_kinds(ckpt)))
-    results = []
-    for key, entry in zip(keys, selected):
-        item = cache[key]
-        results.append(item if item.name == entry.name else replace(item, name=entry.name))
+    results = list(map(cache.__getitem__, keys))
+    names = list(map(attrgetter("name"), selected))
+    if list(map(attrgetter("name"), results)) != names:  # tied tensors: each name gets the statistics of its view
+        results = [item if item.name == name else replace(item, name=name) for item, name in zip(results, names)]
     return StatsResult(tuple(results), find_outliers(ckpt, results))
 
 
@@ -421,8 +422,11 @@ def _small_batches(todo: list[tuple[Any, TensorEntry]], histogram_sample: int | 
         info = entry.info
         storage = info.storage
         dtype = info.dtype
+        # the record's numel and is_contiguous() are Python calls, a million times over: the same
+        # tests inline, with the usual contiguous stride compared first
         if (dtype in _BATCHED_DTYPES and info.layout == "strided" and storage is not None
-                and storage.byteorder == "little" and 0 < (numel := info.numel) <= limit and info.is_contiguous()):
+                and storage.byteorder == "little" and 0 < (numel := math.prod(info.shape)) <= limit
+                and (info.stride == contiguous_stride(info.shape) or info.is_contiguous())):
             itemsize = ITEMSIZE[dtype]
             offset = storage.data_offset() + info.storage_offset * itemsize
             groups[(id(storage.source), dtype)].append((offset, numel * itemsize, numel, key, entry))
