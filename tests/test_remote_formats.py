@@ -17,6 +17,8 @@ from gguf.quants import quantize  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import ckptview  # noqa: E402
+from ckptview.errors import CorruptCheckpointError  # noqa: E402
+from ckptview.readers import remote  # noqa: E402
 from ckptview.readers.gguf_file import metadata_value  # noqa: E402
 from test_remote import _Counting, _Ranged, _serve  # noqa: E402
 
@@ -93,6 +95,23 @@ def test_remote_gguf_lists_from_its_header_and_loads_exact_ranges(served: tuple[
         assert torch.equal(quant.load(), local.tensor("blk.1.attn_q.weight").load())
         assert metadata_value(remote, "tokenizer.ggml.tokens")[-1] == f"token_{VOCAB - 1}"
         assert ckptview.stats(remote, progress=False).to_frame().equals(local_stats)
+
+
+def test_listing_that_would_read_past_the_header_limit_is_refused_before_the_download(
+        served: tuple[Path, str, type[_Counting]], monkeypatch: pytest.MonkeyPatch) -> None:
+    # a GGUF whose metadata is larger than the limit stands for one crafted to fill its file with
+    # metadata: opening it must stop asking for bytes at the limit, not download the file
+    folder, url, server = served
+    _write_gguf(folder / "model.gguf")
+    monkeypatch.setattr(remote, "LISTING_BYTES_LIMIT", 256 * 1024)
+    with pytest.raises(CorruptCheckpointError, match="more than 0.25 MiB of headers.*stopped before downloading"):
+        ckptview.open(f"{url}/model.gguf")
+    assert server.sent <= 256 * 1024
+    monkeypatch.undo()
+    with ckptview.open(f"{url}/model.gguf") as listed:  # the real limit: this 1.4 MB header lists, and
+        before = server.sent
+        assert len(ckptview.stats(listed, progress=False).to_frame()) == len(listed.tensors())  # data: no limit
+        assert server.sent - before > 8 * 2**20
 
 
 def test_remote_onnx_steps_over_every_weight(served: tuple[Path, str, type[_Counting]]) -> None:

@@ -9,8 +9,11 @@ found before anything else is read (one 1-byte range request) and refused with w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 from ckptview.errors import (
@@ -28,6 +31,25 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 class RangeNotSupportedError(CkptviewError):
     """The server answers ranged requests with the whole file."""
+
+
+# Listing a file reads its headers: kilobytes for safetensors and torch files, a few MB for a GGUF
+# vocabulary or a large ONNX graph, at most 100 MB for a safetensors header (that library's own
+# limit). A file whose listing would read more is damaged or crafted (a GGUF whose metadata arrays
+# fill the file, say): it is refused before the bytes past the limit are asked for.
+LISTING_BYTES_LIMIT = 128 * 2**20
+
+_listing_bytes: ContextVar[list[int] | None] = ContextVar("ckptview_remote_listing_bytes", default=None)
+
+
+@contextlib.contextmanager
+def listing_limit() -> Iterator[None]:
+    """Every remote read inside (opening a file: headers only) counts against LISTING_BYTES_LIMIT."""
+    token = _listing_bytes.set([0])
+    try:
+        yield
+    finally:
+        _listing_bytes.reset(token)
 
 
 def is_url(path: object) -> bool:
@@ -96,6 +118,14 @@ class RemoteSource:
     def read(self, offset: int, size: int) -> bytes:
         if size <= 0:
             return b""
+        listed = _listing_bytes.get()
+        if listed is not None:
+            listed[0] += size
+            if listed[0] > LISTING_BYTES_LIMIT:
+                raise CorruptCheckpointError(
+                    self.path, f"listing it would download more than {LISTING_BYTES_LIMIT / 2**20:g} MiB of headers "
+                               f"(it asks for bytes {offset:,}..{offset + size:,}); a checkpoint's headers are far "
+                               "smaller, so the file is damaged or crafted. ckptview stopped before downloading it.")
         try:
             data = self._fs.cat_file(self._fspath, start=offset, end=offset + size)
         except FileNotFoundError:
@@ -136,13 +166,14 @@ def open_remote(url: str, *, trust: bool) -> Checkpoint:
     source = RemoteSource(url, size)
     if size == 0:
         raise CorruptCheckpointError(url, "the file is empty (0 bytes): upload it again.")
-    head = source.read(0, min(HEAD_BYTES, size))
-    fmt = find_format(Probe(url, head, size))
-    if fmt is None:
-        raise UnsupportedFormatError(url, f"this is {describe(head)}, not a checkpoint; {supported()}.")
-    if fmt.name == "sharded":
-        return _open_remote_index(url, source, size, trust=trust)
-    return fmt.read(url, size, trust=trust)
+    with listing_limit():
+        head = source.read(0, min(HEAD_BYTES, size))
+        fmt = find_format(Probe(url, head, size))
+        if fmt is None:
+            raise UnsupportedFormatError(url, f"this is {describe(head)}, not a checkpoint; {supported()}.")
+        if fmt.name == "sharded":
+            return _open_remote_index(url, source, size, trust=trust)
+        return fmt.read(url, size, trust=trust)
 
 
 def _open_remote_index(url: str, source: RemoteSource, size: int, *, trust: bool) -> Checkpoint:
