@@ -40,17 +40,22 @@ def gc_paused() -> Iterator[None]:
     gc.disable()
     try:
         yield
-    finally:
+    except BaseException:
+        # what a failed read left behind (a traceback's frames holding an open file) is garbage the
+        # next young collection should find, as if the collector had never paused
         if was_enabled:
-            if gc.get_freeze_count() == 0:  # else the user froze objects of their own: leave them frozen
-                # Move what was made while paused straight to the oldest generation (freeze, then
-                # unfreeze: two list splices). Re-enabled as they were, the records would sit in the
-                # youngest, walked by its next collection and again by the middle one's (28 ms each
-                # for 20,000 tensors), though they live as long as the checkpoint. Only a full
-                # collection, on its usual schedule, walks them now.
-                gc.freeze()
-                gc.unfreeze()
             gc.enable()
+        raise
+    if was_enabled:
+        if gc.get_freeze_count() == 0:  # else the user froze objects of their own: leave them frozen
+            # Move what was made while paused straight to the oldest generation (freeze, then
+            # unfreeze: two list splices). Re-enabled as they were, the records would sit in the
+            # youngest, walked by its next collection and again by the middle one's (28 ms each
+            # for 20,000 tensors), though they live as long as the checkpoint. Only a full
+            # collection, on its usual schedule, walks them now.
+            gc.freeze()
+            gc.unfreeze()
+        gc.enable()
 
 
 class FileSource:
