@@ -352,3 +352,25 @@ def test_all_zero_is_a_finding_for_float_weights_only(tmp_path: Path) -> None:
     with ckptview.open(path) as ckpt:
         found = {(o.name, o.check) for o in ckptview.stats(ckpt, progress=False).outliers}
     assert ("fc.weight", "all_zero") in found and not any(name == "shape" for name, _ in found)
+
+
+def test_stats_text_shows_the_first_rows_and_every_outlier(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a million rows of text nobody reads took 5 s of `ckptview stats` on a million tensors: the table
+    # stops at STATS_ROWS and says how many more there are; --all prints them, outliers are always all listed
+    from ckptview.cli import main
+    from ckptview.cli.analyze import STATS_ROWS
+
+    count = STATS_ROWS + 5
+    tensors = {f"t{i:05d}": torch.full((2,), float(i)) for i in range(count)}
+    tensors[f"t{count - 1:05d}"][0] = float("nan")
+    path = tmp_path / "many.safetensors"
+    save_file(tensors, path)
+    assert main(["stats", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[2 : 2 + STATS_ROWS]] == list(tensors)[:STATS_ROWS]
+    assert lines[2 + STATS_ROWS] == "... and 5 more tensors (--all prints every row, --json lists them, --filter picks some)"
+    assert any(line.startswith(f"  t{count - 1:05d}: non_finite:") for line in lines)
+    assert main(["stats", "--all", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[2 : 2 + count]] == list(tensors)
+    assert not any(line.startswith("... and") for line in lines)
