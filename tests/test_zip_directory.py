@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ckptview.readers.model import FileSource
-from ckptview.readers.zip_directory import BadZip, NoEndRecord, read_directory, read_member
+from ckptview.readers.zip_directory import BadZip, NoEndRecord, data_offset, read_directory, read_member
 
 
 def _members(path: Path) -> list[tuple[str, int, int, int, int]]:
@@ -78,3 +78,24 @@ def test_cut_off_archive_and_nul_in_a_name(tmp_path: Path) -> None:
     named.write_bytes(named.read_bytes().replace(b"data.pklXx", b"data.pkl\0x"))
     with pytest.raises(BadZip, match="NUL"):
         read_directory(FileSource(named).read, named.stat().st_size)
+
+
+def test_data_offset_of_names_in_every_encoding_and_a_local_header_naming_another(tmp_path: Path) -> None:
+    path = tmp_path / "names.zip"
+    names = ["a/data/0", "a/données/é" * 3, "a/模型/权重", "a/" + "x" * 300]
+    with zipfile.ZipFile(path, "w") as archive:
+        for number, name in enumerate(names):
+            archive.writestr(name, bytes([number]) * (number + 5))
+    source = FileSource(path)
+    with zipfile.ZipFile(path) as archive:
+        for member in read_directory(source.read, path.stat().st_size):
+            start = data_offset(source.read, member.name, member.header_offset)
+            assert source.read(start, member.file_size) == archive.read(member.name)
+    # the directory says "a/data/0"; a local header that says "a/data/00" (one byte longer) is another member
+    data = bytearray(path.read_bytes())
+    first = read_directory(source.read, len(data))[0]
+    local = bytes(data).replace(b"a/data/0", b"a/data/00", 1)  # shifts the rest; only the first header is read
+    forged = tmp_path / "forged.zip"
+    forged.write_bytes(local[:first.header_offset + 26] + (9).to_bytes(2, "little") + local[first.header_offset + 28:])
+    with pytest.raises(BadZip, match="disagrees"):
+        data_offset(FileSource(forged).read, first.name, first.header_offset)

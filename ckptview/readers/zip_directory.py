@@ -147,11 +147,15 @@ def data_offset(read: Callable[[int, int], bytes], name: str, header_offset: int
     Raises:
         BadZip: the local header is missing, cut off, or names another member.
     """
-    header = read(header_offset, _LOCAL.size)
+    # the header and as many bytes as the directory's name takes, in one read: a torch file locates
+    # each of its storages this way, and a second read for the name doubled the system calls
+    header = read(header_offset, _LOCAL.size + len(name))
     if len(header) < _LOCAL.size:
         raise BadZip("cut off")
-    signature, flags, name_len, extra_len = _LOCAL.unpack(header)
-    local_name = read(header_offset + _LOCAL.size, name_len) if name_len else b""
+    signature, flags, name_len, extra_len = _LOCAL.unpack_from(header)
+    local_name = header[_LOCAL.size:_LOCAL.size + name_len]
+    if len(local_name) < name_len:  # a longer name in the local header (or non-ASCII bytes): read the rest
+        local_name += read(header_offset + _LOCAL.size + len(local_name), name_len - len(local_name))
     # decoded as zipfile decodes it: UTF-8 when the header says so, else cp437
     if signature != b"PK\x03\x04" or local_name.decode("utf-8" if flags & _UTF8_NAMES else "cp437", "replace") != name:
         raise BadZip("a local header that disagrees with the directory")
