@@ -48,8 +48,9 @@ def test_what_the_user_froze_stays_frozen_and_a_disabled_collector_stays_off() -
 
 def test_a_failed_read_leaves_its_garbage_to_the_young_collection(tmp_path: Path) -> None:
     # a torch file whose data.pkl is damaged: the open file its reader made sits in a cycle with the
-    # traceback, and must close at the next young collection, as before the pause (a folder of broken
-    # files must not run out of descriptors; moved to the oldest generation, 20 opens kept 20 open)
+    # traceback, and must close at the next young collection, as before the pause, even when a good
+    # file is opened next (a folder of broken files must not run out of descriptors; moved to the
+    # oldest generation with the good file's records, each failed open kept its file open)
     torch.save({"weight": torch.ones(3)}, tmp_path / "good.pt")
     with zipfile.ZipFile(tmp_path / "good.pt") as good, zipfile.ZipFile(tmp_path / "broken.pt", "w") as broken:
         for member in good.infolist():
@@ -62,5 +63,7 @@ def test_a_failed_read_leaves_its_garbage_to_the_young_collection(tmp_path: Path
     for _ in range(20):
         with pytest.raises(CorruptCheckpointError, match="data.pkl cannot be read"):
             ckptview.open(tmp_path / "broken.pt")
+        # a good file opened next must not carry the failed one's garbage to the oldest generation
+        ckptview.open(tmp_path / "good.pt").close()
         [[] for _ in range(2000)]  # tracked allocations, which let young collections run as a program's would
     assert len(os.listdir("/proc/self/fd")) <= before + 2
