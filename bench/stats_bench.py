@@ -13,7 +13,8 @@ extra anonymous memory (RssAnon growth) of each, and the tensor table + module t
 
 And a safetensors file of one million one-element tensors (the hostile-file suite's layout,
 tests/hostile_files.py), side by side as whole `ckptview` processes: `scan` (the header is not
-checked), `info` (checked, not listed), `stats` (listed, read, every row printed) and `stats --json`,
+checked), `info` (checked, not listed), `stats` (listed and read; the table's first 1,000 rows
+printed), `stats --all` (every row) and `stats --json`,
 each with its wall time and peak RSS (the child's ru_maxrss), and the load average around them:
 the machine is shared, and other work slows every row. `--baseline DIR` runs the same commands,
 interleaved, with another checkout's `ckptview` package first on PYTHONPATH (e.g. one made by
@@ -218,21 +219,29 @@ def main() -> None:
 
 
 MILLION = 1_000_000
-MILLION_COMMANDS = {"scan": ["scan"], "info": ["info"], "stats": ["stats"], "stats --json": ["stats", "--json"]}
+MILLION_COMMANDS = {"scan": ["scan"], "info": ["info"], "stats": ["stats"], "stats --all": ["stats", "--all"],
+                    "stats --json": ["stats", "--json"]}
 
 
 def cli_process(arguments: list[str], package_dir: str | None = None) -> dict[str, float]:
-    """One `python -m ckptview ...` process, output discarded: wall seconds from start to exit (imports and
-    teardown included) and its peak RSS. `package_dir` holds the ckptview to run instead of this one."""
+    """
+    One `python -m ckptview ...` process, output discarded: wall seconds from start to exit (imports and
+    teardown included) and its peak RSS. `package_dir` holds the ckptview to run instead of this one.
+
+    The peak comes from /usr/bin/time, not from os.wait4 here: a child's ru_maxrss starts at its
+    parent's RSS when it forks (Linux keeps the larger across exec), and this process has just written
+    the million-tensor header, so every command read ~870 MB, `scan` included.
+    """
     environment = dict(os.environ, PYTHONPATH=package_dir) if package_dir else None
-    start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "ckptview", *arguments], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env=environment)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"ckptview {' '.join(arguments)} failed (exit {os.waitstatus_to_exitcode(status)})")
-    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}  # ru_maxrss is in KiB on Linux
+    with tempfile.NamedTemporaryFile("r") as peak:
+        start = time.perf_counter()
+        # run from `package_dir`: `-m` puts the working directory ahead of PYTHONPATH
+        done = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", peak.name, sys.executable, "-m", "ckptview", *arguments],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment, cwd=package_dir)
+        seconds = time.perf_counter() - start
+        if done.returncode:
+            raise RuntimeError(f"ckptview {' '.join(arguments)} failed (exit {done.returncode})")
+        return {"seconds": seconds, "peak_rss_mb": int(peak.read().split()[-1]) / 1024}  # %M is in KiB
 
 
 def report_million(path: Path, *, repeat: int, baseline: str | None) -> None:
@@ -251,13 +260,20 @@ def report_million(path: Path, *, repeat: int, baseline: str | None) -> None:
     for _ in range(repeat):
         for label, command in MILLION_COMMANDS.items():
             for version, package_dir in versions.items():
-                runs[(version, label)].append(cli_process([*command, str(path)], package_dir))
+                try:
+                    runs[(version, label)].append(cli_process([*command, str(path)], package_dir))
+                except RuntimeError:
+                    if not package_dir:
+                        raise  # an option the baseline lacks (`stats --all` before it existed) leaves its row empty
     load_after = os.getloadavg()
     print(f"{MILLION:,} one-element float32 tensors ({path.stat().st_size / 1e6:.0f} MB safetensors), whole "
           f"`ckptview` processes, fastest of {repeat}; load average {load_before[0]:.1f} before, "
           f"{load_after[0]:.1f} after, {os.cpu_count()} CPUs")
     print(f"{'version':<9} {'command':<14} {'seconds':>8} {'slowest':>8} {'peak RSS':>9}")
     for (version, label), results in runs.items():
+        if not results:
+            print(f"{version:<9} {label:<14} {'-':>8}")
+            continue
         best = min(results, key=lambda result: result["seconds"])
         print(f"{version:<9} {label:<14} {best['seconds']:>8.2f} {max(r['seconds'] for r in results):>8.2f} "
               f"{best['peak_rss_mb']:>7.0f}MB")

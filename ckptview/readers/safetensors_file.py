@@ -7,10 +7,8 @@ import math
 import os
 import struct
 from itertools import chain, repeat
-from operator import mul, sub
+from operator import lt, mul, sub
 from typing import Any, NamedTuple
-
-import numpy as np
 
 from ckptview.errors import CkptviewError, CorruptCheckpointError, TruncatedCheckpointError
 from ckptview.readers import code_verdict_only_requested
@@ -23,6 +21,7 @@ from ckptview.readers.model import (
     Storage,
     TensorInfo,
     contiguous_stride,
+    strided_tensor,
 )
 from ckptview.readers.registry import SAFETENSORS_MAX_HEADER
 from ckptview.readers.remote import source_for
@@ -76,6 +75,7 @@ class Layout(NamedTuple):
     shapes: list[list[int]] | list[tuple[int, ...]]
     begins: list[int]  # byte offsets in the data region
     ends: list[int]
+    order: list[int]  # the tensors' indices in file order: by where their data starts, the header's order among equals
 
 
 def parse_tensors(path: str, header: dict[str, Any], data_start: int, size: int) -> tuple[Layout, dict[str, str]]:
@@ -86,18 +86,19 @@ def parse_tensors(path: str, header: dict[str, Any], data_start: int, size: int)
     layout = _valid_in_bulk(header, size - data_start)
     if layout is None:
         tensors = _valid_one_by_one(path, header, data_start, size)
-        layout = Layout(list(tensors), *map(list, zip(*tensors.values()))) if tensors else Layout([], [], [], [], [])
+        columns = list(map(list, zip(*tensors.values()))) if tensors else [[], [], [], []]
+        layout = Layout(list(tensors), *columns, _file_order(columns[2]))
     return layout, {str(k): str(v) for k, v in metadata.items()}
 
 
 def _valid_in_bulk(header: dict[str, Any], data_len: int) -> Layout | None:
     """
     The tensors of a header that passes every check `_valid_one_by_one` makes, or None when any
-    check fails (that function then says which). Checked a column at a time, by C-level maps,
-    sets and numpy, not a Python loop with its own checks per tensor: on a million tensors the
-    loop took 1.8-2.9 s, this 1.1-1.4 s. It is stricter only where the loop is lenient in ways a
-    writer never is (a bool as a dimension, an empty tensor placed past the data), and those
-    take the loop.
+    check fails (that function then says which). Checked a column at a time, by maps, sets and
+    one sort, all in C (and without numpy, which `info` would then import), not a Python loop with
+    its own checks per tensor: on a million tensors the loop took 1.7-2.9 s, this 1.1-1.4 s. It is
+    stricter only where the loop is lenient in ways a writer never is (a bool as a dimension, an
+    empty tensor placed past the data), and those take the loop.
     """
     specs = dict(header)
     specs.pop("__metadata__", None)
@@ -120,15 +121,16 @@ def _valid_in_bulk(header: dict[str, Any], data_len: int) -> Layout | None:
     needed = map(mul, map(math.prod, shapes), map(_ITEMSIZES.__getitem__, dtypes))
     if list(map(sub, ends, begins)) != list(needed):
         return None
-    # within the data now, so int64 holds every offset; sorted by start, each stored tensor must
-    # end before the next one starts
-    begin_at, end_at = np.array(begins, dtype=np.int64), np.array(ends, dtype=np.int64)
-    stored = end_at > begin_at
-    order = np.argsort(begin_at[stored], kind="stable")
-    starts, stops = begin_at[stored][order], end_at[stored][order]
-    if np.any(starts[1:] < stops[:-1]):
+    # in file order, each tensor that holds data must end before the next one starts
+    order = _file_order(begins)
+    stored = [index for index in order if ends[index] > begins[index]]
+    if any(map(lt, map(begins.__getitem__, stored[1:]), map(ends.__getitem__, stored[:-1]))):
         return None
-    return Layout(list(specs), dtypes, shapes, begins, ends)
+    return Layout(list(specs), dtypes, shapes, begins, ends, order)
+
+
+def _file_order(begins: list[int]) -> list[int]:
+    return sorted(range(len(begins)), key=begins.__getitem__)  # stable: the header's order among equal starts
 
 
 def _valid_one_by_one(path: str, header: dict[str, Any], data_start: int, size: int) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
@@ -203,18 +205,18 @@ def _checked(source: FileSource, path: str, size: int) -> tuple[Layout, dict[str
 
 def _records(source: FileSource, path: str, layout: Layout, data_start: int) -> dict[str, TensorInfo]:
     """The tensors in file order (by where their data starts; the header's order among equals)."""
-    names, dtypes, shapes, begins, ends = layout
-    order = sorted(range(len(names)), key=begins.__getitem__)
+    names, dtypes, shapes, begins, ends, order = layout
     in_order = lambda column: list(map(column.__getitem__, order))  # noqa: E731
     names, dtypes, begins, ends = in_order(names), in_order(dtypes), in_order(begins), in_order(ends)
     shapes = list(map(tuple, in_order(shapes)))
     # made by `map` over the columns, without a Python loop: 0.8 of 4.2 s on a million tensors.
-    # Positional: Storage(key, source, offset, nbytes, location), TensorInfo(shape, dtype, storage,
-    # storage_offset, stride)
+    # Positional: Storage(key, source, offset, nbytes, location), strided_tensor(shape, dtype, storage,
+    # storage_offset, stride, requires_grad)
     key_prefix = os.path.basename(path) + ":"
     storages = map(Storage, map(key_prefix.__add__, names), repeat(source), map(data_start.__add__, begins),
                    map(sub, ends, begins), repeat("cpu"))
-    return dict(zip(names, map(TensorInfo, shapes, dtypes, storages, repeat(0), map(contiguous_stride, shapes))))
+    return dict(zip(names, map(strided_tensor, shapes, dtypes, storages, repeat(0), map(contiguous_stride, shapes),
+                               repeat(False))))
 
 
 def _imports_if_read_as_pickle(path: str, size: int, source: FileSource) -> list[PickleImport]:
