@@ -237,7 +237,7 @@ def cli_process(arguments: list[str], package_dir: str | None = None) -> dict[st
         start = time.perf_counter()
         # run from `package_dir`: `-m` puts the working directory ahead of PYTHONPATH
         done = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", peak.name, sys.executable, "-m", "ckptview", *arguments],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment, cwd=package_dir)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment, cwd=package_dir, check=False)
         seconds = time.perf_counter() - start
         if done.returncode:
             raise RuntimeError(f"ckptview {' '.join(arguments)} failed (exit {done.returncode})")
