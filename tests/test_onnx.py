@@ -531,3 +531,20 @@ def test_a_varint_tensor_streams_in_chunks(tmp_path: Path) -> None:
     with ckptview.open(path) as ckpt:
         chunks = list(ckpt.tensor("ids").iter_chunks(64 * 1024))
     assert len(chunks) > 10 and np.array_equal(torch.cat(chunks).numpy(), values)
+
+
+def test_a_constant_whose_tensor_proto_is_damaged_fails_in_our_words() -> None:
+    # a fuzz finding (109 bytes): a tensor stored as a TensorProto whose protobuf bytes do not parse.
+    # Loading it (or its statistics) raised protobuf's own DecodeError, a raw traceback
+    path = Path(__file__).parent / "fuzz_findings" / "onnx-constant-tensor-proto-corrupt.onnx"
+    before = path.read_bytes()
+    with ckptview.open(path) as ckpt:
+        for entry in ckpt.tensors():
+            with pytest.raises(CkptviewError, match="not a valid TensorProto") as failed:
+                entry.load()
+            assert "\n" not in str(failed.value)
+        with pytest.raises(CkptviewError, match="not a valid TensorProto"):
+            ckptview.stats(ckpt, progress=False)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert cli_main(["stats", str(path)]) == 1
+    assert path.read_bytes() == before

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ckptview.errors import CheckpointNotFoundError, CorruptCheckpointError, TensorDataError, \
-    TruncatedCheckpointError
+    TruncatedCheckpointError, printable
 from ckptview.readers.model import Checkpoint, FileSource, LayerRole, Storage, TensorInfo, contiguous_stride
 from ckptview.readers.remote import RemoteSource, is_url, remote_file_id, source_for
 
@@ -686,7 +686,13 @@ class _Builder:
         if length > 1 << 31:
             raise TensorDataError(self.path, "a tensor stored as protobuf varints is over 2 GiB, more than protobuf "
                                              "can parse: re-export it with raw data.")
-        return onnx.TensorProto.FromString(self.wire.source.read(start, length))
+        from google.protobuf.message import DecodeError
+
+        try:
+            return onnx.TensorProto.FromString(self.wire.source.read(start, length))
+        except DecodeError as exc:
+            raise TensorDataError(self.path, f"tensor {printable(tensor.name)} is not a valid TensorProto (its protobuf "
+                                             "bytes are damaged): the file is corrupt. Re-export it.") from exc
 
     def typed_decoder(self, tensor: _Tensor) -> Callable[[], bytes]:
         def decode() -> bytes:
