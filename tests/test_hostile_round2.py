@@ -493,3 +493,12 @@ def test_globals_named_before_a_memo_bomb_still_count(tmp_path: Path) -> None:
         ckptview.open(path)
     assert [imported.name for imported in refused.value.named_globals] == ["os.system"]
     assert cli_main(["scan", str(path)]) != 0
+
+
+def test_a_frame_ending_inside_a_global_is_read_as_torch_reads_it() -> None:
+    # a fuzz finding: FRAME's length ends inside "torch._utils\n"; torch.load, reading data.pkl from
+    # a BytesIO, looks up ch._utils._rebuild_tensor_v2, and scan must name that
+    path = FINDINGS / "zip-frame-global-read-as-torch-reads-it.pt"
+    with ckptview.open(path) as ckpt:
+        assert [imported.name for imported in ckpt.pickle_imports] == ["ch._utils._rebuild_tensor_v2"]
+    assert cli_main(["scan", str(path)]) == 3
