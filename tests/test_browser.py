@@ -142,12 +142,21 @@ def click_row(explorer, index: int = 0) -> None:
     grid.click(position={"x": 40, "y": HEADER_PX + ROW_PX * index + ROW_PX // 2})
 
 
-def grid_rows(explorer, stem: str) -> list[dict[str, str]]:
-    """The rows a grid shows, read from its CSV download link (the grid itself draws on a canvas)."""
+def grid_rows(explorer, stem: str, count: int | None = None) -> list[dict[str, str]]:
+    """
+    The rows a grid shows, read from its CSV download link (the grid itself draws on a canvas).
+    With `count`, waits (up to 30 s) for the link to hold that many: the link is a widget of its own,
+    updated a moment after the count label a test may have waited for.
+    """
     link = explorer.locator(f"a[download='{stem}.csv']:visible").first
     link.wait_for(timeout=30_000)
-    data = link.get_attribute("href").split(",", 1)[1]
-    return list(csv.DictReader(io.StringIO(base64.b64decode(data).decode())))
+    deadline = time.monotonic() + 30
+    while True:
+        data = link.get_attribute("href").split(",", 1)[1]
+        rows = list(csv.DictReader(io.StringIO(base64.b64decode(data).decode())))
+        if count is None or len(rows) == count or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
 
 
 def count_label(rows: int):
@@ -172,7 +181,7 @@ def test_demo_notebook_in_jupyterlab(lab: str, page) -> None:
     regex.fill(r"layer1\..*weight$")  # $: not the optimizer state named after these weights
     regex.press("Enter")
     explorer.get_by_text(count_label(4)).wait_for(timeout=30_000)
-    rows = grid_rows(explorer, "tensors")
+    rows = grid_rows(explorer, "tensors", count=4)
     assert len(rows) == 4 and rows[0]["tensor"] == "model_state_dict.layer1.0.0.weight"
     click_row(explorer, 0)
     explorer.get_by_text("abs-max").first.wait_for(timeout=30_000)
