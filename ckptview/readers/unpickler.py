@@ -19,6 +19,7 @@ carries `_metadata` that way) keep the state as data instead of applying it.
 from __future__ import annotations
 
 import _compat_pickle
+import io
 import pickle
 import collections
 from collections import Counter, OrderedDict
@@ -443,7 +444,7 @@ class SafeUnpickler(pickle.Unpickler):
     global outside the allow-list.
     """
 
-    def __init__(self, file: Any, storage_for: Callable[..., Storage] | None = None) -> None:
+    def __init__(self, file: io.BufferedIOBase | io.BytesIO, storage_for: Callable[..., Storage] | None = None) -> None:
         super().__init__(file, encoding="utf-8")
         self._storage_for = storage_for
         self.imports: Counter[str] = Counter()
