@@ -1,5 +1,6 @@
 """The opcode pass run before every unpickle: it must find the same pickle end as pickletools on
-every pickle Python or torch writes, and refuse only memo indices no honest pickle has."""
+every pickle Python or torch writes, refuse only memo indices and frames no honest pickle has, and
+hand the unpickler a stream it reads as torch.load reads the file."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from ckptview.readers.pickle_scan import MemoIndexRefused, pickle_end
+from ckptview.readers.pickle_scan import RefusedAt, pickle_extent, unframed
 
 import hostile_files as hostile
 
@@ -34,39 +35,46 @@ def _values() -> list[object]:
 def test_end_agrees_with_pickletools(protocol: int) -> None:
     for value in _values():
         data = pickle.dumps(value, protocol=protocol)
-        *_, (opcode, _, stop) = pickletools.genops(data)
+        opcodes = list(pickletools.genops(data))
+        opcode, _, stop = opcodes[-1]
         assert opcode.name == "STOP"
         trailing = b"\x00garbage after the pickle"
-        assert pickle_end(data + trailing) == stop + 1 == len(data), value
-        assert pickle_end(trailing + data + trailing, len(trailing)) == len(trailing) + len(data)
+        assert pickle_extent(data + trailing).end == stop + 1 == len(data), value
+        assert pickle_extent(trailing + data + trailing, len(trailing)).end == len(trailing) + len(data)
+        # read without its frames (protocols 4 and 5 frame up to 64 KiB at a time), the pickle is the same value
+        extent = pickle_extent(trailing + data + trailing, len(trailing))
+        frames = [len(trailing) + position for op, _, position in opcodes if op.name == "FRAME"]
+        assert list(extent.frames) == frames, value
+        stream = unframed(trailing + data + trailing, len(trailing), extent.end, extent.frames)
+        assert pickle.Unpickler(stream).load() == value
 
 
 def test_end_of_every_pickle_torch_writes() -> None:
     state = {f"block{i}.conv.weight": torch.ones(2, 2) for i in range(300)} | {"step": 7, "name": "run\nr"}
     members = dict(hostile.zip_members(hostile.saved_zip(state)))
     data_pkl = next(data for name, data in members.items() if name.endswith("data.pkl"))
-    assert pickle_end(data_pkl) == len(data_pkl)
+    assert pickle_extent(data_pkl).end == len(data_pkl)
     legacy = hostile.saved_legacy(state)
     stream, position = io.BytesIO(legacy), 0
     for _ in range(5):  # magic, protocol, sys info, data, storage keys
         for _ in pickletools.genops(stream):  # leaves the stream just past the STOP
             pass
-        assert pickle_end(legacy, position) == stream.tell()
+        assert pickle_extent(legacy, position).end == stream.tell()
         position = stream.tell()
 
 
 def test_honest_memo_past_four_million_is_read() -> None:
     # 4.3M memoized lists: LONG_BINPUT indices past the floor, each below its own offset
     data = pickle.dumps([[] for _ in range(4_300_000)], protocol=2)
-    assert pickle_end(data) == len(data)
+    assert pickle_extent(data).end == len(data)
 
 
 @pytest.mark.parametrize(("opcode", "index"), [(b"r", 1 << 22), (b"r", 2 ** 31 - 1), (b"p", 10 ** 18)])
 def test_memo_index_past_its_offset_refused(opcode: bytes, index: int) -> None:
     put = b"r" + struct.pack("<I", index) if opcode == b"r" else b"p" + str(index).encode() + b"\n"
     data = b"\x80\x02]" + put + b"."
-    with pytest.raises(MemoIndexRefused, match="memo index") as refused:
-        pickle_end(data)
+    with pytest.raises(RefusedAt, match="memo index") as refused:
+        pickle_extent(data).end
     assert refused.value.offset == 3
 
 
@@ -80,6 +88,61 @@ def _unpickling_error(data: bytes) -> str:
                                      b"\x80\x02cos\nsys", b"\x80\x02K"])
 def test_damage_is_left_for_the_unpickler_to_name(damaged: bytes) -> None:
     # the slice handed to the unpickler still holds the damage, so it says what it is (not "ran out of input")
-    end = pickle_end(damaged)
+    end = pickle_extent(damaged).end
     assert end <= len(damaged)
     assert _unpickling_error(damaged[:end]) == _unpickling_error(damaged)
+
+
+# --- frames that split an opcode: the C unpickler reads them one way from a BytesIO (torch.load on a zip's
+# data.pkl) and another from a stream that can peek (torch.load on a legacy or plain pickle file) -------------
+
+def _framed(payload: bytes, frame_length: int, after: bytes) -> bytes:
+    return b"\x80\x04\x95" + struct.pack("<Q", frame_length) + payload + after
+
+
+class _Names(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> str:
+        return f"{module}.{name}"
+
+
+def _global_read_through(stream: io.BufferedIOBase) -> object:
+    try:
+        return _Names(stream).load()
+    except Exception as failed:
+        return type(failed).__name__
+
+
+SPLIT_FRAMES = {
+    # the frame ends inside GLOBAL's first line: through a BytesIO the line is read from the bytes after the
+    # frame ("s.path\n"), through a peeking stream from the frame's own bytes on ("os.path\n")
+    "line": (_framed(b"co", 2 + 1, b"s.path\njoin\n."), "split across the end of a frame"),
+    "fixed argument": (_framed(b"]K", 2, b"\x05a."), "split across the end of a frame"),
+    "string": (_framed(b"\x8c\x05ab", 4, b"cde."), "split across the end of a frame"),
+    "frame in a frame": (_framed(b"\x95" + struct.pack("<Q", 2) + b"K\x01.", 12, b""), "a frame inside a frame"),
+    "frame past its STOP": (_framed(b"K\x01.K\x02", 5, b"."), "runs on past the pickle's STOP"),
+}
+
+
+@pytest.mark.parametrize("name", SPLIT_FRAMES)
+def test_frame_that_splits_an_opcode_is_refused(name: str) -> None:
+    data, why = SPLIT_FRAMES[name]
+    with pytest.raises(RefusedAt, match="no pickler writes that") as refused:
+        pickle_extent(data)
+    assert why in str(refused.value) and refused.value.unknown_after and refused.value.offset > 2
+
+
+def test_a_split_frame_reads_two_ways_in_the_c_unpickler() -> None:
+    # why the refusal: the same bytes name two different globals depending on the stream
+    data, _ = SPLIT_FRAMES["line"]
+    through_bytesio = _global_read_through(io.BytesIO(data))
+    through_peek = _global_read_through(io.BufferedReader(io.BytesIO(data)))
+    assert through_bytesio != through_peek
+
+
+def test_honest_frames_read_the_same_through_any_stream() -> None:
+    value = {f"layer{i}": ("x" * (i % 300), list(range(i % 50))) for i in range(3000)}
+    data = pickle.dumps(value, protocol=5)
+    extent = pickle_extent(data)
+    assert len(extent.frames) > 3 and extent.end == len(data)
+    assert _Names(io.BytesIO(data)).load() == _Names(io.BufferedReader(io.BytesIO(data))).load() == value
+    assert _Names(unframed(data, 0, extent.end, extent.frames)).load() == value

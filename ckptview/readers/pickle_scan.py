@@ -1,6 +1,7 @@
 """
-One pass over a pickle's opcodes before the C unpickler sees them: where the pickle ends, and
-whether its memo indices are ones that unpickler can hold.
+One pass over a pickle's opcodes before the C unpickler sees them: where the pickle ends, whether
+its memo indices are ones that unpickler can hold, and whether its frames read the same however
+its bytes arrive.
 
 The C unpickler keeps its memo as an array and, on a PUT or LONG_BINPUT index past the array's
 end, resizes it to twice the index and zero-fills it: one 5-byte LONG_BINPUT 1,378,644,401 makes
@@ -9,16 +10,29 @@ honestly numbers its objects 0, 1, 2, …, one per PUT, and each PUT follows the
 the object, so an index is always below the PUT's byte offset. An index at or past its offset is
 refused here, with a floor (`_ALWAYS_FINE`, a 64 MB memo) so no small pickle is judged by it.
 
+A FRAME (protocol 4+) makes the C unpickler read its payload in one piece. Read from a stream
+without `peek` (torch.load's BytesIO over a zip's data.pkl), a frame's bytes are then gone from the
+stream, so an opcode whose argument or line runs past the frame's end is completed from the bytes
+after the frame, skipping the frame's tail; read from a stream with `peek` (torch.load's open file
+for a legacy or plain pickle), it may be completed from the very next bytes, depending on what the
+stream had buffered. A fuzzed file used that to make torch look up `ch._utils` where a reading
+through `peek` saw `torch._utils`. No pickler splits an opcode across a frame's end (Python's own
+pure-Python unpickler refuses it), so such a pickle is refused here, as are a frame inside a frame
+and a frame that runs on past the pickle's STOP (where the next pickle of a legacy file starts
+would depend on the stream too). Every other pickle reads the same with its FRAME opcodes left
+out, which is how `unframed` hands it to the unpickler: through any stream, in any piece sizes.
+
 Most opcodes have a fixed-size argument, and most strings are short; a regular expression steps
 over runs of them in C and Python handles only the others (long strings, newline-terminated
-arguments, large LONG_BINPUTs), so the pass costs a small part of the unpickling it guards.
+arguments, large LONG_BINPUTs, FRAMEs), so the pass costs a small part of the unpickling it guards.
 """
 
 from __future__ import annotations
 
+import io
 import pickletools
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 from ckptview.readers.model import RefusedPickle
 
@@ -26,7 +40,11 @@ from ckptview.readers.model import RefusedPickle
 _ALWAYS_FINE = 1 << 22
 
 _LINE, _TWO_LINES, _LENGTH1, _LENGTH4, _LENGTH8, _STOP = -1, -2, -3, -4, -5, -6
-_PUT, _LONG_BINPUT, _STOP_CODE = ord("p"), ord("r"), ord(".")
+_PUT, _LONG_BINPUT, _STOP_CODE, _FRAME = ord("p"), ord("r"), ord("."), 0x95
+_FRAME_HEADER = 9  # the opcode and its 8-byte length
+
+# the C unpickler peeks this much ahead (_pickle.c's PREFETCH) from a stream that can
+_PREFETCH = 8192 * 16
 
 
 def _argument_kinds() -> list[int | None]:
@@ -54,7 +72,7 @@ _KINDS = _argument_kinds()
 def _fixed_run_pattern() -> re.Pattern[bytes]:
     by_size: dict[int, list[int]] = {}
     for code, kind in enumerate(_KINDS):
-        if kind is not None and kind >= 0 and code != _LONG_BINPUT:
+        if kind is not None and kind >= 0 and code not in (_LONG_BINPUT, _FRAME):
             by_size.setdefault(kind, []).append(code)
     branches = [b"[" + b"".join(b"\\x%02x" % code for code in codes) + b"]" + b"." * size
                 for size, codes in sorted(by_size.items())]
@@ -74,52 +92,102 @@ _SHORT = 128
 _FIXED_RUN = _fixed_run_pattern()
 
 
-def pickle_end(data: Any, start: int = 0) -> int:
+class PickleExtent(NamedTuple):
+    end: int  # just past the pickle's STOP, or past the damage the unpickler will meet
+    frames: tuple[int, ...]  # where its FRAME opcodes start, to be left out (see `unframed`)
+
+
+def pickle_extent(data: Any, start: int = 0) -> PickleExtent:
     """
-    The offset just past the STOP of the pickle at `start` in `data` (bytes or an mmap), after
-    checking its memo indices. A damaged pickle ends just past the damage (an unknown opcode, a
-    length that is negative or runs past `data`) or at the end of `data` (no STOP), so the
-    unpickler meets the damage and says what it is.
+    Where the pickle at `start` in `data` (bytes or an mmap) ends and where its frames are, after
+    checking its memo indices and frames. A damaged pickle ends just past the damage (an unknown
+    opcode, a length that is negative or runs past `data`) or at the end of `data` (no STOP), so
+    the unpickler meets the damage and says what it is.
 
     Raises:
-        MemoIndexRefused: a PUT or LONG_BINPUT index that would make the C unpickler allocate a
-            memo far larger than the pickle.
+        RefusedAt: a memo index that would make the C unpickler allocate a memo far larger than
+            the pickle, or a frame that does not hold whole opcodes.
     """
     position, end = start, len(data)
+    frames: list[int] = []
+    frame_end = -1  # the end of the frame being read, while in one
+    limit = end  # no run of opcodes steps past a frame's end
     match_run, find, from_bytes, kinds = _FIXED_RUN.match, data.find, int.from_bytes, _KINDS
     while True:
-        position = match_run(data, position).end()
+        position = match_run(data, position, limit).end()
+        if position == frame_end:
+            frame_end, limit = -1, end
+            continue
         if position >= end:
-            return end
+            return PickleExtent(end, tuple(frames))
         code = data[position]
         kind = kinds[code]
         if kind == _LENGTH4:
             length = from_bytes(data[position + 1:position + 5], "little", signed=True)
             step = 5 + length if length >= 0 else 0
         elif kind == _STOP:
-            return position + 1
+            if frame_end >= 0 and position + 1 != frame_end:
+                raise _split(position, start, frames, "a frame that runs on past the pickle's STOP")
+            return PickleExtent(position + 1, tuple(frames))
         elif kind == _LENGTH1:
             step = 2 + (data[position + 1] if position + 1 < end else 0)
         elif code == _LONG_BINPUT:
-            _check_memo_index(from_bytes(data[position + 1:position + 5], "little", signed=True), position, start)
+            _check_memo_index(from_bytes(data[position + 1:position + 5], "little", signed=True), position, start,
+                              frames)
             step = 5
+        elif code == _FRAME:
+            if frame_end >= 0:
+                raise _split(position, start, frames, "a frame inside a frame")
+            step = _FRAME_HEADER
+            if position + step <= end:
+                frame_end = position + step + from_bytes(data[position + 1:position + step], "little")
+                if frame_end <= end:
+                    frames.append(position)
+                    limit = frame_end
+                    position += step
+                    continue
+            # a frame past the end of the data: the unpickler fails on reading it, as torch.load does
+            return PickleExtent(min(position + step, end), tuple(frames))
         elif kind == _LINE or kind == _TWO_LINES:
             line_end = find(b"\n", position + 1)
             if kind == _TWO_LINES and line_end >= 0:
                 line_end = find(b"\n", line_end + 1)
             if line_end < 0:
-                return end
+                return PickleExtent(end, tuple(frames))
             if code == _PUT:
-                _check_memo_index(_decimal(data[position + 1:line_end]), position, start)
+                _check_memo_index(_decimal(data[position + 1:line_end]), position, start, frames)
             step = line_end + 1 - position
         elif kind == _LENGTH8:
             step = 9 + from_bytes(data[position + 1:position + 9], "little")
+        elif kind is not None:
+            step = 1 + kind  # a fixed-size argument the run stopped short of: at a frame's end or the data's
         else:
             step = 0
         if step == 0 or position + step > end:
             # not an opcode, a negative length or one past the data: the unpickler reports it on meeting it
-            return min(position + 9, end)
+            return PickleExtent(min(position + 9, end), tuple(frames))
+        if position + step > limit:
+            raise _split(position, start, frames, "an opcode split across the end of a frame")
         position += step
+
+
+def unframed(data: Any, start: int, end: int, frames: tuple[int, ...]) -> io.BufferedReader:
+    """
+    The pickle in `data[start:end]` as a stream for the C unpickler, its FRAME opcodes (at
+    `frames`, as `pickle_extent` found them) left out. With every frame holding whole opcodes, the
+    opcodes read the same without them, and then through any stream: this one lets the unpickler
+    peek 128 KiB ahead, where reading a BytesIO cost a `read` call per opcode and per argument.
+    """
+    if frames:
+        pieces, position = [], start
+        for frame in frames:
+            pieces.append(data[position:frame])
+            position = frame + _FRAME_HEADER
+        pieces.append(data[position:end])
+        payload = b"".join(pieces)
+    else:
+        payload = data if start == 0 and end == len(data) and isinstance(data, bytes) else data[start:end]
+    return io.BufferedReader(io.BytesIO(payload), _PREFETCH)
 
 
 def _decimal(text: bytes) -> int:
@@ -129,15 +197,26 @@ def _decimal(text: bytes) -> int:
         return -1
 
 
-class MemoIndexRefused(RefusedPickle):
-    """A memo index the C unpickler must not see; `offset` is where its opcode starts in the scanned data."""
+class RefusedAt(RefusedPickle):
+    """
+    A pickle refused at `offset` (in the scanned data) before the C unpickler sees the bytes there.
+    `frames` are the FRAME opcodes before it. `unknown_after`: what torch.load would read past the
+    offset cannot be known (it depends on how its bytes arrive), so it may import anything.
+    """
 
-    def __init__(self, message: str, offset: int) -> None:
+    def __init__(self, message: str, offset: int, frames: list[int], unknown_after: bool = False) -> None:
         super().__init__(message)
         self.offset = offset
+        self.frames = tuple(frame for frame in frames if frame < offset)
+        self.unknown_after = unknown_after
 
 
-def _check_memo_index(index: int, position: int, start: int) -> None:
+def _split(position: int, start: int, frames: list[int], what: str) -> RefusedAt:
+    return RefusedAt(f"{what} at byte {position - start:,}: no pickler writes that, and how torch.load would read on from "
+                     "there depends on how the bytes reach it", position, frames, unknown_after=True)
+
+
+def _check_memo_index(index: int, position: int, start: int, frames: list[int]) -> None:
     if index >= _ALWAYS_FINE and index >= position - start:
-        raise MemoIndexRefused(f"a memo index of {index:,} at byte {position - start:,} (a pickle numbers its "
-                               f"objects in order; unpickling it would allocate {16 * index:,} bytes)", position)
+        raise RefusedAt(f"a memo index of {index:,} at byte {position - start:,} (a pickle numbers its "
+                        f"objects in order; unpickling it would allocate {16 * index:,} bytes)", position, frames)

@@ -30,7 +30,7 @@ from ckptview.errors import (
 )
 from ckptview.readers.dtypes import ITEMSIZE, itemsize
 from ckptview.readers.model import Checkpoint, FileSource, PickleImport, RefusedPickle, Storage
-from ckptview.readers.pickle_scan import MemoIndexRefused, pickle_end
+from ckptview.readers.pickle_scan import RefusedAt, pickle_extent, unframed
 from ckptview.readers.registry import supported
 from ckptview.readers.remote import source_for
 from ckptview.readers.unpickler import SafeUnpickler
@@ -60,6 +60,11 @@ _MAX_PICKLE_BYTES = 1 << 31
 _STORAGE_SIZE_NOT_YET_KNOWN = 1 << 62
 
 
+# What a refused pickle "imports" when torch.load could read on from the refusal in more than one way:
+# anything, so a polyglot's scan (a safetensors file that is also a pickle) never calls it safe.
+UNKNOWN_IMPORTS = "<unknown: a pickle frame splits an opcode>"
+
+
 def _why(exc: BaseException) -> str:
     """What a pickle failure means, in our words (the library's own text stays in the exception's cause)."""
     if isinstance(exc, RefusedPickle):
@@ -82,15 +87,11 @@ def unpickle(data: bytes | mmap.mmap, path: str, what: str, storage_for: Any = N
     """
     refused = None
     try:
-        end = pickle_end(data, start)
-    except MemoIndexRefused as exc:
-        # the C unpickler must not see the index, but what torch.load imports on the way to it counts
-        end, refused = exc.offset, exc
-    # Read through io.BytesIO, as torch.load reads data.pkl: what the C unpickler makes of a FRAME
-    # that ends inside a GLOBAL's line depends on how its input arrives. Handed 128 KiB at a time
-    # through `peek` (faster), it read the module as "torch._utils" where torch.load reads "ch._utils",
-    # and scan missed the import (a fuzz finding, kept in tests/fuzz_findings)
-    unpickler = SafeUnpickler(io.BytesIO(data if start == 0 and end == len(data) else data[start:end]), storage_for)
+        end, frames = pickle_extent(data, start)
+    except RefusedAt as exc:
+        # the C unpickler must not see what was refused, but what torch.load imports on the way to it counts
+        end, frames, refused = exc.offset, exc.frames, exc
+    unpickler = SafeUnpickler(unframed(data, start, end, frames), storage_for)
     if unpicklers is not None:
         unpicklers.append(unpickler)
     try:
@@ -108,6 +109,8 @@ def unpickle(data: bytes | mmap.mmap, path: str, what: str, storage_for: Any = N
         )
         # pickle imports a global's module when it meets the opcode, before the pickle fails
         error.named_globals = unpickler.pickle_imports()
+        if isinstance(exc, RefusedAt) and exc.unknown_after:
+            error.named_globals.append(PickleImport(UNKNOWN_IMPORTS, 1))
         raise error from exc
 
 
