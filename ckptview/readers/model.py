@@ -30,13 +30,11 @@ DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 @contextlib.contextmanager
-def gc_paused(acyclic: bool = False) -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """
     Pause the cyclic garbage collector while building many small objects (20,000 tensor records
     and their containers): none of them are garbage yet, and collections triggered by the
-    allocations alone doubled the time to open a 20,000-tensor file. `acyclic`: the code inside
-    makes no reference cycle (nothing it makes waits for a full collection to be freed), so what
-    it made moves to the oldest generation however little it is.
+    allocations alone doubled the time to open a 20,000-tensor file.
     """
     was_enabled = gc.isenabled()
     if was_enabled:
@@ -62,8 +60,7 @@ def gc_paused(acyclic: bool = False) -> Iterator[None]:
         # bring nearer, so a reference cycle made while paused (a stand-in class for a global the
         # pickle names) would outlive its file; with every small file moved, the fuzzer's process
         # grew by 300 MB.
-        promote_at = 0 if acyclic else _PROMOTE_AT
-        if gc.get_count()[0] >= promote_at and gc.get_freeze_count() == 0:  # else the user froze objects
+        if gc.get_count()[0] >= _PROMOTE_AT and gc.get_freeze_count() == 0:  # else the user froze objects
             gc.freeze()
             gc.unfreeze()
         gc.enable()
@@ -589,9 +586,7 @@ class Checkpoint:
     def tensors(self) -> list[TensorEntry]:
         """Every tensor in the file, named by its dotted path in the tree, in file order."""
         if self._tensors is None:
-            # 20,000 entries and their paths: left in the youngest generation, the next collection
-            # walked them all (8 ms) and the middle one's again
-            with gc_paused(acyclic=True):
+            with gc_paused():
                 self._tensors = _flat_entries(self.root)
                 if self._tensors is None:
                     self._tensors = [TensorEntry(dotted_name(path) or ROOT_NAME, info, path)
