@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import pickletools
 import random
 import selectors
 import shutil
@@ -117,10 +118,30 @@ class Generator:
                        for _ in range(r.randint(0, 2)))
         return b"\x80" + bytes([r.choice([2, 4])]) + ops + hostile.body(value) + b"."
 
+    def framed(self, data: bytes) -> bytes:
+        """`data` (a pickle after its PROTO) cut into protocol-4 frames, with unframed stretches between:
+        at opcode boundaries, as pickle writes them (read the same by every stream), or now and then
+        anywhere (a frame that splits an opcode, which torch.load reads one way or another)."""
+        r = self.rng
+        try:
+            cuts = [position for _, _, position in pickletools.genops(data)][1:]
+        except Exception:  # noqa: BLE001 - damaged: cut anywhere
+            cuts = []
+        if not cuts or r.random() < 0.2:
+            cuts = list(range(2, len(data)))
+        chosen = sorted(set(r.sample(cuts, min(len(cuts), r.randint(1, 5))))) + [len(data)]
+        parts, start = [b"\x80\x04"], 2
+        for cut in chosen:
+            if cut > start:
+                chunk = data[start:cut]
+                parts.append(chunk if r.random() < 0.25 else b"\x95" + struct.pack("<Q", len(chunk)) + chunk)
+                start = cut
+        return b"".join(parts)
+
     def pickle_bytes(self) -> bytes:
         r = self.rng
         if r.random() < 0.4:
-            return self.valid_pickle()
+            return self.framed(self.valid_pickle()) if r.random() < 0.3 else self.valid_pickle()
         parts = [b"\x80" + bytes([r.choice([2, 2, 3, 4, 5])])]
         for _ in range(r.randint(1, 40)):
             if r.random() < 0.5:
