@@ -82,3 +82,14 @@ def test_a_failed_read_leaves_its_garbage_to_the_young_collection(tmp_path: Path
         ckptview.open(tmp_path / "good.pt").close()
         [[] for _ in range(2000)]  # tracked allocations, which let young collections run as a program's would
     assert len(os.listdir("/proc/self/fd")) <= before + 2
+
+
+def test_a_large_files_entries_move_with_its_records(tmp_path: Path) -> None:
+    # the entries are made in the open's own pause: made later, in a pause of their own, they are too few
+    # to move, and the next young collection walked every one of them
+    torch.save({f"layer{i}.weight": torch.ones(1) for i in range(16_000)}, tmp_path / "many.pt")
+    gc.collect()
+    with ckptview.open(tmp_path / "many.pt") as ckpt:
+        entries = ckpt.tensors()
+        young = {id(obj) for generation in (0, 1) for obj in gc.get_objects(generation)}
+        assert len(entries) == 16_000 and not any(id(entry) in young for entry in entries)

@@ -60,13 +60,13 @@ def gc_paused() -> Iterator[None]:
         # bring nearer, so a reference cycle made while paused (a stand-in class for a global the
         # pickle names) would outlive its file; with every small file moved, the fuzzer's process
         # grew by 300 MB.
-        if gc.get_count()[0] >= _PROMOTE_AT and gc.get_freeze_count() == 0:  # else the user froze objects
+        if gc.get_count()[0] >= PROMOTE_AT and gc.get_freeze_count() == 0:  # else the user froze objects
             gc.freeze()
             gc.unfreeze()
         gc.enable()
 
 
-_PROMOTE_AT = 100_000
+PROMOTE_AT = 100_000
 
 
 class FileSource:
