@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,37 @@ def test_compiled_and_cached_kernel_give_the_same_bits(tmp_path: Path) -> None:
     assert not compiled.pop("from_cache")
     assert cached.pop("from_cache")
     assert cached == compiled
+
+
+# Runs the run's kernel once over float32 in a fresh interpreter importing ckptview from `root`; prints
+# whether it came from the disk cache.
+_FROM_CACHE = """
+import sys
+sys.meta_path[:] = [finder for finder in sys.meta_path if "editable" not in repr(finder).lower()]
+sys.path.insert(0, sys.argv[1])
+import ckptview
+from ckptview.analyzers import run_kernels
+assert ckptview.__file__.startswith(sys.argv[1]), ckptview.__file__
+run_kernels.warm_up()
+print(sum(run_kernels.reduce_segments.stats.cache_hits.values()) > 0)
+"""
+
+
+def test_an_edit_to_the_kernels_alone_is_compiled_afresh(tmp_path: Path) -> None:
+    # the run's kernel inlines kernels.py; numba stamps its cached code with run_kernels.py alone, so
+    # an edit to kernels.py alone kept loading the old arithmetic
+    root = tmp_path / "src"
+    shutil.copytree(Path(__file__).parent.parent / "ckptview", root / "ckptview",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+
+    def from_cache() -> bool:
+        done = subprocess.run([sys.executable, "-c", _FROM_CACHE, str(root)], env=env, capture_output=True,
+                              text=True, check=True, timeout=600)
+        return done.stdout.split()[-1] == "True"
+
+    assert not from_cache()
+    assert from_cache()
+    kernels = root / "ckptview" / "analyzers" / "kernels.py"
+    kernels.write_text(kernels.read_text() + "\n# an edit\n")
+    assert not from_cache()

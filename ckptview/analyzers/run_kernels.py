@@ -20,9 +20,19 @@ differently from the callee's own library in the last bits (~1e-7 relative in fl
 Which copy ran depended on the process: one that compiled this function had the callee's library
 loaded and the JIT bound the weak symbol to it; one that loaded this function from the disk cache
 ran the copy inside it; a local run and its Dask workers disagreed. Inlined, there is one copy.
+
+Inlined, `kernels.py`'s arithmetic is part of this function's machine code, but numba stamps the
+disk-cached code with this file's modification time and size alone: after an edit to `kernels.py`
+only, it kept loading the old arithmetic. So the cached code is named after `kernels.py`'s content
+too (numba names a cache file after the function's qualified name).
 """
 
 from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numba import njit
@@ -36,8 +46,14 @@ NONE = -1  # no such tensor on that side (the row's prev/first sums are NaN)
 SAME_AS_PREV = -2  # the first checkpoint is the previous one: its sums are the previous sums
 
 
+def _cached_by_kernels_source(function: Callable[..., Any]) -> Callable[..., Any]:
+    function.__qualname__ += "_" + hashlib.sha256(Path(kernels.__file__).read_bytes()).hexdigest()[:16]
+    return function
+
+
 # the inlined kernels' arithmetic is compiled with these flags, so they must be the kernels' own
 @njit(nogil=True, fastmath=kernels.FASTMATH, error_model="numpy", boundscheck=False, cache=kernels.DISK_CACHE_USABLE)
+@_cached_by_kernels_source
 def reduce_segments(cur, starts, counts, prev, prev_starts, first, first_starts, chunk, samples, acc, keys,
                     prev_sums, first_sums):
     """
