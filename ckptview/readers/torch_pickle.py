@@ -8,7 +8,6 @@ pointing at its storage's bytes in the file, and nothing is read beyond the pick
 from __future__ import annotations
 
 import contextlib
-import io
 import mmap
 import os
 import pickle
@@ -17,8 +16,8 @@ import tarfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
-from itertools import repeat
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 from ckptview.errors import (
