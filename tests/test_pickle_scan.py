@@ -10,11 +10,12 @@ import pickletools
 import struct
 from collections import OrderedDict
 
-import hostile_files as hostile
 import pytest
 import torch
 
 from ckptview.readers.pickle_scan import RefusedAt, pickle_extent, unframed
+
+import hostile_files as hostile
 
 
 def _values() -> list[object]:
