@@ -496,6 +496,18 @@ def test_globals_named_before_a_memo_bomb_still_count(tmp_path: Path) -> None:
     assert cli_main(["scan", str(path)]) != 0
 
 
+def test_globals_named_in_a_frame_before_a_memo_bomb_still_count(tmp_path: Path) -> None:
+    # the bomb sits inside a frame: the unpickler is handed the bytes up to it without their FRAME
+    # opcode, so it still meets the global torch.load imports before the index (cut inside the frame,
+    # the frame itself would fail to read and the global would go unnamed)
+    inner = _memo_bomb_pickle(b"r", before=hostile.call_and_drop(hostile.global_op("os", "system"), "true"))[2:]
+    path = tmp_path / "framed-bomb.pkl"
+    path.write_bytes(b"\x80\x04\x95" + struct.pack("<Q", len(inner)) + inner)
+    with pytest.raises(CorruptCheckpointError, match="memo index") as refused:
+        ckptview.open(path)
+    assert [imported.name for imported in refused.value.named_globals] == ["os.system"]
+
+
 def test_a_frame_ending_inside_a_global_is_refused() -> None:
     # a fuzz finding: FRAME's length ends inside "torch._utils\n". torch.load, reading data.pkl from a
     # BytesIO, looks up ch._utils._rebuild_tensor_v2; a stream that can peek reads torch._utils. No
