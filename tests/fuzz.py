@@ -119,7 +119,7 @@ class Generator:
         return b"\x80" + bytes([r.choice([2, 4])]) + ops + hostile.body(value) + b"."
 
     def framed(self, data: bytes) -> bytes:
-        """`data` (a pickle after its PROTO) cut into protocol-4 frames, with unframed stretches between:
+        """`data` (a pickle, from its 2-byte PROTO on) cut into protocol-4 frames, with unframed stretches between:
         at opcode boundaries, as pickle writes them (read the same by every stream), or now and then
         anywhere (a frame that splits an opcode, which torch.load reads one way or another)."""
         r = self.rng

@@ -40,9 +40,9 @@ def test_end_agrees_with_pickletools(protocol: int) -> None:
         assert opcode.name == "STOP"
         trailing = b"\x00garbage after the pickle"
         assert pickle_extent(data + trailing).end == stop + 1 == len(data), value
-        assert pickle_extent(trailing + data + trailing, len(trailing)).end == len(trailing) + len(data)
-        # read without its frames (protocols 4 and 5 frame up to 64 KiB at a time), the pickle is the same value
         extent = pickle_extent(trailing + data + trailing, len(trailing))
+        assert extent.end == len(trailing) + len(data)
+        # read without its frames (protocols 4 and 5 frame up to 64 KiB at a time), the pickle is the same value
         frames = [len(trailing) + position for op, _, position in opcodes if op.name == "FRAME"]
         assert list(extent.frames) == frames, value
         stream = unframed(trailing + data + trailing, len(trailing), extent.end, extent.frames)

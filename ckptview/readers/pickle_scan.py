@@ -200,14 +200,14 @@ def _decimal(text: bytes) -> int:
 class RefusedAt(RefusedPickle):
     """
     A pickle refused at `offset` (in the scanned data) before the C unpickler sees the bytes there.
-    `frames` are the FRAME opcodes before it. `unknown_after`: what torch.load would read past the
+    `frames` are the FRAME opcodes before it (the scan has seen no others). `unknown_after`: what torch.load would read past the
     offset cannot be known (it depends on how its bytes arrive), so it may import anything.
     """
 
     def __init__(self, message: str, offset: int, frames: list[int], unknown_after: bool = False) -> None:
         super().__init__(message)
         self.offset = offset
-        self.frames = tuple(frame for frame in frames if frame < offset)
+        self.frames = tuple(frames)
         self.unknown_after = unknown_after
 
 
