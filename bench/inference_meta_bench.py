@@ -7,12 +7,16 @@ Peak memory of loading a model whose weights are ~2 GB: ckptview's meta-device p
             (Net built on the meta device: no memory; each tensor read from the file and
              assigned with load_state_dict(assign=True): one copy)
 
+With --device cuda both load onto the GPU (naive: Net().cuda(), then torch.load with
+map_location="cuda") and the figure that matters is GPU memory: torch.cuda.max_memory_allocated.
+
 Each variant runs in a fresh subprocess, so its peak RSS (VmHWM, the kernel's high-water mark
 for that process; getrusage's ru_maxrss where /proc is missing) is its own; the figure reported is the rise over the process's RSS after
 importing torch and ckptview. The page cache holding the file is not in RSS either way.
 
     python bench/inference_meta_bench.py                 # ~2 GB file in a temp dir
     python bench/inference_meta_bench.py --layers 4 --width 4096 --dir /data/tmp
+    python bench/inference_meta_bench.py --device cuda
 """
 
 from __future__ import annotations
@@ -67,25 +71,33 @@ def write_checkpoint(path: str, layers: int, width: int) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def child(mode: str, path: str, layers: int, width: int) -> dict[str, float]:
+def child(mode: str, path: str, layers: int, width: int, device: str) -> dict[str, float]:
     import ckptview
     from ckptview.inference import load_model
+    from ckptview.inference.devices import synchronize
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    target = torch.device(device)
+    if target.type == "cuda":
+        torch.empty(1, device=target)  # the CUDA context is not the model's memory
+        torch.cuda.reset_peak_memory_stats(target)
     baseline = peak_rss_bytes()
     start = time.perf_counter()
     if mode == "naive":
-        model = Net(layers, width)
-        state = torch.load(path, weights_only=True, map_location="cpu")
+        model = Net(layers, width).to(target)
+        state = torch.load(path, weights_only=True, map_location=target)
         model.load_state_dict(state)
         del state
     else:
         with ckptview.open(path) as ckpt:
-            model = load_model(ckpt, lambda: Net(layers, width), device="cpu").model
+            model = load_model(ckpt, lambda: Net(layers, width), device=target).model
+    synchronize(target)
     seconds = time.perf_counter() - start
     checksum = float(model.layers[0].weight[:4, :4].sum())
+    gpu_peak = torch.cuda.max_memory_allocated(target) / GIB if target.type == "cuda" else None
     return {"mode": mode, "baseline_rss_gib": baseline / GIB, "peak_rss_gib": peak_rss_bytes() / GIB,
-            "rise_gib": (peak_rss_bytes() - baseline) / GIB, "seconds": seconds, "checksum": checksum}
+            "rise_gib": (peak_rss_bytes() - baseline) / GIB, "gpu_peak_gib": gpu_peak, "seconds": seconds,
+            "checksum": checksum}
 
 
 def main() -> None:
@@ -93,11 +105,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--width", type=int, default=8192)
     parser.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temp dir)")
+    parser.add_argument("--device", default="cpu", help="where the model is loaded: cpu or cuda")
     parser.add_argument("--child", choices=("naive", "meta"), help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.path, args.layers, args.width)))
+        print(json.dumps(child(args.child, args.path, args.layers, args.width, args.device)))
         return
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         path = os.path.join(folder, "big.pt")
@@ -107,13 +120,18 @@ def main() -> None:
         for mode in ("naive", "meta"):
             completed = subprocess.run(
                 [sys.executable, __file__, "--child", mode, "--path", path, "--layers", str(args.layers),
-                 "--width", str(args.width)], capture_output=True, text=True, check=True)
+                 "--width", str(args.width), "--device", args.device], capture_output=True, text=True, check=True)
             results.append(json.loads(completed.stdout.strip().splitlines()[-1]))
-    print(f"{'path':<8}{'peak RSS rise':>15}{'copies':>9}{'load time':>12}{'peak RSS':>11}")
+    gpu = args.device != "cpu"
+    print(f"{'path':<8}{'peak RSS rise':>15}{'copies':>9}{'load time':>12}{'peak RSS':>11}"
+          + (f"{'GPU peak':>12}{'GPU copies':>12}" if gpu else ""))
     for row in results:
         copies = row["rise_gib"] * GIB / weight_bytes
-        print(f"{row['mode']:<8}{row['rise_gib']:>11.2f} GiB{copies:>9.2f}{row['seconds']:>10.1f} s"
-              f"{row['peak_rss_gib']:>7.2f} GiB")
+        line = (f"{row['mode']:<8}{row['rise_gib']:>11.2f} GiB{copies:>9.2f}{row['seconds']:>10.1f} s"
+                f"{row['peak_rss_gib']:>7.2f} GiB")
+        if gpu and row["gpu_peak_gib"] is not None:
+            line += f"{row['gpu_peak_gib']:>8.2f} GiB{row['gpu_peak_gib'] * GIB / weight_bytes:>12.2f}"
+        print(line)
     assert results[0]["checksum"] == results[1]["checksum"], "both paths must load the same weights"
 
 
