@@ -61,18 +61,23 @@ def test_what_the_user_froze_stays_frozen_and_a_disabled_collector_stays_off() -
         gc.enable()
 
 
-def test_a_failed_read_leaves_its_garbage_to_the_young_collection(tmp_path: Path) -> None:
-    # a torch file whose data.pkl is damaged: the open file its reader made sits in a cycle with the
-    # traceback, and must close at the next young collection, as before the pause, even when a good
-    # file is opened next (a folder of broken files must not run out of descriptors; moved to the
-    # oldest generation with the good file's records, each failed open kept its file open)
-    torch.save({"weight": torch.ones(3)}, tmp_path / "good.pt")
-    with zipfile.ZipFile(tmp_path / "good.pt") as good, zipfile.ZipFile(tmp_path / "broken.pt", "w") as broken:
+def _damaged_pickle(folder: Path) -> None:
+    """good.pt, and broken.pt: the same with a byte of its data.pkl changed, so the unpickler fails."""
+    torch.save({"weight": torch.ones(3)}, folder / "good.pt")
+    with zipfile.ZipFile(folder / "good.pt") as good, zipfile.ZipFile(folder / "broken.pt", "w") as broken:
         for member in good.infolist():
             data = good.read(member)
             if member.filename.endswith("data.pkl"):
                 data = data[:len(data) // 2] + b"\xff" + data[len(data) // 2 + 1:]
             broken.writestr(member, data)
+
+
+def test_a_failed_read_leaves_its_garbage_to_the_young_collection(tmp_path: Path) -> None:
+    # a torch file whose data.pkl is damaged: the open file its reader made sits in a cycle with the
+    # traceback, and must close at the next young collection, as before the pause, even when a good
+    # file is opened next (a folder of broken files must not run out of descriptors; moved to the
+    # oldest generation with the good file's records, each failed open kept its file open)
+    _damaged_pickle(tmp_path)
     gc.collect()
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(20):
@@ -93,3 +98,44 @@ def test_a_large_files_entries_move_with_its_records(tmp_path: Path) -> None:
         entries = ckpt.tensors()
         young = {id(obj) for generation in (0, 1) for obj in gc.get_objects(generation)}
         assert len(entries) == 16_000 and not any(id(entry) in young for entry in entries)
+
+
+def test_pauses_nest_across_threads_and_the_last_to_end_restores_the_collector() -> None:
+    # a training run's worker threads open files, each pausing, while the run pauses around them all:
+    # a pause that began first but ends first must leave the collector off for the one still running
+    import threading
+
+    gc.collect()
+    entered, leave = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        with gc_paused():
+            entered.set()
+            leave.wait()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    entered.wait()
+    with gc_paused():
+        leave.set()
+        thread.join()
+        assert not gc.isenabled()
+        made = [TensorInfo((i,), "float32", None) for i in range(50_000)]
+    assert gc.isenabled()
+    assert {id(info) for info in made} <= {id(obj) for obj in gc.get_objects(2)}
+
+
+def test_a_read_failed_inside_a_long_pause_closes_its_file_when_the_pause_ends(tmp_path: Path) -> None:
+    # a run's half-written checkpoint fails to open inside the run's pause, beside many records that move
+    # to the oldest generation when it ends: the failed read's garbage (holding its open file) must be
+    # freed first, not moved with them, where only a full collection would close the file
+    _damaged_pickle(tmp_path)
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    with gc_paused():
+        made = [TensorInfo((i,), "float32", None) for i in range(150_000)]
+        for _ in range(20):
+            with pytest.raises(CorruptCheckpointError, match="data.pkl cannot be read"):
+                ckptview.open(tmp_path / "broken.pt")
+    assert made and gc.isenabled()
+    assert len(os.listdir("/proc/self/fd")) <= before + 2

@@ -345,3 +345,27 @@ def test_each_file_is_parsed_once_by_the_local_engine(run_folder: Path, monkeypa
     ckptview.open_run(run_folder, cache=False, workers=1).analyze(progress=False)
     # the header scan's parsed checkpoint is the one its task reads (a chain's previous file is kept too)
     assert opened == Counter({f"epoch_{epoch}.pt": 1 for epoch in range(1, EPOCHS + 1)})
+
+
+def test_no_full_collection_walks_the_heap_while_a_run_is_read(run_folder: Path) -> None:
+    # every file's records stay alive from the header scan to the pass: collected as they arrive, they
+    # set off full collections over the whole heap (torch's objects too), a fifth of a 200-file run.
+    # A low threshold makes collections frequent, as a longer run's allocations would.
+    import gc
+
+    full = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 2:
+            full.append(info)
+
+    thresholds = gc.get_threshold()
+    gc.collect()
+    gc.set_threshold(50, 1, 1)
+    gc.callbacks.append(count)
+    try:
+        summary = ckptview.open_run(run_folder, cache=False, workers=2).analyze(progress=False)
+    finally:
+        gc.callbacks.remove(count)
+        gc.set_threshold(*thresholds)
+    assert summary.nan_onset is not None and full == []

@@ -30,6 +30,7 @@ from ckptview.analyzers.run_tasks import (FIRST_CHECKPOINTS, OPEN_CHECKPOINTS, F
                                          summarize_chain)
 from ckptview.analyzers.training import BUFFER_LEAVES
 from ckptview.errors import CheckpointNotFoundError
+from ckptview.readers.model import gc_paused
 from ckptview.readers.remote import is_url
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar", ".pkl", ".pth.tar")
@@ -388,7 +389,7 @@ def open_run(path_or_glob: str | os.PathLike[str] | Sequence[str | os.PathLike[s
         # a LocalCluster for headers alone would cost more than it saves: they are read here
         header_engine = "local" if engine == "dask" else engine
         with engine_for(header_engine, _header_workers(candidates, workers) if header_engine == "local" else workers) \
-                as runner:
+                as runner, gc_paused():  # every file's records stay open for the pass: see gc_paused
             scans = runner.map(scan, todo, progress=progress, cancel=cancel, desc="headers")
         for (path, _, _), result in zip(todo, scans):
             cached[path] = result
@@ -655,6 +656,12 @@ def _num(value: float | None) -> str:
 def analyze_run(run: Run, *, engine: Any = "local", workers: int | None = None, progress: Progress = True,
                 cancel: Cancel = None) -> RunSummary:
     """`Run.analyze`: chains of consecutive checkpoints, each file read once, tables cached per run."""
+    # every checkpoint's tables and rows, and the summary's records, live on: see gc_paused
+    with gc_paused():
+        return _analyze_run(run, engine, workers, progress, cancel)
+
+
+def _analyze_run(run: Run, engine: Any, workers: int | None, progress: Progress, cancel: Cancel) -> RunSummary:
     ids = [c.id for c in run.checkpoints]
     prevs = [ids[i - 1] if i else None for i in range(len(ids))]
     stored = run.cache.summaries(ids[0]) if run.cache is not None and ids else {}

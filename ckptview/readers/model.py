@@ -35,37 +35,66 @@ def gc_paused() -> Iterator[None]:
     Pause the cyclic garbage collector while building many small objects (20,000 tensor records
     and their containers): none of them are garbage yet, and collections triggered by the
     allocations alone doubled the time to open a 20,000-tensor file.
+
+    Pauses nest, also across threads (the collector is one per process): the outermost one, wherever
+    it ends, restores the collector. A training run pauses once around all its files, each of
+    whose opens pauses again: paused per file only, the run's records reached the oldest generation
+    through the young ones, and the full collections that set off took a fifth of the run.
     """
-    was_enabled = gc.isenabled()
-    if was_enabled:
-        # Young garbage made before the pause (a failed read's traceback holding an open file, say)
-        # is freed now: a young collection is cheap before the records exist (~10 µs), and at the end
-        # everything young may move to the oldest generation with them.
-        gc.collect(1)
-    gc.disable()
+    global _pauses, _resume_collector, _failed_while_paused
+    with _PAUSE_LOCK:
+        if not _pauses:
+            resume = gc.isenabled()
+            if resume:
+                # Young garbage made before the pause (a failed read's traceback holding an open file,
+                # say) is freed now: a young collection is cheap before the records exist (~10 µs), and
+                # at the end everything young may move to the oldest generation with them.
+                gc.collect(1)
+            gc.disable()
+            # set after the collection: a finalizer it runs may open a file, pausing and resuming
+            _resume_collector, _failed_while_paused = resume, False
+        _pauses += 1
     try:
         yield
     except BaseException:
-        # what a failed read left behind (a traceback's frames holding an open file) is garbage the
-        # next young collection should find, as if the collector had never paused
-        if was_enabled:
-            gc.enable()
+        with _PAUSE_LOCK:
+            _pauses -= 1
+            _failed_while_paused = True
+            if not _pauses and _resume_collector:
+                # what a failed read left behind (a traceback's frames holding an open file) is garbage
+                # the next young collection should find, as if the collector had never paused
+                gc.enable()
         raise
-    if was_enabled:
-        # A pause that made many records (20,000 tensors: 180,000 objects) moves them straight to the
-        # oldest generation (freeze, then unfreeze: two list splices). Re-enabled as they were, they
-        # would sit in the youngest, walked by its next collection and again by the middle one's
-        # (28 ms each for 20,000 tensors), though they live as long as the checkpoint. Only for
-        # many: what moves there is collected only by a full collection, which what moved does not
-        # bring nearer, so a reference cycle made while paused (a stand-in class for a global the
-        # pickle names) would outlive its file; with every small file moved, the fuzzer's process
-        # grew by 300 MB.
-        if gc.get_count()[0] >= PROMOTE_AT and gc.get_freeze_count() == 0:  # else the user froze objects
-            gc.freeze()
-            gc.unfreeze()
-        gc.enable()
+    with _PAUSE_LOCK:
+        _pauses -= 1
+        if not _pauses and _resume_collector:
+            _resume(_failed_while_paused)
 
 
+def _resume(after_a_failure: bool) -> None:
+    # A pause that made many records (20,000 tensors: 180,000 objects) moves them straight to the
+    # oldest generation (freeze, then unfreeze: two list splices). Re-enabled as they were, they
+    # would sit in the youngest, walked by its next collection and again by the middle one's
+    # (28 ms each for 20,000 tensors), though they live as long as the checkpoint. Only for
+    # many: what moves there is collected only by a full collection, which what moved does not
+    # bring nearer, so a reference cycle made while paused (a stand-in class for a global the
+    # pickle names) would outlive its file; with every small file moved, the fuzzer's process
+    # grew by 300 MB.
+    if gc.get_count()[0] >= PROMOTE_AT and gc.get_freeze_count() == 0:  # else the user froze objects
+        if after_a_failure:
+            # a read that failed inside the pause (a run's half-written file) left young garbage holding
+            # its open file: one young collection over the pause's objects frees it before the rest
+            # moves where only a full collection would find it
+            gc.collect(0)
+        gc.freeze()
+        gc.unfreeze()
+    gc.enable()
+
+
+_PAUSE_LOCK = threading.RLock()
+_pauses = 0  # gc_paused blocks entered and not yet left, in every thread
+_resume_collector = False  # whether the outermost pause found the collector enabled
+_failed_while_paused = False  # whether a pause inside the outermost one ended in an exception
 PROMOTE_AT = 100_000
 
 
