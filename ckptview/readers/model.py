@@ -202,12 +202,15 @@ class Storage:
     # Finding a zip member's data means reading its local header: done on first read, not at
     # open, so listing 20,000 tensors costs no 20,000 reads. One function serves every storage of
     # a file (given the storage), so a listing makes no object per storage for it.
-    locate: Callable[[Storage], int] | None = field(default=None, compare=False, repr=False)
+    locate: Callable[[Storage, Callable[[int, int], bytes] | None], int] | None = field(
+        default=None, compare=False, repr=False)
 
-    def data_offset(self) -> int:
+    def data_offset(self, read: Callable[[int, int], bytes] | None = None) -> int:
+        """Where the bytes start in `source`. `read(offset, count)` reads the same bytes as the source
+        does, without a system call (a map of the file): what locating needs is read through it."""
         if self.offset < 0:
             assert self.locate is not None
-            object.__setattr__(self, "offset", self.locate(self))
+            object.__setattr__(self, "offset", self.locate(self, read))
         return self.offset
 
 

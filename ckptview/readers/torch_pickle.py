@@ -223,8 +223,11 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
     """
     archive_size = file_size - base_offset if length is None else length
 
-    def read(offset: int, count: int) -> bytes:
-        return source.read(base_offset + offset, max(0, min(count, archive_size - offset)))
+    def archive_reader(read_source: Callable[[int, int], bytes]) -> Callable[[int, int], bytes]:
+        """Reads of the archive's bytes (offsets from its start, cut at its end) from reads of the file's."""
+        return lambda offset, count: read_source(base_offset + offset, max(0, min(count, archive_size - offset)))
+
+    read = archive_reader(source.read)
 
     listed = _zip_members(path, read, archive_size)
     names = [member.name for member in listed]
@@ -248,10 +251,10 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
     # walks, where keeping the archive's Member records alive for locate would add one per storage
     header_offsets: dict[str, int] = {}
 
-    def locate(storage: Storage) -> int:
+    def locate(storage: Storage, read_source: Callable[[int, int], bytes] | None) -> int:
         key = storage.key[len(key_prefix):]
-        return _storage_offset(read, data_folder + key, header_offsets[key], path, storage.nbytes, base_offset,
-                               file_size)
+        return _storage_offset(read if read_source is None else archive_reader(read_source), data_folder + key,
+                               header_offsets[key], path, storage.nbytes, base_offset, file_size)
 
     def storage_for(dtype: str, key: str, location: str, numel: int, view_metadata: Any) -> Storage:
         member = members.get(data_folder + key)
