@@ -36,25 +36,25 @@ def gc_paused() -> Iterator[None]:
     and their containers): none of them are garbage yet, and collections triggered by the
     allocations alone doubled the time to open a 20,000-tensor file.
 
-    Pauses nest, also across threads (the collector is one per process): the outermost one, wherever
-    it ends, restores the collector. A training run pauses once around all its files, each of
+    Pauses nest, also across threads (the collector is one per process): the last to end restores
+    the collector as the first found it. A training run pauses once around all its files, each of
     whose opens pauses again: paused per file only, the run's records reached the oldest generation
     through the young ones, and the full collections that set off took a fifth of the run.
     """
     global _pauses, _resume_collector, _failed_while_paused
     with _PAUSE_LOCK:
-        if not _pauses:
-            resume = gc.isenabled()
-            if resume:
-                # Young garbage made before the pause (a failed read's traceback holding an open file,
-                # say) is freed now: a young collection is cheap before the records exist (~10 µs), and
-                # at the end everything young may move to the oldest generation with them.
-                gc.collect(1)
+        outermost = not _pauses
+        if outermost:
+            _resume_collector, _failed_while_paused = gc.isenabled(), False
             gc.disable()
-            # set after the collection: a finalizer it runs may open a file, pausing and resuming
-            _resume_collector, _failed_while_paused = resume, False
         _pauses += 1
     try:
+        if outermost and _resume_collector:
+            # Young garbage made before the pause (a failed read's traceback holding an open file, say)
+            # is freed now: a young collection is cheap before the records exist (~10 µs), and at the
+            # end everything young may move to the oldest generation with them. Outside the lock: a
+            # finalizer it runs may wait on a thread that is entering a pause.
+            gc.collect(1)
         yield
     except BaseException:
         with _PAUSE_LOCK:
