@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import glob as globbing
 import math
+import operator
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -734,15 +735,19 @@ def summarize_run(run: Run, tables: Sequence[Mapping[str, list[Any]]]) -> RunSum
 class _Layout:
     """Which rows of a checkpoint's table make what, by row index."""
 
-    modules: tuple[tuple[str, tuple[int, ...]], ...]  # module -> its parameters' rows (running statistics apart)
+    # module -> the values of its parameters' rows (running statistics apart) from a column, as a tuple:
+    # an itemgetter takes them in C, where a generator per module and column was half of a re-run's summary
+    modules: tuple[tuple[str, Callable[[Sequence[Any]], tuple[Any, ...]]], ...]
     batchnorm: tuple[tuple[str, int, int], ...]  # BatchNorm module, its running_mean row, its running_var row
-    moments: tuple[tuple[int, str, str], ...]  # an optimizer slot's row, the parameter's module, the slot
+    # (the parameter's module or "<all>", an optimizer slot) -> its rows' values from a column, in the
+    # order each pair first appears
+    moments: tuple[tuple[tuple[str, str], Callable[[Sequence[Any]], tuple[Any, ...]]], ...]
 
 
 def _layout(names: Sequence[str], parts: Sequence[str], params: Sequence[str], slots: Sequence[str]) -> _Layout:
     modules: dict[str, list[int]] = defaultdict(list)
     statistics: dict[str, dict[str, int]] = defaultdict(dict)
-    moments = []
+    moments: dict[tuple[str, str], list[int]] = {}
     for i, (name, part, param, slot) in enumerate(zip(names, parts, params, slots)):
         if part == "model":
             module, _, leaf = name.rpartition(".")
@@ -751,10 +756,19 @@ def _layout(names: Sequence[str], parts: Sequence[str], params: Sequence[str], s
             if leaf not in BUFFER_LEAVES:
                 modules[_module_of(name)].append(i)
         elif part == "optimizer" and slot != "step":
-            moments.append((i, _module_of(param) if param else "<unmapped>", slot))
+            moments.setdefault((_module_of(param) if param else "<unmapped>", slot), []).append(i)
+            moments.setdefault(("<all>", slot), []).append(i)
     pairs = tuple((module, pair["running_mean"], pair["running_var"]) for module, pair in statistics.items()
                   if len(pair) == 2)
-    return _Layout(tuple((module, tuple(rows)) for module, rows in modules.items()), pairs, tuple(moments))
+    return _Layout(tuple((module, _rows_getter(rows)) for module, rows in modules.items()), pairs,
+                   tuple((key, _rows_getter(rows)) for key, rows in moments.items()))
+
+
+def _rows_getter(rows: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    if len(rows) > 1:
+        return operator.itemgetter(*rows)
+    row = rows[0]
+    return lambda column: (column[row],)  # itemgetter of one index gives the value, not a tuple
 
 
 def _module_of(name: str) -> str:
@@ -780,16 +794,16 @@ def _module_drift(checkpoint: RunCheckpoint, table: Mapping[str, list[Any]], lay
     first_dd_of, first_aa_of, nan = table["first_dd"], table["first_aa"], table["nan"]
     out = []
     for module, members in layout.modules:
-        total = sum(squares[i] for i in members)
-        prev_dd, prev_aa = sum(prev_dd_of[i] for i in members), sum(prev_aa_of[i] for i in members)
-        first_dd, first_aa = sum(first_dd_of[i] for i in members), sum(first_aa_of[i] for i in members)
+        total = sum(members(squares))
+        prev_dd, prev_aa = sum(members(prev_dd_of)), sum(members(prev_aa_of))
+        first_dd, first_aa = sum(members(first_dd_of)), sum(members(first_aa_of))
         norm = math.sqrt(total)
         update = math.sqrt(prev_dd) / norm if norm > 0 and math.isfinite(prev_dd) else math.nan
         if steps:
             update /= steps
         out.append(ModuleDrift(module, checkpoint.path, checkpoint.epoch, checkpoint.step, norm,
                                _relative(prev_dd, prev_aa), _relative(first_dd, first_aa), update,
-                               sum(nan[i] for i in members)))
+                               sum(members(nan))))
     return out
 
 
@@ -803,12 +817,8 @@ def _batchnorm_drift(checkpoint: RunCheckpoint, table: Mapping[str, list[Any]], 
 
 
 def _moment_norms(checkpoint: RunCheckpoint, layout: _Layout, squares: list[float]) -> list[MomentNorm]:
-    totals: dict[tuple[str, str], float] = defaultdict(float)
-    for i, module, slot in layout.moments:
-        totals[(module, slot)] += squares[i]
-        totals[("<all>", slot)] += squares[i]
-    return [MomentNorm(module, slot, checkpoint.path, checkpoint.epoch, math.sqrt(total))
-            for (module, slot), total in totals.items()]
+    return [MomentNorm(module, slot, checkpoint.path, checkpoint.epoch, math.sqrt(sum(rows(squares), 0.0)))
+            for (module, slot), rows in layout.moments]
 
 
 def _stopped(drift: Sequence[ModuleDrift], checkpoints: Sequence[RunCheckpoint]) -> list[StoppedModule]:
