@@ -119,7 +119,8 @@ def main() -> None:
     args.repeats = args.repeats or (3 if on_cpu else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if on_cpu else 3)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
-    print(f"device: {device} ({name}); torch {torch.__version__}; {args.repeats} timed calls after {args.warmup} warm-up")
+    print(f"device: {device} ({name}); torch {torch.__version__}; "
+          f"{args.repeats} timed calls after {args.warmup} warm-up")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
         for factory in (MLP, CNN):

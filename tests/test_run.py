@@ -375,7 +375,7 @@ def test_the_pass_finds_each_tensor_in_the_files_map_without_a_read(run_folder: 
                                                                      local_summary: ckptview.RunSummary,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     # a mapped file's tensors are located by its zip members' local headers read from the map: a read
-    # (a system call) per tensor was 8 % of a 200-file run
+    # (a system call) per tensor was 8 % of a profile of the pass (200 files)
     from ckptview.readers.model import FileSource
 
     run = ckptview.open_run(run_folder, cache=False, workers=1)

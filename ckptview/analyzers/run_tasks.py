@@ -409,7 +409,7 @@ class _FileMaps:
         if mapped is None:
             return None
         whole, read_map = mapped
-        # a zip member's local header read from the map, not by a system call per tensor (8 % of a run)
+        # a zip member's local header read from the map, not by a system call per tensor (8 % of a profile of the pass)
         offset = storage.data_offset(read_map) + start
         if offset + size > whole.numel() or offset % itemsize:
             return None
