@@ -287,24 +287,47 @@ def onnx_notebook(workdir: Path) -> str:
     return "onnx.ipynb"
 
 
+def kernel_state(url: str, notebook: str) -> str | None:
+    """The execution state the Jupyter server holds for `notebook`'s kernel (None before it has a session)."""
+    base, token = url.split("/lab/", 1)[0], url.split("token=", 1)[1]
+    with urllib.request.urlopen(f"{base}/api/sessions?token={token}", timeout=10) as response:
+        sessions = json.load(response)
+    return next((session["kernel"]["execution_state"] for session in sessions
+                 if session["path"].rsplit("/", 1)[-1] == notebook), None)
+
+
 def run_notebook(page, url: str) -> None:
-    """Open a notebook in JupyterLab and run all its cells once its kernel is idle. Run All from the
-    menu, not Shift+Enter: a key press can land before the cell has focus and run nothing. Other
-    notebooks may be open (hidden) from earlier tests: everything is looked up in this one's panel."""
+    """
+    Open a notebook in JupyterLab and run all its cells once, from the menu (a key press can land
+    before the cell has focus and run nothing). Run All is asked for only once the server reports the
+    kernel idle, and asked again only if the kernel is idle and the first cell never ran: asking again
+    while a slow kernel is still busy ran the notebook twice, and the second run replaced the outputs
+    a test was reading (an empty explorer, in CI). Other notebooks may be open (hidden) from earlier
+    tests: everything is looked up in this one's panel.
+    """
     page.goto(url)
     name = url.split("?")[0].rsplit("/", 1)[-1]
     page.locator(".lm-TabBar-tab.lm-mod-current", has_text=name).first.wait_for(timeout=60_000)
     panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
     panel.locator(".jp-Notebook").first.wait_for(timeout=60_000)
     prompt = panel.locator(".jp-CodeCell .jp-InputPrompt").first  # markdown cells have an empty prompt
-    for _ in range(8):  # a run request sent before the kernel is ready is dropped: ask until the cell runs
+
+    def wait_until_idle() -> None:
+        deadline = time.monotonic() + 180
+        while kernel_state(url, name) != "idle":
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the kernel of {name} is {kernel_state(url, name)}, not idle, after 180 s")
+            page.wait_for_timeout(250)
+
+    for _ in range(4):
+        wait_until_idle()
         panel.locator(".jp-Cell").first.click()
         page.locator(".lm-MenuBar-item", has_text=re.compile("^Run$")).first.click()
         page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and prompt.inner_text().strip() in ("[ ]:", ""):
             page.wait_for_timeout(250)
-        if prompt.inner_text().strip() not in ("[ ]:", ""):
+        if prompt.inner_text().strip() not in ("[ ]:", "") or kernel_state(url, name) != "idle":
             return
     raise AssertionError("JupyterLab never ran the notebook's cell")
 
