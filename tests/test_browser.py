@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 
 pytestmark = pytest.mark.browser
 
@@ -169,10 +170,9 @@ def test_demo_notebook_in_jupyterlab(lab: str, page) -> None:
     explorer = page.locator(".ckptview-explorer").first
     explorer.wait_for(timeout=90_000)
     explorer.locator("text=sections").first.wait_for()
-    page.get_by_text("parameters by module").first.wait_for(timeout=30_000)
-    header = explorer.inner_text()
-    assert "training.pt" in header and "torch-zip" in header and "no foreign code needed" in header
-    assert "epoch=3" in explorer.inner_text()
+    explorer.get_by_text("parameters by module").first.wait_for(timeout=30_000)
+    for shown in ("training.pt", "torch-zip", "no foreign code needed", "epoch=3"):
+        expect(explorer).to_contain_text(shown, use_inner_text=True)
     explorer.scroll_into_view_if_needed()
     page.screenshot(path=str(ARTIFACTS / "lab-overview.png"))
 
