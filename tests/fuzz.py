@@ -141,8 +141,11 @@ class Generator:
     def pickle_bytes(self) -> bytes:
         r = self.rng
         if r.random() < 0.4:
-            return self.framed(self.valid_pickle()) if r.random() < 0.3 else self.valid_pickle()
-        parts = [b"\x80" + bytes([r.choice([2, 2, 3, 4, 5])])]
+            if r.random() < 0.3:
+                return self.framed(self.valid_pickle())
+            # protocols 0 and 1 write no PROTO opcode, and torch.load unpickles such a file all the same
+            return self.valid_pickle()[2:] if r.random() < 0.2 else self.valid_pickle()
+        parts = [r.choice([b"", b"\x80\x01", b"\x80\x02", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"])]
         for _ in range(r.randint(1, 40)):
             if r.random() < 0.5:
                 parts.append(self._atom())

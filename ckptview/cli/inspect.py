@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -222,15 +223,27 @@ def scan(args: argparse.Namespace) -> int:
     if paths != args.path or len(paths) > 1:  # several files, or a folder walked: one line each
         return _scan_many(paths, args)
     args.path = paths[0]
-    with code_verdict_only():
-        ckpt = ckptview.open(args.path, trust=args.trust)
+    try:
+        with code_verdict_only():
+            ckpt = ckptview.open(args.path, trust=args.trust)
+    except CkptviewError as error:
+        named = getattr(error, "named_globals", None)
+        if not named:
+            raise
+        # damaged, but torch.load would import (and may call) what the pickle names before the damage
+        if args.json:
+            print_json(_damaged_scan_record(args.path, error))
+        else:
+            print(f"ckptview: error: {error}", file=sys.stderr)
+            print(text_table([(imp.name, imp.count) for imp in named], ("import", "uses"), align_right=(1,)))
+        return EXIT_NEEDS_CODE
     with ckpt:
         record = _scan_record(ckpt)
         imports, code_files, verdict = record["imports"], record["torchscript_code"], record["needs_code"]
         if args.json:
             print_json(record)
         elif imports:
-            if ckpt.format.startswith("torch"):
+            if ckpt.format.startswith("torch") or ckpt.format == "pickle":
                 print(f"{printable(ckpt.path)}: the pickle imports {len(imports)} global(s) outside the allow-list; "
                       "torch.load(weights_only=False) would import and may call them:")
             else:  # Keras Lambda layers and custom objects, SavedModel ops that touch files or call Python
@@ -253,11 +266,23 @@ def _scan_record(ckpt: Checkpoint) -> dict[str, Any]:
             "torchscript_code": ckpt.details.get("code_files", [])}
 
 
+def _damaged_scan_record(path: str, error: CkptviewError) -> dict[str, Any]:
+    """A file ckptview cannot read whose pickle names globals before the damage: torch.load gets that far."""
+    return {"path": path, "error": str(error), "needs_code": True,
+            "imports": [{"name": imp.name, "count": imp.count} for imp in error.named_globals]}
+
+
 def _scan_many(paths: list[str], args: argparse.Namespace) -> int:
     """One line per file, the worst exit status: a pre-commit hook or CI gate over a model folder."""
     records, codes = [], []
     for path, ckpt, error in _each(paths, args.trust, for_scan=True):
-        if ckpt is None:
+        if ckpt is None and getattr(error, "named_globals", None):
+            records.append(_damaged_scan_record(path, error))
+            codes.append(EXIT_NEEDS_CODE)
+            names = [imp.name for imp in error.named_globals]
+            line = (f"NEEDS CODE: damaged, but imports {', '.join(names[:5])}"
+                    + (f" and {len(names) - 5} more" if len(names) > 5 else "") + " before the damage")
+        elif ckpt is None:
             records.append({"path": path, "error": str(error), "needs_code": None})
             codes.append(1)
             line = f"error: {error.reason if error else ''}"

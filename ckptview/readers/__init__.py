@@ -29,7 +29,8 @@ from ckptview.readers.model import (
     TensorInfo,
     gc_paused,
 )
-from ckptview.readers.registry import EMPTY_ZIP_MAGIC, HEAD_BYTES, Probe, find_format, supported
+from ckptview.readers.pickle_opcodes import reads_as_pickle
+from ckptview.readers.registry import EMPTY_ZIP_MAGIC, HEAD_BYTES, ZIP_MAGIC, Probe, find_format, supported
 from ckptview.readers.remote import is_url
 from ckptview.readers.sniff import describe
 
@@ -112,10 +113,36 @@ def _open_file(path: str, head: bytes, size: int, *, trust: bool, shard_of: str 
                                    "(shards are safetensors or torch.save files, not indexes): re-download the set.")
     if fmt is not None:
         with _errors_as_ours(path, fmt.label):
-            return fmt.read(path, size, trust=trust)
+            ckpt = fmt.read(path, size, trust=trust)
+        if fmt.name != "torch-legacy" and not head.startswith(ZIP_MAGIC):
+            _scan_pickle_reading(ckpt, head, size)
+        return ckpt
     if head.startswith(EMPTY_ZIP_MAGIC):
         raise UnsupportedFormatError(path, f"an empty zip archive, not a checkpoint; {supported()}.")
     raise UnsupportedFormatError(path, f"this is {describe(head)}, not a checkpoint; {supported()}.")
+
+
+def _scan_pickle_reading(ckpt: Checkpoint, head: bytes, size: int) -> None:
+    """
+    torch.load(weights_only=False) unpickles every file that is not a zip or tar archive, whatever
+    its name: a safetensors, GGUF, TFLite or HDF5 file whose first bytes also step as pickle opcodes
+    (a header length of 0x80 0x02 'c'..., a userblock) would import what that reading names. When
+    the first bytes read so, the file is scanned as a pickle too and what it names joins the
+    checkpoint's `pickle_imports`, so `scan` never calls such a polyglot safe.
+    """
+    if not reads_as_pickle(head, whole=size <= len(head)):
+        return
+    from ckptview.readers.torch_pickle import read_pickle_stream
+
+    try:
+        with read_pickle_stream(ckpt.path, size, trust=False) as as_pickle:
+            named = list(as_pickle.pickle_imports)
+    except CkptviewError as exc:  # damaged as a pickle, but what it named before failing torch imports too
+        named = list(getattr(exc, "named_globals", []))
+    if named:
+        known = {imp.name for imp in ckpt.pickle_imports}
+        ckpt.pickle_imports = ckpt.pickle_imports + tuple(imp for imp in named if imp.name not in known)
+        ckpt.details["imports_when_read_as_pickle"] = [imp.name for imp in named]
 
 
 @contextlib.contextmanager

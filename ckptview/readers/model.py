@@ -315,6 +315,7 @@ def strided_tensor(shape: tuple[int, ...], dtype: str, storage: Storage, storage
     return info
 
 
+@fast_init
 @dataclass(frozen=True)
 class TensorEntry:
     """

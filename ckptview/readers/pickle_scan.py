@@ -30,16 +30,21 @@ arguments, large LONG_BINPUTs, FRAMEs), so the pass costs a small part of the un
 from __future__ import annotations
 
 import io
-import pickletools
 import re
 from typing import Any, NamedTuple
 
 from ckptview.readers.model import RefusedPickle
+from ckptview.readers.pickle_opcodes import ARGUMENT_KINDS as _KINDS
+from ckptview.readers.pickle_opcodes import LENGTH1 as _LENGTH1
+from ckptview.readers.pickle_opcodes import LENGTH4 as _LENGTH4
+from ckptview.readers.pickle_opcodes import LENGTH8 as _LENGTH8
+from ckptview.readers.pickle_opcodes import LINE as _LINE
+from ckptview.readers.pickle_opcodes import STOP as _STOP
+from ckptview.readers.pickle_opcodes import TWO_LINES as _TWO_LINES
 
 # An index below this allocates at most 2 * 4M * 8 bytes = 64 MB, whatever its offset.
 _ALWAYS_FINE = 1 << 22
 
-_LINE, _TWO_LINES, _LENGTH1, _LENGTH4, _LENGTH8, _STOP = -1, -2, -3, -4, -5, -6
 _PUT, _LONG_BINPUT, _STOP_CODE, _FRAME = ord("p"), ord("r"), ord("."), 0x95
 _FRAME_HEADER = 9  # the opcode and its 8-byte length
 
@@ -47,26 +52,6 @@ _FRAME_HEADER = 9  # the opcode and its 8-byte length
 _PREFETCH = 8192 * 16
 
 
-def _argument_kinds() -> list[int | None]:
-    """Per opcode byte: its fixed argument size, or how its argument's end is found; None when not an opcode."""
-    kinds: list[int | None] = [None] * 256
-    for opcode in pickletools.opcodes:
-        size = opcode.arg.n if opcode.arg is not None else 0
-        if size == pickletools.UP_TO_NEWLINE:
-            # GLOBAL and INST name a module and a class, one line each
-            size = _TWO_LINES if opcode.code in "ci" else _LINE
-        elif size == pickletools.TAKEN_FROM_ARGUMENT1:
-            size = _LENGTH1
-        elif size in (pickletools.TAKEN_FROM_ARGUMENT4, pickletools.TAKEN_FROM_ARGUMENT4U):
-            size = _LENGTH4
-        elif size == pickletools.TAKEN_FROM_ARGUMENT8U:
-            size = _LENGTH8
-        kinds[ord(opcode.code)] = size
-    kinds[_STOP_CODE] = _STOP
-    return kinds
-
-
-_KINDS = _argument_kinds()
 
 
 def _fixed_run_pattern() -> re.Pattern[bytes]:

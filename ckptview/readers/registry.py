@@ -77,7 +77,12 @@ class Format:
 
 def _is_pickle(probe: Probe) -> bool:
     head = probe.head
-    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+    if head[:1] == b"\x80":
+        return len(head) >= 2 and head[1] <= 5  # PROTO: the C unpickler reads protocols 0 to 5
+    # protocols 0 and 1 write no PROTO opcode (a legacy torch.save with pickle_protocol=1 starts "L1195...")
+    from ckptview.readers.pickle_opcodes import reads_as_pickle
+
+    return reads_as_pickle(head, whole=probe.size <= len(head), any_global=False)
 
 
 SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces

@@ -182,19 +182,17 @@ def _prod(shape: tuple[int, ...]) -> int:
 def read_safetensors(path: str, size: int, *, trust: bool) -> Checkpoint:
     source = source_for(path)  # a URL reads through ranged requests
     if code_verdict_only_requested():
-        # `scan`: no safetensors header runs code, and what torch.load would unpickle from the file
-        # is checked below; the header is checked if something lists the tensors after all
+        # `scan`: no safetensors header runs code (what torch.load would unpickle from the file is
+        # checked for every format, readers/__init__.py); the header is checked if something lists the tensors
         return Checkpoint(path, "safetensors", LazyRoot(lambda: _records(source, path, *_checked(source, path, size)[::2])),
-                          file_size=size, sources=[source], trust=trust,
-                          pickle_imports=_imports_if_read_as_pickle(path, size, source))
+                          file_size=size, sources=[source], trust=trust)
     # The header is checked at open, so `info` reports a damaged one; the records are made when
     # something lists them. (The safetensors library's own validation, in Rust, is not used first:
     # it parses the JSON a second time, 3-4 s of a million-tensor file's open, and ckptview's checks
     # decide anyway where the two disagree.)
     layout, metadata, data_start = _checked(source, path, size)
     return Checkpoint(path, "safetensors", LazyRoot(lambda: _records(source, path, layout, data_start)),
-                      file_size=size, sources=[source], metadata=metadata, trust=trust,
-                      pickle_imports=_imports_if_read_as_pickle(path, size, source))
+                      file_size=size, sources=[source], metadata=metadata, trust=trust)
 
 
 def _checked(source: FileSource, path: str, size: int) -> tuple[Layout, dict[str, str], int]:
@@ -217,25 +215,5 @@ def _records(source: FileSource, path: str, layout: Layout, data_start: int) -> 
                    map(sub, ends, begins), repeat("cpu"))
     return dict(zip(names, map(strided_tensor, shapes, dtypes, storages, repeat(0), map(contiguous_stride, shapes),
                                repeat(False))))
-
-
-def _imports_if_read_as_pickle(path: str, size: int, source: FileSource) -> list[PickleImport]:
-    """
-    torch.load picks safetensors by the file name; under any other name it unpickles the bytes. When
-    the header length happens to start like a pickle (0x80 0x02..0x05), scan that reading too: what
-    it would import is reported, so `scan` never calls such a file safe.
-    """
-    if not isinstance(source, FileSource):  # torch.load takes no URL
-        return []
-    head = source.read(0, 2)
-    if not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
-        return []
-    from ckptview.readers.torch_pickle import read_pickle_stream
-
-    try:
-        with read_pickle_stream(path, size, trust=False) as as_pickle:
-            return list(as_pickle.pickle_imports)
-    except CkptviewError as exc:  # damaged as a pickle, but what it named before failing torch imports too
-        return list(getattr(exc, "named_globals", []))
 
 

@@ -102,14 +102,20 @@ def unpickle(data: bytes | mmap.mmap, path: str, what: str, storage_for: Any = N
     except CkptviewError:
         raise
     except PICKLE_ERRORS as exc:
+        # pickle imports a global's module when it meets the opcode, before the pickle fails
+        named = unpickler.pickle_imports()
+        if isinstance(exc, RefusedAt) and exc.unknown_after:
+            named.append(PickleImport(UNKNOWN_IMPORTS, 1))
+        warning = ""
+        if named:
+            listed = ", ".join(printable(imp.name) for imp in named[:5]) + (" …" if len(named) > 5 else "")
+            warning = (f" Before the damage it names {listed}, which torch.load(weights_only=False) would import "
+                       "and may call: do not load it.")
         error = CorruptCheckpointError(
             path, f"{what} cannot be read: {_why(exc)}. The file is damaged or was not written by torch.save; "
-                  "re-save it, or copy it again.",
+                  f"re-save it, or copy it again.{warning}",
         )
-        # pickle imports a global's module when it meets the opcode, before the pickle fails
-        error.named_globals = unpickler.pickle_imports()
-        if isinstance(exc, RefusedAt) and exc.unknown_after:
-            error.named_globals.append(PickleImport(UNKNOWN_IMPORTS, 1))
+        error.named_globals = named
         raise error from exc
 
 

@@ -488,6 +488,10 @@ class SafeUnpickler(pickle.Unpickler):
                     and type(numel) is int and 0 <= numel <= MAX_ELEMENTS):
                 dtype = storage_type.dtype
                 return _StorageRef(self._storage_for(dtype, key, location, numel, None), dtype)
+        if isinstance(saved_id, str) and saved_id.startswith("('storage',"):
+            raise RefusedPickle("its storage references are written as text, as torch.save with pickle_protocol=0 "
+                                "writes them, and torch.load cannot read them back either; re-save it with the "
+                                "default protocol")
         if not isinstance(saved_id, tuple) or not saved_id:
             raise RefusedPickle(f"unknown persistent id {saved_id!r}")
         kind = saved_id[0].decode("ascii") if isinstance(saved_id[0], bytes) else saved_id[0]
