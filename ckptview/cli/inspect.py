@@ -170,6 +170,8 @@ def _safety_line(data: dict[str, Any]) -> str:
         return f"needs foreign code to load: {names}{more} (run `ckptview scan` for the list)"
     if data["format"] == "torchscript":
         return "TorchScript: torch.jit.load runs the archive's code"
+    if data["details"].get("weights_only"):
+        return f"none needed, but {data['details']['weights_only']}"
     if data["format"].startswith("torch"):
         return "none needed: loads with torch.load(weights_only=True)"
     return f"none needed: a {data['format']} file holds no pickled code"
@@ -254,6 +256,8 @@ def scan(args: argparse.Namespace) -> int:
         elif ckpt.format == "torchscript":
             print(f"{printable(ckpt.path)}: a TorchScript archive; torch.jit.load runs its code ({len(code_files)} files: "
                   + ", ".join(code_files[:5]) + ")")
+        elif ckpt.details.get("weights_only"):  # no code, yet torch's weights-only unpickler refuses it
+            print(f"{printable(ckpt.path)}: needs no foreign code ({ckpt.format}); {ckpt.details['weights_only']}")
         else:
             print(f"{printable(ckpt.path)}: needs no foreign code ({ckpt.format}); safe to load with torch.load(weights_only=True)"
                   if ckpt.format.startswith("torch") else f"{printable(ckpt.path)}: needs no foreign code ({ckpt.format})")
@@ -263,7 +267,9 @@ def scan(args: argparse.Namespace) -> int:
 def _scan_record(ckpt: Checkpoint) -> dict[str, Any]:
     return {"path": ckpt.path, "format": ckpt.format, "needs_code": needs_code(ckpt),
             "imports": [{"name": imp.name, "count": imp.count} for imp in ckpt.pickle_imports],
-            "torchscript_code": ckpt.details.get("code_files", [])}
+            "torchscript_code": ckpt.details.get("code_files", []),
+            # torch.save files: why torch.load(weights_only=True) would refuse it ("" when it loads it)
+            "weights_only": ckpt.details.get("weights_only")}
 
 
 def _damaged_scan_record(path: str, error: CkptviewError) -> dict[str, Any]:

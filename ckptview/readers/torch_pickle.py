@@ -33,6 +33,7 @@ from ckptview.readers.pickle_scan import RefusedAt, pickle_extent, unframed
 from ckptview.readers.registry import supported
 from ckptview.readers.remote import source_for
 from ckptview.readers.unpickler import SafeUnpickler
+from ckptview.readers.weights_only import weights_only_obstacle
 from ckptview.readers.zip_directory import (
     DEFLATED,
     LOCAL_HEADER_BYTES,
@@ -202,7 +203,8 @@ def read_torch_zip(path: str, size: int, *, trust: bool) -> Checkpoint:
     parsed = parse_torch_zip(source, path, size)
     format_name = "torchscript" if is_torchscript_archive(parsed.names, parsed.prefix) else "torch-zip"
     details: dict[str, Any] = {"archive_prefix": parsed.prefix.rstrip("/"), "byteorder": parsed.byteorder,
-                               "members": len(parsed.names)}
+                               "members": len(parsed.names),
+                               "weights_only": weights_only_obstacle(parsed.protocol, parsed.unpickler.allowed_named)}
     script_classes = parsed.unpickler.script_classes()
     if script_classes:
         details["script_classes"] = script_classes
@@ -219,6 +221,7 @@ class ParsedZip:
     names: list[str]
     prefix: str
     byteorder: str
+    protocol: int | None  # of data.pkl; None: 0 or 1 (no PROTO opcode)
 
 
 def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0, length: int | None = None) -> ParsedZip:
@@ -280,7 +283,7 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
 
     data = _read_member(read, members[prefix + "data.pkl"], path)
     root, unpickler, _ = unpickle(data, path, "its data.pkl", storage_for)
-    return ParsedZip(root, unpickler, names, prefix, byteorder)
+    return ParsedZip(root, unpickler, names, prefix, byteorder, pickle_protocol(data))
 
 
 def _storage_offset(read: Callable[[int, int], bytes], name: str, header_offset: int, path: str, nbytes: int,
@@ -333,6 +336,7 @@ def read_pickle_stream(path: str, size: int, *, trust: bool) -> Checkpoint:
     unpicklers: list[SafeUnpickler] = []
     with mapped(path) as data:
         first, first_unpickler, offset = unpickle(data, path, "its first pickle", unpicklers=unpicklers)
+        protocol_used = pickle_protocol(data)
         if first != _LEGACY_MAGIC:
             # torch.load unpickles this first pickle, then stops: it is not a torch file
             return Checkpoint(path, "pickle", first, file_size=size, pickle_imports=first_unpickler.pickle_imports(),
@@ -399,8 +403,15 @@ def read_pickle_stream(path: str, size: int, *, trust: bool) -> Checkpoint:
 
     root, _, _ = unpickle(data_pickle, path, "its data pickle", storage_for, unpicklers=unpicklers)
     imports = merge_imports(unpicklers)
+    allowed_named = set().union(*(unpickler.allowed_named for unpickler in unpicklers))
     return Checkpoint(path, "torch-legacy", root, file_size=size, sources=[source], pickle_imports=imports,
-                      trust=trust, details={"storages": len(storages)})
+                      trust=trust, details={"storages": len(storages),
+                                            "weights_only": weights_only_obstacle(protocol_used, allowed_named)})
+
+
+def pickle_protocol(data: bytes | mmap.mmap, start: int = 0) -> int | None:
+    """The protocol a pickle declares with its PROTO opcode; None for protocols 0 and 1, which write none."""
+    return data[start + 1] if data[start:start + 1] == b"\x80" and len(data) > start + 1 else None
 
 
 def merge_imports(unpicklers: list[SafeUnpickler]) -> list[PickleImport]:

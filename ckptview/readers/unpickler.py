@@ -448,6 +448,7 @@ class SafeUnpickler(pickle.Unpickler):
         super().__init__(file, encoding="utf-8")
         self._storage_for = storage_for
         self.imports: Counter[str] = Counter()
+        self.allowed_named: set[str] = set()  # allow-listed globals the pickle names (see readers/weights_only.py)
         self._stand_ins: dict[str, type[PickledObject]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
@@ -459,6 +460,7 @@ class SafeUnpickler(pickle.Unpickler):
         full_name = f"{module}.{name}"
         allowed = _allowed(numpy_too=module.partition(".")[0] == "numpy")
         if full_name in allowed:
+            self.allowed_named.add(full_name)
             return allowed[full_name]
         return self._stand_in(full_name)
 
