@@ -429,17 +429,18 @@ def test_statistics_of_subnormal_values(tmp_path: Path) -> None:
     assert all(row.std >= 0 for row in report.tensors)
 
 
-def test_safetensors_that_also_reads_as_a_pickle(tmp_path: Path) -> None:
-    """A valid safetensors file whose header length starts 0x80 0x02 'c' (GLOBAL): torch.load on a
-    file not named .safetensors unpickles it and looks the global up. scan names it."""
-    length = 0x00630280
+@pytest.mark.parametrize("length", [0x00630280, 0x6328], ids=["proto-global", "mark-global-no-proto"])
+def test_safetensors_that_also_reads_as_a_pickle(tmp_path: Path, length: int) -> None:
+    """A valid safetensors file whose header length starts 0x80 0x02 'c' (PROTO, GLOBAL) or '(' 'c'
+    (MARK, GLOBAL: no PROTO, as protocols 0 and 1 write): torch.load on a file not named .safetensors
+    unpickles it and looks the global up. scan names it."""
     entry = b'{\n"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}\n'
     header = entry + b" " * (length - len(entry) - 1) + b"}"
     path = tmp_path / "polyglot.pt"
     path.write_bytes(struct.pack("<Q", length) + header + struct.pack("<f", 1.5))
     with ckptview.open(path) as ckpt:
         assert ckpt.format == "safetensors" and [e.name for e in ckpt.tensors()] == ["w"]
-        assert ckpt.needs_trust
+        assert ckpt.needs_trust and ckpt.details["imports_when_read_as_pickle"]
     assert assert_scan_covers_torch(path) == "code"
     assert cli_main(["scan", str(path)]) == 3
 

@@ -1,7 +1,8 @@
 """
 Every file torch.load would unpickle is read as the pickle it is: torch.load unpickles any file that
 is not a zip or tar archive, and a pickle needs no PROTO opcode (protocols 0 and 1 write none; a
-protocol-0 pickle is plain text). Checked against what torch.load itself looks up (tests/torch_oracle.py).
+protocol-0 pickle is plain text). Checked against what torch.load itself looks up (tests/torch_oracle.py); a safetensors file that
+also reads as such a pickle is in tests/test_hostile_round2.py.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import struct
 from pathlib import Path
 
 import pytest
@@ -119,21 +119,6 @@ def test_a_damaged_pickle_names_what_it_imports_before_the_damage(tmp_path: Path
     assert lines[1].startswith(f"{path}: NEEDS CODE: damaged, but imports os.system")
     assert cli_main(["info", str(path)]) == 1
     assert not marker.exists()
-
-
-def test_safetensors_whose_bytes_read_as_an_unversioned_pickle(tmp_path: Path) -> None:
-    """A valid safetensors file whose header length starts '(' 'c' (MARK, GLOBAL): torch.load on a file
-    not named .safetensors unpickles it and looks up the global that reading names."""
-    length = 0x6328
-    entry = b'{\n"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}\n'
-    header = entry + b" " * (length - len(entry) - 1) + b"}"
-    path = tmp_path / "polyglot.pt"
-    path.write_bytes(struct.pack("<Q", length) + header + struct.pack("<f", 1.5))
-    with ckptview.open(path) as ckpt:
-        assert ckpt.format == "safetensors" and [e.name for e in ckpt.tensors()] == ["w"]
-        assert ckpt.needs_trust and ckpt.details["imports_when_read_as_pickle"]
-    assert assert_scan_covers_torch(path) == "code"
-    assert cli_main(["scan", str(path)]) == 3
 
 
 def test_gguf_files_pay_no_pickle_scan(tmp_path: Path) -> None:
