@@ -10,14 +10,13 @@ from itertools import chain, repeat
 from operator import lt, mul, sub
 from typing import Any, NamedTuple
 
-from ckptview.errors import CkptviewError, CorruptCheckpointError, TruncatedCheckpointError
+from ckptview.errors import CorruptCheckpointError, TruncatedCheckpointError
 from ckptview.readers import code_verdict_only_requested
 from ckptview.readers.dtypes import ITEMSIZE, itemsize
 from ckptview.readers.model import (
     Checkpoint,
     FileSource,
     LazyRoot,
-    PickleImport,
     Storage,
     TensorInfo,
     contiguous_stride,
@@ -215,5 +214,3 @@ def _records(source: FileSource, path: str, layout: Layout, data_start: int) -> 
                    map(sub, ends, begins), repeat("cpu"))
     return dict(zip(names, map(strided_tensor, shapes, dtypes, storages, repeat(0), map(contiguous_stride, shapes),
                                repeat(False))))
-
-
