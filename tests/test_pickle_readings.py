@@ -136,3 +136,30 @@ def test_gguf_files_pay_no_pickle_scan(tmp_path: Path) -> None:
     with ckptview.open(path) as ckpt:
         assert not ckpt.pickle_imports and "imports_when_read_as_pickle" not in ckpt.details
     assert assert_scan_covers_torch(path) == "safe"
+
+
+_BOMB_CHILD = r"""
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # without the guard: a MemoryError, not a dead machine
+import ckptview
+from ckptview.errors import CkptviewError
+try:
+    ckptview.open(sys.argv[1])
+    message = ""
+except CkptviewError as exc:
+    message = str(exc)
+print(json.dumps({"message": message, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def test_a_memory_bomb_is_stopped_within_its_limit(tmp_path: Path) -> None:
+    # each EMPTY_SET byte makes a 216-byte set: 12 MB of them would take 2.7 GB
+    path = tmp_path / "bomb.pt"
+    path.write_bytes(b"\x80\x02" + b"\x8f" * 12_000_000 + b".")
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _BOMB_CHILD, str(path)], capture_output=True, text=True, timeout=120)
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "memory bomb" in answer["message"]
+    assert answer["peak_kb"] < 1.6 * 2**20  # the 1 GiB floor, one 128 KiB refill (28 MB) and the interpreter

@@ -30,6 +30,7 @@ arguments, large LONG_BINPUTs, FRAMEs), so the pass costs a small part of the un
 from __future__ import annotations
 
 import io
+import os
 import re
 from typing import Any, NamedTuple
 
@@ -172,7 +173,68 @@ def unframed(data: Any, start: int, end: int, frames: tuple[int, ...]) -> io.Buf
         payload = b"".join(pieces)
     else:
         payload = data if start == 0 and end == len(data) and isinstance(data, bytes) else data[start:end]
-    return io.BufferedReader(io.BytesIO(payload), _PREFETCH)
+    return io.BufferedReader(_MemoryGuardedPayload(payload), _PREFETCH)
+
+
+# What unpickling may add to the process, per byte of pickle: a state dict's records take ~16 (40 MB
+# for a 20,000-tensor file's 2.5 MB data.pkl), while a byte of EMPTY_SET makes a 216-byte set and a
+# byte of EMPTY_DICT a 64-byte dict. At least 1 GiB, so no real pickle is judged by the ratio; at
+# most 4 GiB, so a 2 GB pickle of NONE (8 bytes of stack per byte) cannot take 16.
+MEMORY_PER_PICKLE_BYTE = 48
+MEMORY_FLOOR = 1 << 30
+MEMORY_CEILING = 4 << 30
+_UNCHECKED_BYTES = 1 << 20  # up to here a pickle can make at most 224 MB: nothing to measure
+
+
+def _anonymous_memory() -> int | None:
+    """The process's resident memory that no file backs (what unpickling allocates; mapped checkpoint
+    pages are file-backed, so a thread streaming tensors does not count), or None without /proc."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            fields = statm.read().split()
+    except OSError:
+        return None
+    return (int(fields[1]) - int(fields[2])) * _PAGE_BYTES
+
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+class MemoryBomb(Exception):
+    """Raised from the unpickler's reads: not an UnpicklingError, which the C unpickler would report
+    as "Ran out of input"."""
+
+
+class _MemoryGuardedPayload(io.RawIOBase):
+    """
+    A pickle's bytes for the unpickler's buffered reader, which refills 128 KiB at a time: past the
+    first MiB, each refill checks how much memory the process has grown by since unpickling began.
+    The C unpickler calls nothing of ckptview's while it builds containers, so this is where a
+    memory bomb (a pickle of EMPTY_SET opcodes: 12 MB of them make 2.7 GB) is stopped, within one
+    refill of crossing its limit, rather than exhausting the machine.
+    """
+
+    def __init__(self, payload: bytes) -> None:
+        super().__init__()
+        self._payload = memoryview(payload)
+        self._position = 0
+        self._limit = max(MEMORY_FLOOR, min(MEMORY_PER_PICKLE_BYTE * len(payload), MEMORY_CEILING))
+        self._baseline = _anonymous_memory() if len(payload) > _UNCHECKED_BYTES else None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = min(len(buffer), len(self._payload) - self._position)
+        buffer[:count] = self._payload[self._position:self._position + count]
+        self._position += count
+        if self._baseline is not None and self._position > _UNCHECKED_BYTES:
+            grown = (_anonymous_memory() or 0) - self._baseline
+            if grown > self._limit:
+                raise MemoryBomb(f"unpickling its first {self._position:,} bytes made {grown / 2**30:.1f} GiB of "
+                                 f"objects, more than ckptview holds for a pickle of {len(self._payload):,} bytes "
+                                 "(a memory bomb: opcodes that each build a container); ckptview stopped reading it")
+        return count
 
 
 def _decimal(text: bytes) -> int:

@@ -29,7 +29,7 @@ from ckptview.errors import (
 )
 from ckptview.readers.dtypes import ITEMSIZE, itemsize
 from ckptview.readers.model import Checkpoint, FileSource, PickleImport, RefusedPickle, Storage
-from ckptview.readers.pickle_scan import RefusedAt, pickle_extent, unframed
+from ckptview.readers.pickle_scan import MemoryBomb, RefusedAt, pickle_extent, unframed
 from ckptview.readers.registry import supported
 from ckptview.readers.remote import source_for
 from ckptview.readers.unpickler import SafeUnpickler
@@ -52,7 +52,7 @@ _LEGACY_PROTOCOL = 1001
 # What the C unpickler and our stand-ins raise on a malformed pickle; all become one clear error.
 PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError,
                  IndexError, struct.error, UnicodeDecodeError, RecursionError, MemoryError, ImportError,
-                 OverflowError, SystemError, AssertionError, RuntimeError)
+                 OverflowError, SystemError, AssertionError, RuntimeError, MemoryBomb)
 
 # A zip member holding a pickle may not declare more than this (2 GiB: 300 times a 20,000-tensor data.pkl).
 _MAX_PICKLE_BYTES = 1 << 31
@@ -67,7 +67,7 @@ UNKNOWN_IMPORTS = "<unknown: a pickle frame splits an opcode>"
 
 def _why(exc: BaseException) -> str:
     """What a pickle failure means, in our words (the library's own text stays in the exception's cause)."""
-    if isinstance(exc, RefusedPickle):
+    if isinstance(exc, (RefusedPickle, MemoryBomb)):
         return str(exc)
     if isinstance(exc, EOFError) or "truncated" in str(exc):
         return "it ends in the middle of a pickle (the file was cut off)"
