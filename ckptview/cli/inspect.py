@@ -7,7 +7,7 @@ import contextlib
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import ckptview
@@ -16,7 +16,7 @@ from ckptview.cli import add_path_command, print_json
 from ckptview.errors import CkptviewError, printable
 from ckptview.present.text import human_bytes, human_count, shape_text, text_table
 from ckptview.readers import code_verdict_only
-from ckptview.readers.model import Checkpoint
+from ckptview.readers.model import Checkpoint, PickleImport
 
 EXIT_NEEDS_CODE = 3
 
@@ -109,7 +109,7 @@ def info_data(ckpt: Checkpoint) -> dict[str, Any]:
         ],
         "metadata": ckpt.metadata,
         "needs_code": needs_code(ckpt),
-        "pickle_imports": [{"name": imp.name, "count": imp.count} for imp in ckpt.pickle_imports],
+        "pickle_imports": _imports_json(ckpt.pickle_imports),
         "details": ckpt.details,
         "modules": [{"name": m.name, "class_path": m.class_path, "parameters": list(m.parameters),
                      "buffers": list(m.buffers)} for m in pickled_modules(ckpt)],
@@ -266,7 +266,7 @@ def scan(args: argparse.Namespace) -> int:
 
 def _scan_record(ckpt: Checkpoint) -> dict[str, Any]:
     return {"path": ckpt.path, "format": ckpt.format, "needs_code": needs_code(ckpt),
-            "imports": [{"name": imp.name, "count": imp.count} for imp in ckpt.pickle_imports],
+            "imports": _imports_json(ckpt.pickle_imports),
             "torchscript_code": ckpt.details.get("code_files", []),
             # torch.save files: why torch.load(weights_only=True) would refuse it ("" when it loads it)
             "weights_only": ckpt.details.get("weights_only")}
@@ -275,7 +275,11 @@ def _scan_record(ckpt: Checkpoint) -> dict[str, Any]:
 def _damaged_scan_record(path: str, error: CkptviewError) -> dict[str, Any]:
     """A file ckptview cannot read whose pickle names globals before the damage: torch.load gets that far."""
     return {"path": path, "error": str(error), "needs_code": True,
-            "imports": [{"name": imp.name, "count": imp.count} for imp in error.named_globals]}
+            "imports": _imports_json(error.named_globals)}
+
+
+def _imports_json(imports: Iterable[PickleImport]) -> list[dict[str, Any]]:
+    return [{"name": imp.name, "count": imp.count} for imp in imports]
 
 
 def _scan_many(paths: list[str], args: argparse.Namespace) -> int:

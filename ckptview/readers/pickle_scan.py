@@ -184,6 +184,7 @@ MEMORY_PER_PICKLE_BYTE = 48
 MEMORY_FLOOR = 1 << 30
 MEMORY_CEILING = 4 << 30
 _UNCHECKED_BYTES = 1 << 20  # up to here a pickle can make at most 224 MB: nothing to measure
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _anonymous_memory() -> int | None:
@@ -195,9 +196,6 @@ def _anonymous_memory() -> int | None:
     except OSError:
         return None
     return (int(fields[1]) - int(fields[2])) * _PAGE_BYTES
-
-
-_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class MemoryBomb(Exception):

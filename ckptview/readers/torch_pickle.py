@@ -409,9 +409,10 @@ def read_pickle_stream(path: str, size: int, *, trust: bool) -> Checkpoint:
                                             "weights_only": weights_only_obstacle(protocol_used, allowed_named)})
 
 
-def pickle_protocol(data: bytes | mmap.mmap, start: int = 0) -> int | None:
-    """The protocol a pickle declares with its PROTO opcode; None for protocols 0 and 1, which write none."""
-    return data[start + 1] if data[start:start + 1] == b"\x80" and len(data) > start + 1 else None
+def pickle_protocol(data: bytes | mmap.mmap) -> int | None:
+    """The protocol the pickle at the start of `data` declares with its PROTO opcode; None for
+    protocols 0 and 1, which write none."""
+    return data[1] if data[:1] == b"\x80" and len(data) > 1 else None
 
 
 def merge_imports(unpicklers: list[SafeUnpickler]) -> list[PickleImport]:
