@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import tracemalloc
 import zipfile
@@ -102,6 +103,54 @@ def test_object_arrays_are_listed_and_never_unpickled(files: dict[str, Path], na
         assert ckptview.stats(ckpt, progress=False)[entry.name].skipped
         if name.endswith(".npz"):
             assert ckpt.tensor("words").encoding == "<U2"
+
+
+class RunsCode:
+    """Unpickling it calls os.system, as a hostile object array would."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return os.system, ("echo unpickled",)
+
+
+@pytest.mark.parametrize("writer", ["npy", "npz", "npz-compressed"])
+def test_an_object_array_that_runs_code_when_unpickled_needs_code(tmp_path: Path, writer: str) -> None:
+    """numpy.load(allow_pickle=True) unpickles an object array: what its pickle imports is named, never run."""
+    array = np.array([RunsCode(), 1.5], dtype=object)
+    path = tmp_path / ("evil.npy" if writer == "npy" else "evil.npz")
+    if writer == "npy":
+        np.save(path, array, allow_pickle=True)
+    else:
+        (np.savez if writer == "npz" else np.savez_compressed)(path, weight=np.ones(3, np.float32), evil=array)
+    with ckptview.open(path) as ckpt:
+        assert [imp.name for imp in ckpt.pickle_imports] in (["posix.system"], ["nt.system"])
+        assert ckpt.needs_trust and "allow_pickle=True" in ckpt.details["allow_pickle"]
+    code, out, _ = cli("scan", str(path))
+    assert code == 3 and "system" in out and "numpy.load(allow_pickle=True) would import" in out
+    code, out, _ = cli("scan", "--json", str(path))
+    record = json.loads(out)
+    assert code == 3 and record["needs_code"] is True and record["allow_pickle"] is True
+
+
+def test_an_object_array_of_plain_data_needs_no_code_but_allow_pickle(files: dict[str, Path]) -> None:
+    for name in ("objects.npy", "deflated.npz"):
+        code, out, _ = cli("scan", str(files[name]))
+        assert code == 0 and "needs no foreign code" in out and "allow_pickle=True" in out, out
+    code, out, _ = cli("scan", "--json", str(files["weight.npy"]))
+    assert code == 0 and json.loads(out)["allow_pickle"] is False
+
+
+def test_a_damaged_object_array_pickle_is_never_called_safe(tmp_path: Path) -> None:
+    """numpy imports what the pickle names before the damage: scan says so, and does not exit 0."""
+    path = tmp_path / "damaged.npy"
+    # numpy pickles with protocol 4: the global sits in the first 64 KiB frame, the cut in a later one
+    np.save(path, np.array([RunsCode()] + [float(i) for i in range(20_000)], dtype=object), allow_pickle=True)
+    content = path.read_bytes()
+    path.write_bytes(content[:-1000])
+    code, out, err = cli("scan", str(path))
+    assert code == 3 and "system" in out
+    assert err.count("\n") == 1 and "numpy.load(allow_pickle=True) would import" in err and "torch" not in err
 
 
 def test_every_command_and_tab_runs(files: dict[str, Path]) -> None:

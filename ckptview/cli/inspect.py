@@ -7,7 +7,7 @@ import contextlib
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import ckptview
@@ -170,8 +170,8 @@ def _safety_line(data: dict[str, Any]) -> str:
         return f"needs foreign code to load: {names}{more} (run `ckptview scan` for the list)"
     if data["format"] == "torchscript":
         return "TorchScript: torch.jit.load runs the archive's code"
-    if data["details"].get("weights_only"):
-        return f"none needed, but {data['details']['weights_only']}"
+    if _safe_loader_obstacle(data["details"]):
+        return f"none needed, but {_safe_loader_obstacle(data['details'])}"
     if data["format"].startswith("torch"):
         return "none needed: loads with torch.load(weights_only=True)"
     return f"none needed: a {data['format']} file holds no pickled code"
@@ -248,6 +248,9 @@ def scan(args: argparse.Namespace) -> int:
             if ckpt.format.startswith("torch") or ckpt.format == "pickle":
                 print(f"{printable(ckpt.path)}: the pickle imports {len(imports)} global(s) outside the allow-list; "
                       "torch.load(weights_only=False) would import and may call them:")
+            elif ckpt.details.get("allow_pickle"):
+                print(f"{printable(ckpt.path)}: the pickle of its object arrays imports {len(imports)} global(s) outside "
+                      "the allow-list; numpy.load(allow_pickle=True) would import and may call them:")
             else:  # Keras Lambda layers and custom objects, SavedModel ops that touch files or call Python
                 print(f"{printable(ckpt.path)}: the {ckpt.format} file holds {len(imports)} kind(s) of code that "
                       "loading or running it would execute:")
@@ -256,8 +259,8 @@ def scan(args: argparse.Namespace) -> int:
         elif ckpt.format == "torchscript":
             print(f"{printable(ckpt.path)}: a TorchScript archive; torch.jit.load runs its code ({len(code_files)} files: "
                   + ", ".join(code_files[:5]) + ")")
-        elif ckpt.details.get("weights_only"):  # no code, yet torch's weights-only unpickler refuses it
-            print(f"{printable(ckpt.path)}: needs no foreign code ({ckpt.format}); {ckpt.details['weights_only']}")
+        elif _safe_loader_obstacle(ckpt.details):  # no code, yet the format's safe loader refuses it
+            print(f"{printable(ckpt.path)}: needs no foreign code ({ckpt.format}); {_safe_loader_obstacle(ckpt.details)}")
         else:
             print(f"{printable(ckpt.path)}: needs no foreign code ({ckpt.format}); safe to load with torch.load(weights_only=True)"
                   if ckpt.format.startswith("torch") else f"{printable(ckpt.path)}: needs no foreign code ({ckpt.format})")
@@ -269,7 +272,15 @@ def _scan_record(ckpt: Checkpoint) -> dict[str, Any]:
             "imports": _imports_json(ckpt.pickle_imports),
             "torchscript_code": ckpt.details.get("code_files", []),
             # torch.save files: why torch.load(weights_only=True) would refuse it ("" when it loads it)
-            "weights_only": ckpt.details.get("weights_only")}
+            "weights_only": ckpt.details.get("weights_only"),
+            # .npy/.npz: whether numpy.load needs allow_pickle=True (it holds object arrays)
+            "allow_pickle": bool(ckpt.details.get("allow_pickle"))}
+
+
+def _safe_loader_obstacle(details: Mapping[str, Any]) -> str:
+    """Why the format's own safe loader (torch.load(weights_only=True), numpy.load) refuses a file that
+    needs no foreign code; "" when it loads it."""
+    return details.get("weights_only") or details.get("allow_pickle") or ""
 
 
 def _damaged_scan_record(path: str, error: CkptviewError) -> dict[str, Any]:

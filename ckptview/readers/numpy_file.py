@@ -5,7 +5,9 @@ Shapes and dtypes come from each array's header, parsed by `numpy.lib.format`. D
 disk: a `.npy` file and a stored `.npz` member are read in place like any dense tensor; a
 deflated member is inflated when asked, in bounded chunks for statistics and diffs, after its
 sizes were checked against what deflate can produce (a zip bomb is refused, not inflated).
-Nothing is ever unpickled: an object array is listed with its dtype and its loading refused.
+An object array's elements are a pickle, which `numpy.load(allow_pickle=True)` unpickles: ckptview
+reads it with the same allow-listed unpickler as a torch file (nothing it names is imported or
+called), so `scan` names every global numpy would import, and its data is never loaded.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from ckptview.errors import CorruptCheckpointError, TruncatedCheckpointError, UnsupportedFormatError
-from ckptview.readers.model import Checkpoint, FileSource, Storage, TensorInfo
+from ckptview.readers.model import Checkpoint, FileSource, PickleImport, Storage, TensorInfo
 from ckptview.readers.zip_directory import LOCAL_HEADER_BYTES, BadZip, data_offset
 
 # Deflate cannot expand data more than ~1032:1; a member claiming more is a zip bomb or damaged.
@@ -98,6 +100,30 @@ def _size_check(path: str, where: str, shape: tuple[int, ...], dtype: np.dtype, 
     return nbytes
 
 
+ALLOW_PICKLE = ("numpy.load refuses it unless allow_pickle=True, which unpickles its object arrays ({names}): "
+                "load it so only if you trust the file")
+
+
+def _object_pickle_imports(data: Any, path: str, where: str, start: int) -> list[PickleImport]:
+    """
+    What the pickle of an object array at `start` of `data` names outside the allow-list: what
+    `numpy.load(allow_pickle=True)` would import, and may call. Read by ckptview's unpickler, which
+    builds no object it names; a damaged pickle raises, naming the globals met before the damage.
+    """
+    from ckptview.readers.torch_pickle import unpickle
+
+    _, unpickler, _ = unpickle(data, path, f"{where}'s object array", start=start, writer="numpy.save",
+                               loader="numpy.load(allow_pickle=True)")
+    return unpickler.pickle_imports()
+
+
+def _merged(imports: list[PickleImport]) -> list[PickleImport]:
+    counts: dict[str, int] = {}
+    for imported in imports:
+        counts[imported.name] = counts.get(imported.name, 0) + imported.count
+    return [PickleImport(name, count) for name, count in sorted(counts.items())]
+
+
 def read_npy(path: str, size: int, *, trust: bool) -> Checkpoint:
     with open(path, "rb") as stream:
         shape, fortran, dtype, version = _header(stream, path, "the file")
@@ -105,20 +131,32 @@ def read_npy(path: str, size: int, *, trust: bool) -> Checkpoint:
     nbytes = _size_check(path, "the file", shape, dtype, size - data_start)
     source = FileSource(path)
     torch_dtype = _torch_dtype(dtype)
+    details: dict[str, Any] = {}
+    imports: list[PickleImport] = []
+    if dtype.hasobject:
+        from ckptview.readers.torch_pickle import mapped
+
+        with mapped(path) as data:
+            imports = _object_pickle_imports(data, path, "the file", data_start)
+        details["allow_pickle"] = ALLOW_PICKLE.format(names="the file's array")
     if torch_dtype is None:
         info = _unloadable(shape, dtype, size - data_start)
     else:
         storage = Storage(key=os.path.basename(path), source=source, offset=data_start, nbytes=nbytes,
                           location="cpu", byteorder="big" if dtype.byteorder == ">" else "little")
         info = TensorInfo(shape=shape, dtype=torch_dtype, storage=storage, stride=_strides(shape, fortran))
-    details = {"npy_version": version, "numpy_dtype": dtype.str, "fortran_order": fortran, "data_offset": data_start}
-    return Checkpoint(path, "npy", info, file_size=size, sources=[source], trust=trust, details=details)
+    details.update({"npy_version": version, "numpy_dtype": dtype.str, "fortran_order": fortran,
+                    "data_offset": data_start})
+    return Checkpoint(path, "npy", info, file_size=size, sources=[source], pickle_imports=imports, trust=trust,
+                      details=details)
 
 
 def read_npz(path: str, size: int, *, trust: bool) -> Checkpoint:
     source = FileSource(path)
     root: dict[str, TensorInfo] = {}
     members: list[dict[str, Any]] = []
+    imports: list[PickleImport] = []
+    pickled: list[str] = []
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, NotImplementedError) as exc:
@@ -127,14 +165,39 @@ def read_npz(path: str, size: int, *, trust: bool) -> Checkpoint:
     with archive:
         for info in archive.infolist():
             key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-            root[key], member = _member(archive, info, path, size, source)
+            root[key], member, header_len = _member(archive, info, path, size, source)
             members.append({"name": key, **member})
-    return Checkpoint(path, "npz", root, file_size=size, sources=[source], trust=trust,
-                      details={"members": members})
+            if root[key].encoding == "object":
+                imports += _object_pickle_imports(_member_bytes(archive, info, path), path, f"member {info.filename}",
+                                                  header_len)
+                pickled.append(key)
+    details: dict[str, Any] = {"members": members}
+    if pickled:
+        details["allow_pickle"] = ALLOW_PICKLE.format(names=", ".join(pickled))
+    return Checkpoint(path, "npz", root, file_size=size, sources=[source], pickle_imports=_merged(imports),
+                      trust=trust, details=details)
+
+
+# An object array's pickle is read whole into memory to be scanned; a bigger one is refused, not read.
+_MAX_OBJECT_PICKLE_BYTES = 1 << 31
+
+
+def _member_bytes(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> bytes:
+    """A member's bytes, inflated by zipfile (its CRC checked), after `_member` checked its sizes."""
+    if info.file_size > _MAX_OBJECT_PICKLE_BYTES:
+        raise UnsupportedFormatError(path, f"member {info.filename} is an object array of {info.file_size:,} bytes, "
+                                           "more than ckptview reads to scan its pickle. Do not load it with "
+                                           "allow_pickle=True unless you trust the file.")
+    try:
+        return archive.read(info)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
+        raise CorruptCheckpointError(path, f"member {info.filename} cannot be read ({exc}): the .npz is damaged. "
+                                           "Copy it again or re-save it.") from exc
 
 
 def _member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, size: int,
-            source: FileSource) -> tuple[TensorInfo, dict[str, Any]]:
+            source: FileSource) -> tuple[TensorInfo, dict[str, Any], int]:
+    """The member's tensor, its details, and the length of its .npy header."""
     where = f"member {info.filename}"
     if info.flag_bits & 0x1:
         raise UnsupportedFormatError(path, f"{where} is encrypted; decrypt the archive first.")
@@ -158,12 +221,12 @@ def _member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, size: in
               "compression": "deflated" if deflated else "stored", "stored_bytes": info.compress_size}
     torch_dtype = _torch_dtype(dtype)
     if torch_dtype is None:
-        return _unloadable(shape, dtype, info.compress_size), member
+        return _unloadable(shape, dtype, info.compress_size), member, header_len
     byteorder = "big" if dtype.byteorder == ">" else "little"
     if not deflated:
         storage = Storage(key=info.filename, source=source, offset=data_start + header_len, nbytes=nbytes,
                           location="cpu", byteorder=byteorder)
-        return TensorInfo(shape=shape, dtype=torch_dtype, storage=storage, stride=_strides(shape, fortran)), member
+        return TensorInfo(shape=shape, dtype=torch_dtype, storage=storage, stride=_strides(shape, fortran)), member, header_len
     inflater = _Deflated(source, path, info, data_start, header_len, shape, fortran, np.dtype(dtype), torch_dtype)
     tensor = TensorInfo(shape=shape, dtype=torch_dtype, storage=None, stride=_strides(shape, fortran),
                         layout="encoded", encoding="deflate",
@@ -171,7 +234,7 @@ def _member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, size: in
                         stored_nbytes=info.compress_size, decode=inflater.decode,
                         # chunks come in memory order, which is the element order only for C-ordered arrays
                         decode_chunks=None if fortran else inflater.chunks)
-    return tensor, member
+    return tensor, member, header_len
 
 
 def _local_data_start(source: FileSource, info: zipfile.ZipInfo, path: str, size: int) -> int:

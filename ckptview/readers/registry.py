@@ -238,7 +238,7 @@ FORMATS: list[Format] = [
          "only when asked; F32/F16/BF16 read in place, block quants (Q4_0 … Q6_K) dequantized by `gguf.quants`"),
     )),
     Format("npy", "NumPy .npy arrays", _is_npy, "ckptview.readers.numpy_file:read_npy", (
-        ("NumPy `.npy`", "header parsed by `numpy.lib.format`; data read in place; object arrays listed, never unpickled"),
+        ("NumPy `.npy`", "header parsed by `numpy.lib.format`; data read in place; object arrays' pickles scanned, never loaded"),
     )),
     Format("npz", "NumPy .npz archives", _is_npz, "ckptview.readers.numpy_file:read_npz", (
         ("NumPy `.npz` (`savez`, `savez_compressed`)",

@@ -79,11 +79,13 @@ def _why(exc: BaseException) -> str:
 
 
 def unpickle(data: bytes | mmap.mmap, path: str, what: str, storage_for: Any = None,
-             unpicklers: list[SafeUnpickler] | None = None, start: int = 0) -> tuple[Any, SafeUnpickler, int]:
+             unpicklers: list[SafeUnpickler] | None = None, start: int = 0, *, writer: str = "torch.save",
+             loader: str = "torch.load(weights_only=False)") -> tuple[Any, SafeUnpickler, int]:
     """
     Unpickle the pickle at `start` of `data`; return its value, its unpickler and the offset just
     past it. `unpicklers`, when given, collects the unpickler even when the pickle is damaged, so
-    the globals it named before failing are known.
+    the globals it named before failing are known. `writer` and `loader` name, in the message
+    about a damaged pickle, what writes such files and what would unpickle this one.
     """
     refused = None
     try:
@@ -110,10 +112,9 @@ def unpickle(data: bytes | mmap.mmap, path: str, what: str, storage_for: Any = N
         warning = ""
         if named:
             listed = ", ".join(printable(imp.name) for imp in named[:5]) + (" …" if len(named) > 5 else "")
-            warning = (f" Before the damage it names {listed}, which torch.load(weights_only=False) would import "
-                       "and may call: do not load it.")
+            warning = f" Before the damage it names {listed}, which {loader} would import and may call: do not load it."
         error = CorruptCheckpointError(
-            path, f"{what} cannot be read: {_why(exc)}. The file is damaged or was not written by torch.save; "
+            path, f"{what} cannot be read: {_why(exc)}. The file is damaged or was not written by {writer}; "
                   f"re-save it, or copy it again.{warning}",
         )
         error.named_globals = named
