@@ -292,6 +292,14 @@ def make_seeds(folder: Path) -> dict[str, bytes]:
     buffer = io.BytesIO()
     np.save(buffer, np.arange(6, dtype=np.float16))
     seeds["npy"] = buffer.getvalue()
+    # object arrays: their elements are a pickle, which numpy.load(allow_pickle=True) unpickles
+    objects = np.array([{"lr": 0.1}, "text", 3, None], dtype=object)
+    buffer = io.BytesIO()
+    np.save(buffer, objects, allow_pickle=True)
+    seeds["npy-object"] = buffer.getvalue()
+    buffer = io.BytesIO()
+    np.savez(buffer, a=np.arange(4.0), objects=objects)
+    seeds["npz-object"] = buffer.getvalue()
     try:
         import gguf
 
@@ -492,7 +500,7 @@ def run(seconds: float, seed: int, timeout: float = 20.0, memory_mb: float = 300
             counts["opened" if answer.get("verdict") in ("safe", "code") else "refused"] += 1
             if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
                 problem = "the input's bytes changed"
-            pickle_bearing = family.startswith(("pickle", "zip", "mutate-zip", "mutate-legacy"))
+            pickle_bearing = family.startswith(("pickle", "zip", "mutate-zip", "mutate-legacy", "mutate-np"))
             if not problem and pickle_bearing and answer.get("verdict") in ("safe", "code") and number % oracle_every == 0:
                 counts["oracle-checked"] += 1
                 try:
@@ -500,7 +508,7 @@ def run(seconds: float, seed: int, timeout: float = 20.0, memory_mb: float = 300
                     foreign = set(observed["lookups"]) - allowed - _DCP_CLASSES  # type: ignore[arg-type]
                     missing = foreign - set(answer["imports"] or [])  # type: ignore[arg-type]
                     if missing:
-                        problem = f"torch.load looks up {sorted(missing)}, which scan does not name"
+                        problem = f"its loader (torch.load, numpy.load) looks up {sorted(missing)}, which scan does not name"
                     if observed["torchscript"] and answer.get("verdict") == "safe":
                         problem = "a TorchScript archive scanned as safe"
                 except (TimeoutError, ChildProcessError):

@@ -243,3 +243,24 @@ def test_every_cut_of_an_npz_is_refused_or_reads_whole(files: dict[str, Path], t
             continue
         with zipfile.ZipFile(path) as archive:  # only a cut that leaves a whole archive may open
             assert archive.testzip() is None
+
+
+def test_scan_names_every_global_numpy_load_looks_up(tmp_path: Path) -> None:
+    """The differential property against numpy itself (tests/torch_oracle.py runs numpy.load(allow_pickle=True)
+    with a recording unpickler), over object arrays in .npy and .npz files, plain and cut short."""
+    from test_hostile_round2 import assert_scan_covers_torch
+
+    array = np.array([RunsCode(), {"a": np.float64(1.0)}, collections_counter()] + [float(i) for i in range(20_000)],
+                     dtype=object)
+    np.save(tmp_path / "evil.npy", array, allow_pickle=True)
+    np.savez_compressed(tmp_path / "evil.npz", weight=np.ones(3), evil=array)
+    content = (tmp_path / "evil.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(content[:-1000])
+    verdicts = [assert_scan_covers_torch(tmp_path / name) for name in ("evil.npy", "evil.npz", "cut.npy")]
+    assert verdicts == ["code", "code", "error"]
+
+
+def collections_counter() -> object:
+    import collections
+
+    return collections.Counter("abc")

@@ -1,5 +1,6 @@
 """
-What `torch.load(weights_only=False)` (or DCP's metadata reader) would import from a file, observed
+What `torch.load(weights_only=False)` (or DCP's metadata reader, or for .npy/.npz files
+`numpy.load(allow_pickle=True)`) would import from a file, observed
 by running it: in a throwaway process, with a `pickle_module` whose `find_class` records every
 lookup and hands back an inert stand-in instead of the real global (torch's own weights-only
 globals excepted, so the load goes as far as it would). Nothing the file names is imported.
@@ -97,6 +98,10 @@ def observe(path: str) -> dict[str, object]:
     torchscript = False
     import zipfile
 
+    if _is_numpy_file(path):
+        _numpy_load_all(path)
+        return {"lookups": _LOOKUPS, "torchscript": False}
+
     if zipfile.is_zipfile(path):
         try:
             reader = torch._C.PyTorchFileReader(path)
@@ -109,6 +114,58 @@ def observe(path: str) -> dict[str, object]:
         except BaseException:  # noqa: BLE001
             pass
     return {"lookups": _LOOKUPS, "torchscript": torchscript}
+
+
+def _is_numpy_file(path: str) -> bool:
+    """A .npy file, or a zip that is no torch archive (numpy.load reads it as an .npz)."""
+    import zipfile
+
+    with open(path, "rb") as handle:
+        if handle.read(6) == b"\x93NUMPY":
+            return True
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return not any(name.endswith("data.pkl") for name in archive.namelist())
+    except Exception:  # noqa: BLE001 - not a zip numpy would read either
+        return False
+
+
+def _numpy_load_all(path: str) -> None:
+    """numpy.load(allow_pickle=True) of the file and of every .npz member, its pickle recorded: numpy's own
+    globals are real (numpy is no foreign code), every other one an inert stand-in."""
+    import importlib
+
+    import numpy as np
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> object:
+            full = _normalise(module, name)
+            _LOOKUPS.append(full)
+            if full.split(".")[0] == "numpy":
+                return super().find_class(module, name)
+            return type(name if name.isidentifier() else "Global", (_Inert,), {})
+
+    recording = types.ModuleType("pickle")
+    recording.load = lambda file, **kwargs: Unpickler(file, **kwargs).load()  # type: ignore[attr-defined]
+    recording.loads = lambda data, **kwargs: Unpickler(__import__("io").BytesIO(data), **kwargs).load()  # type: ignore[attr-defined]
+    recording.UnpicklingError = pickle.UnpicklingError  # type: ignore[attr-defined]
+    for name in ("numpy.lib.format", "numpy.lib._format_impl", "numpy.lib.npyio", "numpy.lib._npyio_impl"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(module, "pickle", None) is pickle:
+            module.pickle = recording  # type: ignore[attr-defined]
+    try:
+        loaded = np.load(path, allow_pickle=True)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            for key in loaded.files:
+                try:
+                    loaded[key]
+                except BaseException:  # noqa: BLE001 - a damaged member: what it looked up still counts
+                    pass
+    except BaseException:  # noqa: BLE001
+        pass
 
 
 def torch_lookups(path: str | os.PathLike[str], timeout: float = 60) -> dict[str, object]:
