@@ -393,6 +393,33 @@ def test_damaged_global_heap_is_refused_before_hdf5_reads_it(tmp_path: Path) -> 
     assert path.read_bytes() == before
 
 
+def test_text_reference_claiming_gigabytes_is_refused_before_hdf5_allocates_them(tmp_path: Path) -> None:
+    """A variable-length string is stored as (length, heap collection, object index); the HDF5 library
+    allocates the length before it reads the object. Fuzzed copies of the fixtures whose length's top
+    byte changed took up to 4 GB to open; the child runs under a 1.5 GiB address-space limit."""
+    import struct
+    import subprocess
+    import sys
+
+    path = tmp_path / "reference.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = [b"dense"]
+        group = f.create_group("dense")
+        group.attrs["weight_names"] = [b"dense/kernel:0"]
+        group.create_dataset("dense/kernel:0", data=np.ones((2, 2), np.float32))
+    data = bytearray(path.read_bytes())
+    heap = data.index(b"GCOL\x01\x00\x00\x00")
+    # the first string's (length 5, the collection's address, its index): the address alone also occurs elsewhere
+    reference = data.index(struct.pack("<IQ", 5, heap))
+    data[reference + 3] = 0x60  # 1.6 GB
+    path.write_bytes(bytes(data))
+    code = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))\nimport ckptview\n"
+            "try:\n    ckptview.open(sys.argv[1])\nexcept Exception as e:\n    print(e)")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert "claims 1,610,612,7" in done.stdout and "damaged" in done.stdout, done.stdout + done.stderr
+
+
 def test_text_attribute_with_a_damaged_type_is_refused_before_hdf5_reads_it(tmp_path: Path) -> None:
     """A fuzzed `weight_names` whose type turned from variable-length string into variable-length
     sequence crashed the HDF5 library (segmentation fault) when read: run in a subprocess."""

@@ -173,18 +173,50 @@ def check_global_heaps(path: str, data: Any, start: int, end: int, skip: list[tu
             gaps.append((cursor, min(first, end)))
         cursor = max(cursor, last)
     gaps.append((cursor, end))
+    collections: dict[int, dict[int, int]] = {}
     for gap_start, gap_end in gaps:
         pos = data.find(b"GCOL", gap_start, gap_end)
         while pos >= 0:
             if pos + _GCOL_HEADER <= end and data[pos + 4:pos + 8] == b"\x01\x00\x00\x00":
                 (size,) = struct.unpack_from("<Q", data, pos + 8)
                 if _GCOL_MIN_SIZE <= size <= end - pos:
-                    _check_collection(path, data, pos, pos + size, start)
+                    collections[pos - start] = _check_collection(path, data, pos, pos + size, start)
             pos = data.find(b"GCOL", pos + 4, gap_end)
+    for gap_start, gap_end in gaps:
+        _check_heap_references(path, data, gap_start, gap_end, start, collections)
 
 
-def _check_collection(path: str, data: Any, start: int, end: int, file_start: int) -> None:
-    pos, seen = start + _GCOL_HEADER, set()
+# What a damaged reference may make the HDF5 library allocate before it fails; fuzzed ones claimed 0.5-4 GB.
+_HARMLESS_ALLOCATION = 256 << 20
+
+
+def _check_heap_references(path: str, data: Any, start: int, end: int, file_start: int,
+                           collections: dict[int, dict[int, int]]) -> None:
+    """
+    A variable-length value refers to its heap object as (its length, the collection's address, the
+    object's index), 16 bytes, and the HDF5 library allocates the length before it reads the object:
+    in fuzzed copies of the fixtures, one changed byte of a name's length made reading it take 4 GB.
+    A reference (found by its collection's address, then an index that collection holds) may not
+    claim more than `_HARMLESS_ALLOCATION` bytes beyond its object's: other HDF5 structures also
+    hold a heap address and index (a virtual dataset's mapping), after bytes that are no length.
+    """
+    for address, objects in collections.items():
+        needle = struct.pack("<Q", address)
+        pos = data.find(needle, start + 4, end - 4)
+        while pos >= 0:
+            (length,) = struct.unpack_from("<I", data, pos - 4)
+            (index,) = struct.unpack_from("<I", data, pos + 8)
+            if length > _HARMLESS_ALLOCATION and length > objects.get(index, length):
+                raise CorruptCheckpointError(path, f"a variable-length value at byte {pos - 4 - file_start:,} claims "
+                                                   f"{length:,} bytes of an HDF5 heap object that holds "
+                                                   f"{objects[index]:,}: the file is damaged, and the HDF5 library "
+                                                   "would allocate that much reading it. Get the original file.")
+            pos = data.find(needle, pos + 1, end - 4)
+
+
+def _check_collection(path: str, data: Any, start: int, end: int, file_start: int) -> dict[int, int]:
+    """The collection's objects, index -> size in bytes, once they add up."""
+    pos, seen = start + _GCOL_HEADER, {}
     while pos + _GCOL_OBJECT_HEADER <= end:
         index, _, _, length = struct.unpack_from("<HHIQ", data, pos)
         if index == 0:  # the free-space object: exactly the rest of the collection
@@ -193,13 +225,14 @@ def _check_collection(path: str, data: Any, start: int, end: int, file_start: in
             break
         if index in seen or length > end - pos - _GCOL_OBJECT_HEADER:
             raise _damaged_heap(path, start - file_start)
-        seen.add(index)
+        seen[index] = length
         pos += _GCOL_OBJECT_HEADER + -(-length // 8) * 8
     else:  # a full collection: its objects end within its last 16 bytes
         if pos > end:
             raise _damaged_heap(path, start - file_start)
     if seen and max(seen) > 2 * len(seen) + 16:
         raise _damaged_heap(path, start - file_start)
+    return seen
 
 
 def _damaged_heap(path: str, offset: int) -> CorruptCheckpointError:
