@@ -548,3 +548,18 @@ def test_a_constant_whose_tensor_proto_is_damaged_fails_in_our_words() -> None:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         assert cli_main(["stats", str(path)]) == 1
     assert path.read_bytes() == before
+
+
+def test_an_initializer_whose_values_do_not_fill_its_dims_fails_in_our_words() -> None:
+    # a fuzz finding (a mutated copy of the fuzzer's ONNX seed): initializer `w` of dims [2, 3] whose typed
+    # values field is there but empty. Loading it (or its statistics) raised numpy's "cannot reshape
+    # array of size 0" from onnx.numpy_helper.to_array, a raw traceback
+    path = Path(__file__).parent / "fuzz_findings" / "onnx-typed-values-short-of-dims.onnx"
+    before = path.read_bytes()
+    with ckptview.open(path) as ckpt:
+        with pytest.raises(CkptviewError, match="do not fill its dims \\[2, 3\\]") as failed:
+            ckpt.tensor("w").load()
+        assert "\n" not in str(failed.value)
+        with pytest.raises(CkptviewError, match="do not fill its dims"):
+            ckptview.stats(ckpt, progress=False)
+    assert path.read_bytes() == before

@@ -696,9 +696,7 @@ class _Builder:
 
     def typed_decoder(self, tensor: _Tensor) -> Callable[[], bytes]:
         def decode() -> bytes:
-            from onnx import numpy_helper
-
-            array = numpy_helper.to_array(self.tensor_proto(tensor))
+            array = self.to_array(tensor, self.tensor_proto(tensor))
             return np.ascontiguousarray(array).tobytes()
         return decode
 
@@ -710,14 +708,23 @@ class _Builder:
     def onnx_array(self, tensor: _Tensor, stored: Storage | None) -> np.ndarray:
         """The tensor as `onnx.numpy_helper.to_array` returns it (ml_dtypes for the small float and int types)."""
         import onnx
-        from onnx import numpy_helper
 
         if stored is None:
             proto = self.tensor_proto(tensor)
         else:
             proto = onnx.TensorProto(data_type=tensor.data_type, dims=tensor.dims)
             proto.raw_data = stored.source.read(stored.data_offset(), stored.nbytes)
-        return numpy_helper.to_array(proto)
+        return self.to_array(tensor, proto)
+
+    def to_array(self, tensor: _Tensor, proto: Any) -> np.ndarray:
+        """`onnx.numpy_helper.to_array`, which fails on values that do not fill the dims (numpy's reshape)."""
+        from onnx import numpy_helper
+
+        try:
+            return numpy_helper.to_array(proto)
+        except ValueError as exc:
+            raise TensorDataError(self.path, f"tensor {printable(tensor.name)} holds values that do not fill its "
+                                             f"dims {list(tensor.dims)}: the file is corrupt. Re-export it.") from exc
 
 
 def _bits(data_type: int) -> int:
