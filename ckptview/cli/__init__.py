@@ -60,11 +60,24 @@ def print_json(data: Any) -> None:
     fall back to its Python encoder, 160 s for the statistics of a million tensors.
     """
     if isinstance(data, list) and data:
-        encode = json.JSONEncoder(default=_json_default, allow_nan=True).encode
+        encode = _item_encoder()
         text = "[\n" + ",\n".join("  " + encode(item) for item in data) + "\n]"
     else:
         text = json.dumps(data, indent=2, default=_json_default, allow_nan=True)
     sys.stdout.write(text + "\n")
+
+
+def _item_encoder() -> Any:
+    """`JSONEncoder.encode` for one list element. json's C encoder, called directly where this Python has
+    it: `encode` makes a new one per call, a third of writing 20,000 tensors' `tensors --json`."""
+    encoder = json.JSONEncoder(default=_json_default, allow_nan=True)
+    make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    if make_encoder is None:
+        return encoder.encode
+    # the arguments JSONEncoder.iterencode passes for these settings (no indent, sort_keys or skipkeys)
+    chunks = make_encoder({}, encoder.default, json.encoder.encode_basestring_ascii, None, encoder.key_separator,
+                          encoder.item_separator, False, False, True)
+    return lambda item: "".join(chunks(item, 0))
 
 
 def _json_default(value: Any) -> Any:

@@ -16,7 +16,7 @@ from ckptview.cli import add_path_command, print_json
 from ckptview.errors import CkptviewError, printable
 from ckptview.present.text import human_bytes, human_count, shape_text, text_table
 from ckptview.readers import code_verdict_only
-from ckptview.readers.model import Checkpoint, PickleImport
+from ckptview.readers.model import Checkpoint, PickleImport, TensorInfo
 
 EXIT_NEEDS_CODE = 3
 
@@ -163,6 +163,15 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tensor_record(name: str, info: TensorInfo) -> dict[str, Any]:
+    """One tensor of `tensors --json`, from its record (20,000 of these: the entry's properties each
+    forward to the record, and going through them was a fifth of the command)."""
+    storage = info.storage
+    return {"name": name, "shape": list(info.shape), "dtype": info.dtype, "numel": info.numel, "nbytes": info.nbytes,
+            "device": info.device, "layout": info.layout, "storage_key": None if storage is None else storage.key,
+            "encoding": info.encoding}
+
+
 def _safety_line(data: dict[str, Any]) -> str:
     if data["pickle_imports"]:
         names = ", ".join(imp["name"] for imp in data["pickle_imports"][:4])
@@ -181,12 +190,7 @@ def tensors(args: argparse.Namespace) -> int:
     with ckptview.open(args.path, trust=args.trust) as ckpt:
         entries = ckpt.tensors()
         if args.json:
-            print_json([
-                {"name": e.name, "shape": list(e.shape), "dtype": e.dtype_name, "numel": e.numel,
-                 "nbytes": e.nbytes, "device": e.device, "layout": e.layout, "storage_key": e.storage_key,
-                 "encoding": e.encoding}
-                for e in entries
-            ])
+            print_json([_tensor_record(e.name, e.info) for e in entries])
             return 0
         # an encoded tensor shows its stored form (Q4_K, int8) and what load() returns
         rows = [(e.name, shape_text(e.shape), f"{e.encoding} → {e.dtype_name}" if e.encoding else e.dtype_name,
