@@ -168,3 +168,56 @@ def test_open_run_over_http(folder: Path, ranged: tuple[str, type[_Counting]], t
     drift = [(d.module, d.rel_change_prev) for d in remote.analyze(progress=False).drift]
     assert drift == [(d.module, d.rel_change_prev) for d in local.analyze(progress=False).drift]
     shutil.rmtree(run_folder)
+
+
+class _RangedThenNot(_Ranged):
+    """Answers the first ranged requests (the check at open passes), then ignores Range: 1 GB of zeros."""
+
+    honoured = 1  # the 1-byte check at open
+
+    def do_GET(self) -> None:
+        type(self).honoured -= 1
+        if type(self).honoured >= 0:
+            return super().do_GET()
+        self.send_response(200)
+        self.send_header("Content-Length", str(1 << 30))
+        self.end_headers()
+        self._flood()
+
+    def _flood(self) -> None:
+        chunk = bytes(1 << 20)
+        try:
+            for _ in range(1 << 10):
+                type(self).sent += len(chunk)
+                self.wfile.write(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            return
+
+
+class _LongRanges(_RangedThenNot):
+    """Says 206 with the range asked for, then sends 1 GB past it (after the check and the first read)."""
+
+    honoured = 2
+
+    def do_GET(self) -> None:
+        type(self).honoured -= 1
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if type(self).honoured >= 0 or match is None:
+            return super().do_GET()
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {match.group(1)}-{match.group(2)}/{1 << 30}")
+        self.end_headers()
+        self._flood()
+
+
+@pytest.mark.parametrize("handler", [_RangedThenNot, _LongRanges], ids=["ignores-ranges-later", "sends-more-than-asked"])
+def test_a_server_that_sends_more_than_asked_is_cut_off(folder: Path, handler: type[_Counting]) -> None:
+    """Each read takes at most one byte more than it asked for, whatever the server sends: reading the whole
+    answer into memory (fsspec's cat_file) took 3 GB into the process before the check could see it."""
+    for url, server in _serve(folder, handler):
+        # whatever it reads as (a read from byte 0 takes the start of a whole-file answer), one line
+        with pytest.raises(ckptview.CkptviewError) as failed:
+            with ckptview.open(f"{url}/cnn.pt") as ckpt:
+                ckptview.stats(ckpt, progress=False)
+        assert "\n" not in str(failed.value)
+        assert server.sent < 256 * 2**20, f"the client took {server.sent:,} bytes"
