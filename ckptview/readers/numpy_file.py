@@ -104,24 +104,17 @@ ALLOW_PICKLE = ("numpy.load refuses it unless allow_pickle=True, which unpickles
                 "load it so only if you trust the file")
 
 
-def _object_pickle_imports(data: Any, path: str, where: str, start: int) -> list[PickleImport]:
+def _scan_object_pickle(data: Any, path: str, where: str, start: int) -> Any:
     """
-    What the pickle of an object array at `start` of `data` names outside the allow-list: what
-    `numpy.load(allow_pickle=True)` would import, and may call. Read by ckptview's unpickler, which
-    builds no object it names; a damaged pickle raises, naming the globals met before the damage.
+    The unpickler that read the pickle of an object array at `start` of `data`: its `pickle_imports`
+    are what `numpy.load(allow_pickle=True)` would import, and may call. ckptview's unpickler builds
+    no object the pickle names; a damaged pickle raises, naming the globals met before the damage.
     """
     from ckptview.readers.torch_pickle import unpickle
 
     _, unpickler, _ = unpickle(data, path, f"{where}'s object array", start=start, writer="numpy.save",
                                loader="numpy.load(allow_pickle=True)")
-    return unpickler.pickle_imports()
-
-
-def _merged(imports: list[PickleImport]) -> list[PickleImport]:
-    counts: dict[str, int] = {}
-    for imported in imports:
-        counts[imported.name] = counts.get(imported.name, 0) + imported.count
-    return [PickleImport(name, count) for name, count in sorted(counts.items())]
+    return unpickler
 
 
 def read_npy(path: str, size: int, *, trust: bool) -> Checkpoint:
@@ -137,7 +130,7 @@ def read_npy(path: str, size: int, *, trust: bool) -> Checkpoint:
         from ckptview.readers.torch_pickle import mapped
 
         with mapped(path) as data:
-            imports = _object_pickle_imports(data, path, "the file", data_start)
+            imports = _scan_object_pickle(data, path, "the file", data_start).pickle_imports()
         details["allow_pickle"] = ALLOW_PICKLE.format(names="the file's array")
     if torch_dtype is None:
         info = _unloadable(shape, dtype, size - data_start)
@@ -155,7 +148,7 @@ def read_npz(path: str, size: int, *, trust: bool) -> Checkpoint:
     source = FileSource(path)
     root: dict[str, TensorInfo] = {}
     members: list[dict[str, Any]] = []
-    imports: list[PickleImport] = []
+    unpicklers: list[Any] = []
     pickled: list[str] = []
     try:
         archive = zipfile.ZipFile(path)
@@ -168,13 +161,15 @@ def read_npz(path: str, size: int, *, trust: bool) -> Checkpoint:
             root[key], member, header_len = _member(archive, info, path, size, source)
             members.append({"name": key, **member})
             if root[key].encoding == "object":
-                imports += _object_pickle_imports(_member_bytes(archive, info, path), path, f"member {info.filename}",
-                                                  header_len)
+                unpicklers.append(_scan_object_pickle(_member_bytes(archive, info, path), path,
+                                                      f"member {info.filename}", header_len))
                 pickled.append(key)
     details: dict[str, Any] = {"members": members}
     if pickled:
         details["allow_pickle"] = ALLOW_PICKLE.format(names=", ".join(pickled))
-    return Checkpoint(path, "npz", root, file_size=size, sources=[source], pickle_imports=_merged(imports),
+    from ckptview.readers.torch_pickle import merge_imports
+
+    return Checkpoint(path, "npz", root, file_size=size, sources=[source], pickle_imports=merge_imports(unpicklers),
                       trust=trust, details=details)
 
 
@@ -226,7 +221,8 @@ def _member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, size: in
     if not deflated:
         storage = Storage(key=info.filename, source=source, offset=data_start + header_len, nbytes=nbytes,
                           location="cpu", byteorder=byteorder)
-        return TensorInfo(shape=shape, dtype=torch_dtype, storage=storage, stride=_strides(shape, fortran)), member, header_len
+        tensor = TensorInfo(shape=shape, dtype=torch_dtype, storage=storage, stride=_strides(shape, fortran))
+        return tensor, member, header_len
     inflater = _Deflated(source, path, info, data_start, header_len, shape, fortran, np.dtype(dtype), torch_dtype)
     tensor = TensorInfo(shape=shape, dtype=torch_dtype, storage=None, stride=_strides(shape, fortran),
                         layout="encoded", encoding="deflate",
