@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import pickle
 import struct
+import subprocess
+import sys
 import tracemalloc
 import zipfile
 import zlib
@@ -264,3 +267,69 @@ def collections_counter() -> object:
     import collections
 
     return collections.Counter("abc")
+
+
+class CrashingDtype:
+    """Pickles as numpy.dtype("b1") BUILT with a state numpy never writes: numpy's own __setstate__ crashes on it."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return np.dtype, ("b1", False, True), (3, "=", ("a",), ("a", "b"), 1, 4)
+
+
+def _open_in_a_child(path: Path) -> subprocess.CompletedProcess[str]:
+    code = "import sys, ckptview\ntry:\n    ckptview.open(sys.argv[1])\nexcept Exception as e:\n    print(e)"
+    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+@pytest.mark.parametrize("case", ["short-object-list", "dtype-state", "dtype-state-in-torch-file"])
+def test_numpy_states_that_crash_numpy_are_refused_before_numpy_reads_them(tmp_path: Path, case: str) -> None:
+    """numpy's C code trusts a pickle's state: an object array whose list is shorter than its shape (a fuzz
+    finding; numpy.load(allow_pickle=True) crashes on it too) and a dtype BUILT with a state numpy never
+    writes each crashed the process (SIGSEGV). Opened in a child, so a regression fails instead of crashing."""
+    if case == "short-object-list":
+        path = Path(__file__).parent / "fuzz_findings" / "npy-object-list-shorter-than-shape.npy"
+    elif case == "dtype-state":
+        path = tmp_path / "dtype.pkl"
+        path.write_bytes(pickle.dumps({"dtype": CrashingDtype()}, protocol=2))
+    else:
+        path = tmp_path / "dtype.pt"
+        torch.save({"w": torch.ones(2), "dtype": CrashingDtype()}, path)
+    done = _open_in_a_child(path)
+    assert done.returncode == 0, f"the child died ({done.returncode}): {done.stderr[-500:]}"
+    assert done.stdout.count("\n") == 1 and ("do not fill it" in done.stdout or "structured" in done.stdout), done.stdout
+
+
+def test_numpy_values_in_a_torch_checkpoint_still_list(tmp_path: Path) -> None:
+    """What numpy itself pickles stays readable through the checks: scalars, RNG state, big-endian and
+    Fortran-ordered arrays, object and string arrays, a bare dtype."""
+    values = {"best": np.float64(0.93), "flag": np.bool_(True), "rng": np.random.RandomState(0).get_state(),
+              "big_endian": np.arange(6, dtype=">f4").reshape(2, 3), "fortran": np.asfortranarray(np.ones((2, 3))),
+              "objects": np.array([{"a": 1}, "x"], dtype=object), "words": np.array(["ab", "c"]),
+              "dtype": np.dtype("float16"), "empty": np.zeros((0, 3))}
+    path = tmp_path / "numpy-values.pt"
+    torch.save({"w": torch.ones(2), **values}, path)
+    with ckptview.open(path) as ckpt:
+        assert not ckpt.pickle_imports
+        root = ckpt.root
+        assert root["best"] == 0.93 and bool(root["flag"]) and np.array_equal(root["rng"][1], values["rng"][1])
+        for key in ("big_endian", "fortran", "objects", "words", "empty"):
+            same_type = root[key].dtype.newbyteorder("=") == values[key].dtype.newbyteorder("=")
+            assert np.array_equal(np.asarray(root[key]), values[key]) and same_type, key
+        assert root["fortran"].flags.f_contiguous
+        assert repr(root["dtype"]) == "dtype('float16')"
+
+
+class CalledNdarray:
+    """Pickles as a call of numpy.ndarray itself, which numpy's own pickles never make: given shape (2**31,) of
+    objects, numpy would allocate and fill 16 GB."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return np.ndarray, ((3,), "O")
+
+
+def test_numpy_classes_called_by_a_pickle_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "called.pt"
+    torch.save({"w": torch.ones(2), "array": CalledNdarray()}, path)
+    with pytest.raises(CorruptCheckpointError, match="numpy's own pickles never do"):
+        ckptview.open(path)

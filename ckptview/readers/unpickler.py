@@ -315,32 +315,98 @@ _PARAMETER = _sealed_callable(lambda data=None, requires_grad=True: _rebuild_par
 
 
 def _numpy_globals() -> dict[str, Any]:
+    """
+    The numpy globals numpy's own pickles name (arrays, dtypes, scalars), as stand-ins that check
+    what the pickle gives them before numpy sees it: numpy's C code trusts a pickle's state, and a
+    dtype BUILT with a state numpy never writes, or an object array whose list is shorter than its
+    shape (a fuzzed `.npy`: `numpy.load(allow_pickle=True)` crashes on it too), crashed the process.
+    """
     try:
         import numpy
     except ImportError:
         return {}
     reconstruct = numpy.ndarray.__reduce__(numpy.zeros(0))[0]  # numpy.core / numpy._core, whichever this numpy has
-    scalar = numpy.float64(0).__reduce__()[0]
+    numpy_scalar = numpy.float64(0).__reduce__()[0]
 
-    def reconstruct_empty(subtype: Any, shape: Any, dtype: Any) -> Any:
+    class PickledDtype(_Sealed):
+        """`numpy.dtype(spec, align, copy)` as a pickle calls it; BUILD may only set what numpy writes for a
+        plain dtype: its byte order."""
+
+        __slots__ = ("dtype",)
+
+        def __init__(self, spec: Any, align: Any = False, copy: Any = True) -> None:
+            # copy=False would hand out numpy's shared dtype object, which a later BUILD could change
+            self.dtype = numpy.dtype(spec, bool(align), True)
+
+        def __setstate__(self, state: Any) -> None:
+            own = self.dtype.__reduce__()[2]  # the state numpy itself writes for this dtype
+            if not (type(state) is tuple and len(state) == len(own) and state[0] == own[0] and state[2:] == own[2:]
+                    and state[1] in ("<", ">", "=", "|") and (own[1] != "|" or state[1] == "|")):
+                raise RefusedPickle("it holds a numpy structured dtype (or a damaged one), which ckptview does not "
+                                    "read: numpy's own unpickling of a damaged dtype state crashes the process")
+            self.dtype.__setstate__(state)
+
+        def __repr__(self) -> str:
+            return repr(self.dtype)
+
+    def real_dtype(value: Any) -> Any:
+        if type(value) is not PickledDtype:
+            raise RefusedPickle("a numpy array or scalar whose dtype is not a numpy dtype")
+        return value.dtype
+
+    class PickledArray(numpy.ndarray):
+        """An ndarray as a pickle builds it: BUILD's state is checked to be one numpy writes, data matching shape."""
+
+        def __setstate__(self, state: Any) -> None:
+            if type(state) is not tuple or len(state) != 5:
+                raise RefusedPickle("a numpy array whose pickled state is not (version, shape, dtype, order, data)")
+            version, shape, dtype, fortran, data = state
+            dtype = real_dtype(dtype)
+            count = 1
+            for size in shape if type(shape) is tuple else (-1,):
+                if type(size) is not int or size < 0:
+                    raise RefusedPickle("a numpy array whose shape is not a tuple of sizes")
+                count *= size
+            if dtype.hasobject:
+                plain_objects = dtype.kind == "O" and dtype.fields is None
+                if not plain_objects or type(data) is not list or len(data) != count:
+                    raise RefusedPickle(f"a numpy object array of shape {list(shape)} whose pickled elements do "
+                                        "not fill it")
+            elif not isinstance(data, (bytes, bytearray)) or len(data) != count * dtype.itemsize:
+                raise RefusedPickle(f"a numpy array of shape {list(shape)} and dtype {dtype} whose pickled data is "
+                                    "not that many bytes")
+            super().__setstate__((version, shape, dtype, bool(fortran), data))
+
+    def reconstruct_empty(subtype: Any, shape: Any, typecode: Any) -> Any:
         # numpy pickles an array as _reconstruct(ndarray, (0,), b"b") and then BUILDs its data, whose
         # length numpy checks; any other shape would allocate before anything is checked
-        if subtype is not numpy.ndarray or tuple(shape) != (0,):
+        if subtype is not ndarray or tuple(shape) != (0,) or not isinstance(typecode, bytes) or len(typecode) != 1:
             raise RefusedPickle("numpy's _reconstruct is accepted only as numpy itself writes it "
-                                         "(an empty ndarray)")
-        return reconstruct(subtype, (0,), dtype)
+                                "(an empty ndarray)")
+        return reconstruct(PickledArray, (0,), typecode)
 
-    def dtype(spec: Any, align: Any = False, copy: Any = True) -> Any:
-        # copy=False would hand out numpy's shared dtype object, which a later BUILD could change
-        return numpy.dtype(spec, bool(align), True)
+    def scalar(dtype: Any, data: Any = None) -> Any:
+        dtype = real_dtype(dtype)
+        if dtype.hasobject:
+            if dtype.kind != "O" or dtype.fields is not None:
+                raise RefusedPickle("a structured numpy scalar holding objects")
+            return data  # numpy's own scalar() of an object dtype is its object
+        if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+            raise RefusedPickle(f"a numpy {dtype} scalar whose pickled data is not {dtype.itemsize} bytes")
+        return numpy_scalar(dtype, data)
 
-    allowed: dict[str, Any] = {"numpy.ndarray": numpy.ndarray, "numpy.dtype": _sealed_callable(dtype)}
+    def refuse_call(*args: Any) -> Any:
+        raise RefusedPickle("a numpy class called by the pickle, which numpy's own pickles never do")
+
+    # numpy.ndarray is only ever _reconstruct's first argument: called, it would allocate whatever shape it is given
+    ndarray = _sealed_callable(refuse_call)
+    allowed: dict[str, Any] = {"numpy.ndarray": ndarray, "numpy.dtype": _sealed_callable(PickledDtype)}
     for core in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[f"{core}._reconstruct"] = _sealed_callable(reconstruct_empty)
-        allowed[f"{core}.scalar"] = scalar
+        allowed[f"{core}.scalar"] = _sealed_callable(scalar)
     for name in dir(getattr(numpy, "dtypes", None) or ()):
         if name.endswith("DType"):
-            allowed[f"numpy.dtypes.{name}"] = getattr(numpy.dtypes, name)
+            allowed[f"numpy.dtypes.{name}"] = _sealed_callable(refuse_call)
     return allowed
 
 
