@@ -179,8 +179,9 @@ def _safety_line(data: dict[str, Any]) -> str:
         return f"needs foreign code to load: {names}{more} (run `ckptview scan` for the list)"
     if data["format"] == "torchscript":
         return "TorchScript: torch.jit.load runs the archive's code"
-    if _safe_loader_obstacle(data["details"]):
-        return f"none needed, but {_safe_loader_obstacle(data['details'])}"
+    obstacle = _safe_loader_obstacle(data["details"])
+    if obstacle:
+        return f"none needed, but {obstacle}"
     if data["format"].startswith("torch"):
         return "none needed: loads with torch.load(weights_only=True)"
     return f"none needed: a {data['format']} file holds no pickled code"
@@ -263,8 +264,8 @@ def scan(args: argparse.Namespace) -> int:
         elif ckpt.format == "torchscript":
             print(f"{printable(ckpt.path)}: a TorchScript archive; torch.jit.load runs its code ({len(code_files)} files: "
                   + ", ".join(code_files[:5]) + ")")
-        elif _safe_loader_obstacle(ckpt.details):  # no code, yet the format's safe loader refuses it
-            print(f"{printable(ckpt.path)}: needs no foreign code ({ckpt.format}); {_safe_loader_obstacle(ckpt.details)}")
+        elif obstacle := _safe_loader_obstacle(ckpt.details):  # no code, yet the format's safe loader refuses it
+            print(f"{printable(ckpt.path)}: needs no foreign code ({ckpt.format}); {obstacle}")
         else:
             print(f"{printable(ckpt.path)}: needs no foreign code ({ckpt.format}); safe to load with torch.load(weights_only=True)"
                   if ckpt.format.startswith("torch") else f"{printable(ckpt.path)}: needs no foreign code ({ckpt.format})")

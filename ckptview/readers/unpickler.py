@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import io
+import math
 import pickle
 import collections
 from collections import Counter, OrderedDict
@@ -349,6 +350,10 @@ def _numpy_globals() -> dict[str, Any]:
         def __repr__(self) -> str:
             return repr(self.dtype)
 
+    def plain_objects(dtype: Any) -> bool:
+        """numpy's object dtype itself, not a structured one with object fields."""
+        return dtype.kind == "O" and dtype.fields is None
+
     def real_dtype(value: Any) -> Any:
         if type(value) is not PickledDtype:
             raise RefusedPickle("a numpy array or scalar whose dtype is not a numpy dtype")
@@ -362,14 +367,11 @@ def _numpy_globals() -> dict[str, Any]:
                 raise RefusedPickle("a numpy array whose pickled state is not (version, shape, dtype, order, data)")
             version, shape, dtype, fortran, data = state
             dtype = real_dtype(dtype)
-            count = 1
-            for size in shape if type(shape) is tuple else (-1,):
-                if type(size) is not int or size < 0:
-                    raise RefusedPickle("a numpy array whose shape is not a tuple of sizes")
-                count *= size
+            if type(shape) is not tuple:
+                raise RefusedPickle("a numpy array whose shape is not a tuple of sizes")
+            count = math.prod(_checked_shape(shape))
             if dtype.hasobject:
-                plain_objects = dtype.kind == "O" and dtype.fields is None
-                if not plain_objects or type(data) is not list or len(data) != count:
+                if not plain_objects(dtype) or type(data) is not list or len(data) != count:
                     raise RefusedPickle(f"a numpy object array of shape {list(shape)} whose pickled elements do "
                                         "not fill it")
             elif not isinstance(data, (bytes, bytearray)) or len(data) != count * dtype.itemsize:
@@ -388,7 +390,7 @@ def _numpy_globals() -> dict[str, Any]:
     def scalar(dtype: Any, data: Any = None) -> Any:
         dtype = real_dtype(dtype)
         if dtype.hasobject:
-            if dtype.kind != "O" or dtype.fields is not None:
+            if not plain_objects(dtype):
                 raise RefusedPickle("a structured numpy scalar holding objects")
             return data  # numpy's own scalar() of an object dtype is its object
         if not isinstance(data, bytes) or len(data) != dtype.itemsize:
