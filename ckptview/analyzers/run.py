@@ -16,14 +16,15 @@ module orders the files and turns the small per-file tables into the run's resul
 
 from __future__ import annotations
 
+import functools
 import glob as globbing
 import math
-import operator
 import os
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 from ckptview.analyzers.run_engine import Cancel, Progress, RunCache, default_cache_dir, engine_for
@@ -169,14 +170,6 @@ class StoppedModule:
     since: str  # path of the first checkpoint of the still run
     last_change: float  # the largest rel_change_prev over the last intervals
     never_moved: bool
-
-
-def _relative(dd: float, aa: float) -> float:
-    if not (math.isfinite(dd) and math.isfinite(aa)):
-        return math.nan
-    if dd == 0:
-        return 0.0
-    return math.sqrt(dd) / math.sqrt(aa) if aa > 0 else math.inf
 
 
 @dataclass(frozen=True)
@@ -580,6 +573,7 @@ _LOWER = ("loss", "error", "err", "perplexity", "ppl", "mae", "mse", "rmse", "we
 _VALIDATION = ("val", "valid", "validation", "eval", "test", "dev")
 
 
+@functools.lru_cache(maxsize=4096)  # asked for every scalar of every checkpoint: a run names a few dozen
 def metric_direction(name: str) -> bool | None:
     """True when higher is better (accuracies), False when lower is (losses), None when the name does not say."""
     tokens = re.split(r"[^a-z0-9]+|(?<=[a-z])(?=\d)", name.lower())
@@ -661,7 +655,7 @@ def analyze_run(run: Run, *, engine: Any = "local", workers: int | None = None, 
                 cancel: Cancel = None) -> RunSummary:
     """`Run.analyze`: chains of consecutive checkpoints, each file read once, tables cached per run."""
     # every checkpoint's tables and rows, and the summary's records, live on: see gc_paused
-    with gc_paused():
+    with gc_paused(long_lived=True):
         return _analyze_run(run, engine, workers, progress, cancel)
 
 
@@ -699,33 +693,65 @@ def _analyze_run(run: Run, engine: Any, workers: int | None, progress: Progress,
     return summarize_run(run, [t for t in tables if t is not None])
 
 
-def summarize_run(run: Run, tables: Sequence[Mapping[str, list[Any]]]) -> RunSummary:
+def summarize_run(run: Run, tables: Sequence[Mapping[str, Sequence[Any]]]) -> RunSummary:
     """The run's results from each checkpoint's table (`run_tasks.summarize`), in run order."""
+    import numpy as np
+
     checkpoints = run.checkpoints
     per_step = all(c.step is not None for c in checkpoints) and len(checkpoints) > 1
     drift: list[ModuleDrift] = []
     batchnorm: list[BatchNormDrift] = []
     moments: list[MomentNorm] = []
     nan_onset: NanOnset | None = None
-    # Each table is read by column and row index (a dict per row cost a third of this function, which a
-    # cached re-run spends on every checkpoint), and the checkpoints of a run mostly list the same
-    # tensors: which rows make which module is worked out once per distinct list.
+    # The checkpoints of a run mostly list the same tensors: consecutive ones that do are summarized
+    # together, each column one (checkpoints x rows) array, which rows make which module worked out once
+    # per distinct list. A Python loop over every row of every checkpoint was most of a cached re-run.
     layouts: dict[tuple[tuple[str, ...], ...], _Layout] = {}
-    for i, (checkpoint, table) in enumerate(zip(checkpoints, tables)):
+    for start, stop, layout in _same_layout_spans(tables, layouts):
+        group = checkpoints[start:stop]
+        columns = {c: np.array([table[c] for table in tables[start:stop]],
+                               dtype=np.int64 if c in _COUNT_COLUMNS else np.float64) for c in _SUMMARIZED_COLUMNS}
         if nan_onset is None:
-            nan_onset = _nan_onset(checkpoint, table)
-        steps = None
-        if per_step and i:
-            steps = checkpoint.step - checkpoints[i - 1].step  # type: ignore[operator]
-        key = (tuple(table["name"]), tuple(table["part"]), tuple(table["param"]), tuple(table["slot"]))
-        layout = layouts.get(key)
-        if layout is None:
-            layout = layouts[key] = _layout(*key)
-        squares = [m2 + finite * mean ** 2 if finite else 0.0
-                   for finite, mean, m2 in zip(table["finite"], table["mean"], table["m2"])]
-        drift.extend(_module_drift(checkpoint, table, layout, squares, steps))
-        batchnorm.extend(_batchnorm_drift(checkpoint, table, layout))
-        moments.extend(_moment_norms(checkpoint, layout, squares))
+            holds_nan = np.flatnonzero((columns["nan"] + columns["posinf"] + columns["neginf"]).any(axis=1))
+            if holds_nan.size:
+                nan_onset = _nan_onset(group[holds_nan[0]], tables[start + holds_nan[0]])
+        finite, mean = columns["finite"], columns["mean"]
+        with np.errstate(all="ignore"):
+            squares = np.where(finite > 0, columns["m2"] + finite * mean ** 2, 0.0)  # over the finite values
+        steps = np.ones((len(group), 1))
+        if per_step:
+            for row, i in enumerate(range(start, stop)):
+                if i:  # steps between the two checkpoints: 0 (a step saved twice) divides by nothing
+                    steps[row] = (checkpoints[i].step - checkpoints[i - 1].step) or 1.0  # type: ignore[operator]
+        times = [(c.path, c.epoch, c.step) for c in group]
+        if layout.modules:
+            def by_module(column: Any) -> Any:
+                return np.add.reduceat(column[:, layout.module_rows], layout.module_starts, axis=1)
+
+            prev_dd, first_dd = by_module(columns["prev_dd"]), by_module(columns["first_dd"])
+            with np.errstate(all="ignore"):
+                norm = np.sqrt(by_module(squares))
+                update = np.where((norm > 0) & np.isfinite(prev_dd), np.sqrt(prev_dd) / norm, np.nan) / steps
+            values = zip(norm.tolist(), _relative(prev_dd, by_module(columns["prev_aa"])).tolist(),
+                         _relative(first_dd, by_module(columns["first_aa"])).tolist(), update.tolist(),
+                         by_module(columns["nan"]).tolist())
+            for (path, epoch, step), per_module in zip(times, values):
+                drift.extend(map(ModuleDrift, layout.modules, repeat(path), repeat(epoch), repeat(step), *per_module))
+        if layout.batchnorm:
+            mean_rows, var_rows = layout.running_mean_rows, layout.running_var_rows
+
+            def relative(to: str, rows: Any) -> list[list[float]]:
+                return _relative(columns[to + "_dd"][:, rows], columns[to + "_aa"][:, rows]).tolist()
+
+            values = zip(mean[:, mean_rows].tolist(), mean[:, var_rows].tolist(), relative("prev", mean_rows),
+                         relative("prev", var_rows), relative("first", mean_rows), relative("first", var_rows))
+            for (path, epoch, _), per_module in zip(times, values):
+                batchnorm.extend(map(BatchNormDrift, layout.batchnorm, repeat(path), repeat(epoch), *per_module))
+        if layout.moments:
+            norms = np.sqrt(np.add.reduceat(squares[:, layout.moment_rows], layout.moment_starts, axis=1)).tolist()
+            for (path, epoch, _), per_slot in zip(times, norms):
+                moments.extend(map(MomentNorm, layout.moment_modules, layout.moment_slots, repeat(path), repeat(epoch),
+                                   per_slot))
     return RunSummary(
         checkpoints=checkpoints, order_by=run.order_by, order_note=run.order_note, skipped=run.skipped,
         aliases=run.aliases, best=run.best, nan_onset=nan_onset, drift=tuple(drift),
@@ -734,17 +760,53 @@ def summarize_run(run: Run, tables: Sequence[Mapping[str, list[Any]]]) -> RunSum
     )
 
 
+_COUNT_COLUMNS = ("finite", "nan", "posinf", "neginf")
+_SUMMARIZED_COLUMNS = _COUNT_COLUMNS + ("mean", "m2", "prev_dd", "prev_aa", "first_dd", "first_aa")
+
+
+def _relative(dd: Any, aa: Any) -> Any:
+    """sqrt(dd / aa) elementwise: 0 where dd is, inf where only aa is, NaN where either is not finite."""
+    import numpy as np
+
+    with np.errstate(all="ignore"):
+        ratio = np.where(aa > 0, np.sqrt(dd) / np.sqrt(aa), np.inf)
+    return np.where(np.isfinite(dd) & np.isfinite(aa), np.where(dd == 0, 0.0, ratio), np.nan)
+
+
 @dataclass(frozen=True)
 class _Layout:
-    """Which rows of a checkpoint's table make what, by row index."""
+    """Which rows of a checkpoint's table make what, by row index (as arrays, to index a column's array)."""
 
-    # module -> the values of its parameters' rows (running statistics apart) from a column, as a tuple:
-    # an itemgetter takes them in C, where a generator per module and column was half of a re-run's summary
-    modules: tuple[tuple[str, Callable[[Sequence[Any]], tuple[Any, ...]]], ...]
-    batchnorm: tuple[tuple[str, int, int], ...]  # BatchNorm module, its running_mean row, its running_var row
-    # (the parameter's module or "<all>", an optimizer slot) -> its rows' values from a column, in the
-    # order each pair first appears
-    moments: tuple[tuple[tuple[str, str], Callable[[Sequence[Any]], tuple[Any, ...]]], ...]
+    modules: tuple[str, ...]
+    module_rows: Any  # the rows of each module's parameters (running statistics apart), module after module
+    module_starts: Any  # where each module's rows start in `module_rows`
+    batchnorm: tuple[str, ...]  # BatchNorm modules with both running statistics
+    running_mean_rows: Any
+    running_var_rows: Any
+    moment_modules: tuple[str, ...]  # the parameter's module or "<all>", for each (module, slot) pair
+    moment_slots: tuple[str, ...]  # an optimizer slot, in the order each pair first appears
+    moment_rows: Any
+    moment_starts: Any
+
+    @property
+    def moments(self) -> bool:
+        return bool(self.moment_slots)
+
+
+def _same_layout_spans(tables: Sequence[Mapping[str, Sequence[Any]]],
+                       layouts: dict[tuple[tuple[str, ...], ...], _Layout]) -> Iterator[tuple[int, int, _Layout]]:
+    """(start, stop, layout) for each run of consecutive tables that list the same tensors."""
+    start, key = 0, None
+    for i, table in enumerate(tables):
+        table_key = (tuple(table["name"]), tuple(table["part"]), tuple(table["param"]), tuple(table["slot"]))
+        if table_key != key:
+            if key is not None:
+                yield start, i, layouts[key]
+            start, key = i, table_key
+            if key not in layouts:
+                layouts[key] = _layout(*key)
+    if key is not None:
+        yield start, len(tables), layouts[key]
 
 
 def _layout(names: Sequence[str], parts: Sequence[str], params: Sequence[str], slots: Sequence[str]) -> _Layout:
@@ -761,24 +823,37 @@ def _layout(names: Sequence[str], parts: Sequence[str], params: Sequence[str], s
         elif part == "optimizer" and slot != "step":
             moments.setdefault((_module_of(param) if param else "<unmapped>", slot), []).append(i)
             moments.setdefault(("<all>", slot), []).append(i)
-    pairs = tuple((module, pair["running_mean"], pair["running_var"]) for module, pair in statistics.items()
-                  if len(pair) == 2)
-    return _Layout(tuple((module, _rows_getter(rows)) for module, rows in modules.items()), pairs,
-                   tuple((key, _rows_getter(rows)) for key, rows in moments.items()))
+    pairs = {module: pair for module, pair in statistics.items() if len(pair) == 2}
+    module_rows, module_starts = _segments(modules.values())
+    moment_rows, moment_starts = _segments(moments.values())
+    return _Layout(tuple(modules), module_rows, module_starts, tuple(pairs),
+                   _indices(pair["running_mean"] for pair in pairs.values()),
+                   _indices(pair["running_var"] for pair in pairs.values()),
+                   tuple(module for module, _ in moments), tuple(slot for _, slot in moments), moment_rows, moment_starts)
 
 
-def _rows_getter(rows: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
-    if len(rows) > 1:
-        return operator.itemgetter(*rows)
-    row = rows[0]
-    return lambda column: (column[row],)  # itemgetter of one index gives the value, not a tuple
+def _segments(groups: Iterable[list[int]]) -> tuple[Any, Any]:
+    """The groups' rows one after another, and where each group starts (for `numpy.add.reduceat`;
+    every group has a row)."""
+    rows: list[int] = []
+    starts = []
+    for group in groups:
+        starts.append(len(rows))
+        rows.extend(group)
+    return _indices(rows), _indices(starts)
+
+
+def _indices(values: Iterable[int]) -> Any:
+    import numpy as np
+
+    return np.fromiter(values, dtype=np.intp)
 
 
 def _module_of(name: str) -> str:
     return name.rpartition(".")[0] or name
 
 
-def _nan_onset(checkpoint: RunCheckpoint, table: Mapping[str, list[Any]]) -> NanOnset | None:
+def _nan_onset(checkpoint: RunCheckpoint, table: Mapping[str, Sequence[Any]]) -> NanOnset | None:
     nan, posinf, neginf = table["nan"], table["posinf"], table["neginf"]
     bad = [i for i, counts in enumerate(zip(nan, posinf, neginf)) if any(counts)]
     if not bad:
@@ -787,41 +862,7 @@ def _nan_onset(checkpoint: RunCheckpoint, table: Mapping[str, list[Any]]) -> Nan
     bad.sort(key=lambda i: part[i] != "model")  # stable: model tensors first, each group in file order
     names = tuple(name[i] + (f" ({param[i]})" if param[i] else "") for i in bad)
     return NanOnset(checkpoint.path, checkpoint.epoch, checkpoint.step, names,
-                    sum(nan[i] for i in bad), sum(posinf[i] + neginf[i] for i in bad))
-
-
-def _module_drift(checkpoint: RunCheckpoint, table: Mapping[str, list[Any]], layout: _Layout, squares: list[float],
-                  steps: float | None) -> list[ModuleDrift]:
-    """`squares`: each row's sum of squares over its finite values."""
-    prev_dd_of, prev_aa_of = table["prev_dd"], table["prev_aa"]
-    first_dd_of, first_aa_of, nan = table["first_dd"], table["first_aa"], table["nan"]
-    out = []
-    for module, members in layout.modules:
-        total = sum(members(squares))
-        prev_dd, prev_aa = sum(members(prev_dd_of)), sum(members(prev_aa_of))
-        first_dd, first_aa = sum(members(first_dd_of)), sum(members(first_aa_of))
-        norm = math.sqrt(total)
-        update = math.sqrt(prev_dd) / norm if norm > 0 and math.isfinite(prev_dd) else math.nan
-        if steps:
-            update /= steps
-        out.append(ModuleDrift(module, checkpoint.path, checkpoint.epoch, checkpoint.step, norm,
-                               _relative(prev_dd, prev_aa), _relative(first_dd, first_aa), update,
-                               sum(members(nan))))
-    return out
-
-
-def _batchnorm_drift(checkpoint: RunCheckpoint, table: Mapping[str, list[Any]], layout: _Layout) -> list[BatchNormDrift]:
-    mean_of, prev_dd, prev_aa, first_dd, first_aa = (table[c] for c in ("mean", "prev_dd", "prev_aa", "first_dd",
-                                                                         "first_aa"))
-    return [BatchNormDrift(module, checkpoint.path, checkpoint.epoch, mean_of[mean], mean_of[var],
-                           _relative(prev_dd[mean], prev_aa[mean]), _relative(prev_dd[var], prev_aa[var]),
-                           _relative(first_dd[mean], first_aa[mean]), _relative(first_dd[var], first_aa[var]))
-            for module, mean, var in layout.batchnorm]
-
-
-def _moment_norms(checkpoint: RunCheckpoint, layout: _Layout, squares: list[float]) -> list[MomentNorm]:
-    return [MomentNorm(module, slot, checkpoint.path, checkpoint.epoch, math.sqrt(sum(rows(squares), 0.0)))
-            for (module, slot), rows in layout.moments]
+                    int(sum(nan[i] for i in bad)), int(sum(posinf[i] + neginf[i] for i in bad)))
 
 
 def _stopped(drift: Sequence[ModuleDrift], checkpoints: Sequence[RunCheckpoint]) -> list[StoppedModule]:

@@ -319,14 +319,13 @@ def _arrow_table(tables: Sequence[Mapping[str, list[Any]]]) -> Any:
     return pa.Table.from_pydict({c: [value for t in tables for value in t[c]] for c in COLUMNS}, schema=_schema())
 
 
-def _column_values(column: Any) -> list[Any]:
+def _column_values(column: Any) -> Sequence[Any]:
     import pyarrow as pa
 
-    # numbers through numpy: to_pylist makes a Python-level Arrow scalar for each value first
     if column.null_count:
         return column.to_pylist()
     if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
-        return column.to_numpy().tolist()
+        return column.to_numpy()  # as an array: the run's summary reads each checkpoint's rows as one
     if pa.types.is_string(column.type):
         # a run's names repeat in every checkpoint: each distinct one made once, in half the time of to_pylist
         import numpy as np

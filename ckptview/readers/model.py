@@ -30,7 +30,7 @@ DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 @contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
+def gc_paused(*, long_lived: bool = False) -> Iterator[None]:
     """
     Pause the cyclic garbage collector while building many small objects (20,000 tensor records
     and their containers): none of them are garbage yet, and collections triggered by the
@@ -40,13 +40,18 @@ def gc_paused() -> Iterator[None]:
     the collector as the first found it. A training run pauses once around all its files, each of
     whose opens pauses again: paused per file only, the run's records reached the oldest generation
     through the young ones, and the full collections that set off took a fifth of the run.
+
+    `long_lived`: what the pause makes is a result the caller keeps (a run's summary, ~25,000
+    records): it moves to the oldest generation at the end however few it is (see `_resume`), where
+    the next young collection would walk it (5 ms) and the middle one again.
     """
-    global _pauses, _resume_collector, _failed_while_paused
+    global _pauses, _resume_collector, _failed_while_paused, _promote
     with _PAUSE_LOCK:
         outermost = not _pauses
         if outermost:
-            _resume_collector, _failed_while_paused = gc.isenabled(), False
+            _resume_collector, _failed_while_paused, _promote = gc.isenabled(), False, False
             gc.disable()
+        _promote = _promote or long_lived
         _pauses += 1
     try:
         if outermost and _resume_collector:
@@ -68,10 +73,10 @@ def gc_paused() -> Iterator[None]:
     with _PAUSE_LOCK:
         _pauses -= 1
         if not _pauses and _resume_collector:
-            _resume(_failed_while_paused)
+            _resume(_failed_while_paused, _promote)
 
 
-def _resume(after_a_failure: bool) -> None:
+def _resume(after_a_failure: bool, long_lived: bool) -> None:
     # A pause that made many records (20,000 tensors: 180,000 objects) moves them straight to the
     # oldest generation (freeze, then unfreeze: two list splices). Re-enabled as they were, they
     # would sit in the youngest, walked by its next collection and again by the middle one's
@@ -79,8 +84,10 @@ def _resume(after_a_failure: bool) -> None:
     # many: what moves there is collected only by a full collection, which what moved does not
     # bring nearer, so a reference cycle made while paused (a stand-in class for a global the
     # pickle names) would outlive its file; with every small file moved, the fuzzer's process
-    # grew by 300 MB.
-    if gc.get_count()[0] >= PROMOTE_AT and gc.get_freeze_count() == 0:  # else the user froze objects
+    # grew by 300 MB. And for what the caller keeps (`long_lived`): a run's summary is made once
+    # per analysis, not once per file.
+    promote = long_lived or gc.get_count()[0] >= PROMOTE_AT
+    if promote and gc.get_freeze_count() == 0:  # else the user froze objects
         if after_a_failure:
             # a read that failed inside the pause (a run's half-written file) left young garbage holding
             # its open file: one young collection over the pause's objects frees it before the rest
@@ -95,6 +102,7 @@ _PAUSE_LOCK = threading.RLock()
 _pauses = 0  # gc_paused blocks entered and not yet left, in every thread
 _resume_collector = False  # whether the outermost pause found the collector enabled
 _failed_while_paused = False  # whether a pause inside the outermost one ended in an exception
+_promote = False  # whether a pause inside the outermost one makes long-lived results
 PROMOTE_AT = 100_000
 
 
