@@ -417,6 +417,20 @@ def test_ansi_names_and_newline_paths_are_escaped(tmp_path: Path, capsys: pytest
     assert err.count("\n") == 1 and "line\\nbreak.pt" in err
 
 
+def test_the_cli_stdout_escapes_what_a_command_forgot_to() -> None:
+    # the last line of defence: whatever a command writes, a control character reaches the terminal escaped
+    import io
+
+    from ckptview.cli import _TerminalSafe
+
+    for text in ("a\x1b[2Jb\tc\n", "\u00e9\x1b[2J\x7f\n", "plain\n"):  # ASCII, non-ASCII, clean
+        stream = io.StringIO()
+        _TerminalSafe(stream).write(text)
+        written = stream.getvalue()
+        assert "\x1b" not in written and "\x7f" not in written and written.endswith("\n"), text
+        assert text == "plain\n" or "\\x1b" in written, written
+
+
 # --- found by the fuzzer -----------------------------------------------------------------------------
 
 def test_statistics_of_subnormal_values(tmp_path: Path) -> None:

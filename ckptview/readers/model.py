@@ -279,7 +279,8 @@ class TensorInfo:
             return self.stored_nbytes
         if self.components:
             return sum(part.nbytes for part in self.components.values())
-        return self.numel * self.itemsize
+        # without the two properties it reads: asked for every tensor by a listing's --json
+        return math.prod(self.shape) * (ITEMSIZE.get(self.dtype) or itemsize(self.dtype))
 
     @property
     def device(self) -> str:
