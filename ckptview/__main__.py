@@ -1,5 +1,3 @@
-import sys
+from ckptview.cli import run
 
-from ckptview.cli import main
-
-sys.exit(main())
+run()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,36 @@ def test_console_script_runs(cnn_state_dict_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "ckptview", "info", "--json", str(cnn_state_dict_path)],
                             capture_output=True, text=True, check=True)
     assert json.loads(result.stdout)["format"] == "torch-zip"
+
+
+def test_the_command_writes_all_it_printed_before_its_fast_exit(tmp_path: Path) -> None:
+    # `ckptview` ends with os._exit (no interpreter teardown): what sits in stdout's buffer must be flushed
+    # first. scan prints a line per file, each small enough to wait in the buffer.
+    paths = []
+    for name in ("a", "b"):
+        torch.save({"w": torch.ones(2)}, tmp_path / f"{name}.pt")
+        paths.append(tmp_path / f"{name}.pt")
+    (tmp_path / "evil.pt").write_bytes(b"\x80\x02cos\nsystem\n\x8c\x04true\x85R.")
+    paths.insert(1, tmp_path / "evil.pt")
+    buffered = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-m", "ckptview", "scan", *map(str, paths)], capture_output=True, text=True,
+                          env=buffered)
+    assert done.returncode == 3 and done.stderr == ""
+    lines = done.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:3]] == [str(p) for p in paths] and "evil.pt: NEEDS CODE" in lines[1]
+    # the reader of its output leaves early (`| head`) with more than a pipe holds unread: no error, exit 0
+    torch.save({f"w{i}": torch.ones(1) for i in range(3000)}, tmp_path / "many.pt")
+    reader = subprocess.Popen([sys.executable, "-m", "ckptview", "tensors", str(tmp_path / "many.pt")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=buffered)
+    assert reader.stdout is not None and reader.stdout.read(1)
+    reader.stdout.close()
+    assert reader.wait(timeout=60) == 0 and reader.stderr is not None and reader.stderr.read() == b""
+    # or before anything was written: the little output waits in the buffer, and flushing it fails
+    gone = subprocess.Popen([sys.executable, "-m", "ckptview", "tensors", str(paths[0])], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=buffered)
+    assert gone.stdout is not None and gone.stderr is not None
+    gone.stdout.close()
+    assert gone.wait(timeout=60) == 0 and gone.stderr.read() == b""
 
 
 def test_scan_and_info_over_many_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

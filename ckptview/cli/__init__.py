@@ -14,8 +14,9 @@ import importlib
 import json
 import os
 import sys
+import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from ckptview.errors import CkptviewError, printable
 
@@ -137,5 +138,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout = stdout
 
 
+def run() -> NoReturn:
+    """
+    The `ckptview` command (and `python -m ckptview`): `main`, its output flushed, then an exit that
+    skips tearing the interpreter down, as mypy's command does. Freeing every module at exit took
+    12 ms of each command (`ckptview tensors --json` on 20,000 tensors: 0.30 s in all), paid once per
+    file by a pre-commit hook that scans a folder. Only when nothing else runs: with a thread alive
+    (fsspec's event loop for a URL, a Dask client) the interpreter exits as usual, so whatever it
+    runs at exit still runs. `main` itself, what tests and other Python code call, exits nothing.
+    """
+    code = main()
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            if not stream.closed:  # main closes stderr when the reader of its output has gone
+                stream.flush()
+    except BrokenPipeError:  # `ckptview tensors big.pt | head`: the reader left before the last bytes
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the exit would flush them again
+    if threading.active_count() == 1:
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
