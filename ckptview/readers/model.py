@@ -41,22 +41,23 @@ def gc_paused(*, long_lived: bool = False) -> Iterator[None]:
     whose opens pauses again: paused per file only, the run's records reached the oldest generation
     through the young ones, and the full collections that set off took a fifth of the run.
 
-    `long_lived`: what the pause makes is a result the caller keeps (a run's summary): counted apart
-    from what opening files makes (see `_resume`).
+    `long_lived`: what the pause makes is a result the caller keeps (a run's summary, ~25,000
+    records): it moves to the oldest generation at the end however few it is (see `_resume`), where
+    the next young collection would walk it (5 ms) and the middle one again.
     """
-    global _pauses, _resume_collector, _failed_while_paused, _long_lived
+    global _pauses, _resume_collector, _failed_while_paused, _promote
     with _PAUSE_LOCK:
         outermost = not _pauses
         if outermost:
-            _resume_collector, _failed_while_paused, _long_lived = gc.isenabled(), False, False
+            _resume_collector, _failed_while_paused, _promote = gc.isenabled(), False, False
             gc.disable()
-        _long_lived = _long_lived or long_lived
+        _promote = _promote or long_lived
         _pauses += 1
     try:
         if outermost and _resume_collector:
             # Young garbage made before the pause (a failed read's traceback holding an open file, say)
             # is freed now: a young collection is cheap before the records exist (~10 µs), and at the
-            # end everything young moves to the oldest generation with them. Outside the lock: a
+            # end everything young may move to the oldest generation with them. Outside the lock: a
             # finalizer it runs may wait on a thread that is entering a pause.
             gc.collect(1)
         yield
@@ -72,48 +73,37 @@ def gc_paused(*, long_lived: bool = False) -> Iterator[None]:
     with _PAUSE_LOCK:
         _pauses -= 1
         if not _pauses and _resume_collector:
-            _resume(_failed_while_paused, _long_lived)
+            _resume(_failed_while_paused, _promote)
 
 
 def _resume(after_a_failure: bool, long_lived: bool) -> None:
-    # What the pause made moves straight to the oldest generation (freeze, then unfreeze: two list
-    # splices). Re-enabled as they were, the records would sit in the youngest, walked by its next
-    # collection (right after: 0.2 ms of the 2.1 ms it takes to open a 2 GB LLM state dict, 28 ms
-    # for 20,000 tensors) and again by the middle one's, though they live as long as the checkpoint.
-    # What moves there is collected only by a full collection, which moving does not bring nearer:
-    # a reference cycle made while paused (a stand-in class for each foreign global a pickle names)
-    # would outlive its file, and with every small file moved the fuzzer's process grew by 300 MB.
-    # So what small pauses move (a file's few records, beside its few cycles) is counted, and every
-    # FULL_COLLECTION_AFTER objects a full collection runs: the garbage they can hold stays bounded,
-    # at a full collection per ~300 opens of an LLM state dict. A big file's records (COUNTED_BELOW
-    # or more) dwarf its cycles, and a run's summary (`long_lived`) is made once per analysis: not
-    # counted, or a notebook would pay a full collection every few large files.
-    global _moved_since_full
-    if gc.get_freeze_count() == 0:  # else the user froze objects, and freezing again would thaw them
+    # A pause that made many records (20,000 tensors: 180,000 objects) moves them straight to the
+    # oldest generation (freeze, then unfreeze: two list splices). Re-enabled as they were, they
+    # would sit in the youngest, walked by its next collection and again by the middle one's
+    # (28 ms each for 20,000 tensors), though they live as long as the checkpoint. Only for
+    # many: what moves there is collected only by a full collection, which what moved does not
+    # bring nearer, so a reference cycle made while paused (a stand-in class for a global the
+    # pickle names) would outlive its file; with every small file moved, the fuzzer's process
+    # grew by 300 MB. And for what the caller keeps (`long_lived`): a run's summary is made once
+    # per analysis, not once per file.
+    promote = long_lived or gc.get_count()[0] >= PROMOTE_AT
+    if promote and gc.get_freeze_count() == 0:  # else the user froze objects
         if after_a_failure:
             # a read that failed inside the pause (a run's half-written file) left young garbage holding
             # its open file: one young collection over the pause's objects frees it before the rest
             # moves where only a full collection would find it
             gc.collect(0)
-        moved = gc.get_count()[0]
         gc.freeze()
         gc.unfreeze()
-        if moved < COUNTED_BELOW and not long_lived:
-            _moved_since_full += moved
     gc.enable()
-    if _moved_since_full >= FULL_COLLECTION_AFTER:
-        _moved_since_full = 0
-        gc.collect()
 
 
 _PAUSE_LOCK = threading.RLock()
 _pauses = 0  # gc_paused blocks entered and not yet left, in every thread
 _resume_collector = False  # whether the outermost pause found the collector enabled
 _failed_while_paused = False  # whether a pause inside the outermost one ended in an exception
-_long_lived = False  # whether a pause inside the outermost one makes long-lived results
-_moved_since_full = 0  # objects small pauses moved to the oldest generation since the last full collection
-FULL_COLLECTION_AFTER = 1_000_000
-COUNTED_BELOW = 100_000
+_promote = False  # whether a pause inside the outermost one makes long-lived results
+PROMOTE_AT = 100_000
 
 
 class FileSource:
