@@ -709,10 +709,14 @@ def _flat_entries(root: Any) -> list[TensorEntry] | None:
     if not isinstance(root, dict):
         return None
     entries = []
+    new, fill = object.__new__, object.__setattr__  # what TensorEntry's __init__ does, without its frame
     for key, info in root.items():
         if type(info) is not TensorInfo:
             return None
-        entries.append(TensorEntry(str(key) or ROOT_NAME, info, (key,)))
+        entry = new(TensorEntry)
+        fill(entry, "__dict__", {"name": (key if type(key) is str else str(key)) or ROOT_NAME, "info": info,
+                                 "path": (key,)})
+        entries.append(entry)
     return entries
 
 

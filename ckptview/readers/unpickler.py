@@ -186,11 +186,12 @@ def _strided(storage: Any, storage_offset: Any, size: Any, stride: Any, requires
             if numel > MAX_ELEMENTS:
                 break
         else:
+            stored = storage.storage
             dtype = dtype or storage.dtype
             if numel == 0:
                 last = storage_offset - 1
-            if (last + 1) * (ITEMSIZE.get(dtype) or itemsize(dtype)) <= storage.storage.nbytes:
-                return strided_tensor(size, dtype, storage.storage, storage_offset, stride, bool(requires_grad))
+            if (last + 1) * (ITEMSIZE.get(dtype) or itemsize(dtype)) <= stored.nbytes:
+                return strided_tensor(size, dtype, stored, storage_offset, stride, bool(requires_grad))
     return _strided_checked(storage, storage_offset, size, stride, dtype, requires_grad)
 
 
