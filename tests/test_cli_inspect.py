@@ -52,6 +52,36 @@ def test_tensors_json_matches_torch_load(capsys: pytest.CaptureFixture[str], tmp
     }
 
 
+def test_tensors_json_is_what_json_writes_for_every_kind_of_record(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`tensors --json` formats its records around json's string encoder; it must read as json.dumps of each
+    record would, character for character, whatever the names and tensor kinds."""
+    import numpy as np
+
+    import ckptview
+    from ckptview.cli.inspect import _tensor_record, tensor_json_items
+    from ckptview.readers.model import TensorEntry, TensorInfo
+    from test_gguf import write_model
+
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    odd_names = {'quote"back\\slash': base, "tab\tnew\nline\x1b[31m": base[1], "ünïcødé.権重.🙂": base.t(),
+                 "": torch.zeros(0), "7": torch.ones((), dtype=torch.bfloat16)}
+    state = {**odd_names, "sparse": base.to_sparse(), "meta": torch.empty(3, 2, device="meta"),
+             "quantized": torch.quantize_per_tensor(base, 0.1, 3, torch.quint8), "int8": base.to(torch.int8)}
+    pt = tmp_path / "kinds.pt"
+    torch.save(state, pt)
+    for path in (pt, write_model(tmp_path / "model.gguf")):
+        with ckptview.open(path) as ckpt:
+            records = [_tensor_record(e.name, e.info) for e in ckpt.tensors()]
+        assert main(["tensors", "--json", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert out == "[\n  " + ",\n  ".join(json.dumps(record) for record in records) + "\n]\n"
+        assert json.loads(out) == records
+    # a record with something other than ints and strings is written by json itself
+    odd = TensorEntry("x", TensorInfo(shape=(np.int64(3),), dtype="float32", storage=None))
+    assert tensor_json_items([odd]) == [json.dumps(_tensor_record("x", odd.info), default=str)]
+
+
 def test_tensors_table_is_aligned_with_totals(capsys: pytest.CaptureFixture[str], cnn_state_dict_path: Path) -> None:
     assert main(["tensors", str(cnn_state_dict_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
