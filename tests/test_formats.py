@@ -216,6 +216,29 @@ def test_sharded_set_is_one_checkpoint(tmp_path: Path, trained_cnn: SmallCNN, ki
             assert ckpt.details["problems"] == []
 
 
+def test_torch_shards_numbering_their_storages_alike_stay_apart(tmp_path: Path) -> None:
+    """Each torch shard numbers its storages from "0": layers.1.weight in the second shard has the key,
+    offset and shape of layers.0.weight in the first. They are still two tensors with their own values
+    in every count, statistic and loaded model (by key alone, the second read as the first)."""
+    from ckptview.analyzers.stats import stats
+    from ckptview.analyzers.table import tensor_table
+    from ckptview.inference.loading import load_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    state = model.state_dict()
+    index = _shard(state, tmp_path, 2, "bin")
+    with ckptview.open(index) as ckpt:
+        assert ckpt.parameter_count == sum(t.numel() for t in state.values()) == 40
+        assert ckpt.total_bytes == 160 and len(ckpt.unique_tensors()) == 4
+        assert not any(row.shared or row.tied_to for row in tensor_table(ckpt).rows)
+        for item in stats(ckpt, progress=False).tensors:
+            assert (item.min, item.max) == (state[item.name].min().item(), state[item.name].max().item()), item.name
+        loaded = load_model(ckpt, nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), device="cpu").model
+        for name, value in loaded.state_dict().items():
+            assert torch.equal(value, state[name]), name
+
+
 def test_weight_map_pointing_at_absent_tensor_is_reported(tmp_path: Path, trained_cnn: SmallCNN) -> None:
     index = _shard(trained_cnn.state_dict(), tmp_path, 2, "safetensors")
     data = json.loads(index.read_text())

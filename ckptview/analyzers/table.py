@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 from ckptview.analyzers.sections import Section, find_sections
 from ckptview.readers.dtypes import torch_dtype
-from ckptview.readers.model import Checkpoint, LayerRole, TensorEntry, fast_init, gc_paused, view_identity
+from ckptview.readers.model import (
+    Checkpoint,
+    LayerRole,
+    TensorEntry,
+    fast_init,
+    gc_paused,
+    storage_identity,
+    view_identity,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -169,7 +177,7 @@ def _locate(ckpt: Checkpoint) -> tuple[list[tuple[TensorEntry, Section | None, s
 @gc_paused()  # 20,000 rows, none of them garbage: collections would only slow the build
 def _build(ckpt: Checkpoint) -> TensorTable:
     entries = ckpt.tensors()
-    storage_users = Counter(entry.storage_key for entry in entries if entry.storage_key is not None)
+    storage_users = Counter(storage_identity(entry.info.storage) for entry in entries if entry.info.storage is not None)
     located, kinds, section_names = _locate(ckpt)
 
     first_name: dict[Any, str] = {}
@@ -194,7 +202,7 @@ def _build(ckpt: Checkpoint) -> TensorTable:
             numel=info.numel,
             nbytes=info.nbytes,
             device=info.device,
-            shared=storage is not None and storage_users[storage.key] > 1,
+            shared=storage is not None and storage_users[storage_identity(storage)] > 1,
             tied_to="" if tied_to == name else tied_to,
             encoding=info.encoding or "",
         ))

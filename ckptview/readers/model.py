@@ -664,7 +664,8 @@ class Checkpoint:
         # parameter_count, total_bytes, info and the stats panel all ask; the tree never changes
         entries = self.tensors()
         # most files store one tensor per storage: then every view is its own, and no identity is needed
-        if len({entry.info.storage.key for entry in entries if entry.info.storage is not None}) == len(entries):
+        if len({storage_identity(entry.info.storage) for entry in entries if entry.info.storage is not None}) \
+                == len(entries):
             return list(entries)
         seen: set[Any] = set()
         unique = []
@@ -683,12 +684,12 @@ class Checkpoint:
     @property
     def total_bytes(self) -> int:
         """Bytes of tensor data, each stored block counted once."""
-        storages: dict[str, int] = {}
+        storages: dict[tuple[int, str], int] = {}
         loose = 0
         for entry in self.unique_tensors():
             storage = entry.info.storage
             if storage is not None:
-                storages[storage.key] = storage.nbytes
+                storages[storage_identity(storage)] = storage.nbytes
             else:
                 loose += entry.nbytes
         return sum(storages.values()) + loose
@@ -730,10 +731,20 @@ def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
+def storage_identity(storage: Storage) -> tuple[int, str]:
+    """
+    What tells a stored block from every other one of a checkpoint: its key, which is unique only
+    within its file, and its file's source. The shards of a sharded torch set each number their
+    storages from "0": by key alone, layers.1.weight in the second shard was layers.0.weight in the
+    first, and its statistics and the weights an inference run loaded were that tensor's.
+    """
+    return id(storage.source), storage.key
+
+
 def view_identity(info: TensorInfo) -> Any:
     if info.storage is None:
         return id(info)
-    return (info.storage.key, info.storage_offset, info.shape, info.stride, info.dtype)
+    return (id(info.storage.source), info.storage.key, info.storage_offset, info.shape, info.stride, info.dtype)
 
 
 # --- reading tensor data -------------------------------------------------------------------------
