@@ -214,7 +214,7 @@ def _safety_line(data: dict[str, Any]) -> str:
         return f"none needed, but {obstacle}"
     if data["format"].startswith("torch"):
         return "none needed: loads with torch.load(weights_only=True)"
-    return f"none needed: a {data['format']} file holds no pickled code"
+    return f"none needed: {data['format']} files hold no pickled code"
 
 
 def tensors(args: argparse.Namespace) -> int:
