@@ -175,3 +175,27 @@ def test_damaged_scheduler_fields_give_a_sentence_not_a_failure(tmp_path: Path) 
         schedules = training_state(ckpt).lr_schedules()
     assert [s.steps for s in schedules] == [(), ()]
     assert "ZeroDivisionError" in schedules[0].note and "ValueError" in schedules[1].note
+
+
+def test_optimizer_scheduler_and_scaler_saved_on_their_own_are_training_state(tmp_path: Path) -> None:
+    """Hugging Face's Trainer saves optimizer.pt, scheduler.pt and scaler.pt beside the model, each a bare
+    state_dict(): each is the training state it holds, not "weights only"."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = S.LambdaLR(optimizer, lambda step: 1.0 - step / 10)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp_path / "scheduler.pt")
+    torch.save(torch.amp.GradScaler("cpu").state_dict(), tmp_path / "scaler.pt")
+    with ckptview.open(tmp_path / "optimizer.pt") as ckpt:
+        (found,) = training_state(ckpt).optimizers
+        assert (found.path, found.optimizer_kind, len(found.params)) == ((), "AdamW", 2)
+        assert {p.tensors["exp_avg"][0] for p in found.params} == {(2, 3), (2,)}
+    with ckptview.open(tmp_path / "scheduler.pt") as ckpt:
+        (named,) = training_state(ckpt).scheduler_states
+        assert named.last_epoch == 1 and "LambdaLR" in named.class_name
+    with ckptview.open(tmp_path / "scaler.pt") as ckpt:
+        assert training_state(ckpt).grad_scaler["scale"] == 65536.0

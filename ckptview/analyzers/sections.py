@@ -99,6 +99,10 @@ def _find(checkpoint: Checkpoint) -> list[Section]:
         return [Section("module", (), _EXPLANATIONS["module"], checkpoint.tensor_count)]
     if _is_state_dict(root):
         return [Section("state_dict", (), _EXPLANATIONS["state_dict"], checkpoint.tensor_count)]
+    # saved on its own, as Hugging Face's Trainer saves optimizer.pt, scheduler.pt and scaler.pt beside the model
+    for kind, is_kind in (("optimizer", _is_optimizer), ("scheduler", _is_scheduler), ("grad_scaler", _is_grad_scaler)):
+        if is_kind(root):
+            return [Section(kind, (), _EXPLANATIONS[kind], checkpoint.tensor_count)]
     sections: list[Section] = []
     _classify(root, (), sections, _tensor_counts(checkpoint), top=True)
     return sections

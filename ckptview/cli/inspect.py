@@ -17,7 +17,7 @@ from ckptview.cli import add_path_command, item_encoder, print_json, print_json_
 from ckptview.errors import CkptviewError, printable
 from ckptview.present.text import human_bytes, human_count, shape_text, text_table
 from ckptview.readers import code_verdict_only
-from ckptview.readers.model import Checkpoint, PickleImport, TensorEntry, TensorInfo
+from ckptview.readers.model import ROOT_NAME, Checkpoint, PickleImport, TensorEntry, TensorInfo, dotted_name
 
 EXIT_NEEDS_CODE = 3
 
@@ -389,7 +389,7 @@ def training(args: argparse.Namespace) -> int:
         print(f"lightning   version {state.lightning['version']}, epoch {state.lightning['epoch']}, "
               f"global_step {state.lightning['global_step']}, callbacks: {', '.join(state.lightning['callbacks']) or 'none'}")
     for opt in state.optimizers:
-        print(f"\noptimizer at {'.'.join(map(str, opt.path))}: {opt.optimizer_kind}; {opt.mapping_note}")
+        print(f"\noptimizer at {dotted_name(opt.path) or ROOT_NAME}: {opt.optimizer_kind}; {opt.mapping_note}")
         print(text_table([(g.index, g.lr, len(g.param_ids), ", ".join(f"{k}={v}" for k, v in g.options.items()
                                                                         if k in ("betas", "eps", "weight_decay", "momentum")))
                           for g in opt.groups], ("group", "lr", "params", "options"), align_right=(2,)))

@@ -54,7 +54,7 @@ from ckptview.present.views import (
     model_treemap,
     module_changes_frame,
 )
-from ckptview.readers.model import Checkpoint
+from ckptview.readers.model import ROOT_NAME, Checkpoint, dotted_name
 
 # Rows and nodes written at most: the page stays a few MB for a 20,000-tensor file (the CLI's
 # `ckptview tensors --json` has every row).
@@ -190,7 +190,7 @@ def _training(ckpt: Checkpoint) -> str:
     for optimizer in training.optimizers:
         norms = moment_norms(ckpt, optimizer)
         if norms:
-            where = ".".join(map(str, optimizer.path))
+            where = dotted_name(optimizer.path) or ROOT_NAME
             parts.append(figure_html(moment_norms_figure(norms, f"optimizer moments per parameter ({where})"))
                          + "<details><summary>optimizer state norms per parameter (table)</summary>"
                          + moment_norms_html(norms) + "</details>")
