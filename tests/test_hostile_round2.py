@@ -168,6 +168,51 @@ def test_shard_index_cannot_reach_outside_its_folder(tmp_path: Path, where: str)
     assert "TOPSECRET" not in str(caught.value)
 
 
+def _hub_snapshot(cache: Path, repo: str, files: dict[str, Path]) -> Path:
+    """A Hugging Face hub cache repository as huggingface_hub lays one out: each file of the snapshot a
+    relative link into the repository's blobs/ (named by content hash)."""
+    import hashlib
+
+    snapshot = cache / repo / "snapshots" / "0123abcd"
+    (cache / repo / "blobs").mkdir(parents=True)
+    for name, made in files.items():
+        blob = cache / repo / "blobs" / hashlib.sha256(made.read_bytes()).hexdigest()
+        made.rename(blob)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snapshot
+
+
+def test_a_sharded_set_in_the_hugging_face_cache_opens_and_is_still_confined(tmp_path: Path) -> None:
+    made = tmp_path / "made"
+    made.mkdir()
+    tensors = {"a": torch.arange(4.0), "b": torch.ones(3)}
+    for name, value in tensors.items():
+        save_file({name: value}, made / f"{name}.safetensors")
+    files = {"model-00001-of-00002.safetensors": made / "a.safetensors",
+             "model-00002-of-00002.safetensors": made / "b.safetensors"}
+    (made / "index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                                "b": "model-00002-of-00002.safetensors"}}))
+    snapshot = _hub_snapshot(tmp_path / "hub", "models--org--tiny", files | {"model.safetensors.index.json":
+                                                                               made / "index.json"})
+    with ckptview.open(snapshot / "model.safetensors.index.json") as ckpt:
+        assert {e.name: e.load().tolist() for e in ckpt.tensors()} == {k: v.tolist() for k, v in tensors.items()}
+    secret = tmp_path / "secret.safetensors"
+    save_file({"s": torch.zeros(1)}, secret)
+    (snapshot / "leak.safetensors").symlink_to(secret)  # a link out of the repository, not into its blobs
+    blob = next(p.name for p in (snapshot.parent.parent / "blobs").iterdir())
+    for named in ("leak.safetensors", f"../../blobs/{blob}"):  # nor may the index itself name a blob
+        (snapshot / "other.index.json").write_text(json.dumps({"weight_map": {"s": named}}))
+        with pytest.raises(CorruptCheckpointError, match="not a file inside its folder"):
+            ckptview.open(snapshot / "other.index.json")
+    # the same layout outside a hub cache repository (models--, datasets--, spaces--) is a link leading out
+    plain = tmp_path / "plain"
+    (tmp_path / "hub" / "models--org--tiny").rename(plain)
+    with pytest.raises(CorruptCheckpointError, match="not a file inside its folder"):
+        ckptview.open(plain / "snapshots" / "0123abcd" / "model.safetensors.index.json")
+
+
 def test_shard_naming_an_index_is_refused(tmp_path: Path) -> None:
     first, second = tmp_path / "a.index.json", tmp_path / "b.index.json"
     first.write_text(json.dumps({"weight_map": {"w": "b.index.json"}}))

@@ -463,6 +463,20 @@ def test_external_data_outside_the_model_folder_is_refused(tmp_path: Path) -> No
         assert "TOPSECRET" not in message
 
 
+def test_external_data_in_the_hugging_face_cache_is_read_from_its_blob(tmp_path: Path) -> None:
+    """The hub's cache holds model.onnx and its data file as links into the repository's blobs/."""
+    from test_hostile_round2 import _hub_snapshot
+
+    made = tmp_path / "made"
+    made.mkdir()
+    (made / "w.bin").write_bytes(np.arange(16, dtype=np.float32).tobytes())
+    model = _model_with_external(made, "w.bin")
+    snapshot = _hub_snapshot(tmp_path / "hub", "models--org--onnx", {"onnx/model.onnx": model,
+                                                                     "onnx/w.bin": made / "w.bin"})
+    with ckptview.open(snapshot / "onnx" / "model.onnx") as ckpt:
+        assert ckpt.tensor("w").load().flatten().tolist() == list(range(16))
+
+
 def test_external_data_past_its_file_end_is_refused(tmp_path: Path) -> None:
     (tmp_path / "w.bin").write_bytes(b"\0" * 10)
     _refused(_model_with_external(tmp_path, "w.bin"), CorruptCheckpointError, "cut off or does not belong")

@@ -40,6 +40,7 @@ import torch
 from ckptview.errors import CheckpointNotFoundError, CorruptCheckpointError, TensorDataError, \
     TruncatedCheckpointError, printable
 from ckptview.readers.model import Checkpoint, FileSource, LayerRole, Storage, TensorInfo, contiguous_stride
+from ckptview.readers.paths import confined_path
 from ckptview.readers.remote import RemoteSource, is_url, remote_file_id, source_for
 
 # TensorProto.DataType (onnx/onnx.proto) -> torch dtype, for the types torch holds bit for bit.
@@ -641,10 +642,8 @@ class _Builder:
             return self.external_url(name, location)
         # onnx's path-traversal CVEs (CVE-2022-25882, CVE-2024-27318): a location is a file in
         # the model's own folder, checked after resolving `..` and symlinks.
-        folder = os.path.realpath(self.folder)
-        target = os.path.realpath(os.path.join(self.folder, location))
-        if (not location or os.path.isabs(location) or os.path.commonpath([folder, target]) != folder
-                or target == folder):
+        target = confined_path(self.folder, location)
+        if target is None:
             raise CorruptCheckpointError(self.path, f"tensor {name!r} keeps its data in {location!r}, which is not a "
                                                     "file in the model's folder: ckptview reads external data only "
                                                     "from beside the model. Move the data file next to the model "
