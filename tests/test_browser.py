@@ -603,3 +603,48 @@ def test_explorer_on_keras_h5_and_int8_tflite(lab: str, tf_notebook: str, page) 
     tab(tflite, "BatchNorm").click()
     tflite.get_by_text("No BatchNorm layers").first.wait_for(timeout=30_000)  # folded by the converter
     tflite.screenshot(path=str(ARTIFACTS / "lab-tflite-batchnorm.png"))
+
+
+@pytest.fixture(scope="module")
+def optimizer_notebook(workdir: Path) -> str:
+    """A notebook opening the explorer on an AdamW state_dict saved on its own, as Hugging Face's Trainer saves
+    optimizer.pt beside the model."""
+    import nbformat
+    import torch
+
+    from conftest import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        model(torch.randn(4, 3, 16, 16)).sum().backward()
+        optimizer.step()
+    torch.save(optimizer.state_dict(), workdir / "optimizer.pt")
+    code = f"import ckptview\nckptview.explore({str(workdir / 'optimizer.pt')!r})"
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    notebook.metadata["kernelspec"] = json.loads((ROOT / "notebooks" / "explore.ipynb").read_text())["metadata"]["kernelspec"]
+    nbformat.write(notebook, workdir / "optimizer.ipynb")
+    return "optimizer.ipynb"
+
+
+def test_training_tab_on_an_optimizer_saved_on_its_own(lab: str, optimizer_notebook: str, page) -> None:
+    run_notebook(page, lab.replace("explore.ipynb", optimizer_notebook))
+    explorer = page.locator(".ckptview-explorer:visible").first
+    explorer.wait_for(timeout=90_000)
+    tab(explorer, "Training state").click()
+    explorer.get_by_text("AdamW").first.wait_for(timeout=60_000)
+    text = explorer.inner_text()
+    assert "Optimizer <root>: AdamW" in text and "weights only" not in text, text[:2000]
+    try:
+        for theme in ("JupyterLab Light", "JupyterLab Dark"):
+            set_theme(page, theme)
+            for width in (1400, 640):
+                page.set_viewport_size({"width": width, "height": 900})
+                page.wait_for_timeout(1200)
+                assert fitting_plots(explorer, theme, width, "Training state")  # the moments per parameter
+                explorer.locator(".js-plotly-plot:visible").first.scroll_into_view_if_needed()
+                page.screenshot(path=str(ARTIFACTS / f"lab-{'dark' if 'Dark' in theme else 'light'}-{width}-optimizer.png"))
+    finally:
+        set_theme(page, "JupyterLab Light")
+        page.set_viewport_size({"width": 1400, "height": 1000})

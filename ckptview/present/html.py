@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptview.present.frames import Summary, flat_values, optimizer_groups_frame
 from ckptview.present.text import human_bytes, human_count, shape_text
+from ckptview.readers.model import ROOT_NAME, dotted_name
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -279,7 +280,7 @@ def training_html(training: TrainingState) -> str:
     for scheduler, schedule in zip(training.scheduler_states, schedules):
         parts.append(scheduler_html(scheduler, schedule))
     for optimizer in training.optimizers:
-        path = ".".join(str(p) for p in optimizer.path)
+        path = dotted_name(optimizer.path) or ROOT_NAME
         params = optimizer.to_frame()
         shown = params.head(MAX_PARAM_ROWS)
         more = f"<p>… and {len(params) - len(shown):,} more parameters.</p>" if len(params) > len(shown) else ""

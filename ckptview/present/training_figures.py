@@ -71,7 +71,7 @@ def moment_norms_figure(norms: Sequence[MomentNorm], title: str, *, max_rows: in
     figure.update_layout(
         title=_title(title + more), height=height, legend=_legend_below(height - 140),
         margin={"l": 20, "r": 20, "t": 40, "b": 100},
-        xaxis=dict(title="RMS of the state tensor (L2 norm / √elements), log", **log_axis([n.rms for n in norms])),
+        xaxis=dict(title="RMS: L2 norm / √elements (log)", **log_axis([n.rms for n in norms])),
         yaxis={"categoryorder": "array", "categoryarray": parameters[::-1], "automargin": True, "tickfont": {"size": 10}},
     )
     return figure

@@ -81,9 +81,10 @@ def download_links(frame: pd.DataFrame, stem: str, label: str = "") -> str:
                      f"style='color: var(--jp-content-link-color, #1976d2); margin-right: 10px' "
                      f"title='{len(frame):,} rows, {human_bytes(len(data))}'>⤓ {kind}</a>")
     named = f"<span class='ckptview-muted' style='margin: 0 6px 0 0'>{esc(label)}:</span>" if label else ""
-    # one unbreakable group per table: a narrow notebook wraps between tables, never inside one
-    return ("<span class='ckptview-downloads' style='display: inline-block; white-space: nowrap; margin-right: 8px'>"
-            + named + " ".join(links) + "</span>")
+    # one group per table, its two links never apart: a narrow notebook wraps between tables, and after
+    # a label too long to share their line (at 640 px the JSON link went past the panel's edge)
+    return ("<span class='ckptview-downloads' style='display: inline-block; margin-right: 8px'>" + named
+            + "<span style='white-space: nowrap'>" + " ".join(links) + "</span></span>")
 
 
 class Table(widgets.VBox):
