@@ -267,7 +267,6 @@ def onnx_notebook(workdir: Path) -> str:
     import io
     import warnings
 
-    import nbformat
     import torch
 
     from conftest import SmallCNN, train_a_few_steps
@@ -280,11 +279,18 @@ def onnx_notebook(workdir: Path) -> str:
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), (torch.randn(1, 3, 16, 16),), str(path), dynamo=True, optimize=False,
                           external_data=False)
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f"import ckptview\nckptview.explore({str(path)!r})")])
-    # the demo notebook's kernel, so JupyterLab starts it instead of asking which one
+    return write_notebook(workdir, "onnx.ipynb", f"import ckptview\nckptview.explore({str(path)!r})")
+
+
+def write_notebook(workdir: Path, name: str, *cells: str) -> str:
+    """A notebook of these code cells in `workdir`, on the demo notebook's kernel (so JupyterLab starts it
+    instead of asking which one); returns its name."""
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code) for code in cells])
     notebook.metadata["kernelspec"] = json.loads((ROOT / "notebooks" / "explore.ipynb").read_text())["metadata"]["kernelspec"]
-    nbformat.write(notebook, workdir / "onnx.ipynb")
-    return "onnx.ipynb"
+    nbformat.write(notebook, workdir / name)
+    return name
 
 
 def kernel_state(url: str, notebook: str) -> str | None:
@@ -361,14 +367,10 @@ def test_explorer_on_an_onnx_file(lab: str, onnx_notebook: str, page) -> None:
 @pytest.fixture(scope="module")
 def gguf_notebook(workdir: Path) -> str:
     """A notebook opening the explorer on a GGUF file of Q8_0, Q4_0, Q4_K and F16 tensors (tests/test_gguf.py)."""
-    import nbformat
     from test_gguf import write_model
 
     path = write_model(workdir / "llama.gguf")
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f"import ckptview\nckptview.explore({str(path)!r})")])
-    notebook.metadata["kernelspec"] = json.loads((ROOT / "notebooks" / "explore.ipynb").read_text())["metadata"]["kernelspec"]
-    nbformat.write(notebook, workdir / "gguf.ipynb")
-    return "gguf.ipynb"
+    return write_notebook(workdir, "gguf.ipynb", f"import ckptview\nckptview.explore({str(path)!r})")
 
 
 def test_explorer_on_a_gguf_file(lab: str, gguf_notebook: str, page) -> None:
@@ -473,14 +475,8 @@ def test_plots_fit_their_boxes_in_light_and_dark_at_1280_and_640(lab: str, page)
 @pytest.fixture(scope="module")
 def deploy_notebook(workdir: Path) -> str:
     """A notebook opening the explorer on the demo CNN's state dict with the demo's model factory (Deploy needs one)."""
-    import nbformat
-
     code = f"import ckptview\nckptview.explore({str(workdir / 'demo' / 'cnn.pt')!r}, model='ckptview.demo:build_model')"
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
-    demo = json.loads((ROOT / "notebooks" / "explore.ipynb").read_text())
-    notebook.metadata["kernelspec"] = demo["metadata"]["kernelspec"]  # the demo's kernel: JupyterLab starts it unasked
-    nbformat.write(notebook, workdir / "deploy.ipynb")
-    return "deploy.ipynb"
+    return write_notebook(workdir, "deploy.ipynb", code)
 
 
 def test_deploy_tab_runs_a_trace_check(lab: str, deploy_notebook: str, page) -> None:
@@ -527,15 +523,9 @@ def test_deploy_tab_runs_a_trace_check(lab: str, deploy_notebook: str, page) -> 
 def tf_notebook(workdir: Path) -> str:
     """A notebook opening the explorer on the trained Keras 3 .h5 (BatchNormalization, Adam state) and on the
     converter's int8 TFLite model: the committed fixtures TensorFlow made (tests/fixtures/tf/)."""
-    import nbformat
-
     fixtures = ROOT / "tests" / "fixtures" / "tf"
-    cells = [nbformat.v4.new_code_cell(f"import ckptview\nckptview.explore({str(fixtures / name)!r})")
-             for name in ("keras3_trained.h5", "int8.tflite")]
-    notebook = nbformat.v4.new_notebook(cells=cells)
-    notebook.metadata["kernelspec"] = json.loads((ROOT / "notebooks" / "explore.ipynb").read_text())["metadata"]["kernelspec"]
-    nbformat.write(notebook, workdir / "tf_formats.ipynb")
-    return "tf_formats.ipynb"
+    return write_notebook(workdir, "tf_formats.ipynb", *(f"import ckptview\nckptview.explore({str(fixtures / name)!r})"
+                                                         for name in ("keras3_trained.h5", "int8.tflite")))
 
 
 def show_rows(explorer, pattern: str, rows: int) -> None:
@@ -609,7 +599,6 @@ def test_explorer_on_keras_h5_and_int8_tflite(lab: str, tf_notebook: str, page) 
 def optimizer_notebook(workdir: Path) -> str:
     """A notebook opening the explorer on an AdamW state_dict saved on its own, as Hugging Face's Trainer saves
     optimizer.pt beside the model."""
-    import nbformat
     import torch
 
     from conftest import SmallCNN
@@ -621,11 +610,7 @@ def optimizer_notebook(workdir: Path) -> str:
         model(torch.randn(4, 3, 16, 16)).sum().backward()
         optimizer.step()
     torch.save(optimizer.state_dict(), workdir / "optimizer.pt")
-    code = f"import ckptview\nckptview.explore({str(workdir / 'optimizer.pt')!r})"
-    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
-    notebook.metadata["kernelspec"] = json.loads((ROOT / "notebooks" / "explore.ipynb").read_text())["metadata"]["kernelspec"]
-    nbformat.write(notebook, workdir / "optimizer.ipynb")
-    return "optimizer.ipynb"
+    return write_notebook(workdir, "optimizer.ipynb", f"import ckptview\nckptview.explore({str(workdir / 'optimizer.pt')!r})")
 
 
 def test_training_tab_on_an_optimizer_saved_on_its_own(lab: str, optimizer_notebook: str, page) -> None:
