@@ -34,6 +34,7 @@ from ckptview.analyzers.training import BUFFER_LEAVES
 from ckptview.errors import CheckpointNotFoundError
 from ckptview.readers.model import fast_init, gc_paused
 from ckptview.readers.remote import is_url
+from ckptview.readers.trainer_folder import is_trainer_folder
 
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar", ".pkl", ".pth.tar")
 _PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".incomplete", ".crdownload", ".swp")
@@ -463,7 +464,7 @@ def list_checkpoints(path_or_glob: Any) -> tuple[list[str], list[Skipped]]:
 
 def _is_checkpoint_folder(path: str) -> bool:
     names = os.listdir(path)
-    return ".metadata" in names or any(n.endswith(".index.json") for n in names)
+    return ".metadata" in names or any(n.endswith(".index.json") for n in names) or is_trainer_folder(names)
 
 
 def _filter(names: Iterable[str], *, folder: bool = False) -> tuple[list[str], list[Skipped]]:

@@ -12,6 +12,7 @@ from ckptview.errors import CorruptCheckpointError, ShardError, UnsupportedForma
 from ckptview.readers.model import Checkpoint, TensorInfo
 from ckptview.readers.paths import resolve_inside
 from ckptview.readers.registry import supported
+from ckptview.readers.trainer_folder import is_trainer_folder, open_trainer_folder
 
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl")
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<total>\d+)(?P<suffix>\.\w+)$")
@@ -34,6 +35,8 @@ def open_directory(path: str, *, trust: bool) -> Checkpoint:
         return open_checkpoint_file(os.path.join(path, "checkpoint"), trust)
     if len(tf_indexes) == 1:
         return open_checkpoint_file(os.path.join(path, tf_indexes[0]), trust)
+    if is_trainer_folder(names):
+        return open_trainer_folder(path, names, trust=trust)
     indexes = [n for n in names if n.endswith(".index.json")]
     if len(indexes) == 1:
         return open_index(os.path.join(path, indexes[0]), trust=trust)

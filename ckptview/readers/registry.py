@@ -313,7 +313,8 @@ FORMATS: list[Format] = [
                 "every pickle in the stream scanned by the same unpickler; storage offsets from the stream"),
            )),
     Format("sharded", "*.index.json shard sets", _is_json, "ckptview.readers.directory:read_index_file", (
-        ("sharded sets: `model.safetensors.index.json`, `pytorch_model.bin.index.json`, or their folder",
+        ("sharded sets: `model.safetensors.index.json`, `pytorch_model.bin.index.json`, or their folder (also a "
+         "snapshot in the Hugging Face hub's cache)",
          "one checkpoint over all shards, each opened lazily and confined to the index's folder; missing/extra "
          "shards and `weight_map` entries absent from their shard are reported"),
     )),
@@ -329,6 +330,10 @@ FORMATS: list[Format] = [
 DIRECTORY_ROWS: tuple[tuple[str, str], ...] = (
     ("`torch.distributed.checkpoint` folder (`.metadata` + `*.distcp`)",
      "the metadata parsed with the same safe unpickler; each item's bytes read in place"),
+    ("Hugging Face `Trainer` checkpoint folder (`checkpoint-500/`: `trainer_state.json` beside the model)",
+     "one training checkpoint: the model file (or sharded set), `optimizer.pt`, `scheduler.pt`, `scaler.pt`, "
+     "`rng_state*.pth` and `training_args.bin`, each by its own reader, with epoch, step and the last logged "
+     "metrics from `trainer_state.json`; its `output_dir` opens as a run"),
 )
 
 
@@ -341,7 +346,8 @@ def find_format(probe: Probe) -> Format | None:
 
 def supported() -> str:
     """The clause every "not a checkpoint" message ends with."""
-    return "ckptview opens " + ", ".join(fmt.label for fmt in FORMATS) + " and torch.distributed.checkpoint directories"
+    return ("ckptview opens " + ", ".join(fmt.label for fmt in FORMATS)
+            + ", torch.distributed.checkpoint directories and Hugging Face Trainer checkpoint folders")
 
 
 def format_table() -> str:
