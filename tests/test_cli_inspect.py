@@ -174,3 +174,29 @@ def test_scan_and_info_over_many_paths(tmp_path: Path, capsys: pytest.CaptureFix
     first, second = json.loads(capsys.readouterr().out)
     assert first["tensor_count"] == 1 and "cut off" in second["error"]
     assert not marker.exists()
+
+
+def test_scan_of_a_checkpoint_folder_judges_a_file_it_does_not_read(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A sharded set, a DCP folder: one checkpoint each, but a pickle dropped beside them is not part of it, and
+    `scan` of the folder called the folder safe (exit 0) with it inside."""
+    import torch.distributed.checkpoint as dcp
+
+    evil = b"\x80\x02cos\nsystem\n\x8c\x04true\x85R."
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    save_file({"a": torch.ones(2)}, sharded / "model-00001-of-00002.safetensors")
+    save_file({"b": torch.ones(3)}, sharded / "model-00002-of-00002.safetensors")
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    dcp.save({"w": torch.ones(4)}, checkpoint_id=str(tmp_path / "dcp"))
+    for folder in (sharded, tmp_path / "dcp"):
+        assert main(["scan", str(folder)]) == 0  # the shards, the .distcp files: read as the checkpoint
+        assert len(capsys.readouterr().out.splitlines()) == 1
+        (folder / "extras").mkdir()
+        (folder / "extras" / "helper.pt").write_bytes(evil)
+        for scanned in (folder, tmp_path):
+            assert main(["scan", "--json", str(scanned)]) == 3
+            records = {Path(r["path"]).name: r["needs_code"] for r in json.loads(capsys.readouterr().out)}
+            assert records.pop("helper.pt") is True and records and not any(records.values()), records
+        (folder / "extras" / "helper.pt").unlink()

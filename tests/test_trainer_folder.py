@@ -21,6 +21,7 @@ from ckptview.analyzers.run_tasks import checkpoint_scalars
 from ckptview.analyzers.sections import find_sections
 from ckptview.analyzers.training import training_state
 from ckptview.cli import main
+from ckptview.errors import CorruptCheckpointError
 from conftest import SmallCNN
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf_trainer"
@@ -101,3 +102,12 @@ def test_a_folder_with_a_trainer_state_but_no_model_file_is_not_one(tmp_path: Pa
     torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "optimizer.pt")
     with ckptview.open(tmp_path) as ckpt:  # the one checkpoint file in it, as for any folder
         assert ckpt.format == "torch-zip"
+
+
+def test_a_file_of_the_folder_linked_out_of_it_is_refused(tmp_path: Path) -> None:
+    trainer_output(tmp_path / "out")
+    folder = tmp_path / "out" / "checkpoint-2"
+    (folder / "optimizer.pt").rename(tmp_path / "elsewhere.pt")
+    (folder / "optimizer.pt").symlink_to(tmp_path / "elsewhere.pt")
+    with pytest.raises(CorruptCheckpointError, match="not a file inside its folder"):
+        ckptview.open(folder)

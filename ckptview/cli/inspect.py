@@ -49,16 +49,22 @@ _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl", ".safete
 
 def expand_paths(paths: list[str]) -> list[str]:
     """The checkpoints the command-line paths name: files as given; a folder that is a checkpoint
-    itself (DCP, a sharded set) as one; any other folder walked for checkpoint files, sorted."""
+    itself (DCP, a sharded set, a SavedModel) as one, followed by every other checkpoint file in it;
+    any other folder walked for checkpoint files, sorted (a Trainer's checkpoint-N/ file by file, so
+    `scan` names training_args.bin as the file that needs code)."""
     expanded: list[str] = []
     for path in paths:
-        if not os.path.isdir(path) or _is_checkpoint_folder(path):
+        if not os.path.isdir(path):
             expanded.append(path)
+            continue
+        if _is_checkpoint_folder(path):
+            expanded.extend(_folder_and_strays(path))
             continue
         for folder, folders, files in os.walk(path):
             folders.sort()
             found = [name for name in folders if _is_checkpoint_folder(os.path.join(folder, name))]
-            expanded.extend(os.path.join(folder, name) for name in found)
+            for name in found:
+                expanded.extend(_folder_and_strays(os.path.join(folder, name)))
             folders[:] = [name for name in folders if name not in found and not name.startswith(".")]
             expanded.extend(os.path.join(folder, name) for name in sorted(files)
                             if name.lower().endswith(_CHECKPOINT_SUFFIXES))
@@ -73,6 +79,27 @@ def _is_checkpoint_folder(path: str) -> bool:
     # a SavedModel is one model however many files it holds (scan must not walk past its saved_model.pb)
     return (".metadata" in names or sum(name.endswith(".index.json") for name in names) == 1
             or "saved_model.pb" in names)
+
+
+def _folder_and_strays(folder: str) -> list[str]:
+    """
+    A folder that is one checkpoint, then each checkpoint file in it (at any depth) that checkpoint
+    does not read: a pickle dropped beside a sharded set is no shard, and `scan` of the folder must
+    judge it on its own (it called such a folder safe). What the checkpoint reads is asked of it (its
+    files' sources), so a folder it cannot open has every file judged on its own.
+    """
+    read: set[str] = set()
+    with contextlib.suppress(CkptviewError), code_verdict_only(), ckptview.open(folder) as ckpt:
+        named = [os.path.join(folder, name) for name in ckpt.details.get("files", ())]
+        read = {os.path.realpath(file) for file in [ckpt.path, *named,
+                                                    *(getattr(source, "path", "") for source in ckpt._sources)]}
+    strays = []
+    for parent, folders, files in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        strays.extend(os.path.join(parent, name) for name in sorted(files)
+                      if name.lower().endswith(_CHECKPOINT_SUFFIXES)
+                      and os.path.realpath(os.path.join(parent, name)) not in read)
+    return [folder, *strays]
 
 
 def _each(paths: list[str], trust: bool, *, for_scan: bool = False) -> Iterator[tuple[str, Checkpoint | None, CkptviewError | None]]:

@@ -24,6 +24,7 @@ from typing import Any
 
 from ckptview.errors import CorruptCheckpointError, UnsupportedFormatError
 from ckptview.readers.model import Checkpoint, PickleImport
+from ckptview.readers.paths import resolve_inside
 
 TRAINER_STATE = "trainer_state.json"
 # the model's file, in the order the Trainer itself looks for them when it resumes
@@ -45,14 +46,18 @@ def open_trainer_folder(path: str, names: list[str], *, trust: bool) -> Checkpoi
     """The folder `path` (whose listing is `names`) as one checkpoint; see the module's docstring."""
     from ckptview.readers import open_checkpoint
 
-    state = _trainer_state(os.path.join(path, TRAINER_STATE))
+    def inside(name: str) -> str:
+        # a link among them leads nowhere but the folder (or, in the hub's cache, its blobs), as for shards
+        return resolve_inside(path, name, named_by=path, what="the file")
+
+    state = _trainer_state(inside(TRAINER_STATE))
     parts: dict[str, Checkpoint] = {}
     try:
         model_file = next(name for name in _MODEL_FILES if name in names)
-        parts[model_file] = open_checkpoint(os.path.join(path, model_file), trust=trust)
+        parts[model_file] = open_checkpoint(inside(model_file), trust=trust)
         for name in sorted(names):
             if name in _STATE_FILES or (name.startswith("rng_state") and name.endswith(".pth")):
-                parts[name] = open_checkpoint(os.path.join(path, name), trust=trust)
+                parts[name] = open_checkpoint(inside(name), trust=trust)
     except Exception:
         for opened in parts.values():
             opened.close()
@@ -76,7 +81,7 @@ def open_trainer_folder(path: str, names: list[str], *, trust: bool) -> Checkpoi
             imports[imported.name] = imports.get(imported.name, 0) + imported.count
     return Checkpoint(
         path, "trainer-checkpoint", root,
-        file_size=sum(part.file_size for part in parts.values()) + os.path.getsize(os.path.join(path, TRAINER_STATE)),
+        file_size=sum(part.file_size for part in parts.values()) + os.path.getsize(inside(TRAINER_STATE)),
         sources=[source for part in parts.values() for source in part._sources],
         metadata=parts[model_file].metadata,
         pickle_imports=[PickleImport(name, count) for name, count in sorted(imports.items())],
