@@ -146,3 +146,13 @@ def test_honest_frames_read_the_same_through_any_stream() -> None:
     assert len(extent.frames) > 3 and extent.end == len(data)
     assert _Names(io.BytesIO(data)).load() == _Names(io.BufferedReader(io.BytesIO(data))).load() == value
     assert _Names(unframed(data, 0, extent.end, extent.frames)).load() == value
+
+
+def test_the_memory_guard_checks_at_least_every_prefetch_however_much_is_asked() -> None:
+    """Python 3.13's unpickler asks its stream for megabytes at once: each read is cut to one prefetch (128 KiB),
+    so the memory check between reads runs as often as on 3.11 (a bomb grew 0.7 GiB past its limit on 3.13)."""
+    from ckptview.readers.pickle_scan import _PREFETCH, _MemoryGuardedPayload
+
+    payload = _MemoryGuardedPayload(b"\x8f" * (3 * _PREFETCH + 5))
+    buffer = bytearray(8 * _PREFETCH)
+    assert [payload.readinto(buffer) for _ in range(5)] == [_PREFETCH, _PREFETCH, _PREFETCH, 5, 0]

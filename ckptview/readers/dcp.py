@@ -25,7 +25,9 @@ _DCP_CLASSES = frozenset(
         "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
         "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")]
     + ["torch.distributed.checkpoint.filesystem._StorageInfo"]
-    + [f"pathlib.{name}" for name in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")]
+    # where each path class lives: pathlib (Python < 3.13) or pathlib._local (3.13+, which pickles it by that name)
+    + [f"{module}.{name}" for module in ("pathlib", "pathlib._local")
+       for name in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")]
 )
 
 

@@ -223,7 +223,9 @@ class _MemoryGuardedPayload(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        count = min(len(buffer), len(self._payload) - self._position)
+        # at most one prefetch's worth per call, whatever is asked: Python 3.13's unpickler asks for
+        # megabytes at a time, and a bomb grew 0.7 GiB past its limit between two checks
+        count = min(len(buffer), len(self._payload) - self._position, _PREFETCH)
         buffer[:count] = self._payload[self._position:self._position + count]
         self._position += count
         if self._baseline is not None and self._position > _UNCHECKED_BYTES:
