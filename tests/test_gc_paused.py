@@ -16,11 +16,19 @@ from ckptview.errors import CorruptCheckpointError
 from ckptview.readers.model import TensorInfo, gc_paused
 
 
+# CPython 3.12 starts with objects of its own in the permanent generation (375 statically allocated
+# tuples): gc_paused then never unfreezes, which would hand those to the collector, and promotes nothing.
+# The records are then walked by young collections as they would be without ckptview: slower, not wrong.
+promotes = pytest.mark.skipif(
+    gc.get_freeze_count() != 0, reason="this interpreter keeps frozen objects of its own: gc_paused promotes nothing")
+
+
 def _made_while_paused(count: int = 50_000) -> list[TensorInfo]:
     with gc_paused():
         return [TensorInfo((i,), "float32", None) for i in range(count)]
 
 
+@promotes
 def test_many_records_made_while_paused_skip_the_young_generations() -> None:
     gc.collect()
     made = _made_while_paused()
@@ -45,6 +53,7 @@ def test_a_cycle_made_in_a_small_pause_stays_young() -> None:
     assert id(cycle) in {id(obj) for obj in gc.get_objects(0)} and made
 
 
+@promotes
 def test_a_small_pause_for_long_lived_results_moves_them_to_the_oldest_generation() -> None:
     # a run's summary (~25,000 records, fewer than a big file's) is kept by the caller: an inner
     # pause (a file opened while analysing) does not undo what the outer one asked for
@@ -103,6 +112,7 @@ def test_a_failed_read_leaves_its_garbage_to_the_young_collection(tmp_path: Path
     assert len(os.listdir("/proc/self/fd")) <= before + 2
 
 
+@promotes
 def test_a_large_files_entries_move_with_its_records(tmp_path: Path) -> None:
     # the entries are made in the open's own pause: made later, in a pause of their own, they are too few
     # to move, and the next young collection walked every one of them
@@ -136,7 +146,8 @@ def test_pauses_nest_across_threads_and_the_last_to_end_restores_the_collector()
         assert not gc.isenabled()
         made = [TensorInfo((i,), "float32", None) for i in range(50_000)]
     assert gc.isenabled()
-    assert {id(info) for info in made} <= {id(obj) for obj in gc.get_objects(2)}
+    if gc.get_freeze_count() == 0:  # see `promotes`
+        assert {id(info) for info in made} <= {id(obj) for obj in gc.get_objects(2)}
 
 
 def test_a_read_failed_inside_a_long_pause_closes_its_file_when_the_pause_ends(tmp_path: Path) -> None:

@@ -87,7 +87,9 @@ def _resume(after_a_failure: bool, long_lived: bool) -> None:
     # grew by 300 MB. And for what the caller keeps (`long_lived`): a run's summary is made once
     # per analysis, not once per file.
     promote = long_lived or gc.get_count()[0] >= PROMOTE_AT
-    if promote and gc.get_freeze_count() == 0:  # else the user froze objects
+    # else objects are frozen already, by the user or by the interpreter itself (CPython 3.12 keeps 375
+    # statically allocated tuples there), and unfreezing would hand them all to the collector
+    if promote and gc.get_freeze_count() == 0:
         if after_a_failure:
             # a read that failed inside the pause (a run's half-written file) left young garbage holding
             # its open file: one young collection over the pause's objects frees it before the rest
