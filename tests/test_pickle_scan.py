@@ -149,8 +149,8 @@ def test_honest_frames_read_the_same_through_any_stream() -> None:
 
 
 def test_the_memory_guard_checks_at_least_every_prefetch_however_much_is_asked() -> None:
-    """Python 3.13's unpickler asks its stream for megabytes at once: each read is cut to one prefetch (128 KiB),
-    so the memory check between reads runs as often as on 3.11 (a bomb grew 0.7 GiB past its limit on 3.13)."""
+    """The unpickler reads a large bytes or str argument in one call of its length: each read is cut to one
+    prefetch (128 KiB), so the memory check between reads runs at least that often."""
     from ckptview.readers.pickle_scan import _PREFETCH, _MemoryGuardedPayload
 
     payload = _MemoryGuardedPayload(b"\x8f" * (3 * _PREFETCH + 5))

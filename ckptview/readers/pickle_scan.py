@@ -223,8 +223,8 @@ class _MemoryGuardedPayload(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        # at most one prefetch's worth per call, whatever is asked: Python 3.13's unpickler asks for
-        # megabytes at a time, and a bomb grew 0.7 GiB past its limit between two checks
+        # at most one prefetch's worth per call, whatever is asked: a large bytes or str argument is read
+        # in one call of its own length, and the check between reads must not wait for it
         count = min(len(buffer), len(self._payload) - self._position, _PREFETCH)
         buffer[:count] = self._payload[self._position:self._position + count]
         self._position += count
