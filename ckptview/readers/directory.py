@@ -10,7 +10,7 @@ import os
 import re
 from ckptview.errors import CorruptCheckpointError, ShardError, UnsupportedFormatError, printable
 from ckptview.readers.model import Checkpoint, TensorInfo
-from ckptview.readers.paths import resolve_inside
+from ckptview.readers.paths import read_json, resolve_inside
 from ckptview.readers.registry import supported
 from ckptview.readers.trainer_folder import is_trainer_folder, open_trainer_folder
 
@@ -68,18 +68,11 @@ _MAX_INDEX_BYTES = 256 * 1024 * 1024  # an index of a million tensors is ~60 MB
 def open_index(path: str, *, trust: bool) -> Checkpoint:
     """A sharded set: one Checkpoint whose tensors come from each shard, every shard read lazily.
     Shards must be files inside the index's folder (after symlinks) and may not be indexes themselves."""
-    if os.path.getsize(path) > _MAX_INDEX_BYTES:
-        raise UnsupportedFormatError(path, f"a JSON document of over {_MAX_INDEX_BYTES >> 20} MB, too large for a "
-                                           "shard index; give the checkpoint file itself.")
-    try:
-        with open(path, "rb") as stream:
-            index = json.load(stream)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(path, "this JSON file cannot be parsed (its text is not valid JSON): "
-                                           "re-download it.") from exc
-    except RecursionError as exc:
-        raise CorruptCheckpointError(path, "this JSON file nests its values too deeply to be a shard index: "
-                                           "re-download it.") from exc
+    index = read_json(path, _MAX_INDEX_BYTES,
+                      too_large=f"a JSON document of over {_MAX_INDEX_BYTES >> 20} MB, too large for a shard index; "
+                                "give the checkpoint file itself.",
+                      unparsable="this JSON file cannot be parsed (its text is not valid JSON): re-download it.",
+                      too_deep="this JSON file nests its values too deeply to be a shard index: re-download it.")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise UnsupportedFormatError(path, f"a JSON document without a weight_map, not a shard index; {supported()}.")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from typing import Any
 
-from ckptview.errors import CorruptCheckpointError, printable
+from ckptview.errors import CorruptCheckpointError, UnsupportedFormatError, printable
 
 
 def resolve_inside(folder: str, name: object, *, named_by: str, what: str) -> str:
@@ -63,3 +65,17 @@ def _hub_blobs(folder: str) -> str | None:
             blobs = os.path.join(os.sep.join(parts[:index]) or os.sep, "blobs")
             return blobs if os.path.isdir(blobs) else None
     return None
+
+
+def read_json(path: str, max_bytes: int, *, too_large: str, unparsable: str, too_deep: str) -> Any:
+    """A small JSON file a checkpoint keeps beside its data (a shard index, a Trainer's state), parsed,
+    with each way it can fail said in the caller's words (`too_large` of a file over `max_bytes`)."""
+    if os.path.getsize(path) > max_bytes:
+        raise UnsupportedFormatError(path, too_large)
+    try:
+        with open(path, "rb") as stream:
+            return json.load(stream)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(path, unparsable) from exc
+    except RecursionError as exc:
+        raise CorruptCheckpointError(path, too_deep) from exc

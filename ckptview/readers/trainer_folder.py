@@ -17,14 +17,13 @@ classes).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
 
-from ckptview.errors import CorruptCheckpointError, UnsupportedFormatError
+from ckptview.errors import CorruptCheckpointError
 from ckptview.readers.model import Checkpoint, PickleImport
-from ckptview.readers.paths import resolve_inside
+from ckptview.readers.paths import read_json, resolve_inside
 
 TRAINER_STATE = "trainer_state.json"
 # the model's file, in the order the Trainer itself looks for them when it resumes
@@ -117,15 +116,11 @@ def _is_number(value: Any) -> bool:
 
 
 def _trainer_state(path: str) -> dict[str, Any]:
-    if os.path.getsize(path) > _MAX_STATE_BYTES:
-        raise UnsupportedFormatError(path, f"a trainer_state.json of over {_MAX_STATE_BYTES >> 20} MB: not one the "
-                                           "Trainer writes. Open the model file beside it.")
-    try:
-        with open(path, "rb") as stream:
-            state = json.load(stream)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CorruptCheckpointError(path, "the Trainer's state file cannot be parsed (its text is not valid JSON): "
-                                           "copy the checkpoint folder again, or open the model file beside it.") from exc
+    damaged = ("the Trainer's state file cannot be parsed (its text is not valid JSON): copy the checkpoint folder "
+               "again, or open the model file beside it.")
+    state = read_json(path, _MAX_STATE_BYTES, unparsable=damaged, too_deep=damaged,
+                      too_large=f"a trainer_state.json of over {_MAX_STATE_BYTES >> 20} MB: not one the Trainer "
+                                "writes. Open the model file beside it.")
     if not isinstance(state, dict):
         raise CorruptCheckpointError(path, "the Trainer's state file holds no JSON object: copy the checkpoint "
                                            "folder again, or open the model file beside it.")
