@@ -111,3 +111,19 @@ def test_a_file_of_the_folder_linked_out_of_it_is_refused(tmp_path: Path) -> Non
     (folder / "optimizer.pt").symlink_to(tmp_path / "elsewhere.pt")
     with pytest.raises(CorruptCheckpointError, match="not a file inside its folder"):
         ckptview.open(folder)
+
+
+@pytest.mark.parametrize("state", [b"[" * 100_000, b"{not json", b"[1, 2]", b'{"epoch": "NaN", "global_step": 1e400, '
+                                   b'"log_history": [{"step": "x", "loss": [1]}, 7, {"step": 9, "loss": true}]}'])
+def test_a_damaged_trainer_state_is_one_line_or_ignored_field_by_field(tmp_path: Path, state: bytes) -> None:
+    trainer_output(tmp_path)
+    folder = tmp_path / "checkpoint-2"
+    (folder / "trainer_state.json").write_bytes(state)
+    if state.startswith(b"{\"epoch\""):
+        with ckptview.open(folder) as ckpt:  # fields of the wrong type are left out, the rest reads
+            scalars = checkpoint_scalars(ckpt)
+            assert "epoch" not in scalars and "global_step" not in scalars and "loss" not in scalars
+        return
+    with pytest.raises(CorruptCheckpointError, match="Trainer's state file") as caught:
+        ckptview.open(folder)
+    assert "\n" not in str(caught.value)
