@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -178,7 +179,7 @@ def test_scan_and_info_over_many_paths(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_scan_of_a_checkpoint_folder_judges_a_file_it_does_not_read(tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    """A sharded set, a DCP folder: one checkpoint each, but a pickle dropped beside them is not part of it, and
+    """A sharded set, a DCP folder, a SavedModel: one checkpoint each, but a pickle dropped beside them is not part of it, and
     `scan` of the folder called the folder safe (exit 0) with it inside."""
     import torch.distributed.checkpoint as dcp
 
@@ -190,8 +191,10 @@ def test_scan_of_a_checkpoint_folder_judges_a_file_it_does_not_read(tmp_path: Pa
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
         "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
     dcp.save({"w": torch.ones(4)}, checkpoint_id=str(tmp_path / "dcp"))
-    for folder in (sharded, tmp_path / "dcp"):
-        assert main(["scan", str(folder)]) == 0  # the shards, the .distcp files: read as the checkpoint
+    shutil.copytree(Path(__file__).parent / "fixtures" / "tf" / "savedmodel", tmp_path / "savedmodel")
+    for folder in (sharded, tmp_path / "dcp", tmp_path / "savedmodel"):
+        # the shards, the .distcp files, variables/variables.index and its data: read as the checkpoint
+        assert main(["scan", str(folder)]) == 0
         assert len(capsys.readouterr().out.splitlines()) == 1
         (folder / "extras").mkdir()
         (folder / "extras" / "helper.pt").write_bytes(evil)

@@ -174,6 +174,7 @@ def read_saved_model(path: str, size: int, *, trust: bool) -> Checkpoint:
     if os.path.lexists(index):
         # `variables` (or the index) being a link out of the SavedModel's folder is refused
         index = resolve_inside(folder, "variables/variables.index", named_by=path, what="the variables index")
+        details["files"] = ["variables/variables.index"]  # read as part of the model (its data files are sources)
         bundle = TensorBundle(index, os.path.getsize(index))
         ckpt = bundle.checkpoint(trust, format="savedmodel", details=details, pickle_imports=imports, path=path,
                                  extra_size=size)
