@@ -70,7 +70,7 @@ def open_trainer_folder(path: str, names: list[str], *, trust: bool) -> Checkpoi
     for key in ("epoch", "global_step", "best_metric"):
         if _is_number(state.get(key)):
             root[key] = state[key]
-    metrics = latest_metrics(state)
+    metrics = _latest_metrics(state)
     if metrics:
         root["metrics"] = metrics
     root["trainer_state"] = state
@@ -92,7 +92,7 @@ def open_trainer_folder(path: str, names: list[str], *, trust: bool) -> Checkpoi
     )
 
 
-def latest_metrics(state: dict[str, Any]) -> dict[str, float]:
+def _latest_metrics(state: dict[str, Any]) -> dict[str, float]:
     """Each number the log history holds (loss, eval_loss, learning_rate, ...), as last logged at or
     before the checkpoint's global step: what the Trainer had measured when it saved."""
     step = state.get("global_step")
