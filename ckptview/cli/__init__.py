@@ -73,7 +73,6 @@ def print_json_lines(items: list[str]) -> None:
 
 
 def item_encoder() -> Any:
-
     """`JSONEncoder.encode` for one list element. json's C encoder, called directly where this Python has
     it: `encode` makes a new one per call, a third of writing 20,000 tensors' `tensors --json`."""
     encoder = json.JSONEncoder(default=_json_default, allow_nan=True)

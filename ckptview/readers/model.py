@@ -751,7 +751,7 @@ def storage_identity(storage: Storage) -> tuple[int, str]:
 def view_identity(info: TensorInfo) -> Any:
     if info.storage is None:
         return id(info)
-    return (id(info.storage.source), info.storage.key, info.storage_offset, info.shape, info.stride, info.dtype)
+    return (storage_identity(info.storage), info.storage_offset, info.shape, info.stride, info.dtype)
 
 
 # --- reading tensor data -------------------------------------------------------------------------

@@ -32,7 +32,7 @@ _MODEL_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", 
 # file -> key in the training dict (its section is found by content: optimizer, scheduler, scaler)
 _STATE_FILES = {"optimizer.pt": "optimizer", "scheduler.pt": "lr_scheduler", "scaler.pt": "scaler",
                 "training_args.bin": "training_args"}
-_MAX_STATE_BYTES = 64 * 1024 * 1024  # a log history of a million steps is ~200 MB; beyond this it is not one
+_MAX_STATE_BYTES = 64 * 1024 * 1024  # ~300,000 log entries of ~200 bytes: past any real run logged per step
 # log_history keys that say where an entry was logged, not what was measured
 _POSITION_KEYS = ("step", "epoch")
 
