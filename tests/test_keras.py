@@ -420,6 +420,42 @@ def test_text_reference_claiming_gigabytes_is_refused_before_hdf5_allocates_them
     assert "claims 1,610,612,7" in done.stdout and "damaged" in done.stdout, done.stdout + done.stderr
 
 
+def _damaged_keras2_copy(tmp_path: Path, case: str) -> Path:
+    import struct
+
+    data = bytearray((FIXTURES / "keras2_trained.h5").read_bytes())
+    if case == "fuzzed":
+        # found by tests/fuzz.py: one `weight_names` element of `optimizer_weights` (kept in the header's
+        # continuation block) gets length 0xFFFF0011 and an address that is no collection's
+        data[33410:33418] = b"\xff" * 8
+    else:  # the one element of the scalar `keras_version`: no neighbouring element to compare it with
+        with h5py.File(FIXTURES / "keras2_trained.h5", "r") as f:
+            version = f.attrs["keras_version"]
+        version = version.encode() if isinstance(version, str) else version
+        heap = data.index(b"GCOL\x01\x00\x00\x00")
+        element = data.index(struct.pack("<IQ", len(version), heap), data.index(b"keras_version\x00"))
+        data[element:element + 12] = struct.pack("<IQ", 0xF0000000, 0x7FFF_FFFF_0000)
+    path = tmp_path / f"{case}.h5"
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("case", ("fuzzed", "scalar"))
+def test_text_reference_to_no_heap_claiming_gigabytes_is_refused(case: str, tmp_path: Path) -> None:
+    """A reference whose address is damaged as well as its length cannot be found by its collection's
+    address: each attribute's elements are read from the object headers (continuation blocks
+    included). Before, HDF5 allocated the 4 GB, then failed: the child runs under a 1.5 GiB limit."""
+    import subprocess
+    import sys
+
+    path = _damaged_keras2_copy(tmp_path, case)
+    code = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))\nimport ckptview\n"
+            "try:\n    ckptview.open(sys.argv[1])\nexcept Exception as e:\n    print(e)")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert "bytes of an HDF5 heap object that is not there" in done.stdout, done.stdout + done.stderr[-500:]
+
+
 def test_text_attribute_with_a_damaged_type_is_refused_before_hdf5_reads_it(tmp_path: Path) -> None:
     """A fuzzed `weight_names` whose type turned from variable-length string into variable-length
     sequence crashed the HDF5 library (segmentation fault) when read: run in a subprocess."""

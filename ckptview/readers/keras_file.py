@@ -40,6 +40,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ckptview.errors import CorruptCheckpointError, TruncatedCheckpointError, UnsupportedFormatError, printable
+from ckptview.readers.hdf5_text import check_hdf5_text
 from ckptview.readers.model import (
     Checkpoint,
     FileSource,
@@ -141,104 +142,14 @@ def read_keras_zip(path: str, size: int, *, trust: bool) -> Checkpoint:
             return reader.read(trust, config=config, metadata_json=metadata_json, format="keras")
     with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as member_stream:
         inflated = member_stream.read()  # at most _MAX_EXPANSION times the archive's size (checked above)
-    check_global_heaps(path, inflated, 0, len(inflated))
-    del inflated
     archive = zipfile.ZipFile(path)
     stream = archive.open("model.weights.h5")
     h5 = h5py.File(stream, "r", locking=False)
     reader = _Reader(path, size, h5, FileSource(path), base_offset=0, in_place=False, inner_size=member.file_size,
                      keep_open=(h5, stream, archive))
+    reader.heap_bytes = (inflated, 0, len(inflated))  # for the checks only: let go of once they pass
+    del inflated
     return reader.read(trust, config=config, metadata_json=metadata_json, format="keras")
-
-
-_GCOL_HEADER = 16       # "GCOL", version 1, 3 reserved bytes, the collection's size
-_GCOL_MIN_SIZE = 4096   # HDF5 never writes a smaller collection (H5HG_MINSIZE)
-_GCOL_OBJECT_HEADER = 16  # index, reference count, reserved, size
-
-
-def check_global_heaps(path: str, data: Any, start: int, end: int, skip: list[tuple[int, int]] = ()) -> None:
-    """
-    Refuse an HDF5 file whose global heap collections (where variable-length strings live: every
-    Keras name and config) do not add up, before h5py reads an attribute. The HDF5 library trusts
-    them: in fuzzed copies of a 50 KB fixture, one object index changed from 7 to 248 made reading
-    an attribute loop forever. Each collection in `data[start:end]` (found by its "GCOL" signature,
-    version 1, a size within the file) must hold objects whose sizes stay inside it, with distinct
-    indices no larger than its object count allows (HDF5 numbers them from 1; Keras writes them in
-    a row). Bytes that only look like a collection (in weights) fail the signature or size test.
-    `skip`: byte ranges known to hold dataset values, not searched.
-    """
-    gaps, cursor = [], start
-    for first, last in sorted(skip):
-        if first > cursor:
-            gaps.append((cursor, min(first, end)))
-        cursor = max(cursor, last)
-    gaps.append((cursor, end))
-    collections: dict[int, dict[int, int]] = {}
-    for gap_start, gap_end in gaps:
-        pos = data.find(b"GCOL", gap_start, gap_end)
-        while pos >= 0:
-            if pos + _GCOL_HEADER <= end and data[pos + 4:pos + 8] == b"\x01\x00\x00\x00":
-                (size,) = struct.unpack_from("<Q", data, pos + 8)
-                if _GCOL_MIN_SIZE <= size <= end - pos:
-                    collections[pos - start] = _check_collection(path, data, pos, pos + size, start)
-            pos = data.find(b"GCOL", pos + 4, gap_end)
-    for gap_start, gap_end in gaps:
-        _check_heap_references(path, data, gap_start, gap_end, start, collections)
-
-
-# What a damaged reference may make the HDF5 library allocate before it fails; fuzzed ones claimed 0.5-4 GB.
-_HARMLESS_ALLOCATION = 256 << 20
-
-
-def _check_heap_references(path: str, data: Any, start: int, end: int, file_start: int,
-                           collections: dict[int, dict[int, int]]) -> None:
-    """
-    A variable-length value refers to its heap object as (its length, the collection's address, the
-    object's index), 16 bytes, and the HDF5 library allocates the length before it reads the object:
-    in fuzzed copies of the fixtures, one changed byte of a name's length made reading it take 4 GB.
-    A reference (found by its collection's address, then an index that collection holds) may not
-    claim more than `_HARMLESS_ALLOCATION` bytes beyond its object's: other HDF5 structures also
-    hold a heap address and index (a virtual dataset's mapping), after bytes that are no length.
-    """
-    for address, objects in collections.items():
-        needle = struct.pack("<Q", address)
-        pos = data.find(needle, start + 4, end - 4)
-        while pos >= 0:
-            (length,) = struct.unpack_from("<I", data, pos - 4)
-            (index,) = struct.unpack_from("<I", data, pos + 8)
-            if length > _HARMLESS_ALLOCATION and length > objects.get(index, length):
-                raise CorruptCheckpointError(path, f"a variable-length value at byte {pos - 4 - file_start:,} claims "
-                                                   f"{length:,} bytes of an HDF5 heap object that holds "
-                                                   f"{objects[index]:,}: the file is damaged, and the HDF5 library "
-                                                   "would allocate that much reading it. Get the original file.")
-            pos = data.find(needle, pos + 1, end - 4)
-
-
-def _check_collection(path: str, data: Any, start: int, end: int, file_start: int) -> dict[int, int]:
-    """The collection's objects, index -> size in bytes, once they add up."""
-    pos, seen = start + _GCOL_HEADER, {}
-    while pos + _GCOL_OBJECT_HEADER <= end:
-        index, _, _, length = struct.unpack_from("<HHIQ", data, pos)
-        if index == 0:  # the free-space object: exactly the rest of the collection
-            if length != end - pos:
-                raise _damaged_heap(path, start - file_start)
-            break
-        if index in seen or length > end - pos - _GCOL_OBJECT_HEADER:
-            raise _damaged_heap(path, start - file_start)
-        seen[index] = length
-        pos += _GCOL_OBJECT_HEADER + -(-length // 8) * 8
-    else:  # a full collection: its objects end within its last 16 bytes
-        if pos > end:
-            raise _damaged_heap(path, start - file_start)
-    if seen and max(seen) > 2 * len(seen) + 16:
-        raise _damaged_heap(path, start - file_start)
-    return seen
-
-
-def _damaged_heap(path: str, offset: int) -> CorruptCheckpointError:
-    return CorruptCheckpointError(path, f"the HDF5 global heap at byte {offset:,} (where the file keeps its names and "
-                                        "configs) is damaged: its objects' sizes or numbers do not add up, and the "
-                                        "HDF5 library can hang or exhaust memory reading it. Get the original file.")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -403,24 +314,30 @@ class _Reader:
                                                     "Save the weights again without external links (Keras never "
                                                     "writes them).")
 
-    def data_extents(self, base: int) -> list[tuple[int, int]]:
-        """Where contiguous datasets keep their bytes (absolute, from `base`): the weights are nearly all
-        of a file, and the global heaps are not among them, so the search for heaps skips them (a
-        508 MB file: 0.03 s instead of 0.7 s). HDF5's visit reads object headers only, no attribute."""
+    def check_text(self) -> None:
+        """`check_hdf5_text` over the file's bytes, told where its objects' headers are and where
+        contiguous datasets keep their bytes (not searched for heaps: the weights are nearly all of a
+        file). HDF5's visit reads object headers only, no attribute."""
+        if self.heap_bytes is None:
+            return
+        data, start, end = self.heap_bytes
+        self.heap_bytes = None
         extents: list[tuple[int, int]] = []
+        headers = [self.h5py.h5o.get_info(self.h5.id).addr]  # h5py's visit leaves out the object it starts from
         contiguous = self.h5py.h5d.CONTIGUOUS
 
         def visit(name: bytes, info: Any) -> None:
+            headers.append(info.addr)
             if info.type != self.h5py.h5o.TYPE_DATASET:
                 return
             dataset = self.h5py.h5o.open(self.h5.id, name)
             if dataset.get_create_plist().get_layout() == contiguous:
                 offset = dataset.get_offset()
                 if offset is not None:
-                    extents.append((base + offset, base + offset + dataset.get_storage_size()))
+                    extents.append((start + offset, start + offset + dataset.get_storage_size()))
 
         self.h5py.h5o.visit(self.h5.id, visit, info=True)
-        return extents
+        check_hdf5_text(self.path, data, start, end, data_extents=extents, object_headers=headers)
 
     def attrs(self, obj: Any) -> _TextAttributes:
         return _TextAttributes(self.path, obj, self.h5py)
@@ -500,9 +417,7 @@ class _Reader:
 
     def checkpoint(self, trust: bool, *, config: Any, metadata_json: Any, format: str) -> Checkpoint:
         self.refuse_external_links()
-        if self.heap_bytes is not None:
-            data, start, end = self.heap_bytes
-            check_global_heaps(self.path, data, start, end, skip=self.data_extents(start))
+        self.check_text()
         h5 = self.h5
         attrs = self.attrs(h5)
         model_config = config if config is not None else _json_attr(self.path, attrs, "model_config")
