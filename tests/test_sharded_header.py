@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import ckptview
+from ckptview.errors import UnsupportedFormatError
 from ckptview.present.frames import summary
 from ckptview.present.html import header_html
 from ckptview.ui import explore
@@ -88,3 +89,41 @@ def test_explorer_header_and_compare_of_a_sharded_folder(tiny_llama: Path) -> No
     offered = [Path(value).name for _, value in panel.siblings.options if value]
     assert "other.safetensors" in offered
     assert not [name for name in offered if name.startswith("model-0000")]
+
+
+def test_a_hub_folder_with_both_formats_opens_what_from_pretrained_loads(tmp_path: Path) -> None:
+    """Hub repositories often hold one model as model.safetensors and pytorch_model.bin (sharded or
+    not): the folder opens as the safetensors copy, as `from_pretrained` loads it, and says so."""
+    single = tmp_path / "single"
+    single.mkdir()
+    state = {"encoder.weight": torch.randn(4, 3), "encoder.bias": torch.zeros(4)}
+    save_file(state, str(single / "model.safetensors"))
+    torch.save(state, single / "pytorch_model.bin")
+    (single / "config.json").write_text("{}")
+    with ckptview.open(single) as ckpt:
+        assert ckpt.format == "safetensors" and Path(ckpt.path).name == "model.safetensors"
+        assert ckpt.details["chosen_from_folder"].startswith("model.safetensors, which from_pretrained loads")
+        assert "pytorch_model.bin" in ckpt.details["chosen_from_folder"]
+    (single / "model.safetensors").unlink()
+    with ckptview.open(single) as ckpt:  # one format left: opened as before, nothing chosen
+        assert ckpt.format == "torch-zip" and "chosen_from_folder" not in ckpt.details
+
+    sharded = tmp_path / "sharded"
+    saved = _save_sharded(sharded, {"architectures": ["LlamaForCausalLM"]})
+    weight_map = {}
+    for number, names in enumerate((list(saved)[:3], list(saved)[3:]), 1):
+        shard = f"pytorch_model-{number:05d}-of-00002.bin"
+        torch.save({k: saved[k] for k in names}, sharded / shard)
+        weight_map |= {k: shard for k in names}
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with ckptview.open(sharded) as ckpt:
+        assert Path(ckpt.path).name == "model.safetensors.index.json"
+        assert "pytorch_model.bin.index.json" in ckpt.details["chosen_from_folder"]
+        assert {entry.name for entry in ckpt.tensors()} == set(saved)
+
+    mixed = tmp_path / "mixed"  # not the same weights by name: which to open stays the user's choice
+    mixed.mkdir()
+    save_file(state, str(mixed / "model.safetensors"))
+    torch.save(state, mixed / "other.pt")
+    with pytest.raises(UnsupportedFormatError, match="a directory, not a checkpoint file"):
+        ckptview.open(mixed)

@@ -16,6 +16,14 @@ from ckptview.readers.trainer_folder import is_trainer_folder, open_trainer_fold
 
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl")
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<total>\d+)(?P<suffix>\.\w+)$")
+# The Hugging Face libraries save one model's weights under these names, and a Hub repository often
+# holds it in both formats; `from_pretrained` loads the first present, in this order.
+_SAME_WEIGHTS = (
+    ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors",
+     "diffusion_pytorch_model.bin.index.json", "diffusion_pytorch_model.bin"),
+    ("adapter_model.safetensors", "adapter_model.bin"),
+)
 
 
 def open_directory(path: str, *, trust: bool) -> Checkpoint:
@@ -38,17 +46,36 @@ def open_directory(path: str, *, trust: bool) -> Checkpoint:
     if is_trainer_folder(names):
         return open_trainer_folder(path, names, trust=trust)
     indexes = [n for n in names if n.endswith(".index.json")]
+    candidates = [n for n in names if n.endswith(_CHECKPOINT_SUFFIXES) and os.path.isfile(os.path.join(path, n))]
+    chosen = _what_from_pretrained_loads(indexes, candidates)
+    if chosen is not None:
+        ckpt = open_index(os.path.join(path, chosen), trust=trust) if chosen.endswith(".index.json") \
+            else open_checkpoint_file(os.path.join(path, chosen), trust)
+        others = [n for group in _SAME_WEIGHTS if chosen in group for n in group if n != chosen and n in names]
+        ckpt.details["chosen_from_folder"] = (f"{chosen}, which from_pretrained loads; the folder holds the same "
+                                              f"weights as {', '.join(others)} too")
+        return ckpt
     if len(indexes) == 1:
         return open_index(os.path.join(path, indexes[0]), trust=trust)
-    candidates = [n for n in names if n.endswith(_CHECKPOINT_SUFFIXES) and os.path.isfile(os.path.join(path, n))]
     if not indexes and len(candidates) == 1:
-        from ckptview.readers import open_checkpoint
-
-        return open_checkpoint(os.path.join(path, candidates[0]), trust=trust)
+        return open_checkpoint_file(os.path.join(path, candidates[0]), trust)
     listed = ", ".join((indexes or candidates or names)[:8]) or "nothing"
     raise UnsupportedFormatError(
         path, f"a directory, not a checkpoint file; it holds {listed}. Open one of these files, or a "
               "*.index.json of a sharded set.")
+
+
+def _what_from_pretrained_loads(indexes: list[str], candidates: list[str]) -> str | None:
+    """
+    The one file to open of a folder holding one model's weights in several formats, named as the
+    Hugging Face libraries name them (`model.safetensors` beside `pytorch_model.bin`): the one
+    `from_pretrained` loads. None when the folder holds anything else, or a single format.
+    """
+    listed = set(indexes) | {name for name in candidates if not _SHARD_NAME.match(name)}
+    for group in _SAME_WEIGHTS:
+        if len(listed) > 1 and listed <= set(group):
+            return next(name for name in group if name in listed)
+    return None
 
 
 def open_checkpoint_file(path: str, trust: bool) -> Checkpoint:
