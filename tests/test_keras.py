@@ -440,15 +440,37 @@ def _damaged_keras2_copy(tmp_path: Path, case: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ("fuzzed", "scalar"))
+def _damaged_keras3_archive(tmp_path: Path, compression: int) -> Path:
+    """keras3_trained.keras whose model.weights.h5 has the `name` of the model's `vars` point nowhere."""
+    import struct
+
+    with zipfile.ZipFile(FIXTURES / "keras3_trained.keras") as source:
+        members = {item.filename: source.read(item.filename) for item in source.infolist()}
+    weights = bytearray(members["model.weights.h5"])
+    heap = weights.index(b"GCOL\x01\x00\x00\x00")
+    element = weights.index(struct.pack("<IQ", len(b"small_cnn"), heap))
+    weights[element:element + 12] = struct.pack("<IQ", 0xF0000000, 0x7FFF_FFFF_0000)
+    members["model.weights.h5"] = bytes(weights)
+    path = tmp_path / f"damaged-{compression}.keras"
+    with zipfile.ZipFile(path, "w", compression=compression) as target:
+        for name, data in members.items():
+            target.writestr(name, data)
+    return path
+
+
+@pytest.mark.parametrize("case", ("fuzzed", "scalar", "archive-stored", "archive-deflated"))
 def test_text_reference_to_no_heap_claiming_gigabytes_is_refused(case: str, tmp_path: Path) -> None:
     """A reference whose address is damaged as well as its length cannot be found by its collection's
     address: each attribute's elements are read from the object headers (continuation blocks
-    included). Before, HDF5 allocated the 4 GB, then failed: the child runs under a 1.5 GiB limit."""
+    included). Before, HDF5 allocated the 4 GB, then failed: the child runs under a 1.5 GiB limit.
+    In a .keras archive too, read in place (stored) or inflated."""
     import subprocess
     import sys
 
-    path = _damaged_keras2_copy(tmp_path, case)
+    if case.startswith("archive"):
+        path = _damaged_keras3_archive(tmp_path, zipfile.ZIP_STORED if case.endswith("stored") else zipfile.ZIP_DEFLATED)
+    else:
+        path = _damaged_keras2_copy(tmp_path, case)
     code = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))\nimport ckptview\n"
             "try:\n    ckptview.open(sys.argv[1])\nexcept Exception as e:\n    print(e)")
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,

@@ -141,8 +141,8 @@ def _attribute_elements(data: Any, start: int, end: int, header: int) -> Iterato
         datatype = body + 8 + (version == 3) + -(-name_size // pad) * pad  # version 3 adds the name's encoding
         dataspace = datatype + -(-type_size // pad) * pad
         values = dataspace + -(-space_size // pad) * pad
-        # flags 0x03: a shared datatype or dataspace, kept in another message
-        if flags & 0x03 or values > body_end or data[datatype] & 0x0F != _VARIABLE_LENGTH:
+        # flags 0x03: a shared datatype or dataspace, kept in another message; a datatype takes 8 bytes at least
+        if flags & 0x03 or values > body_end or datatype + 8 > dataspace or data[datatype] & 0x0F != _VARIABLE_LENGTH:
             continue
         is_string = data[datatype + 1] & 0x0F == 1
         # a sequence's base type follows the 8-byte type header; its size is 4 bytes in
