@@ -497,3 +497,24 @@ def test_text_attribute_with_a_damaged_type_is_refused_before_hdf5_reads_it(tmp_
                           check=False)
     assert done.returncode == 0 and "should hold text but its type says otherwise" in done.stdout, \
         (done.returncode, done.stdout, done.stderr[-300:])
+
+
+def test_object_headers_whose_blocks_overlap_are_refused_not_walked_again_and_again() -> None:
+    """Continuation blocks chained 24 bytes apart, each running to the same end: walked one by one they
+    span ~n²/2 × 24 bytes (minutes of Python for a few MB). Well-formed blocks are disjoint and span
+    at most the file, so the walk stops as soon as they span more."""
+    import struct
+    import time
+
+    from ckptview.readers.hdf5_text import check_hdf5_text
+
+    size = 1 << 20
+    data = bytearray(size)
+    first = 16
+    data[0:16] = struct.pack("<BBHII4x", 1, 0, 1, 1, size - first)  # a version 1 header: its first block
+    for pos in range(first, size - 24, 24):  # each a continuation message to the block 24 bytes on
+        data[pos:pos + 24] = struct.pack("<HHB3xQQ", 0x0010, 16, 0, pos + 24, size - pos - 24)
+    started = time.perf_counter()
+    with pytest.raises(CorruptCheckpointError, match="object headers overlap or repeat"):
+        check_hdf5_text("crafted.h5", bytes(data), 0, size, object_headers=[0])
+    assert time.perf_counter() - started < 2

@@ -37,7 +37,6 @@ _HARMLESS_ALLOCATION = 256 << 20
 
 _CONTINUATION, _ATTRIBUTE = 0x0010, 0x000C
 _VARIABLE_LENGTH = 9  # the datatype class
-_MAX_HEADER_BLOCKS = 4096  # continuation blocks followed per header: a cycle of them ends here
 
 
 def check_hdf5_text(path: str, data: Any, start: int, end: int, *, data_extents: Iterable[tuple[int, int]] = (),
@@ -71,8 +70,9 @@ def check_hdf5_text(path: str, data: Any, start: int, end: int, *, data_extents:
                 if _GCOL_MIN_SIZE <= size <= end - pos:
                     collections[pos - start] = _check_collection(path, data, pos, pos + size, start)
             pos = data.find(b"GCOL", pos + 4, gap_end)
+    walk = _HeaderWalk(path, data, start, end)
     for address in object_headers:
-        for pos, item_size in _attribute_elements(data, start, end, address):
+        for pos, item_size in _attribute_elements(data, walk.messages(address, _ATTRIBUTE)):
             length, collection, index = _REFERENCE.unpack_from(data, pos)
             held = collections.get(collection, {}).get(index)
             if length * item_size > _HARMLESS_ALLOCATION and (held is None or length * item_size > held):
@@ -124,14 +124,14 @@ def _damaged_heap(path: str, offset: int) -> CorruptCheckpointError:
                                         "HDF5 library can hang or exhaust memory reading it. Get the original file.")
 
 
-def _attribute_elements(data: Any, start: int, end: int, header: int) -> Iterator[tuple[int, int]]:
+def _attribute_elements(data: Any, attributes: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
     """
-    (position, bytes per unit of length) of each variable-length element in the attributes of the
-    object header at `header`. The layouts are the HDF5 file format specification's (object headers,
-    the attribute, datatype and dataspace messages); whatever does not parse ends the walk, and the
-    HDF5 library refuses it itself.
+    (position, bytes per unit of length) of each variable-length element of the attribute messages
+    whose bodies are `data[start:end]` for each (start, end) in `attributes`. The layouts are the
+    HDF5 file format specification's (the attribute, datatype and dataspace messages); what does not
+    parse is skipped, and the HDF5 library refuses it itself.
     """
-    for body, body_end in _messages(data, start, end, header, _ATTRIBUTE):
+    for body, body_end in attributes:
         version = data[body]
         if version not in (1, 2, 3) or body_end - body < 9:
             continue
@@ -164,41 +164,59 @@ def _element_count(data: Any, dataspace: int, dataspace_end: int) -> int:
     return math.prod(struct.unpack_from(f"<{rank}Q", data, dims))
 
 
-def _messages(data: Any, start: int, end: int, header: int, wanted: int) -> Iterator[tuple[int, int]]:
-    """(start, end) of the bodies of the header's messages of type `wanted`, continuation blocks included."""
-    pos = start + header
-    if pos + 16 > end:
-        return
-    if data[pos:pos + 4] == b"OHDR":  # version 2: "OHDR", version, flags, optional fields, the first block's size
-        flags = data[pos + 5]
-        pos += 6 + (16 if flags & 0x20 else 0) + (4 if flags & 0x10 else 0)
-        width = 1 << (flags & 0x03)
-        first_size = int.from_bytes(data[pos:pos + width], "little")
-        blocks = [(pos + width, pos + width + first_size)]
-        entry, prefix = struct.Struct("<BHB"), 4 + (2 if flags & 0x04 else 0)  # + creation order when tracked
-    elif data[pos] == 1:  # version 1: version, reserved, message count, reference count, the first block's size
-        (first_size,) = struct.unpack_from("<I", data, pos + 8)
-        blocks = [(pos + 16, pos + 16 + first_size)]
-        entry, prefix = struct.Struct("<HHB"), 8
-    else:
-        return
-    seen: set[int] = set()
-    while blocks and len(seen) < _MAX_HEADER_BLOCKS:
-        block, block_end = blocks.pop()
-        if block in seen or block < start or block_end > end:
-            continue
-        seen.add(block)
-        while block + prefix <= block_end:
-            kind, size, _ = entry.unpack_from(data, block)
-            body, body_end = block + prefix, block + prefix + size
-            if body_end > block_end:
-                break
-            if kind == _CONTINUATION and size >= 16:
-                address, length = struct.unpack_from("<QQ", data, body)
-                if prefix == 8:
-                    blocks.append((start + address, start + address + length))
-                elif data[start + address:start + address + 4] == b"OCHK":  # "OCHK", messages, a checksum
-                    blocks.append((start + address + 4, start + address + length - 4))
-            elif kind == wanted and size:
-                yield body, body_end
-            block = body_end
+class _HeaderWalk:
+    """
+    The messages of the file's object headers (version 1, and version 2's "OHDR"), continuation
+    blocks included. The blocks of a well-formed file are disjoint, so together they span at most the
+    file: a crafted one whose blocks overlap or repeat (one continuation chain shared by thousands of
+    headers) is refused once its blocks span more, instead of being walked again and again.
+    """
+
+    def __init__(self, path: str, data: Any, start: int, end: int) -> None:
+        self.path, self.data, self.start, self.end = path, data, start, end
+        self.walked: set[int] = set()
+        self.bytes_left = end - start
+
+    def messages(self, header: int, wanted: int) -> Iterator[tuple[int, int]]:
+        """(start, end) of the bodies of the messages of type `wanted` in the header at `header`."""
+        data, start, end = self.data, self.start, self.end
+        pos = start + header
+        if pos + 16 > end:
+            return
+        if data[pos:pos + 4] == b"OHDR":  # version 2: "OHDR", version, flags, optional fields, the first block's size
+            flags = data[pos + 5]
+            pos += 6 + (16 if flags & 0x20 else 0) + (4 if flags & 0x10 else 0)
+            width = 1 << (flags & 0x03)
+            first_size = int.from_bytes(data[pos:pos + width], "little")
+            blocks = [(pos + width, pos + width + first_size)]
+            entry, prefix = struct.Struct("<BHB"), 4 + (2 if flags & 0x04 else 0)  # + creation order when tracked
+        elif data[pos] == 1:  # version 1: version, reserved, message count, reference count, the first block's size
+            (first_size,) = struct.unpack_from("<I", data, pos + 8)
+            blocks = [(pos + 16, pos + 16 + first_size)]
+            entry, prefix = struct.Struct("<HHB"), 8
+        else:
+            return
+        while blocks:
+            block, block_end = blocks.pop()
+            if block in self.walked or block < start or block_end > end:
+                continue
+            self.walked.add(block)
+            self.bytes_left -= block_end - block
+            if self.bytes_left < 0:
+                raise CorruptCheckpointError(self.path, "the HDF5 file's object headers overlap or repeat (their "
+                                                        "blocks span more bytes than the file holds): it is damaged "
+                                                        "or crafted. Get the original file.")
+            while block + prefix <= block_end:
+                kind, size, _ = entry.unpack_from(data, block)
+                body, body_end = block + prefix, block + prefix + size
+                if body_end > block_end:
+                    break
+                if kind == _CONTINUATION and size >= 16:
+                    address, length = struct.unpack_from("<QQ", data, body)
+                    if prefix == 8:
+                        blocks.append((start + address, start + address + length))
+                    elif data[start + address:start + address + 4] == b"OCHK":  # "OCHK", messages, a checksum
+                        blocks.append((start + address + 4, start + address + length - 4))
+                elif kind == wanted and size:
+                    yield body, body_end
+                block = body_end
