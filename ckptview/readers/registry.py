@@ -316,7 +316,10 @@ FORMATS: list[Format] = [
         ("sharded sets: `model.safetensors.index.json`, `pytorch_model.bin.index.json`, or their folder (also a "
          "snapshot in the Hugging Face hub's cache)",
          "one checkpoint over all shards, each opened lazily and confined to the index's folder; missing/extra "
-         "shards and `weight_map` entries absent from their shard are reported"),
+         "shards and `weight_map` entries absent from their shard are reported; a folder holding the same weights "
+         "in both formats (`model.safetensors` beside `pytorch_model.bin`, sharded or not; diffusers' and PEFT's "
+         "names too) opens the copy `from_pretrained` loads, the safetensors one, and says so in "
+         "`details[\"chosen_from_folder\"]` (`scan` of the folder still judges every file)"),
     )),
     Format("onnx", "ONNX models (.onnx, with external data files)", _is_onnx, "ckptview.readers.onnx_file:read_onnx", (
         ("ONNX (`.onnx`, also with external data)",
