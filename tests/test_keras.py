@@ -204,6 +204,46 @@ def test_chunked_compressed_datasets_stream_through_h5py(tmp_path: Path) -> None
         assert torch.equal(torch.cat(chunks), torch.from_numpy(kernel).reshape(-1))
 
 
+def test_chunked_datasets_read_in_bands_and_exact_boxes(tmp_path: Path) -> None:
+    """Chunks that do not divide the array, read in pieces that cut rows and elements anywhere: a band
+    of rows one chunk tall at a time; a 4-D dataset in a deflated .keras archive as exact boxes."""
+    rng = np.random.default_rng(2)
+    kernel = rng.standard_normal((50, 41)).astype(np.float32)
+    path = write_weights_h5(tmp_path / "odd.h5", {"dense": {"dense/kernel:0": kernel}}, chunks=(7, 9),
+                            compression="gzip")
+    with ckptview.open(path) as ckpt:
+        for piece in (44, 1000, 50 * 41 * 4):
+            chunks = list(ckpt.tensor("dense.kernel").iter_chunks(chunk_bytes=piece))
+            assert torch.equal(torch.cat(chunks), torch.from_numpy(kernel).reshape(-1)), piece
+    archive = tmp_path / "deflated.keras"
+    with zipfile.ZipFile(FIXTURES / "keras3_trained.keras") as source, \
+            zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as target:
+        for item in source.infolist():
+            target.writestr(item.filename, source.read(item.filename))
+    with ckptview.open(archive) as ckpt:
+        kernels = [entry for entry in ckpt.tensors() if len(entry.shape) == 4]
+        assert kernels
+        for entry in kernels:
+            assert torch.equal(torch.cat(list(entry.iter_chunks(chunk_bytes=52))), entry.load().reshape(-1))
+
+
+def test_chunks_too_large_to_read_in_pieces_are_listed_not_inflated(tmp_path: Path) -> None:
+    """HDF5 inflates a whole chunk to give any element of it: a 2 MB file declaring one 2 GB row in one
+    chunk made each 2 MB read of statistics take 13 s and 4.3 GB. Chunks over 16 MiB (and bands of
+    rows one chunk tall over 64 MiB) are listed with a note and never read."""
+    zeros = np.zeros((1, 1 << 23), np.float32)
+    path = write_weights_h5(tmp_path / "big-chunk.h5", {"dense": {"dense/kernel:0": zeros}}, chunks=(1, 1 << 23),
+                            compression="gzip")
+    assert path.stat().st_size < 1 << 20
+    with ckptview.open(path) as ckpt:
+        entry = ckpt.tensor("dense.kernel")
+        assert entry.shape == (1, 1 << 23) and entry.layout == "unsupported"
+        assert "chunks of shape [1, 8388608] (33,554,432 bytes each" in entry.info.note
+        with pytest.raises(CkptviewError, match="HDF5 chunks"):
+            entry.load()
+    assert cli("stats", str(path))[0] == 0
+
+
 def test_keras3_nested_layers(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     path = tmp_path / "nested.weights.h5"
@@ -468,7 +508,8 @@ def test_text_reference_to_no_heap_claiming_gigabytes_is_refused(case: str, tmp_
     import sys
 
     if case.startswith("archive"):
-        path = _damaged_keras3_archive(tmp_path, zipfile.ZIP_STORED if case.endswith("stored") else zipfile.ZIP_DEFLATED)
+        compression = zipfile.ZIP_STORED if case.endswith("stored") else zipfile.ZIP_DEFLATED
+        path = _damaged_keras3_archive(tmp_path, compression)
     else:
         path = _damaged_keras2_copy(tmp_path, case)
     code = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))\nimport ckptview\n"
