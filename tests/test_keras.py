@@ -131,13 +131,21 @@ def test_custom_object_in_a_keras3_config_is_code(tmp_path: Path) -> None:
     assert code == 3 and "my_project.layers.Gate" in out
 
 
-def test_keras_archive_deflated_reads_the_same(tmp_path: Path) -> None:
+def test_keras_archive_deflated_reads_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deflated model.weights.h5 is inflated once into a temporary file, whose name is gone as soon
+    as the archive is opened: nothing is left behind, even by a checkpoint never closed."""
+    import tempfile
+
     path = tmp_path / "deflated.keras"
     with zipfile.ZipFile(FIXTURES / "keras3_trained.keras") as source, \
             zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as target:
         for item in source.infolist():
             target.writestr(item.filename, source.read(item.filename))
+    spill_dir = tmp_path / "tmp"
+    spill_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill_dir))
     with ckptview.open(FIXTURES / "keras3_trained.keras") as stored, ckptview.open(path) as deflated:
+        assert not list(spill_dir.iterdir())
         assert [e.name for e in stored.tensors()] == [e.name for e in deflated.tensors()]
         for a, b in zip(stored.tensors(), deflated.tensors()):
             assert torch.equal(a.load(), b.load()), a.name

@@ -126,6 +126,11 @@ class FileSource:
                     self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         return self._fd
 
+    def open(self) -> None:
+        """Open the file now rather than at the first read: a file about to lose its name (a temporary
+        one) stays readable through the descriptor."""
+        self._fileno()
+
     def read_into(self, buffer: memoryview, offset: int) -> None:
         fd = self._fileno()
         done = 0
