@@ -149,6 +149,10 @@ def test_keras_archive_deflated_reads_the_same(tmp_path: Path, monkeypatch: pyte
         assert [e.name for e in stored.tensors()] == [e.name for e in deflated.tensors()]
         for a, b in zip(stored.tensors(), deflated.tensors()):
             assert torch.equal(a.load(), b.load()), a.name
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))  # the cause is said to be the folder
+    with pytest.raises(CkptviewError, match=r"cannot inflate model.weights.h5 \(\d[\d,]* bytes\) into a temporary "
+                                            r"file in .*missing: No such file or directory\. .*TMPDIR"):
+        ckptview.open(path)
 
 
 # --- layouts written with h5py ------------------------------------------------------------------

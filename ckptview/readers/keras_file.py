@@ -28,12 +28,12 @@ Contiguous, uncompressed datasets (what Keras writes) are read in place, like sa
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
 import mmap
 import re
-import shutil
 import struct
 import tempfile
 import threading
@@ -41,7 +41,13 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ckptview.errors import CorruptCheckpointError, TruncatedCheckpointError, UnsupportedFormatError, printable
+from ckptview.errors import (
+    CkptviewError,
+    CorruptCheckpointError,
+    TruncatedCheckpointError,
+    UnsupportedFormatError,
+    printable,
+)
 from ckptview.readers.hdf5_text import check_hdf5_text
 from ckptview.readers.model import (
     Checkpoint,
@@ -149,10 +155,7 @@ def read_keras_zip(path: str, size: int, *, trust: bool) -> Checkpoint:
     # archive's stream inflated it again from its start at every backward seek (statistics of a 186 MB
     # archive took 14 s, against 1 s stored). The file loses its name once the checkpoint is read; the
     # descriptors that read it keep it until the checkpoint closes, and nothing is left behind.
-    with tempfile.NamedTemporaryFile(prefix="ckptview-", suffix=".weights.h5") as spill:
-        with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as member_stream:
-            shutil.copyfileobj(member_stream, spill, 1 << 20)  # at most _MAX_EXPANSION times the archive (above)
-        spill.flush()
+    with _inflated_copy(path, member) as spill:
         source = FileSource(spill.name)
         source.open()
         h5 = h5py.File(spill.name, "r", locking=False)
@@ -161,6 +164,32 @@ def read_keras_zip(path: str, size: int, *, trust: bool) -> Checkpoint:
         with mmap.mmap(spill.fileno(), 0, access=mmap.ACCESS_READ) as data:
             reader.heap_bytes = (data, 0, member.file_size)
             return reader.read(trust, config=config, metadata_json=metadata_json, format="keras")
+
+
+def _inflated_copy(path: str, member: zipfile.ZipInfo) -> Any:
+    """The archive's deflated model.weights.h5 inflated into a temporary file, named so that h5py can
+    open it; removed when closed. A temporary folder that is missing, full or read-only is said to be
+    the cause, not the archive."""
+    spill = None
+    try:
+        spill = tempfile.NamedTemporaryFile(prefix="ckptview-", suffix=".weights.h5")  # noqa: SIM115 (the caller's)
+        with zipfile.ZipFile(path) as archive, archive.open(member) as member_stream:
+            while piece := member_stream.read(1 << 20):  # at most _MAX_EXPANSION times the archive in all
+                spill.write(piece)
+        spill.flush()
+        return spill
+    except OSError as exc:
+        if spill is not None:
+            spill.close()
+        if exc.errno not in (errno.ENOENT, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        raise CkptviewError(path, f"cannot inflate model.weights.h5 ({member.file_size:,} bytes) into a temporary "
+                                  f"file in {tempfile.gettempdir()}: {exc.strerror or exc}. Free space there, point "
+                                  "TMPDIR elsewhere, or store the archive uncompressed (as Keras saves it).") from exc
+    except BaseException:
+        if spill is not None:
+            spill.close()
+        raise
 
 
 def _first_line(exc: BaseException) -> str:
