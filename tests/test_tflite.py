@@ -281,7 +281,7 @@ def test_a_tensor_list_naming_one_table_many_times_is_refused_at_once(tmp_path: 
     Python each (7.7 s; a 400 MB one 13 minutes). The converter writes each table once."""
     path = tmp_path / "repeated.tflite"
     path.write_bytes(build_model(np.ones((4, 3), np.float32), repeats=100_000))
-    with pytest.raises(CorruptCheckpointError, match=r"subgraph 0's tensor list names the same table more than "
+    with pytest.raises(CorruptCheckpointError, match=r"subgraph 0's tensor list names the same entry more than "
                                                      r"once \(100,000 repeats among 100,003 entries\)"):
         ckptview.open(path)
     path.write_bytes(build_model(np.ones((4, 3), np.float32)))

@@ -73,8 +73,11 @@ def read_tflite(path: str, size: int, *, trust: bool) -> Checkpoint:
             pass
 
 
-# where the schema's SubGraph table keeps its vectors of tensors and operators (vtable offsets)
-_SUBGRAPH_TENSORS, _SUBGRAPH_OPERATORS = 4, 10
+# The vectors the reader walks entry by entry, by their vtable offsets in the schema's tables
+_MODEL_LISTS = ((8, "subgraph list"), (16, "metadata list"), (18, "signature list"))
+_SUBGRAPH_LISTS = ((4, "tensor list", True), (6, "input list", False), (8, "output list", False),
+                   (10, "operator list", True))
+_SIGNATURE_LISTS = ((4, "input list"), (6, "output list"))
 
 
 def _enum_names(enum_class: Any) -> dict[int, str]:
@@ -121,11 +124,12 @@ class _Reader:
         self.buffer_ranges[index] = (start, length)
         return start, length
 
-    def refuse_repeated_tables(self, table: Any, field: int, what: str) -> None:
+    def refuse_repeats(self, table: Any, field: int, what: str, *, of_tables: bool = True) -> None:
         """
-        A vector of tables whose entries point at the same table: the converter writes each tensor and
-        operator once, and the bindings parse an entry in ~8 µs of Python, so 4 bytes an entry made a
-        crafted 4 MB file list one tensor a million times for 7.7 s (400 MB: 13 minutes).
+        A vector the reader walks entry by entry (of tables, or of tensor indices) that names one entry
+        more than once: the converter writes each tensor, operator or signature once and lists each
+        input once, and the bindings parse an entry in ~8 µs of Python, so at 4 bytes an entry a
+        crafted 4 MB file listed one tensor a million times for 7.7 s (400 MB: 13 minutes).
         """
         vector = table._tab.Offset(field)
         if not vector:
@@ -134,13 +138,13 @@ class _Reader:
         if start + 4 * count > self.size:
             raise TruncatedCheckpointError(self.path, f"{what} runs past the end of the file: it was cut off. Copy or "
                                                       "convert the model again.")
-        # each entry is an offset from its own position to its table
         entries = np.frombuffer(self.data, "<u4", count, start).astype(np.int64)
-        targets = entries + np.arange(start, start + 4 * count, 4)
-        repeats = count - len(np.unique(targets))
+        if of_tables:  # each entry is an offset from its own position to its table
+            entries += np.arange(start, start + 4 * count, 4)
+        repeats = count - len(np.unique(entries))
         if repeats:
-            raise CorruptCheckpointError(self.path, f"{what} names the same table more than once ({repeats:,} "
-                                                    f"repeats among {count:,} entries): TFLite's converter writes "
+            raise CorruptCheckpointError(self.path, f"{what} names the same entry more than once ({repeats:,} "
+                                                    f"repeats among {count:,} entries): TFLite's converter lists "
                                                     "each once, so the file is crafted or damaged. Convert the model "
                                                     "again.")
 
@@ -151,10 +155,12 @@ class _Reader:
         op_counts: Counter[str] = Counter()
         subgraphs = []
         quantized = 0
+        for field, what in _MODEL_LISTS:
+            self.refuse_repeats(model, field, f"the model's {what}")
         for graph_index in range(model.SubgraphsLength()):
             graph = model.Subgraphs(graph_index)
-            self.refuse_repeated_tables(graph, _SUBGRAPH_TENSORS, f"subgraph {graph_index}'s tensor list")
-            self.refuse_repeated_tables(graph, _SUBGRAPH_OPERATORS, f"subgraph {graph_index}'s operator list")
+            for field, what, of_tables in _SUBGRAPH_LISTS:
+                self.refuse_repeats(graph, field, f"subgraph {graph_index}'s {what}", of_tables=of_tables)
             prefix = "" if graph_index == 0 else f"subgraph{graph_index}."
             names: dict[int, str] = {}
             for index in range(graph.TensorsLength()):
@@ -209,6 +215,8 @@ class _Reader:
         out: dict[str, Any] = {}
         for index in range(self.model.SignatureDefsLength()):
             signature = self.model.SignatureDefs(index)
+            for field, what in _SIGNATURE_LISTS:
+                self.refuse_repeats(signature, field, f"signature {index}'s {what}")
             key = (signature.SignatureKey() or b"").decode("utf-8", "replace") or f"signature_{index}"
             sides = {}
             for side, count, item in (("inputs", signature.InputsLength(), signature.Inputs),
