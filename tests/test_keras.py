@@ -227,6 +227,14 @@ def test_chunked_datasets_read_in_bands_and_exact_boxes(tmp_path: Path) -> None:
         for piece in (44, 1000, 50 * 41 * 4):
             chunks = list(ckpt.tensor("dense.kernel").iter_chunks(chunk_bytes=piece))
             assert torch.equal(torch.cat(chunks), torch.from_numpy(kernel).reshape(-1)), piece
+    layers = {f"dense{i}": {f"dense{i}/kernel:0": kernel + i} for i in range(6)}
+    path = write_weights_h5(tmp_path / "six.h5", layers, chunks=(7, 9), compression="gzip")
+    with ckptview.open(path) as ckpt:  # the first bytes of each: a band read and not finished, each
+        for entry in ckpt.tensors():
+            first = next(iter(entry.iter_chunks(chunk_bytes=8)))
+            assert first.tolist() == (kernel + int(entry.name[5])).reshape(-1)[:2].tolist()
+        kept = {id(source._bands) for source in ckpt._sources if hasattr(source, "_bands")}
+        assert len(kept) == 1 and len(next(s for s in ckpt._sources if hasattr(s, "_bands"))._bands._bands) == 4
     archive = tmp_path / "deflated.keras"
     with zipfile.ZipFile(FIXTURES / "keras3_trained.keras") as source, \
             zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as target:

@@ -38,6 +38,7 @@ import struct
 import tempfile
 import threading
 import zipfile
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -263,7 +264,7 @@ class _RowSource:
     read of statistics (`tensor` now refuses such chunks, `_MAX_CHUNK_BYTES`).
     """
 
-    def __init__(self, path: str, dataset: Any, nbytes: int, keep_open: tuple[Any, ...] = ()) -> None:
+    def __init__(self, path: str, dataset: Any, nbytes: int, bands: _Bands, keep_open: tuple[Any, ...] = ()) -> None:
         self.path = path
         self._dataset = dataset
         self._nbytes = nbytes
@@ -273,7 +274,7 @@ class _RowSource:
         self._itemsize = dataset.dtype.itemsize
         self._row_bytes = self._itemsize * math.prod(self._shape[1:])
         self._band_rows = dataset.chunks[0] if dataset.chunks and self._shape else 0
-        self._band: tuple[int, bytes] | None = None  # (where it starts, its bytes)
+        self._bands = bands
 
     def read_into(self, buffer: memoryview, offset: int) -> None:
         end = offset + len(buffer)
@@ -293,15 +294,15 @@ class _RowSource:
         position = offset
         while position < end:
             start = position // band_bytes * band_bytes
-            if self._band is None or self._band[0] != start:
+            band = self._bands.get(self, start)
+            if band is None:
                 row = start // self._row_bytes
-                self._band = (start, self._dataset[row:row + self._band_rows].tobytes())
-            band = self._band[1]
+                band = self._bands.put(self, start, self._dataset[row:row + self._band_rows].tobytes())
             stop = min(end, start + len(band))
             buffer[position - offset:stop - offset] = band[position - start:stop - start]
             position = stop
-            if stop == start + len(band):  # read to its end: a pass moves on, and nothing keeps it
-                self._band = None
+            if stop == start + len(band):  # read to its end: a pass moves on
+                self._bands.drop(self, start)
 
     def read(self, offset: int, size: int) -> bytes:
         buffer = bytearray(size)
@@ -311,6 +312,35 @@ class _RowSource:
     def close(self) -> None:
         for item in self._keep_open:  # h5py files and zip streams: closing twice is harmless
             item.close()
+
+
+class _Bands:
+    """
+    The bands of rows a file's chunked datasets have read and not yet read to their end, the last
+    few only: a band can be 64 MiB, and a preview of each of a hundred tensors would otherwise keep
+    one each. A few, not one: statistics read two tensors at once, and each would evict the other's.
+    """
+
+    _KEPT = 4
+
+    def __init__(self) -> None:
+        self._bands: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, source: object, start: int) -> bytes | None:
+        with self._lock:
+            return self._bands.get((id(source), start))
+
+    def put(self, source: object, start: int, band: bytes) -> bytes:
+        with self._lock:
+            self._bands[(id(source), start)] = band
+            while len(self._bands) > self._KEPT:
+                self._bands.popitem(last=False)
+        return band
+
+    def drop(self, source: object, start: int) -> None:
+        with self._lock:
+            self._bands.pop((id(source), start), None)
 
 
 def _boxes(shape: tuple[int, ...], first: int, last: int) -> Iterator[tuple[slice, ...]]:
@@ -385,6 +415,7 @@ class _Reader:
         self.inner_size = size if inner_size is None else inner_size
         self.keep_open = keep_open
         self.sources: list[Any] = [source]
+        self.bands = _Bands()  # shared by the file's chunked datasets
         self.layers: dict[str, LayerRole] = {}
         self.optimizer_name = ""
         self.heap_bytes: tuple[Any, int, int] | None = None  # (buffer, start, end) of the HDF5 file's bytes
@@ -504,7 +535,7 @@ class _Reader:
             storage = Storage(key=key, source=self.source, offset=self.base_offset + offset, nbytes=nbytes,
                               location="cpu", byteorder=byteorder)
         else:
-            row_source = _RowSource(self.path, self.h5py.Dataset(dataset_id), nbytes, self.keep_open)
+            row_source = _RowSource(self.path, self.h5py.Dataset(dataset_id), nbytes, self.bands, self.keep_open)
             self.keep_open = ()  # closed once, with the first source that holds it
             self.sources.append(row_source)
             storage = Storage(key=key, source=row_source, offset=0, nbytes=nbytes, location="cpu",  # type: ignore[arg-type]
