@@ -22,8 +22,9 @@ training views map it exactly. Each weight gets a `LayerRole` (Dense kernel `[in
 Linear weight, BatchNormalization `moving_variance` a `running_var`, ...), so the tensor table and
 `batchnorm_checks` read Keras models as they read PyTorch ones.
 
-Contiguous, uncompressed datasets (what Keras writes) are read in place, like safetensors; others
-(chunked, compressed, or inside a deflated archive) through h5py a block of rows at a time.
+Contiguous, uncompressed datasets (what Keras writes) are read in place, like safetensors (a
+deflated archive's `model.weights.h5` from a temporary copy inflated once); chunked or compressed
+ones through h5py, a band of rows one chunk tall at a time.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def read_keras_h5(path: str, size: int, *, trust: bool) -> Checkpoint:
     except OSError as exc:
         raise CorruptCheckpointError(path, f"an HDF5 file that h5py cannot open ({_first_line(exc)}): it is damaged or "
                                            "cut off. Copy or save it again.") from exc
-    reader = _Reader(path, size, h5, source, base_offset=0, in_place=True, keep_open=(h5,))
+    reader = _Reader(path, size, h5, source, base_offset=0, keep_open=(h5,))
     with open(path, "rb") as stream, mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
         reader.heap_bytes = (data, 0, size)
         return reader.read(trust, config=None, metadata_json=None, format="keras-h5")
@@ -147,8 +148,8 @@ def read_keras_zip(path: str, size: int, *, trust: bool) -> Checkpoint:
     if stored:
         stream: Any = _Window(path, base_offset, member.file_size)
         h5 = h5py.File(stream, "r", locking=False)
-        reader = _Reader(path, size, h5, FileSource(path), base_offset=base_offset, in_place=True,
-                         inner_size=member.file_size, keep_open=(h5, stream))
+        reader = _Reader(path, size, h5, FileSource(path), base_offset=base_offset, inner_size=member.file_size,
+                         keep_open=(h5, stream))
         with open(path, "rb") as raw, mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ) as data:
             reader.heap_bytes = (data, base_offset, base_offset + member.file_size)
             return reader.read(trust, config=config, metadata_json=metadata_json, format="keras")
@@ -160,8 +161,7 @@ def read_keras_zip(path: str, size: int, *, trust: bool) -> Checkpoint:
         source = FileSource(spill.name)
         source.open()
         h5 = h5py.File(spill.name, "r", locking=False)
-        reader = _Reader(path, size, h5, source, base_offset=0, in_place=True, inner_size=member.file_size,
-                         keep_open=(h5,))
+        reader = _Reader(path, size, h5, source, base_offset=0, inner_size=member.file_size, keep_open=(h5,))
         with mmap.mmap(spill.fileno(), 0, access=mmap.ACCESS_READ) as data:
             reader.heap_bytes = (data, 0, member.file_size)
             return reader.read(trust, config=config, metadata_json=metadata_json, format="keras")
@@ -405,13 +405,13 @@ class _TextAttributes:
 
 
 class _Reader:
-    def __init__(self, path: str, size: int, h5: Any, source: FileSource, *, base_offset: int, in_place: bool,
+    def __init__(self, path: str, size: int, h5: Any, source: FileSource, *, base_offset: int,
                  inner_size: int | None = None, keep_open: tuple[Any, ...] = ()) -> None:
         import h5py
 
         self.h5py = h5py
         self.path, self.size, self.h5, self.source = path, size, h5, source
-        self.base_offset, self.in_place = base_offset, in_place
+        self.base_offset = base_offset
         self.inner_size = size if inner_size is None else inner_size
         self.keep_open = keep_open
         self.sources: list[Any] = [source]
@@ -531,7 +531,7 @@ class _Reader:
                                        f"{_MAX_CHUNK_BYTES >> 20} MiB chunks and {_MAX_BAND_BYTES >> 20} MiB bands. "
                                        "Save it again with h5py's default chunks")
         byteorder = "big" if dtype.byteorder == ">" else "little"
-        if offset is not None and not plist.get_nfilters() and self.in_place:
+        if offset is not None and not plist.get_nfilters():
             storage = Storage(key=key, source=self.source, offset=self.base_offset + offset, nbytes=nbytes,
                               location="cpu", byteorder=byteorder)
         else:
