@@ -47,7 +47,7 @@ def check_hdf5_text(path: str, data: Any, start: int, end: int, *, data_extents:
 
     Args:
         data_extents: absolute byte ranges known to hold dataset values, where no collection or
-            header is searched for (the weights are nearly all of a file: a 508 MB file costs
+            reference is searched for (the weights are nearly all of a file: a 508 MB file costs
             0.03 s instead of 0.7 s).
         object_headers: the addresses (relative to `start`) of the objects' headers whose
             attributes are checked element by element.
@@ -82,12 +82,12 @@ def check_hdf5_text(path: str, data: Any, start: int, end: int, *, data_extents:
             # the address alone also occurs in other structures (a virtual dataset's mapping), after bytes that are
             # no length: refused only where the index names one of the collection's objects and the length exceeds it
             needle = struct.pack("<Q", collection)
-            pos = data.find(needle, gap_start + 4, gap_end - 12)
+            pos = data.find(needle, gap_start + 4, gap_end - 4)
             while pos >= 0:
                 length, _, index = _REFERENCE.unpack_from(data, pos - 4)
                 if length > _HARMLESS_ALLOCATION and length > objects.get(index, length):
                     raise _greedy_reference(path, pos - 4 - start, length, objects[index])
-                pos = data.find(needle, pos + 1, gap_end - 12)
+                pos = data.find(needle, pos + 1, gap_end - 4)
 
 
 def _greedy_reference(path: str, offset: int, claimed: int, held: int | None) -> CorruptCheckpointError:
