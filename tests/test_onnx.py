@@ -484,6 +484,43 @@ def test_external_data_past_its_file_end_is_refused(tmp_path: Path) -> None:
     _refused(_model_with_external(tmp_path, "w.bin"), CorruptCheckpointError, "cannot be read")
 
 
+def _model_reading_ranges(folder: Path, ranges: list[tuple[int, int]]) -> Path:
+    """A model whose initializers w0, w1, ... read (offset, length) of one data file, written by onnx."""
+    (folder / "w.bin").write_bytes(np.arange(64, dtype=np.float32).tobytes())
+    tensors = []
+    for index, (offset, length) in enumerate(ranges):
+        tensor = numpy_helper.from_array(np.zeros(length // 4, np.float32), f"w{index}")
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", "w.bin"), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        tensors.append(tensor)
+    nodes = [helper.make_node("Identity", [t.name], [f"y{i}"]) for i, t in enumerate(tensors)]
+    outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(len(tensors))]
+    path = folder / "model.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [], outputs, initializer=tensors)), str(path))
+    return path
+
+
+def test_initializers_reading_one_range_are_one_storage_and_overlaps_are_refused(tmp_path: Path) -> None:
+    """External data written by an exporter does not overlap. Initializers reading the very same bytes
+    are one storage, read once by statistics (a thousand of them over one 100 MB range would otherwise
+    read 100 GB); ranges that overlap otherwise are refused."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    with ckptview.open(_model_reading_ranges(shared, [(0, 128)] * 1000 + [(128, 64)])) as ckpt:
+        assert len(ckpt.tensors()) == 1001 and len(ckpt.unique_tensors()) == 2
+        assert ckpt.tensor("w999").load().tolist() == list(range(32))
+        rows = {row.name: row for row in ckptview.stats(ckpt, progress=False).tensors}
+        assert rows["w999"].mean == rows["w0"].mean == 15.5
+    overlapping = tmp_path / "overlapping"
+    overlapping.mkdir()
+    message = _refused(_model_reading_ranges(overlapping, [(0, 128), (64, 128)]), CorruptCheckpointError,
+                       "read overlapping bytes of their external data file")
+    assert "'w0' and 'w1'" in message
+
+
 def test_truncated_and_lying_protobufs(cnn_onnx: Path, tmp_path: Path) -> None:
     data = cnn_onnx.read_bytes()
     cut = tmp_path / "cut.onnx"

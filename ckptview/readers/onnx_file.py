@@ -560,6 +560,8 @@ class _Builder:
         self.root: dict[str, TensorInfo] = {}
         self.names: dict[int, str] = {}  # id(_Tensor) -> its name in root
         self.data_types: dict[str, int] = {}  # root name -> ONNX data type as stored
+        # (data file's source, offset, length) -> the storage over those bytes, and the name of its tensor
+        self.external_ranges: dict[tuple[int, int, int], tuple[Storage, str]] = {}
 
     # -- tensors --
     def add(self, name: str, tensor: _Tensor) -> None:
@@ -606,6 +608,10 @@ class _Builder:
         """A Storage over the bytes stored as they are used (raw_data, packed floats, external data)."""
         if tensor.location == 1 or (tensor.external and tensor.raw is None):
             source, offset, length = self.external_range(name, tensor, nbytes)
+            same = self.external_ranges.get((id(source), offset, length))
+            if same is not None and length == nbytes:
+                # two initializers stored at one place are one storage: statistics and diffs read it once
+                return same[0]
         elif tensor.raw is not None:
             (offset, length), source = tensor.raw, self.source
         elif tensor.packed is not None:
@@ -617,7 +623,28 @@ class _Builder:
                                                     f"{list(tensor.dims)} and type "
                                                     f"{ONNX_TYPE_NAMES.get(tensor.data_type, tensor.data_type)} need "
                                                     f"{nbytes:,}: the file is damaged. Re-export it.")
-        return Storage(key=key, source=source, offset=offset, nbytes=length, location="cpu")
+        storage = Storage(key=key, source=source, offset=offset, nbytes=length, location="cpu")
+        if source is not self.source:
+            self.external_ranges[(id(source), offset, length)] = (storage, name)
+        return storage
+
+    def refuse_overlapping_external_data(self) -> None:
+        """
+        Initializers whose external data overlap without being the same bytes: an exporter writes each
+        tensor once, one after another. A crafted model could have ten thousand initializers read one
+        100 MB range, and statistics would read a terabyte for a file of 100 MB.
+        """
+        by_source: dict[int, list[tuple[int, int, str]]] = {}
+        for (source, offset, length), (_, name) in self.external_ranges.items():
+            by_source.setdefault(source, []).append((offset, offset + length, name))
+        for ranges in by_source.values():
+            ranges.sort()
+            for (_, end, first), (start, _, second) in zip(ranges, ranges[1:]):
+                if start < end:
+                    raise CorruptCheckpointError(self.path, f"tensors {first!r} and {second!r} read overlapping bytes "
+                                                            "of their external data file: an exporter writes each "
+                                                            "tensor's data once, so the model is crafted or damaged. "
+                                                            "Re-export it.")
 
     def external_range(self, name: str, tensor: _Tensor, nbytes: int) -> tuple[Any, int, int]:
         location = tensor.external.get("location", "")
@@ -1038,6 +1065,7 @@ def read_onnx(path: str, size: int, *, trust: bool) -> Checkpoint:
         "quantized_tensors": quantized,
         "metadata_props": model["metadata_props"],
     }
+    builder.refuse_overlapping_external_data()
     sources = [source] + [src for src, _ in builder.external.values()]
     return Checkpoint(path, "onnx", builder.root, file_size=size, sources=sources, metadata=model["metadata_props"],
                       trust=trust, details=details, layers=layers)
