@@ -177,6 +177,36 @@ def test_entry_past_its_shard_and_truncated_index(tmp_path: Path) -> None:
         refused(index, TruncatedCheckpointError, "cut off")
 
 
+def test_entries_reading_overlapping_bytes_are_refused(tmp_path: Path) -> None:
+    """TensorFlow writes each tensor's bytes once; an index whose entries read one range again (ten
+    thousand entries over 100 MB would make statistics read a terabyte) is refused when opened."""
+    from ckptview.readers.tf_checkpoint import _entry, _Table
+
+    def varint(value: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+            value >>= 7
+            if not value:
+                return bytes(out)
+
+    index = copy_checkpoint(tmp_path)
+    data = index.read_bytes()
+    values = dict(_Table(str(index), data).entries())
+    entries = {key: _entry(str(index), key, value) for key, value in values.items() if key}
+    pairs = [(a, b) for a in entries for b in entries
+             if a != b and entries[a]["size"] and entries[b]["size"]
+             and entries[a]["shard_id"] == entries[b]["shard_id"]
+             and len(varint(entries[a]["offset"])) == len(varint(entries[b]["offset"]))
+             and data.count(values[b]) == 1]
+    first, second = pairs[0]
+    offset_field = b"\x20" + varint(entries[second]["offset"])  # field 4 (offset), a varint
+    moved = values[second].replace(offset_field, b"\x20" + varint(entries[first]["offset"]), 1)
+    assert moved != values[second]
+    index.write_bytes(data.replace(values[second], moved))
+    refused(index, CorruptCheckpointError, "read overlapping bytes of their data shard")
+
+
 def test_checkpoint_state_file_opens_the_latest(tmp_path: Path) -> None:
     index = copy_checkpoint(tmp_path)
     state = index.parent / "checkpoint"

@@ -375,6 +375,7 @@ class TensorBundle:
                 raise ShardError(index_path, f"data shard {os.path.basename(shard)} in {folder} cannot be read: copy "
                                              "it again.") from None
             self.sources.append(FileSource(resolved))
+        self.ranges: list[tuple[int, int, int, str]] = []  # (shard, offset, end, key) of each tensor read
 
     def tensors(self) -> Iterator[tuple[str, dict[str, Any], TensorInfo | None]]:
         """(key, entry, TensorInfo or None for strings and other untensorable entries) in key order."""
@@ -459,11 +460,27 @@ class TensorBundle:
             raise CorruptCheckpointError(self.path, f"tensor {name!r} is {list(shape)} {dtype} ({nbytes:,} bytes) but "
                                                     f"its index entry says {entry['size']:,} bytes: the index is "
                                                     "damaged. Copy the checkpoint again.")
+        if nbytes:
+            self.ranges.append((shard, entry["offset"], end, key))
         expected = _unmask(entry["crc32c"]) if entry["crc32c"] is not None else None
         source = _CheckedRange(self.sources[shard], entry["offset"], entry["size"], expected, key, self.path)
         storage = Storage(key=key, source=source, offset=entry["offset"], nbytes=entry["size"],  # type: ignore[arg-type]
                           location="cpu", byteorder="big" if self.big_endian else "little")
         return TensorInfo(shape=shape, dtype=dtype, storage=storage, stride=contiguous_stride(shape))
+
+    def refuse_overlaps(self) -> None:
+        """
+        Tensors whose bytes overlap in a data shard: TensorFlow writes each once, one after another. A
+        crafted index could have ten thousand entries read one 100 MB range, and statistics would read
+        a terabyte for a checkpoint of 100 MB.
+        """
+        self.ranges.sort()
+        for (shard, _, end, first), (next_shard, start, _, second) in zip(self.ranges, self.ranges[1:]):
+            if shard == next_shard and start < end:
+                raise CorruptCheckpointError(self.path, f"tensors {printable(first)!r} and {printable(second)!r} read "
+                                                        "overlapping bytes of their data shard: TensorFlow writes "
+                                                        "each tensor once, so the index is crafted or damaged. Copy "
+                                                        "the checkpoint again.")
 
     def string_value(self, key: str) -> bytes | None:
         """A scalar string tensor's bytes (the object graph): TensorFlow stores the length as a varint,
@@ -491,6 +508,7 @@ class TensorBundle:
 
         graph = _object_graph(self.path, self.string_value(OBJECT_GRAPH_KEY))
         listed = [(key, entry, info) for key, entry, info in self.tensors() if key != OBJECT_GRAPH_KEY]
+        self.refuse_overlaps()
         full_names, optimizer_keys = _graph_names(graph)
         slot_names: dict[str, str] = {}
         if graph is None:
