@@ -264,6 +264,23 @@ def test_chunks_too_large_to_read_in_pieces_are_listed_not_inflated(tmp_path: Pa
     assert cli("stats", str(path))[0] == 0
 
 
+def test_datasets_sharing_their_bytes_are_refused(tmp_path: Path) -> None:
+    """Each dataset's values are written once; a crafted file whose datasets all point at one range
+    (ten thousand over 100 MB would make statistics read a terabyte) is refused at open."""
+    import struct
+
+    kernel, bias = np.ones((8, 8), np.float32), np.zeros(64, np.float32)
+    path = write_weights_h5(tmp_path / "shared.h5", {"dense": {"dense/kernel:0": kernel, "dense/bias:0": bias}})
+    with h5py.File(path, "r") as f:
+        first, second = (f[f"dense/dense/{name}:0"].id.get_offset() for name in ("kernel", "bias"))
+    data = path.read_bytes()
+    layout = struct.pack("<BBQQ", 3, 1, second, 256)  # version 3, contiguous, the address, the size
+    assert data.count(layout) == 1
+    path.write_bytes(data.replace(layout, struct.pack("<BBQQ", 3, 1, first, 256)))
+    with pytest.raises(CorruptCheckpointError, match="keep their values in overlapping bytes of the file"):
+        ckptview.open(path)
+
+
 def test_keras3_nested_layers(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     path = tmp_path / "nested.weights.h5"

@@ -343,6 +343,10 @@ class _Bands:
             self._bands.pop((id(source), start), None)
 
 
+def _dataset_path(name: bytes) -> str:
+    return repr(printable("/" + name.decode("utf-8", "replace")))
+
+
 def _boxes(shape: tuple[int, ...], first: int, last: int) -> Iterator[tuple[slice, ...]]:
     """
     Hyperslabs of an array of `shape` that together hold its elements `first` to `last` (exclusive)
@@ -443,12 +447,12 @@ class _Reader:
     def check_text(self) -> None:
         """`check_hdf5_text` over the file's bytes, told where its objects' headers are and where
         contiguous datasets keep their bytes (not searched for heaps: the weights are nearly all of a
-        file). HDF5's visit reads object headers only, no attribute."""
+        file), once those do not overlap. HDF5's visit reads object headers only, no attribute."""
         if self.heap_bytes is None:
             return
         data, start, end = self.heap_bytes
         self.heap_bytes = None
-        extents: list[tuple[int, int]] = []
+        extents: list[tuple[int, int, bytes]] = []
         headers = [self.h5py.h5o.get_info(self.h5.id).addr]  # h5py's visit leaves out the object it starts from
         contiguous = self.h5py.h5d.CONTIGUOUS
 
@@ -459,11 +463,22 @@ class _Reader:
             dataset = self.h5py.h5o.open(self.h5.id, name)
             if dataset.get_create_plist().get_layout() == contiguous:
                 offset = dataset.get_offset()
-                if offset is not None:
-                    extents.append((start + offset, start + offset + dataset.get_storage_size()))
+                if offset is not None:  # what `tensor` reads from there: the shape's bytes
+                    nbytes = dataset.get_space().get_simple_extent_npoints() * dataset.get_type().get_size()
+                    extents.append((start + offset, start + offset + max(nbytes, dataset.get_storage_size()), name))
 
         self.h5py.h5o.visit(self.h5.id, visit, info=True)
-        check_hdf5_text(self.path, data, start, end, data_extents=extents, object_headers=headers)
+        extents.sort()
+        for (_, first_end, first), (second_start, _, second) in zip(extents, extents[1:]):
+            if second_start < first_end:
+                # h5py and Keras write each dataset's bytes once; ten thousand datasets over one 100 MB range
+                # would make statistics read a terabyte
+                raise CorruptCheckpointError(self.path, f"datasets {_dataset_path(first)} and {_dataset_path(second)} "
+                                                        "keep their values in overlapping bytes of the file: HDF5 "
+                                                        "writes each once, so the file is crafted or damaged. Get the "
+                                                        "original file.")
+        check_hdf5_text(self.path, data, start, end, data_extents=[extent[:2] for extent in extents],
+                        object_headers=headers)
 
     def attrs(self, obj: Any) -> _TextAttributes:
         return _TextAttributes(self.path, obj, self.h5py)
