@@ -244,6 +244,53 @@ def test_subgraphs_sharing_a_buffer(tmp_path: Path) -> None:
         assert torch.equal(ckpt.tensor("subgraph1.fc/weight").load(), torch.from_numpy(weight))
 
 
+def test_buffers_over_overlapping_bytes_are_refused(tmp_path: Path) -> None:
+    """Tensors that share data share a buffer index; distinct buffers over one range (each reading the
+    same 100 MB, say) are refused, as the converter writes each buffer's data once."""
+    b = flatbuffers.Builder(1024)
+    data = b.CreateByteVector(np.arange(12, dtype=np.float32).tobytes())
+    tflite.BufferStart(b)
+    buffers = [tflite.BufferEnd(b)]  # buffer 0: empty, as the converter writes it
+    for _ in range(2):  # two buffer tables, one data vector
+        tflite.BufferStart(b)
+        tflite.BufferAddData(b, data)
+        buffers.append(tflite.BufferEnd(b))
+    tensors = []
+    for index in (1, 2):
+        name = b.CreateString(f"w{index}")
+        tflite.TensorStartShapeVector(b, 1)
+        b.PrependInt32(12)
+        shape = b.EndVector()
+        tflite.TensorStart(b)
+        tflite.TensorAddName(b, name)
+        tflite.TensorAddShape(b, shape)
+        tflite.TensorAddType(b, tflite.TensorType.FLOAT32)
+        tflite.TensorAddBuffer(b, index)
+        tensors.append(tflite.TensorEnd(b))
+    tflite.SubGraphStartTensorsVector(b, 2)
+    for tensor in reversed(tensors):
+        b.PrependUOffsetTRelative(tensor)
+    tensor_vector = b.EndVector()
+    tflite.SubGraphStart(b)
+    tflite.SubGraphAddTensors(b, tensor_vector)
+    subgraph = tflite.SubGraphEnd(b)
+    vectors = []
+    for items in ([subgraph], buffers):
+        b.StartVector(4, len(items), 4)
+        for item in reversed(items):
+            b.PrependUOffsetTRelative(item)
+        vectors.append(b.EndVector())
+    tflite.ModelStart(b)
+    tflite.ModelAddVersion(b, 3)
+    tflite.ModelAddSubgraphs(b, vectors[0])
+    tflite.ModelAddBuffers(b, vectors[1])
+    b.Finish(tflite.ModelEnd(b), file_identifier=b"TFL3")
+    path = tmp_path / "overlap.tflite"
+    path.write_bytes(bytes(b.Output()))
+    with pytest.raises(CorruptCheckpointError, match="buffers 1 and 2 keep their data in overlapping bytes"):
+        ckptview.open(path)
+
+
 def test_sparse_tensors_are_listed_not_decoded(tmp_path: Path) -> None:
     path = tmp_path / "sparse.tflite"
     path.write_bytes(build_model(np.arange(6, dtype=np.float32).reshape(2, 3), sparse=True))

@@ -148,6 +148,20 @@ class _Reader:
                                                     "each once, so the file is crafted or damaged. Convert the model "
                                                     "again.")
 
+    def refuse_overlapping_buffers(self) -> None:
+        """
+        Buffers whose bytes overlap: the converter writes each buffer's data once (tensors that share
+        data share the buffer's index, and read as one storage). Distinct buffers over one 100 MB range
+        would make statistics read it once per buffer.
+        """
+        ranges = sorted((start, start + length, index)
+                        for index, (start, length) in self.buffer_ranges.items() if length)
+        for (_, end, first), (start, _, second) in zip(ranges, ranges[1:]):
+            if start < end:
+                raise CorruptCheckpointError(self.path, f"buffers {first} and {second} keep their data in overlapping "
+                                                        "bytes of the file: the converter writes each buffer once, so "
+                                                        "the model is crafted or damaged. Convert it again.")
+
     def checkpoint(self, trust: bool) -> Checkpoint:
         model = self.model
         root: dict[str, TensorInfo] = {}
@@ -189,6 +203,7 @@ class _Reader:
                 "outputs": [self.describe(graph, i) for i in graph.OutputsAsNumpy().tolist()]
                 if graph.OutputsLength() else [],
             })
+        self.refuse_overlapping_buffers()
         details = {
             "schema_version": model.Version(),
             "description": (model.Description() or b"").decode("utf-8", "replace"),
