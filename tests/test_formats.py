@@ -436,6 +436,29 @@ def test_dcp_metadata_payload_not_run(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def test_dcp_items_overlapping_in_a_data_file_are_refused(tmp_path: Path) -> None:
+    """DCP writes each item once. An item whose range starts earlier than its archive (over the item
+    before it) still parses, as bytes before an archive shift its offsets, so a crafted .metadata could
+    have many items read one archive, each read again by statistics: refused. The .metadata is
+    torch's own, re-pickled with one change."""
+    import dataclasses
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "dcp"
+    dcp.save({"a": torch.ones(64), "b": torch.zeros(64)}, checkpoint_id=str(folder))
+    with ckptview.open(folder) as ckpt:
+        assert sorted(entry.name for entry in ckpt.tensors()) == ["a", "b"]
+    metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+    (first_index, first), (second_index, second) = sorted(metadata.storage_data.items(), key=lambda kv: kv[1].offset)
+    metadata.storage_data[second_index] = dataclasses.replace(second, offset=first.offset,
+                                                              length=second.offset + second.length - first.offset)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(ckptview.CkptviewError, match="overlap in __0_0.distcp: DCP writes each item once"):
+        ckptview.open(folder)
+
+
 def test_numpy_values_and_a_lone_tensor(tmp_path: Path) -> None:
     import numpy as np
 

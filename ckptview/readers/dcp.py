@@ -56,6 +56,8 @@ def read_dcp(path: str, *, trust: bool) -> Checkpoint:
     for index, info in storage_data.items():
         locations.setdefault(str(_field(index, "fqn")), []).append((_field(index, "offset"), info))
 
+    _refuse_overlaps(path, storage_data)
+
     sources: dict[str, FileSource] = {}
     root: dict[Any, Any] = {}
     for fqn, item in items.items():
@@ -110,6 +112,29 @@ def _read_item(path: str, fqn: str, item: Any, locations: list[tuple[Any, Any]],
         raise CorruptCheckpointError(source.path, f"item {fqn!r} at byte {start:,} is not a torch.save archive: the "
                                                   "file is damaged. Re-save the checkpoint.") from exc
     return parsed.root
+
+
+def _refuse_overlaps(path: str, storage_data: dict[Any, Any]) -> None:
+    """
+    Items whose bytes overlap in a data file, refused before any is read: DCP writes each item once,
+    one after another. Items of a crafted .metadata starting a byte apart before one archive, all
+    ending at its end, each parse as that archive (bytes before an archive shift its offsets, as
+    zipfile allows), and statistics would read its tensors once per item.
+    """
+    ranges = []
+    for index, info in storage_data.items():
+        try:
+            start, length = int(_field(info, "offset")), int(_field(info, "length"))
+        except (TypeError, ValueError):
+            continue  # said when the item is read
+        if length > 0:
+            ranges.append((str(_field(info, "relative_path")), start, start + length, str(_field(index, "fqn"))))
+    ranges.sort()
+    for (source, _, end, first), (next_source, start, _, second) in zip(ranges, ranges[1:]):
+        if source == next_source and start < end:
+            raise CorruptCheckpointError(path, f"items {printable(first)!r} and {printable(second)!r} overlap in "
+                                               f"{printable(source)}: DCP writes each item once, so "
+                                               "the .metadata is crafted or damaged. Re-save the checkpoint.")
 
 
 def _insert(root: dict[Any, Any], keys: Any, fqn: str, value: Any) -> None:
