@@ -99,3 +99,44 @@ def test_data_offset_of_names_in_every_encoding_and_a_local_header_naming_anothe
     forged.write_bytes(local[:first.header_offset + 26] + (9).to_bytes(2, "little") + local[first.header_offset + 28:])
     with pytest.raises(BadZip, match="disagrees"):
         data_offset(FileSource(forged).read, first.name, first.header_offset)
+
+
+def _nest_second_member(path: Path, second: str) -> None:
+    """Point member `second`'s directory entry into the data of the member before it, as an overlapping
+    ("quoted overlap") zip bomb does: its bytes are read again through the second name."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+    index = [info.filename for info in infos].index(second)
+    before = infos[index - 1]
+    entry = data.rindex(second.encode()) - 46  # the central directory's entry: its name starts 46 bytes in
+    assert data[entry:entry + 4] == b"PK\x01\x02"
+    data[entry + 42:entry + 46] = struct.pack("<L", before.header_offset + 30 + len(before.filename))
+    path.write_bytes(bytes(data))
+
+
+def test_members_overlapping_one_another_are_refused(tmp_path: Path) -> None:
+    """Zip writers lay members one after another; members nested in one another make every reader read
+    the shared bytes once per member (ten thousand tensors over one 100 MB range: a terabyte for
+    statistics; deflated, the classic overlapping zip bomb). Refused from the directory alone, in a
+    torch archive and in an .npz."""
+    import numpy as np
+
+    import ckptview
+    from ckptview.errors import CorruptCheckpointError
+
+    torch_file = tmp_path / "nested.pt"
+    torch.save({"a": torch.ones(64), "b": torch.zeros(64)}, torch_file)
+    with zipfile.ZipFile(torch_file) as archive:
+        storages = [name for name in archive.namelist() if "/data/" in name]
+    _nest_second_member(torch_file, storages[1])
+    with pytest.raises(CorruptCheckpointError, match="the archive's members .* overlap: zip writers lay members"):
+        ckptview.open(torch_file)
+
+    npz = tmp_path / "nested.npz"
+    np.savez_compressed(npz, a=np.ones(4096), b=np.zeros(4096))
+    _nest_second_member(npz, "b.npy")
+    with pytest.raises(CorruptCheckpointError, match="the .npz's members a.npy and b.npy overlap"):
+        ckptview.open(npz)

@@ -25,7 +25,13 @@ import torch
 
 from ckptview.errors import CorruptCheckpointError, TruncatedCheckpointError, UnsupportedFormatError
 from ckptview.readers.model import Checkpoint, FileSource, PickleImport, Storage, TensorInfo
-from ckptview.readers.zip_directory import LOCAL_HEADER_BYTES, BadZip, data_offset
+from ckptview.readers.zip_directory import (
+    LOCAL_HEADER_BYTES,
+    BadZip,
+    Member,
+    data_offset,
+    refuse_overlapping_members,
+)
 
 # Deflate cannot expand data more than ~1032:1; a member claiming more is a zip bomb or damaged.
 _MAX_DEFLATE_RATIO = 1032
@@ -156,6 +162,9 @@ def read_npz(path: str, size: int, *, trust: bool) -> Checkpoint:
         raise CorruptCheckpointError(path, f"its zip directory is damaged ({exc}): the .npz was cut off or "
                                            "corrupted. Copy it again or re-save it with numpy.savez.") from exc
     with archive:
+        refuse_overlapping_members(path, [Member(info.filename, info.header_offset, info.compress_type,
+                                                 info.compress_size, info.file_size, info.flag_bits, info.CRC)
+                                          for info in archive.infolist()], "the .npz")
         for info in archive.infolist():
             key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
             root[key], member, header_len = _member(archive, info, path, size, source)

@@ -41,6 +41,7 @@ from ckptview.readers.zip_directory import (
     Member,
     NoEndRecord,
     data_offset,
+    refuse_overlapping_members,
     read_directory,
     read_member,
 )
@@ -239,6 +240,7 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
     read = archive_reader(source.read)
 
     listed = _zip_members(path, read, archive_size)
+    refuse_overlapping_members(path, listed, "the archive")
     names = [member.name for member in listed]
     members = {member.name: member for member in listed}
     prefix = archive_prefix(path, names)

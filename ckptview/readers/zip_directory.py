@@ -21,6 +21,8 @@ import zlib
 from collections.abc import Callable
 from typing import NamedTuple
 
+from ckptview.errors import CorruptCheckpointError, printable
+
 STORED, DEFLATED = 0, 8
 
 _END = struct.Struct("<4s4H2LH")  # signature, disk numbers, entry counts, directory size and offset, comment length
@@ -139,6 +141,43 @@ def _zip64_values(extra: bytes, file_size: int, compress_size: int, header_offse
             return values[0], values[1], values[2]
         position += 4 + length
     raise BadZip("a member marked ZIP64 without its ZIP64 extra field")
+
+
+def overlapping_members(members: list[Member]) -> tuple[str, str] | None:
+    """
+    The names of two members whose bytes overlap, or None, from the directory alone. A member holds
+    at least its 30-byte local header, its name (at least a byte a character) and its stored bytes,
+    so a member starting before that much past the previous one overlaps it (the local extra field,
+    not in the directory, only adds to it). Zip writers lay members one after another; members nested
+    in one another make every reader read the shared bytes once per member: a "quoted overlap" zip
+    bomb, or a torch archive whose storages all read one 100 MB range (statistics would read a
+    terabyte for a 100 MB file).
+    """
+    # writers list members in the order they wrote them: in order already, as a rule (one pass, 20,000
+    # members in ~2 ms)
+    ordered = members
+    previous_start = -1
+    for member in members:
+        if member[1] < previous_start:
+            ordered = sorted(members, key=lambda item: item[1])
+            break
+        previous_start = member[1]
+    previous_end, previous_name = -1, ""
+    for name, start, _, size, _, _, _ in ordered:
+        if start < previous_end:
+            return previous_name, name
+        previous_end, previous_name = start + _LOCAL.size + len(name) + size, name
+    return None
+
+
+def refuse_overlapping_members(path: str, members: list[Member], what: str) -> None:
+    """`overlapping_members`, said in one line naming `what` (the archive, the .npz)."""
+    overlap = overlapping_members(members)
+    if overlap is not None:
+        raise CorruptCheckpointError(path, f"{what}'s members {printable(overlap[0])} and {printable(overlap[1])} "
+                                           "overlap: zip writers lay members one after another, so it is crafted (a "
+                                           "zip bomb, or tensors reading the same bytes many times over). Do not "
+                                           "load it; get the original file.")
 
 
 def data_offset(read: Callable[[int, int], bytes], name: str, header_offset: int) -> int:
