@@ -374,3 +374,23 @@ def test_stats_text_shows_the_first_rows_and_every_outlier(tmp_path: Path, capsy
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[2 : 2 + count]] == list(tensors)
     assert not any(line.startswith("... and") for line in lines)
+
+
+def test_views_reading_one_storage_many_times_over_are_read_up_to_a_budget(tmp_path: Path) -> None:
+    """`[x[i:] for i in range(n)]` saves one storage and n views of it: torch loads it at once, and
+    statistics of every view read the storage n times (10,000 views of 100 MB: a terabyte). Distinct
+    views read more than 16 times their storage (past 64 MiB) are skipped, the first ones read, the
+    same whatever filter is given."""
+    x = torch.arange(1 << 22, dtype=torch.float32)  # 16 MiB
+    path = tmp_path / "views.pt"
+    torch.save([x[i:] for i in range(40)], path)
+    with ckptview.open(path) as ckpt:
+        result = ckptview.stats(ckpt, progress=False)
+        read = [row for row in result.tensors if not row.skipped]
+        skipped = [row for row in result.tensors if row.skipped]
+        assert len(read) == 16 and len(skipped) == 24
+        assert read[0].name == "0" and read[0].mean == pytest.approx(((1 << 22) - 1) / 2)
+        assert "read it more than 16 times over" in skipped[0].skipped and skipped[0].name == "16"
+    with ckptview.open(path) as ckpt:  # asked for the last view alone, it is still skipped
+        (row,) = ckptview.stats(ckpt, filter="^39$", progress=False).tensors
+        assert row.skipped

@@ -45,6 +45,7 @@ from ckptview.readers.model import (
     gc_paused,
     repeated_view,
     view_identity,
+    views_beyond_their_storage,
 )
 
 if TYPE_CHECKING:
@@ -244,6 +245,11 @@ def _stats(ckpt: Checkpoint, filter: str | Callable[[TensorEntry], bool] | None,
     for key, entry in zip(keys, selected):
         if key not in cache:
             todo.setdefault(key, entry)
+    # decided over the whole checkpoint, in its order, so a filter never changes which views are read
+    beyond = ckpt.cached("views_beyond_their_storage",
+                         lambda: views_beyond_their_storage(entry.info for entry in ckpt.unique_tensors()))
+    for key in [key for key in todo if key in beyond]:
+        cache[key] = _empty(todo.pop(key), beyond[key])
     if todo:
         # The outlier check's layer kinds are found on this thread while the workers read.
         cache.update(_compute(list(todo.items()), bins, histogram_sample, workers, chunk_bytes, progress, cancel,

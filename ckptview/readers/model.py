@@ -18,7 +18,7 @@ import math
 import os
 import pickle
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -777,6 +777,29 @@ def repeated_view(info: TensorInfo) -> str:
         return ""
     return (f"a view that repeats its {stored:,} stored elements to show {info.numel:,} (stride "
             f"{list(info.stride)}): skipped, reading it would visit every repeat")
+
+
+def views_beyond_their_storage(infos: Iterable[TensorInfo]) -> dict[Any, str]:
+    """
+    The views (by `view_identity`) to skip, each with why, among distinct views that together would
+    read their storage more than `_REPEAT_FACTOR_LIMIT` times over (past 64 MiB): `[x[i:] for i in
+    range(10_000)]` over a 100 MB `x` is a 100 MB file that torch loads at once, and statistics would
+    read a terabyte. Views are counted in the order given, so the first ones are kept.
+    """
+    read: dict[Any, int] = {}
+    skipped: dict[Any, str] = {}
+    for info in infos:
+        storage = info.storage
+        if storage is None or info.layout != "strided":
+            continue
+        key = storage_identity(storage)
+        total = read.get(key, 0) + info.nbytes
+        read[key] = total
+        if total > max(_REPEAT_FACTOR_LIMIT * storage.nbytes, 64 << 20):
+            skipped[view_identity(info)] = (f"one of the views of a {storage.nbytes:,}-byte storage that together "
+                                            f"read it more than {_REPEAT_FACTOR_LIMIT} times over: skipped, the "
+                                            "views before it were read")
+    return skipped
 
 
 def _span_elements(info: TensorInfo) -> int:
