@@ -394,3 +394,8 @@ def test_views_reading_one_storage_many_times_over_are_read_up_to_a_budget(tmp_p
     with ckptview.open(path) as ckpt:  # asked for the last view alone, it is still skipped
         (row,) = ckptview.stats(ckpt, filter="^39$", progress=False).tensors
         assert row.skipped
+    from ckptview.analyzers.valuediff import value_diff
+
+    with ckptview.open(path) as left, ckptview.open(path) as right:  # and a value diff reads as many
+        changes = value_diff({e.name: e for e in left.tensors()}, {e.name: e for e in right.tensors()})
+        assert changes.unreadable == tuple(str(i) for i in range(16, 40)) and len(changes.tensors) == 16

@@ -28,7 +28,16 @@ import torch
 from ckptview.analyzers.crossformat import CrossFormatMatch, match_tensors
 from ckptview.analyzers.keydiff import KeyDiff, key_diff, state_dict_of
 from ckptview.readers import open_checkpoint
-from ckptview.readers.model import Checkpoint, ScratchBuffers, TensorEntry, gc_paused, repeated_view
+from ckptview.readers.model import (
+    Checkpoint,
+    ScratchBuffers,
+    TensorEntry,
+    TensorInfo,
+    gc_paused,
+    repeated_view,
+    view_identity,
+    views_beyond_their_storage,
+)
 
 __all__ = [
     "TensorChange", "GroupChange", "ValueDiff", "Diff", "value_diff", "diff",
@@ -285,8 +294,9 @@ def value_diff(a: Mapping[str, Any], b: Mapping[str, Any], *, ignore: Sequence[s
         >>> [t.key for t in changes.changed()][:3]
     """
     ignored = tuple(key for key in a if key in b and any(fnmatch.fnmatchcase(key, p) for p in ignore))
+    beyond_a, beyond_b = _views_beyond_their_storage(a), _views_beyond_their_storage(b)
     unreadable = tuple(key for key in a if key in b and key not in ignored
-                       and (_unreadable(a[key]) or _unreadable(b[key])))
+                       and (_unreadable(a[key], beyond_a) or _unreadable(b[key], beyond_b)))
     skip = set(ignored) | set(unreadable)
     pairs = [(key, a[key], b[key]) for key in a
              if key in b and key not in skip and tuple(a[key].shape) == tuple(b[key].shape)]
@@ -347,8 +357,18 @@ def value_diff(a: Mapping[str, Any], b: Mapping[str, Any], *, ignore: Sequence[s
     return ValueDiff(tuple(results[key] for key, _, _ in pairs if key in results), ignored, complete, unreadable)
 
 
-def _unreadable(value: Any) -> bool:
-    return isinstance(value, TensorEntry) and (value.layout in ("unsupported", "meta") or bool(repeated_view(value.info)))
+def _unreadable(value: Any, beyond: set[Any]) -> bool:
+    return isinstance(value, TensorEntry) and (value.layout in ("unsupported", "meta") or bool(repeated_view(value.info))
+                                               or view_identity(value.info) in beyond)
+
+
+def _views_beyond_their_storage(side: Mapping[str, Any]) -> set[Any]:
+    """`views_beyond_their_storage` over a side's distinct views, in its order (tied names count once)."""
+    distinct: dict[Any, TensorInfo] = {}
+    for value in side.values():
+        if isinstance(value, TensorEntry):
+            distinct.setdefault(view_identity(value.info), value.info)
+    return set(views_beyond_their_storage(distinct.values()))
 
 
 def _nbytes(value: Any) -> int:
