@@ -390,3 +390,38 @@ def test_the_pass_finds_each_tensor_in_the_files_map_without_a_read(run_folder: 
     summary = run.analyze(progress=False)
     assert json.dumps(summary.to_dict()) == json.dumps(local_summary.to_dict())
     assert reads == []
+
+
+def test_views_reading_one_storage_many_times_over_are_left_out_of_a_run(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in statistics: `[x[i:] for i in range(40)]` is one 16 MiB storage that 40 views would read
+    40 times per pass; the run reads the first 16 and leaves the others out."""
+    from collections import Counter
+
+    from ckptview.analyzers import run_tasks
+    from ckptview.readers import model
+
+    x = torch.arange(1 << 22, dtype=torch.float32)
+    for epoch in (1, 2):
+        torch.save({"epoch": epoch, "views": [x[i:] for i in range(40)]}, tmp_path / f"epoch_{epoch}.pt")
+    reads: Counter[str] = Counter()
+    real, real_view = model.iter_tensor_chunks, run_tasks._FileMaps.view
+
+    def counting(info, name, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - a spy on the real reader
+        reads[Path(info.storage.source.path).name] += 1
+        return real(info, name, *args, **kwargs)
+
+    def counting_view(maps, entry):  # noqa: ANN001, ANN202
+        view = real_view(maps, entry)
+        if view is not None:
+            reads[Path(entry.info.storage.source.path).name] += 1
+        return view
+
+    monkeypatch.setattr(model, "iter_tensor_chunks", counting)
+    monkeypatch.setattr(run_tasks._FileMaps, "view", counting_view)
+    run_tasks.OPEN_CHECKPOINTS.clear()
+    summary = ckptview.open_run(tmp_path, cache=False, workers=1).analyze(progress=False)
+    assert [c["path"] for c in summary.to_dict()["checkpoints"]] == [str(tmp_path / f"epoch_{e}.pt") for e in (1, 2)]
+    assert reads and all(count <= 2 * 16 for count in reads.values()), reads
+    with ckptview.open(tmp_path / "epoch_1.pt") as ckpt:
+        assert [row.name for row in run_tasks._tensor_rows(ckpt)] == [f"views.{i}" for i in range(16)]

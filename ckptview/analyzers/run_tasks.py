@@ -35,7 +35,17 @@ import torch
 from ckptview.analyzers.sections import find_sections, model_state_dict
 from ckptview.analyzers.training import optimizer_parameter_names, plain, training_state
 from ckptview.errors import CkptviewError
-from ckptview.readers.model import Checkpoint, FileSource, ScratchBuffers, TensorEntry, TensorInfo
+from ckptview.readers.model import (
+    Checkpoint,
+    FileSource,
+    ScratchBuffers,
+    TensorEntry,
+    TensorInfo,
+    repeated_view,
+    storage_identity,
+    view_identity,
+    views_beyond_their_storage,
+)
 from ckptview.readers.remote import RemoteSource
 
 # Elements per chunk: 1 MiB of float32, so a chunk is still in L2 when the second and third kernel read it.
@@ -340,7 +350,15 @@ def _tensor_rows(ckpt: Checkpoint) -> list[_Row]:
                 rows.append(_Row(entry, entry.name, "optimizer", param_names[owner], str(path[-1])))
             else:
                 rows.append(_Row(entry, entry.name, "other"))
-        return rows
+        if len({storage_identity(row.entry.info.storage) for row in rows}) == len(rows):
+            return rows  # a storage per tensor, as nearly every file has: no view repeats another's bytes
+        # views that would read their storage many times over are left out, as statistics leave them
+        distinct: dict[Any, TensorInfo] = {}
+        for row in rows:
+            distinct.setdefault(view_identity(row.entry.info), row.entry.info)
+        beyond = views_beyond_their_storage(distinct.values())
+        return [row for row in rows
+                if view_identity(row.entry.info) not in beyond and not repeated_view(row.entry.info)]
 
     return ckpt.cached("run:tensor_rows", compute)
 
