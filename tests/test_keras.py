@@ -596,3 +596,146 @@ def test_object_headers_whose_blocks_overlap_are_refused_not_walked_again_and_ag
     with pytest.raises(CorruptCheckpointError, match="object headers overlap or repeat"):
         check_hdf5_text("crafted.h5", bytes(data), 0, size, object_headers=[0])
     assert time.perf_counter() - started < 2
+
+
+def _jenkins_lookup3(data: bytes) -> int:
+    """Bob Jenkins' lookup3 `hashlittle` (initial value 0): HDF5's checksum of its metadata blocks."""
+    mask = 0xFFFFFFFF
+
+    def rot(x: int, k: int) -> int:
+        return ((x << k) | (x >> (32 - k))) & mask
+
+    a = b = c = (0xDEADBEEF + len(data)) & mask
+    words = lambda chunk: [int.from_bytes(chunk[i:i + 4], "little") for i in (0, 4, 8)]  # noqa: E731
+    rest = data
+    while len(rest) > 12:
+        x, y, z = words(rest[:12])
+        a, b, c = (a + x) & mask, (b + y) & mask, (c + z) & mask
+        a = (a - c) & mask; a ^= rot(c, 4); c = (c + b) & mask  # noqa: E702
+        b = (b - a) & mask; b ^= rot(a, 6); a = (a + c) & mask  # noqa: E702
+        c = (c - b) & mask; c ^= rot(b, 8); b = (b + a) & mask  # noqa: E702
+        a = (a - c) & mask; a ^= rot(c, 16); c = (c + b) & mask  # noqa: E702
+        b = (b - a) & mask; b ^= rot(a, 19); a = (a + c) & mask  # noqa: E702
+        c = (c - b) & mask; c ^= rot(b, 4); b = (b + a) & mask  # noqa: E702
+        rest = rest[12:]
+    if not rest:
+        return c
+    x, y, z = words(rest + bytes(12 - len(rest)))
+    a, b, c = (a + x) & mask, (b + y) & mask, (c + z) & mask
+    for first, second, third, k in ((2, 1, 0, 14), (0, 2, 1, 11), (1, 0, 2, 25), (2, 1, 0, 16), (0, 2, 1, 4),
+                                    (1, 0, 2, 14), (2, 1, 0, 24)):
+        state = [a, b, c]
+        state[first] ^= state[second]
+        state[first] = (state[first] - rot(state[second], k)) & mask
+        a, b, c = state
+    return c
+
+
+def _dense_attributes_h5(path: Path, weights: int) -> Path:
+    """A Keras 2 weights file whose layer group has more attributes than a header keeps (h5py's
+    `libver="latest"`): HDF5 moves them into a dense-storage heap. With hundreds of weight names the
+    `weight_names` message outgrows the heap's largest object (4 KB) and is stored apart from its
+    blocks (a "huge" object)."""
+    with h5py.File(path, "w", libver="latest") as f:
+        f.attrs["layer_names"] = [b"dense"]
+        f.attrs["keras_version"] = b"2.15.0"
+        group = f.create_group("dense")
+        names = [b"dense/kernel:0"] + [b"dense/extra_%d:0" % i for i in range(weights - 1)]
+        group.attrs["weight_names"] = names
+        for index in range(9):
+            group.attrs[f"note_{index}"] = b"dense storage from here on"
+        for index, name in enumerate(names):
+            group.create_dataset(name.decode(), data=np.full((2,), index, np.float32))
+    return path
+
+
+def _damage_dense_weight_names(path: Path, address: int) -> None:
+    """The first `weight_names` element claims 4 GB (and points at `address`, or its own collection
+    when None); the heap block holding it gets its checksum recomputed, as a crafted file would (HDF5
+    refuses the file otherwise)."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    collections = [pos for pos in range(len(data)) if data[pos:pos + 8] == b"GCOL\x01\x00\x00\x00"]
+    element = next(data.index(struct.pack("<IQ", len(b"dense/kernel:0"), heap)) for heap in collections
+                   if struct.pack("<IQ", len(b"dense/kernel:0"), heap) in data)
+    data[element:element + 12] = struct.pack("<IQ", 0xF0000000, address if address is not None else
+                                             struct.unpack_from("<Q", data, element + 4)[0])
+    block = data.rfind(b"FHDB", 0, element)
+    heap = data.index(b"FRHP")
+    # FRHP: after 110 bytes of sizes and counts come the table width (2), the starting block size (8), the largest
+    # direct block's size (8) and the heap's largest offset in bits (2)
+    width, start_size = struct.unpack_from("<HQ", data, heap + 110)
+    offset_bytes = (struct.unpack_from("<H", data, heap + 128)[0] + 7) // 8
+    # a direct block's size follows from its offset in the heap: rows of `width` blocks, the first two rows of
+    # `start_size`, each later row's twice the one before
+    block_offset = int.from_bytes(data[block + 13:block + 13 + offset_bytes], "little")
+    row, row_start = 0, 0
+    while block_offset >= row_start + width * (start_size << max(row - 1, 0)):
+        row_start += width * (start_size << max(row - 1, 0))
+        row += 1
+    block_size = start_size << max(row - 1, 0)
+    if block < element < block + block_size:  # else a "huge" object, stored apart from the blocks, unchecksummed
+        checksum = block + 4 + 1 + 8 + offset_bytes
+        image = bytearray(data[block:block + block_size])
+        image[checksum - block:checksum - block + 4] = bytes(4)
+        data[checksum:checksum + 4] = struct.pack("<I", _jenkins_lookup3(bytes(image)))
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("weights", (1, 300), ids=("in-a-heap-block", "huge-object"))
+def test_dense_storage_attributes_are_read_and_checked(weights: int, tmp_path: Path) -> None:
+    """HDF5 checksums a dense-storage heap, so a fuzzed reference there fails; a crafted one with its
+    checksum recomputed made h5py allocate 3.9 GB for a 7 KB file. The attribute's message is found by
+    its name wherever it lies, and its references held to the rule of the ones in headers (a 1.5 GiB
+    address-space limit on the child)."""
+    import subprocess
+    import sys
+
+    clean = _dense_attributes_h5(tmp_path / "clean.h5", weights)
+    with ckptview.open(clean) as ckpt:
+        assert len(ckpt.tensors()) == weights and ckpt.tensor("dense.kernel").load().tolist() == [0, 0]
+    code = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))\nimport ckptview\n"
+            "try:\n    ckptview.open(sys.argv[1])\nexcept Exception as e:\n    print(e)")
+    for address, held in ((None, "that holds"), (12345678, "that is not there")):
+        damaged = _dense_attributes_h5(tmp_path / "damaged.h5", weights)
+        _damage_dense_weight_names(damaged, address)
+        done = subprocess.run([sys.executable, "-c", code, str(damaged)], capture_output=True, text=True,
+                              timeout=120, check=False)
+        assert f"claims 4,026,531,840 bytes of an HDF5 heap object {held}" in done.stdout, \
+            done.stdout + done.stderr[-500:]
+
+
+def test_committed_text_type_is_refused(tmp_path: Path) -> None:
+    """A text attribute whose type is committed elsewhere in the file: its message names the type
+    instead of holding it, so its references are not checked before h5py would read them."""
+    committed = write_weights_h5(tmp_path / "committed.h5", {"dense": {"dense/kernel:0": np.ones((2, 2), np.float32)}})
+    with h5py.File(committed, "a") as f:
+        f["text_type"] = h5py.string_dtype()
+        del f["dense"].attrs["weight_names"]
+        f["dense"].attrs.create("weight_names", [b"dense/kernel:0"], dtype=f["text_type"])
+    refused(committed, CorruptCheckpointError, "committed type")
+
+
+def test_compressed_dense_attribute_heap_is_refused() -> None:
+    """A dense-storage heap with an I/O filter keeps its attribute messages compressed, out of reach of
+    the search by name. h5py writes none (HDF5 1.14 leaves a filtered dataset's attribute heap
+    uncompressed), so the bytes are made here: a version 1 header whose attribute info message names
+    a fractal heap that declares a filter pipeline."""
+    import struct
+
+    from ckptview.readers.hdf5_text import check_hdf5_text
+
+    data = bytearray(4096)
+    data[0:16] = struct.pack("<BBHII4x", 1, 0, 1, 1, 32)  # version 1 header: one message, a 32-byte block
+    data[16:24] = struct.pack("<HHB3x", 0x0015, 18, 0)  # attribute info: version 0, no flags, heap, name index
+    data[24:42] = struct.pack("<BBQQ", 0, 0, 1024, 2048)
+    data[1024:1033] = b"FRHP" + struct.pack("<BHH", 0, 8, 12)  # version 0, 8-byte heap IDs, 12 bytes of filters
+    names = []
+    with pytest.raises(CorruptCheckpointError, match="attributes compressed"):
+        check_hdf5_text("crafted.h5", bytes(data), 0, len(data), object_headers=[0],
+                        dense_attribute_names=lambda header: names.append(header) or [b"weight_names"])
+    data[1031] = 0  # no filters: its attribute messages are searched for by name instead
+    check_hdf5_text("crafted.h5", bytes(data), 0, len(data), object_headers=[0],
+                    dense_attribute_names=lambda header: names.append(header) or [b"weight_names"])
+    assert names == [0]

@@ -12,8 +12,14 @@ allocate up to 4 GB before it failed. So, over the file's bytes:
 - each variable-length element of each attribute in the objects' headers (HDF5's version 1 and 2
   object headers, attributes kept in the header: what h5py writes unless told otherwise) may claim
   more than `_HARMLESS_ALLOCATION` bytes only from an object that holds them;
-- elsewhere (dataset values, attributes kept in a dense-storage heap), a reference is found by its
-  collection's address and held to the same rule.
+- an object with more attributes than its header keeps (version 2 headers, h5py's `libver="latest"`)
+  keeps them in a "dense storage" fractal heap, whose blocks are checksummed, so a fuzzed reference
+  there fails HDF5's checksum first, but a crafted one with its checksum recomputed made h5py
+  allocate 3.9 GB for a 7 KB file. Those attributes are found by name, wherever their message lies
+  in the file, and held to the same rule; a heap that would keep them compressed is refused (h5py
+  writes none; nothing in one could be found);
+- elsewhere (dataset values), a reference is found by its collection's address and held to the
+  same rule.
 
 Addresses are 8 bytes, lengths 4 (what HDF5 writes by default and the only sizes h5py creates).
 """
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
 from ckptview.errors import CorruptCheckpointError
@@ -35,12 +41,17 @@ _REFERENCE = struct.Struct("<IQI")  # a variable-length element on disk: length,
 # What a damaged reference may make the HDF5 library allocate before it fails; fuzzed ones claimed 0.5-4 GB.
 _HARMLESS_ALLOCATION = 256 << 20
 
-_CONTINUATION, _ATTRIBUTE = 0x0010, 0x000C
+_CONTINUATION, _ATTRIBUTE, _ATTRIBUTE_INFO = 0x0010, 0x000C, 0x0015
+_UNDEFINED_ADDRESS = (1 << 64) - 1
+# Attributes in dense storage are found by searching the whole file for their names, once per name: at
+# most this many bytes searched (a few seconds), so a crafted file with thousands of names is refused.
+_DENSE_SEARCH_BYTES = 16 << 30
 _VARIABLE_LENGTH = 9  # the datatype class
 
 
 def check_hdf5_text(path: str, data: Any, start: int, end: int, *, data_extents: Iterable[tuple[int, int]] = (),
-                    object_headers: Iterable[int] = ()) -> None:
+                    object_headers: Iterable[int] = (),
+                    dense_attribute_names: Callable[[int], Iterable[bytes]] | None = None) -> None:
     """
     Refuse an HDF5 file (`data[start:end]`) whose global heaps or variable-length references do
     not add up, in one line, before h5py reads an attribute.
@@ -51,6 +62,9 @@ def check_hdf5_text(path: str, data: Any, start: int, end: int, *, data_extents:
             0.03 s instead of 0.7 s).
         object_headers: the addresses (relative to `start`) of the objects' headers whose
             attributes are checked element by element.
+        dense_attribute_names: the names of the attributes of the object whose header is at the
+            given address, asked for an object that keeps them in dense storage (h5py lists them
+            from their messages without reading their values).
 
     Raises:
         CorruptCheckpointError: what is damaged, at which byte.
@@ -71,12 +85,22 @@ def check_hdf5_text(path: str, data: Any, start: int, end: int, *, data_extents:
                     collections[pos - start] = _check_collection(path, data, pos, pos + size, start)
             pos = data.find(b"GCOL", pos + 4, gap_end)
     walk = _HeaderWalk(path, data, start, end)
+    dense_names: set[bytes] = set()
     for address in object_headers:
-        for pos, item_size in _attribute_elements(data, walk.messages(address, _ATTRIBUTE)):
-            length, collection, index = _REFERENCE.unpack_from(data, pos)
-            held = collections.get(collection, {}).get(index)
-            if length * item_size > _HARMLESS_ALLOCATION and (held is None or length * item_size > held):
-                raise _greedy_reference(path, pos - start, length * item_size, held)
+        in_header = []
+        for kind, body, body_end in walk.messages(address, (_ATTRIBUTE, _ATTRIBUTE_INFO)):
+            if kind == _ATTRIBUTE:
+                in_header.append((body, body_end))
+            elif _keeps_dense_attributes(path, data, start, end, body, body_end) and dense_attribute_names:
+                dense_names.update(dense_attribute_names(address))
+        _check_references(path, data, start, collections, _attribute_elements(data, in_header))
+    if len(dense_names) * (end - start) > _DENSE_SEARCH_BYTES:
+        raise CorruptCheckpointError(path, f"the HDF5 file keeps {len(dense_names):,} differently named attributes in "
+                                           "dense storage, too many to check in a file this size (Keras keeps every "
+                                           "attribute in its object's header). Get the original file.")
+    for name in sorted(dense_names):
+        _check_references(path, data, start, collections,
+                          _attribute_elements(data, _messages_named(data, start, end, name)))
     for gap_start, gap_end in gaps:
         for collection, objects in collections.items():
             # the address alone also occurs in other structures (a virtual dataset's mapping), after bytes that are
@@ -88,6 +112,51 @@ def check_hdf5_text(path: str, data: Any, start: int, end: int, *, data_extents:
                 if length > _HARMLESS_ALLOCATION and length > objects.get(index, length):
                     raise _greedy_reference(path, pos - 4 - start, length, objects[index])
                 pos = data.find(needle, pos + 1, gap_end - 4)
+
+
+def _check_references(path: str, data: Any, start: int, collections: dict[int, dict[int, int]],
+                      elements: Iterable[tuple[int, int]]) -> None:
+    for pos, item_size in elements:
+        length, collection, index = _REFERENCE.unpack_from(data, pos)
+        held = collections.get(collection, {}).get(index)
+        if length * item_size > _HARMLESS_ALLOCATION and (held is None or length * item_size > held):
+            raise _greedy_reference(path, pos - start, length * item_size, held)
+
+
+def _keeps_dense_attributes(path: str, data: Any, start: int, end: int, body: int, body_end: int) -> bool:
+    """Whether an attribute info message (version 0: flags, an optional maximum creation index, then
+    the fractal heap's address) names a heap; refused when that heap keeps its attributes compressed."""
+    if body_end - body < 10 or data[body] != 0:
+        return False
+    heap_field = body + 2 + (2 if data[body + 1] & 0x01 else 0)
+    if heap_field + 8 > body_end:
+        return False
+    (heap,) = struct.unpack_from("<Q", data, heap_field)
+    if heap == _UNDEFINED_ADDRESS:
+        return False
+    header = start + heap
+    # "FRHP", version, heap ID length (2 bytes), then the length of its I/O filter description
+    if header + 9 <= end and data[header:header + 4] == b"FRHP" and struct.unpack_from("<H", data, header + 7)[0]:
+        raise CorruptCheckpointError(path, "the HDF5 file keeps an object's attributes compressed (a filtered dense "
+                                           "attribute heap), where ckptview cannot check their text before the HDF5 "
+                                           "library reads it; Keras never writes that. Get the original file.")
+    return True
+
+
+def _messages_named(data: Any, start: int, end: int, name: bytes) -> Iterator[tuple[int, int]]:
+    """
+    Every place in `data[start:end]` an attribute message named `name` could start (its name, null
+    included, follows the version byte and the size fields: 8 bytes on in versions 1 and 2, 9 in
+    version 3). Searched in the whole file, not where its heap's index says: a copy found there
+    could be a decoy, with the one HDF5 reads elsewhere. The end of each is unknown: `end`.
+    """
+    needle = name + b"\0"
+    pos = data.find(needle, start, end)
+    while pos >= 0:
+        for body, version in ((pos - 9, 3), (pos - 8, 2), (pos - 8, 1)):
+            if body >= start and data[body] == version and struct.unpack_from("<H", data, body + 2)[0] == len(needle):
+                yield body, end
+        pos = data.find(needle, pos + 1, end)
 
 
 def _greedy_reference(path: str, offset: int, claimed: int, held: int | None) -> CorruptCheckpointError:
@@ -177,8 +246,8 @@ class _HeaderWalk:
         self.walked: set[int] = set()
         self.bytes_left = end - start
 
-    def messages(self, header: int, wanted: int) -> Iterator[tuple[int, int]]:
-        """(start, end) of the bodies of the messages of type `wanted` in the header at `header`."""
+    def messages(self, header: int, wanted: Collection[int]) -> Iterator[tuple[int, int, int]]:
+        """(type, start, end) of the bodies of the messages of the `wanted` types in the header at `header`."""
         data, start, end = self.data, self.start, self.end
         pos = start + header
         if pos + 16 > end:
@@ -217,6 +286,6 @@ class _HeaderWalk:
                         blocks.append((start + address, start + address + length))
                     elif data[start + address:start + address + 4] == b"OCHK":  # "OCHK", messages, a checksum
                         blocks.append((start + address + 4, start + address + length - 4))
-                elif kind == wanted and size:
-                    yield body, body_end
+                elif kind in wanted and size:
+                    yield kind, body, body_end
                 block = body_end

@@ -395,11 +395,18 @@ class _TextAttributes:
     def __getitem__(self, key: str) -> Any:
         attribute = self.h5py.h5a.open(self.obj.id, key.encode("utf-8"))
         # Keras writes an empty list as an empty float array: no elements, nothing to convert
-        if math.prod(attribute.shape or ()) and attribute.get_type().get_class() != self.h5py.h5t.STRING:
+        kind = attribute.get_type()
+        if math.prod(attribute.shape or ()) and kind.get_class() != self.h5py.h5t.STRING:
             raise CorruptCheckpointError(self.path, f"the HDF5 attribute {printable(key)!r} of "
                                                     f"{printable(self.obj.name)} should hold text but its type says "
                                                     "otherwise: the file is damaged (reading it could crash the HDF5 "
                                                     "library). Get the original file.")
+        if kind.committed():
+            # its message names the type instead of holding it, so its text was not checked (`check_hdf5_text`)
+            raise CorruptCheckpointError(self.path, f"the HDF5 attribute {printable(key)!r} of "
+                                                    f"{printable(self.obj.name)} takes its type from one stored "
+                                                    "elsewhere in the file (a committed type), which Keras never "
+                                                    "writes and ckptview does not read. Get the original file.")
         return self.obj.attrs[key]
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -453,11 +460,12 @@ class _Reader:
         data, start, end = self.heap_bytes
         self.heap_bytes = None
         extents: list[tuple[int, int, bytes]] = []
-        headers = [self.h5py.h5o.get_info(self.h5.id).addr]  # h5py's visit leaves out the object it starts from
+        # header address -> the object's path; h5py's visit leaves out the object it starts from
+        headers = {self.h5py.h5o.get_info(self.h5.id).addr: b"."}
         contiguous = self.h5py.h5d.CONTIGUOUS
 
         def visit(name: bytes, info: Any) -> None:
-            headers.append(info.addr)
+            headers.setdefault(info.addr, name)
             if info.type != self.h5py.h5o.TYPE_DATASET:
                 return
             dataset = self.h5py.h5o.open(self.h5.id, name)
@@ -477,8 +485,15 @@ class _Reader:
                                                         "keep their values in overlapping bytes of the file: HDF5 "
                                                         "writes each once, so the file is crafted or damaged. Get the "
                                                         "original file.")
+        h5a = self.h5py.h5a
+
+        def attribute_names(header: int) -> list[bytes]:
+            # opening an attribute decodes its message (the references, as stored); only reading converts them
+            obj = self.h5py.h5o.open(self.h5.id, headers[header])
+            return [h5a.open(obj, index=index).name for index in range(h5a.get_num_attrs(obj))]
+
         check_hdf5_text(self.path, data, start, end, data_extents=[extent[:2] for extent in extents],
-                        object_headers=headers)
+                        object_headers=headers, dense_attribute_names=attribute_names)
 
     def attrs(self, obj: Any) -> _TextAttributes:
         return _TextAttributes(self.path, obj, self.h5py)
