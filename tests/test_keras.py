@@ -739,3 +739,23 @@ def test_compressed_dense_attribute_heap_is_refused() -> None:
     check_hdf5_text("crafted.h5", bytes(data), 0, len(data), object_headers=[0],
                     dense_attribute_names=lambda header: names.append(header) or [b"weight_names"])
     assert names == [0]
+
+
+def test_too_many_dense_attribute_names_to_search_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each distinct name kept in dense storage costs a search of the whole file: past the budget (16 GiB
+    of searching; here 3 searches of a 4 KB file) the file is refused instead of searched for minutes."""
+    import struct
+
+    from ckptview.readers import hdf5_text
+
+    data = bytearray(4096)
+    data[0:16] = struct.pack("<BBHII4x", 1, 0, 1, 1, 32)
+    data[16:24] = struct.pack("<HHB3x", 0x0015, 18, 0)
+    data[24:42] = struct.pack("<BBQQ", 0, 0, 1024, 2048)
+    data[1024:1033] = b"FRHP" + struct.pack("<BHH", 0, 8, 0)
+    monkeypatch.setattr(hdf5_text, "_DENSE_SEARCH_BYTES", 3 * len(data))
+    hdf5_text.check_hdf5_text("crafted.h5", bytes(data), 0, len(data), object_headers=[0],
+                              dense_attribute_names=lambda header: [b"a", b"b", b"c"])
+    with pytest.raises(CorruptCheckpointError, match="4 differently named attributes in dense storage"):
+        hdf5_text.check_hdf5_text("crafted.h5", bytes(data), 0, len(data), object_headers=[0],
+                                  dense_attribute_names=lambda header: [b"a", b"b", b"c", b"d"])
