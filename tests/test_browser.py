@@ -325,15 +325,19 @@ def run_notebook(page, url: str) -> None:
                 raise AssertionError(f"the kernel of {name} is {kernel_state(url, name)}, not idle, after 180 s")
             page.wait_for_timeout(250)
 
+    # A notebook an earlier test ran may come back autosaved with its outputs and "[1]:": the cell has
+    # run this time only once its prompt changes (CI once took the saved prompt for a run and waited
+    # 90 s for an explorer that Run All, clicked too early, never made).
+    before = prompt.inner_text().strip()
     for _ in range(4):
         wait_until_idle()
         panel.locator(".jp-Cell").first.click()
         page.locator(".lm-MenuBar-item", has_text=re.compile("^Run$")).first.click()
         page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and prompt.inner_text().strip() in ("[ ]:", ""):
+        while time.monotonic() < deadline and prompt.inner_text().strip() in (before, "[ ]:", ""):
             page.wait_for_timeout(250)
-        if prompt.inner_text().strip() not in ("[ ]:", "") or kernel_state(url, name) != "idle":
+        if prompt.inner_text().strip() not in (before, "[ ]:", "") or kernel_state(url, name) != "idle":
             return
     raise AssertionError("JupyterLab never ran the notebook's cell")
 
