@@ -656,9 +656,9 @@ def _damage_dense_weight_names(path: Path, address: int) -> None:
     import struct
 
     data = bytearray(path.read_bytes())
-    collections = [pos for pos in range(len(data)) if data[pos:pos + 8] == b"GCOL\x01\x00\x00\x00"]
-    element = next(data.index(struct.pack("<IQ", len(b"dense/kernel:0"), heap)) for heap in collections
-                   if struct.pack("<IQ", len(b"dense/kernel:0"), heap) in data)
+    references = (struct.pack("<IQ", len(b"dense/kernel:0"), collection.start())
+                  for collection in re.finditer(b"GCOL\x01\x00\x00\x00", data))
+    element = next(data.index(reference) for reference in references if reference in data)
     data[element:element + 12] = struct.pack("<IQ", 0xF0000000, address if address is not None else
                                              struct.unpack_from("<Q", data, element + 4)[0])
     block = data.rfind(b"FHDB", 0, element)
