@@ -267,6 +267,8 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
         return _storage_offset(read if read_source is None else archive_reader(read_source), data_folder + key,
                                header_offsets[key], path, storage.nbytes, base_offset, file_size)
 
+    new, fill = object.__new__, object.__setattr__
+
     def storage_for(dtype: str, key: str, location: str, numel: int, view_metadata: Any) -> Storage:
         member = members.get(data_folder + key)
         if member is None:
@@ -281,7 +283,11 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
             raise CorruptCheckpointError(path, f"storage {key!r} should hold {nbytes:,} bytes but its archive "
                                                f"member has {member.file_size:,}: the file is damaged. Re-save it.")
         header_offsets[key] = member.header_offset
-        return Storage(key_prefix + key, source, -1, nbytes, location, byteorder, locate)
+        # Storage(key, source, -1, nbytes, location, byteorder, locate), without its __init__'s frame
+        storage = new(Storage)
+        fill(storage, "__dict__", {"key": key_prefix + key, "source": source, "offset": -1, "nbytes": nbytes,
+                                   "location": location, "byteorder": byteorder, "locate": locate})
+        return storage
 
     data = _read_member(read, members[prefix + "data.pkl"], path)
     root, unpickler, _ = unpickle(data, path, "its data.pkl", storage_for)
