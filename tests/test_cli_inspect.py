@@ -177,6 +177,17 @@ def test_scan_and_info_over_many_paths(tmp_path: Path, capsys: pytest.CaptureFix
     assert not marker.exists()
 
 
+def test_a_walked_folder_is_listed_in_the_order_its_files_are_numbered(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A run saved epoch_1 … epoch_12: `scan run/` in a pre-commit hook reads like the run, not like `ls`."""
+    for epoch in (10, 2, 1, 12, 11, 3):
+        (tmp_path / f"run_{epoch}").mkdir()
+        torch.save({"w": torch.ones(1)}, tmp_path / f"run_{epoch}" / f"epoch_{epoch}.pt")
+    assert main(["scan", "--json", str(tmp_path)]) == 0
+    assert [Path(r["path"]).name for r in json.loads(capsys.readouterr().out)] == [
+        "epoch_1.pt", "epoch_2.pt", "epoch_3.pt", "epoch_10.pt", "epoch_11.pt", "epoch_12.pt"]
+
+
 def test_scan_of_a_checkpoint_folder_judges_a_file_it_does_not_read(tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """A sharded set, a DCP folder, a SavedModel: one checkpoint each, but a pickle dropped beside them is not part of it, and

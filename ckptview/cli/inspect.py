@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -50,8 +51,9 @@ _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl", ".safete
 def expand_paths(paths: list[str]) -> list[str]:
     """The checkpoints the command-line paths name: files as given; a folder that is a checkpoint
     itself (DCP, a sharded set, a SavedModel) as one, followed by every other checkpoint file in it;
-    any other folder walked for checkpoint files, sorted (a Trainer's checkpoint-N/ file by file, so
-    `scan` names training_args.bin as the file that needs code)."""
+    any other folder walked for checkpoint files, in the order people number them (epoch_2.pt before
+    epoch_10.pt; a Trainer's checkpoint-N/ file by file, so `scan` names training_args.bin as the
+    file that needs code)."""
     expanded: list[str] = []
     for path in paths:
         if not os.path.isdir(path):
@@ -61,14 +63,24 @@ def expand_paths(paths: list[str]) -> list[str]:
             expanded.extend(_folder_and_strays(path))
             continue
         for folder, folders, files in os.walk(path):
-            folders.sort()
+            folders.sort(key=natural_order)
             found = [name for name in folders if _is_checkpoint_folder(os.path.join(folder, name))]
             for name in found:
                 expanded.extend(_folder_and_strays(os.path.join(folder, name)))
             folders[:] = [name for name in folders if name not in found and not name.startswith(".")]
-            expanded.extend(os.path.join(folder, name) for name in sorted(files)
+            expanded.extend(os.path.join(folder, name) for name in sorted(files, key=natural_order)
                             if name.lower().endswith(_CHECKPOINT_SUFFIXES))
     return expanded
+
+
+def natural_order(name: str) -> tuple[tuple[tuple[int, int | str], ...], str]:
+    """A key that sorts the numbers in names by value: epoch_2.pt before epoch_10.pt, as a run saved them
+    (ties, x1.pt and x01.pt, by the name itself)."""
+    parts = tuple((0, int(part)) if part.isdecimal() else (1, part) for part in _DIGIT_RUNS.split(name) if part)
+    return parts, name
+
+
+_DIGIT_RUNS = re.compile(r"(\d+)")
 
 
 def _is_checkpoint_folder(path: str) -> bool:
@@ -95,8 +107,8 @@ def _folder_and_strays(folder: str) -> list[str]:
                                                     *(getattr(source, "path", "") for source in ckpt._sources)]}
     strays = []
     for parent, folders, files in os.walk(folder):
-        folders[:] = sorted(name for name in folders if not name.startswith("."))
-        strays.extend(os.path.join(parent, name) for name in sorted(files)
+        folders[:] = sorted((name for name in folders if not name.startswith(".")), key=natural_order)
+        strays.extend(os.path.join(parent, name) for name in sorted(files, key=natural_order)
                       if name.lower().endswith(_CHECKPOINT_SUFFIXES)
                       and os.path.realpath(os.path.join(parent, name)) not in read)
     return [folder, *strays]
