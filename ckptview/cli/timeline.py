@@ -66,7 +66,7 @@ def render_timeline(summary: RunSummary) -> str:
         rows.append((checkpoint.name, _num(checkpoint.epoch), _num(checkpoint.step),
                      _num(checkpoint.scalars.get("loss")), _num(checkpoint.scalars.get(metric)) if metric else "-",
                      _num(checkpoint.scalars.get("lr")), f"{_num(change)} {module}".strip(), " ".join(marks)))
-    header = ("checkpoint", "epoch", "step", "loss", metric or "metric", "lr", "largest change (module)", "")
+    header = ("checkpoint", "epoch", "step", "loss", metric or "metric", "lr", "largest change (module)", "marks")
     lines = [f"{len(summary.checkpoints)} checkpoints, ordered {summary.order_note}",
              text_table(rows, header, align_right=(1, 2, 3, 4, 5))]
     if summary.best:
