@@ -92,3 +92,13 @@ def test_stats_runs_as_a_program(cnn_state_dict_path: Path) -> None:
                           capture_output=True, text=True, check=True)
     assert {row["name"] for row in json.loads(done.stdout)} >= {"conv1.weight", "fc.bias"}
     assert done.stderr == ""  # no progress bar when stderr is not a terminal
+
+
+def test_training_text_rounds_what_json_keeps_whole(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "training.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "epoch": 3, "loss": 3.1106977462768555,
+                "metrics": {"val_loss": 3.4217675209045413, "history": [0.123456789]}}, path)
+    assert main(["training", str(path)]) == 0
+    progress = capsys.readouterr().out.splitlines()[0]
+    assert "loss=3.1107" in progress and "'val_loss': 3.42177" in progress and "[0.123457]" in progress
+    assert run_json(capsys, "training", str(path))["progress"]["loss"] == 3.1106977462768555

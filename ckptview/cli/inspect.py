@@ -402,6 +402,18 @@ def _scan_many(paths: list[str], args: argparse.Namespace) -> int:
     return _worst(codes)
 
 
+def _brief(value: Any) -> str:
+    """A value as the text view shows it: floats to 6 significant digits, also inside dicts and lists
+    (`--json` keeps every digit)."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{key!r}: {_brief(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_brief, value)) + "]"
+    return str(value)
+
+
 def training(args: argparse.Namespace) -> int:
     from ckptview.analyzers.training import training_state  # its import is a fifth of `ckptview info`'s start
 
@@ -423,7 +435,7 @@ def training(args: argparse.Namespace) -> int:
         })
         return 0
     if state.progress:
-        print("progress    " + printable(", ".join(f"{k}={v}" for k, v in state.progress.items())))
+        print("progress    " + printable(", ".join(f"{k}={_brief(v)}" for k, v in state.progress.items())))
     if state.lightning:
         print(f"lightning   version {state.lightning['version']}, epoch {state.lightning['epoch']}, "
               f"global_step {state.lightning['global_step']}, callbacks: {', '.join(state.lightning['callbacks']) or 'none'}")
