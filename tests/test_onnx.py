@@ -213,6 +213,20 @@ def test_batchnorm_found_through_the_graph_whatever_the_names(cnn_onnx: Path, tm
     assert len(bad) == 1 and bad[0].tensors == (renamed["layer1.1.running_var"],)
 
 
+def test_an_export_that_folded_batchnorm_says_so(tmp_path: Path) -> None:
+    """The default export of a model in eval mode folds each BatchNorm into the convolution before it: ckptview's
+    BatchNorm check on it found none and said only that, where the model the user trained has two."""
+    torch.manual_seed(0)
+    folded = export(SmallCNN().eval(), (torch.randn(1, 3, 16, 16),), tmp_path / "folded.onnx", external_data=False)
+    assert not [node for node in onnx.load(str(folded)).graph.node if node.op_type == "BatchNormalization"]
+    with ckptview.open(folded) as ckpt:
+        (summary,) = ckptview.batchnorm_checks(ckpt).findings
+    assert summary.severity == "ok" and "graph has 2 convolution(s)" in summary.message and "folds" in summary.message
+    torch.save({"conv.weight": torch.ones(4, 3, 3, 3)}, tmp_path / "no_graph.pt")  # names alone: nothing to say
+    with ckptview.open(tmp_path / "no_graph.pt") as ckpt:
+        assert ckptview.batchnorm_checks(ckpt).findings[0].message == "no BatchNorm layers in this model"
+
+
 def test_stats_and_diff_against_the_torch_weights(cnn_onnx: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = SmallCNN()

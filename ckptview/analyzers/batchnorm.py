@@ -149,9 +149,19 @@ def _check(state: dict[str, TensorEntry], layers: Mapping[str, LayerRole]) -> Ba
         findings = [replace(f, tensors=tuple(renamed.get(t, t) for t in f.tensors)) for f in findings]
     if not any(f.severity in ("warning", "error") for f in findings):
         summary = (f"{len(layers)} BatchNorm layer(s) checked: running statistics, counts and parameters look healthy"
-                   if layers else "no BatchNorm layers in this model")
+                   if layers else "no BatchNorm layers in this model" + _folded_note(layers_named))
         findings.append(Finding("summary", "ok", "", (), summary))
     return BatchNormReport(tuple(layers), tuple(findings))
+
+
+def _folded_note(layers: Mapping[str, LayerRole]) -> str:
+    """Why a graph with convolutions has no BatchNorm: a model trained with it still lists none once exported."""
+    convolutions = {role.module for role in layers.values() if role.kind.startswith("Conv")}
+    if not convolutions:
+        return ""
+    return (f": the file's graph has {len(convolutions)} convolution(s) and no BatchNorm, as when an exporter folds "
+            "BatchNorm into the convolution before it (torch.onnx.export in eval mode, TFLite's converter); there are "
+            "no running statistics left to check")
 
 
 def _name(module: str, leaf: str) -> str:
