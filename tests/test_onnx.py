@@ -23,6 +23,7 @@ from torch import nn
 import ckptview
 from ckptview.cli import main as cli_main
 from ckptview.errors import CkptviewError, CorruptCheckpointError, TruncatedCheckpointError, UnsupportedFormatError
+from ckptview.present.html import batchnorm_findings_html
 from ckptview.readers.onnx_file import ONNX_DTYPES, ONNX_ENCODED
 from conftest import SmallCNN, train_a_few_steps
 from format_checks import check_every_command, check_every_tab
@@ -220,8 +221,10 @@ def test_an_export_that_folded_batchnorm_says_so(tmp_path: Path) -> None:
     folded = export(SmallCNN().eval(), (torch.randn(1, 3, 16, 16),), tmp_path / "folded.onnx", external_data=False)
     assert not [node for node in onnx.load(str(folded)).graph.node if node.op_type == "BatchNormalization"]
     with ckptview.open(folded) as ckpt:
-        (summary,) = ckptview.batchnorm_checks(ckpt).findings
+        report = ckptview.batchnorm_checks(ckpt)
+    (summary,) = report.findings
     assert summary.severity == "ok" and "graph has 2 convolution(s)" in summary.message and "folds" in summary.message
+    assert "folds BatchNorm into the convolution" in batchnorm_findings_html(report)  # the tab and the report say it
     torch.save({"conv.weight": torch.ones(4, 3, 3, 3)}, tmp_path / "no_graph.pt")  # names alone: nothing to say
     with ckptview.open(tmp_path / "no_graph.pt") as ckpt:
         assert ckptview.batchnorm_checks(ckpt).findings[0].message == "no BatchNorm layers in this model"
