@@ -48,7 +48,9 @@ def _num(value: Any) -> str:
         return "-"
     if isinstance(value, float) and not math.isfinite(value):
         return "-" if math.isnan(value) else str(value)
-    return f"{value:.4g}" if isinstance(value, float) and not value.is_integer() else f"{value:g}"
+    if isinstance(value, float) and not (value.is_integer() and abs(value) < 1e15):
+        return f"{value:.4g}"  # a diverged run's 5.23747e+30 reads as 5.237e+30, like the other figures
+    return str(int(value)) if isinstance(value, float) else f"{value:g}"
 
 
 def render_timeline(summary: RunSummary) -> str:
