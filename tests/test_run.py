@@ -257,6 +257,17 @@ def test_timeline_text(run_folder: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "best: epoch_" in out
 
 
+def test_timeline_text_writes_steps_whole_and_huge_figures_short(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A long run's step 1234567 was written 1.23457e+06, a diverged run's change 5.23747e+30 to 6 digits."""
+    for epoch, scale in ((1, 1.0), (2, 5.23747e30)):
+        torch.save({"model": {"w": torch.full((4,), scale)}, "epoch": epoch, "global_step": 1234567 * epoch,
+                    "loss": 0.5 / epoch}, tmp_path / f"epoch_{epoch}.pt")
+    assert main(["timeline", str(tmp_path), "--no-cache"]) == 0
+    rows = capsys.readouterr().out.splitlines()[3:5]
+    assert "1234567" in rows[0] and "2469134" in rows[1] and "5.237e+30 w" in rows[1]
+
+
 def test_timeline_missing_path_is_an_input_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["timeline", str(tmp_path / "nothing_*.pt")]) == 1
     assert "no file matches" in capsys.readouterr().err

@@ -50,7 +50,8 @@ def _num(value: Any) -> str:
         return "-" if math.isnan(value) else str(value)
     if isinstance(value, float) and not (value.is_integer() and abs(value) < 1e15):
         return f"{value:.4g}"  # a diverged run's 5.23747e+30 reads as 5.237e+30, like the other figures
-    return str(int(value)) if isinstance(value, float) else f"{value:g}"
+    # integers (a long run's step 1234567) whole; `:g` wrote 1.23457e+06
+    return str(int(value)) if isinstance(value, (int, float)) else f"{value:g}"
 
 
 def render_timeline(summary: RunSummary) -> str:

@@ -197,7 +197,7 @@ def _strided(storage: Any, storage_offset: Any, size: Any, stride: Any, requires
                 info = _new(TensorInfo)
                 _fill(info, "__dict__", {"shape": size, "dtype": dtype, "storage": stored,
                                          "storage_offset": storage_offset, "stride": stride,
-                                         "requires_grad": requires_grad is True or bool(requires_grad)})
+                                         "requires_grad": bool(requires_grad)})
                 return info
     return _strided_checked(storage, storage_offset, size, stride, dtype, requires_grad)
 
