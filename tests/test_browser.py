@@ -419,8 +419,10 @@ PLOT_BOXES = """explorer => [...explorer.querySelectorAll('.js-plotly-plot')].fi
     const plot = p.getBoundingClientRect(), box = p.closest('.ckptview-plot-box').getBoundingClientRect();
     const svg = p.querySelector('.main-svg').getBoundingClientRect();
     const tick = p.querySelector('g[class*="tick"] > text, .gtitle');
+    const title = p.closest('.ckptview-plot-box').querySelector('.ckptview-plot-title');  // a treemap has no ticks
     return {plot: [plot.left, plot.right], svg: [svg.left, svg.right], box: [box.left, box.right],
-            view: explorer.getBoundingClientRect().right, fill: tick ? getComputedStyle(tick).fill : ''};
+            view: explorer.getBoundingClientRect().right,
+            fill: tick ? getComputedStyle(tick).fill : title ? getComputedStyle(title).color : ''};
 })"""
 
 

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.browser
 
 # The NaN onset line of both figures: plotly draws `add_vline` as a shape path and its annotation as text.
 ONSET = """view => [...view.querySelectorAll('.js-plotly-plot')].filter(p => p.offsetParent !== null).map(p => ({
-    title: (p.querySelector('.gtitle') || {}).textContent || '',
+    title: (p.closest('.ckptview-plot-box').querySelector('.ckptview-plot-title') || {}).textContent || '',
     labels: [...p.querySelectorAll('.annotation-text')].map(t => t.textContent),
     lines: [...p.querySelectorAll('.shapelayer path')].filter(s => getComputedStyle(s).stroke === 'rgb(217, 48, 37)').length,
 }))"""

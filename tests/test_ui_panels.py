@@ -422,3 +422,25 @@ def test_compare_never_offers_a_sharded_sets_own_shards(demo: dict[str, Path]) -
     offered = [value for _, value in opened(explore(index), "Compare").siblings.options if value]
     shards = sorted(p.name for p in index.parent.glob("*.safetensors"))
     assert len(shards) == 2 and not [p for p in offered if Path(p).name in shards]
+
+
+def test_a_plot_title_is_shown_above_it_as_html_that_wraps_and_names_tensors_as_text() -> None:
+    """plotly draws a title on one line and clipped it in a narrow panel; the title is HTML above the plot instead.
+    It names tensors, and a file names its tensors: only the tags the figures use are markup."""
+    import numpy as np
+
+    from ckptview.present import figures
+    from ckptview.ui.base import FigureBox
+
+    box = FigureBox()
+    name = "conv<img src=x onerror=alert(1)>.weight"
+    figure = figures.histogram(np.linspace(0, 1, 5), np.array([1, 2, 3, 4]), f"histogram of {name}<br>a subtitle")
+    box.show(figure)
+    title, plot = box.outputs
+    html = title["data"]["text/html"]
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html and "<img" not in html and "a subtitle" in html
+    assert "<br>" in html and title["data"]["text/plain"].startswith("histogram of conv<img")
+    layout = plot["data"]["application/vnd.plotly.v1+json"]["layout"]
+    assert "title" not in layout and box.figure.layout.title.text.startswith("histogram of")  # the figure keeps it
+    # the room the title took goes with it, the plot area (which legends are placed by) keeps its height
+    assert layout["margin"]["t"] == 12 and layout["height"] == figure.layout.height - (figure.layout.margin.t - 12)

@@ -164,7 +164,7 @@ def stats_by_depth(frame: pd.DataFrame, outliers: set[str], *, parts: Sequence[s
     shown = " and ".join(parts)
     figure.update_layout(**{**_LAYOUT, "height": 420, "margin": dict(l=60, r=20, t=40, b=110)},
                          title=_title(f"std and abs-max per tensor by depth ({shown})"),
-                         xaxis_title="tensor index in file order (≈ depth)", legend=_LEGEND_BELOW)
+                         xaxis_title="tensor index (≈ depth)", legend=_LEGEND_BELOW)
     figure.update_yaxes(title="std, abs-max (log scale)",
                         **log_axis(np.concatenate([frame["std"].to_numpy(float), frame["abs_max"].to_numpy(float)])))
     return figure

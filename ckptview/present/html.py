@@ -60,9 +60,13 @@ STYLE = """
   {stroke: var(--jp-border-color2, #ebf0f8) !important}
 .ckptview-explorer .js-plotly-plot .zerolinelayer path {stroke: var(--jp-border-color1, #ebf0f8) !important}
 .ckptview-plot-box {width: 100%; min-width: 0; overflow: hidden}
+.ckptview-plot-title {font: 13px "Open Sans", verdana, arial, sans-serif; color: var(--jp-ui-font-color1, #2a3f5f);
+  padding-top: 6px; line-height: 1.35; overflow-wrap: anywhere}
 .ckptview-plot-box .js-plotly-plot .svg-container {height: auto !important}
 .ckptview-plot-box .js-plotly-plot .svg-container > .main-svg:first-child {position: relative; display: block}
 .ckptview-explorer .widget-tab > .lm-TabBar .lm-TabBar-content {flex-wrap: wrap}
+.ckptview-explorer .widget-checkbox {height: auto; min-height: var(--jp-widgets-inline-height, 28px)}
+.ckptview-explorer .widget-checkbox > .widget-label-basic {white-space: normal; line-height: 1.4; padding: 5px 0}
 .ckptview-explorer .widget-tab > .lm-TabBar {height: auto; min-height: var(--jp-widgets-horizontal-tab-height, 24px)}
 .ckptview-explorer .widget-tab > .lm-TabBar .lm-TabBar-tab {flex: 0 0 auto; min-width: 0; max-width: none}
 .sev-error {color:#d93025;font-weight:600} .sev-warning {color:#e37400;font-weight:600}

@@ -232,8 +232,9 @@ class FigureBox(widgets.Output):
         spec["config"] = {"responsive": True, "displaylogo": False}
         self.figure = figure
         self.layout.display = ""
-        self.outputs = ({"output_type": "display_data", "metadata": {},
-                         "data": {"application/vnd.plotly.v1+json": spec, "text/plain": "<plotly figure>"}},)
+        title = _html_title(spec["layout"])
+        self.outputs = (*title, {"output_type": "display_data", "metadata": {},
+                                 "data": {"application/vnd.plotly.v1+json": spec, "text/plain": "<plotly figure>"}})
 
     def clear(self) -> None:
         # hidden, so a plot beside an empty slot (a 4-D weight has no heatmap) takes the whole row
@@ -245,3 +246,36 @@ class FigureBox(widgets.Output):
     def data(self) -> tuple[Any, ...]:
         """The traces shown (empty when nothing is)."""
         return () if self.figure is None else self.figure.data
+
+
+# What plotly's own titles here use of its HTML subset; everything else in a title is shown as text
+# (a title names tensors, and a file names its tensors).
+_TITLE_TAGS = ("<br>", "<span style='font-size:11px'>", "</span>", "<sup>", "</sup>", "<b>", "</b>", "<i>", "</i>")
+
+
+_UNTITLED_TOP = 12  # px above a plot whose title is shown apart: its top tick label's half height
+
+
+def _html_title(layout: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """
+    The figure's title taken out of `layout` (a plotly JSON layout) as an HTML output to show above it.
+    plotly draws a title on one line and clips it where the panel is narrower: at 640 px with the file
+    browser open, "std and abs-max per tensor by depth" lost its last words. HTML wraps. The top margin
+    the title took goes with it (and as much of the height, so the plot area, which legends are placed
+    by, keeps its size), unless something is drawn above the plot (an annotation).
+    """
+    title = layout.pop("title", None) or {}
+    text = title.get("text") if isinstance(title, dict) else None
+    if not text:
+        return ()
+    margin = layout.setdefault("margin", {})
+    top = margin.get("t", 100)
+    if not layout.get("annotations") and top > _UNTITLED_TOP:
+        margin["t"] = _UNTITLED_TOP
+        if "height" in layout:
+            layout["height"] -= top - _UNTITLED_TOP
+    shown = esc(text)
+    for tag in _TITLE_TAGS:
+        shown = shown.replace(esc(tag), tag)
+    html = f"<div class='ckptview-plot-title' style='padding-left:{margin.get('l', 80)}px'>{shown}</div>"
+    return ({"output_type": "display_data", "metadata": {}, "data": {"text/html": html, "text/plain": text}},)
