@@ -83,6 +83,9 @@ class BatchNormReport:
         )
 
 
+NO_LAYERS = "no BatchNorm layers in this model"  # the summary's start when there are none
+
+
 def batchnorm_checks(ckpt: Checkpoint) -> BatchNormReport:
     """
     Check every BatchNorm layer of the checkpoint's model state dict.
@@ -149,7 +152,7 @@ def _check(state: dict[str, TensorEntry], layers: Mapping[str, LayerRole]) -> Ba
         findings = [replace(f, tensors=tuple(renamed.get(t, t) for t in f.tensors)) for f in findings]
     if not any(f.severity in ("warning", "error") for f in findings):
         summary = (f"{len(layers)} BatchNorm layer(s) checked: running statistics, counts and parameters look healthy"
-                   if layers else "no BatchNorm layers in this model" + _folded_note(layers_named))
+                   if layers else NO_LAYERS + _folded_note(layers_named))
         findings.append(Finding("summary", "ok", "", (), summary))
     return BatchNormReport(tuple(layers), tuple(findings))
 

@@ -251,8 +251,10 @@ def _shared_meaning(members: Sequence[Any]) -> str:
 def batchnorm_findings_html(report: BatchNormReport, *, max_modules: int = 12) -> str:
     """BatchNorm findings by severity, one row per check and severity naming the layers it concerns."""
     if not report.layers:
+        from ckptview.analyzers.batchnorm import NO_LAYERS  # loaded already: it made the report
+
         # the summary says why there are none where it can tell (an export folded them into convolutions)
-        summary = next((f.message for f in report.findings if f.check == "summary"), "no BatchNorm layers in this model")
+        summary = next((f.message for f in report.findings if f.check == "summary"), NO_LAYERS)
         return f"<p>{esc(summary[:1].upper() + summary[1:])}.</p>"
     findings = sorted(report.findings, key=lambda f: _SEVERITY_ORDER.get(f.severity, 9))
     groups: dict[tuple[str, str], list[Any]] = {}

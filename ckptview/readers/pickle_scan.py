@@ -73,7 +73,7 @@ def _fixed_run_pattern() -> re.Pattern[bytes]:
     # Tried in turn, so the most frequent first. A 20,000-tensor torch.save pickle is a quarter
     # LONG_BINPUTs (every object past the 256th is memoized by one), a third 0-byte and a third
     # 1-byte opcodes (MARK, TUPLE, REDUCE; BININT1, BINGET); this order took the pass from 19 to 14 ms.
-    order = ("memo", 0, 1, _LENGTH4, *sorted(size for size in branches if type(size) is int and size > 1), _LENGTH1)
+    order = ("memo", 0, 1, _LENGTH4, *(size for size in sorted(by_size) if size > 1), _LENGTH1)
     return re.compile(b"(?:" + b"|".join(branches[key] for key in order) + b")*+", re.DOTALL)
 
 
