@@ -186,3 +186,52 @@ def test_gguf_conversion_with_llama_names_and_fp16_is_found_by_content(tmp_path:
     assert found == {"tok.weight": ("token_embd.weight", "cast"), "layers.0.q.weight": ("blk.0.attn_q.weight", "content"),
                      "layers.0.o.weight": ("blk.0.attn_output.weight", "cast"),
                      "norm.weight": ("output_norm.weight", "content")}
+
+
+class TiedLM(torch.nn.Module):
+    """An embedding whose matrix is also the output head's weight (GPT-2, T5, most language models)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 8)
+        self.body = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 50, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(self.embed(ids))))
+
+
+def test_tied_weights_stored_once_by_safetensors_and_onnx_are_explained(tmp_path: Path) -> None:
+    from safetensors.torch import save_model
+
+    torch.manual_seed(0)
+    model = TiedLM().eval()
+    pt, st, exported = tmp_path / "lm.pt", tmp_path / "lm.safetensors", tmp_path / "lm.onnx"
+    torch.save(model.state_dict(), pt)  # both names, one storage
+    save_model(model, str(st))  # drops the second name of the shared tensor
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.tensor([[1, 2, 3]]),), str(exported), dynamo=True, external_data=False)
+    with ckptview.open(st) as stored:
+        kept = {e.name for e in stored.tensors()}
+    assert len(kept & {"embed.weight", "head.weight"}) == 1
+
+    for a, b in ((pt, st), (st, pt), (pt, exported)):
+        matching = ckptview.diff(a, b, values=True).matching
+        assert matching.complete, (a.name, b.name, matching.unexplained_left, matching.unexplained_right)
+        tied = [m for m in matching.matches if m.how == "tied"]
+        assert len(tied) == 1 and tied[0].max_abs_diff == 0.0 and "tied to" in tied[0].detail
+        assert {tied[0].left, tied[0].right} & {"embed.weight", "head.weight"}
+
+    # the export keeps the embedding for Gather and its transpose for the head's MatMul: one left tensor, two copies
+    matching = ckptview.diff(pt, exported, values=True).matching
+    copies = [m for m in matching.matches if "second copy" in m.detail]
+    assert [(m.left, m.how) for m in copies] in ([("head.weight", "transposed")], [("embed.weight", "transposed")])
+
+    # equal values saved apart are not tied: paired by content, not called one stored tensor
+    untied = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(untied, tmp_path / "untied.pt")
+    matching = ckptview.diff(tmp_path / "untied.pt", st, values=True).matching
+    assert matching.complete and not [m for m in matching.matches if m.how == "tied"]
+    assert [m.how for m in matching.matches if m.left == "head.weight" or m.left == "embed.weight"].count("content") == 1

@@ -4,7 +4,10 @@ export, its `.safetensors` or `.npz` copy, a Keras `.h5` and its `.tflite`) are 
 the exporter kept names, else by content: the same values up to an axis order or a dtype cast. What has no counterpart is
 explained where it can be: BatchNorm folded into the preceding convolution (checked by computing
 `w·γ/√(var+ε)` and `β + (b − mean)·γ/√(var+ε)` against the exported kernel and bias), counters
-an export drops (`num_batches_tracked`), and constants only the graph has (shape tensors).
+an export drops (`num_batches_tracked`), constants only the graph has (shape tensors), and tied
+weights one file stores under both names and the other once (a `torch.save`d GPT-2 keeps
+`lm_head.weight` as a second name of `transformer.wte.weight`; `save_pretrained`'s safetensors
+file and an ONNX export keep one copy).
 
 Reading stays bounded: pairs with the same name are loaded one pair at a time and compared in
 full; for the rest, each tensor is streamed once in chunks for a fingerprint (element count, sum,
@@ -24,11 +27,11 @@ from typing import Any
 
 import torch
 
-from ckptview.readers.model import LayerRole, TensorEntry
+from ckptview.readers.model import LayerRole, TensorEntry, view_identity
 
 __all__ = ["HOW", "TensorMatch", "CrossFormatMatch", "match_tensors"]
 
-HOW = ("name", "content", "transposed", "cast", "folded", "dropped", "graph_constant")
+HOW = ("name", "content", "transposed", "cast", "folded", "dropped", "graph_constant", "tied")
 
 # BatchNorm's default eps in torch (1e-5) and Keras/TF (1e-3); a fold is recognised with either.
 _BN_EPS = (1e-5, 1e-3)
@@ -53,7 +56,9 @@ class TensorMatch:
         how: "name" (same name, same values or the value diff says how they differ), "content"
             (same values under another name), "transposed" (axes in another order), "cast" (another dtype, values equal
             after the cast), "folded" (BatchNorm folded into a convolution), "dropped" (a counter
-            the export leaves out), "graph_constant" (a tensor only the graph has, used by no layer).
+            the export leaves out), "graph_constant" (a tensor only the graph has, used by no layer),
+            "tied" (a second name one side gives a stored tensor, the other side storing it once:
+            paired with what its twin became).
         max_abs_diff: max |left (transformed as `how` says) − right|; None where nothing is compared.
         detail: the transform in words, e.g. "[64, 256] → [256, 64]" or "bn1 folded into conv1, eps 1e-05".
     """
@@ -159,6 +164,7 @@ def match_tensors(left: Mapping[str, Any], right: Mapping[str, Any], *,
     matcher.by_name_exact()
     matcher.dropped_counters()
     matcher.folded_batchnorm()
+    matcher.tied_names()
     matcher.by_content()
     matcher.by_name_changed()
     if right_is_graph:
@@ -167,6 +173,8 @@ def match_tensors(left: Mapping[str, Any], right: Mapping[str, Any], *,
             if key not in layers:
                 matcher.add(TensorMatch(None, key, "graph_constant", detail="used by no layer of the graph"))
                 matcher.right_open.remove(key)
+    # after the constants: a layer's weight equal to a left tensor is a copy; a shape tensor of ones is not
+    matcher.second_copies()
     explained = {key for match in matcher.matches for key in match.left_keys}
     order = {key: i for i, key in enumerate(left)}
     matches = sorted(matcher.matches, key=lambda m: min((order.get(k, len(order)) for k in m.left_keys),
@@ -228,6 +236,34 @@ class _Matcher:
                 continue
             self._try_fold(prefix, group, conv)
 
+    def tied_names(self) -> None:
+        """
+        A name whose stored view another name of its side also has (tied weights), that twin paired:
+        the other file stores the tensor once. Found by storage, not by value: two equal tensors saved
+        apart are not tied.
+        """
+        for side, keys in (("left", self.left_open), ("right", self.right_open)):
+            state = self.left if side == "left" else self.right
+            paired = {m.left if side == "left" else m.right: m for m in self.matches
+                      if m.how in _ONE_TO_ONE and m.left is not None and m.right is not None}
+            twin_of = {}
+            for key, value in state.items():
+                identity = _stored_view(value)
+                if identity is not None and key in paired:
+                    twin_of.setdefault(identity, key)
+            for key in list(keys):
+                twin = twin_of.get(_stored_view(state[key]))
+                if twin is None:
+                    continue
+                match = paired[twin]
+                detail = f"tied to {twin}: one stored tensor under both names here, stored once in the other file"
+                if side == "left":
+                    self.add(TensorMatch(key, match.right, "tied", match.max_abs_diff, detail))
+                    self.left_open.remove(key)
+                else:
+                    self.add(TensorMatch(match.left, key, "tied", match.max_abs_diff, detail))
+                    self.right_open.remove(key)
+
     def by_content(self) -> None:
         """Same values under another name, a transpose or a cast: found by fingerprint, confirmed in full."""
         for key in list(self.left_open):
@@ -246,6 +282,21 @@ class _Matcher:
                 a, b = _load(self.left[key]), _load(self.right[key])
                 self.add(TensorMatch(key, key, "name", _max_abs(a, b), "values differ"))
                 self.take((key,), key)
+
+    def second_copies(self) -> None:
+        """A right tensor holding the values of a left one already paired: the other file stores it twice
+        (an ONNX export keeps a tied embedding for Gather and its transpose for the head's MatMul)."""
+        paired = dict.fromkeys(m.left for m in self.matches
+                               if m.how in _ONE_TO_ONE + ("tied",) and isinstance(m.left, str))
+        for key in list(self.right_open):
+            for other in paired:
+                found = self._compare(other, key)
+                if found is not None:
+                    self.add(TensorMatch(other, key, "content" if found.how == "name" else found.how,
+                                         found.max_abs_diff, (found.detail + "; " if found.detail else "")
+                                         + "a second copy: the other file stores it once"))
+                    self.right_open.remove(key)
+                    break
 
     # -- helpers ------------------------------------------------------------------------------------
 
@@ -283,8 +334,7 @@ class _Matcher:
         same_shape = [k for k in self.right_open if _orders(shape, _shape(self.right[k]))]
         # a tensor tied to another (embedding and head) may be stored once: fall back to used ones
         return same_shape or [k for k in self.right if _orders(shape, _shape(self.right[k])) and k not in self.right_open
-                              and any(m.right == k and m.how in ("content", "name", "transposed", "cast")
-                                      for m in self.matches)]
+                              and any(m.right == k and m.how in _ONE_TO_ONE for m in self.matches)]
 
     def _try_fold(self, prefix: str, group: dict[str, str], conv: str) -> None:
         left = self.left
@@ -349,6 +399,19 @@ class _Matcher:
             value = (self.left if side == "left" else self.right)[key]
             cached = self._prints[(side, key)] = _fingerprint(value)
         return cached
+
+
+_ONE_TO_ONE = ("name", "content", "transposed", "cast")
+
+
+def _stored_view(value: Any) -> Any:
+    """What two names of one tied tensor have in common: their stored view (None when unknown)."""
+    if isinstance(value, TensorEntry):
+        return None if value.info.storage is None else view_identity(value.info)
+    if isinstance(value, torch.Tensor) and value.layout == torch.strided and value.device.type != "meta":
+        return (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride(),
+                value.dtype)
+    return None
 
 
 def _fingerprint(value: Any) -> _Print:
