@@ -63,7 +63,9 @@ def test_bn_json_findings(tmp_path: Path, capsys: pytest.CaptureFixture[str], cn
     assert main(["bn", str(path)]) == 0
     text = capsys.readouterr().out
     assert text.startswith("2 BatchNorm layer(s), 2 problem(s)")
-    assert "[warning] running_stats_never_updated bn1:" in text
+    # the same finding in the same words: one paragraph naming both layers, not the advice twice
+    assert "[warning] running_stats_never_updated in 2 layers (bn1, layer1.1):" in text
+    assert text.count("running_stats_never_updated") == 1 and text.count("Train (or run") == 1
 
 
 def test_tree_text_folds_blocks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -99,12 +99,21 @@ def bn_command(args: argparse.Namespace) -> int:
 
 
 def render_batchnorm(report: BatchNormReport) -> str:
-    """Findings grouped by severity, worst first, one paragraph each."""
+    """Findings grouped by severity, worst first, one paragraph each; layers with the same finding in the
+    same words share one paragraph (an untrained ResNet's 53 layers all say their statistics were never
+    updated), their names folded as key lists are."""
+    from ckptview.analyzers.keydiff import compress_keys
+
     lines = [f"{len(report.layers)} BatchNorm layer(s), {len(report.problems)} problem(s)"]
     for severity in ("error", "warning", "info", "ok"):
+        alike: dict[tuple[str, str], list[str]] = {}
         for finding in (f for f in report.findings if f.severity == severity):
-            where = f" {finding.module}" if finding.module else ""
-            lines.append(printable(f"[{severity}] {finding.check}{where}: {finding.message}"))
+            alike.setdefault((finding.check, finding.message), []).append(finding.module)
+        for (check, message), modules in alike.items():
+            named = [module for module in modules if module]
+            where = (f" in {len(named)} layers ({', '.join(compress_keys(named))})" if len(named) > 1
+                     else f" {named[0]}" if named else "")
+            lines.append(printable(f"[{severity}] {check}{where}: {message}"))
     return "\n".join(lines)
 
 
