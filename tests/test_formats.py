@@ -109,6 +109,52 @@ def test_frozen_layers_mapped_by_order_and_shape(tmp_path: Path, cnn: SmallCNN) 
     assert [p.name for p in opt.params] == [n for n, p in cnn.named_parameters() if p.requires_grad]
 
 
+def _decay_groups_optimizer(model: nn.Module) -> tuple[torch.optim.Optimizer, list[str]]:
+    """AdamW over two groups as the Hugging Face Trainer, timm and nanoGPT make them: weight decay for
+    matrices and kernels, none for biases and norm weights, each group in the model's order; one step."""
+    named = list(model.named_parameters())
+    decay, no_decay = [n for n, p in named if p.dim() >= 2], [n for n, p in named if p.dim() < 2]
+    params = dict(named)
+    optimizer = torch.optim.AdamW([{"params": [params[n] for n in decay], "weight_decay": 0.01},
+                                   {"params": [params[n] for n in no_decay], "weight_decay": 0.0}])
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    return optimizer, decay + no_decay
+
+
+def test_weight_decay_groups_are_mapped_group_by_group(tmp_path: Path, cnn: SmallCNN) -> None:
+    optimizer, ids_order = _decay_groups_optimizer(cnn)
+    path = tmp_path / "groups.pt"
+    torch.save({"state_dict": cnn.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    with ckptview.open(path) as ckpt:
+        (opt,) = training_state(ckpt).optimizers
+    # ids run through the decay group, then the rest: not the model's order, but each group keeps it
+    assert ids_order != [n for n, _ in cnn.named_parameters()]
+    assert opt.mapping == "order+shape" and "2 groups" in opt.mapping_note
+    assert [p.name for p in opt.params] == ids_order
+
+
+def test_trainer_folder_sorted_by_name_is_mapped_by_shape_and_says_so(tmp_path: Path, cnn: SmallCNN) -> None:
+    from safetensors.torch import save_file
+
+    optimizer, ids_order = _decay_groups_optimizer(cnn)
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    # as the Trainer saves: safetensors lists the tensors by name, the optimizer's ids follow the model
+    save_file({k: v.contiguous() for k, v in cnn.state_dict().items()}, str(folder / "model.safetensors"))
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 1, "epoch": 1.0, "log_history": []}))
+    shapes = {n: tuple(p.shape) for n, p in cnn.named_parameters()}
+    with ckptview.open(folder) as ckpt:
+        (opt,) = training_state(ckpt).optimizers
+    assert opt.mapping == "shape" and "may be swapped" in opt.mapping_note
+    assert sorted(p.name for p in opt.params) == sorted(shapes)
+    assert all(p.tensors["exp_avg"][0] == shapes[p.name] for p in opt.params)
+    # a shape only one parameter has names it exactly
+    unique = {n for n, shape in shapes.items() if list(shapes.values()).count(shape) == 1}
+    assert unique and all(p.name == ids_order[p.param_id] for p in opt.params if ids_order[p.param_id] in unique)
+
+
 def test_optimizer_of_another_model_is_reported(tmp_path: Path, cnn: SmallCNN) -> None:
     other = nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 2))
     optimizer = torch.optim.Adam(other.parameters())

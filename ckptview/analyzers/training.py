@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import sys
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +47,7 @@ class OptimizerState:
     optimizer_kind: str  # from the state keys (and Adam's saved decoupled_weight_decay): "AdamW", "SGD with momentum", ...
     groups: tuple[ParamGroup, ...]
     params: tuple[ParamState, ...]
-    mapping: str  # "param_names" | "order" | "order+shape" | "guess" | "failed" | "no model section"
+    mapping: str  # "param_names" | "order" | "order+shape" | "shape" | "guess" | "failed" | "no model section"
     mapping_note: str
 
     def to_frame(self) -> Any:
@@ -292,28 +292,61 @@ def _map_names(groups: Sequence[ParamGroup], ids: list[Any], state_shapes: Mappi
     if not parameters:
         return {}, "no model section", "no model state dict in this checkpoint to map parameter ids to"
     known = [(pid, state_shapes[pid]) for pid in ids]
+    disagree: list[str] = []
     if len(ids) == len(parameters):
         disagree = [p.name for (pid, shape), p in zip(known, parameters) if shape is not None and shape != p.shape]
-        names = {pid: p.name for pid, p in zip(ids, parameters)}
         if not disagree:
             checked = sum(1 for _, shape in known if shape is not None)
-            return names, "order", (f"mapped by order: the optimizer's {len(ids)} ids follow the model's parameter "
-                                    f"order; {checked} of {len(ids)} shapes confirm it")
-        return names, "guess", (f"a guess by order: {len(disagree)} of {len(ids)} state shapes disagree with the "
-                                f"parameters (first: {disagree[0]}); the optimizer may belong to another model")
-    if all(shape is not None for _, shape in known) and len(ids) < len(parameters):
-        names: dict[Any, str] = {}
-        remaining = iter(parameters)
-        for pid, shape in known:
-            match = next((p for p in remaining if p.shape == shape), None)
-            if match is None:
-                break
-            names[pid] = match.name
-        else:
-            return names, "order+shape", (f"mapped by order and shape: the optimizer holds {len(ids)} of the model's "
-                                          f"{len(parameters)} parameters (the others were frozen or excluded)")
+            return ({pid: p.name for pid, p in zip(ids, parameters)}, "order",
+                    f"mapped by order: the optimizer's {len(ids)} ids follow the model's parameter order; {checked} of "
+                    f"{len(ids)} shapes confirm it")
+    if all(shape is not None for _, shape in known) and len(ids) <= len(parameters):
+        # Training scripts split parameters into groups (weight decay for matrices, none for biases and
+        # norms: the Hugging Face Trainer, timm, nanoGPT), each group in the model's order: every group
+        # a subsequence of the parameters, taken one group after the other.
+        names = _by_shape(groups, state_shapes, parameters, in_order=True)
+        if names is not None:
+            split = f" in {len(groups)} groups" if len(groups) > 1 else ""
+            frozen = (f"the optimizer holds {len(ids)} of the model's {len(parameters)} parameters (the others were "
+                      "frozen or excluded)") if len(ids) < len(parameters) else f"its {len(ids)} ids"
+            return names, "order+shape", (f"mapped by order and shape: {frozen}, each group following the model's "
+                                          f"parameter order{split}")
+        # a file that lists its tensors in another order than the model's (safetensors sorts them by name)
+        names = _by_shape(groups, state_shapes, parameters, in_order=False)
+        if names is not None:
+            return names, "shape", (f"mapped by shape only: the {len(ids)} ids follow the model's own parameter "
+                                    "order, which this file does not keep (it lists tensors by name), so "
+                                    "parameters of equal shape may be swapped")
+    if disagree:
+        return ({pid: p.name for pid, p in zip(ids, parameters)}, "guess",
+                f"a guess by order: {len(disagree)} of {len(ids)} state shapes disagree with the parameters (first: "
+                f"{disagree[0]}), and no order of the parameters fits them: the optimizer may belong to another model")
     return {}, "failed", (f"cannot map: the optimizer has {len(ids)} parameters and the model section "
                           f"{len(parameters)}, and shapes do not line them up")
+
+
+def _by_shape(groups: Sequence[ParamGroup], state_shapes: Mapping[Any, tuple[int, ...] | None],
+              parameters: list[TensorEntry], *, in_order: bool) -> dict[Any, str] | None:
+    """
+    Each group's ids matched, one group after the other, to the first parameters of their shapes not
+    taken yet: `in_order`, each after the previous match of its group (the group is a subsequence of
+    the parameters); else anywhere. None when some id finds no parameter of its shape.
+    """
+    free: dict[tuple[int, ...], list[int]] = {}  # shape -> the indices of the parameters of that shape not taken
+    for index, parameter in enumerate(parameters):
+        free.setdefault(parameter.shape, []).append(index)
+    names: dict[Any, str] = {}
+    for group in groups:
+        after = 0
+        for pid in group.param_ids:
+            places = free.get(state_shapes[pid], [])
+            k = bisect_left(places, after) if in_order else 0
+            if k == len(places):
+                return None
+            at = places.pop(k)
+            names[pid] = parameters[at].name
+            after = at + 1
+    return names
 
 
 # --- learning-rate schedulers ----------------------------------------------------------------------

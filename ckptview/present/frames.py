@@ -265,8 +265,10 @@ def optimizer_groups_frame(optimizer: Any) -> pd.DataFrame:
 
 
 # How sure an optimizer's id → name mapping is (training.OptimizerState.mapping): sure ones name
-# the state by its parameter, a guess says so with "?", the others keep the file's own name.
+# the state by its parameter, a guess (or a name that may be swapped with one of equal shape) says
+# so with "?", the others keep the file's own name.
 _SURE_MAPPINGS = ("param_names", "order", "order+shape")
+_UNSURE_MAPPINGS = ("shape", "guess")
 
 
 def tensor_labels(ckpt: Checkpoint) -> dict[str, str]:
@@ -281,7 +283,7 @@ def tensor_labels(ckpt: Checkpoint) -> dict[str, str]:
     def build() -> dict[str, str]:
         labels: dict[str, str] = {}
         for optimizer in training_state(ckpt).optimizers:
-            if optimizer.mapping not in (*_SURE_MAPPINGS, "guess"):
+            if optimizer.mapping not in (*_SURE_MAPPINGS, *_UNSURE_MAPPINGS):
                 continue
             mark = "" if optimizer.mapping in _SURE_MAPPINGS else "?"
             keys = {str(k): k for k in children_keys(ckpt.get(optimizer.path + ("state",)))}
