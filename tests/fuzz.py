@@ -286,6 +286,9 @@ def make_seeds(folder: Path) -> dict[str, bytes]:
                                              "optimizer": torch.optim.Adam(model.parameters()).state_dict()})}
     save_file(model.state_dict(), folder / "s.safetensors")
     seeds["safetensors"] = (folder / "s.safetensors").read_bytes()
+    # a torch.export program: JSON tables, raw weights and a nested torch.save archive of its example inputs
+    torch.export.save(torch.export.export(model.eval(), (torch.randn(1, 3, 3, 3),)), folder / "m.pt2")
+    seeds["pt2"] = (folder / "m.pt2").read_bytes()
     buffer = io.BytesIO()
     np.savez_compressed(buffer, a=np.arange(12.0).reshape(3, 4), b=np.ones(3, dtype=np.int8))
     seeds["npz"] = buffer.getvalue()

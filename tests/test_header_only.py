@@ -27,7 +27,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     state = {"conv.weight": torch.randn(4, 3, 3, 3), "bn.running_mean": torch.zeros(4),
              "bn.num_batches_tracked": torch.tensor(3), "fc.weight": torch.randn(2, 4).to(torch.bfloat16)}
     paths = {"zip": tmp / "model.pt", "legacy": tmp / "legacy.pt", "safetensors": tmp / "model.safetensors",
-             "training": tmp / "training.pt"}
+             "training": tmp / "training.pt", "pt2": tmp / "model.pt2"}
     torch.save(state, paths["zip"])
     torch.save(state, paths["legacy"], _use_new_zipfile_serialization=False)
     save_file(state, paths["safetensors"])
@@ -37,11 +37,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     optimizer.step()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3,
                 "dtype": torch.float16}, paths["training"])
+    torch.export.save(torch.export.export(model, (torch.ones(1, 4),)), paths["pt2"])
     return paths
 
 
 @pytest.mark.parametrize("command", ["info", "tensors", "scan", "tree"])
-@pytest.mark.parametrize("kind", ["zip", "legacy", "safetensors", "training"])
+@pytest.mark.parametrize("kind", ["zip", "legacy", "safetensors", "training", "pt2"])
 def test_header_only_commands_import_no_heavy_module(files: dict[str, Path], command: str, kind: str) -> None:
     code = ("import contextlib, io, json, sys\nfrom ckptview.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"

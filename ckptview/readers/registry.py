@@ -197,6 +197,20 @@ def _is_torchscript(probe: Probe) -> bool:
     return any(name.endswith("/constants.pkl") or "/code/" in name for name in probe.zip_names)
 
 
+def _is_pt2(probe: Probe) -> bool:
+    # torch.export.save writes the weights first: only an archive not opening with data.pkl costs
+    # reading the zip's directory for its `<folder>/archive_format`
+    head = probe.head
+    if not head.startswith(ZIP_MAGIC) or len(head) < 30:
+        return False
+    (name_length,) = struct.unpack("<H", head[26:28])
+    if head[30:30 + name_length].endswith(b"data.pkl"):
+        return False
+    from ckptview.readers.pt2_archive import is_pt2_archive
+
+    return is_pt2_archive(probe.zip_names)
+
+
 TENSORRT_SIGNATURES = (b"ptrt", b"ftrt")  # as netron's source/tensorrt.js recognises engines
 
 
@@ -289,6 +303,12 @@ FORMATS: list[Format] = [
                 "recognised and explained: compiled kernels for one GPU and TensorRT version hold no weight table; "
                 "open the ONNX or checkpoint it was built from"),
            )),
+    Format("pt2", "torch.export programs (.pt2)", _is_pt2, "ckptview.readers.pt2_archive:read_pt2", (
+        ("torch.export program (`torch.export.save`, `.pt2`)",
+         "weights listed from the archive's JSON tables and read in place, never through torch.export.load; op "
+         "counts, inputs and example inputs from the graph; what loading would run named as code: symbolic sizes "
+         "`sympify` evaluates, guard code, graph calls outside `torch.ops`, pickled payloads, AOTInductor libraries"),
+    )),
     Format("torchscript", "TorchScript archives", _is_torchscript, "ckptview.readers.torchscript:read_torchscript", (
         ("TorchScript (`torch.jit.save`)",
          "weights listed from the archive, plain tensor attributes told apart by the code's `__parameters__`/"

@@ -121,17 +121,18 @@ def unpickle(data: bytes | mmap.mmap, path: str, what: str, storage_for: Any = N
         raise error from exc
 
 
-def _zip_members(path: str, read: Callable[[int, int], bytes], size: int) -> list[Member]:
+def zip_members(path: str, read: Callable[[int, int], bytes], size: int, *, writer: str = "torch.save") -> list[Member]:
+    """The archive's directory (`read_directory`), its failures said in one line naming `writer`."""
     try:
         return read_directory(read, size)
     except NoEndRecord as exc:
         raise TruncatedCheckpointError(
             path, f"the zip archive has no end-of-archive directory (the file is {size:,} bytes): it was cut off "
-                  "while copying, downloading or saving. Copy it again or re-save it with torch.save.",
+                  f"while copying, downloading or saving. Copy it again or re-save it with {writer}.",
         ) from exc
     except (BadZip, UnicodeDecodeError, struct.error) as exc:
         raise CorruptCheckpointError(path, f"the zip archive's directory is damaged ({exc}). Re-save it with "
-                                           "torch.save.") from exc
+                                           f"{writer}.") from exc
 
 
 # torch.save never compresses; a re-zipped archive may deflate (miniz, torch's zip reader, inflates
@@ -140,15 +141,16 @@ _MAX_INFLATION = 100
 _SLACK_BYTES = 1 << 20
 
 
-def _read_member(read: Callable[[int, int], bytes], member: Member, path: str, limit: int = _MAX_PICKLE_BYTES) -> bytes:
+def checked_member_bytes(read: Callable[[int, int], bytes], member: Member, path: str,
+                         limit: int = _MAX_PICKLE_BYTES, *, writer: str = "torch.save") -> bytes:
     """A member's bytes, checked before any inflation: method, encryption and declared size."""
     name = printable(member.name)
     if member.flag_bits & 0x1:
-        raise CorruptCheckpointError(path, f"archive member {name} is encrypted; torch.save never encrypts, so "
+        raise CorruptCheckpointError(path, f"archive member {name} is encrypted; {writer} never encrypts, so "
                                            "the file was re-packed. Get the original file.")
     if member.compress_type not in (STORED, DEFLATED):
         raise CorruptCheckpointError(path, f"archive member {name} is compressed with a method torch cannot read "
-                                           f"(zip method {member.compress_type}); torch.save never compresses. Get "
+                                           f"(zip method {member.compress_type}); {writer} never compresses. Get "
                                            "the original file.")
     ratio_limit = member.compress_size * _MAX_INFLATION + _SLACK_BYTES
     if member.file_size > limit or (member.compress_type != STORED and member.file_size > ratio_limit):
@@ -160,14 +162,14 @@ def _read_member(read: Callable[[int, int], bytes], member: Member, path: str, l
     except BadZip as exc:
         raise CorruptCheckpointError(
             path, f"archive member {name} is damaged (its stored checksum or header does not match): the file was "
-                  "corrupted after saving. Copy it again or re-save it with torch.save.",
+                  f"corrupted after saving. Copy it again or re-save it with {writer}.",
         ) from exc
     except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise CorruptCheckpointError(path, f"archive member {name} cannot be read: its compressed data is "
                                            "damaged. Re-save the file.") from exc
 
 
-def archive_prefix(path: str, names: list[str]) -> str:
+def archive_prefix(path: str, names: list[str], *, loader: str = "torch.load") -> str:
     """
     The folder every member of a torch zip sits in, found as torch finds it: the first central
     directory entry's folder (torch's PyTorchStreamReader). Archives torch would read differently
@@ -183,11 +185,11 @@ def archive_prefix(path: str, names: list[str]) -> str:
         repeated = next(name for name, count in counts.items() if count > 1)
         raise CorruptCheckpointError(path, f"the archive holds {counts[repeated]} members named "
                                            f"{printable(repeated)}: zip readers disagree on which one is read, so "
-                                           "what ckptview lists is not what torch.load would run. Do not load this file.")
+                                           f"what ckptview lists is not what {loader} would run. Do not load this file.")
     if not all(map(str.startswith, names, repeat(prefix))):  # in C: a torch archive has a member per storage
         outside = next(name for name in names if not name.startswith(prefix))
         raise CorruptCheckpointError(path, f"member {printable(outside)} lies outside the archive's folder "
-                                           f"{printable(prefix)}: torch.save never writes that, and torch.load "
+                                           f"{printable(prefix)}: torch's writers never write that, and {loader} "
                                            "refuses it. Re-save the file.")
     return prefix
 
@@ -239,7 +241,7 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
 
     read = archive_reader(source.read)
 
-    listed = _zip_members(path, read, archive_size)
+    listed = zip_members(path, read, archive_size)
     refuse_overlapping_members(path, listed, "the archive")
     names = [member.name for member in listed]
     members = {member.name: member for member in listed}
@@ -250,7 +252,7 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
                                            f"holds {sample}); {supported()}.")
     byteorder = "little"
     if prefix + "byteorder" in members:
-        byteorder = _read_member(read, members[prefix + "byteorder"], path, limit=64).decode("ascii", "replace").strip()
+        byteorder = checked_member_bytes(read, members[prefix + "byteorder"], path, limit=64).decode("ascii", "replace").strip()
         if byteorder not in ("little", "big"):
             raise CorruptCheckpointError(path, "the archive's byteorder record is neither 'little' nor 'big': the "
                                                "file is damaged. Re-save it.")
@@ -289,7 +291,7 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
                                    "location": location, "byteorder": byteorder, "locate": locate})
         return storage
 
-    data = _read_member(read, members[prefix + "data.pkl"], path)
+    data = checked_member_bytes(read, members[prefix + "data.pkl"], path)
     root, unpickler, _ = unpickle(data, path, "its data.pkl", storage_for)
     return ParsedZip(root, unpickler, names, prefix, byteorder, pickle_protocol(data))
 
