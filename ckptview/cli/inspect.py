@@ -187,8 +187,6 @@ def info(args: argparse.Namespace) -> int:
     print(f"  code        {_safety_line(data)}")
     for problem in data["details"].get("problems", []):
         print(f"  problem     {printable(problem)}")
-    for program in data["details"].get("programs", []) if data["format"] == "pt2" else []:
-        print(f"  program     {printable(_program_line(program))}")
     if data["metadata"]:
         print("  metadata    " + printable(", ".join(f"{k}={v}" for k, v in list(data["metadata"].items())[:8])))
     print()
@@ -203,18 +201,6 @@ def info(args: argparse.Namespace) -> int:
         print(text_table([(m["name"], m["type"]) for m in data["script_modules"]], ("module", "type")))
         print("\nforward:\n" + data["forward_code"])
     return 0
-
-
-def _program_line(program: dict[str, Any]) -> str:
-    """A torch.export program in a line: its inputs (shapes of the example inputs), its ops, the torch that wrote it."""
-    ops = program.get("ops", {})
-    shown = ", ".join(f"{op.removeprefix('torch.ops.').removeprefix('aten.').rsplit('.', 1)[0]} {n}"
-                      for op, n in list(ops.items())[:6])
-    inputs = ", ".join(program.get("inputs", []))
-    examples = program.get("sample_inputs")
-    return (f"{program['name']}({inputs})" + (f" on {', '.join(examples)}" if examples else "")
-            + f"; {sum(ops.values()):,} ops" + (f" ({shown}{', …' if len(ops) > 6 else ''})" if ops else "")
-            + (f"; torch {program['torch_version']}" if program.get("torch_version") else ""))
 
 
 def _tensor_record(name: str, info: TensorInfo) -> dict[str, Any]:

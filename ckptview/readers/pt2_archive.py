@@ -100,7 +100,9 @@ def read_pt2(path: str, size: int, *, trust: bool) -> Checkpoint:
     if extra:
         details["extra_files"] = extra
     root: Any = next(iter(roots.values())) if len(roots) == 1 else roots
-    return Checkpoint(path, "pt2", root, file_size=size, sources=[archive.source],
+    metadata = {f"{key} ({program['name']})" if len(programs) > 1 else key: text
+                for program in programs for key, text in _program_metadata(program).items()}
+    return Checkpoint(path, "pt2", root, file_size=size, sources=[archive.source], metadata=metadata,
                       pickle_imports=[PickleImport(name, count) for name, count in sorted(imports.items())],
                       trust=trust, details=details)
 
@@ -219,8 +221,9 @@ class _Archive:
         for fqn, meta in entries.items():
             file_name = meta.get("path_name") if isinstance(meta, dict) else None
             if not isinstance(file_name, str) or f"{folder}{file_name}" not in self.members:
-                raise CorruptCheckpointError(self.path, f"{kind} entry {printable(str(fqn))!r} names no member of the "
-                                                        f"archive: the file is incomplete. Save it again with {WRITER}.")
+                raise CorruptCheckpointError(self.path, f"{kind} entry {printable(str(fqn))!r} names no member of "
+                                                        f"the archive: the file is incomplete. Save it again with "
+                                                        f"{WRITER}.")
             member = f"{folder}{file_name}"
             if file_name.startswith("custom_obj_"):
                 self.pickle(member, imports, "a script object TorchScript's unpickler builds")
@@ -320,6 +323,24 @@ def _graph_summary(graph: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def _program_metadata(program: dict[str, Any]) -> dict[str, str]:
+    """What the Overview and `info` show of a program: its inputs (with the example inputs' shapes), its
+    ops, the torch that exported it."""
+    found = {}
+    names, examples = program.get("inputs", []), program.get("sample_inputs") or []
+    if names:
+        found["inputs"] = ", ".join(f"{name}: {example}" if len(examples) == len(names) else name
+                                    for name, example in zip(names, examples or names))
+    ops = program.get("ops", {})
+    if ops:
+        shown = ", ".join(f"{op.removeprefix('torch.ops.').removeprefix('aten.').rsplit('.', 1)[0]} {n}"
+                          for op, n in list(ops.items())[:6])
+        found["ops"] = f"{sum(ops.values()):,} ({shown}{', …' if len(ops) > 6 else ''})"
+    if isinstance(program.get("torch_version"), str):
+        found["exported with"] = f"torch {program['torch_version']}"
+    return found
+
+
 def _spec_name(spec: dict[str, Any]) -> str:
     body = next(iter(spec.values()), {})
     arg = body.get("arg") if isinstance(body, dict) else None
@@ -357,6 +378,7 @@ _SYMPY_FUNCTIONS = frozenset({
 _SYMPY_CONSTANTS = frozenset({"oo", "zoo", "nan", "inf", "pi", "E", "true", "false", "S", "Infinity",
                               "NegativeInfinity", "One", "Zero", "NegativeOne", "Half"})
 _SYMBOL = re.compile(r"[a-z]+\d+")  # s0, u3, zuf0, ps1: the names torch gives shape symbols
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|nan)")
 _TENSOR_METHODS = frozenset({"size", "stride", "storage_offset", "dim", "numel"})
 _NUMBERS = (int, float, bool)
 _ASSUMPTIONS = frozenset({"integer", "positive", "negative", "nonnegative", "nonpositive", "real", "finite",
@@ -395,12 +417,15 @@ def _plain(node: ast.AST, guard: bool) -> bool:
                 or guard and node.id in ("L", "math"))
     if isinstance(node, ast.Call):
         function, args = node.func, node.args
-        if not all(k.arg in _ASSUMPTIONS and isinstance(k.value, ast.Constant) and isinstance(k.value.value, bool)
+        if not all(isinstance(k.value, ast.Constant) and (k.arg in _ASSUMPTIONS and isinstance(k.value.value, bool)
+                                                          or k.arg == "precision" and type(k.value.value) is int)
                    for k in node.keywords):
             return False
+        text = args[0].value if len(args) == 1 and isinstance(args[0], ast.Constant) else None
         if isinstance(function, ast.Name) and function.id == "Symbol":  # Symbol('s17', positive=True, ...)
-            return (len(args) == 1 and isinstance(args[0], ast.Constant) and isinstance(args[0].value, str)
-                    and bool(_SYMBOL.fullmatch(args[0].value)))
+            return isinstance(text, str) and bool(_SYMBOL.fullmatch(text))
+        if isinstance(function, ast.Name) and function.id == "Float" and isinstance(text, str):
+            return bool(_NUMBER.fullmatch(text))  # Float('0.5', precision=53)
         if node.keywords:
             return False
         if isinstance(function, ast.Name) and function.id in _SYMPY_FUNCTIONS:
@@ -429,10 +454,14 @@ def _math_function(node: ast.AST) -> bool:
             and not node.attr.startswith("_"))
 
 
-# call targets a graph's nodes name: torch's operators (`torch.ops.<namespace>.<op>[.<overload>]`),
-# symbolic-shape helpers, and the plain functions of `operator` and `math`; extension ops start with "#"
-_SAFE_TARGET = re.compile(r"torch\.ops\.[A-Za-z]\w*\.[A-Za-z]\w*(\.[A-Za-z]\w*)?|torch\.sym_[a-z]\w*|torch\._sym_sqrt"
-                          r"|_operator\.[a-z]\w*|math\.[a-z]\w*|#.*", re.ASCII)
+# call targets a graph's nodes name: torch's operators (`torch.ops.<namespace>.<op>[.<overload>]`, names
+# that may start with one underscore, and aten's dunder operators), symbolic-shape helpers, and the
+# plain functions of `operator` and `math`; extension ops start with "#". A part starting "__" otherwise
+# walks attributes (`torch.ops.aten.__class__...`), which the deserializer's getattr chain would follow.
+_DUNDER_OPS = "|".join(f"__{name}__" for name in ("and", "or", "xor", "lshift", "rshift", "iand", "ior", "ixor",
+                                                    "ilshift", "irshift"))
+_SAFE_TARGET = re.compile(rf"torch\.ops\._?[A-Za-z]\w*\.(_?[A-Za-z]\w*|{_DUNDER_OPS})(\._?[A-Za-z]\w*)?"
+                          r"|torch\.sym_[a-z]\w*|torch\._sym_sqrt|_operator\.[a-z]\w*|math\.[a-z]\w*|#.*", re.ASCII)
 _RESOLVED_PREFIXES = ("torch", "_operator", "math")  # what the deserializer looks up by name; others stay strings
 _PLAIN_FACTORIES = frozenset({"builtins.list", "builtins.dict", "builtins.int", "builtins.float", "builtins.set",
                               "builtins.tuple", "builtins.str"})
