@@ -405,6 +405,38 @@ def test_explorer_on_a_gguf_file(lab: str, gguf_notebook: str, page) -> None:
     page.screenshot(path=str(ARTIFACTS / "lab-gguf-statistics.png"), full_page=True)
 
 
+@pytest.fixture(scope="module")
+def pt2_notebook(workdir: Path) -> str:
+    """A notebook opening the explorer on a torch.export program of the demo CNN (tests/test_pt2.py)."""
+    import torch
+    from torch.export import Dim
+
+    from conftest import SmallCNN
+    from test_pt2 import _export
+
+    torch.manual_seed(0)
+    path = _export(SmallCNN().eval(), (torch.randn(2, 3, 16, 16),), workdir / "cnn.pt2",
+                   dynamic_shapes={"x": {0: Dim("batch", min=1, max=64)}})
+    return write_notebook(workdir, "pt2.ipynb", f"import ckptview\nckptview.explore({str(path)!r})")
+
+
+def test_explorer_on_a_torch_export_program(lab: str, pt2_notebook: str, page) -> None:
+    run_notebook(page, lab.replace("explore.ipynb", pt2_notebook))
+    explorer = page.locator(".ckptview-explorer:visible").first
+    explorer.wait_for(timeout=90_000)
+    explorer.get_by_text("parameters by module").first.wait_for(timeout=30_000)
+    overview = explorer.inner_text()
+    assert "cnn.pt2" in overview and "pt2" in overview and "error" not in overview.lower()
+    # the program's inputs and ops, from its graph, in the metadata table
+    assert "x: float32[2, 3, 16, 16]" in overview and "conv2d 2" in overview
+    page.screenshot(path=str(ARTIFACTS / "lab-pt2-overview.png"), full_page=True)
+
+    tab(explorer, "BatchNorm").click()
+    explorer.get_by_text("running_stats_never_updated").first.wait_for(timeout=30_000)
+    page.set_viewport_size({"width": 640, "height": 900})
+    page.screenshot(path=str(ARTIFACTS / "lab-pt2-batchnorm-narrow.png"), full_page=True)
+
+
 def set_theme(page, name: str) -> None:
     """Switch JupyterLab's theme from its Settings menu, as a user would, and wait until the page wears it."""
     page.locator(".lm-MenuBar-item", has_text=re.compile("^Settings$")).first.click()

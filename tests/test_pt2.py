@@ -150,6 +150,9 @@ def test_a_symbolic_size_that_is_python_runs_at_load_and_is_reported(exported: t
     path = _rewritten(exported[0], tmp_path / "sympify.pt2", _edit_json("models/model.json", plant))
     code, out, _ = cli("scan", str(path))
     assert code == 3 and "sympy.sympify(__import__('pathlib')" in out
+    # a folder walked by a pre-commit gate finds it too
+    code, out, _ = cli("scan", str(tmp_path))
+    assert code == 3 and "sympify.pt2: NEEDS CODE" in out
     assert _runs_under_torch(path, marker)
 
 

@@ -45,7 +45,7 @@ def _many_paths(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
 # What a walked folder's files are checked for: content decides the format, this only picks files
 # (a config.json or README beside the weights is not a checkpoint to report on).
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl", ".safetensors", ".index.json", ".onnx",
-                        ".gguf", ".npy", ".npz", ".engine", ".plan", ".h5", ".keras", ".tflite", ".index")
+                        ".gguf", ".npy", ".npz", ".engine", ".plan", ".h5", ".keras", ".tflite", ".index", ".pt2")
 
 
 def expand_paths(paths: list[str]) -> list[str]:

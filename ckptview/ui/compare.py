@@ -37,7 +37,7 @@ from ckptview.ui.grid import download_links
 # What the sibling dropdown offers: files a checkpoint is usually saved as, shard indexes, and what a
 # model is exported or converted to (compared across formats: "did my export keep my weights").
 _SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar", ".pkl", ".index.json", ".onnx", ".tflite",
-             ".npz", ".gguf", ".h5", ".keras")
+             ".npz", ".gguf", ".h5", ".keras", ".pt2")
 
 
 def sibling_checkpoints(path: str, parts: tuple[str, ...] = ()) -> list[str]:
