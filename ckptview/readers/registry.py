@@ -104,6 +104,15 @@ def _is_zip(probe: Probe) -> bool:
     return probe.head.startswith(ZIP_MAGIC)
 
 
+def _first_member(head: bytes) -> bytes | None:
+    """The name of a zip's first member, from its local header (None when `head` is no zip): read
+    before the directory, which for a large torch zip lists 20,000 names."""
+    if not head.startswith(ZIP_MAGIC) or len(head) < 30:
+        return None
+    (name_length,) = struct.unpack("<H", head[26:28])
+    return head[30:30 + name_length]
+
+
 def _is_gguf(probe: Probe) -> bool:
     return probe.head.startswith(b"GGUF")
 
@@ -118,11 +127,8 @@ def _is_npy(probe: Probe) -> bool:
 def _is_npz(probe: Probe) -> bool:
     # numpy.savez names every member "<key>.npy"; a torch zip never does. The first member's local
     # header says so before the zip's directory (20,000 names for a large torch zip) is read.
-    head = probe.head
-    if not head.startswith(ZIP_MAGIC) or len(head) < 30:
-        return False
-    (name_length,) = struct.unpack("<H", head[26:28])
-    if not head[30:30 + name_length].endswith(b".npy"):
+    first = _first_member(probe.head)
+    if first is None or not first.endswith(b".npy"):
         return False
     names = probe.zip_names
     return bool(names) and all(name.endswith(".npy") for name in names)
@@ -138,11 +144,7 @@ def _is_hdf5(probe: Probe) -> bool:
 def _is_keras_zip(probe: Probe) -> bool:
     # Keras 3 writes metadata.json, config.json, model.weights.h5 in that order: only an archive whose
     # first member is one of them costs reading the zip's directory.
-    head = probe.head
-    if not head.startswith(ZIP_MAGIC) or len(head) < 30:
-        return False
-    (name_length,) = struct.unpack("<H", head[26:28])
-    if head[30:30 + name_length] not in (b"metadata.json", b"config.json", b"model.weights.h5", b"assets/"):
+    if _first_member(probe.head) not in (b"metadata.json", b"config.json", b"model.weights.h5", b"assets/"):
         return False
     from ckptview.readers.remote import is_url
 
@@ -188,23 +190,17 @@ def _is_saved_model(probe: Probe) -> bool:
 def _is_torchscript(probe: Probe) -> bool:
     # torch.save writes data.pkl first and jit.save its tensors first: only an archive not opening
     # with data.pkl costs reading the zip's directory for its constants.pkl and code/ files.
-    head = probe.head
-    if not head.startswith(ZIP_MAGIC) or len(head) < 30:
-        return False
-    (name_length,) = struct.unpack("<H", head[26:28])
-    if head[30:30 + name_length].endswith(b"data.pkl"):
+    first = _first_member(probe.head)
+    if first is None or first.endswith(b"data.pkl"):
         return False
     return any(name.endswith("/constants.pkl") or "/code/" in name for name in probe.zip_names)
 
 
 def _is_pt2(probe: Probe) -> bool:
-    # torch.export.save writes the weights first: only an archive not opening with data.pkl costs
-    # reading the zip's directory for its `<folder>/archive_format`
-    head = probe.head
-    if not head.startswith(ZIP_MAGIC) or len(head) < 30:
-        return False
-    (name_length,) = struct.unpack("<H", head[26:28])
-    if head[30:30 + name_length].endswith(b"data.pkl"):
+    # torch.export.save writes the weights first: again only an archive not opening with data.pkl
+    # costs reading the directory, for its `<folder>/archive_format`
+    first = _first_member(probe.head)
+    if first is None or first.endswith(b"data.pkl"):
         return False
     from ckptview.readers.pt2_archive import is_pt2_archive
 
