@@ -124,6 +124,19 @@ def test_a_large_files_entries_move_with_its_records(tmp_path: Path) -> None:
         assert len(entries) == 16_000 and not any(id(entry) in young for entry in entries)
 
 
+def test_listing_a_checkpoint_after_its_open_leaves_its_records_young(tmp_path: Path) -> None:
+    # a 300-tensor file's records are young when it is listed after its open; the young collection a
+    # pause starts with moved them to the oldest generation, and a notebook listing one file after
+    # another paid a full collection of its whole process every few files
+    torch.save({f"layer{i}.weight": torch.ones(2) for i in range(300)}, tmp_path / "small.pt")
+    gc.collect()
+    with ckptview.open(tmp_path / "small.pt") as ckpt:
+        entries = ckpt.tensors()
+        oldest = {id(obj) for obj in gc.get_objects(2)}
+        assert len(entries) == 300
+        assert not any(id(entry.info) in oldest or id(entry.info.storage) in oldest for entry in entries)
+
+
 def test_pauses_nest_across_threads_and_the_last_to_end_restores_the_collector() -> None:
     # a training run's worker threads open files, each pausing, while the run pauses around them all:
     # a pause that began first but ends first must leave the collector off for the one still running

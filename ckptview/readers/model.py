@@ -30,7 +30,7 @@ DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 @contextlib.contextmanager
-def gc_paused(*, long_lived: bool = False) -> Iterator[None]:
+def gc_paused(*, long_lived: bool = False, collect_first: bool = True) -> Iterator[None]:
     """
     Pause the cyclic garbage collector while building many small objects (20,000 tensor records
     and their containers): none of them are garbage yet, and collections triggered by the
@@ -44,6 +44,10 @@ def gc_paused(*, long_lived: bool = False) -> Iterator[None]:
     `long_lived`: what the pause makes is a result the caller keeps (a run's summary, ~25,000
     records): it moves to the oldest generation at the end however few it is (see `_resume`), where
     the next young collection would walk it (5 ms) and the middle one again.
+
+    `collect_first=False`: no young collection as the pause starts, for a caller whose own records are
+    young then (a checkpoint listed after its open): that collection would move them to the oldest
+    generation, whose growth sets off full collections of the whole process.
     """
     global _pauses, _resume_collector, _failed_while_paused, _promote
     with _PAUSE_LOCK:
@@ -54,7 +58,7 @@ def gc_paused(*, long_lived: bool = False) -> Iterator[None]:
         _promote = _promote or long_lived
         _pauses += 1
     try:
-        if outermost and _resume_collector:
+        if outermost and _resume_collector and collect_first:
             # Young garbage made before the pause (a failed read's traceback holding an open file, say)
             # is freed now: a young collection is cheap before the records exist (~10 µs), and at the
             # end everything young may move to the oldest generation with them. Outside the lock: a
@@ -637,7 +641,10 @@ class Checkpoint:
     def tensors(self) -> list[TensorEntry]:
         """Every tensor in the file, named by its dotted path in the tree, in file order."""
         if self._tensors is None:
-            with gc_paused():
+            # a root built at open holds young records: the young collection a pause starts with moved them
+            # to the oldest generation, and the full collections that set off (2 ms in a notebook's process)
+            # came every few listings of a 300-tensor checkpoint
+            with gc_paused(collect_first=isinstance(self._root, LazyRoot)):
                 self._tensors = _flat_entries(self.root)
                 if self._tensors is None:
                     self._tensors = [TensorEntry(dotted_name(path) or ROOT_NAME, info, path)
