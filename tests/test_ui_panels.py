@@ -224,7 +224,7 @@ def test_batchnorm_findings_by_severity_and_running_stat_plots(tmp_path: Path, d
     html = panel.findings.value
     assert "<b>5</b> BatchNorm layers" in html
     first_row = html.split("</th></tr>", 1)[1]
-    assert first_row.startswith("<tr><td class='sev-error'>error</td>") and "layer1.0.1" in first_row.split("</tr>")[0]
+    assert first_row.startswith("<tr><td data-label='severity' class='sev-error'>error</td>") and "layer1.0.1" in first_row.split("</tr>")[0]
     boxes = [trace for trace in panel.figure.data if trace.type == "box"]
     assert len(boxes) == 10
     assert min(boxes[3].y) == -1.0  # the second layer's running_var box holds the negative value
@@ -367,7 +367,8 @@ def test_statistics_findings_are_grouped_by_check(poisoned: Path, tmp_path: Path
     panel = opened(explore(path), "Statistics")
     html = panel.outliers.value
     # one row: the meaning once, the first 12 tensors named (each with its own message on hover)
-    assert html.count("<td class='sev-warning'>all_zero</td>") == 1 and "<td class='num'>13</td>" in html
+    assert html.count("<td data-label='finding' class='sev-warning'>all_zero</td>") == 1 \
+        and "<td data-label='tensors' class='num'>13</td>" in html
     assert html.count("every value is 0") == 12 + 1 and "and 1 more" in html
 
 
@@ -413,7 +414,7 @@ def test_value_diff_reports_integer_buffers_as_counters(demo: dict[str, Path], t
 
 def test_overview_explains_each_kind_of_section_once(demo: dict[str, Path]) -> None:
     html = opened(explore(demo["training.pt"]), "Overview").sections.value
-    assert html.count("<td><b>progress</b></td>") == 4 and html.count("training progress: epoch, step") == 1
+    assert html.count("<td data-label='section'><b>progress</b></td>") == 4 and html.count("training progress: epoch, step") == 1
     assert "step_size=2" in html and "_last_lr.0=0.00025" in html and "_get_lr_called_within_step" not in html
 
 

@@ -69,6 +69,16 @@ STYLE = """
 .ckptview-explorer .widget-checkbox > .widget-label-basic {white-space: normal; line-height: 1.4; padding: 5px 0}
 .ckptview-explorer .widget-tab > .lm-TabBar {height: auto; min-height: var(--jp-widgets-horizontal-tab-height, 24px)}
 .ckptview-explorer .widget-tab > .lm-TabBar .lm-TabBar-tab {flex: 0 0 auto; min-width: 0; max-width: none}
+.ckptview-cards {container-type: inline-size}
+@container (max-width: 560px) {
+  .ckptview-cards .ckptview-table, .ckptview-cards tbody, .ckptview-cards tr, .ckptview-cards td {display:block}
+  .ckptview-cards th {display:none}
+  .ckptview-cards tr {border-bottom:1px solid var(--ckv-border); padding:3px 0}
+  .ckptview-cards td {border:0; padding:1px 4px; overflow-wrap:anywhere}
+  .ckptview-cards td.num {text-align:left}
+  .ckptview-cards td:empty {display:none}
+  .ckptview-cards td::before {content: attr(data-label) ": "; color: var(--ckv-muted); font-weight:normal}
+}
 .sev-error {color:#d93025;font-weight:600} .sev-warning {color:#e37400;font-weight:600}
 .sev-info {color:#1a73e8} .sev-ok {color:#188038}
 </style>
@@ -85,11 +95,20 @@ def banner_html(kind: str, message: str) -> str:
     return f'<div class="ckptview-banner-{kind}">{esc(message)}</div>'
 
 
-def table_html(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A table of already-escaped cells."""
+def table_html(header: Sequence[str], rows: Sequence[Sequence[str]], *, cards_when_narrow: bool = False) -> str:
+    """
+    A table of already-escaped cells (each a `<td ...>...</td>`). `cards_when_narrow`: for findings whose
+    last column is prose; where the table has under 560 px (a notebook beside the file browser), each row
+    becomes a card of labelled lines. Scrolled sideways instead, the prose sat off the screen and
+    stretched every row to a column of single words.
+    """
     head = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>" if header else ""
+    if cards_when_narrow:
+        rows = [[cell.replace("<td", f"<td data-label='{esc(label)}'", 1) for cell, label in zip(row, header)]
+                for row in rows]
     body = "".join("<tr>" + "".join(row) + "</tr>" for row in rows)
-    return f"<table class='ckptview-table'>{head}{body}</table>"
+    table = f"<table class='ckptview-table'>{head}{body}</table>"
+    return f"<div class='ckptview-cards'>{table}</div>" if cards_when_narrow else table
 
 
 def header_html(facts: Summary) -> str:
@@ -138,7 +157,7 @@ def sections_html(frame: pd.DataFrame) -> str:
         rows.append((f"<td><b>{esc(r['section'])}</b></td>", f"<td><code>{esc(r['path'])}</code></td>",
                      f"<td class='num'>{r['tensors']:,}</td>", f"<td>{_contents_html(r['contents'])}</td>",
                      f"<td class='ckptview-muted'>{esc(meaning)}</td>"))
-    return table_html(["section", "path", "tensors", "contents", "what it is"], rows)
+    return table_html(["section", "path", "tensors", "contents", "what it is"], rows, cards_when_narrow=True)
 
 
 def _contents_html(text: str) -> str:
@@ -236,7 +255,7 @@ def stats_findings_html(result: StatsResult, labels: Mapping[str, str] | None = 
         meaning = _shared_meaning(members)
         rows.append((f"<td class='sev-warning'>{esc(check)}</td>", f"<td class='num'>{len(members):,}</td>",
                      f"<td>{names}{more}</td>", f"<td>{esc(meaning)}</td>"))
-    return table_html(["finding", "tensors", "which", "what it means"], rows)
+    return table_html(["finding", "tensors", "which", "what it means"], rows, cards_when_narrow=True)
 
 
 def _shared_meaning(members: Sequence[Any]) -> str:
@@ -270,7 +289,7 @@ def batchnorm_findings_html(report: BatchNormReport, *, max_modules: int = 12) -
                      f"<td>{modules}{more}</td>", f"<td>{esc(meaning)}</td>"))
     counts = ", ".join(f"{sum(f.severity == s for f in findings)} {s}" for s in ("error", "warning", "info"))
     return (f"<p><b>{len(report.layers)}</b> BatchNorm layers; findings: {counts}.</p>"
-            + table_html(["severity", "check", "module", "what it means"], rows))
+            + table_html(["severity", "check", "module", "what it means"], rows, cards_when_narrow=True))
 
 
 # Per-parameter rows drawn at most per optimizer (an LLM's optimizer has thousands).
