@@ -41,7 +41,7 @@ def lr_schedule_figure(schedules: Sequence[tuple[str, LrSchedule]], title: str) 
     figure.update_layout(**_LAYOUT)
     figure.update_layout(title=_title(title), height=340, legend=_legend_below(340 - 40 - 110),
                          margin={"l": 70, "r": 20, "t": 40, "b": 110},
-                         xaxis_title="scheduler step (epoch or batch)",
+                         xaxis_title="step (epoch or batch)",  # fits a 250 px panel
                          yaxis={"title": "learning rate", "exponentformat": "power"})
     return figure
 
