@@ -104,8 +104,8 @@ def table_html(header: Sequence[str], rows: Sequence[Sequence[str]], *, cards_wh
     """
     head = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>" if header else ""
     if cards_when_narrow:
-        rows = [[cell.replace("<td", f"<td data-label='{esc(label)}'", 1) for cell, label in zip(row, header)]
-                for row in rows]
+        rows = [[cell.replace("<td", f"<td data-label='{esc(header[i])}'", 1) if i < len(header) else cell
+                 for i, cell in enumerate(row)] for row in rows]
     body = "".join("<tr>" + "".join(row) + "</tr>" for row in rows)
     table = f"<table class='ckptview-table'>{head}{body}</table>"
     return f"<div class='ckptview-cards'>{table}</div>" if cards_when_narrow else table
