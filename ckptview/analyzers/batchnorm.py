@@ -24,7 +24,6 @@ from ckptview.readers.model import Checkpoint, LayerRole, TensorEntry
 if TYPE_CHECKING:
     import pandas as pd
 
-SEVERITIES = ("ok", "info", "warning", "error")
 # gamma below this in every channel scales the layer's output to nothing.
 DEAD_GAMMA = 1e-6
 # running_var spread beyond this ratio means some channels are effectively constant (or exploded).

@@ -34,7 +34,6 @@ from ckptview.readers.remote import is_url, source_for
 if TYPE_CHECKING:
     import gguf
 
-GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)  # version 1 had 32-bit counts; llama.cpp dropped it too
 GGML_MAX_DIMS = 4  # llama.cpp refuses tensors with more
 DEFAULT_ALIGNMENT = 32
@@ -49,10 +48,6 @@ _FIRST_PREFIX = 64 * 1024  # a remote header's first request; most GGUF headers 
 # torch dtypes of the GGML types stored as plain arrays, read in place like any dense tensor
 _PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
           "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
-
-
-def is_gguf(head: bytes) -> bool:
-    return head.startswith(GGUF_MAGIC)
 
 
 class _Header:

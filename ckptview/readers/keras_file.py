@@ -63,7 +63,6 @@ from ckptview.readers.model import (
 from ckptview.readers.zip_directory import BadZip, data_offset
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-KERAS_ZIP_MEMBERS = ("metadata.json", "config.json", "model.weights.h5")
 # A compressed dataset inflating to more than this many times the whole file is a shape bomb:
 # deflate's best ratio is about 1032:1.
 _MAX_EXPANSION = 1100

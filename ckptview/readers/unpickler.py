@@ -516,9 +516,6 @@ def _allowed(numpy_too: bool = True) -> dict[str, Any]:
 
 SCRIPT_CLASS_PREFIX = "__torch__."
 
-PersistentLoader = Callable[[StorageType, str, str, int, Any], Storage]
-
-
 class SafeUnpickler(pickle.Unpickler):
     """
     Unpickle torch checkpoint pickles without importing or calling anything the file names.

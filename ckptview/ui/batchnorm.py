@@ -22,7 +22,6 @@ class BatchNormPanel(Panel):
         # every finding, one row each (the table above groups them by check)
         self.downloads = widgets.HTML()
         self.figure = FigureBox()
-        self.report_result: BatchNormReport | None = None
         super().__init__(state, [self.findings, self.downloads, self.figure])
 
     def _compute(self) -> tuple[BatchNormReport, go.Figure | None]:
@@ -30,7 +29,6 @@ class BatchNormPanel(Panel):
 
     def _show(self, result: tuple[BatchNormReport, Any]) -> None:
         report, figure = result
-        self.report_result = report
         self.findings.value = batchnorm_findings_html(report)
         self.downloads.value = download_links(report.to_frame(), "batchnorm-findings") if report.findings else ""
         if figure is None:
