@@ -32,4 +32,4 @@ def test_keras_overview_shows_layers_not_flattened_config(name: str, axis: str, 
             f"<div style='white-space:pre-line'>{LAYERS.format(axis=axis)}</div></details>") in html
     assert "config.layers" not in html and "kernel_initializer" not in html
     if training is not None:
-        assert f"<td>{training}</td>" in html
+        assert f"<td data-label='contents'>{training}</td>" in html
