@@ -173,6 +173,30 @@ class FileSource:
             os.close(self._fd)
 
 
+class MemorySource:
+    """
+    Bytes a file holds inside a pickle (a numpy array's data in a Detectron2 `.pkl`, an array saved
+    in a torch checkpoint), already in memory once the pickle is parsed: read as a file's would be.
+    """
+
+    def __init__(self, path: str, data: Any) -> None:
+        self.path = path
+        self._data = memoryview(data).cast("B")
+
+    def read_into(self, buffer: memoryview, offset: int) -> None:
+        end = offset + len(buffer)
+        if end > len(self._data):
+            raise CorruptCheckpointError(self.path, f"an array's data ends at byte {len(self._data):,} but a read "
+                                                    f"reaches byte {end:,}: the file is damaged. Re-save it.")
+        buffer[:] = self._data[offset:end]
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(self._data[offset:offset + size])
+
+    def close(self) -> None:
+        pass  # nothing to release: the bytes go with the checkpoint
+
+
 class RefusedPickle(pickle.UnpicklingError):
     """A pickle ckptview refuses to read on, with a message in ckptview's words (shown to the user as is)."""
 

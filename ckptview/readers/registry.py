@@ -327,6 +327,9 @@ FORMATS: list[Format] = [
            "ckptview.readers.torch_pickle:read_pickle_stream", (
                ("legacy `torch.save` (`_use_new_zipfile_serialization=False`)",
                 "every pickle in the stream scanned by the same unpickler; storage offsets from the stream"),
+               ("a plain pickle of numpy arrays (Detectron2's model-zoo `.pkl`, `pickle.dump` of a dict)",
+                "the same unpickler, numpy's own records checked before numpy sees them; numeric arrays are tensors "
+                "(here and inside torch files), strings and objects stay values"),
            )),
     Format("sharded", "*.index.json shard sets", _is_json, "ckptview.readers.directory:read_index_file", (
         ("sharded sets: `model.safetensors.index.json`, `pytorch_model.bin.index.json`, or their folder (also a "

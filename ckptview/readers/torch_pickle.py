@@ -31,7 +31,7 @@ from ckptview.readers.model import Checkpoint, FileSource, PickleImport, Refused
 from ckptview.readers.pickle_scan import MemoryBomb, RefusedAt, pickle_extent, unframed
 from ckptview.readers.registry import supported
 from ckptview.readers.remote import source_for
-from ckptview.readers.unpickler import SafeUnpickler
+from ckptview.readers.unpickler import SafeUnpickler, arrays_as_tensors, built_numpy_arrays
 from ckptview.readers.weights_only import weights_only_obstacle
 from ckptview.readers.zip_directory import (
     DEFLATED,
@@ -101,7 +101,7 @@ def unpickle(data: bytes | mmap.mmap, path: str, what: str, storage_for: Any = N
             with contextlib.suppress(CkptviewError, *PICKLE_ERRORS):
                 unpickler.load()
             raise refused
-        return unpickler.load(), unpickler, end
+        value = unpickler.load()
     except CkptviewError:
         raise
     except PICKLE_ERRORS as exc:
@@ -119,6 +119,9 @@ def unpickle(data: bytes | mmap.mmap, path: str, what: str, storage_for: Any = N
         )
         error.named_globals = named
         raise error from exc
+    if built_numpy_arrays(unpickler):
+        value = arrays_as_tensors(value, path)
+    return value, unpickler, end
 
 
 def zip_members(path: str, read: Callable[[int, int], bytes], size: int, *, writer: str = "torch.save") -> list[Member]:

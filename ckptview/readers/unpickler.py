@@ -30,11 +30,13 @@ from typing import Any
 from ckptview.lazy import torch
 from ckptview.readers.dtypes import ALIASES, ITEMSIZE, STORAGE_CLASSES, itemsize
 from ckptview.readers.model import (
+    MemorySource,
     PickledObject,
     PickleImport,
     RefusedPickle,
     Storage,
     TensorInfo,
+    contiguous_stride,
     refuse_pickle_state,
 )
 
@@ -396,6 +398,24 @@ def _numpy_globals() -> dict[str, Any]:
                                 "(an empty ndarray)")
         return reconstruct(PickledArray, (0,), typecode)
 
+    def frombuffer(data: Any, dtype: Any, shape: Any, order: Any, axis_order: Any = None) -> Any:
+        # what pickle protocol 5 writes for a contiguous array: numpy.core.numeric._frombuffer(bytes, dtype,
+        # shape, order[, axis_order]), checked as BUILD's state is before numpy sees it
+        dtype = real_dtype(dtype)
+        if type(shape) is not tuple or order not in ("C", "F", "K") or dtype.hasobject:
+            raise RefusedPickle("a numpy array whose protocol-5 record is not (data, dtype, shape, order)")
+        count = math.prod(_checked_shape(shape))
+        if not isinstance(data, (bytes, bytearray)) or len(data) != count * dtype.itemsize:
+            raise RefusedPickle(f"a numpy array of shape {list(shape)} and dtype {dtype} whose pickled data is not "
+                                "that many bytes")
+        array = numpy.frombuffer(data, dtype=dtype)
+        if order != "K" or axis_order is None:
+            return array.reshape(shape, order="F" if order == "F" else "C")
+        if (type(axis_order) is not tuple or not all(type(axis) is int for axis in axis_order)
+                or sorted(axis_order) != list(range(len(shape)))):
+            raise RefusedPickle("a numpy array whose axis order is not a permutation of its axes")
+        return array.reshape(shape).transpose(axis_order)
+
     def scalar(dtype: Any, data: Any = None) -> Any:
         dtype = real_dtype(dtype)
         if dtype.hasobject:
@@ -412,9 +432,10 @@ def _numpy_globals() -> dict[str, Any]:
     # numpy.ndarray is only ever _reconstruct's first argument: called, it would allocate whatever shape it is given
     ndarray = _sealed_callable(refuse_call)
     allowed: dict[str, Any] = {"numpy.ndarray": ndarray, "numpy.dtype": _sealed_callable(PickledDtype)}
-    for core in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[f"{core}._reconstruct"] = _sealed_callable(reconstruct_empty)
-        allowed[f"{core}.scalar"] = _sealed_callable(scalar)
+    for core in ("numpy.core", "numpy._core"):
+        allowed[f"{core}.multiarray._reconstruct"] = _sealed_callable(reconstruct_empty)
+        allowed[f"{core}.multiarray.scalar"] = _sealed_callable(scalar)
+        allowed[f"{core}.numeric._frombuffer"] = _sealed_callable(frombuffer)
     for name in dir(getattr(numpy, "dtypes", None) or ()):
         if name.endswith("DType"):
             allowed[f"numpy.dtypes.{name}"] = _sealed_callable(refuse_call)
@@ -602,6 +623,105 @@ class SafeUnpickler(pickle.Unpickler):
 
     def script_classes(self) -> list[str]:
         return sorted(name for name in self.imports if name.startswith(SCRIPT_CLASS_PREFIX))
+
+
+def built_numpy_arrays(unpickler: SafeUnpickler) -> bool:
+    """Whether the pickle named numpy's array constructor, so its value may hold numpy arrays."""
+    return any(name.endswith(("multiarray._reconstruct", "numeric._frombuffer")) for name in unpickler.allowed_named)
+
+
+def arrays_as_tensors(root: Any, path: str) -> Any:
+    """
+    `root` with every numpy array of a numeric dtype in it replaced by a `TensorInfo` over the
+    array's bytes, so arrays a pickle holds are tensors like a `.npy` file's: a Detectron2 `.pkl`
+    is a dict of arrays, and training scripts save numpy arrays beside torch tensors. Arrays of
+    strings, objects or records stay arrays (values, not tensors). Dicts and lists are changed in
+    place; a tuple holding an array is rebuilt. Iterative, so a deeply nested pickle does not
+    exhaust the stack; an array referenced twice becomes one `TensorInfo` (one storage).
+    """
+    import numpy
+
+    replaced: dict[int, Any] = {}
+    entered: set[int] = set()
+    visited: list[Any] = []  # alive until the end: a freed tuple's id could be reused by a new one
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            _put_back(node, replaced)
+            continue
+        if key in replaced or key in entered:
+            continue
+        if isinstance(node, numpy.ndarray):
+            info = _array_tensor(node, path, numpy)
+            if info is not None:
+                replaced[key] = info
+                visited.append(node)
+            continue
+        children = _replaceable_children(node)
+        if children is None:
+            continue
+        entered.add(key)
+        visited.append(node)
+        stack.append((node, True))
+        stack.extend((child, False) for child in children)
+    return replaced.get(id(root), root)
+
+
+def _replaceable_children(node: Any) -> list[Any] | None:
+    if isinstance(node, dict):
+        return list(node.values())
+    if isinstance(node, list) or type(node) is tuple:
+        return list(node)
+    if isinstance(node, PickledObject):
+        return [node.args, node.kwargs, node.state, node.items, node.list_items]
+    return None
+
+
+def _put_back(node: Any, replaced: dict[int, Any]) -> None:
+    """Put the replacements of `node`'s children into it (a tuple's replacement is a new tuple)."""
+    if isinstance(node, dict):
+        for name, value in list(node.items()):
+            new = replaced.get(id(value))
+            if new is not None:
+                node[name] = new
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            new = replaced.get(id(value))
+            if new is not None:
+                node[index] = new
+    elif type(node) is tuple:
+        if any(id(value) in replaced for value in node):
+            replaced[id(node)] = tuple(replaced.get(id(value), value) for value in node)
+    elif isinstance(node, PickledObject):
+        for attribute in ("args", "state"):
+            new = replaced.get(id(getattr(node, attribute)))
+            if new is not None:
+                setattr(node, attribute, new)
+
+
+def _array_tensor(array: Any, path: str, numpy: Any) -> TensorInfo | None:
+    dtype = array.dtype
+    name = dtype.name
+    if dtype.kind not in "biufc" or dtype.fields is not None or ITEMSIZE.get(name) != dtype.itemsize:
+        return None  # strings, objects, records, datetimes, long doubles: no torch dtype
+    shape = tuple(array.shape)
+    itemsize = dtype.itemsize
+    # A pickled array is its bytes in C or Fortran order, or (protocol 5, order "K") a permutation of
+    # C order: each a block its strides cover exactly once from its first byte, which ravel("K") gives
+    # in memory order. Anything else is copied to C order.
+    strides = array.strides
+    if array.size and (any(step < 0 or step % itemsize for step in strides)
+                       or 1 + sum((n - 1) * step for n, step in zip(shape, strides)) // itemsize != array.size):
+        array = numpy.ascontiguousarray(array)
+        strides = array.strides
+    stride = tuple(step // itemsize for step in strides) if array.size else contiguous_stride(shape)
+    big = dtype.byteorder == ">" or (dtype.byteorder == "=" and not numpy.little_endian)
+    raw = array.ravel(order="K").view(numpy.uint8)
+    storage = Storage(key="numpy", source=MemorySource(path, raw), offset=0, nbytes=raw.nbytes, location="cpu",
+                      byteorder="big" if big else "little")
+    return TensorInfo(shape=shape, dtype=name, storage=storage, stride=stride)
 
 
 def _reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
