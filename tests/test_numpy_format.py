@@ -314,10 +314,12 @@ def test_numpy_values_in_a_torch_checkpoint_still_list(tmp_path: Path) -> None:
         root = ckpt.root
         assert root["best"] == 0.93 and bool(root["flag"])
         # numeric arrays are tensors over their pickled bytes (tests/test_pickled_arrays.py); the others stay arrays
-        assert torch.equal(ckpt.tensor("rng.1").load(), torch.from_numpy(values["rng"][1].astype(np.int64)).to(torch.uint32))
+        state = torch.from_numpy(values["rng"][1].astype(np.int64)).to(torch.uint32)
+        assert torch.equal(ckpt.tensor("rng.1").load(), state)
         for key in ("big_endian", "fortran", "empty"):
             expected = values[key]
-            assert torch.equal(ckpt.tensor(key).load(), torch.from_numpy(expected.astype(expected.dtype.newbyteorder("="))))
+            native = expected.astype(expected.dtype.newbyteorder("="))
+            assert torch.equal(ckpt.tensor(key).load(), torch.from_numpy(native))
         for key in ("objects", "words"):
             assert np.array_equal(np.asarray(root[key]), values[key]) and root[key].dtype == values[key].dtype, key
         assert repr(root["dtype"]) == "dtype('float16')"

@@ -119,7 +119,8 @@ def _deep_pickle(depth: int) -> bytes:
     return b"\x80\x02" + b"]" * depth + body + b"a" * depth + b"."
 
 
-def _protocol5_record(data: bytes, shape: tuple[int, ...], order: str = "C", axis_order: tuple[int, ...] | None = None) -> bytes:
+def _protocol5_record(data: bytes, shape: tuple[int, ...], order: str = "C",
+                      axis_order: tuple[int, ...] | None = None) -> bytes:
     """A pickle calling numpy._core.numeric._frombuffer(data, float32, shape, order[, axis_order]) by hand."""
     out = io.BytesIO()
     out.write(b"\x80\x05")
