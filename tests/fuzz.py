@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import pickletools
 import random
 import selectors
@@ -303,6 +304,13 @@ def make_seeds(folder: Path) -> dict[str, bytes]:
     buffer = io.BytesIO()
     np.savez(buffer, a=np.arange(4.0), objects=objects)
     seeds["npz-object"] = buffer.getvalue()
+    # numpy arrays inside a plain pickle (a Detectron2 `.pkl`): protocol 2 BUILDs each array's bytes,
+    # protocol 5 calls numpy._core.numeric._frombuffer with them (Fortran and permuted orders too)
+    arrays = {"model": {"conv.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+                        "fortran": np.asfortranarray(np.ones((2, 3))), "big": np.arange(4, dtype=">i4"),
+                        "permuted": np.arange(6, dtype=np.int16).reshape(2, 3).T}, "names": np.array(["a", "b"])}
+    for protocol in (2, 5):
+        seeds[f"np-pickle-{protocol}"] = pickle.dumps(arrays, protocol=protocol)
     try:
         import gguf
 
