@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import ckptview
+from ckptview.analyzers.training import plain
 from ckptview.cli import main
 
 
@@ -78,6 +79,12 @@ def test_arrays_in_a_torch_checkpoint_are_listed_beside_its_tensors(tmp_path: Pa
         assert names == ["state_dict.fc.weight", "anchors"]
         assert torch.equal(ckpt.tensor("anchors").load(), torch.from_numpy(anchors))
         assert not ckpt.needs_trust
+    # shown as values where a checkpoint's metadata is shown: small arrays as numpy's tolist() gives them
+    path = tmp_path / "history.pt"
+    torch.save({"state_dict": {"fc.weight": torch.ones(2)}, "history": np.array([0.9, 0.8]), "big": np.zeros(40)}, path)
+    with ckptview.open(path) as ckpt:
+        assert plain(ckpt.root) == {"state_dict": {"fc.weight": "tensor[2] float32"}, "history": [0.9, 0.8],
+                                    "big": "tensor[40] float64"}
 
 
 class Holder:

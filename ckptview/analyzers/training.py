@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptview.analyzers.sections import Section, find_sections, model_section, model_state_dict
-from ckptview.readers.model import Checkpoint, PickledObject, TensorEntry, TensorInfo, dotted_name, load_tensor
+from ckptview.readers.model import (
+    Checkpoint,
+    MemorySource,
+    PickledObject,
+    TensorEntry,
+    TensorInfo,
+    dotted_name,
+    load_tensor,
+)
 
 # Buffers a state dict holds beside parameters; optimizers never see them.
 BUFFER_LEAVES = frozenset({"running_mean", "running_var", "num_batches_tracked", "position_ids", "inv_freq",
@@ -92,8 +100,11 @@ def plain(value: Any, *, depth: int = 0) -> Any:
     if depth > 20:
         return "…"
     if isinstance(value, TensorInfo):
-        if value.numel == 1 and value.layout == "strided" and value.storage is not None:
-            return load_tensor(value, "value").item()
+        if value.layout == "strided" and value.storage is not None:
+            if value.numel == 1:
+                return load_tensor(value, "value").item()
+            if value.numel <= 16 and type(value.storage.source) is MemorySource:
+                return load_tensor(value, "value").tolist()  # a numpy array a pickle held, shown as numpy's tolist
         return f"tensor{list(value.shape)} {str(value.dtype).removeprefix('torch.')}"
     if isinstance(value, PickledObject):
         attributes = value.attributes
