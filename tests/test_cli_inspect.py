@@ -214,3 +214,26 @@ def test_scan_of_a_checkpoint_folder_judges_a_file_it_does_not_read(tmp_path: Pa
             records = {Path(r["path"]).name: r["needs_code"] for r in json.loads(capsys.readouterr().out)}
             assert records.pop("helper.pt") is True and records and not any(records.values()), records
         (folder / "extras" / "helper.pt").unlink()
+
+
+def test_tensors_table_says_which_tensors_are_not_plain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Sparse, quantized and unreadable tensors get a layout column (a nested tensor's shape is only its buffer's)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nested tensors are a prototype API
+        nested = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)])
+    path = tmp_path / "layouts.pt"
+    torch.save({"dense": torch.ones(2), "sparse": torch.eye(3).to_sparse(), "nested": nested,
+                "q": torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8)}, path)
+    assert main(["tensors", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-1] == "layout"
+    by_name = {line.split()[0]: line for line in lines[2:6]}
+    assert by_name["dense"].rstrip().endswith("B")  # nothing to say about a plain tensor
+    assert by_name["sparse"].endswith("sparse_coo") and by_name["q"].endswith("quantized")
+    assert by_name["nested"].endswith("unsupported: nested tensor")
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.ones(2)}, plain)
+    assert main(["tensors", str(plain)]) == 0
+    assert "layout" not in capsys.readouterr().out

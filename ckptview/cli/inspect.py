@@ -268,12 +268,26 @@ def tensors(args: argparse.Namespace) -> int:
         # an encoded tensor shows its stored form (Q4_K, int8) and what load() returns
         rows = [(e.name, shape_text(e.shape), f"{e.encoding} → {e.dtype_name}" if e.encoding else e.dtype_name,
                  f"{e.numel:,}", human_bytes(e.nbytes)) for e in entries]
-        print(text_table(rows, ("name", "shape", "dtype", "params", "size"), align_right=(3, 4)))
+        columns = ("name", "shape", "dtype", "params", "size")
+        if any(e.info.layout not in ("strided", "encoded") for e in entries):
+            # sparse, quantized, meta and unreadable tensors (a nested tensor's shape is its buffer's) say so
+            columns += ("layout",)
+            rows = [(*row, _layout_text(e.info)) for row, e in zip(rows, entries)]
+        print(text_table(rows, columns, align_right=(3, 4)))
         shared = ckpt.tensor_count - len(ckpt.unique_tensors())
         note = f"; {shared} shared with another name, counted once" if shared else ""
         print(f"\n{ckpt.tensor_count:,} tensors, {ckpt.parameter_count:,} elements, "
               f"{human_bytes(ckpt.total_bytes)}{note}")
     return 0
+
+
+def _layout_text(info: Any) -> str:
+    if info.layout == "strided":
+        return ""
+    if not info.note:
+        return info.layout
+    what = re.split(r"[:;(]", info.note, maxsplit=1)[0].strip()  # the note's subject; `info` has it whole
+    return f"{info.layout}: {what[:48]}"
 
 
 def _info_many(paths: list[str], args: argparse.Namespace) -> int:
