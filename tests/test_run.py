@@ -436,3 +436,33 @@ def test_views_reading_one_storage_many_times_over_are_left_out_of_a_run(tmp_pat
     assert reads and all(count <= 2 * 16 for count in reads.values()), reads
     with ckptview.open(tmp_path / "epoch_1.pt") as ckpt:
         assert [row.name for row in run_tasks._tensor_rows(ckpt)] == [f"views.{i}" for i in range(16)]
+
+
+def test_open_checkpoints_stay_within_their_bounds(tmp_path: Path) -> None:
+    """At most `capacity` checkpoints kept, at most `files` idle ones holding a descriptor, the rest reopen on use."""
+    from ckptview.analyzers import run_tasks
+
+    paths = []
+    for i in range(7):
+        paths.append(tmp_path / f"epoch_{i}.pt")
+        torch.save({"w": torch.full((3,), float(i))}, paths[-1])
+    kept = run_tasks._OpenCheckpoints(capacity=4, files=2)
+
+    def descriptors() -> int:
+        return sum(os.path.realpath(f"/proc/self/fd/{fd}").startswith(str(tmp_path)) for fd in os.listdir("/proc/self/fd"))
+
+    before = descriptors()
+    for path in paths:
+        with kept.use(run_tasks.file_id(str(path)), False) as ckpt:
+            ckpt.tensor("w").load()  # opens its file
+            assert descriptors() - before <= 3  # two idle ones and this one
+    assert [key[0].path for key in kept._entries] == [str(p) for p in paths[-4:]]
+    assert descriptors() - before == 2
+    with kept.use(run_tasks.file_id(str(paths[3])), False) as ckpt:  # idle without a descriptor: reads again
+        assert torch.equal(ckpt.tensor("w").load(), torch.full((3,), 3.0))
+    with kept.use(run_tasks.file_id(str(paths[0])), False) as ckpt:  # dropped: opened anew, the oldest idle goes
+        assert torch.equal(ckpt.tensor("w").load(), torch.full((3,), 0.0))
+    assert len(kept._entries) == 4 and str(paths[4]) not in [key[0].path for key in kept._entries]
+    assert descriptors() - before == 2
+    kept.clear()
+    assert descriptors() == before and not kept._entries
