@@ -113,6 +113,37 @@ def test_overview_lists_sections_with_their_values_and_a_treemap(demo: dict[str,
     assert treemap.values[0] == sum(v for v, parent in zip(treemap.values, treemap.parents, strict=True) if parent == treemap.ids[0])
 
 
+def test_a_filter_typed_while_the_table_loads_is_what_the_table_shows(demo: dict[str, Path], monkeypatch) -> None:
+    """The worker drawing the first rows and the filter's handler redraw one table: the last filter wins."""
+    import threading
+
+    from ckptview.ui import tensors as tensors_module
+
+    drawn, release = threading.Event(), threading.Event()
+    unfiltered = tensors_module.filter_frame
+
+    def filter_then_stall_in_the_worker(*args, **kwargs):
+        rows = unfiltered(*args, **kwargs)
+        if threading.current_thread().name.startswith("ckptview-ui") and not drawn.is_set():
+            drawn.set()
+            release.wait(10)  # the worker has chosen its rows; the user types now
+        return rows
+
+    monkeypatch.setattr(tensors_module, "filter_frame", filter_then_stall_in_the_worker)
+    app = explore(demo["training.pt"])
+    panel = app.select("Tensors")
+    assert drawn.wait(30)
+    typing = threading.Thread(target=lambda: setattr(panel.name_filter, "value", r"layer1\..*weight$"))
+    typing.start()
+    typing.join(0.5)
+    release.set()
+    typing.join(30)
+    panel.wait()
+    assert panel.count_label.value == "4 of 83 tensors"
+    assert list(panel.rows.frame["name"]) == [f"model_state_dict.layer1.{i}.{j}.weight" for i in (0, 1) for j in (0, 1)]
+    assert "title='4 rows" in panel.rows.downloads.value  # the CSV the browser test reads
+
+
 def test_tensor_grid_holds_and_filters_20000_tensors(many_tensors: Path) -> None:
     app = explore(many_tensors)
     panel = opened(app, "Tensors")

@@ -4,8 +4,10 @@ banner, a progress bar, and running work off the kernel's main thread.
 
 Work runs on a worker thread so the kernel keeps answering the front end (a Cancel click, another
 tab) while a panel computes; widgets are updated from that thread, which ipykernel allows (comm
-messages go through its IOPub thread). Progress updates are throttled so a panel never comes
-near Jupyter's IOPub message-rate limit.
+messages go through its IOPub thread). A panel's view is drawn under its `view_lock`, by that
+thread and by the handlers that redraw it in place (a filter), so a filter typed while the table
+loads is never overwritten by the rows of the filter before it. Progress updates are throttled so a
+panel never comes near Jupyter's IOPub message-rate limit.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ class Panel(widgets.VBox):
         self._idle.set()
         self._cancel = threading.Event()
         self._lock = threading.Lock()
+        self.view_lock = threading.RLock()
         self._pending: tuple[Callable[[], Any], Callable[[Any], None], str] | None = None
         self._last_report = 0.0
         super().__init__([self.banner, widgets.HBox([self.progress, self.progress_text]), *body])
@@ -154,8 +157,9 @@ class Panel(widgets.VBox):
     def _finish(self, future: Future, done: Callable[[Any], None]) -> None:
         try:
             result = future.result()
-            self.show_error(None)
-            done(result)
+            with self.view_lock:
+                self.show_error(None)
+                done(result)
         except (Cancelled, CancelledError):
             self.banner.value = banner_html("info", "cancelled; press the button again to start over")
         except Exception as exc:  # a bug in one panel must not take the explorer down: show it here

@@ -75,7 +75,8 @@ class StatisticsPanel(Panel):
         self._refresh()
 
     def _on_training_too_value(self, change: dict[str, Any]) -> None:
-        self._plot()
+        with self.view_lock:  # a worker's _show draws it too
+            self._plot()
 
     def _on_cancel_click(self, button: widgets.Button) -> None:
         self.cancel()

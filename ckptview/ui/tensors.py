@@ -118,6 +118,10 @@ class TensorsPanel(Panel):
 
     # --- view ---------------------------------------------------------------------------------------
     def _refresh(self) -> None:
+        with self.view_lock:  # a worker's _show draws it too
+            self._draw()
+
+    def _draw(self) -> None:
         if self.frame.empty:
             return
         try:

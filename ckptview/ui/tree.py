@@ -57,6 +57,10 @@ class TreePanel(Panel):
             self.on_pick(self.paths[row.name])
 
     def _refresh(self) -> None:
+        with self.view_lock:  # a worker's _show draws it too
+            self._draw()
+
+    def _draw(self) -> None:
         if self.tree is None:
             return
         nodes = [(depth, node) for depth, node in self.tree.walk() if depth <= self.open_depth.value][:MAX_NODES]
