@@ -268,6 +268,28 @@ def test_timeline_text_writes_steps_whole_and_huge_figures_short(tmp_path: Path,
     assert "1234567" in rows[0] and "2469134" in rows[1] and "5.237e+30 w" in rows[1]
 
 
+def test_a_module_with_no_finite_value_has_no_norm_and_no_change(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Every weight NaN (a diverged run) was weight_norm 0 and change 0: a layer said to have stopped."""
+    weights = (torch.ones(4), torch.full((4,), 2.0), torch.full((4,), math.nan), torch.full((4,), math.nan),
+               torch.full((4,), 3.0))
+    for epoch, w in enumerate(weights, 1):
+        torch.save({"model": {"fc.weight": w, "head.weight": torch.full((2,), float(epoch))}, "epoch": epoch,
+                    "loss": 1.0 / epoch if epoch < 3 else math.nan}, tmp_path / f"epoch_{epoch}.pt")
+    summary = ckptview.open_run(tmp_path, cache=False).analyze(progress=False)
+    fc = summary.drift_frame().query("module == 'fc'").set_index("epoch")
+    assert fc.weight_norm[2] == pytest.approx(4.0) and fc.rel_change_prev[2] == pytest.approx(1.0)
+    for epoch in (3, 4):
+        assert fc.loc[epoch, ["weight_norm", "rel_change_prev", "rel_change_first", "update_ratio"]].isna().all()
+    # back to finite values: a norm again, but no change from a checkpoint that had no value to compare with
+    assert fc.weight_norm[5] == pytest.approx(6.0) and math.isnan(fc.rel_change_prev[5])
+    assert fc.rel_change_first[5] == pytest.approx(2.0)
+    assert not summary.stopped
+    assert main(["timeline", str(tmp_path), "--no-cache"]) == 0
+    rows = capsys.readouterr().out.splitlines()[3:8]
+    assert rows[2].split()[3] == "nan" and rows[3].split()[-1] == "head"  # the saved loss; the one module that moved
+
+
 def test_timeline_missing_path_is_an_input_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["timeline", str(tmp_path / "nothing_*.pt")]) == 1
     assert "no file matches" in capsys.readouterr().err

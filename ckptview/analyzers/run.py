@@ -116,7 +116,8 @@ class ModuleDrift:
     One module's weights (its parameters, not running statistics) at one checkpoint.
 
     Attributes:
-        weight_norm: L2 norm over the module's finite parameter values.
+        weight_norm: L2 norm over the module's finite parameter values (NaN, as are the changes, when
+            it has none).
         rel_change_prev: ||W - W_prev|| / ||W_prev|| (NaN at the first checkpoint or when absent before).
         rel_change_first: ||W - W_first|| / ||W_first||.
         update_ratio: ||W - W_prev|| / ||W||, divided by the optimizer steps between the two
@@ -730,11 +731,17 @@ def summarize_run(run: Run, tables: Sequence[Mapping[str, Sequence[Any]]]) -> Ru
                 return np.add.reduceat(column[:, layout.module_rows], layout.module_starts, axis=1)
 
             prev_dd, first_dd = by_module(columns["prev_dd"]), by_module(columns["first_dd"])
+            # a module with no finite value (a diverged run's every weight NaN) has no norm and no change:
+            # the sums over its finite values, all 0, said it had not moved
+            unfinite = (by_module(finite) == 0) & (by_module(columns["nan"] + columns["posinf"] + columns["neginf"]) > 0)
+            unfinite_prev = np.vstack([np.zeros_like(unfinite[:1]), unfinite[:-1]])  # the span's first: its own prev
             with np.errstate(all="ignore"):
-                norm = np.sqrt(by_module(squares))
+                norm = np.where(unfinite, np.nan, np.sqrt(by_module(squares)))
                 update = np.where((norm > 0) & np.isfinite(prev_dd), np.sqrt(prev_dd) / norm, np.nan) / steps
-            values = zip(norm.tolist(), _relative(prev_dd, by_module(columns["prev_aa"])).tolist(),
-                         _relative(first_dd, by_module(columns["first_aa"])).tolist(), update.tolist(),
+            rel_prev = np.where(unfinite | unfinite_prev, np.nan, _relative(prev_dd, by_module(columns["prev_aa"])))
+            rel_first = np.where(unfinite, np.nan, _relative(first_dd, by_module(columns["first_aa"])))
+            update = np.where(unfinite_prev, np.nan, update)
+            values = zip(norm.tolist(), rel_prev.tolist(), rel_first.tolist(), update.tolist(),
                          by_module(columns["nan"]).tolist())
             for (path, epoch, step), per_module in zip(times, values):
                 drift.extend(map(ModuleDrift, layout.modules, repeat(path), repeat(epoch), repeat(step), *per_module))

@@ -47,7 +47,7 @@ def _num(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float) and not math.isfinite(value):
-        return "-" if math.isnan(value) else str(value)
+        return str(value)  # a diverged run's saved loss: nan, inf
     if isinstance(value, float) and not (value.is_integer() and abs(value) < 1e15):
         return f"{value:.4g}"  # a diverged run's 5.23747e+30 reads as 5.237e+30, like the other figures
     # integers (a long run's step 1234567) whole; `:g` wrote 1.23457e+06
@@ -60,7 +60,7 @@ def render_timeline(summary: RunSummary) -> str:
     largest = summary.largest_change()
     rows = []
     for checkpoint in summary.checkpoints:
-        change, module = largest.get(checkpoint.path, (math.nan, ""))
+        change, module = largest.get(checkpoint.path, (None, ""))
         marks = []
         if summary.best and checkpoint.path == summary.best.path:
             marks.append("best")
