@@ -10,6 +10,7 @@ import threading
 from concurrent.futures import CancelledError
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -300,8 +301,13 @@ def test_run_view_shows_metrics_heatmap_onset_and_opens_a_checkpoint(run_folder:
     view.wait()
     assert view.summary is not None and not view.banner.value
     assert {trace.name for trace in view.metrics.data} >= {"val_acc", "loss", "lr", "best (val_acc)"}
-    (heatmap,) = view.heatmap.data
+    heatmap, poisoned = view.heatmap.data
     assert list(heatmap.y) == ["conv1", "bn1", "layer1.0", "layer1.1", "fc"] and len(heatmap.x) == EPOCHS
+    # grey where a module holds NaN and has no change to show: after the onset, not before
+    onset = list(heatmap.x).index(view.summary.nan_onset.epoch)
+    grey = ~np.isnan(np.array(poisoned.z, dtype=float))
+    assert grey[:, onset:].any() and not grey[:, :onset].any()
+    assert np.isnan(np.array(heatmap.z, dtype=float)[grey]).all()
     assert any(shape.x0 == view.summary.nan_onset.epoch for shape in view.heatmap.figure.layout.shapes)
     assert "NaN/Inf first in" in view.table.value and "epoch_10.pt" in view.table.value
     view.checkpoint.value = str(run_folder / "epoch_10.pt")

@@ -23,6 +23,7 @@ _LAYOUT = dict(margin=dict(l=60, r=20, t=40, b=50), height=380, template="plotly
 # x axis's labels after the window widened again.
 _LEGEND_BELOW = dict(orientation="h", yref="container", y=0, yanchor="bottom", xanchor="left", x=0)
 _MAX_LOG_TICKS = 8  # a diverged run's learning rate spans 30+ decades: one label per decade would overlap
+_NAN_GREY = "#9e9e9e"  # readable on the light and the dark theme
 _COUNTERS = {"epoch", "epochs", "current_epoch", "step", "global_step", "steps", "iteration", "iter"}
 
 
@@ -85,15 +86,26 @@ def drift_heatmap(summary: RunSummary, *, max_modules: int = 120) -> go.Figure:
     modules = list(dict.fromkeys(frame["module"]))[:max_modules]
     column = {c.path: i for i, c in enumerate(summary.checkpoints)}
     z = np.full((len(modules), len(x)), np.nan)
+    nan_counts = np.zeros((len(modules), len(x)))
     row = {m: i for i, m in enumerate(modules)}
     for item in frame.itertuples():
-        if item.module in row and item.rel_change_prev > 0 and math.isfinite(item.rel_change_prev):
-            z[row[item.module], column[item.path]] = math.log10(item.rel_change_prev)
-    names = [os.path.basename(c.path) for c in summary.checkpoints]
+        if item.module in row:
+            nan_counts[row[item.module], column[item.path]] = item.nan_count
+            if item.rel_change_prev > 0 and math.isfinite(item.rel_change_prev):
+                z[row[item.module], column[item.path]] = math.log10(item.rel_change_prev)
+    names = np.array([[os.path.basename(c.path) for c in summary.checkpoints]] * len(modules))
     # the title short enough for a 640 px window; the colour bar and hover say what the change is
     figure = go.Figure(go.Heatmap(z=z, x=x, y=modules, colorscale="Viridis", colorbar=dict(title="log10 Δ<br>vs prev"),
-                                  customdata=np.array([names] * len(modules)),
+                                  customdata=names,
                                   hovertemplate="%{y} @ %{customdata}<br>log10 relative change %{z:.2f}<extra></extra>"))
+    # a module left with no change to show because it holds NaN (a diverged run's every weight) is grey,
+    # not the blank of a module the checkpoint lacks
+    poisoned = np.where(np.isnan(z) & (nan_counts > 0), 0.0, np.nan)
+    if not np.isnan(poisoned).all():
+        figure.add_trace(go.Heatmap(z=poisoned, x=x, y=modules, colorscale=[[0, _NAN_GREY], [1, _NAN_GREY]],
+                                    showscale=False, customdata=np.dstack([names, nan_counts]),
+                                    hovertemplate="%{y} @ %{customdata[0]}<br>%{customdata[1]:,} NaN: no change to show"
+                                                  "<extra></extra>"))
     _mark_onset(figure, summary, x)
     figure.update_layout(**{**_LAYOUT, "height": max(300, 18 * len(modules) + 120)}, xaxis_title=label,
                          title=_title("weight change per module"),
