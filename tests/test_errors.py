@@ -62,6 +62,11 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, type[CkptviewError], str]]:
     legacy_cut.write_bytes(legacy.read_bytes()[:-100])
     cases["truncated legacy"] = (legacy_cut, TruncatedCheckpointError, "it was cut off")
 
+    unfinished = tmp / "unfinished.pt"  # torch.save fails to pickle a module object: its zip has no data.pkl
+    with pytest.raises(TypeError):
+        torch.save({"w": torch.ones(2), "module": os}, unfinished)
+    cases["torch.save that failed"] = (unfinished, CorruptCheckpointError, "torch.save stopped before writing it")
+
     png = tmp / "image.pt"
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
     cases["png renamed .pt"] = (png, UnsupportedFormatError, "this is a PNG image, not a checkpoint")

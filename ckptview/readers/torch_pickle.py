@@ -250,6 +250,10 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
     members = {member.name: member for member in listed}
     prefix = archive_prefix(path, names)
     if prefix + "data.pkl" not in members:
+        if prefix + "byteorder" in members or prefix + ".data/serialization_id" in members:  # torch.save's own records
+            raise CorruptCheckpointError(path, "a torch.save archive without its data.pkl: torch.save stopped before "
+                                               "writing it (the object could not be pickled, or the save was "
+                                               "interrupted), so it holds no checkpoint. Save it again.")
         sample = ", ".join(printable(name) for name in names[:5]) + (" …" if len(names) > 5 else "")
         raise UnsupportedFormatError(path, f"a zip archive, but not one written by torch.save (no data.pkl; it "
                                            f"holds {sample}); {supported()}.")
