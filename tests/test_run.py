@@ -275,9 +275,17 @@ def test_a_module_with_no_finite_value_has_no_norm_and_no_change(tmp_path: Path,
     weights = (torch.ones(4), torch.full((4,), 2.0), torch.full((4,), math.nan), torch.full((4,), math.nan),
                torch.full((4,), 3.0))
     for epoch, w in enumerate(weights, 1):
-        torch.save({"model": {"fc.weight": w, "head.weight": torch.full((2,), float(epoch))}, "epoch": epoch,
+        model = {"fc.weight": w, "head.weight": torch.full((2,), float(epoch)), "bn.running_mean": w + 1,
+                 "bn.running_var": w + 2}
+        optimizer = {"state": {0: {"exp_avg_sq": w * w}}, "param_groups": [{"params": [0], "lr": 0.1}]}
+        torch.save({"model": model, "optimizer": optimizer, "epoch": epoch,
                     "loss": 1.0 / epoch if epoch < 3 else math.nan}, tmp_path / f"epoch_{epoch}.pt")
     summary = ckptview.open_run(tmp_path, cache=False).analyze(progress=False)
+    bn = summary.batchnorm_frame().set_index("epoch")
+    assert bn.mean_change_prev[2] == pytest.approx(0.5)
+    assert bn.loc[[3, 4, 5], "mean_change_prev"].isna().all() and bn.loc[[3, 4], "mean_change_first"].isna().all()
+    moments = summary.moments_frame().query("module == '<all>'").set_index("epoch")
+    assert moments.norm[2] == pytest.approx(8.0) and moments.loc[[3, 4], "norm"].isna().all()
     fc = summary.drift_frame().query("module == 'fc'").set_index("epoch")
     assert fc.weight_norm[2] == pytest.approx(4.0) and fc.rel_change_prev[2] == pytest.approx(1.0)
     for epoch in (3, 4):

@@ -718,6 +718,11 @@ def summarize_run(run: Run, tables: Sequence[Mapping[str, Sequence[Any]]]) -> Ru
             if holds_nan.size:
                 nan_onset = _nan_onset(group[holds_nan[0]], tables[start + holds_nan[0]])
         finite, mean = columns["finite"], columns["mean"]
+        nonfinite = columns["nan"] + columns["posinf"] + columns["neginf"]
+        # a tensor with no finite value (a diverged run's) has no norm and no change, nor has the next
+        # checkpoint's from it: the sums over its finite values, all 0, said it had stopped moving
+        unfinite = (finite == 0) & (nonfinite > 0)
+        unfinite_prev = np.vstack([np.zeros_like(unfinite[:1]), unfinite[:-1]])  # a span's first: unknown, kept
         with np.errstate(all="ignore"):
             squares = np.where(finite > 0, columns["m2"] + finite * mean ** 2, 0.0)  # over the finite values
         steps = np.ones((len(group), 1))
@@ -731,16 +736,15 @@ def summarize_run(run: Run, tables: Sequence[Mapping[str, Sequence[Any]]]) -> Ru
                 return np.add.reduceat(column[:, layout.module_rows], layout.module_starts, axis=1)
 
             prev_dd, first_dd = by_module(columns["prev_dd"]), by_module(columns["first_dd"])
-            # a module with no finite value (a diverged run's every weight NaN) has no norm and no change:
-            # the sums over its finite values, all 0, said it had not moved
-            unfinite = (by_module(finite) == 0) & (by_module(columns["nan"] + columns["posinf"] + columns["neginf"]) > 0)
-            unfinite_prev = np.vstack([np.zeros_like(unfinite[:1]), unfinite[:-1]])  # the span's first: its own prev
+            module_unfinite = (by_module(finite) == 0) & (by_module(nonfinite) > 0)
+            module_unfinite_prev = np.vstack([np.zeros_like(module_unfinite[:1]), module_unfinite[:-1]])
             with np.errstate(all="ignore"):
-                norm = np.where(unfinite, np.nan, np.sqrt(by_module(squares)))
+                norm = np.where(module_unfinite, np.nan, np.sqrt(by_module(squares)))
                 update = np.where((norm > 0) & np.isfinite(prev_dd), np.sqrt(prev_dd) / norm, np.nan) / steps
-            rel_prev = np.where(unfinite | unfinite_prev, np.nan, _relative(prev_dd, by_module(columns["prev_aa"])))
-            rel_first = np.where(unfinite, np.nan, _relative(first_dd, by_module(columns["first_aa"])))
-            update = np.where(unfinite_prev, np.nan, update)
+            rel_prev = np.where(module_unfinite | module_unfinite_prev, np.nan,
+                                _relative(prev_dd, by_module(columns["prev_aa"])))
+            rel_first = np.where(module_unfinite, np.nan, _relative(first_dd, by_module(columns["first_aa"])))
+            update = np.where(module_unfinite_prev, np.nan, update)
             values = zip(norm.tolist(), rel_prev.tolist(), rel_first.tolist(), update.tolist(),
                          by_module(columns["nan"]).tolist())
             for (path, epoch, step), per_module in zip(times, values):
@@ -749,14 +753,20 @@ def summarize_run(run: Run, tables: Sequence[Mapping[str, Sequence[Any]]]) -> Ru
             mean_rows, var_rows = layout.running_mean_rows, layout.running_var_rows
 
             def relative(to: str, rows: Any) -> list[list[float]]:
-                return _relative(columns[to + "_dd"][:, rows], columns[to + "_aa"][:, rows]).tolist()
+                without = unfinite[:, rows] | (unfinite_prev[:, rows] if to == "prev" else False)
+                change = _relative(columns[to + "_dd"][:, rows], columns[to + "_aa"][:, rows])
+                return np.where(without, np.nan, change).tolist()
 
             values = zip(mean[:, mean_rows].tolist(), mean[:, var_rows].tolist(), relative("prev", mean_rows),
                          relative("prev", var_rows), relative("first", mean_rows), relative("first", var_rows))
             for (path, epoch, _), per_module in zip(times, values):
                 batchnorm.extend(map(BatchNormDrift, layout.batchnorm, repeat(path), repeat(epoch), *per_module))
         if layout.moments:
-            norms = np.sqrt(np.add.reduceat(squares[:, layout.moment_rows], layout.moment_starts, axis=1)).tolist()
+            def by_slot(column: Any) -> Any:
+                return np.add.reduceat(column[:, layout.moment_rows], layout.moment_starts, axis=1)
+
+            norms = np.where((by_slot(finite) == 0) & (by_slot(nonfinite) > 0), np.nan,
+                             np.sqrt(by_slot(squares))).tolist()
             for (path, epoch, _), per_slot in zip(times, norms):
                 moments.extend(map(MomentNorm, layout.moment_modules, layout.moment_slots, repeat(path), repeat(epoch),
                                    per_slot))
