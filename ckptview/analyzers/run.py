@@ -722,7 +722,7 @@ def summarize_run(run: Run, tables: Sequence[Mapping[str, Sequence[Any]]]) -> Ru
         # a tensor with no finite value (a diverged run's) has no norm and no change, nor has the next
         # checkpoint's from it: the sums over its finite values, all 0, said it had stopped moving
         unfinite = (finite == 0) & (nonfinite > 0)
-        unfinite_prev = np.vstack([np.zeros_like(unfinite[:1]), unfinite[:-1]])  # a span's first: unknown, kept
+        unfinite_prev = np.vstack([_unfinite_before(tables, start), unfinite[:-1]])
         with np.errstate(all="ignore"):
             squares = np.where(finite > 0, columns["m2"] + finite * mean ** 2, 0.0)  # over the finite values
         steps = np.ones((len(group), 1))
@@ -737,7 +737,8 @@ def summarize_run(run: Run, tables: Sequence[Mapping[str, Sequence[Any]]]) -> Ru
 
             prev_dd, first_dd = by_module(columns["prev_dd"]), by_module(columns["first_dd"])
             module_unfinite = (by_module(finite) == 0) & (by_module(nonfinite) > 0)
-            module_unfinite_prev = np.vstack([np.zeros_like(module_unfinite[:1]), module_unfinite[:-1]])
+            before = by_module(unfinite_prev[:1].astype(np.int64)) == by_module(np.ones_like(finite[:1]))
+            module_unfinite_prev = np.vstack([before, module_unfinite[:-1]])
             with np.errstate(all="ignore"):
                 norm = np.where(module_unfinite, np.nan, np.sqrt(by_module(squares)))
                 update = np.where((norm > 0) & np.isfinite(prev_dd), np.sqrt(prev_dd) / norm, np.nan) / steps
@@ -780,6 +781,21 @@ def summarize_run(run: Run, tables: Sequence[Mapping[str, Sequence[Any]]]) -> Ru
 
 _COUNT_COLUMNS = ("finite", "nan", "posinf", "neginf")
 _SUMMARIZED_COLUMNS = _COUNT_COLUMNS + ("mean", "m2", "prev_dd", "prev_aa", "first_dd", "first_aa")
+
+
+def _unfinite_before(tables: Sequence[Mapping[str, Sequence[Any]]], start: int) -> Any:
+    """One row: whether each tensor of `tables[start]` had no finite value in the table before it (which
+    may list other tensors: a span starts where the list changes)."""
+    import numpy as np
+
+    names = tables[start]["name"]
+    if not start:
+        return np.zeros((1, len(names)), dtype=bool)
+    before = tables[start - 1]
+    unfinite = {name for name, finite, *nonfinite in zip(before["name"], before["finite"], before["nan"],
+                                                          before["posinf"], before["neginf"])
+                if not finite and any(nonfinite)}
+    return np.array([[name in unfinite for name in names]], dtype=bool)
 
 
 def _relative(dd: Any, aa: Any) -> Any:
