@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -308,10 +309,13 @@ def run_notebook(page, url: str) -> None:
     before the cell has focus and run nothing). Run All is asked for only once the server reports the
     kernel idle, and asked again only if the kernel is idle and the first cell never ran: asking again
     while a slow kernel is still busy ran the notebook twice, and the second run replaced the outputs
-    a test was reading (an empty explorer, in CI). Other notebooks may be open (hidden) from earlier
-    tests: everything is looked up in this one's panel.
+    a test was reading (an empty explorer, in CI). Each call opens the notebook in a workspace of its
+    own, reset: in the shared default one, the notebooks of earlier tests came back as tabs, and one of
+    them could be brought to the front after this one had rendered (CI: the explorer hidden a moment
+    after it was found). Everything is still looked up in this notebook's panel.
     """
-    page.goto(url)
+    workspace = f"/lab/workspaces/t{uuid.uuid4().hex[:12]}/tree/"
+    page.goto(url.replace("/lab/tree/", workspace, 1) + ("&" if "?" in url else "?") + "reset")
     name = url.split("?")[0].rsplit("/", 1)[-1]
     page.locator(".lm-TabBar-tab.lm-mod-current", has_text=name).first.wait_for(timeout=60_000)
     panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
