@@ -296,6 +296,9 @@ def test_a_module_with_no_finite_value_has_no_norm_and_no_change(tmp_path: Path,
     assert fc.weight_norm[5] == pytest.approx(6.0) and math.isnan(fc.rel_change_prev[5])
     assert fc.rel_change_first[5] == pytest.approx(2.0)
     assert not summary.stopped
+    view = ckptview.explore_run(tmp_path, cache=False)
+    view.wait()
+    assert "epoch_5.pt" in view.table.value and "None" not in view.table.value  # no step saved: a dash
     assert main(["timeline", str(tmp_path), "--no-cache"]) == 0
     rows = capsys.readouterr().out.splitlines()[3:8]
     assert rows[2].split()[3] == "nan" and rows[3].split()[-1] == "head"  # the saved loss; the one module that moved

@@ -122,7 +122,12 @@ def run_table(summary: RunSummary) -> pd.DataFrame:
         marks = [m for m, hit in (("best", summary.best and summary.best.path == c.path),
                                   ("NaN/Inf", summary.nan_onset and summary.nan_onset.path == c.path)) if hit]
         change, module = largest.get(c.path, (math.nan, ""))
-        rows.append({"checkpoint": c.name, "epoch": c.epoch, "step": c.step,
+        rows.append({"checkpoint": c.name, "epoch": _or_nan(c.epoch), "step": _or_nan(c.step),
                      (metric or "metric"): c.scalars.get(metric, math.nan) if metric else math.nan,
                      "largest change": change, "module": module, "": " ".join(marks)})
     return pd.DataFrame(rows)
+
+
+def _or_nan(value: float | None) -> float:
+    # a number column (a run that saves no step has NaN there, which the table shows as a dash, not None)
+    return math.nan if value is None else value
