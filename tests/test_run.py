@@ -100,6 +100,10 @@ def test_finds_nan_onset_epoch_and_first_tensors(run_folder: Path, local_summary
     assert onset.path == str(run_folder / f"epoch_{expected_epoch}.pt")
     model_tensors = {name for name in onset.tensors if not name.startswith("optimizer_state_dict.")}
     assert model_tensors == expected
+    holding = [str(run_folder / f"epoch_{epoch}.pt") for epoch in range(1, EPOCHS + 1)
+               if any(v.is_floating_point() and not torch.isfinite(v).all()
+                      for v in _load(run_folder / f"epoch_{epoch}.pt")["model_state_dict"].values())]
+    assert list(local_summary.nonfinite) == holding and holding[0] == onset.path and len(holding) > 1
 
 
 def test_best_checkpoint_by_validation_accuracy_among_finite_losses(run_folder: Path, local_summary: ckptview.RunSummary) -> None:
@@ -247,6 +251,7 @@ def test_timeline_json_contract(run_folder: Path, capsys: pytest.CaptureFixture[
     assert data["order_by"] == "epoch"
     assert set(data["best"]) >= {"path", "metric", "value"} and data["best"]["metric"] == "val_acc"
     assert data["nan_onset"]["epoch"] >= DIVERGE_AT and data["nan_onset"]["tensors"]
+    assert data["nonfinite"][0] == data["nan_onset"]["path"]
     assert set(data["drift"][0]) >= {"module", "path", "rel_change_prev"}
 
 
@@ -301,7 +306,8 @@ def test_a_module_with_no_finite_value_has_no_norm_and_no_change(tmp_path: Path,
     assert "epoch_5.pt" in view.table.value and "None" not in view.table.value  # no step saved: a dash
     assert main(["timeline", str(tmp_path), "--no-cache"]) == 0
     rows = capsys.readouterr().out.splitlines()[3:8]
-    assert rows[2].split()[3] == "nan" and rows[3].split()[-1] == "head"  # the saved loss; the one module that moved
+    assert rows[2].split()[3] == "nan" and rows[3].split()[-2:] == ["head", "NaN/Inf"]  # the one module that moved
+    assert [row.endswith("NaN/Inf") for row in rows] == [False, False, True, True, False]
 
 
 def test_timeline_missing_path_is_an_input_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -193,6 +193,7 @@ class RunSummary:
     batchnorm: tuple[BatchNormDrift, ...]
     moments: tuple[MomentNorm, ...]
     update_ratio_unit: str  # "per step" | "per checkpoint"
+    nonfinite: tuple[str, ...] = ()  # the paths of the checkpoints holding NaN or Inf, the onset's and after
 
     def to_frame(self) -> Any:
         """The drift table (`drift_frame()`)."""
@@ -219,8 +220,8 @@ class RunSummary:
         return metrics_frame(self.checkpoints, self.best)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data: `checkpoints`, `order_by`, `order_note`, `best`, `nan_onset`, `drift`, `stopped`,
-        `batchnorm`, `moments`, `skipped`, `aliases` (NaN stays NaN: JSON writers print it as NaN)."""
+        """Plain data: `checkpoints`, `order_by`, `order_note`, `best`, `nan_onset`, `nonfinite`, `drift`,
+        `stopped`, `batchnorm`, `moments`, `skipped`, `aliases` (NaN stays NaN: JSON writers print it as NaN)."""
         return {
             "checkpoints": [{"path": c.path, "epoch": c.epoch, "step": c.step, "format": c.format, "size": c.size,
                              "scalars": dict(c.scalars)} for c in self.checkpoints],
@@ -228,6 +229,7 @@ class RunSummary:
             "order_note": self.order_note,
             "best": None if self.best is None else _fields(self.best),
             "nan_onset": None if self.nan_onset is None else _fields(self.nan_onset),
+            "nonfinite": list(self.nonfinite),
             "drift": [_fields(d) for d in self.drift],
             "update_ratio_unit": self.update_ratio_unit,
             "stopped": [_fields(s) for s in self.stopped],
@@ -705,6 +707,7 @@ def summarize_run(run: Run, tables: Sequence[Mapping[str, Sequence[Any]]]) -> Ru
     batchnorm: list[BatchNormDrift] = []
     moments: list[MomentNorm] = []
     nan_onset: NanOnset | None = None
+    nonfinite_paths: list[str] = []
     # The checkpoints of a run mostly list the same tensors: consecutive ones that do are summarized
     # together, each column one (checkpoints x rows) array, which rows make which module worked out once
     # per distinct list. A Python loop over every row of every checkpoint was most of a cached re-run.
@@ -713,12 +716,12 @@ def summarize_run(run: Run, tables: Sequence[Mapping[str, Sequence[Any]]]) -> Ru
         group = checkpoints[start:stop]
         columns = {c: np.array([table[c] for table in tables[start:stop]],
                                dtype=np.int64 if c in _COUNT_COLUMNS else np.float64) for c in _SUMMARIZED_COLUMNS}
-        if nan_onset is None:
-            holds_nan = np.flatnonzero((columns["nan"] + columns["posinf"] + columns["neginf"]).any(axis=1))
-            if holds_nan.size:
-                nan_onset = _nan_onset(group[holds_nan[0]], tables[start + holds_nan[0]])
-        finite, mean = columns["finite"], columns["mean"]
         nonfinite = columns["nan"] + columns["posinf"] + columns["neginf"]
+        holds_nan = np.flatnonzero(nonfinite.any(axis=1))
+        if nan_onset is None and holds_nan.size:
+            nan_onset = _nan_onset(group[holds_nan[0]], tables[start + holds_nan[0]])
+        nonfinite_paths.extend(group[i].path for i in holds_nan.tolist())
+        finite, mean = columns["finite"], columns["mean"]
         # a tensor with no finite value (a diverged run's) has no norm and no change, nor has the next
         # checkpoint's from it: the sums over its finite values, all 0, said it had stopped moving
         unfinite = (finite == 0) & (nonfinite > 0)
@@ -775,7 +778,7 @@ def summarize_run(run: Run, tables: Sequence[Mapping[str, Sequence[Any]]]) -> Ru
         checkpoints=checkpoints, order_by=run.order_by, order_note=run.order_note, skipped=run.skipped,
         aliases=run.aliases, best=run.best, nan_onset=nan_onset, drift=tuple(drift),
         stopped=tuple(_stopped(drift, checkpoints)), batchnorm=tuple(batchnorm), moments=tuple(moments),
-        update_ratio_unit="per step" if per_step else "per checkpoint",
+        update_ratio_unit="per step" if per_step else "per checkpoint", nonfinite=tuple(nonfinite_paths),
     )
 
 

@@ -58,13 +58,14 @@ def render_timeline(summary: RunSummary) -> str:
     """The run as text: one row per checkpoint (epoch, step, the best metric, largest module change), then findings."""
     metric = summary.best.metric if summary.best else None
     largest = summary.largest_change()
+    nonfinite = set(summary.nonfinite)
     rows = []
     for checkpoint in summary.checkpoints:
         change, module = largest.get(checkpoint.path, (None, ""))
         marks = []
         if summary.best and checkpoint.path == summary.best.path:
             marks.append("best")
-        if summary.nan_onset and checkpoint.path == summary.nan_onset.path:
+        if checkpoint.path in nonfinite:
             marks.append("NaN/Inf")
         rows.append((checkpoint.name, _num(checkpoint.epoch), _num(checkpoint.step),
                      _num(checkpoint.scalars.get("loss")), _num(checkpoint.scalars.get(metric)) if metric else "-",

@@ -117,10 +117,11 @@ def run_table(summary: RunSummary) -> pd.DataFrame:
     """One row per checkpoint: file, epoch, step, the deciding metric, the largest module change, marks."""
     metric = summary.best.metric if summary.best else None
     largest = summary.largest_change()
+    nonfinite = set(summary.nonfinite)
     rows = []
     for c in summary.checkpoints:
         marks = [m for m, hit in (("best", summary.best and summary.best.path == c.path),
-                                  ("NaN/Inf", summary.nan_onset and summary.nan_onset.path == c.path)) if hit]
+                                  ("NaN/Inf", c.path in nonfinite)) if hit]
         change, module = largest.get(c.path, (math.nan, ""))
         rows.append({"checkpoint": c.name, "epoch": _or_nan(c.epoch), "step": _or_nan(c.step),
                      (metric or "metric"): c.scalars.get(metric, math.nan) if metric else math.nan,
