@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import ckptview
+from ckptview.analyzers.sections import find_sections
 from ckptview.cli import main
 from conftest import SmallCNN
 
@@ -308,6 +309,29 @@ def test_a_module_with_no_finite_value_has_no_norm_and_no_change(tmp_path: Path,
     rows = capsys.readouterr().out.splitlines()[3:8]
     assert rows[2].split()[3] == "nan" and rows[3].split()[-2:] == ["head", "NaN/Inf"]  # the one module that moved
     assert [row.endswith("NaN/Inf") for row in rows] == [False, False, True, True, False]
+
+
+def test_a_loss_saved_as_a_tensor_counts(tmp_path: Path) -> None:
+    """PyTorch's checkpoint tutorial saves `"loss": loss`, the tensor itself: it is the run's loss."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    losses = []
+    for epoch in range(3):
+        loss = nn.functional.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        torch.save({"epoch": epoch, "model_state_dict": model.state_dict(),
+                    "optimizer_state_dict": optimizer.state_dict(), "loss": loss}, tmp_path / f"ckpt_{epoch}.pt")
+    summary = ckptview.open_run(tmp_path, cache=False).analyze(progress=False)
+    assert [c.scalars["loss"] for c in summary.checkpoints] == pytest.approx(losses)
+    best = min(range(3), key=losses.__getitem__)
+    assert summary.best is not None and summary.best.metric == "loss" and summary.best.epoch == best
+    with ckptview.open(tmp_path / "ckpt_0.pt") as ckpt:
+        assert ("progress", ("loss",)) in [(s.kind, s.path) for s in find_sections(ckpt)]
 
 
 def test_timeline_missing_path_is_an_input_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -187,8 +187,9 @@ def _number(value: Any) -> float | None:
         return float(value)
     if isinstance(value, np.generic) and np.issubdtype(type(value), np.number):
         return float(value)
+    # a loss saved as the tensor itself (`"loss": loss`, as PyTorch's own checkpoint tutorial saves it)
     if isinstance(value, TensorInfo) and value.numel == 1 and value.layout == "strided" and value.storage is not None \
-            and not value.dtype.is_complex and value.dtype != torch.bool:
+            and not value.dtype.startswith("complex") and value.dtype != "bool":
         return float(plain(value))
     if isinstance(value, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", value):
         return float(value)

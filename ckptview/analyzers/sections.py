@@ -135,7 +135,7 @@ def _kind_of(key: Any, node: Any) -> str | None:
         return "loops"
     if name in _HPARAM_KEYS:
         return "hyper_parameters"
-    if name in _PROGRESS_KEYS and not isinstance(node, TensorInfo):
+    if name in _PROGRESS_KEYS and (not isinstance(node, TensorInfo) or node.numel == 1):  # `"loss": loss`, a tensor
         return "progress"
     return None
 
