@@ -318,6 +318,8 @@ def test_a_loss_saved_as_a_tensor_counts(tmp_path: Path) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(32, 4), torch.randn(32, 1)
     losses = []
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
     for epoch in range(3):
         loss = nn.functional.mse_loss(model(x), y)
         optimizer.zero_grad()
@@ -326,12 +328,20 @@ def test_a_loss_saved_as_a_tensor_counts(tmp_path: Path) -> None:
         losses.append(loss.item())
         torch.save({"epoch": epoch, "model_state_dict": model.state_dict(),
                     "optimizer_state_dict": optimizer.state_dict(), "loss": loss}, tmp_path / f"ckpt_{epoch}.pt")
-    summary = ckptview.open_run(tmp_path, cache=False).analyze(progress=False)
+        # and a dict of them, which is no state dict
+        torch.save({"epoch": epoch, "model": model.state_dict(), "metrics": {"val_loss": loss.detach() * 2}},
+                   metrics / f"ckpt_{epoch}.pt")
+    summary = ckptview.open_run(tmp_path / "ckpt_*.pt", cache=False).analyze(progress=False)
     assert [c.scalars["loss"] for c in summary.checkpoints] == pytest.approx(losses)
     best = min(range(3), key=losses.__getitem__)
     assert summary.best is not None and summary.best.metric == "loss" and summary.best.epoch == best
     with ckptview.open(tmp_path / "ckpt_0.pt") as ckpt:
         assert ("progress", ("loss",)) in [(s.kind, s.path) for s in find_sections(ckpt)]
+    summary = ckptview.open_run(metrics, cache=False).analyze(progress=False)
+    assert [c.scalars["val_loss"] for c in summary.checkpoints] == pytest.approx([2 * v for v in losses])
+    assert summary.best is not None and summary.best.metric == "val_loss" and summary.best.epoch == best
+    with ckptview.open(metrics / "ckpt_0.pt") as ckpt:
+        assert [(s.kind, s.path) for s in find_sections(ckpt)][1:] == [("state_dict", ("model",)), ("progress", ("metrics",))]
 
 
 def test_timeline_missing_path_is_an_input_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

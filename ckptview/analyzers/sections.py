@@ -125,6 +125,8 @@ def _kind_of(key: Any, node: Any) -> str | None:
         return "scheduler"
     if _is_grad_scaler(node):
         return "grad_scaler"
+    if name in _PROGRESS_KEYS and isinstance(node, Mapping) and node and all(map(_is_scalar, node.values())):
+        return "progress"  # {"metrics": {"val_loss": tensor(0.31)}}: a dict of tensors, yet no state dict
     if _is_state_dict(node):
         return "ema_state_dict" if name in _EMA_KEYS or "ema" in name.split("_") else "state_dict"
     if isinstance(node, PickledObject) and node.is_module():
@@ -135,9 +137,13 @@ def _kind_of(key: Any, node: Any) -> str | None:
         return "loops"
     if name in _HPARAM_KEYS:
         return "hyper_parameters"
-    if name in _PROGRESS_KEYS and (not isinstance(node, TensorInfo) or node.numel == 1):  # `"loss": loss`, a tensor
+    if name in _PROGRESS_KEYS and (not isinstance(node, TensorInfo) or _is_scalar(node)):  # `"loss": loss`, a tensor
         return "progress"
     return None
+
+
+def _is_scalar(node: Any) -> bool:
+    return isinstance(node, (int, float)) or (isinstance(node, TensorInfo) and node.numel == 1)
 
 
 _MAX_SECTION_DEPTH = 16  # sections sit near the root; deeper nesting is data, not structure
