@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 import numpy as np
-import torch
+from ckptview.lazy import torch
 
 from ckptview.analyzers.sections import find_sections, model_state_dict
 from ckptview.analyzers.training import optimizer_parameter_names, plain, training_state
@@ -384,7 +384,7 @@ def _fits_in_memory(rows: list[_Row]) -> bool:
 
 
 # Model tensors of one checkpoint in memory, by state-dict name: (shape, the values as a flat tensor).
-Held = dict[str, tuple[tuple[int, ...], torch.Tensor]]
+Held = dict[str, tuple[tuple[int, ...], "torch.Tensor"]]
 
 
 def _read_whole(entry: TensorEntry, buffer: torch.Tensor) -> torch.Tensor:
@@ -618,7 +618,9 @@ def summarize_chain(ids: tuple[FileId, ...], prev: FileId | None, first: FileId 
     return tables
 
 
-_KERNEL_DTYPES = (torch.bfloat16, torch.float32, torch.float64)  # read as bit patterns; float16 is converted
+# read as bit patterns; float16 is converted. Torch's dtypes, made on first use: a run whose every
+# table is cached (`ckptview timeline` after new files land) needs no torch, ~1 s of a process's start
+_KERNEL_DTYPE_NAMES = ("bfloat16", "float32", "float64")
 
 
 def _reduce_rows(rows: list[_Row], values: list[torch.Tensor], prevs: list[torch.Tensor | None],
@@ -630,10 +632,11 @@ def _reduce_rows(rows: list[_Row], values: list[torch.Tensor], prevs: list[torch
     """
     from ckptview.analyzers import run_kernels
 
+    kernel_dtypes = tuple(getattr(torch, name) for name in _KERNEL_DTYPE_NAMES)
     cells: list[tuple[Any, ...] | None] = [None] * len(rows)
     groups: dict[tuple[int, torch.dtype], list[int]] = {}
     for i, (value, prev, first) in enumerate(zip(values, prevs, firsts)):
-        if value.dtype in _KERNEL_DTYPES and all(v is None or v.dtype == value.dtype for v in (prev, first)):
+        if value.dtype in kernel_dtypes and all(v is None or v.dtype == value.dtype for v in (prev, first)):
             groups.setdefault((value.untyped_storage().data_ptr(), value.dtype), []).append(i)
     for (_, dtype), members in groups.items():
         sides = [_Side([values[i] for i in members], dtype), _Side([prevs[i] for i in members], dtype),
@@ -814,7 +817,7 @@ def _work_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 
 # Values of a tensor: a `TensorEntry` (streamed from its file) or a flat tensor already in memory.
-Values = Union[TensorEntry, torch.Tensor]
+Values = Union[TensorEntry, "torch.Tensor"]
 
 
 def _chunks(values: Values, buffers: ScratchBuffers, purpose: str) -> Iterator[torch.Tensor]:
