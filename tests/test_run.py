@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import ckptview
+from ckptview.analyzers.run import metric_direction
 from ckptview.analyzers.sections import find_sections
 from ckptview.cli import main
 from conftest import SmallCNN
@@ -117,6 +118,23 @@ def test_best_checkpoint_by_validation_accuracy_among_finite_losses(run_folder: 
     assert best is not None and best.metric == "val_acc" and best.higher_is_better
     assert best.epoch == expected["epoch"] and best.value == pytest.approx(expected["metrics"]["val_acc"])
     assert "validation accuracy" in best.note
+
+
+@pytest.mark.parametrize(("name", "higher"), [
+    ("val_acc", True), ("top1", True), ("eval_top5", True), ("f1", True), ("val_f1", True), ("best_acc1", True),
+    ("mAP50-95", True), ("best_fitness", True), ("val/loss", False), ("top5_err", False), ("val_ppl", False),
+    ("layer1", None), ("metric", None)])
+def test_which_way_a_metric_is_better(name: str, higher: bool | None) -> None:
+    """timm and torchvision save top1/top5, YOLO best_fitness: names a letter-digit split alone missed."""
+    assert metric_direction(name) is higher
+
+
+def test_best_checkpoint_by_timm_top1(tmp_path: Path) -> None:
+    for epoch, top1 in enumerate((61.0, 74.5, 70.2)):
+        torch.save({"epoch": epoch, "arch": "resnet18", "state_dict": {"fc.weight": torch.full((2, 2), float(epoch))},
+                    "metric": top1, "top1": top1}, tmp_path / f"checkpoint-{epoch}.pth.tar")
+    best = ckptview.open_run(tmp_path, cache=False).best
+    assert best is not None and best.metric == "top1" and best.epoch == 1 and best.higher_is_better
 
 
 def test_drift_norms_and_moments_match_torch(run_folder: Path, local_summary: ckptview.RunSummary) -> None:

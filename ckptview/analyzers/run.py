@@ -273,7 +273,8 @@ class Run:
         order_by: what decided the order: "epoch", "step", "name" or "mtime"; `order_note` says it in words.
         skipped: files left out, with why (still being written, cut off, not a checkpoint).
         aliases: copies of a run checkpoint under another name (`best_model.pth`), with what they hold.
-        best: the best checkpoint by a validation metric, else by the training loss (None without either).
+        best: the best checkpoint by a validation metric, else by a score, else by the training loss (None
+            without any).
     """
 
     def __init__(self, checkpoints: Sequence[RunCheckpoint], order_by: str, order_note: str,
@@ -572,7 +573,7 @@ def order_checkpoints(scans: Sequence[Scan]) -> tuple[list[Scan], str, str]:
 # --- the best checkpoint -------------------------------------------------------------------------
 
 _HIGHER = ("acc", "accuracy", "top1", "top5", "acc1", "acc5", "f1", "auc", "auroc", "map", "precision", "recall",
-           "iou", "miou", "dice", "bleu", "rouge", "r2", "psnr", "ssim")
+           "iou", "miou", "dice", "bleu", "rouge", "r2", "psnr", "ssim", "fitness")  # fitness: YOLO's best_fitness
 _LOWER = ("loss", "error", "err", "perplexity", "ppl", "mae", "mse", "rmse", "wer", "cer", "nll", "fid")
 _VALIDATION = ("val", "valid", "validation", "eval", "test", "dev")
 
@@ -580,7 +581,9 @@ _VALIDATION = ("val", "valid", "validation", "eval", "test", "dev")
 @functools.lru_cache(maxsize=4096)  # asked for every scalar of every checkpoint: a run names a few dozen
 def metric_direction(name: str) -> bool | None:
     """True when higher is better (accuracies), False when lower is (losses), None when the name does not say."""
-    tokens = re.split(r"[^a-z0-9]+|(?<=[a-z])(?=\d)", name.lower())
+    words = re.split(r"[^a-z0-9]+", name.lower())
+    # whole words ("top1", "f1") and their letters apart from their digits ("mAP50", "acc1")
+    tokens = words + [part for word in words for part in re.split(r"(?<=[a-z])(?=\d)", word)]
     if any(t in _LOWER for t in tokens):
         return False
     if any(t in _HIGHER for t in tokens):
@@ -591,7 +594,8 @@ def metric_direction(name: str) -> bool | None:
 def best_checkpoint(checkpoints: Sequence[RunCheckpoint]) -> BestCheckpoint | None:
     """
     The best checkpoint by a validation metric where one is saved (accuracies higher, losses lower;
-    `val_*` before `best_*`, the metric saved in most checkpoints first), else by the training loss.
+    `val_*` before `best_*`, the metric saved in most checkpoints first), else by a score whose name
+    does not say on which data (`top1`), else by the training loss.
     """
     counts: dict[str, int] = defaultdict(int)
     for checkpoint in checkpoints:
@@ -609,8 +613,10 @@ def best_checkpoint(checkpoints: Sequence[RunCheckpoint]) -> BestCheckpoint | No
             return (0 if direction else 1, -counts[name], name)
         if leaf.startswith("best"):
             return (2, -counts[name], name)
-        if leaf in ("loss", "train_loss", "training_loss", "train.loss"):
+        if direction and not tokens & {"train", "training"}:  # timm's top1, a saved miou or f1: on which data, unsaid
             return (3, -counts[name], name)
+        if leaf in ("loss", "train_loss", "training_loss", "train.loss"):
+            return (4, -counts[name], name)
         return None
 
     ranked = sorted((r, name) for name in counts if (r := rank(name)) is not None)
@@ -625,7 +631,8 @@ def best_checkpoint(checkpoints: Sequence[RunCheckpoint]) -> BestCheckpoint | No
         return None
     best = (max if higher else min)(having, key=lambda c: c.scalars[metric])  # the first of equal values
     why = {0: "a validation accuracy", 1: "a validation loss", 2: "the best-so-far value the run saved",
-           3: "the training loss: no validation metric is saved"}[group]
+           3: "a score whose name does not say on which data: no validation metric is saved",
+           4: "the training loss: no validation metric is saved"}[group]
     note = (f"by {metric} ({'higher' if higher else 'lower'} is better), {why}; {len(having)} of "
             f"{len(checkpoints)} checkpoints save it with finite losses")
     return BestCheckpoint(best.path, metric, best.scalars[metric], higher, best.epoch, note)
