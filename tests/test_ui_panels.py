@@ -144,6 +144,13 @@ def test_a_filter_typed_while_the_table_loads_is_what_the_table_shows(demo: dict
     assert "title='4 rows" in panel.rows.downloads.value  # the CSV the browser test reads
 
 
+def test_overview_shows_a_loss_saved_as_a_tensor_by_its_value(tmp_path: Path) -> None:
+    path = tmp_path / "tutorial.pt"
+    torch.save({"epoch": 4, "model_state_dict": torch.nn.Linear(2, 1).state_dict(), "loss": torch.tensor(0.25)}, path)
+    overview = opened(explore(path), "Overview")
+    assert "loss=0.25" in overview.sections.value and "tensor []" not in overview.sections.value
+
+
 def test_tensor_grid_holds_and_filters_20000_tensors(many_tensors: Path) -> None:
     app = explore(many_tensors)
     panel = opened(app, "Tensors")

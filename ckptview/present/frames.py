@@ -5,6 +5,7 @@ Analyzers return data; these functions shape it into rows and columns a person r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from ckptview.analyzers.sections import Section, find_sections
+from ckptview.errors import CkptviewError
 from ckptview.readers.model import Checkpoint, PickledObject, TensorInfo, children_of
 
 # Sections whose values are shown inline: small scalars a person wants to read at a glance.
@@ -119,7 +121,7 @@ def flat_values(node: Any, prefix: str = "", limit: int = _MAX_VALUES) -> dict[s
     while stack and len(out) < limit:
         key, value = stack.pop(0)
         if isinstance(value, TensorInfo):
-            out[key] = f"tensor {list(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+            out[key] = _tensor_value(value)
             continue
         if isinstance(value, PickledObject) and not value.attributes:
             out[key] = repr(value)
@@ -133,6 +135,17 @@ def flat_values(node: Any, prefix: str = "", limit: int = _MAX_VALUES) -> dict[s
             out[key] = "{}" if isinstance(value, Mapping) else "[]"
         stack.extend((f"{key}.{k}" if key else str(k), v) for k, v in items)
     return out
+
+
+def _tensor_value(info: TensorInfo) -> Any:
+    """A one-element tensor's value (`"loss": loss` saves the tensor itself; a few bytes to read), else
+    its shape and dtype."""
+    if info.numel == 1 and info.layout == "strided" and info.storage is not None:
+        from ckptview.analyzers.training import plain
+
+        with contextlib.suppress(CkptviewError):  # a damaged file: its shape still says what it is
+            return plain(info)
+    return f"tensor {list(info.shape)} {str(info.dtype).removeprefix('torch.')}"
 
 
 def sections_frame(ckpt: Checkpoint) -> pd.DataFrame:
