@@ -730,9 +730,12 @@ def summarize_run(run: Run, tables: Sequence[Mapping[str, Sequence[Any]]]) -> Ru
         nonfinite_paths.extend(group[i].path for i in holds_nan.tolist())
         finite, mean = columns["finite"], columns["mean"]
         # a tensor with no finite value (a diverged run's) has no norm and no change, nor has the next
-        # checkpoint's from it: the sums over its finite values, all 0, said it had stopped moving
-        unfinite = (finite == 0) & (nonfinite > 0)
-        unfinite_prev = np.vstack([_unfinite_before(tables, start), unfinite[:-1]])
+        # checkpoint's from it: the sums over its finite values, all 0, said it had stopped moving.
+        # The previous checkpoint's counts, row by row: the span's first row looks at the table before it
+        finite_before, nonfinite_before = _counts_before(tables, start)
+        finite_prev = np.vstack([finite_before, finite[:-1]])
+        nonfinite_prev = np.vstack([nonfinite_before, nonfinite[:-1]])
+        unfinite, unfinite_prev = _no_finite(finite, nonfinite), _no_finite(finite_prev, nonfinite_prev)
         with np.errstate(all="ignore"):
             squares = np.where(finite > 0, columns["m2"] + finite * mean ** 2, 0.0)  # over the finite values
         steps = np.ones((len(group), 1))
@@ -746,9 +749,8 @@ def summarize_run(run: Run, tables: Sequence[Mapping[str, Sequence[Any]]]) -> Ru
                 return np.add.reduceat(column[:, layout.module_rows], layout.module_starts, axis=1)
 
             prev_dd, first_dd = by_module(columns["prev_dd"]), by_module(columns["first_dd"])
-            module_unfinite = (by_module(finite) == 0) & (by_module(nonfinite) > 0)
-            before = by_module(unfinite_prev[:1].astype(np.int64)) == by_module(np.ones_like(finite[:1]))
-            module_unfinite_prev = np.vstack([before, module_unfinite[:-1]])
+            module_unfinite = _no_finite(by_module(finite), by_module(nonfinite))
+            module_unfinite_prev = _no_finite(by_module(finite_prev), by_module(nonfinite_prev))
             with np.errstate(all="ignore"):
                 norm = np.where(module_unfinite, np.nan, np.sqrt(by_module(squares)))
                 update = np.where((norm > 0) & np.isfinite(prev_dd), np.sqrt(prev_dd) / norm, np.nan) / steps
@@ -776,8 +778,8 @@ def summarize_run(run: Run, tables: Sequence[Mapping[str, Sequence[Any]]]) -> Ru
             def by_slot(column: Any) -> Any:
                 return np.add.reduceat(column[:, layout.moment_rows], layout.moment_starts, axis=1)
 
-            norms = np.where((by_slot(finite) == 0) & (by_slot(nonfinite) > 0), np.nan,
-                             np.sqrt(by_slot(squares))).tolist()
+            no_finite = _no_finite(by_slot(finite), by_slot(nonfinite))
+            norms = np.where(no_finite, np.nan, np.sqrt(by_slot(squares))).tolist()
             for (path, epoch, _), per_slot in zip(times, norms):
                 moments.extend(map(MomentNorm, layout.moment_modules, layout.moment_slots, repeat(path), repeat(epoch),
                                    per_slot))
@@ -793,19 +795,25 @@ _COUNT_COLUMNS = ("finite", "nan", "posinf", "neginf")
 _SUMMARIZED_COLUMNS = _COUNT_COLUMNS + ("mean", "m2", "prev_dd", "prev_aa", "first_dd", "first_aa")
 
 
-def _unfinite_before(tables: Sequence[Mapping[str, Sequence[Any]]], start: int) -> Any:
-    """One row: whether each tensor of `tables[start]` had no finite value in the table before it (which
-    may list other tensors: a span starts where the list changes)."""
+def _no_finite(finite: Any, nonfinite: Any) -> Any:
+    """Where counts (of a tensor, or summed over a module's) say: values, and none of them finite."""
+    return (finite == 0) & (nonfinite > 0)
+
+
+def _counts_before(tables: Sequence[Mapping[str, Sequence[Any]]], start: int) -> tuple[Any, Any]:
+    """One row each: the finite and the NaN/Inf counts each tensor of `tables[start]` had in the table
+    before it, found by name (that table may list other tensors: a span starts where the list
+    changes); a tensor it lacks, or the run's first, counts as finite."""
     import numpy as np
 
-    names = tables[start]["name"]
-    if not start:
-        return np.zeros((1, len(names)), dtype=bool)
-    before = tables[start - 1]
-    unfinite = {name for name, finite, *nonfinite in zip(before["name"], before["finite"], before["nan"],
-                                                          before["posinf"], before["neginf"])
-                if not finite and any(nonfinite)}
-    return np.array([[name in unfinite for name in names]], dtype=bool)
+    before = {}
+    if start:
+        table = tables[start - 1]
+        before = {name: (finite, nan + posinf + neginf) for name, finite, nan, posinf, neginf
+                  in zip(table["name"], table["finite"], table["nan"], table["posinf"], table["neginf"])}
+    counts = [before.get(name, (1, 0)) for name in tables[start]["name"]]
+    return (np.array([[finite for finite, _ in counts]], dtype=np.int64),
+            np.array([[nonfinite for _, nonfinite in counts]], dtype=np.int64))
 
 
 def _relative(dd: Any, aa: Any) -> Any:
