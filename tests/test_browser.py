@@ -166,6 +166,11 @@ def count_label(rows: int):
     return re.compile(f"^{rows:,} of [0-9,]+ tensors$")
 
 
+# The Tensors tab's label once its unfiltered rows are in the grid: a click on the grid before then
+# lands on no row (CI: no histogram within 60 s)
+EVERY_ROW = re.compile(r"^([0-9,]+) of \1 tensors$")
+
+
 def test_demo_notebook_in_jupyterlab(lab: str, page) -> None:
     run_notebook(page, lab)
     explorer = page.locator(".ckptview-explorer").first
@@ -513,6 +518,7 @@ def test_plots_fit_their_boxes_in_light_and_dark_at_1280_and_640(lab: str, page)
     explorer.scroll_into_view_if_needed()
     page.get_by_text("parameters by module").first.wait_for(timeout=30_000)
     tab(explorer, "Tensors").click()
+    explorer.get_by_text(EVERY_ROW).first.wait_for(timeout=60_000)
     click_row(explorer, 0)
     # the first histogram of the session pays the plotting imports: over 30 s on 2 loaded cores (a CI run beside
     # a fuzzer), as the Statistics tab's first figure below

@@ -16,6 +16,7 @@ import pytest
 import torch
 from test_browser import (  # noqa: F401 - fixtures are used by name
     ARTIFACTS,
+    EVERY_ROW,
     ROOT,
     browser,
     click_row,
@@ -193,6 +194,7 @@ def test_saved_notebook_shows_its_explorer_after_a_reload(lab: str, reload_noteb
     explorer.wait_for(timeout=90_000)
     page.get_by_text("parameters by module").first.wait_for(timeout=30_000)
     tab(explorer, "Tensors").click()
+    explorer.get_by_text(EVERY_ROW).first.wait_for(timeout=60_000)
     click_row(explorer, 0)
     page.get_by_text("histogram of model_state_dict.conv1.weight").first.wait_for(timeout=30_000)
     tab(explorer, "Training state").click()
