@@ -7,6 +7,8 @@ import os
 import shutil
 import struct
 import tempfile
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,25 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, type[CkptviewError], str]]:
     legacy_cut = tmp / "legacy_cut.pt"
     legacy_cut.write_bytes(legacy.read_bytes()[:-100])
     cases["truncated legacy"] = (legacy_cut, TruncatedCheckpointError, "it was cut off")
+
+    def rezipped(name: str, storage_bytes: Callable[[bytes], bytes | None], method: int = zipfile.ZIP_STORED) -> Path:
+        """whole.pt's members written again by zipfile, the first storage's bytes changed (None: left out)."""
+        target = tmp / name
+        with zipfile.ZipFile(whole) as source, zipfile.ZipFile(target, "w", method) as out:
+            for member in source.namelist():
+                content = source.read(member)
+                if member.endswith("/data/0"):
+                    content = storage_bytes(content)
+                if content is not None:
+                    out.writestr(member, content)
+        return target
+
+    cases["storage member compressed"] = (rezipped("deflated.pt", lambda b: b, zipfile.ZIP_DEFLATED),
+                                          UnsupportedFormatError, "member .*data/0 is compressed; torch.save never")
+    cases["storage member short"] = (rezipped("short.pt", lambda b: b[:-4]), CorruptCheckpointError,
+                                     "storage '0' should hold 432 bytes but its archive member has 428")
+    cases["storage member missing"] = (rezipped("missing_storage.pt", lambda b: None), CorruptCheckpointError,
+                                       "refers to storage '0' but the archive has no member .*data/0")
 
     unfinished = tmp / "unfinished.pt"  # torch.save fails to pickle a module object: its zip has no data.pkl
     with pytest.raises(TypeError):

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from ckptview.readers.model import FileSource, RefusedPickle, Storage
-from ckptview.readers.unpickler import MAX_ELEMENTS, _StorageRef, _strided, _strided_checked
+from ckptview.readers.unpickler import MAX_ELEMENTS, StorageRef, _strided, _strided_checked
 
 
 def _outcome(check, *args):  # type: ignore[no-untyped-def]
@@ -32,7 +32,7 @@ def test_fast_and_checked_view_checks_agree(seed: int) -> None:
         container = rng.choice([tuple, tuple, tuple, list])
         offset = rng.choice([0, 0, 1, 7, -1, 2.0, None])
         dtype = rng.choice(["float32", "float16", "uint8", "float64"])
-        storage = _StorageRef(Storage("0", source, -1, rng.choice([0, 4, 64, 256, 10_000]), "cpu"), dtype)
+        storage = StorageRef(Storage("0", source, -1, rng.choice([0, 4, 64, 256, 10_000]), "cpu"), dtype)
         requires_grad = rng.choice([False, True, 1, None])
         args = (storage, offset, container(size), container(stride))
         fast = _outcome(_strided, *args, requires_grad)

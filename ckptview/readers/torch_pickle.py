@@ -31,7 +31,15 @@ from ckptview.readers.model import Checkpoint, FileSource, PickleImport, Refused
 from ckptview.readers.pickle_scan import MemoryBomb, RefusedAt, pickle_extent, unframed
 from ckptview.readers.registry import supported
 from ckptview.readers.remote import source_for
-from ckptview.readers.unpickler import SafeUnpickler, arrays_as_tensors, built_numpy_arrays
+from ckptview.readers.unpickler import (
+    MAX_ELEMENTS,
+    SafeUnpickler,
+    StorageRef,
+    StorageType,
+    arrays_as_tensors,
+    built_numpy_arrays,
+    resolve_persistent_id,
+)
 from ckptview.readers.weights_only import weights_only_obstacle
 from ckptview.readers.zip_directory import (
     DEFLATED,
@@ -80,12 +88,14 @@ def _why(exc: BaseException) -> str:
 
 def unpickle(data: bytes | mmap.mmap, path: str, what: str, storage_for: Any = None,
              unpicklers: list[SafeUnpickler] | None = None, start: int = 0, *, writer: str = "torch.save",
-             loader: str = "torch.load(weights_only=False)") -> tuple[Any, SafeUnpickler, int]:
+             loader: str = "torch.load(weights_only=False)",
+             persistent_load: Callable[[Any], Any] | None = None) -> tuple[Any, SafeUnpickler, int]:
     """
     Unpickle the pickle at `start` of `data`; return its value, its unpickler and the offset just
     past it. `unpicklers`, when given, collects the unpickler even when the pickle is damaged, so
     the globals it named before failing are known. `writer` and `loader` name, in the message
     about a damaged pickle, what writes such files and what would unpickle this one.
+    `persistent_load`: see `SafeUnpickler`.
     """
     refused = None
     try:
@@ -93,7 +103,7 @@ def unpickle(data: bytes | mmap.mmap, path: str, what: str, storage_for: Any = N
     except RefusedAt as exc:
         # the C unpickler must not see what was refused, but what torch.load imports on the way to it counts
         end, frames, refused = exc.offset, exc.frames, exc
-    unpickler = SafeUnpickler(unframed(data, start, end, frames), storage_for)
+    unpickler = SafeUnpickler(unframed(data, start, end, frames), storage_for, persistent_load)
     if unpicklers is not None:
         unpicklers.append(unpickler)
     try:
@@ -276,7 +286,14 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
         return _storage_offset(read if read_source is None else archive_reader(read_source), data_folder + key,
                                header_offsets[key], path, storage.nbytes, base_offset, file_size)
 
-    new, fill = object.__new__, object.__setattr__
+    new, fill, new_ref = object.__new__, object.__setattr__, tuple.__new__
+
+    def storage(key: str, nbytes: int, location: str) -> Storage:
+        # Storage(key, source, -1, nbytes, location, byteorder, locate), without its __init__'s frame
+        made = new(Storage)
+        fill(made, "__dict__", {"key": key_prefix + key, "source": source, "offset": -1, "nbytes": nbytes,
+                                "location": location, "byteorder": byteorder, "locate": locate})
+        return made
 
     def storage_for(dtype: str, key: str, location: str, numel: int, view_metadata: Any) -> Storage:
         member = members.get(data_folder + key)
@@ -292,14 +309,28 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
             raise CorruptCheckpointError(path, f"storage {key!r} should hold {nbytes:,} bytes but its archive "
                                                f"member has {member.file_size:,}: the file is damaged. Re-save it.")
         header_offsets[key] = member.header_offset
-        # Storage(key, source, -1, nbytes, location, byteorder, locate), without its __init__'s frame
-        storage = new(Storage)
-        fill(storage, "__dict__", {"key": key_prefix + key, "source": source, "offset": -1, "nbytes": nbytes,
-                                   "location": location, "byteorder": byteorder, "locate": locate})
-        return storage
+        return storage(key, nbytes, location)
+
+    def persistent_load(saved_id: Any) -> Any:
+        """
+        A storage reference as torch.save writes it, resolved in this one call (a 20,000-tensor
+        file makes 20,000): every field plain and in bounds, its member present, stored and large
+        enough. Anything else goes the general way, which says what is wrong.
+        """
+        if type(saved_id) is tuple and len(saved_id) == 5:
+            kind, storage_type, key, location, numel = saved_id
+            if (kind == "storage" and type(storage_type) is StorageType and type(key) is str
+                    and type(location) is str and type(numel) is int and 0 <= numel <= MAX_ELEMENTS):
+                member = members.get(data_folder + key)
+                dtype = storage_type.dtype
+                nbytes = numel * (ITEMSIZE.get(dtype) or itemsize(dtype))
+                if member is not None and member.compress_type == STORED and member.file_size >= nbytes:
+                    header_offsets[key] = member.header_offset
+                    return new_ref(StorageRef, (storage(key, nbytes, location), dtype))
+        return resolve_persistent_id(saved_id, storage_for)
 
     data = checked_member_bytes(read, members[prefix + "data.pkl"], path)
-    root, unpickler, _ = unpickle(data, path, "its data.pkl", storage_for)
+    root, unpickler, _ = unpickle(data, path, "its data.pkl", storage_for, persistent_load=persistent_load)
     return ParsedZip(root, unpickler, names, prefix, byteorder, pickle_protocol(data))
 
 

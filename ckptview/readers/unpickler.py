@@ -179,7 +179,7 @@ def _strided(storage: Any, storage_offset: Any, size: Any, stride: Any, requires
     ints, as many of each, and the view inside its storage. Anything else goes to
     `_strided_checked`, which says what is wrong.
     """
-    if (type(storage) is _StorageRef and type(size) is tuple and type(stride) is tuple and len(size) == len(stride)
+    if (type(storage) is StorageRef and type(size) is tuple and type(stride) is tuple and len(size) == len(stride)
             and type(storage_offset) is int and storage_offset >= 0):
         last, numel = storage_offset, 1
         for n, step in zip(size, stride):
@@ -205,7 +205,7 @@ def _strided(storage: Any, storage_offset: Any, size: Any, stride: Any, requires
 
 
 def _strided_checked(storage: Any, storage_offset: int, size: Any, stride: Any, dtype: str | None, requires_grad: Any = False) -> TensorInfo:
-    if not isinstance(storage, _StorageRef):
+    if not isinstance(storage, StorageRef):
         raise RefusedPickle(f"a tensor refers to {type(storage).__name__}, not to a storage")
     shape, strides = _checked_shape(size), _as_tuple(stride)
     offset = storage_offset if type(storage_offset) is int else -1
@@ -502,7 +502,7 @@ def _build_allow_list() -> dict[str, Any]:
 _PLAIN_TENSOR_TYPE = _sealed_callable(lambda *args: None)
 
 
-class _StorageRef(tuple):  # type: ignore[type-arg]
+class StorageRef(tuple):  # type: ignore[type-arg]
     """
     What a persistent id resolves to: (the storage, the dtype its elements were saved as). A tuple,
     which `tuple.__new__` makes in C: a 20,000-tensor file makes 20,000, and an `__init__` was a
@@ -512,11 +512,11 @@ class _StorageRef(tuple):  # type: ignore[type-arg]
     __slots__ = ()
     __setstate__ = refuse_pickle_state
 
-    def __new__(cls, storage: Storage, dtype: str) -> _StorageRef:
+    def __new__(cls, storage: Storage, dtype: str) -> StorageRef:
         return _new_tuple(cls, (storage, dtype))
 
 
-_new_tuple = tuple.__new__  # what `_StorageRef(storage, dtype)` calls, called directly where one per tensor is made
+_new_tuple = tuple.__new__  # what `StorageRef(storage, dtype)` calls, called directly where one per tensor is made
 
 
 _ALLOWED: dict[str, Any] | None = None
@@ -542,13 +542,21 @@ class SafeUnpickler(pickle.Unpickler):
     Unpickle torch checkpoint pickles without importing or calling anything the file names.
 
     `storage_for(storage_type_dtype, key, location, numel, view_metadata)` maps a persistent
-    storage id to a `Storage` (the reader knows where its bytes are); `imports` counts every
-    global outside the allow-list.
+    storage id to a `Storage` (the reader knows where its bytes are); `persistent_load`, when given,
+    is called for each persistent id instead: a reader that resolves the ids torch.save writes
+    itself, into `StorageRef(storage, dtype)`, makes one Python call per tensor where this class's
+    method and `storage_for` were two, and hands every other id to `resolve_persistent_id`.
+    `imports` counts every global outside the allow-list.
     """
 
-    def __init__(self, file: io.BufferedIOBase | io.BytesIO, storage_for: Callable[..., Storage] | None = None) -> None:
+    def __init__(self, file: io.BufferedIOBase | io.BytesIO, storage_for: Callable[..., Storage] | None = None,
+                 persistent_load: Callable[[Any], Any] | None = None) -> None:
         super().__init__(file, encoding="utf-8")
         self._storage_for = storage_for
+        if persistent_load is not None:
+            # what the C unpickler calls for each persistent id, in place of the method: a reader's own
+            # resolver of its common ids saves a Python call per tensor (see `storage_reference`)
+            pickle.Unpickler.persistent_load.__set__(self, persistent_load)  # type: ignore[attr-defined]
         self.imports: Counter[str] = Counter()
         self.allowed_named: set[str] = set()  # allow-listed globals the pickle names (see readers/weights_only.py)
         self._stand_ins: dict[str, type[PickledObject]] = {}
@@ -584,36 +592,7 @@ class SafeUnpickler(pickle.Unpickler):
         return stand_in
 
     def persistent_load(self, saved_id: Any) -> Any:
-        # what torch.save writes for every storage, checked in one step (a 20,000-tensor file makes
-        # 20,000 of these); anything else takes the general path below
-        if type(saved_id) is tuple and len(saved_id) == 5 and self._storage_for is not None:
-            kind, storage_type, key, location, numel = saved_id
-            if (kind == "storage" and type(storage_type) is StorageType and type(key) is str and type(location) is str
-                    and type(numel) is int and 0 <= numel <= MAX_ELEMENTS):
-                dtype = storage_type.dtype
-                return _new_tuple(_StorageRef, (self._storage_for(dtype, key, location, numel, None), dtype))
-        if isinstance(saved_id, str) and saved_id.startswith("('storage',"):
-            raise RefusedPickle("its storage references are written as text, as torch.save with pickle_protocol=0 "
-                                "writes them, and torch.load cannot read them back either; re-save it with the "
-                                "default protocol")
-        if not isinstance(saved_id, tuple) or not saved_id:
-            raise RefusedPickle(f"unknown persistent id {saved_id!r}")
-        kind = saved_id[0].decode("ascii") if isinstance(saved_id[0], bytes) else saved_id[0]
-        if kind == "module":  # legacy format records a module's class (and its source) here
-            return saved_id[1]
-        if kind != "storage" or self._storage_for is None:
-            raise RefusedPickle(f"unknown persistent id kind {kind!r}")
-        if len(saved_id) < 5:
-            raise RefusedPickle("a storage reference has too few fields")
-        storage_type, key, location, numel = saved_id[1], saved_id[2], saved_id[3], saved_id[4]
-        location = location.decode("ascii", "replace") if isinstance(location, bytes) else location
-        if not isinstance(key, (str, int)) or not isinstance(location, str) or type(numel) is not int:
-            raise RefusedPickle("a storage reference's key, device or size is not plain data")
-        if not 0 <= numel <= MAX_ELEMENTS:
-            raise RefusedPickle(f"a storage claims {numel:,} elements")
-        view_metadata = saved_id[5] if len(saved_id) > 5 else None
-        dtype = storage_type.dtype if isinstance(storage_type, StorageType) else "uint8"
-        return _new_tuple(_StorageRef, (self._storage_for(dtype, str(key), location, numel, view_metadata), dtype))
+        return resolve_persistent_id(saved_id, self._storage_for)
 
     def pickle_imports(self) -> list[PickleImport]:
         """Globals outside the allow-list. TorchScript's own classes (`__torch__.…`) are not Python
@@ -623,6 +602,33 @@ class SafeUnpickler(pickle.Unpickler):
 
     def script_classes(self) -> list[str]:
         return sorted(name for name in self.imports if name.startswith(SCRIPT_CLASS_PREFIX))
+
+
+def resolve_persistent_id(saved_id: Any, storage_for: Callable[..., Storage] | None) -> Any:
+    """What a persistent id stands for: a storage reference (`storage_for` makes its `Storage`), or a
+    legacy file's module record; anything else is refused, saying what it is."""
+    if isinstance(saved_id, str) and saved_id.startswith("('storage',"):
+        raise RefusedPickle("its storage references are written as text, as torch.save with pickle_protocol=0 "
+                            "writes them, and torch.load cannot read them back either; re-save it with the "
+                            "default protocol")
+    if not isinstance(saved_id, tuple) or not saved_id:
+        raise RefusedPickle(f"unknown persistent id {saved_id!r}")
+    kind = saved_id[0].decode("ascii") if isinstance(saved_id[0], bytes) else saved_id[0]
+    if kind == "module":  # legacy format records a module's class (and its source) here
+        return saved_id[1]
+    if kind != "storage" or storage_for is None:
+        raise RefusedPickle(f"unknown persistent id kind {kind!r}")
+    if len(saved_id) < 5:
+        raise RefusedPickle("a storage reference has too few fields")
+    storage_type, key, location, numel = saved_id[1], saved_id[2], saved_id[3], saved_id[4]
+    location = location.decode("ascii", "replace") if isinstance(location, bytes) else location
+    if not isinstance(key, (str, int)) or not isinstance(location, str) or type(numel) is not int:
+        raise RefusedPickle("a storage reference's key, device or size is not plain data")
+    if not 0 <= numel <= MAX_ELEMENTS:
+        raise RefusedPickle(f"a storage claims {numel:,} elements")
+    view_metadata = saved_id[5] if len(saved_id) > 5 else None
+    dtype = storage_type.dtype if isinstance(storage_type, StorageType) else "uint8"
+    return _new_tuple(StorageRef, (storage_for(dtype, str(key), location, numel, view_metadata), dtype))
 
 
 def built_numpy_arrays(unpickler: SafeUnpickler) -> bool:
