@@ -13,6 +13,7 @@ from torch import nn
 
 import ckptview
 from conftest import SmallCNN
+from format_checks import check_every_command, check_every_tab
 
 
 def listing(ckpt: ckptview.Checkpoint) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -167,8 +168,12 @@ def test_every_dtype_lists_and_loads(tmp_path: Path, zip_format: bool) -> None:
     dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16,
               torch.int32, torch.int64, torch.bool, torch.complex64]
     if zip_format:
-        dtypes += [torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16, torch.uint32]
+        dtypes += [torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16, torch.uint32, torch.uint64, torch.complex32]
+        dtypes += [getattr(torch, name) for name in ("float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
+                   if hasattr(torch, name)]  # newer than torch 2.4
     state = {str(d).removeprefix("torch."): (torch.arange(12).reshape(3, 4) % 3).to(d) for d in dtypes}
+    if zip_format and hasattr(torch, "float4_e2m1fn_x2"):  # torch 2.8+; no conversion to or from it
+        state["float4_e2m1fn_x2"] = torch.arange(12, dtype=torch.uint8).reshape(3, 4).view(torch.float4_e2m1fn_x2)
     state["scalar"] = torch.tensor(3.5)
     state["empty"] = torch.empty(0, 5)
     path = tmp_path / "dtypes.pt"
@@ -179,6 +184,58 @@ def test_every_dtype_lists_and_loads(tmp_path: Path, zip_format: bool) -> None:
             assert (entry.shape, entry.dtype) == (tuple(tensor.shape), tensor.dtype)
             # compare bytes: float8 has no equality kernel on CPU
             assert torch.equal(entry.load().reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+    # every command and tab on it: statistics and value diffs skip (and say so) what torch cannot convert
+    check_every_command(path)
+    check_every_tab(path)
+    with ckptview.open(path) as ckpt:
+        results = ckptview.stats(ckpt, progress=False)
+    for name in ("float4_e2m1fn_x2", "complex64"):
+        if name in state:
+            assert results[name].skipped, name
+    assert not results["float32"].skipped and results["float32"].max == 2
+
+
+@pytest.mark.skipif(not hasattr(torch, "float8_e8m0fnu"), reason="torch 2.7+ dtypes")
+def test_safetensors_fnuz_and_packed_dtypes_read_as_safetensors_reads_them(tmp_path: Path) -> None:
+    """float8 FNUZ and the packed F4 / F6 dtypes, in a header written as the safetensors crate writes
+    it (its Python binding of the installed version may lack them): the crate's own parser and torch
+    loader are the reference."""
+    import json
+    import struct
+
+    import safetensors
+
+    header = {"f4": {"dtype": "F4", "shape": [3, 4], "data_offsets": [0, 6]},
+              "f4_odd": {"dtype": "F4", "shape": [2, 3], "data_offsets": [6, 9]},
+              "f6": {"dtype": "F6_E2M3", "shape": [2, 4], "data_offsets": [9, 15]},
+              "fnuz": {"dtype": "F8_E4M3FNUZ", "shape": [3], "data_offsets": [15, 18]},
+              "fnuz2": {"dtype": "F8_E5M2FNUZ", "shape": [2], "data_offsets": [18, 20]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = tmp_path / "packed.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(range(7, 27)))
+    reference = {name: (spec["dtype"], spec["shape"], bytes(spec["data"]))
+                 for name, spec in safetensors.deserialize(path.read_bytes())}
+    with ckptview.open(path) as ckpt, safe_open(path, "pt") as loaded:
+        for name in ("f4", "fnuz", "fnuz2"):
+            entry, tensor = ckpt.tensor(name), loaded.get_tensor(name)
+            assert (entry.shape, entry.dtype) == (tuple(tensor.shape), tensor.dtype), name
+            assert entry.load().view(torch.uint8).reshape(-1).tolist() == list(reference[name][2]), name
+        assert ckpt.tensor("f4").shape == (3, 2)  # two F4 values per float4_e2m1fn_x2 element, as torch holds them
+        for name in ("f4_odd", "f6"):  # no torch dtype: listed with the header's shape, their bytes where it says
+            entry = ckpt.tensor(name)
+            assert (entry.layout, entry.encoding, list(entry.shape)) == ("encoded", *reference[name][:2])
+            assert entry.info.stored_nbytes == len(reference[name][2])
+            with pytest.raises(ckptview.CkptviewError, match="packed .*-bit floats, which torch has no dtype for"):
+                entry.load()
+    check_every_command(path)
+
+    cut = tmp_path / "cut_bits.safetensors"  # 3 F6 values: 18 bits, not whole bytes
+    header = {"f6": {"dtype": "F6_E3M2", "shape": [3], "data_offsets": [0, 2]}}
+    raw = json.dumps(header).encode()
+    cut.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(2))
+    with pytest.raises(ckptview.CkptviewError, match="3 F6_E3M2 elements of 6 bits, which do not fill whole bytes"):
+        ckptview.open(cut)
 
 
 def test_quantized_sparse_and_meta_tensors(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import ckptview
 from ckptview.analyzers.kernels import BLOCK
 from ckptview.analyzers.sections import model_state_dict
 from ckptview.analyzers.valuediff import IGNORE_BN_STATS, value_diff
+from ckptview.cli import main
 
 
 def reference(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
@@ -124,6 +125,21 @@ def test_nan_appearing_and_disappearing(tmp_path: Path) -> None:
     for change in forward.tensors:
         assert_matches_reference(change, base[change.key], broken[change.key])
     assert [t.key for t in forward.changed()] == ["conv1.weight", "fc.weight"]
+
+
+def test_values_that_are_not_real_numbers_are_said_not_compared(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Complex tensors differing only in their imaginary parts read as equal once copied to real numbers:
+    they are left out of the comparison and named, never reported unchanged."""
+    left = {"w": torch.arange(4.0), "freqs": torch.polar(torch.ones(3), torch.arange(3.0))}
+    right = {"w": torch.arange(4.0), "freqs": left["freqs"].conj()}
+    for name, state in (("a.pt", left), ("b.pt", right)):
+        torch.save(state, tmp_path / name)
+    result = ckptview.diff(tmp_path / "a.pt", tmp_path / "b.pt", values=True)
+    assert [t.key for t in result.values.tensors] == ["w"] and result.values.unreadable == ("freqs",)
+    assert result.to_dict()["not_compared"] == ["freqs"]
+    assert main(["diff", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--values"]) == 0
+    assert "1 not compared (no values to compare as real numbers): freqs" in capsys.readouterr().out
 
 
 def test_bf16_against_float32_compares_in_float32(tmp_path: Path) -> None:

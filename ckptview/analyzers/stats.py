@@ -35,7 +35,7 @@ import numpy as np
 
 from ckptview.analyzers.table import layer_kinds
 from ckptview.lazy import torch
-from ckptview.readers.dtypes import ITEMSIZE
+from ckptview.readers.dtypes import ITEMSIZE, UNCONVERTIBLE
 from ckptview.readers.model import (
     Checkpoint,
     ScratchBuffers,
@@ -618,6 +618,8 @@ def _unsupported(entry: TensorEntry) -> str:
         return f"{entry.layout} layout: statistics are computed for dense tensors only"
     if entry.dtype.is_complex:
         return "complex dtype: statistics are computed for real tensors only"
+    if entry.dtype_name in UNCONVERTIBLE:
+        return f"{entry.dtype_name}: torch converts it to no other dtype, so it has no statistics"
     if entry.info.storage is None:
         return "no stored data"
     return repeated_view(entry.info)

@@ -28,12 +28,14 @@ import torch
 from ckptview.analyzers.crossformat import CrossFormatMatch, match_tensors
 from ckptview.analyzers.keydiff import KeyDiff, key_diff, state_dict_of
 from ckptview.readers import open_checkpoint
+from ckptview.readers.dtypes import UNCONVERTIBLE, dtype_name
 from ckptview.readers.model import (
     Checkpoint,
     ScratchBuffers,
     TensorEntry,
     TensorInfo,
     gc_paused,
+    not_decoded,
     repeated_view,
     view_identity,
     views_beyond_their_storage,
@@ -135,7 +137,8 @@ class ValueDiff:
         tensors: one `TensorChange` per compared tensor, in the left side's key order.
         ignored: keys skipped by the ignore patterns.
         complete: False when the comparison was cancelled; `tensors` then holds the finished ones.
-        unreadable: keys whose data one side cannot give (a NumPy object array, a meta tensor): not compared.
+        unreadable: keys whose data one side cannot give (a NumPy object array, a meta tensor) or not as
+            real numbers (complex, FP4 pairs): not compared (`--json`: `not_compared`).
     """
 
     tensors: tuple[TensorChange, ...]
@@ -214,6 +217,7 @@ class Diff:
             ]
             data["compared"] = len(self.values.tensors)
             data["ignored"] = list(self.values.ignored)
+            data["not_compared"] = list(self.values.unreadable)
             data["complete"] = self.values.complete
         if self.matching is not None:
             data.update(self.matching.to_dict())
@@ -358,8 +362,13 @@ def value_diff(a: Mapping[str, Any], b: Mapping[str, Any], *, ignore: Sequence[s
 
 
 def _unreadable(value: Any, beyond: set[Any]) -> bool:
-    return isinstance(value, TensorEntry) and (value.layout in ("unsupported", "meta") or bool(repeated_view(value.info))
-                                               or view_identity(value.info) in beyond)
+    if dtype_name(value.dtype) in UNCONVERTIBLE or value.dtype.is_complex:
+        # no conversion to numbers, or (complex) none to the real numbers the kernels compare: a copy to
+        # float64 drops the imaginary parts, and two tensors differing only there read as equal
+        return True
+    return isinstance(value, TensorEntry) and (
+        value.layout in ("unsupported", "meta") or not_decoded(value.info) or bool(repeated_view(value.info))
+        or view_identity(value.info) in beyond)
 
 
 def _views_beyond_their_storage(side: Mapping[str, Any]) -> set[Any]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from ckptview.cli import print_json
 from ckptview.errors import printable
-from ckptview.present.text import human_count, shape_text, text_table
+from ckptview.present.text import human_count, not_compared_text, shape_text, text_table
 
 _TOP = 30
 
@@ -94,6 +94,7 @@ def _print_values(values: Any) -> None:
     changed = sorted(values.changed(), key=lambda t: -t.rel_change if math.isfinite(t.rel_change) else -math.inf)
     print(f"\nvalues: {len(changed):,} of {len(values.tensors):,} compared tensors differ"
           + (f" ({len(values.ignored):,} ignored)" if values.ignored else "")
+          + not_compared_text(values.unreadable)
           + ("" if values.complete else " - cancelled before the end"))
     if not changed:
         return

@@ -46,6 +46,7 @@ from ckptview.present.html import (
     tree_html,
 )
 from ckptview.present.training_figures import lr_schedule_figure, moment_norms_figure
+from ckptview.present.text import not_compared_text
 from ckptview.present.views import (
     batchnorm_view,
     compare_keys,
@@ -214,7 +215,8 @@ def _compare(ckpt: Checkpoint, other: Checkpoint) -> str:
     if frame.empty:
         parts.append(banner_html("info", "no tensors with the same name and shape on both sides: no values compared"))
         return "".join(parts) + pairing
-    parts.append(f"<p>{len(changes.tensors):,} tensors compared, {len(changes.changed()):,} differ.</p>")
+    parts.append(f"<p>{len(changes.tensors):,} tensors compared, {len(changes.changed()):,} differ"
+                 f"{esc(not_compared_text(changes.unreadable))}.</p>")
     parts.append(figure_html(figures.value_diff_by_module(frame)))
     parts.append(counters_html(comparison.counters))
     drifted = [t for t in changes.changed() if not t.is_counter]

@@ -9,6 +9,14 @@ from typing import Any
 from ckptview.errors import printable
 
 
+def not_compared_text(keys: Sequence[str], shown: int = 5) -> str:
+    """The clause naming tensors a value diff left out (`ValueDiff.unreadable`), or ""."""
+    if not keys:
+        return ""
+    names = ", ".join(printable(key) for key in keys[:shown]) + (" ..." if len(keys) > shown else "")
+    return f"; {len(keys):,} not compared (no values to compare as real numbers): {names}"
+
+
 def human_bytes(nbytes: float) -> str:
     """1536 -> '1.5 KiB'."""
     value = float(nbytes)

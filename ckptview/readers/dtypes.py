@@ -25,6 +25,15 @@ ITEMSIZE: dict[str, int] = {
     **{f"int{bits}": 1 for bits in range(1, 8)}, **{f"uint{bits}": 1 for bits in range(1, 8)},
 }
 
+# Dtypes torch lists and stores but cannot convert to any other (its copy kernels have no case for
+# them: `.to(torch.float32)` raises NotImplementedError): two FP4 values packed per byte, the bit
+# containers, the sub-byte integers. Their tensors are listed and loaded as torch loads them, with no
+# statistics and no value comparison.
+UNCONVERTIBLE: frozenset[str] = frozenset({
+    "float4_e2m1fn_x2", "bits16", "bits8", "bits1x8", "bits2x4", "bits4x2",
+    *(f"int{bits}" for bits in range(1, 8)), *(f"uint{bits}" for bits in range(1, 8)),
+})
+
 # other names torch gives the same dtypes (torch.float is torch.float32)
 ALIASES: dict[str, str] = {
     "float": "float32", "double": "float64", "half": "float16", "cfloat": "complex64", "cdouble": "complex128",

@@ -798,6 +798,12 @@ _REPEAT_FACTOR_LIMIT = 16
 _REPEATED_ELEMENTS_LIMIT = 1 << 24
 
 
+def not_decoded(info: TensorInfo) -> bool:
+    """Whether the tensor is stored in an encoding ckptview lists but does not decode (safetensors F6,
+    some TFLite types): its bytes are known, its values are not."""
+    return info.layout == "encoded" and info.decode is None
+
+
 def repeated_view(info: TensorInfo) -> str:
     """Why the view is too repetitive to stream in full (empty when it is not): a 256 KiB storage
     can be viewed as 4 billion elements, which statistics or a diff would have to visit one by one."""

@@ -321,7 +321,9 @@ FORMATS: list[Format] = [
                 "every module's class path and tensors, without importing the classes; `trust=True` loads it"),
            )),
     Format("safetensors", "safetensors files", _is_safetensors, "ckptview.readers.safetensors_file:read_safetensors", (
-        ("safetensors", "JSON header only, checked (offsets in range, no overlaps, sizes match shapes)"),
+        ("safetensors", "JSON header only, checked (offsets in range, no overlaps, sizes match shapes); every dtype "
+                        "the crate writes (F8 FNUZ and E8M0; F4 as torch's `float4_e2m1fn_x2`, as safetensors loads "
+                        "it; F6, which torch has no dtype for, listed as encoded bytes)"),
     )),
     Format("torch-legacy", "legacy torch.save files and plain pickles", _is_pickle,
            "ckptview.readers.torch_pickle:read_pickle_stream", (

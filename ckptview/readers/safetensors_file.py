@@ -30,8 +30,14 @@ _DTYPE_NAMES = {
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
     "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "F64": "float64",
     "I64": "int64", "U64": "uint64", "C64": "complex64", "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+    "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
 }
+# Dtypes of fewer bits than a byte, packed: the header's shape counts elements, the data holds
+# shape x bits / 8 bytes. safetensors hands F4 to torch as float4_e2m1fn_x2 (two per byte) with the
+# last dimension halved, as ckptview lists it; torch has no dtype for F6 (or for F4 with an odd last
+# dimension), so those are listed as encoded bytes, not decoded.
+_PACKED_BITS = {"F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 SAFETENSORS_DTYPES: dict[str, str] = _DTYPE_NAMES
 _ITEMSIZES = {name: ITEMSIZE[name] for name in SAFETENSORS_DTYPES.values()}
 
@@ -75,6 +81,7 @@ class Layout(NamedTuple):
     begins: list[int]  # byte offsets in the data region
     ends: list[int]
     order: list[int]  # the tensors' indices in file order: by where their data starts, the header's order among equals
+    packed: frozenset[str] = frozenset()  # tensors in a packed dtype torch cannot hold (their dtype: the header's)
 
 
 def parse_tensors(path: str, header: dict[str, Any], data_start: int, size: int) -> tuple[Layout, dict[str, str]]:
@@ -86,7 +93,8 @@ def parse_tensors(path: str, header: dict[str, Any], data_start: int, size: int)
     if layout is None:
         tensors = _valid_one_by_one(path, header, data_start, size)
         columns = list(map(list, zip(*tensors.values()))) if tensors else [[], [], [], []]
-        layout = Layout(list(tensors), *columns, _file_order(columns[2]))
+        packed = frozenset(name for name, (dtype, *_) in tensors.items() if dtype in _PACKED_BITS)
+        layout = Layout(list(tensors), *columns, _file_order(columns[2]), packed)
     return layout, {str(k): str(v) for k, v in metadata.items()}
 
 
@@ -150,10 +158,13 @@ def _valid_one_by_one(path: str, header: dict[str, Any], data_start: int, size: 
             raise CorruptCheckpointError(path, f"its safetensors header gives tensor {name!r} a negative or "
                                                "non-integer shape or offset: the file is damaged. Re-save it.")
         dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
-        if dtype is None:
+        if dtype is not None:
+            expected = _prod(shape) * itemsize(dtype)
+        elif dtype_name in _PACKED_BITS:
+            dtype, shape, expected = _packed(path, name, dtype_name, shape)
+        else:
             raise CorruptCheckpointError(path, f"tensor {name!r} has safetensors dtype {str(dtype_name)[:40]!r}, which "
                                                "ckptview does not know; convert the tensor, or upgrade ckptview.")
-        expected = _prod(shape) * itemsize(dtype)
         if end < begin or end - begin != expected:
             raise CorruptCheckpointError(path, f"tensor {name!r} has data_offsets [{begin}, {end}] "
                                                f"({end - begin:,} bytes) but its shape {list(shape)} and dtype "
@@ -169,6 +180,19 @@ def _valid_one_by_one(path: str, header: dict[str, Any], data_start: int, size: 
         raise TruncatedCheckpointError(path, f"its header places data up to byte {data_start + last:,} but the file "
                                              f"ends at byte {size:,}: it was cut off. Copy it again or re-save it.")
     return tensors
+
+
+def _packed(path: str, name: str, dtype_name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...], int]:
+    """(dtype, shape, bytes) of a tensor in a packed dtype: torch's float4_e2m1fn_x2 for F4 whose last
+    dimension pairs up (as safetensors loads it), else the header's dtype and shape (listed encoded)."""
+    bits = _prod(shape) * _PACKED_BITS[dtype_name]
+    if bits % 8:
+        raise CorruptCheckpointError(path, f"tensor {name!r} has {_prod(shape):,} {dtype_name} elements of "
+                                           f"{_PACKED_BITS[dtype_name]} bits, which do not fill whole bytes: the "
+                                           "header is damaged. Re-save it.")
+    if dtype_name == "F4" and shape and shape[-1] % 2 == 0:
+        return "float4_e2m1fn_x2", (*shape[:-1], shape[-1] // 2), bits // 8
+    return dtype_name, shape, bits // 8
 
 
 def _prod(shape: tuple[int, ...]) -> int:
@@ -202,7 +226,7 @@ def _checked(source: FileSource, path: str, size: int) -> tuple[Layout, dict[str
 
 def _records(source: FileSource, path: str, layout: Layout, data_start: int) -> dict[str, TensorInfo]:
     """The tensors in file order (by where their data starts; the header's order among equals)."""
-    names, dtypes, shapes, begins, ends, order = layout
+    names, dtypes, shapes, begins, ends, order, packed = layout
     in_order = lambda column: list(map(column.__getitem__, order))  # noqa: E731
     names, dtypes, begins, ends = in_order(names), in_order(dtypes), in_order(begins), in_order(ends)
     shapes = list(map(tuple, in_order(shapes)))
@@ -212,5 +236,12 @@ def _records(source: FileSource, path: str, layout: Layout, data_start: int) -> 
     key_prefix = os.path.basename(path) + ":"
     storages = map(Storage, map(key_prefix.__add__, names), repeat(source), map(data_start.__add__, begins),
                    map(sub, ends, begins), repeat("cpu"))
-    return dict(zip(names, map(strided_tensor, shapes, dtypes, storages, repeat(0), map(contiguous_stride, shapes),
-                               repeat(False))))
+    records = dict(zip(names, map(strided_tensor, shapes, dtypes, storages, repeat(0), map(contiguous_stride, shapes),
+                                  repeat(False))))
+    for name in packed:
+        stored = records[name]
+        records[name] = TensorInfo(shape=stored.shape, dtype="uint8", storage=stored.storage, layout="encoded",
+                                   encoding=stored.dtype, stored_nbytes=stored.storage.nbytes,
+                                   note=f"safetensors {stored.dtype}: packed {_PACKED_BITS[stored.dtype]}-bit floats, "
+                                        "which torch has no dtype for (listed, not decoded)")
+    return records

@@ -20,7 +20,7 @@ from ckptview.analyzers.valuediff import ValueDiff
 from ckptview.errors import CkptviewError
 from ckptview.present import figures
 from ckptview.present.html import counters_html, fixes_html, key_diff_html, matching_html
-from ckptview.present.text import human_bytes
+from ckptview.present.text import human_bytes, not_compared_text
 from ckptview.present.views import (
     FormatMatching,
     ValueComparison,
@@ -261,7 +261,8 @@ class ComparePanel(Panel):
             self.show_info(f"no tensors with the same name and shape on both sides: nothing to compare.{below}")
             return
         note = "" if changes.complete else " (cancelled: partial)"
-        self.show_info(f"{len(changes.tensors):,} tensors compared, {len(changes.changed()):,} differ{note}.{below}")
+        self.show_info(f"{len(changes.tensors):,} tensors compared, {len(changes.changed()):,} differ{note}"
+                       f"{not_compared_text(changes.unreadable)}.{below}")
         self.values.show(figures.value_diff_by_module(frame))
         keys = self.key_diff or (self.diagnosis.before if self.diagnosis is not None else None)
         self.downloads.value = ((download_links(keys.to_frame(), "key-diff", "key diff") if keys is not None else "")

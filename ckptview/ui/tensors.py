@@ -15,6 +15,7 @@ from ckptview.analyzers.table import tensor_table
 from ckptview.present import figures
 from ckptview.present.frames import filter_frame, tensor_labels
 from ckptview.present.text import human_bytes, shape_text
+from ckptview.readers.dtypes import UNCONVERTIBLE
 from ckptview.ui.base import ExplorerState, FigureBox, Panel, banner_html, esc
 from ckptview.ui.grid import Table
 
@@ -144,7 +145,8 @@ class TensorsPanel(Panel):
         entry = ckpt.tensor(name)
         detail: dict[str, Any] = {"row": self.frame[self.frame["name"] == name].iloc[0].to_dict(), "stats": None, "heatmap": None}
         detail["stats"] = stats(ckpt, filter=f"^{re.escape(name)}$", progress=False)[name]
-        if len(entry.shape) == 2 and entry.dtype.is_floating_point and entry.layout in ("strided", "encoded"):
+        if (len(entry.shape) == 2 and entry.dtype.is_floating_point and entry.layout in ("strided", "encoded")
+                and entry.dtype_name not in UNCONVERTIBLE):
             detail["heatmap"] = figures.heatmap(figures.downsample_2d(entry.load()), name, original_shape=entry.shape)
         return detail
 
