@@ -43,6 +43,7 @@ from ckptview.readers.model import (
     contiguous_stride,
     fast_init,
     gc_paused,
+    not_decoded,
     repeated_view,
     view_identity,
     views_beyond_their_storage,
@@ -612,7 +613,9 @@ def bin_counts(values: torch.Tensor, bins: int, low: float, high: float) -> torc
 
 
 def _unsupported(entry: TensorEntry) -> str:
-    if entry.layout == "encoded" and entry.info.decode is not None:
+    if entry.layout == "encoded":
+        if not_decoded(entry.info):
+            return entry.info.note or f"{entry.encoding}: listed, not decoded"
         return ""  # statistics of the decoded values (GGUF block quants dequantized), streamed by iter_chunks
     if entry.layout != "strided":
         return f"{entry.layout} layout: statistics are computed for dense tensors only"

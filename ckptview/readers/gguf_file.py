@@ -17,6 +17,7 @@ Dimensions: GGUF lists them innermost first; `TensorInfo.shape` is in numpy/torc
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import mmap
 import os
@@ -333,12 +334,28 @@ def _info(ggml_type: Any, shape: tuple[int, ...], storage: Storage, block_size: 
     if plain is not None:
         return TensorInfo(shape=shape, dtype=plain, storage=storage, stride=contiguous_stride(shape))
     quant = _Quantized(ggml_type, shape, storage, block_size, type_size, name)
+    decodable = _dequantizes(ggml_type, type_size)
     return TensorInfo(
         shape=shape, dtype=torch.float32, storage=storage, stride=contiguous_stride(shape), layout="encoded",
         encoding=ggml_type.name,
         encoding_params={"ggml_type": int(ggml_type), "block_size": block_size, "type_size": type_size},
-        stored_nbytes=storage.nbytes, decode=quant.decode, decode_chunks=quant.chunks,
+        stored_nbytes=storage.nbytes, decode=quant.decode if decodable else None,
+        decode_chunks=quant.chunks if decodable else None,
+        note=None if decodable else (f"{ggml_type.name} blocks, which gguf {importlib.metadata.version('gguf')} "
+                                     "cannot dequantize (listed, not decoded): upgrade gguf (pip install -U gguf)"),
     )
+
+
+@functools.cache
+def _dequantizes(ggml_type: Any, type_size: int) -> bool:
+    """Whether the installed gguf dequantizes this block type (it lists types it has no decoder for, such as
+    Q8_1, an intermediate of llama.cpp's matrix products): asked once per type with one zero block, so a
+    file holding one such tensor still gets statistics and diffs of the others."""
+    try:
+        _gguf().quants.dequantize(np.zeros(type_size, dtype=np.uint8), ggml_type)
+    except NotImplementedError:
+        return False
+    return True
 
 
 class _Quantized:
