@@ -208,6 +208,20 @@ def test_large_weights_are_downsampled_for_the_heatmap(tmp_path: Path) -> None:
     assert "block means" in panel.heatmap.figure.layout.title.text
 
 
+@pytest.mark.skipif(not hasattr(torch, "float4_e2m1fn_x2"), reason="torch 2.8+ dtype")
+def test_a_tensor_without_values_to_read_shows_why_and_no_heatmap(tmp_path: Path) -> None:
+    """A 2-D floating-point tensor torch cannot convert (float4_e2m1fn_x2, two FP4 values a byte): its
+    detail says why there are no statistics, with no heatmap and no error."""
+    path = tmp_path / "fp4.pt"
+    torch.save({"fp4.weight": torch.arange(16, dtype=torch.uint8).reshape(4, 4).view(torch.float4_e2m1fn_x2),
+                "w": torch.ones(2, 2)}, path)
+    panel = opened(explore(path), "Tensors")
+    panel.selected = "fp4.weight"
+    panel.wait()
+    assert "torch converts it to no other dtype" in panel.detail.value and not panel.heatmap.data
+    assert "ckptview-banner-error" not in panel.banner.value
+
+
 def test_module_tree_folds_repeated_blocks_and_expands(many_tensors: Path, demo: dict[str, Path]) -> None:
     tree = opened(explore(many_tensors), "Module tree")
     # Block 9 holds a float16 tensor, so it breaks the run: 0…8 and 10…1999 fold, 9 stands alone.
