@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import ckptview
+from ckptview.cli import main as cli_main
 from conftest import SmallCNN
 from format_checks import check_every_command, check_every_tab
 
@@ -236,6 +237,25 @@ def test_safetensors_fnuz_and_packed_dtypes_read_as_safetensors_reads_them(tmp_p
     cut.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(2))
     with pytest.raises(ckptview.CkptviewError, match="3 F6_E3M2 elements of 6 bits, which do not fill whole bytes"):
         ckptview.open(cut)
+
+
+def test_archive_saved_without_checksums_opens(tmp_path: Path) -> None:
+    """torch.save told not to compute CRC-32s records 0 for each member, and torch.load (which checks no
+    CRC) reads it: so does ckptview, where a recorded CRC that disagrees still says the file is damaged."""
+    config = pytest.importorskip("torch.utils.serialization").config
+    state = {"w": torch.randn(3, 4), "b": torch.arange(4.0)}
+    path = tmp_path / "nocrc.pt"
+    config.save.compute_crc32 = False
+    try:
+        torch.save(state, path)
+    finally:
+        config.save.compute_crc32 = True
+    import zipfile
+
+    assert {info.CRC for info in zipfile.ZipFile(path).infolist()} == {0}
+    with ckptview.open(path) as ckpt:
+        assert all(torch.equal(ckpt.tensor(name).load(), value) for name, value in state.items())
+    assert cli_main(["scan", str(path)]) == 0
 
 
 def test_quantized_sparse_and_meta_tensors(tmp_path: Path) -> None:

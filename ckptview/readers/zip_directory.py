@@ -201,8 +201,10 @@ def data_offset(read: Callable[[int, int], bytes], name: str, header_offset: int
     return header_offset + _LOCAL.size + name_len + extra_len
 
 
-def read_member(read: Callable[[int, int], bytes], member: Member) -> bytes:
+def read_member(read: Callable[[int, int], bytes], member: Member, *, zero_crc_unchecked: bool = False) -> bytes:
     """A stored or deflated member's bytes, checked against its CRC-32 (as zipfile checks them).
+    `zero_crc_unchecked`: a CRC of 0 means none was computed, as torch's zip writer records it when
+    told not to compute them (`torch.utils.serialization.config.save.compute_crc32 = False`).
 
     Raises:
         BadZip: a damaged header, a cut-off member, or a checksum that does not match.
@@ -217,6 +219,6 @@ def read_member(read: Callable[[int, int], bytes], member: Member) -> bytes:
         data = zlib.decompressobj(-15).decompress(stored, member.file_size)
     else:
         data = stored[:member.file_size]
-    if len(data) != member.file_size or zlib.crc32(data) != member.crc:
+    if len(data) != member.file_size or (zlib.crc32(data) != member.crc and (member.crc or not zero_crc_unchecked)):
         raise BadZip("a checksum that does not match")
     return data
