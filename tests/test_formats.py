@@ -445,6 +445,54 @@ def test_whole_module_payload_not_run(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+# --- DTensor state dicts (FSDP2, tensor parallel) saved with torch.save ---------------------------
+
+_WRITE_DTENSORS = textwrap.dedent("""
+    import os, socket, sys
+    import torch, torch.distributed as dist
+    with socket.socket() as probe:  # a free port on this machine only
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (1,))
+    torch.manual_seed(0)
+    # what rank 0 of two saves: its half of a [6, 4] weight (the global shape given, as FSDP2 knows it)
+    state = {"weight": DTensor.from_local(torch.randn(3, 4), mesh, [Shard(0)], run_check=False,
+                                          shape=torch.Size([6, 4]), stride=(4, 1)),
+             "bias": distribute_tensor(torch.arange(3.0), mesh, [Replicate()]), "step": torch.tensor(7)}
+    torch.save(state, sys.argv[1])
+    dist.destroy_process_group()
+""")
+
+
+def test_dtensor_state_dict_lists_each_local_part(tmp_path: Path) -> None:
+    """A DTensor is listed as the part the file holds (its local tensor: shape and values as
+    `to_local()` gives them), its placements and global shape said beside it; torch's own DTensor
+    classes are not foreign code, and torch.load(weights_only=True) needs torch.distributed.tensor."""
+    import subprocess
+
+    path = tmp_path / "rank0.pt"
+    subprocess.run([sys.executable, "-c", _WRITE_DTENSORS, str(path)], check=True, capture_output=True, timeout=120)
+    import torch.distributed.tensor  # noqa: F401  (what torch.load needs for the reference)
+
+    reference = torch.load(path, weights_only=True)
+    with ckptview.open(path) as ckpt:
+        assert not ckpt.pickle_imports and not ckpt.needs_trust
+        for name in ("weight", "bias"):
+            entry, local = ckpt.tensor(name), reference[name].to_local()
+            assert (entry.shape, entry.dtype) == (tuple(local.shape), local.dtype)
+            assert torch.equal(entry.load(), local)
+        assert ckpt.tensor("weight").info.note == "DTensor Shard(dim=0) of [6, 4]"
+        assert ckpt.tensor("bias").info.note == "DTensor Replicate() of [3]"
+        assert "torch.distributed.tensor is imported" in ckpt.details["weights_only"]
+        assert ckptview.stats(ckpt, progress=False)["weight"].max == reference["weight"].to_local().max().item()
+    assert main(["scan", str(path)]) == 0
+    assert main(["tensors", str(path)]) == 0
+
+
 # --- torch.distributed.checkpoint ----------------------------------------------------------------
 
 def test_dcp_directory_listing_equals_dcp_reader(tmp_path: Path, trained_cnn: SmallCNN) -> None:

@@ -16,12 +16,26 @@ import torch._weights_only_unpickler as torch_weights_only
 import ckptview
 from ckptview.cli import main as cli_main
 from ckptview.readers.unpickler import _allowed
-from ckptview.readers.weights_only import REFUSED_BY_DEFAULT
+from ckptview.readers.weights_only import REFUSED_BY_DEFAULT, TORCH_SAFE_CLASSES
 
 
 def test_the_refused_globals_are_ckptviews_allow_list_less_torchs() -> None:
     # when this fails after a torch upgrade, regenerate REFUSED_BY_DEFAULT from the difference shown
     assert REFUSED_BY_DEFAULT == set(_allowed()) - set(torch_weights_only._get_allowed_globals())
+
+
+def test_torchs_own_safe_classes_are_those_its_packages_register() -> None:
+    """The classes ckptview counts as torch's own (not foreign code) are exactly what importing each
+    package adds to torch's weights-only safe globals."""
+    import importlib
+
+    for package in set(TORCH_SAFE_CLASSES.values()):
+        importlib.import_module(package)
+    registered = {f"{c.__module__}.{c.__qualname__}" for c in torch.serialization.get_safe_globals()
+                  if isinstance(c, type)}
+    assert set(TORCH_SAFE_CLASSES) <= registered  # nothing torch's own loader would refuse
+    tensor_classes = ("torch.distributed.tensor", "torch.distributed.device_mesh", "torch.distributed._mesh_layout")
+    assert {name for name in registered if name.startswith(tensor_classes)} <= set(TORCH_SAFE_CLASSES)
 
 
 _CONTENTS = {

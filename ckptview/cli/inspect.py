@@ -269,8 +269,9 @@ def tensors(args: argparse.Namespace) -> int:
         rows = [(e.name, shape_text(e.shape), f"{e.encoding} → {e.dtype_name}" if e.encoding else e.dtype_name,
                  f"{e.numel:,}", human_bytes(e.nbytes)) for e in entries]
         columns = ("name", "shape", "dtype", "params", "size")
-        if any(e.info.layout not in ("strided", "encoded") for e in entries):
-            # sparse, quantized, meta and unreadable tensors (a nested tensor's shape is its buffer's) say so
+        if any(e.info.layout not in ("strided", "encoded") or e.info.note for e in entries):
+            # sparse, quantized, meta and unreadable tensors (a nested tensor's shape is its buffer's) say so, and a
+            # DTensor which part of the whole tensor the file holds
             columns += ("layout",)
             rows = [(*row, _layout_text(e.info)) for row, e in zip(rows, entries)]
         print(text_table(rows, columns, align_right=(3, 4)))
@@ -283,7 +284,7 @@ def tensors(args: argparse.Namespace) -> int:
 
 def _layout_text(info: Any) -> str:
     if info.layout == "strided":
-        return ""
+        return info.note or ""  # a DTensor's placements and global shape
     if not info.note:
         return info.layout
     what = re.split(r"[:;(]", info.note, maxsplit=1)[0].strip()  # the note's subject; `info` has it whole

@@ -319,6 +319,9 @@ FORMATS: list[Format] = [
                 "shown by class and content, not imported)"),
                ("whole pickled `nn.Module` (`torch.save(model)`)",
                 "every module's class path and tensors, without importing the classes; `trust=True` loads it"),
+               ("DTensor state dicts (FSDP2, tensor parallel) saved with `torch.save`, one file per rank",
+                "each DTensor listed as the part the file holds (its local tensor), its placements and global shape "
+                "beside it; torch's own DTensor classes are not counted as foreign code"),
            )),
     Format("safetensors", "safetensors files", _is_safetensors, "ckptview.readers.safetensors_file:read_safetensors", (
         ("safetensors", "JSON header only, checked (offsets in range, no overlaps, sizes match shapes); every dtype "

@@ -160,7 +160,7 @@ def _valid_one_by_one(path: str, header: dict[str, Any], data_start: int, size: 
         dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         if dtype is not None:
             expected = _prod(shape) * itemsize(dtype)
-        elif dtype_name in _PACKED_BITS:
+        elif isinstance(dtype_name, str) and dtype_name in _PACKED_BITS:
             dtype, shape, expected = _packed(path, name, dtype_name, shape)
         else:
             raise CorruptCheckpointError(path, f"tensor {name!r} has safetensors dtype {str(dtype_name)[:40]!r}, which "

@@ -39,6 +39,7 @@ from ckptview.readers.model import (
     contiguous_stride,
     refuse_pickle_state,
 )
+from ckptview.readers.weights_only import TORCH_SAFE_CLASSES
 
 
 class _Sealed:
@@ -288,7 +289,14 @@ def _unsupported(kind: str) -> Callable[..., TensorInfo]:
     return rebuild
 
 
+_DTENSOR = "torch.distributed.tensor.DTensor"
+
+
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+    if getattr(new_type, "class_path", None) == _DTENSOR:
+        fields = _state_fields(state)
+        if isinstance(fields.get("_local_tensor"), TensorInfo):
+            return _dtensor(args, fields)
     result = func(*args)
     if isinstance(result, TensorInfo):
         if new_type is _PARAMETER:
@@ -296,6 +304,40 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> An
         if isinstance(new_type, type) and issubclass(new_type, PickledObject):
             return result.with_flags(subclass=new_type.class_path)
     return result
+
+
+def _state_fields(state: Any) -> dict[str, Any]:
+    """An object's pickled state as one dict: torch writes a tensor subclass's as `(dict or None, slots)`."""
+    if isinstance(state, dict):
+        return state
+    if isinstance(state, tuple) and len(state) == 2:
+        return {**(state[0] if isinstance(state[0], dict) else {}), **(state[1] if isinstance(state[1], dict) else {})}
+    return {}
+
+
+def _dtensor(args: Any, state: dict[str, Any]) -> TensorInfo:
+    """
+    A DTensor (FSDP2 and tensor-parallel state dicts) as what the file holds of it: its local tensor,
+    the part this rank kept, whose shape and values are the file's. The global shape (the wrapper's
+    size) and the placements go into its note: "DTensor Shard(dim=0) of [6, 4]".
+    """
+    local: TensorInfo = state["_local_tensor"]
+    size = args[2] if isinstance(args, tuple) and len(args) > 2 else None
+    whole = list(size) if isinstance(size, (tuple, list)) and all(type(n) is int for n in size) else "?"
+    spec = state.get("_spec")
+    placements = _state_fields(spec.state).get("placements", ()) if isinstance(spec, PickledObject) else ()
+    placed = ", ".join(_placement_text(p) for p in placements) if isinstance(placements, (tuple, list)) else "?"
+    return local.with_flags(subclass=_DTENSOR, requires_grad=bool(state.get("requires_grad", local.requires_grad)),
+                            note=f"DTensor {placed or 'placements unknown'} of {whole}")
+
+
+def _placement_text(placement: Any) -> str:
+    """Shard(dim=0), Replicate(), Partial(reduce_op='sum'), from a placement's record."""
+    if not isinstance(placement, PickledObject):
+        return "?"
+    plain = {k: v for k, v in _state_fields(placement.state).items()
+             if isinstance(k, str) and isinstance(v, (int, str, bool))}
+    return f"{placement.class_path.rsplit('.', 1)[-1]}({', '.join(f'{k}={v!r}' for k, v in plain.items())})"
 
 
 def _rebuild_device_tensor_from_cpu_tensor(data: Any, dtype: Any, device: Any, requires_grad: Any) -> Any:
@@ -572,23 +614,27 @@ class SafeUnpickler(pickle.Unpickler):
         if full_name in allowed:
             self.allowed_named.add(full_name)
             return allowed[full_name]
+        if full_name in TORCH_SAFE_CLASSES:
+            self.allowed_named.add(full_name)
+            return self._stand_in(full_name, foreign=False)
         return self._stand_in(full_name)
 
-    def _stand_in(self, full_name: str) -> type[PickledObject]:
+    def _stand_in(self, full_name: str, foreign: bool = True) -> type[PickledObject]:
+        """The record class standing in for `full_name`; a `foreign` one counts among the pickle's imports."""
         stand_in = self._stand_ins.get(full_name)
         if stand_in is None:
             counter = self.imports
             module, _, qualname = full_name.rpartition(".")
+            namespace: dict[str, Any] = {"class_path": full_name, "__module__": "ckptview.pickled." + module}
+            if foreign:
+                def __new__(cls: type[PickledObject], *args: Any, **kwargs: Any) -> PickledObject:
+                    counter[full_name] += 1
+                    return PickledObject.__new__(cls, *args, **kwargs)
 
-            def __new__(cls: type[PickledObject], *args: Any, **kwargs: Any) -> PickledObject:
-                counter[full_name] += 1
-                return PickledObject.__new__(cls, *args, **kwargs)
-
-            stand_in = type(qualname or full_name, (PickledObject,), {
-                "class_path": full_name, "__module__": "ckptview.pickled." + module, "__new__": __new__,
-            })
+                namespace["__new__"] = __new__
+                counter[full_name] += 0  # named, even if never called
+            stand_in = type(qualname or full_name, (PickledObject,), namespace)
             self._stand_ins[full_name] = stand_in
-            counter[full_name] += 0  # named, even if never called
         return stand_in
 
     def persistent_load(self, saved_id: Any) -> Any:

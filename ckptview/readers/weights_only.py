@@ -48,6 +48,19 @@ REFUSED_BY_DEFAULT = frozenset({
 })
 
 
+# torch's own classes that its weights-only unpickler accepts once their package is imported (the
+# package adds them with torch.serialization.add_safe_globals). A pickle naming them is not foreign
+# code: ckptview's unpickler builds them as records, like any class a file names, never importing or
+# calling them; torch.load(weights_only=True) needs the package imported first.
+TORCH_SAFE_CLASSES: dict[str, str] = dict.fromkeys((  # class path -> the module torch.load needs imported first
+    "torch.distributed.tensor.DTensor", "torch.distributed.device_mesh.DeviceMesh",
+    "torch.distributed.tensor._dtensor_spec.DTensorSpec", "torch.distributed.tensor._dtensor_spec.TensorMeta",
+    "torch.distributed.tensor._dtensor_spec.ShardOrderEntry", "torch.distributed.tensor.placement_types.Partial",
+    "torch.distributed.tensor.placement_types.Replicate", "torch.distributed.tensor.placement_types.Shard",
+    "torch.distributed.tensor.placement_types._StridedShard", "torch.distributed._mesh_layout._MeshLayout",
+    "torch.distributed._mesh_layout._FlatLayout"), "torch.distributed.tensor")
+
+
 def weights_only_obstacle(protocol: int | None, allowed_globals: Iterable[str]) -> str:
     """Why torch.load(weights_only=True) would refuse a pickle of `protocol` (None: 0 or 1, no PROTO
     opcode) that names `allowed_globals` (all on ckptview's allow-list); empty when it would not."""
@@ -55,7 +68,12 @@ def weights_only_obstacle(protocol: int | None, allowed_globals: Iterable[str]) 
         written = "0 or 1" if protocol is None else str(protocol)
         return (f"torch.load(weights_only=True) cannot read its pickle (protocol {written}; it reads protocols 2 and "
                 "3): re-save it with torch.save's default protocol")
-    refused = sorted(set(allowed_globals) & REFUSED_BY_DEFAULT)
+    named = set(allowed_globals)
+    packages = sorted({TORCH_SAFE_CLASSES[name] for name in named & TORCH_SAFE_CLASSES.keys()})
+    if packages:
+        return (f"torch.load(weights_only=True) reads it only once {' and '.join(packages)} is imported: import "
+                "it before loading")
+    refused = sorted(named & REFUSED_BY_DEFAULT)
     if refused:
         names = ", ".join(refused[:3]) + (f" and {len(refused) - 3} more" if len(refused) > 3 else "")
         return (f"torch.load(weights_only=True) refuses {names} by default: allow them with "
