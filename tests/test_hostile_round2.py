@@ -27,6 +27,7 @@ from ckptview.errors import CkptviewError, CorruptCheckpointError, ShardError, U
 from ckptview.readers.dcp import _DCP_CLASSES
 from ckptview.readers.torch_pickle import UNKNOWN_IMPORTS
 from ckptview.readers.unpickler import _allowed
+from ckptview.readers.weights_only import TORCH_SAFE_CLASSES
 
 import hostile_files as hostile
 from torch_oracle import torch_lookups
@@ -49,7 +50,9 @@ def assert_scan_covers_torch(path: Path) -> str:
     by scan, and a file torch would take code from is never called safe."""
     observed = torch_lookups(path)
     verdict, imports = scan_verdict(path)
-    foreign = set(observed["lookups"]) - set(_allowed()) - (_DCP_CLASSES if path.is_dir() else set())
+    # less torch's own classes its weights-only loader accepts (DTensor's), which scan counts as torch's
+    foreign = (set(observed["lookups"]) - set(_allowed()) - set(TORCH_SAFE_CLASSES)
+               - (_DCP_CLASSES if path.is_dir() else set()))
     if observed["torchscript"]:
         assert verdict in ("code", "error")
     if verdict != "error":
