@@ -491,6 +491,13 @@ def test_dtensor_state_dict_lists_each_local_part(tmp_path: Path) -> None:
         assert ckptview.stats(ckpt, progress=False)["weight"].max == reference["weight"].to_local().max().item()
     assert main(["scan", str(path)]) == 0
     assert main(["tensors", str(path)]) == 0
+    from ckptview.ui import explore
+
+    panel = explore(path).select("Tensors")
+    panel.wait()
+    panel.selected = "weight"
+    panel.wait()
+    assert "DTensor Shard(dim=0) of [6, 4]" in panel.detail.value
     from test_hostile_round2 import assert_scan_covers_torch
 
     assert assert_scan_covers_torch(path) == "safe"  # what torch.load looks up beyond them: none

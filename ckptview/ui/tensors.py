@@ -144,7 +144,8 @@ class TensorsPanel(Panel):
     def _tensor_detail(self, name: str) -> dict[str, Any]:
         ckpt = self.state.checkpoint
         entry = ckpt.tensor(name)
-        detail: dict[str, Any] = {"row": self.frame[self.frame["name"] == name].iloc[0].to_dict(), "stats": None, "heatmap": None}
+        detail: dict[str, Any] = {"row": self.frame[self.frame["name"] == name].iloc[0].to_dict(), "stats": None,
+                                  "heatmap": None, "note": entry.info.note if entry.layout == "strided" else None}
         detail["stats"] = stats(ckpt, filter=f"^{re.escape(name)}$", progress=False)[name]
         if (len(entry.shape) == 2 and entry.dtype.is_floating_point and entry.layout in ("strided", "encoded")
                 and not not_decoded(entry.info) and entry.dtype_name not in UNCONVERTIBLE):
@@ -158,6 +159,8 @@ class TensorsPanel(Panel):
                  ("bytes", human_bytes(row["nbytes"])), ("layer", f"{row['layer_kind']} {row['layer_detail']}".strip() or "?"),
                  ("role", row["role"]), ("section", row["section"] or "—"), ("saved on", row["device"]),
                  ("storage shared", "yes" if row["shared"] else "no")]
+        if detail["note"]:  # a DTensor: which part of the whole tensor the file holds
+            facts.append(("distributed", detail["note"]))
         numbers = detail["stats"]
         if numbers.skipped:
             facts.append(("statistics", numbers.skipped))
