@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -98,7 +99,12 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, type[CkptviewError], str]]:
 
     html = tmp / "download.pth"
     html.write_text("<!DOCTYPE html><html><head><title>Sign in</title></head><body>...</body></html>")
-    cases["html"] = (html, UnsupportedFormatError, "this is an HTML page.*download the file again")
+    cases["html"] = (html, UnsupportedFormatError, "this is an HTML page.*, not a checkpoint: download the file again\\.$")
+
+    gzipped = tmp / "model.pt.gz"  # what it is and what to do: no list of formats after it
+    gzipped.write_bytes(gzip.compress(data))
+    cases["gzip"] = (gzipped, UnsupportedFormatError,
+                     "this is a gzip-compressed file, not a checkpoint: decompress it \\(gunzip\\) and open the result\\.$")
 
     lfs = tmp / "lfs.bin"
     lfs.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")

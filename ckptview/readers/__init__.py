@@ -32,7 +32,7 @@ from ckptview.readers.model import (
 from ckptview.readers.pickle_opcodes import reads_as_pickle
 from ckptview.readers.registry import EMPTY_ZIP_MAGIC, HEAD_BYTES, ZIP_MAGIC, Probe, find_format, supported
 from ckptview.readers.remote import is_url
-from ckptview.readers.sniff import describe
+from ckptview.readers.sniff import not_a_checkpoint
 
 __all__ = ["open_checkpoint", "Checkpoint", "TensorEntry", "TensorInfo", "PickledObject", "PickleImport"]
 
@@ -119,7 +119,7 @@ def _open_file(path: str, head: bytes, size: int, *, trust: bool, shard_of: str 
         return ckpt
     if head.startswith(EMPTY_ZIP_MAGIC):
         raise UnsupportedFormatError(path, f"an empty zip archive, not a checkpoint; {supported()}.")
-    raise UnsupportedFormatError(path, f"this is {describe(head)}, not a checkpoint; {supported()}.")
+    raise UnsupportedFormatError(path, not_a_checkpoint(head))
 
 
 def _scan_pickle_reading(ckpt: Checkpoint, head: bytes, size: int) -> None:

@@ -202,8 +202,8 @@ def source_for(path: str) -> Any:
 
 def open_remote(url: str, *, trust: bool) -> Checkpoint:
     """`ckptview.open` of a URL: the format found from its first bytes, read through ranged requests."""
-    from ckptview.readers.registry import HEAD_BYTES, Probe, find_format, supported
-    from ckptview.readers.sniff import describe
+    from ckptview.readers.registry import HEAD_BYTES, Probe, find_format
+    from ckptview.readers.sniff import not_a_checkpoint
 
     size = remote_file_id(url)[0]
     source = RemoteSource(url, size)
@@ -213,7 +213,7 @@ def open_remote(url: str, *, trust: bool) -> Checkpoint:
         head = source.read(0, min(HEAD_BYTES, size))
         fmt = find_format(Probe(url, head, size))
         if fmt is None:
-            raise UnsupportedFormatError(url, f"this is {describe(head)}, not a checkpoint; {supported()}.")
+            raise UnsupportedFormatError(url, not_a_checkpoint(head))
         if fmt.name == "sharded":
             return _open_remote_index(url, source, size, trust=trust)
         return fmt.read(url, size, trust=trust)
