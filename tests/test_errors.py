@@ -127,6 +127,16 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, type[CkptviewError], str]]:
     _write_safetensors_header(wrong_size, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, bytes(12))
     cases["safetensors size disagrees with shape"] = (wrong_size, CorruptCheckpointError, "need 16 bytes")
 
+    repeated = tmp / "repeated_name.safetensors"  # json.loads keeps the last; the file means one of them
+    spec = '{"dtype": "F32", "shape": [2], "data_offsets": [%d, %d]}'
+    raw = ('{"w": %s, "w": %s}' % (spec % (0, 8), spec % (8, 16))).encode()
+    repeated.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(16))
+    cases["safetensors tensor named twice"] = (repeated, CorruptCheckpointError, "gives 'w' twice in one object")
+    repeated_field = tmp / "repeated_field.safetensors"
+    raw = b'{"w": {"dtype": "F32", "shape": [2], "shape": [1], "data_offsets": [0, 8]}}'
+    repeated_field.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(8))
+    cases["safetensors field repeated"] = (repeated_field, CorruptCheckpointError, "gives 'shape' twice in one object")
+
     directory = tmp / "a_directory"
     directory.mkdir()
     (directory / "readme.txt").write_text("hi")
@@ -203,3 +213,12 @@ def test_shard_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(ShardError, match="shard model-00002-of-00002.safetensors listed in the index is missing"):
         ckptview.open(tmp_path)
+
+
+def test_safetensors_metadata_naming_a_field_is_not_a_repeated_key(tmp_path: Path) -> None:
+    """The repeated-key check counts "data_offsets" in the raw header: metadata that holds that text
+    (a key or a value) changes the count, and the exact parse then finds nothing repeated."""
+    path = tmp_path / "odd_metadata.safetensors"
+    save_file({"w": torch.ones(2)}, path, metadata={"data_offsets": "see \"data_offsets\" below"})
+    with ckptview.open(path) as ckpt:
+        assert [e.name for e in ckpt.tensors()] == ["w"] and ckpt.metadata["data_offsets"].startswith("see")
