@@ -326,7 +326,8 @@ def _dtensor(args: Any, state: dict[str, Any]) -> TensorInfo:
     whole = list(size) if isinstance(size, (tuple, list)) and all(type(n) is int for n in size) else "?"
     spec = state.get("_spec")
     placements = _state_fields(spec.state).get("placements", ()) if isinstance(spec, PickledObject) else ()
-    placed = ", ".join(_placement_text(p) for p in placements) if isinstance(placements, (tuple, list)) else "?"
+    placed = (", ".join(_placement_text(p) for p in placements[:4]) + (", ..." if len(placements) > 4 else "")
+              if isinstance(placements, (tuple, list)) else "?")
     return local.with_flags(subclass=_DTENSOR, requires_grad=bool(state.get("requires_grad", local.requires_grad)),
                             note=f"DTensor {placed or 'placements unknown'} of {whole}")
 
@@ -335,9 +336,9 @@ def _placement_text(placement: Any) -> str:
     """Shard(dim=0), Replicate(), Partial(reduce_op='sum'), from a placement's record."""
     if not isinstance(placement, PickledObject):
         return "?"
-    plain = {k: v for k, v in _state_fields(placement.state).items()
-             if isinstance(k, str) and isinstance(v, (int, str, bool))}
-    return f"{placement.class_path.rsplit('.', 1)[-1]}({', '.join(f'{k}={v!r}' for k, v in plain.items())})"
+    plain = [f"{k[:20]}={v!r:.20}" for k, v in _state_fields(placement.state).items()
+             if isinstance(k, str) and isinstance(v, (int, str, bool))]
+    return f"{placement.class_path.rsplit('.', 1)[-1]}({', '.join(plain[:4])})"
 
 
 def _rebuild_device_tensor_from_cpu_tensor(data: Any, dtype: Any, device: Any, requires_grad: Any) -> Any:
@@ -597,7 +598,7 @@ class SafeUnpickler(pickle.Unpickler):
         self._storage_for = storage_for
         if persistent_load is not None:
             # what the C unpickler calls for each persistent id, in place of the method: a reader's own
-            # resolver of its common ids saves a Python call per tensor (see `storage_reference`)
+            # resolver of its common ids saves a Python call per tensor (see torch_pickle.parse_torch_zip)
             pickle.Unpickler.persistent_load.__set__(self, persistent_load)  # type: ignore[attr-defined]
         self.imports: Counter[str] = Counter()
         self.allowed_named: set[str] = set()  # allow-listed globals the pickle names (see readers/weights_only.py)
