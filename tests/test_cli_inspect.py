@@ -100,6 +100,18 @@ def test_tensors_table_is_aligned_with_totals(capsys: pytest.CaptureFixture[str]
     assert lines[-1].startswith(f"{len(body):,} tensors, {total_params:,} elements")
 
 
+def test_a_very_long_name_is_shortened_in_tables_and_whole_in_json(capsys: pytest.CaptureFixture[str],
+                                                                   tmp_path: Path) -> None:
+    long_name = "block." + "x" * 5000 + ".weight"
+    path = tmp_path / "long.pt"
+    torch.save({long_name: torch.ones(2), "fc.bias": torch.zeros(3)}, path)
+    assert main(["tensors", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(map(len, lines)) < 220 and lines[2].startswith("block.xxx") and ".weight  [2]" in lines[2]
+    assert main(["tensors", "--json", str(path)]) == 0
+    assert [item["name"] for item in json.loads(capsys.readouterr().out)] == [long_name, "fc.bias"]
+
+
 def test_info_text_names_sections(capsys: pytest.CaptureFixture[str], tmp_path: Path, trained_cnn: SmallCNN) -> None:
     path = tmp_path / "train.pt"
     optimizer = torch.optim.SGD(trained_cnn.parameters(), lr=0.1)

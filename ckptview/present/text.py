@@ -39,6 +39,11 @@ def shape_text(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
+# A cell longer than this is shortened in its middle: one 5,000-character tensor name (a crafted file)
+# made every row of the table 5,000 columns wide. `--json` keeps every name whole.
+CELL_LIMIT = 160
+
+
 def text_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], *, align_right: Sequence[int] = ()) -> str:
     """An aligned plain-text table; columns listed in `align_right` (indices) are right-aligned."""
     # column by column, so a million-row table (statistics of a million tensors) costs a few calls per
@@ -47,7 +52,10 @@ def text_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], *, align_r
     for index, cells in enumerate(columns):
         # cells hold names from files: escaped, so a name cannot move the cursor or add lines
         if not "".join(cells).isprintable():
-            columns[index] = [printable(cell) for cell in cells]
+            columns[index] = cells = [printable(cell) for cell in cells]
+        if max(map(len, cells)) > CELL_LIMIT:
+            columns[index] = [cell if len(cell) <= CELL_LIMIT else f"{cell[:100]}…{cell[-(CELL_LIMIT - 101):]}"
+                              for cell in cells]
     widths = [max(map(len, cells)) for cells in columns]
     # padded a column at a time and joined per row, not one str.format per row: format parses its
     # template again on every call (1.5 of the 2 s a million rows took)
