@@ -491,6 +491,10 @@ def test_dtensor_state_dict_lists_each_local_part(tmp_path: Path) -> None:
         assert ckptview.stats(ckpt, progress=False)["weight"].max == reference["weight"].to_local().max().item()
     assert main(["scan", str(path)]) == 0
     assert main(["tensors", str(path)]) == 0
+    # into the whole model: a shard no fix of names makes whole, said so
+    report = ckptview.doctor(path, lambda: nn.Linear(4, 6))
+    assert [fix.kind for fix in report.fixes] == ["dtensor_shards"] and not report.loads_after_fix
+    assert "weight: [3, 4] here, [6, 4] in the model; DTensor Shard(dim=0) of [6, 4]" in report.fixes[0].description
     from ckptview.ui import explore
 
     panel = explore(path).select("Tensors")

@@ -31,6 +31,7 @@ from ckptview.analyzers.keydiff import QUANTIZED_DTYPES, KeyDiff, Spec, compress
 from ckptview.analyzers.sections import Section
 from ckptview.model_source import ModelSpec, build_model, expected_state, meta_twin
 from ckptview.readers.model import TensorEntry
+from ckptview.readers.unpickler import DTENSOR
 
 __all__ = ["Fix", "Diagnosis", "FixedStateDict", "diagnose", "doctor"]
 
@@ -57,11 +58,11 @@ class Fix:
 
     Attributes:
         kind: `section`, `strip_prefix`, `add_prefix`, `drop_wrapper_parts`, `rename`, `tied_weights`,
-            `num_batches_tracked`, `transpose`, `dequantize`, `drop_unexpected`, `head`, `missing`, or
-            `sharded_placeholders`.
+            `num_batches_tracked`, `transpose`, `dequantize`, `drop_unexpected`, `head`, `missing`,
+            `sharded_placeholders` or `dtensor_shards`.
         description: what is wrong, why, and what the code does.
-        code: Python from `state_dict` to `state_dict`; for `sharded_placeholders`, the commands to
-            consolidate the shards (it cannot be applied to this file).
+        code: Python from `state_dict` to `state_dict`; for `sharded_placeholders` and `dtensor_shards`,
+            the commands to consolidate the shards (it cannot be applied to this file).
         keys: the keys concerned (checkpoint keys before the fix, or model keys for missing ones).
         applicable: False when the code cannot repair this file (it is advice, left out of `Diagnosis.code`).
         leaves_missing: model keys deliberately left out: load with `strict=False`, these stay as initialised.
@@ -315,7 +316,8 @@ def diagnose(entries: Mapping[str, Any], model: ModelSpec, *, section: Section |
             if fix is not None:
                 fixes.append(fix)
                 current = _simulate(fix.code, current)
-        fixes.extend(_leftover_fixes(current, target, module))
+        shards = _dtensor_fix(entries, key_diff(current, target))
+        fixes.extend([shards] if shards is not None else _leftover_fixes(current, target, module))
     applicable = [fix for fix in fixes if fix.applicable]
     leaves_missing = tuple(key for fix in applicable for key in fix.leaves_missing)
     code = _combine([fix.code for fix in applicable])
@@ -325,9 +327,9 @@ def diagnose(entries: Mapping[str, Any], model: ModelSpec, *, section: Section |
     pending = {key: _Pending(*spec_of(value), entry=value) for key, value in entries.items()}
     values = _run(_combine([fix.code for fix in applicable if fix.kind != "section"]), pending)
     after = key_diff(values, target)
-    placeholders = any(not fix.applicable for fix in fixes)
-    loads, load_error = (False, "the checkpoint holds sharded placeholders; consolidate it first") if placeholders \
-        else _try_load(module, values, leaves_missing)
+    sharded = any(not fix.applicable for fix in fixes)
+    loads, load_error = (False, "the checkpoint holds one rank's shards of its tensors; consolidate them first") \
+        if sharded else _try_load(module, values, leaves_missing)
     return Diagnosis(before=before, after=after, fixes=tuple(fixes), code=code,
                      loads_after_fix=loads, strict=loads and not leaves_missing, leaves_missing=leaves_missing,
                      load_error=load_error, _values=values)
@@ -794,6 +796,34 @@ def _leftover_fixes(current: dict[str, Spec], target: dict[str, Spec], model: nn
             leaves_missing=keys,
         ))
     return fixes
+
+
+def _dtensor_fix(entries: Mapping[str, Any], diff: KeyDiff) -> Fix | None:
+    """
+    Shape mismatches in a file of DTensors (FSDP2, tensor parallel, saved with torch.save on each
+    rank): the file holds one rank's part of each tensor, which no renaming or reshaping makes whole.
+    """
+    shards = {key: value.info.note for key, value in entries.items()
+              if isinstance(value, TensorEntry) and value.info.subclass == DTENSOR}
+    if not shards or not diff.shape_mismatches:
+        return None
+    example = next((m for m in diff.shape_mismatches if m.key in shards), diff.shape_mismatches[0])
+    return Fix(
+        "dtensor_shards",
+        f"{len(shards)} of {len(entries)} tensors are DTensors, of which this file holds one rank's part (e.g. "
+        f"{example.key}: {list(example.left)} here, {list(example.right)} in the model"
+        + (f"; {shards[example.key]}" if example.key in shards else "") + "): it was saved with torch.save from "
+        "an FSDP2 or tensor-parallel model. Load it into the model sharded the same way on the same number of "
+        "ranks, or gather full tensors first: on every rank, get_model_state_dict with "
+        "StateDictOptions(full_state_dict=True) and save rank 0's; or save with torch.distributed.checkpoint and "
+        "convert with dcp_to_torch_save",
+        "# on every rank, the model sharded as when it was saved:\n"
+        "from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict\n"
+        "state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))\n"
+        "# rank 0 now holds full tensors: torch.save(state_dict, \"full.pt\")",
+        keys=tuple(shards),
+        applicable=False,
+    )
 
 
 def _placeholder_fix(placeholders: list[Any], total: int) -> Fix:

@@ -289,11 +289,11 @@ def _unsupported(kind: str) -> Callable[..., TensorInfo]:
     return rebuild
 
 
-_DTENSOR = "torch.distributed.tensor.DTensor"
+DTENSOR = "torch.distributed.tensor.DTensor"
 
 
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
-    if getattr(new_type, "class_path", None) == _DTENSOR:
+    if getattr(new_type, "class_path", None) == DTENSOR:
         fields = _state_fields(state)
         if isinstance(fields.get("_local_tensor"), TensorInfo):
             return _dtensor(args, fields)
@@ -328,7 +328,7 @@ def _dtensor(args: Any, state: dict[str, Any]) -> TensorInfo:
     placements = _state_fields(spec.state).get("placements", ()) if isinstance(spec, PickledObject) else ()
     placed = (", ".join(_placement_text(p) for p in placements[:4]) + (", ..." if len(placements) > 4 else "")
               if isinstance(placements, (tuple, list)) else "?")
-    return local.with_flags(subclass=_DTENSOR, requires_grad=bool(state.get("requires_grad", local.requires_grad)),
+    return local.with_flags(subclass=DTENSOR, requires_grad=bool(state.get("requires_grad", local.requires_grad)),
                             note=f"DTensor {placed or 'placements unknown'} of {whole}")
 
 
