@@ -290,13 +290,6 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
 
     new, fill, new_ref = object.__new__, object.__setattr__, tuple.__new__
 
-    def storage(key: str, nbytes: int, location: str) -> Storage:
-        # Storage(key, source, -1, nbytes, location, byteorder, locate), without its __init__'s frame
-        made = new(Storage)
-        fill(made, "__dict__", {"key": key_prefix + key, "source": source, "offset": -1, "nbytes": nbytes,
-                                "location": location, "byteorder": byteorder, "locate": locate})
-        return made
-
     def storage_for(dtype: str, key: str, location: str, numel: int, view_metadata: Any) -> Storage:
         member = members.get(data_folder + key)
         if member is None:
@@ -311,7 +304,7 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
             raise CorruptCheckpointError(path, f"storage {key!r} should hold {nbytes:,} bytes but its archive "
                                                f"member has {member.file_size:,}: the file is damaged. Re-save it.")
         header_offsets[key] = member.header_offset
-        return storage(key, nbytes, location)
+        return Storage(key_prefix + key, source, -1, nbytes, location, byteorder, locate)
 
     def persistent_load(saved_id: Any) -> Any:
         """
@@ -328,7 +321,12 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
                 nbytes = numel * (ITEMSIZE.get(dtype) or itemsize(dtype))
                 if member is not None and member.compress_type == STORED and member.file_size >= nbytes:
                     header_offsets[key] = member.header_offset
-                    return new_ref(StorageRef, (storage(key, nbytes, location), dtype))
+                    # what storage_for returns, made without Storage.__init__'s frame
+                    storage = new(Storage)
+                    fill(storage, "__dict__", {"key": key_prefix + key, "source": source, "offset": -1,
+                                               "nbytes": nbytes, "location": location, "byteorder": byteorder,
+                                               "locate": locate})
+                    return new_ref(StorageRef, (storage, dtype))
         return resolve_persistent_id(saved_id, storage_for)
 
     data = checked_member_bytes(read, members[prefix + "data.pkl"], path)
