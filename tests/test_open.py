@@ -299,3 +299,22 @@ def test_cuda_saved_locations_are_reported_and_load_on_cpu(tmp_path: Path) -> No
         entry = ckpt.tensor("w")
         assert entry.device == "cuda:7"
         assert torch.equal(entry.load(), torch.arange(6.0))
+
+
+def test_a_finalized_source_never_closes_a_descriptor_twice(tmp_path: Path) -> None:
+    """A reference cycle's collection runs FileSource.__del__ before an explorer's finalizer closes the
+    checkpoint: that close must not close the number again, by then another file's descriptor."""
+    from ckptview.readers.model import FileSource
+
+    first, second = tmp_path / "a.bin", tmp_path / "b.bin"
+    first.write_bytes(b"first")
+    second.write_bytes(b"second")
+    source = FileSource(first)
+    assert source.read(0, 5) == b"first"
+    source.__del__()
+    other = os.open(second, os.O_RDONLY)  # the lowest free number: the one the source just released
+    try:
+        source.close()
+        assert os.pread(other, 6, 0) == b"second"
+    finally:
+        os.close(other)

@@ -168,9 +168,13 @@ class FileSource:
     def __del__(self) -> None:
         # A reader that refuses a file has no Checkpoint to close it through; without this every
         # refused file kept a descriptor, and a long-lived kernel ran out of them (the fuzzer's
-        # 20,000th input could no longer open anything).
-        if self._fd is not None:
-            os.close(self._fd)
+        # 20,000th input could no longer open anything). The descriptor is forgotten as it is closed:
+        # a collection of a reference cycle runs this before the cycle's other finalizers, and an
+        # explorer's, closing its checkpoint after, closed the number again (EBADF at a kernel's exit,
+        # or another file's descriptor, had the number been reused in between).
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 class MemorySource:
