@@ -318,3 +318,31 @@ def test_a_finalized_source_never_closes_a_descriptor_twice(tmp_path: Path) -> N
         assert os.pread(other, 6, 0) == b"second"
     finally:
         os.close(other)
+
+
+def test_safetensors_the_crate_refuses_is_listed_and_said_so(tmp_path: Path) -> None:
+    """Bytes after the last tensor, or a gap between two: safetensors.load_file refuses the file, ckptview
+    lists it (each tensor's bytes are where its offsets say) and `info` says load_file will refuse it."""
+    import json
+    import struct
+
+    from safetensors.torch import load_file
+
+    fine = tmp_path / "fine.safetensors"
+    save_file({"empty": torch.empty(0), "w": torch.arange(4.0), "none": torch.empty(2, 0)}, fine)
+    trailing = tmp_path / "trailing.safetensors"
+    trailing.write_bytes(fine.read_bytes() + bytes(100))
+    gap = tmp_path / "gap.safetensors"
+    raw = json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                      "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}).encode()
+    gap.write_bytes(struct.pack("<Q", len(raw)) + raw + struct.pack("<3f", 1.0, 2.0, 3.0))
+    load_file(fine)
+    for path, said, name, values in ((trailing, "runs 100 bytes past its last tensor", "w", [0.0, 1.0, 2.0, 3.0]),
+                                     (gap, "no tensor covers bytes 4 to 8", "b", [3.0])):
+        with pytest.raises(Exception, match="not fully covered|invalid offset"):
+            load_file(path)
+        with ckptview.open(path) as ckpt:
+            assert said in ckpt.details["load_file"]
+            assert ckpt.tensor(name).load().tolist() == values
+    with ckptview.open(fine) as ckpt:
+        assert "load_file" not in ckpt.details

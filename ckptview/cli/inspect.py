@@ -370,9 +370,9 @@ def _scan_record(ckpt: Checkpoint) -> dict[str, Any]:
 
 
 def _safe_loader_obstacle(details: Mapping[str, Any]) -> str:
-    """Why the format's own safe loader (torch.load(weights_only=True), numpy.load) refuses a file that
-    needs no foreign code; "" when it loads it."""
-    return details.get("weights_only") or details.get("allow_pickle") or ""
+    """Why the format's own safe loader (torch.load(weights_only=True), numpy.load, safetensors'
+    load_file) refuses a file that needs no foreign code; "" when it loads it."""
+    return details.get("weights_only") or details.get("allow_pickle") or details.get("load_file") or ""
 
 
 def _damaged_scan_record(path: str, error: CkptviewError) -> dict[str, Any]:

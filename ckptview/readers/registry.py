@@ -324,9 +324,10 @@ FORMATS: list[Format] = [
                 "beside it; torch's own DTensor classes are not counted as foreign code"),
            )),
     Format("safetensors", "safetensors files", _is_safetensors, "ckptview.readers.safetensors_file:read_safetensors", (
-        ("safetensors", "JSON header only, checked (offsets in range, no overlaps, sizes match shapes); every dtype "
-                        "the crate writes (F8 FNUZ and E8M0; F4 as torch's `float4_e2m1fn_x2`, as safetensors loads "
-                        "it; F6, which torch has no dtype for, listed as encoded bytes)"),
+        ("safetensors", "JSON header only, checked (offsets in range, no overlaps, sizes match shapes, no key "
+                        "repeated); every dtype the crate writes (F8 FNUZ and E8M0; F4 as torch's `float4_e2m1fn_x2`, "
+                        "as safetensors loads it; F6, which torch has no dtype for, listed as encoded bytes); a file "
+                        "`load_file` would refuse (a gap, bytes after the last tensor) is listed and `info` says so"),
     )),
     Format("torch-legacy", "legacy torch.save files and plain pickles", _is_pickle,
            "ckptview.readers.torch_pickle:read_pickle_stream", (

@@ -237,8 +237,31 @@ def read_safetensors(path: str, size: int, *, trust: bool) -> Checkpoint:
     # it parses the JSON a second time, 3-4 s of a million-tensor file's open, and ckptview's checks
     # decide anyway where the two disagree.)
     layout, metadata, data_start = _checked(source, path, size)
+    refusal = load_file_refusal(layout, size - data_start)
     return Checkpoint(path, "safetensors", LazyRoot(lambda: _records(source, path, layout, data_start)),
-                      file_size=size, sources=[source], metadata=metadata, trust=trust)
+                      file_size=size, sources=[source], metadata=metadata, trust=trust,
+                      details={"load_file": refusal} if refusal else None)
+
+
+def load_file_refusal(layout: Layout, data_len: int) -> str:
+    """
+    Why the safetensors crate refuses a header ckptview reads: it wants the tensors' bytes to tile the
+    data region exactly, from its first byte to the file's end. ckptview lists such a file (each
+    tensor's bytes are where its offsets say) and says what `load_file` will make of it; "" when
+    it loads it.
+    """
+    begins = list(map(layout.begins.__getitem__, layout.order))
+    ends = list(map(layout.ends.__getitem__, layout.order))
+    if begins[:1] in ([], [0]) and begins[1:] == ends[:-1] and (ends[-1] if ends else 0) == data_len:
+        return ""
+    covered = 0
+    for index in layout.order:  # only for a file that fails: where the first gap is
+        if layout.begins[index] != covered:
+            return (f"safetensors.load_file refuses it (\"invalid offset\"): no tensor covers bytes {covered:,} to "
+                    f"{layout.begins[index]:,} of its data, before tensor {printable(layout.names[index])!r}")
+        covered = layout.ends[index]
+    return (f"safetensors.load_file refuses it (\"file not fully covered\"): its data region runs "
+            f"{data_len - covered:,} bytes past its last tensor (appended to, or cut from a larger file)")
 
 
 def _checked(source: FileSource, path: str, size: int) -> tuple[Layout, dict[str, str], int]:
