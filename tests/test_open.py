@@ -328,6 +328,9 @@ def test_safetensors_the_crate_refuses_is_listed_and_said_so(tmp_path: Path) -> 
 
     from safetensors.torch import load_file
 
+    from ckptview.present.frames import summary
+    from ckptview.present.html import header_html
+
     fine = tmp_path / "fine.safetensors"
     save_file({"empty": torch.empty(0), "w": torch.arange(4.0), "none": torch.empty(2, 0)}, fine)
     trailing = tmp_path / "trailing.safetensors"
@@ -344,5 +347,6 @@ def test_safetensors_the_crate_refuses_is_listed_and_said_so(tmp_path: Path) -> 
         with ckptview.open(path) as ckpt:
             assert said in ckpt.details["load_file"]
             assert ckpt.tensor(name).load().tolist() == values
+            assert "loading: safetensors.load_file refuses it" in header_html(summary(ckpt))  # the explorer's header
     with ckptview.open(fine) as ckpt:
         assert "load_file" not in ckpt.details

@@ -19,6 +19,7 @@ from ckptview.errors import CkptviewError, printable
 from ckptview.present.text import human_bytes, human_count, shape_text, text_table
 from ckptview.readers import code_verdict_only
 from ckptview.readers.model import ROOT_NAME, Checkpoint, PickleImport, TensorEntry, TensorInfo, dotted_name
+from ckptview.readers.weights_only import safe_loader_obstacle
 
 EXIT_NEEDS_CODE = 3
 
@@ -248,7 +249,7 @@ def _safety_line(data: dict[str, Any]) -> str:
         return f"needs foreign code to load: {names}{more} (run `ckptview scan` for the list)"
     if data["format"] == "torchscript":
         return "TorchScript: torch.jit.load runs the archive's code"
-    obstacle = _safe_loader_obstacle(data["details"])
+    obstacle = safe_loader_obstacle(data["details"])
     if obstacle:
         return f"none needed, but {obstacle}"
     if data["format"].startswith("torch"):
@@ -351,7 +352,7 @@ def scan(args: argparse.Namespace) -> int:
         elif ckpt.format == "torchscript":
             print(f"{printable(ckpt.path)}: a TorchScript archive; torch.jit.load runs its code ({len(code_files)} files: "
                   + ", ".join(code_files[:5]) + ")")
-        elif obstacle := _safe_loader_obstacle(ckpt.details):  # no code, yet the format's safe loader refuses it
+        elif obstacle := safe_loader_obstacle(ckpt.details):  # no code, yet the format's safe loader refuses it
             print(f"{printable(ckpt.path)}: needs no foreign code ({ckpt.format}); {obstacle}")
         else:
             print(f"{printable(ckpt.path)}: needs no foreign code ({ckpt.format}); safe to load with torch.load(weights_only=True)"
@@ -367,12 +368,6 @@ def _scan_record(ckpt: Checkpoint) -> dict[str, Any]:
             "weights_only": ckpt.details.get("weights_only"),
             # .npy/.npz: whether numpy.load needs allow_pickle=True (it holds object arrays)
             "allow_pickle": bool(ckpt.details.get("allow_pickle"))}
-
-
-def _safe_loader_obstacle(details: Mapping[str, Any]) -> str:
-    """Why the format's own safe loader (torch.load(weights_only=True), numpy.load, safetensors'
-    load_file) refuses a file that needs no foreign code; "" when it loads it."""
-    return details.get("weights_only") or details.get("allow_pickle") or details.get("load_file") or ""
 
 
 def _damaged_scan_record(path: str, error: CkptviewError) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import pandas as pd
 from ckptview.analyzers.sections import Section, find_sections
 from ckptview.errors import CkptviewError
 from ckptview.readers.model import Checkpoint, PickledObject, TensorInfo, children_of
+from ckptview.readers.weights_only import safe_loader_obstacle
 
 # Sections whose values are shown inline: small scalars a person wants to read at a glance.
 _VALUE_SECTIONS = ("progress", "hyper_parameters", "metadata", "callbacks", "loops", "scheduler", "grad_scaler")
@@ -40,6 +41,7 @@ class Summary:
     shards: tuple[tuple[str, int], ...] = ()  # a sharded set's files and their sizes, in the index's order
     config: tuple[tuple[str, str], ...] = ()  # what the config.json beside a sharded set says, as (label, value)
     declared_bytes: int | None = None  # the index's metadata.total_size
+    loader_obstacle: str = ""  # why the format's own safe loader refuses a file that needs no foreign code
 
     @property
     def safety_text(self) -> str:
@@ -73,6 +75,7 @@ def summary(ckpt: Checkpoint) -> Summary:
         shards=tuple((str(k), int(v)) for k, v in sizes.items()),
         config=config_facts(ckpt.details.get("config"), ckpt.parameter_count),
         declared_bytes=int(declared) if isinstance(declared, str) and declared.isdigit() else None,
+        loader_obstacle=safe_loader_obstacle(ckpt.details),
     )
 
 

@@ -124,6 +124,8 @@ def header_html(facts: Summary) -> str:
         f"<span class='ckptview-badge {badge_class}' title='{esc(', '.join(facts.imports))}'>"
         f"{esc(facts.safety_text)}</span></div>"
         f"<div class='ckptview-muted' style='margin-left:0'>{esc(facts.path)}</div>"
+        + (f"<div class='ckptview-muted' style='margin-left:0'>loading: {esc(facts.loader_obstacle)}</div>"
+           if facts.loader_obstacle and not facts.needs_code else "")
         + _set_html(facts)
     )
 
