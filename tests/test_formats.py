@@ -504,6 +504,18 @@ def test_dtensor_state_dict_lists_each_local_part(tmp_path: Path) -> None:
     assert "DTensor Shard(dim=0) of [6, 4]" in panel.detail.value
     from test_hostile_round2 import assert_scan_covers_torch
 
+    # as torch 2.4 and earlier named it: listed the same way, its (now unregistered) names foreign
+    old = tmp_path / "rank0_torch24.pt"
+    with zipfile.ZipFile(path) as archive, zipfile.ZipFile(old, "w") as out:
+        for member in archive.namelist():
+            data = archive.read(member)
+            if member.endswith("data.pkl"):
+                data = data.replace(b"ctorch.distributed.tensor\nDTensor\n", b"ctorch.distributed._tensor.api\nDTensor\n")
+            out.writestr(member, data)
+    with ckptview.open(old) as ckpt:
+        assert ckpt.tensor("weight").info.note == "DTensor Shard(dim=0) of [6, 4]"
+        assert "torch.distributed._tensor.api.DTensor" in {imp.name for imp in ckpt.pickle_imports}
+
     assert assert_scan_covers_torch(path) == "safe"  # what torch.load looks up beyond them: none
 
 

@@ -290,10 +290,13 @@ def _unsupported(kind: str) -> Callable[..., TensorInfo]:
 
 
 DTENSOR = "torch.distributed.tensor.DTensor"
+# where torch 2.4 and earlier kept it (torch.distributed._tensor.api): listed alike, though foreign to
+# torch's weights-only loader today, which registers only the new name
+_DTENSOR_CLASSES = frozenset({DTENSOR, "torch.distributed._tensor.api.DTensor"})
 
 
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
-    if getattr(new_type, "class_path", None) == DTENSOR:
+    if getattr(new_type, "class_path", None) in _DTENSOR_CLASSES:
         fields = _state_fields(state)
         if isinstance(fields.get("_local_tensor"), TensorInfo):
             return _dtensor(args, fields)
