@@ -106,6 +106,11 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, type[CkptviewError], str]]:
     cases["gzip"] = (gzipped, UnsupportedFormatError,
                      "this is a gzip-compressed file, not a checkpoint: decompress it \\(gunzip\\) and open the result\\.$")
 
+    zeros = tmp / "preallocated.safetensors"
+    zeros.write_bytes(bytes(10_000))
+    cases["zero-filled"] = (zeros, UnsupportedFormatError, "zero bytes throughout its first 4,096 .*, not a checkpoint: "
+                                                           "download or copy it again\\.$")
+
     lfs = tmp / "lfs.bin"
     lfs.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
     cases["git lfs pointer"] = (lfs, UnsupportedFormatError, "a Git LFS pointer.*git lfs pull")

@@ -36,6 +36,9 @@ def describe(head: bytes) -> tuple[str, str]:
     for magic, what, todo in _NOT_CHECKPOINTS:
         if head.startswith(magic):
             return what, todo
+    if not head.strip(b"\x00"):
+        return (f"zero bytes throughout its first {len(head):,} (space a download or copy reserved but never wrote)",
+                "download or copy it again")
     if len(head) > 262 and head[257:262] == b"ustar":
         return ("a tar archive (the pre-1.0 torch.save tar format, or a packed directory)",
                 "extract it, or load it once with torch.load in a trusted environment and re-save it with torch.save")
