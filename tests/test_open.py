@@ -350,3 +350,11 @@ def test_safetensors_the_crate_refuses_is_listed_and_said_so(tmp_path: Path) -> 
             assert "loading: safetensors.load_file refuses it" in header_html(summary(ckpt))  # the explorer's header
     with ckptview.open(fine) as ckpt:
         assert "load_file" not in ckpt.details
+
+
+def test_a_path_from_the_home_folder_opens_as_typed_in_a_notebook(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    torch.save({"w": torch.ones(2)}, tmp_path / "model.pt")
+    with ckptview.open("~/model.pt") as ckpt:
+        assert ckpt.path == str(tmp_path / "model.pt") and ckpt.tensor("w").shape == (2,)

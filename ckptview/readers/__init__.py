@@ -66,6 +66,9 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False, shard_
         from ckptview.readers.remote import open_remote
 
         return open_remote(path, trust=trust)
+    if path.startswith("~") and not os.path.lexists(path):
+        # "~/models/x.pt" typed in a notebook: no shell expands it there (a folder really named "~" wins)
+        path = os.path.expanduser(path)
     try:
         info = os.stat(path)
     except FileNotFoundError:
