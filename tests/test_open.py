@@ -358,3 +358,5 @@ def test_a_path_from_the_home_folder_opens_as_typed_in_a_notebook(tmp_path: Path
     torch.save({"w": torch.ones(2)}, tmp_path / "model.pt")
     with ckptview.open("~/model.pt") as ckpt:
         assert ckpt.path == str(tmp_path / "model.pt") and ckpt.tensor("w").shape == (2,)
+    with ckptview.open(os.fsencode(tmp_path / "model.pt")) as ckpt:  # a bytes path, as open() takes
+        assert ckpt.tensor("w").shape == (2,)

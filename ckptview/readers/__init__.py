@@ -61,7 +61,7 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False, shard_
     """`ckptview.open`. `shard_of` names the index a shard is opened for: a shard must be a
     checkpoint file itself (not a folder or another index), and messages about it never quote
     its content, since the user did not name it."""
-    path = os.fspath(path)
+    path = os.fsdecode(path)  # a bytes path too, as open() takes one
     if is_url(path):
         from ckptview.readers.remote import open_remote
 
