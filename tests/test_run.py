@@ -311,6 +311,17 @@ def test_timeline_text_writes_steps_whole_and_huge_figures_short(tmp_path: Path,
     assert "1234567" in rows[0] and "2469134" in rows[1] and "5.237e+30 w" in rows[1]
 
 
+def test_timeline_says_what_not_moving_means(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It said "relative change below 0" of a layer whose changes were all exactly 0."""
+    for epoch in (1, 2, 3, 4):
+        torch.save({"model": {"fc.weight": torch.ones(4), "head.weight": torch.full((2,), float(epoch))},
+                    "epoch": epoch}, tmp_path / f"epoch_{epoch}.pt")
+    assert main(["timeline", str(tmp_path), "--no-cache"]) == 0
+    out = capsys.readouterr().out
+    assert "fc: never moved (last relative change 0; under 1e-07 counts as not moving)" in out
+    assert "head:" not in out
+
+
 def test_a_module_with_no_finite_value_has_no_norm_and_no_change(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """Every weight NaN (a diverged run) was weight_norm 0 and change 0: a layer said to have stopped."""

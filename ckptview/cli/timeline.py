@@ -85,12 +85,15 @@ def render_timeline(summary: RunSummary) -> str:
                      f"{onset.nan_count:,} NaN, {onset.inf_count:,} Inf in {shown}")
     else:
         lines.append("no NaN or Inf in any checkpoint")
+    from ckptview.analyzers.run import STOPPED_BELOW, describe_skipped
+
     for stopped in summary.stopped:
         what = "never moved" if stopped.never_moved else f"stopped moving after {os.path.basename(stopped.since)}"
-        lines.append(f"{stopped.module}: {what} (relative change below {_num(stopped.last_change) or 0})")
+        # the figure said "relative change below 0" of a module whose changes were all exactly 0
+        lines.append(f"{stopped.module}: {what} (last relative change {_num(stopped.last_change)}; under "
+                     f"{STOPPED_BELOW:g} counts as not moving)")
     for alias in summary.aliases:
         lines.append(f"{os.path.basename(alias.path)}: {alias.note}")
-    from ckptview.analyzers.run import describe_skipped
 
     for line in describe_skipped(summary.skipped):
         lines.append(f"skipped {line}")
