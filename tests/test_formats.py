@@ -95,6 +95,32 @@ def test_optimizer_state_maps_to_parameter_names(tmp_path: Path, cnn: SmallCNN, 
                                   torch.optim.AdamW: "AdamW"}[optimizer_class]
 
 
+@pytest.mark.parametrize(("optimizer_class", "kind"), [
+    (torch.optim.Adafactor, "Adafactor"), (torch.optim.LBFGS, "LBFGS"), (torch.optim.Rprop, "Rprop"),
+    (torch.optim.Adamax, "Adamax"), (torch.optim.ASGD, "ASGD")])
+def test_less_common_optimizers_are_named_and_mapped(tmp_path: Path, cnn: SmallCNN, optimizer_class: type,
+                                                     kind: str) -> None:
+    """Adafactor factors a matrix's second moment (row_var [m, 1], col_var [1, n]) and LBFGS keeps one flat
+    state for all its parameters: neither's shapes are the parameters', and both read as "the optimizer may
+    belong to another model"; each is named by what its state holds."""
+    optimizer = optimizer_class(cnn.parameters(), lr=0.01)
+
+    def loss() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = cnn(torch.randn(2, 3, 8, 8)).square().sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    path = tmp_path / "opt.pt"
+    torch.save({"model": cnn.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    with ckptview.open(path) as ckpt:
+        (opt,) = training_state(ckpt).optimizers
+    assert opt.optimizer_kind.startswith(kind) and opt.mapping == "order"
+    assert [p.name for p in opt.params] == [name for name, _ in cnn.named_parameters()]
+    assert "another model" not in opt.mapping_note
+
+
 def test_frozen_layers_mapped_by_order_and_shape(tmp_path: Path, cnn: SmallCNN) -> None:
     for parameter in cnn.conv1.parameters():
         parameter.requires_grad_(False)

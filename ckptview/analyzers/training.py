@@ -247,7 +247,10 @@ def _groups_and_names(node: Any, parameters: list[TensorEntry]) -> tuple[list[Pa
     # ids are ints in torch.save files but strings once DCP has flattened the state to paths
     state = {str(k): v for k, v in (node.get("state") or {}).items()} if isinstance(node.get("state"), Mapping) else {}
     ordered_ids = [pid for g in groups for pid in g.param_ids]
-    state_shapes = {pid: _state_shape(state.get(str(pid))) for pid in ordered_ids}
+    # LBFGS keeps one state for all its parameters, as flat vectors, under the first: its shapes say
+    # nothing of any one parameter (they read as "another model's optimizer")
+    flat = any(isinstance(entry, Mapping) and _LBFGS_KEYS <= entry.keys() for entry in state.values())
+    state_shapes = {pid: None if flat else _state_shape(state.get(str(pid))) for pid in ordered_ids}
     names, mapping, note = _map_names(groups, ordered_ids, state_shapes, parameters)
     return groups, state, ordered_ids, names, mapping, note
 
@@ -270,11 +273,18 @@ def _optimizer(checkpoint: Checkpoint, section: Section, parameters: list[Tensor
 
 def _state_shape(entry: Any) -> tuple[int, ...] | None:
     """The parameter's shape as its optimizer state shows it (moments have the parameter's shape)."""
+    rows, cols = (entry.get("row_var"), entry.get("col_var")) if isinstance(entry, Mapping) else (None, None)
+    if isinstance(rows, TensorInfo) and isinstance(cols, TensorInfo) and len(rows.shape) == len(cols.shape) >= 2:
+        # Adafactor factors a matrix's second moment: rows [..., m, 1] and columns [..., 1, n] of an [..., m, n]
+        return (*rows.shape[:-1], cols.shape[-1])
     if isinstance(entry, Mapping):
         for key, value in entry.items():
             if key != "step" and isinstance(value, TensorInfo) and value.shape:
                 return value.shape
     return None
+
+
+_LBFGS_KEYS = frozenset({"func_evals", "n_iter"})
 
 
 def _optimizer_kind(state: Any, groups: Sequence[ParamGroup] = ()) -> str:
@@ -284,6 +294,16 @@ def _optimizer_kind(state: Any, groups: Sequence[ParamGroup] = ()) -> str:
         decoupled = {g.options.get("decoupled_weight_decay") for g in groups}
         kind = "AdamW" if decoupled == {True} else "Adam" if decoupled == {False} else "Adam/AdamW"
         return kind + (" (amsgrad)" if "max_exp_avg_sq" in keys else "")
+    if "exp_inf" in keys:
+        return "Adamax"
+    if _LBFGS_KEYS <= keys:
+        return "LBFGS (one state for all parameters, as flat vectors, kept under the first)"
+    if {"row_var", "col_var"} & keys or keys == {"step", "variance"}:
+        return "Adafactor"
+    if {"prev", "step_size"} <= keys:
+        return "Rprop"
+    if {"eta", "mu", "ax"} <= keys:
+        return "ASGD"
     if "momentum_buffer" in keys:
         return "SGD with momentum"
     if "square_avg" in keys:
