@@ -545,6 +545,26 @@ def test_dtensor_state_dict_lists_each_local_part(tmp_path: Path) -> None:
     assert assert_scan_covers_torch(path) == "safe"  # what torch.load looks up beyond them: none
 
 
+def test_nested_jagged_tensor_is_torchs_own_not_foreign_code(tmp_path: Path) -> None:
+    """A jagged nested tensor pickles as torch.nested's NestedTensor and _rebuild_njt and torch._dynamo's
+    _DimRange, which those packages register as weights-only safe globals: listed, and not foreign."""
+    import torch._dynamo  # noqa: F401  (what torch.load(weights_only=True) needs for the reference)
+
+    jagged = torch.nested.nested_tensor([torch.arange(6.0).reshape(2, 3), torch.ones(4, 3)], layout=torch.jagged)
+    path = tmp_path / "njt.pt"
+    torch.save({"njt": jagged, "w": torch.ones(2)}, path)
+    reference = torch.load(path, weights_only=True)["njt"]
+    with ckptview.open(path) as ckpt:
+        assert not ckpt.pickle_imports
+        values = next(e for e in ckpt.tensors() if e.name.startswith("njt") and e.name.endswith("values"))
+        assert torch.equal(values.load(), reference.values())
+        assert "torch._dynamo and torch.nested are imported" in ckpt.details["weights_only"]
+    assert main(["scan", str(path)]) == 0
+    from test_hostile_round2 import assert_scan_covers_torch
+
+    assert assert_scan_covers_torch(path) == "safe"
+
+
 # --- torch.distributed.checkpoint ----------------------------------------------------------------
 
 def test_dcp_directory_listing_equals_dcp_reader(tmp_path: Path, trained_cnn: SmallCNN) -> None:

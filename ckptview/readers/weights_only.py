@@ -59,7 +59,12 @@ TORCH_SAFE_CLASSES: dict[str, str] = dict.fromkeys((  # class path -> the module
     "torch.distributed.tensor._dtensor_spec.ShardOrderEntry", "torch.distributed.tensor.placement_types.Partial",
     "torch.distributed.tensor.placement_types.Replicate", "torch.distributed.tensor.placement_types.Shard",
     "torch.distributed.tensor.placement_types._StridedShard", "torch.distributed._mesh_layout._MeshLayout",
-    "torch.distributed._mesh_layout._FlatLayout"), "torch.distributed.tensor")
+    "torch.distributed._mesh_layout._FlatLayout"), "torch.distributed.tensor") | {
+    # nested jagged tensors: their class and rebuild function, and the dynamic-size marks they carry
+    "torch.nested._internal.nested_tensor.NestedTensor": "torch.nested",
+    "torch.nested._internal.nested_tensor._rebuild_njt": "torch.nested",
+    "torch._dynamo.decorators._DimRange": "torch._dynamo",
+}
 
 
 def safe_loader_obstacle(details: Mapping[str, Any]) -> str:
@@ -78,8 +83,9 @@ def weights_only_obstacle(protocol: int | None, allowed_globals: Iterable[str]) 
     named = set(allowed_globals)
     packages = sorted({TORCH_SAFE_CLASSES[name] for name in named & TORCH_SAFE_CLASSES.keys()})
     if packages:
-        return (f"torch.load(weights_only=True) reads it only once {' and '.join(packages)} is imported: import "
-                "it before loading")
+        return (f"torch.load(weights_only=True) reads it only once {' and '.join(packages)} "
+                f"{'is' if len(packages) == 1 else 'are'} imported: import {'it' if len(packages) == 1 else 'them'} "
+                "before loading")
     refused = sorted(named & REFUSED_BY_DEFAULT)
     if refused:
         names = ", ".join(refused[:3]) + (f" and {len(refused) - 3} more" if len(refused) > 3 else "")
