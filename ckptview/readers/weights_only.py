@@ -49,10 +49,10 @@ REFUSED_BY_DEFAULT = frozenset({
 })
 
 
-# torch's own classes that its weights-only unpickler accepts once their package is imported (the
-# package adds them with torch.serialization.add_safe_globals). A pickle naming them is not foreign
-# code: ckptview's unpickler builds them as records, like any class a file names, never importing or
-# calling them; torch.load(weights_only=True) needs the package imported first.
+# torch's own classes (and one rebuild function) that its weights-only unpickler accepts once their
+# package is imported (the package adds them with torch.serialization.add_safe_globals). A pickle naming
+# them is not foreign code: ckptview's unpickler builds them as records, like any class a file names,
+# never importing or calling them; torch.load(weights_only=True) needs the package imported first.
 TORCH_SAFE_CLASSES: dict[str, str] = dict.fromkeys((  # class path -> the module torch.load needs imported first
     "torch.distributed.tensor.DTensor", "torch.distributed.device_mesh.DeviceMesh",
     "torch.distributed.tensor._dtensor_spec.DTensorSpec", "torch.distributed.tensor._dtensor_spec.TensorMeta",
