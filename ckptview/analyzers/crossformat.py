@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ckptview.readers.dtypes import UNCONVERTIBLE, dtype_name
-from ckptview.readers.model import LayerRole, TensorEntry, not_decoded, view_identity
+from ckptview.readers.model import LayerRole, TensorEntry, view_identity, without_numbers
 
 __all__ = ["HOW", "TensorMatch", "CrossFormatMatch", "match_tensors"]
 
@@ -500,8 +500,7 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _readable(value: Any) -> bool:
     if isinstance(value, TensorEntry):
-        return (value.layout not in ("unsupported", "meta") and not not_decoded(value.info)
-                and value.dtype_name not in UNCONVERTIBLE)
+        return not without_numbers(value.info)
     return isinstance(value, torch.Tensor) and dtype_name(value.dtype) not in UNCONVERTIBLE
 
 

@@ -35,10 +35,10 @@ from ckptview.readers.model import (
     TensorEntry,
     TensorInfo,
     gc_paused,
-    not_decoded,
     repeated_view,
     view_identity,
     views_beyond_their_storage,
+    without_numbers,
 )
 
 __all__ = [
@@ -367,8 +367,7 @@ def _unreadable(value: Any, beyond: set[Any]) -> bool:
         # float64 drops the imaginary parts, and two tensors differing only there read as equal
         return True
     return isinstance(value, TensorEntry) and (
-        value.layout in ("unsupported", "meta") or not_decoded(value.info) or bool(repeated_view(value.info))
-        or view_identity(value.info) in beyond)
+        without_numbers(value.info) or bool(repeated_view(value.info)) or view_identity(value.info) in beyond)
 
 
 def _views_beyond_their_storage(side: Mapping[str, Any]) -> set[Any]:

@@ -24,7 +24,7 @@ from typing import Any
 
 from ckptview.errors import CorruptCheckpointError, TensorDataError, TruncatedCheckpointError
 from ckptview.lazy import torch
-from ckptview.readers.dtypes import ITEMSIZE, dtype_name, itemsize, torch_dtype
+from ckptview.readers.dtypes import ITEMSIZE, UNCONVERTIBLE, dtype_name, itemsize, torch_dtype
 
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
 
@@ -806,6 +806,13 @@ def not_decoded(info: TensorInfo) -> bool:
     """Whether the tensor is stored in an encoding ckptview lists but does not decode (safetensors F6,
     some TFLite types): its bytes are known, its values are not."""
     return info.layout == "encoded" and info.decode is None
+
+
+def without_numbers(info: TensorInfo) -> bool:
+    """Whether the tensor's values cannot be had as numbers: no data to read (meta, unsupported layouts),
+    an encoding listed but not decoded, or a dtype torch converts to nothing else (`UNCONVERTIBLE`).
+    What statistics, diffs and plots leave out, saying so."""
+    return info.layout in ("unsupported", "meta") or not_decoded(info) or info.dtype in UNCONVERTIBLE
 
 
 def repeated_view(info: TensorInfo) -> str:

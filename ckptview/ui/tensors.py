@@ -15,8 +15,7 @@ from ckptview.analyzers.table import tensor_table
 from ckptview.present import figures
 from ckptview.present.frames import filter_frame, tensor_labels
 from ckptview.present.text import human_bytes, shape_text
-from ckptview.readers.dtypes import UNCONVERTIBLE
-from ckptview.readers.model import not_decoded
+from ckptview.readers.model import without_numbers
 from ckptview.ui.base import ExplorerState, FigureBox, Panel, banner_html, esc
 from ckptview.ui.grid import Table
 
@@ -148,7 +147,7 @@ class TensorsPanel(Panel):
                                   "heatmap": None, "note": entry.info.note if entry.layout == "strided" else None}
         detail["stats"] = stats(ckpt, filter=f"^{re.escape(name)}$", progress=False)[name]
         if (len(entry.shape) == 2 and entry.dtype.is_floating_point and entry.layout in ("strided", "encoded")
-                and not not_decoded(entry.info) and entry.dtype_name not in UNCONVERTIBLE):
+                and not without_numbers(entry.info)):
             detail["heatmap"] = figures.heatmap(figures.downsample_2d(entry.load()), name, original_shape=entry.shape)
         return detail
 
