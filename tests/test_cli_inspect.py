@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,21 @@ def test_a_very_long_name_is_shortened_in_tables_and_whole_in_json(capsys: pytes
     assert max(map(len, lines)) < 220 and lines[2].startswith("block.xxx") and ".weight  [2]" in lines[2]
     assert main(["tensors", "--json", str(path)]) == 0
     assert [item["name"] for item in json.loads(capsys.readouterr().out)] == [long_name, "fc.bias"]
+
+
+def test_columns_line_up_in_terminal_cells_with_cjk_and_accented_names(capsys: pytest.CaptureFixture[str],
+                                                                         tmp_path: Path) -> None:
+    # a CJK character takes two terminal cells and a combining accent none: padded by len(), the
+    # columns after such a name were shifted by one cell per character
+    def display_width(text: str) -> int:
+        return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) == "W" else 1 for c in text)
+
+    path = tmp_path / "names.pt"
+    torch.save({"编码器.权重": torch.ones(2), "cafe\u0301.bias": torch.zeros(3), "fc.weight": torch.ones(4)}, path)
+    assert main(["tensors", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()[:5]
+    shape_at = {display_width(line[:line.index("[")]) for line in lines[2:]}
+    assert len(shape_at) == 1 and display_width(lines[1].split()[0]) + 2 == shape_at.pop()
 
 
 def test_info_text_names_sections(capsys: pytest.CaptureFixture[str], tmp_path: Path, trained_cnn: SmallCNN) -> None:
@@ -249,3 +265,12 @@ def test_tensors_table_says_which_tensors_are_not_plain(tmp_path: Path, capsys: 
     torch.save({"w": torch.ones(2)}, plain)
     assert main(["tensors", str(plain)]) == 0
     assert "layout" not in capsys.readouterr().out
+
+
+def test_info_on_a_bare_tensor_says_no_sections_instead_of_an_empty_table(capsys: pytest.CaptureFixture[str],
+                                                                          tmp_path: Path) -> None:
+    path = tmp_path / "bare.pt"
+    torch.save(torch.ones(3, 3), path)
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "no sections" in out and "what it is" not in out

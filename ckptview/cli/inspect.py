@@ -192,7 +192,11 @@ def info(args: argparse.Namespace) -> int:
         print("  metadata    " + printable(", ".join(f"{k}={v}" for k, v in list(data["metadata"].items())[:8])))
     print()
     rows = [(s["kind"], s["name"], s["tensor_count"], s["explanation"]) for s in data["sections"]]
-    print(text_table(rows, ("section", "path", "tensors", "what it is"), align_right=(2,)))
+    if rows:
+        print(text_table(rows, ("section", "path", "tensors", "what it is"), align_right=(2,)))
+    else:  # a bare tensor or array, or values none of whose shapes is a section: a header over nothing said less
+        print("no sections (state dict, optimizer, training progress) recognised: `ckptview tensors` lists every "
+              "tensor by name")
     if data["modules"]:
         print("\nwhole pickled module (classes named by the pickle, not imported):")
         print(text_table([(m["name"] or "<root>", m["class_path"], ", ".join(m["parameters"] + m["buffers"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from itertools import repeat
 from typing import Any
@@ -44,6 +45,12 @@ def shape_text(shape: Sequence[int]) -> str:
 CELL_LIMIT = 160
 
 
+def display_width(text: str) -> int:
+    """How many terminal cells `text` takes: two for a wide (CJK) character, none for a combining mark."""
+    return sum(0 if unicodedata.combining(char) else 2 if unicodedata.east_asian_width(char) in "WF" else 1
+               for char in text)
+
+
 def text_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], *, align_right: Sequence[int] = ()) -> str:
     """An aligned plain-text table; columns listed in `align_right` (indices) are right-aligned."""
     # column by column, so a million-row table (statistics of a million tensors) costs a few calls per
@@ -56,11 +63,19 @@ def text_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], *, align_r
         if max(map(len, cells)) > CELL_LIMIT:
             columns[index] = [cell if len(cell) <= CELL_LIMIT else f"{cell[:100]}…{cell[-(CELL_LIMIT - 101):]}"
                               for cell in cells]
-    widths = [max(map(len, cells)) for cells in columns]
-    # padded a column at a time and joined per row, not one str.format per row: format parses its
-    # template again on every call (1.5 of the 2 s a million rows took)
-    padded = [list(map(str.rjust if index in align_right else str.ljust, cells, repeat(width)))
-              for index, (cells, width) in enumerate(zip(columns, widths))]
+    widths, padded = [], []
+    for index, cells in enumerate(columns):
+        if "".join(cells).isascii():
+            width = max(map(len, cells))
+            # padded a column at a time and joined per row, not one str.format per row: format parses
+            # its template again on every call (1.5 of the 2 s a million rows took)
+            padded.append(list(map(str.rjust if index in align_right else str.ljust, cells, repeat(width))))
+        else:  # CJK names take two terminal cells a character, combining marks none: padded by cells
+            cell_widths = list(map(display_width, cells))
+            width = max(cell_widths)
+            padded.append([" " * (width - used) + cell if index in align_right else cell + " " * (width - used)
+                           for cell, used in zip(cells, cell_widths)])
+        widths.append(width)
     lines = list(map(str.rstrip, map("  ".join, zip(*padded))))
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
