@@ -38,6 +38,27 @@ def test_stats_json_rows(capsys: pytest.CaptureFixture[str], cnn_state_dict_path
     assert conv["std"] == pytest.approx(float(state["conv1.weight"].std()), rel=1e-5)
 
 
+def test_json_output_is_strict_json_non_finite_numbers_as_null(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # NaN and Infinity are no JSON: JSON.parse, Go and Rust refuse the whole output. A name that reads
+    # "NaN" or "Infinity" is a string and stays one.
+    path = tmp_path / "odd.pt"
+    torch.save({"NaN": torch.full((3,), float("nan")), "x.Infinity": torch.ones(2, dtype=torch.complex64),
+                "w": torch.randn(4)}, path)
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"{token} in --json output")
+
+    for argv in (["stats", str(path)], ["diff", str(path), str(path), "--values"]):
+        assert main([*argv, "--json"]) == 0
+        data = json.loads(capsys.readouterr().out, parse_constant=refuse)
+        if argv[0] == "stats":
+            rows = {row["name"]: row for row in data}
+            assert rows["NaN"]["min"] is None and rows["NaN"]["nan_count"] == 3
+            assert rows["x.Infinity"]["mean"] is None and rows["x.Infinity"]["skipped"]
+            assert math.isfinite(rows["w"]["mean"])
+
+
 def test_stats_filter_and_nonfinite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     weight = torch.randn(10, 10)
     weight[0, 0] = float("nan")

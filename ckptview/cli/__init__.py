@@ -13,6 +13,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
 import threading
 from collections.abc import Sequence
@@ -64,12 +65,28 @@ def print_json(data: Any) -> None:
         encode = item_encoder()
         print_json_lines([encode(item) for item in data])
     else:
-        sys.stdout.write(json.dumps(data, indent=2, default=_json_default, allow_nan=True) + "\n")
+        sys.stdout.write(strict_json(json.dumps(data, indent=2, default=_json_default, allow_nan=True)) + "\n")
 
 
 def print_json_lines(items: list[str]) -> None:
     """A JSON list whose elements are already encoded (`item_encoder`), laid out as `print_json` lays one out."""
-    sys.stdout.write("[\n  " + ",\n  ".join(items) + "\n]\n" if items else "[]\n")
+    sys.stdout.write(strict_json("[\n  " + ",\n  ".join(items) + "\n]") + "\n" if items else "[]\n")
+
+
+# a JSON string (skipped whole: a name may read "NaN") or one of the bare tokens json writes for non-finite floats
+_STRING_OR_NON_FINITE = re.compile(r'"(?:[^"\\]|\\.)*"|-?Infinity|NaN')
+
+
+def strict_json(text: str) -> str:
+    """
+    `text` (json's output with `allow_nan`) with NaN, Infinity and -Infinity written as null: they are
+    no JSON, and `JSON.parse`, Go and Rust refuse them (the statistics of a skipped tensor, a run's
+    first change). Encoded with `allow_nan` and fixed here, not converted first: the C encoder writes
+    a million statistics rows in a second, a pass over the values in Python would add as much again.
+    """
+    if "NaN" not in text and "Infinity" not in text:
+        return text
+    return _STRING_OR_NON_FINITE.sub(lambda match: "null" if match[0][0] != '"' else match[0], text)
 
 
 def item_encoder() -> Any:

@@ -56,7 +56,7 @@ def diff(args: argparse.Namespace) -> int:
     result = run_diff(args.a, args.b, values=args.values, ignore=ignore, threads=args.threads,
                       progress=args.values and not args.json and sys.stderr.isatty(), trust=args.trust)
     if args.json:
-        print_json(_finite(result.to_dict()))
+        print_json(result.to_dict())
         return 0
     keys = result.keys
     print(f"A: {args.a}\nB: {args.b}\n")
@@ -114,17 +114,6 @@ def _print_values(values: Any) -> None:
 
 def _nan_text(change: Any) -> str:
     return f"{change.nan_left}/{change.nan_right}" if change.nan_left or change.nan_right else ""
-
-
-def _finite(data: Any) -> Any:
-    # JSON has no inf/NaN; a rel_change of inf (A all zero) becomes null rather than invalid JSON.
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {key: _finite(value) for key, value in data.items()}
-    if isinstance(data, list):
-        return [_finite(value) for value in data]
-    return data
 
 
 def doctor(args: argparse.Namespace) -> int:

@@ -62,7 +62,7 @@ def export_check(args: argparse.Namespace) -> int:
                       targets=args.targets, device=args.device, save_to=args.save_to, trust=args.trust,
                       atol=args.atol, rtol=args.rtol, repeats=args.repeats)
     if args.json:
-        print_json(_finite(check.to_dict()))
+        print_json(check.to_dict())
     else:
         print(render(check, args.path))
     return 0 if check.ok else DIVERGES
@@ -93,12 +93,6 @@ def render(check: Any, path: str) -> str:
     lines.append(f"\n{'every target matches eager PyTorch' if check.ok else 'NOT every target matches'} "
                  f"({check.seconds:.1f} s)")
     return "\n".join(lines)
-
-
-def _finite(data: Any) -> Any:
-    from ckptview.cli.compare import _finite as finite
-
-    return finite(data)
 
 
 def _number(value: float | None, digits: int = 3) -> str:
