@@ -258,6 +258,43 @@ def test_archive_saved_without_checksums_opens(tmp_path: Path) -> None:
     assert cli_main(["scan", str(path)]) == 0
 
 
+def test_archive_saved_under_skip_data_says_its_values_were_never_written(tmp_path: Path) -> None:
+    """torch.serialization.skip_data() saves shapes and leaves zeros where each storage's bytes go (to be
+    filled later), recording a CRC of 0 for those members only: torch.load reads zeros without a word.
+    ckptview says so, and statistics and the value diff leave those tensors out rather than report a
+    model of zeros; the same file saved normally, or without checksums, has every value."""
+    from ckptview.analyzers.stats import stats
+    from ckptview.analyzers.valuediff import diff
+    from ckptview.present.frames import summary
+    from ckptview.present.html import header_html
+
+    config = pytest.importorskip("torch.utils.serialization").config
+    state = {"w": torch.randn(3, 4), "b": torch.arange(4), "shared": torch.randn(6)}
+    state["view"] = state["shared"][2:]
+    skipped, normal, unchecked = tmp_path / "skipped.pt", tmp_path / "normal.pt", tmp_path / "nocrc.pt"
+    with torch.serialization.skip_data():
+        torch.save(state, skipped)
+    torch.save(state, normal)
+    config.save.compute_crc32 = False
+    try:
+        torch.save(state, unchecked)
+    finally:
+        config.save.compute_crc32 = True
+    assert all(not value.any() for value in torch.load(skipped).values())  # torch.load: zeros, silently
+    with ckptview.open(skipped) as ckpt:
+        assert [e.shape for e in ckpt.tensors()] == [tuple(v.shape) for v in state.values()]
+        assert ckpt.details["problems"] == [next(p for p in ckpt.details["problems"] if p.startswith("3 storage(s) hold"))]
+        assert "skip_data" in header_html(summary(ckpt))
+        results = stats(ckpt, progress=False)
+        assert all("skip_data" in row.skipped for row in results.tensors) and not results.outliers
+    compared = diff(skipped, normal, values=True, progress=False)
+    assert compared.values is not None and sorted(compared.values.unreadable) == sorted(state)
+    for path in (normal, unchecked):
+        with ckptview.open(path) as ckpt:
+            assert "problems" not in ckpt.details
+            assert not any(row.skipped for row in stats(ckpt, progress=False).tensors)
+
+
 def test_quantized_sparse_and_meta_tensors(tmp_path: Path) -> None:
     quantized = torch.quantize_per_tensor(torch.randn(4, 4), scale=0.1, zero_point=3, dtype=torch.qint8)
     per_channel = torch.quantize_per_channel(torch.randn(3, 4), torch.tensor([0.1, 0.2, 0.3]),

@@ -432,7 +432,8 @@ def _small_batches(todo: list[tuple[Any, TensorEntry]], histogram_sample: int | 
         # the record's numel and is_contiguous() are Python calls, a million times over: the same
         # tests inline, with the usual contiguous stride compared first
         if (dtype in _BATCHED_DTYPES and info.layout == "strided" and storage is not None
-                and storage.byteorder == "little" and 0 < (numel := math.prod(info.shape)) <= limit
+                and storage.byteorder == "little" and not storage.unsaved
+                and 0 < (numel := math.prod(info.shape)) <= limit
                 and (info.stride == contiguous_stride(info.shape) or info.is_contiguous())):
             itemsize = ITEMSIZE[dtype]
             offset = storage.data_offset() + info.storage_offset * itemsize
@@ -625,6 +626,8 @@ def _unsupported(entry: TensorEntry) -> str:
         return f"{entry.dtype_name}: torch converts it to no other dtype, so it has no statistics"
     if entry.info.storage is None:
         return "no stored data"
+    if entry.info.storage.unsaved:
+        return "no values saved: torch.save ran under torch.serialization.skip_data(), zeros stand in their place"
     return repeated_view(entry.info)
 
 

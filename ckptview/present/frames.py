@@ -42,6 +42,7 @@ class Summary:
     config: tuple[tuple[str, str], ...] = ()  # what the config.json beside a sharded set says, as (label, value)
     declared_bytes: int | None = None  # the index's metadata.total_size
     loader_obstacle: str = ""  # why the format's own safe loader refuses a file that needs no foreign code
+    problems: tuple[str, ...] = ()  # what the reader found wrong (a shard's missing tensors, values never saved)
 
     @property
     def safety_text(self) -> str:
@@ -76,6 +77,7 @@ def summary(ckpt: Checkpoint) -> Summary:
         config=config_facts(ckpt.details.get("config"), ckpt.parameter_count),
         declared_bytes=int(declared) if isinstance(declared, str) and declared.isdigit() else None,
         loader_obstacle=safe_loader_obstacle(ckpt.details),
+        problems=tuple(str(problem) for problem in ckpt.details.get("problems", ())),
     )
 
 

@@ -126,6 +126,8 @@ def header_html(facts: Summary) -> str:
         f"<div class='ckptview-muted' style='margin-left:0'>{esc(facts.path)}</div>"
         + (f"<div class='ckptview-muted' style='margin-left:0'>loading: {esc(facts.loader_obstacle)}</div>"
            if facts.loader_obstacle and not facts.needs_code else "")
+        + "".join(f"<div class='ckptview-banner-warning'>{esc(problem)}</div>"
+                  for problem in facts.problems)
         + _set_html(facts)
     )
 

@@ -256,6 +256,9 @@ class Storage:
     # a file (given the storage), so a listing makes no object per storage for it.
     locate: Callable[[Storage, Callable[[int, int], bytes] | None], int] | None = field(
         default=None, compare=False, repr=False)
+    # torch.save under torch.serialization.skip_data() writes zeros where a storage's bytes go (to be
+    # filled in a later pass): its tensors have shapes, not values
+    unsaved: bool = False
 
     def data_offset(self, read: Callable[[int, int], bytes] | None = None) -> int:
         """Where the bytes start in `source`. `read(offset, count)` reads the same bytes as the source
@@ -809,10 +812,12 @@ def not_decoded(info: TensorInfo) -> bool:
 
 
 def without_numbers(info: TensorInfo) -> bool:
-    """Whether the tensor's values cannot be had as numbers: no data to read (meta, unsupported layouts),
-    an encoding listed but not decoded, or a dtype torch converts to nothing else (`UNCONVERTIBLE`).
+    """Whether the tensor's values cannot be had as numbers: no data to read (meta, unsupported layouts,
+    bytes torch.save skipped), an encoding listed but not decoded, or a dtype torch converts to nothing
+    else (`UNCONVERTIBLE`).
     What statistics, diffs and plots leave out, saying so."""
-    return info.layout in ("unsupported", "meta") or not_decoded(info) or info.dtype in UNCONVERTIBLE
+    return (info.layout in ("unsupported", "meta") or not_decoded(info) or info.dtype in UNCONVERTIBLE
+            or (info.storage is not None and info.storage.unsaved))
 
 
 def repeated_view(info: TensorInfo) -> str:

@@ -313,7 +313,8 @@ FORMATS: list[Format] = [
     Format("torch-zip", "torch.save files (.pt/.pth/.bin/.ckpt, zip or legacy)",
            _is_zip, "ckptview.readers.torch_pickle:read_torch_zip", (
                ("`torch.save` zip (`.pt .pth .bin .ckpt .pth.tar`, torch ≥ 1.6)",
-                "parses `data.pkl` with an allow-listed unpickler; tensor bytes stay in the archive until asked for"),
+                "parses `data.pkl` with an allow-listed unpickler; tensor bytes stay in the archive until asked for; a "
+                "file saved under `torch.serialization.skip_data()` (zeros where the values go) is said to hold none"),
                ("PyTorch Lightning `.ckpt`",
                 "state dict, optimizer states, LR schedulers, loops, callbacks, `hyper_parameters` (Namespace/OmegaConf "
                 "shown by class and content, not imported)"),

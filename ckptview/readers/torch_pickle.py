@@ -223,6 +223,12 @@ def read_torch_zip(path: str, size: int, *, trust: bool) -> Checkpoint:
     details: dict[str, Any] = {"archive_prefix": parsed.prefix.rstrip("/"), "byteorder": parsed.byteorder,
                                "members": len(parsed.names),
                                "weights_only": weights_only_obstacle(parsed.protocol, parsed.unpickler.allowed_named)}
+    if parsed.unsaved_storages:
+        details["problems"] = [
+            f"{parsed.unsaved_storages:,} storage(s) hold no values: torch.save ran under "
+            "torch.serialization.skip_data(), which writes zeros where their bytes go, to be filled later. The "
+            "shapes and dtypes are real, the values are not (torch.load reads them as zeros): fill them, or save "
+            "the model again without skip_data."]
     script_classes = parsed.unpickler.script_classes()
     if script_classes:
         details["script_classes"] = script_classes
@@ -240,6 +246,7 @@ class ParsedZip:
     prefix: str
     byteorder: str
     protocol: int | None  # of data.pkl; None: 0 or 1 (no PROTO opcode)
+    unsaved_storages: int  # storages torch.save skipped (`Storage.unsaved`)
 
 
 def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0, length: int | None = None) -> ParsedZip:
@@ -277,6 +284,11 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
                                                "file is damaged. Re-save it.")
 
     data_folder = prefix + "data/"
+    # torch.save records every member's CRC-32, except with compute_crc32 off (all 0) and, under
+    # torch.serialization.skip_data(), the storages whose bytes it left as zeros (0 beside a data.pkl
+    # that has one)
+    crc_checked = members[prefix + "data.pkl"].crc != 0
+    unsaved_keys: set[str] = set()
     key_prefix = f"{base_offset}:" if base_offset else ""  # DCP: keys unique across the archives of one file
 
     # storage key -> where its member's local header is: ints, which the garbage collector never
@@ -304,7 +316,10 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
             raise CorruptCheckpointError(path, f"storage {key!r} should hold {nbytes:,} bytes but its archive "
                                                f"member has {member.file_size:,}: the file is damaged. Re-save it.")
         header_offsets[key] = member.header_offset
-        return Storage(key_prefix + key, source, -1, nbytes, location, byteorder, locate)
+        unsaved = crc_checked and member.crc == 0 and member.file_size > 0
+        if unsaved:
+            unsaved_keys.add(key)
+        return Storage(key_prefix + key, source, -1, nbytes, location, byteorder, locate, unsaved)
 
     def persistent_load(saved_id: Any) -> Any:
         """
@@ -319,7 +334,8 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
                 member = members.get(data_folder + key)
                 dtype = storage_type.dtype
                 nbytes = numel * (ITEMSIZE.get(dtype) or itemsize(dtype))
-                if member is not None and member.compress_type == STORED and member.file_size >= nbytes:
+                if (member is not None and member.compress_type == STORED and member.file_size >= nbytes
+                        and (member.crc or not crc_checked)):
                     header_offsets[key] = member.header_offset
                     # what storage_for returns, made without Storage.__init__'s frame
                     storage = new(Storage)
@@ -331,7 +347,7 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
 
     data = checked_member_bytes(read, members[prefix + "data.pkl"], path)
     root, unpickler, _ = unpickle(data, path, "its data.pkl", storage_for, persistent_load=persistent_load)
-    return ParsedZip(root, unpickler, names, prefix, byteorder, pickle_protocol(data))
+    return ParsedZip(root, unpickler, names, prefix, byteorder, pickle_protocol(data), len(unsaved_keys))
 
 
 def _storage_offset(read: Callable[[int, int], bytes], name: str, header_offset: int, path: str, nbytes: int,
