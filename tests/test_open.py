@@ -258,7 +258,8 @@ def test_archive_saved_without_checksums_opens(tmp_path: Path) -> None:
     assert cli_main(["scan", str(path)]) == 0
 
 
-def test_archive_saved_under_skip_data_says_its_values_were_never_written(tmp_path: Path) -> None:
+def test_archive_saved_under_skip_data_says_its_values_were_never_written(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """torch.serialization.skip_data() saves shapes and leaves zeros where each storage's bytes go (to be
     filled later), recording a CRC of 0 for those members only: torch.load reads zeros without a word.
     ckptview says so, and statistics and the value diff leave those tensors out rather than report a
@@ -266,7 +267,7 @@ def test_archive_saved_under_skip_data_says_its_values_were_never_written(tmp_pa
     from ckptview.analyzers.stats import stats
     from ckptview.analyzers.valuediff import diff
     from ckptview.present.frames import summary
-    from ckptview.present.html import header_html
+    from ckptview.present.html import header_html, stats_summary_html
 
     config = pytest.importorskip("torch.utils.serialization").config
     state = {"w": torch.randn(3, 4), "b": torch.arange(4), "shared": torch.randn(6)}
@@ -287,6 +288,9 @@ def test_archive_saved_under_skip_data_says_its_values_were_never_written(tmp_pa
         assert "skip_data" in header_html(summary(ckpt))
         results = stats(ckpt, progress=False)
         assert all("skip_data" in row.skipped for row in results.tensors) and not results.outliers
+        assert "4 without statistics: no values saved" in stats_summary_html(results, results.to_frame())
+    assert cli_main(["stats", str(skipped)]) == 0
+    assert "4 without statistics: no values saved" in capsys.readouterr().out
     compared = diff(skipped, normal, values=True, progress=False)
     assert compared.values is not None and sorted(compared.values.unreadable) == sorted(state)
     for path in (normal, unchecked):
