@@ -497,3 +497,12 @@ def test_a_plot_title_is_shown_above_it_as_html_that_wraps_and_names_tensors_as_
     assert "title" not in layout and box.figure.layout.title.text.startswith("histogram of")  # the figure keeps it
     # the room the title took goes with it, the plot area (which legends are placed by) keeps its height
     assert layout["margin"]["t"] == 12 and layout["height"] == figure.layout.height - (figure.layout.margin.t - 12)
+
+
+def test_statistics_of_a_file_without_values_say_why_instead_of_drawing_empty_axes(tmp_path: Path) -> None:
+    path = tmp_path / "skipped.pt"
+    with torch.serialization.skip_data():
+        torch.save({"w": torch.randn(3, 4), "b": torch.arange(3)}, path)
+    stats = opened(explore(path), "Statistics")
+    assert stats.figure.data == () and stats.figure.layout.display == "none"
+    assert "2 without statistics: no values saved" in stats.summary.value

@@ -136,6 +136,9 @@ class StatisticsPanel(Panel):
         # from the weights and would fill the plot with a sawtooth between them.
         if self.result is None:
             return
+        if all(item.skipped for item in self.result.tensors):
+            self.figure.clear()  # axes over no points said less than the summary line's reasons
+            return
         parts = ("weights", "buffers") + (("optimizer state", "other") if self.training_too.value else ())
         self.figure.show(figures.stats_by_depth(self.frame, {o.name for o in self.result.outliers}, parts=parts))
 
