@@ -38,11 +38,31 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3,
                 "dtype": torch.float16}, paths["training"])
     torch.export.save(torch.export.export(model, (torch.ones(1, 4),)), paths["pt2"])
+    # the other formats' readers took a second to import torch for the dtypes they name
+    import gguf
+    import numpy as np
+
+    paths["onnx"] = tmp / "model.onnx"
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    torch.onnx.export(conv, (torch.randn(1, 3, 8, 8),), paths["onnx"], dynamo=False)
+    paths["gguf"] = tmp / "model.gguf"
+    writer = gguf.GGUFWriter(paths["gguf"], "llama")
+    writer.add_tensor("token_embd.weight", np.arange(64, dtype=np.float32).reshape(2, 32))
+    writer.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(np.ones((2, 32), dtype=np.float32),
+                                                                gguf.GGMLQuantizationType.Q8_0),
+                      raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    paths["npy"], paths["npz"] = tmp / "weights.npy", tmp / "weights.npz"
+    np.save(paths["npy"], np.ones((3, 2), dtype=np.float16))
+    np.savez_compressed(paths["npz"], w=np.arange(6.0), mask=np.array([True, False]))
     return paths
 
 
 @pytest.mark.parametrize("command", ["info", "tensors", "scan", "tree"])
-@pytest.mark.parametrize("kind", ["zip", "legacy", "safetensors", "training", "pt2"])
+@pytest.mark.parametrize("kind", ["zip", "legacy", "safetensors", "training", "pt2", "onnx", "gguf", "npy", "npz"])
 def test_header_only_commands_import_no_heavy_module(files: dict[str, Path], command: str, kind: str) -> None:
     code = ("import contextlib, io, json, sys\nfrom ckptview.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"

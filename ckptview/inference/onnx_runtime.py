@@ -15,12 +15,14 @@ from ckptview.errors import ForwardError, ModelBuildError
 from ckptview.inference.devices import resolve_device
 from ckptview.inference.inputs import DEFAULT_SEED, InputSpec, given_input
 from ckptview.inference.run import InferenceResult, Progress, Timing, _describe, _top_k, output_tensors, timed_calls
+from ckptview.readers.dtypes import torch_dtype
 from ckptview.readers.model import Checkpoint
 from ckptview.readers.onnx_file import ONNX_DTYPES, ONNX_TYPE_NAMES
 
 __all__ = ["run_onnx", "onnx_inputs"]
 
-_TORCH_DTYPES = {name: ONNX_DTYPES[code] for code, name in ONNX_TYPE_NAMES.items() if code in ONNX_DTYPES}
+_TORCH_DTYPES = {name: torch_dtype(ONNX_DTYPES[code]) for code, name in ONNX_TYPE_NAMES.items()
+                 if code in ONNX_DTYPES and hasattr(torch, ONNX_DTYPES[code])}
 _INSTALL = "pip install onnxruntime (or pip install 'ckptview[deploy]')"
 
 

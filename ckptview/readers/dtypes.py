@@ -58,6 +58,15 @@ def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def numpy_dtype_name(dtype: Any) -> str | None:
+    """torch's name for a numpy dtype's element type (what `torch.from_numpy` gives), or None for
+    strings, objects, records, datetimes and long doubles, which torch has no dtype for."""
+    name = dtype.name
+    if dtype.kind not in "biufc" or dtype.fields is not None or dtype.subdtype is not None:
+        return None
+    return name if ITEMSIZE.get(name) == dtype.itemsize else None
+
+
 def itemsize(name: str) -> int:
     size = ITEMSIZE.get(name)
     if size is None:

@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ckptview.errors import CorruptCheckpointError, TensorDataError, TruncatedCheckpointError
 from ckptview.readers.model import Checkpoint, FileSource, Storage, TensorInfo, contiguous_stride
@@ -34,6 +33,7 @@ from ckptview.readers.remote import is_url, source_for
 
 if TYPE_CHECKING:
     import gguf
+    import torch
 
 SUPPORTED_VERSIONS = (2, 3)  # version 1 had 32-bit counts; llama.cpp dropped it too
 GGML_MAX_DIMS = 4  # llama.cpp refuses tensors with more
@@ -336,7 +336,7 @@ def _info(ggml_type: Any, shape: tuple[int, ...], storage: Storage, block_size: 
     quant = _Quantized(ggml_type, shape, storage, block_size, type_size, name)
     decodable = _dequantizes(ggml_type, type_size)
     return TensorInfo(
-        shape=shape, dtype=torch.float32, storage=storage, stride=contiguous_stride(shape), layout="encoded",
+        shape=shape, dtype="float32", storage=storage, stride=contiguous_stride(shape), layout="encoded",
         encoding=ggml_type.name,
         encoding_params={"ggml_type": int(ggml_type), "block_size": block_size, "type_size": type_size},
         stored_nbytes=storage.nbytes, decode=quant.decode if decodable else None,
@@ -391,11 +391,15 @@ class _Quantized:
         """The whole tensor dequantized to float32, as `gguf.quants.dequantize` gives it."""
         raw = self._blocks(0, self.storage.nbytes // self.type_size)
         rows = raw.reshape(*self.shape[:-1], -1) if self.shape else raw
+        import torch  # listing needs no torch (it takes a second to import); values do
+
         return torch.from_numpy(self._dequantize(rows).reshape(self.shape))
 
     def chunks(self, chunk_bytes: int) -> Iterator[torch.Tensor]:
         """The dequantized values in memory order, `chunk_bytes // 4` at a time, decoding only the blocks each
         chunk touches: memory stays bounded by a chunk, however large the tensor."""
+        import torch
+
         numel = self.storage.nbytes // self.type_size * self.block_size
         step = max(1, chunk_bytes // 4)
         for start in range(0, numel, step):

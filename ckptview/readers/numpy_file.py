@@ -18,12 +18,12 @@ import struct
 import zipfile
 import zlib
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-import torch
 
 from ckptview.errors import CorruptCheckpointError, TruncatedCheckpointError, UnsupportedFormatError
+from ckptview.readers.dtypes import numpy_dtype_name
 from ckptview.readers.model import Checkpoint, FileSource, PickleImport, Storage, TensorInfo
 from ckptview.readers.zip_directory import (
     LOCAL_HEADER_BYTES,
@@ -32,6 +32,9 @@ from ckptview.readers.zip_directory import (
     data_offset,
     refuse_overlapping_members,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 # Deflate cannot expand data more than ~1032:1; a member claiming more is a zip bomb or damaged.
 _MAX_DEFLATE_RATIO = 1032
@@ -60,15 +63,6 @@ def _header(stream: BinaryIO, path: str, where: str) -> tuple[tuple[int, ...], b
     return tuple(shape), bool(fortran), dtype, f"{version[0]}.{version[1]}"
 
 
-def _torch_dtype(dtype: np.dtype) -> torch.dtype | None:
-    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
-        return None
-    try:
-        return torch.from_numpy(np.empty(0, dtype=dtype.newbyteorder("="))).dtype
-    except TypeError:  # strings, datetimes, void: torch has no dtype for them
-        return None
-
-
 def _strides(shape: tuple[int, ...], fortran: bool) -> tuple[int, ...]:
     dims = list(reversed(shape)) if not fortran else list(shape)
     stride, running = [], 1
@@ -92,7 +86,7 @@ def _unloadable(shape: tuple[int, ...], dtype: np.dtype, nbytes: int) -> TensorI
                 "with numpy only if you trust the file")
     else:
         note = f"numpy dtype {dtype.str} has no torch equivalent; read it with numpy.load"
-    return TensorInfo(shape=shape, dtype=torch.uint8, storage=None, stride=_strides(shape, False),
+    return TensorInfo(shape=shape, dtype="uint8", storage=None, stride=_strides(shape, False),
                       layout="unsupported", encoding="object" if dtype.hasobject else dtype.str,
                       stored_nbytes=nbytes, note=note)
 
@@ -129,7 +123,7 @@ def read_npy(path: str, size: int, *, trust: bool) -> Checkpoint:
         data_start = stream.tell()
     nbytes = _size_check(path, "the file", shape, dtype, size - data_start)
     source = FileSource(path)
-    torch_dtype = _torch_dtype(dtype)
+    dtype_name = numpy_dtype_name(dtype)
     details: dict[str, Any] = {}
     imports: list[PickleImport] = []
     if dtype.hasobject:
@@ -138,12 +132,12 @@ def read_npy(path: str, size: int, *, trust: bool) -> Checkpoint:
         with mapped(path) as data:
             imports = _scan_object_pickle(data, path, "the file", data_start).pickle_imports()
         details["allow_pickle"] = ALLOW_PICKLE.format(names="the file's array")
-    if torch_dtype is None:
+    if dtype_name is None:
         info = _unloadable(shape, dtype, size - data_start)
     else:
         storage = Storage(key=os.path.basename(path), source=source, offset=data_start, nbytes=nbytes,
                           location="cpu", byteorder="big" if dtype.byteorder == ">" else "little")
-        info = TensorInfo(shape=shape, dtype=torch_dtype, storage=storage, stride=_strides(shape, fortran))
+        info = TensorInfo(shape=shape, dtype=dtype_name, storage=storage, stride=_strides(shape, fortran))
     details.update({"npy_version": version, "numpy_dtype": dtype.str, "fortran_order": fortran,
                     "data_offset": data_start})
     return Checkpoint(path, "npy", info, file_size=size, sources=[source], pickle_imports=imports, trust=trust,
@@ -223,17 +217,17 @@ def _member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, size: in
     nbytes = _size_check(path, where, shape, dtype, info.file_size - header_len)
     member = {"numpy_dtype": dtype.str, "shape": list(shape), "fortran_order": fortran, "npy_version": version,
               "compression": "deflated" if deflated else "stored", "stored_bytes": info.compress_size}
-    torch_dtype = _torch_dtype(dtype)
-    if torch_dtype is None:
+    dtype_name = numpy_dtype_name(dtype)
+    if dtype_name is None:
         return _unloadable(shape, dtype, info.compress_size), member, header_len
     byteorder = "big" if dtype.byteorder == ">" else "little"
     if not deflated:
         storage = Storage(key=info.filename, source=source, offset=data_start + header_len, nbytes=nbytes,
                           location="cpu", byteorder=byteorder)
-        tensor = TensorInfo(shape=shape, dtype=torch_dtype, storage=storage, stride=_strides(shape, fortran))
+        tensor = TensorInfo(shape=shape, dtype=dtype_name, storage=storage, stride=_strides(shape, fortran))
         return tensor, member, header_len
-    inflater = _Deflated(source, path, info, data_start, header_len, shape, fortran, np.dtype(dtype), torch_dtype)
-    tensor = TensorInfo(shape=shape, dtype=torch_dtype, storage=None, stride=_strides(shape, fortran),
+    inflater = _Deflated(source, path, info, data_start, header_len, shape, fortran, np.dtype(dtype))
+    tensor = TensorInfo(shape=shape, dtype=dtype_name, storage=None, stride=_strides(shape, fortran),
                         layout="encoded", encoding="deflate",
                         encoding_params={"numpy_dtype": dtype.str, "fortran_order": fortran},
                         stored_nbytes=info.compress_size, decode=inflater.decode,
@@ -257,7 +251,7 @@ class _Deflated:
     """A deflated `.npz` member: inflated from its compressed bytes in the file, never more than declared."""
 
     def __init__(self, source: FileSource, path: str, info: zipfile.ZipInfo, data_start: int, header_len: int,
-                 shape: tuple[int, ...], fortran: bool, dtype: np.dtype, torch_dtype: torch.dtype) -> None:
+                 shape: tuple[int, ...], fortran: bool, dtype: np.dtype) -> None:
         self.source = source
         self.path = path
         self.name = info.filename
@@ -270,7 +264,6 @@ class _Deflated:
         self.fortran = fortran
         self.dtype = dtype.newbyteorder("=") if dtype.byteorder == ">" else dtype
         self.swap = dtype.byteorder == ">"
-        self.torch_dtype = torch_dtype
         self.nbytes = _numel(shape) * dtype.itemsize
 
     def _inflate(self) -> Iterator[bytes]:
@@ -315,10 +308,14 @@ class _Deflated:
             view[at:at + len(piece)] = piece
             at += len(piece)
         values = self._array(buffer).reshape(self.shape, order="F" if self.fortran else "C")
+        import torch  # listing needs no torch (it takes a second to import); values do
+
         return torch.from_numpy(values.copy() if self.swap else values)
 
     def chunks(self, chunk_bytes: int) -> Iterator[torch.Tensor]:
         """The elements in order, `chunk_bytes // itemsize` at a time; memory bounded by a chunk and one read."""
+        import torch
+
         step = max(1, chunk_bytes // self.dtype.itemsize) * self.dtype.itemsize
         pending = io.BytesIO()
         for piece in self._inflate():

@@ -32,34 +32,35 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ckptview.errors import CheckpointNotFoundError, CorruptCheckpointError, TensorDataError, \
     TruncatedCheckpointError, printable
+from ckptview.readers.dtypes import ITEMSIZE, torch_dtype
 from ckptview.readers.model import Checkpoint, FileSource, LayerRole, Storage, TensorInfo, contiguous_stride
 from ckptview.readers.paths import confined_path
 from ckptview.readers.remote import RemoteSource, is_url, remote_file_id, source_for
 
-# TensorProto.DataType (onnx/onnx.proto) -> torch dtype, for the types torch holds bit for bit.
-# Kept here rather than asked of `onnx.helper` so opening a model never imports onnx (0.8 s);
-# tests/test_onnx.py checks the table against onnx.helper.tensor_dtype_to_np_dtype.
-ONNX_DTYPES: dict[int, torch.dtype] = {
-    1: torch.float32, 2: torch.uint8, 3: torch.int8, 4: torch.uint16, 5: torch.int16, 6: torch.int32,
-    7: torch.int64, 9: torch.bool, 10: torch.float16, 11: torch.float64, 12: torch.uint32, 13: torch.uint64,
-    14: torch.complex64, 15: torch.complex128, 16: torch.bfloat16, 17: torch.float8_e4m3fn,
-    18: torch.float8_e4m3fnuz, 19: torch.float8_e5m2, 20: torch.float8_e5m2fnuz,
+if TYPE_CHECKING:
+    import torch
+
+# TensorProto.DataType (onnx/onnx.proto) -> torch dtype name, for the types torch holds bit for bit.
+# Kept here rather than asked of `onnx.helper` so opening a model never imports onnx (0.8 s), and by
+# name so listing one imports no torch (1 s); tests/test_onnx.py checks the table against
+# onnx.helper.tensor_dtype_to_np_dtype.
+ONNX_DTYPES: dict[int, str] = {
+    1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
+    11: "float64", 12: "uint32", 13: "uint64", 14: "complex64", 15: "complex128", 16: "bfloat16",
+    17: "float8_e4m3fn", 18: "float8_e4m3fnuz", 19: "float8_e5m2", 20: "float8_e5m2fnuz", 24: "float8_e8m0fnu",
 }
-if hasattr(torch, "float8_e8m0fnu"):  # torch >= 2.7
-    ONNX_DTYPES[24] = torch.float8_e8m0fnu
 # Types torch has no dtype for: stored packed (or as strings) and decoded by onnx on load into
-# the torch dtype given here. The name is `entry.encoding`.
-ONNX_ENCODED: dict[int, tuple[str, torch.dtype]] = {
-    21: ("uint4", torch.uint8), 22: ("int4", torch.int8), 23: ("float4e2m1", torch.float32),
-    25: ("uint2", torch.uint8), 26: ("int2", torch.int8), 27: ("float6e2m3", torch.float32),
-    28: ("float6e3m2", torch.float32),
+# the torch dtype named here. The name is `entry.encoding`.
+ONNX_ENCODED: dict[int, tuple[str, str]] = {
+    21: ("uint4", "uint8"), 22: ("int4", "int8"), 23: ("float4e2m1", "float32"),
+    25: ("uint2", "uint8"), 26: ("int2", "int8"), 27: ("float6e2m3", "float32"),
+    28: ("float6e3m2", "float32"),
 }
 STRING = 8
 ONNX_TYPE_NAMES = {
@@ -579,7 +580,7 @@ class _Builder:
         key = f"{os.path.basename(self.path)}:{name}"
         dtype = ONNX_DTYPES.get(tensor.data_type)
         if tensor.data_type == STRING:
-            return TensorInfo(shape=shape, dtype=torch.uint8, storage=None, stride=contiguous_stride(shape),
+            return TensorInfo(shape=shape, dtype="uint8", storage=None, stride=contiguous_stride(shape),
                               layout="encoded", encoding="string", stored_nbytes=tensor.string_bytes,
                               note="an ONNX string tensor: torch has no strings; read it with "
                                    "onnx.numpy_helper.to_array")
@@ -591,10 +592,10 @@ class _Builder:
                               stored_nbytes=stored.nbytes if stored is not None else tensor.span[1],
                               decode=self.onnx_decoder(tensor, stored))
         if dtype is None:
-            return TensorInfo(shape=shape, dtype=torch.uint8, storage=None, stride=contiguous_stride(shape),
+            return TensorInfo(shape=shape, dtype="uint8", storage=None, stride=contiguous_stride(shape),
                               layout="unsupported", note=f"ONNX data type {tensor.data_type}, which this ckptview does "
                                                          "not know")
-        nbytes = numel * dtype.itemsize
+        nbytes = numel * ITEMSIZE[dtype]
         storage = self.located(name, tensor, nbytes, key)
         if storage is None and tensor.typed:
             storage = Storage(key=key, source=_DecodedSource(self.path, self.typed_decoder(tensor)),
@@ -759,6 +760,8 @@ def _bits(data_type: int) -> int:
 
 def numpy_to_torch(array: np.ndarray) -> torch.Tensor:
     """An onnx/numpy array as a torch tensor of the same values; ml_dtypes floats by their bits."""
+    import torch  # listing needs no torch (it takes a second to import); values do
+
     name = array.dtype.name
     if name in ("int4", "int2"):
         return torch.from_numpy(np.ascontiguousarray(array.astype(np.int8)))
@@ -766,16 +769,18 @@ def numpy_to_torch(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array.astype(np.uint8)))
     if name.startswith(("float4", "float6")):
         return torch.from_numpy(np.ascontiguousarray(array.astype(np.float32)))
-    torch_dtype = getattr(torch, name, None) if name in ("bfloat16", "float8_e4m3fn", "float8_e4m3fnuz",
+    by_bits = getattr(torch, name, None) if name in ("bfloat16", "float8_e4m3fn", "float8_e4m3fnuz",
                                                          "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu") else None
-    if torch_dtype is not None:
+    if by_bits is not None:
         bits = np.ascontiguousarray(array).view(np.uint16 if array.dtype.itemsize == 2 else np.uint8)
-        return torch.from_numpy(bits.copy()).view(torch_dtype)
+        return torch.from_numpy(bits.copy()).view(by_bits)
     return torch.from_numpy(np.ascontiguousarray(array).copy())
 
 
 def torch_to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """The inverse of `numpy_to_torch` for the dtypes onnx's reference code computes with."""
+    import torch
+
     if tensor.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2,
                         torch.float8_e5m2fnuz) or tensor.dtype == getattr(torch, "float8_e8m0fnu", None):
         import ml_dtypes
@@ -994,7 +999,7 @@ def _quantized(builder: _Builder, graphs: list[_Graph], scopes: list[_Scope]) ->
 
 
 def _dequantizer(x: TensorInfo, x_type: int, scale: TensorInfo, zero_point: TensorInfo | None, axis: int,
-                 block: int, output_dtype: torch.dtype | None, name: str) -> Callable[[], torch.Tensor]:
+                 block: int, output_dtype: str | None, name: str) -> Callable[[], torch.Tensor]:
     from ckptview.readers.model import load_tensor
 
     def decode() -> torch.Tensor:
@@ -1002,7 +1007,9 @@ def _dequantizer(x: TensorInfo, x_type: int, scale: TensorInfo, zero_point: Tens
         values = torch_to_numpy(stored)
         scales = torch_to_numpy(load_tensor(scale, name + " scale"))
         zeros = torch_to_numpy(load_tensor(zero_point, name + " zero point")) if zero_point is not None else None
-        out = torch_to_numpy(torch.empty(0, dtype=output_dtype)).dtype if output_dtype is not None else None
+        import torch
+
+        out = torch_to_numpy(torch.empty(0, dtype=torch_dtype(output_dtype))).dtype if output_dtype else None
         return numpy_to_torch(dequantize(values, x_type, scales, zeros, axis, block, out))
     return decode
 
@@ -1116,7 +1123,7 @@ def _add_constant(builder: _Builder, name: str, node: _Node) -> None:
         if key in node.strings:
             values = node.strings[key]
             shape = () if key == "value_string" else (len(values),)
-            builder.root[name] = TensorInfo(shape=shape, dtype=torch.uint8, storage=None, layout="encoded",
+            builder.root[name] = TensorInfo(shape=shape, dtype="uint8", storage=None, layout="encoded",
                                             encoding="string", stored_nbytes=sum(map(len, values)),
                                             stride=contiguous_stride(shape),
                                             note="an ONNX string constant: torch has no strings")
@@ -1137,6 +1144,8 @@ def _add_sparse(builder: _Builder, name: str, values: _Tensor, indices: _Tensor,
         flat = indices_info
 
         def unravel() -> torch.Tensor:
+            import torch
+
             linear = load_tensor(flat, name + ".indices").numpy()
             return torch.from_numpy(np.stack(np.unravel_index(linear, dims)).astype(np.int64))
 

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ckptview.lazy import torch
-from ckptview.readers.dtypes import ALIASES, ITEMSIZE, STORAGE_CLASSES, itemsize
+from ckptview.readers.dtypes import ALIASES, ITEMSIZE, STORAGE_CLASSES, itemsize, numpy_dtype_name
 from ckptview.readers.model import (
     MemorySource,
     PickledObject,
@@ -759,8 +759,8 @@ def _put_back(node: Any, replaced: dict[int, Any]) -> None:
 
 def _array_tensor(array: Any, path: str, numpy: Any) -> TensorInfo | None:
     dtype = array.dtype
-    name = dtype.name
-    if dtype.kind not in "biufc" or dtype.fields is not None or ITEMSIZE.get(name) != dtype.itemsize:
+    name = numpy_dtype_name(dtype)
+    if name is None:
         return None  # strings, objects, records, datetimes, long doubles: no torch dtype
     shape = tuple(array.shape)
     itemsize = dtype.itemsize
