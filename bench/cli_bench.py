@@ -56,7 +56,8 @@ ALTERNATIVES = {".safetensors": SAFETENSORS_ALTERNATIVES, ".onnx": ONNX_ALTERNAT
 def make_onnx(path: Path) -> Path:
     import torch
 
-    write_onnx(llm_state_dict(layers=4, hidden=1024, intermediate=2816, vocab=32000, dtype=torch.float32), path)
+    write_onnx(llm_state_dict(layers=4, hidden=1024, intermediate=2816, vocab=32000, dtype=torch.float32,
+                              poison=False), path)
     return path
 
 

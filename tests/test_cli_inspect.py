@@ -205,6 +205,33 @@ def test_scan_and_info_over_many_paths(tmp_path: Path, capsys: pytest.CaptureFix
     assert not marker.exists()
 
 
+def test_a_folder_scan_judges_pickles_by_content_whatever_their_name(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`torch.jit.load("model.torchscript")`, `pickle.load(open("weights.pickle", "rb"))`, a hub blob without a
+    suffix: loaders unpickle these whatever their name, and a folder scan that picked files by suffix skipped
+    them and passed the folder (exit 0) with code inside. A folder without checkpoints is said so (exit 1)."""
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    marker = tmp_path / "ran"
+    command = f"touch {marker}".encode()
+    (zoo / "weights.pickle").write_bytes(b"\x80\x02cos\nsystem\n\x8c" + bytes([len(command)]) + command + b"\x85R.")
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(zoo / "model.torchscript"))
+    torch.save({"w": torch.ones(2)}, zoo / "blob")
+    (zoo / "notes.txt").write_bytes(b"\x80\x02N.")  # a pickle by content, but a name no loader unpickles
+    (zoo / "tokenizer.model").write_bytes(b"\n\x0b\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02")  # protobuf
+    assert main(["scan", "--json", str(zoo)]) == 3
+    records = {Path(r["path"]).name: r["needs_code"] for r in json.loads(capsys.readouterr().out)}
+    assert records == {"blob": False, "model.torchscript": True, "weights.pickle": True}
+    assert main(["info", str(zoo / "blob")]) == 0 and not marker.exists()
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "README.md").write_text("models go here")
+    for command in ("scan", "info"):
+        assert main([command, str(empty)]) == 1
+        assert "no checkpoint files in" in capsys.readouterr().err
+
+
 def test_a_walked_folder_is_listed_in_the_order_its_files_are_numbered(tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     """A run saved epoch_1 … epoch_12: `scan run/` in a pre-commit hook reads like the run, not like `ls`."""

@@ -19,6 +19,7 @@ from ckptview.errors import CkptviewError, printable
 from ckptview.present.text import human_bytes, human_count, shape_text, text_table
 from ckptview.readers import code_verdict_only
 from ckptview.readers.model import ROOT_NAME, Checkpoint, PickleImport, TensorEntry, TensorInfo, dotted_name
+from ckptview.readers.registry import unpickled_by_its_loader
 from ckptview.readers.weights_only import safe_loader_obstacle
 
 EXIT_NEEDS_CODE = 3
@@ -70,8 +71,23 @@ def expand_paths(paths: list[str]) -> list[str]:
                 expanded.extend(_folder_and_strays(os.path.join(folder, name)))
             folders[:] = [name for name in folders if name not in found and not name.startswith(".")]
             expanded.extend(os.path.join(folder, name) for name in sorted(files, key=natural_order)
-                            if name.lower().endswith(_CHECKPOINT_SUFFIXES))
+                            if _walked_checkpoint(folder, name))
     return expanded
+
+
+# Names no loader unpickles, left unread in a folder walk (a dataset's images, a repository's text)
+_NOT_CHECKPOINT_SUFFIXES = (".json", ".txt", ".md", ".rst", ".py", ".yaml", ".yml", ".toml", ".cfg", ".ini", ".csv",
+                            ".tsv", ".log", ".html", ".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg", ".ipynb",
+                            ".gitattributes", ".gitignore", ".lock", ".sh")
+
+
+def _walked_checkpoint(folder: str, name: str) -> bool:
+    """Whether a file met walking a folder is judged: a checkpoint by its name, or any other file (a
+    `model.torchscript`, a `weights.pickle`, a hub blob without a suffix) whose content a loader unpickles."""
+    lowered = name.lower()
+    if lowered.endswith(_CHECKPOINT_SUFFIXES):
+        return True
+    return not lowered.endswith(_NOT_CHECKPOINT_SUFFIXES) and unpickled_by_its_loader(os.path.join(folder, name))
 
 
 def natural_order(name: str) -> tuple[tuple[tuple[int, int | str], ...], str]:
@@ -110,8 +126,7 @@ def _folder_and_strays(folder: str) -> list[str]:
     for parent, folders, files in os.walk(folder):
         folders[:] = sorted((name for name in folders if not name.startswith(".")), key=natural_order)
         strays.extend(os.path.join(parent, name) for name in sorted(files, key=natural_order)
-                      if name.lower().endswith(_CHECKPOINT_SUFFIXES)
-                      and os.path.realpath(os.path.join(parent, name)) not in read)
+                      if os.path.realpath(os.path.join(parent, name)) not in read and _walked_checkpoint(parent, name))
     return [folder, *strays]
 
 
@@ -163,6 +178,8 @@ def needs_code(ckpt: Checkpoint) -> bool:
 
 def info(args: argparse.Namespace) -> int:
     paths = expand_paths(args.path)
+    if not paths:
+        return _nothing_found(args)
     if paths != args.path or len(paths) > 1:  # several files, or a folder walked: one line each
         return _info_many(paths, args)
     args.path = paths[0]
@@ -296,6 +313,16 @@ def _layout_text(info: Any) -> str:
     return f"{info.layout}: {what[:48]}"
 
 
+def _nothing_found(args: argparse.Namespace) -> int:
+    """Folders with no checkpoint in them: said (a gate pointed at the wrong folder passed in silence)."""
+    if args.json:
+        print_json([])
+    folders = ", ".join(printable(path) for path in args.path)
+    print(f"ckptview: error: no checkpoint files in {folders} (looked for {', '.join(_CHECKPOINT_SUFFIXES)}, and "
+          "for pickles by their content): give the folder that holds them", file=sys.stderr)
+    return 1
+
+
 def _info_many(paths: list[str], args: argparse.Namespace) -> int:
     """One line per file (`--json`: a list of `info --json` objects, or {"path", "error"})."""
     records, codes = [], []
@@ -319,6 +346,8 @@ def _info_many(paths: list[str], args: argparse.Namespace) -> int:
 
 def scan(args: argparse.Namespace) -> int:
     paths = expand_paths(args.path)
+    if not paths:
+        return _nothing_found(args)
     if paths != args.path or len(paths) > 1:  # several files, or a folder walked: one line each
         return _scan_many(paths, args)
     args.path = paths[0]

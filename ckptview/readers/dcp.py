@@ -67,7 +67,7 @@ def read_dcp(path: str, *, trust: bool) -> Checkpoint:
     imports = [imp for imp in unpickler.pickle_imports() if imp.name not in _DCP_CLASSES]
     size = sum(os.path.getsize(s.path) for s in sources.values()) + os.path.getsize(metadata_path)
     return Checkpoint(path, "torch-dcp", root, file_size=size, sources=list(sources.values()), pickle_imports=imports,
-                      trust=trust, details={"files": sorted(os.path.basename(p) for p in sources)})
+                      trust=trust, details={"files": [".metadata", *sorted(os.path.basename(p) for p in sources)]})
 
 
 def _source(path: str, relative: Any, sources: dict[str, FileSource]) -> FileSource:

@@ -14,6 +14,8 @@ lives here and not in its module because importing every reader to ask it would 
 from __future__ import annotations
 
 import importlib
+import os
+import stat
 import struct
 import zipfile
 from collections.abc import Callable
@@ -365,6 +367,27 @@ DIRECTORY_ROWS: tuple[tuple[str, str], ...] = (
      "`rng_state*.pth` and `training_args.bin`, each by its own reader, with epoch, step and the last logged "
      "metrics from `trainer_state.json`; its `output_dir` opens as a run"),
 )
+
+
+def unpickled_by_its_loader(path: str) -> bool:
+    """
+    Whether the file at `path`, whatever its name, is content `torch.load` or `pickle.load` unpickles:
+    a pickle, or a zip holding a `data.pkl` or `constants.pkl` (torch.save, TorchScript). Checked
+    from its first bytes (and a zip's directory); False for anything unreadable or not a regular file.
+    A folder scan judges such files by content: a `model.torchscript` or `weights.pickle` has no
+    checkpoint extension, and a gate that skipped it passed a folder holding code.
+    """
+    try:
+        with open(path, "rb") as stream:
+            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                return False
+            head = stream.read(HEAD_BYTES)
+            size = os.fstat(stream.fileno()).st_size
+    except OSError:
+        return False
+    probe = Probe(path, head, size)
+    return bool(head) and (_is_pickle(probe) or any(name.rpartition("/")[2] in ("data.pkl", "constants.pkl")
+                                                    for name in probe.zip_names))
 
 
 def find_format(probe: Probe) -> Format | None:
