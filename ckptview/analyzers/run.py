@@ -397,6 +397,8 @@ def open_run(path_or_glob: str | os.PathLike[str] | Sequence[str | os.PathLike[s
             cached[path] = result
             if run_cache is not None and not result.skipped:
                 run_cache.store_scan(result)
+        if run_cache is not None:
+            run_cache.save_scans()
     scans = [cached[path] for path in candidates]
     skipped.extend(Skipped(s.id.path, s.skipped) for s in scans if s.skipped)
     good = [s for s in scans if not s.skipped]

@@ -214,94 +214,166 @@ def default_cache_dir() -> str:
 class RunCache:
     """
     Results on disk under `directory` (created on first write):
-    - each file's header scan, a small JSON file named by a hash of the file's identity;
-    - the tensor tables of a run, one Parquet file named by a hash of its first checkpoint's identity
+    - the header scans of the files of a folder, a JSON file named by a hash of the folder's path,
+      each scan under its file's identity (a changed file is another key);
+    - the tensor tables of a run, in Parquet files named by a hash of its first checkpoint's identity
       (every drift row of a run is measured against that checkpoint), holding each file's table
-      with the identities of the file and of the previous checkpoint it was compared with. A
-      re-run reads that one file and recomputes only the tables whose file or previous
+      with the identities of the file and of the previous checkpoint it was compared with: the
+      first file, and one more for each re-run that added tables (folded back into the first
+      now and then). A re-run reads them and recomputes only the tables whose file or previous
       checkpoint changed.
     """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = os.fspath(directory)
-        # the last run table `summaries` read, (first checkpoint's key, the Arrow table, id of each table
-        # handed out -> (that table, its first row, its row count)), for `store_summaries` to copy from
-        self._read: tuple[str, Any, dict[int, tuple[dict[str, list[Any]], int, int]]] = ("", None, {})
+        # header scans by folder (folder -> file identity key -> the scan's fields): one file per folder, read
+        # once, where a file per checkpoint took 200 opens (~10 ms) of a re-run after ten new checkpoints
+        self._scans: dict[str, dict[str, Any]] = {}
+        self._unsaved_scans: set[str] = set()
+        # what `summaries` last read, for `store_summaries` to copy from: (first checkpoint's key, the Arrow
+        # table of each run file read, id of each table handed out -> (that table, its file's index in the
+        # list, its first row there, its row count))
+        self._read: tuple[str, list[Any], dict[int, tuple[dict[str, list[Any]], int, int, int]]] = ("", [], {})
 
     def _path(self, fid: FileId, suffix: str) -> str:
         digest = hashlib.sha256(f"{CACHE_VERSION}\x00{fid.key}".encode()).hexdigest()[:40]
         return os.path.join(self.directory, digest[:2], digest + suffix)
 
     def scan(self, fid: FileId) -> Scan | None:
+        stored = self._scan_index(_folder_of(fid.path)).get(fid.key)
         try:
-            with open(self._path(fid, ".scan.json"), encoding="utf-8") as handle:
-                meta = json.load(handle)
-            if meta.get("key") != fid.key:
-                return None
-            scan = meta["scan"]
-            return Scan(fid, scan["format"], scan["epoch"], scan["step"], scan["scalars"], scan["skipped"])
-        except (OSError, KeyError, TypeError, ValueError):  # missing or unreadable: recomputed, never trusted
+            return Scan(fid, stored["format"], stored["epoch"], stored["step"], stored["scalars"], stored["skipped"])
+        except (KeyError, TypeError):  # missing or unreadable: recomputed, never trusted
             return None
 
     def store_scan(self, scan: Scan) -> None:
-        meta = {"key": scan.id.key, "scan": {k: v for k, v in asdict(scan).items() if k != "id"}}
-        _write_replacing(self._path(scan.id, ".scan.json"),
-                         lambda path: Path(path).write_text(json.dumps(meta), encoding="utf-8"))
+        """Keep `scan` for `save_scans` to write."""
+        folder = _folder_of(scan.id.path)
+        self._scan_index(folder)[scan.id.key] = {k: v for k, v in asdict(scan).items() if k != "id"}
+        self._unsaved_scans.add(folder)
+
+    def save_scans(self) -> None:
+        """Write the scan index of each folder `store_scan` added to."""
+        for folder in sorted(self._unsaved_scans):
+            text = json.dumps({"folder": folder, "scans": self._scans[folder]})
+            _write_replacing(self._folder_index(folder), lambda path: Path(path).write_text(text, encoding="utf-8"))
+        self._unsaved_scans.clear()
+
+    def _scan_index(self, folder: str) -> dict[str, Any]:
+        """The folder's stored scans, file identity key -> the scan's fields (read once per folder)."""
+        index = self._scans.get(folder)
+        if index is None:
+            index = {}
+            with contextlib.suppress(OSError, ValueError):
+                with open(self._folder_index(folder), encoding="utf-8") as handle:
+                    stored = json.load(handle)
+                if (isinstance(stored, dict) and stored.get("folder") == folder
+                        and isinstance(stored.get("scans"), dict)):
+                    index = stored["scans"]
+            self._scans[folder] = index
+        return index
+
+    def _folder_index(self, folder: str) -> str:
+        digest = hashlib.sha256(f"{CACHE_VERSION}\x00scans\x00{folder}".encode()).hexdigest()[:40]
+        return os.path.join(self.directory, digest[:2], digest + ".scans.json")
 
     def summaries(self, first: FileId) -> dict[str, tuple[str | None, dict[str, list[Any]]]]:
         """The run's stored tables: file identity key -> (the previous checkpoint's key, the table)."""
         import pyarrow.parquet as pq
 
-        try:
-            # one read: the metadata comes with it. ParquetFile, not read_table: read_table imports
-            # pyarrow.dataset (and pandas), ~0.23 s, more than a re-run after ten new checkpoints takes
-            with pq.ParquetFile(self._path(first, ".run.parquet")) as stored:
-                table = stored.read()
-            meta = json.loads((table.schema.metadata or {})[b"ckptview"])
-            if meta.get("first") != first.key:
-                return {}
-            columns = {c: _column_values(table.column(c)) for c in COLUMNS} if table.num_rows else {}
-            found, start = {}, 0
-            slices = {}
-            for key, prev, rows in meta["files"]:
-                found[key] = (prev, {c: columns[c][start:start + rows] if columns else [] for c in COLUMNS})
-                slices[id(found[key][1])] = (found[key][1], start, rows)
-                start += rows
-        except (OSError, KeyError, TypeError, ValueError):
-            return {}
-        if table.schema.remove_metadata().equals(_schema()):
-            self._read = (first.key, table, slices)
+        found: dict[str, tuple[str | None, dict[str, list[Any]]]] = {}
+        pieces, slices = [], {}
+        for path in self._run_files(first):
+            try:
+                # one read: the metadata comes with it. ParquetFile, not read_table: read_table imports
+                # pyarrow.dataset (and pandas), ~0.23 s, more than a re-run after ten new checkpoints takes
+                with pq.ParquetFile(path) as stored:
+                    table = stored.read()
+                meta = json.loads((table.schema.metadata or {})[b"ckptview"])
+                if meta.get("first") != first.key or not table.schema.remove_metadata().equals(_schema()):
+                    break
+                columns = {c: _column_values(table.column(c)) for c in COLUMNS} if table.num_rows else {}
+                start, tables = 0, {}
+                for key, prev, rows in meta["files"]:
+                    tables[key] = (prev, {c: columns[c][start:start + rows] if columns else [] for c in COLUMNS},
+                                   start, rows)
+                    start += rows
+            except (OSError, KeyError, TypeError, ValueError):
+                break  # missing or unreadable: what it held is recomputed, never trusted
+            for key, (prev, values, start, rows) in tables.items():
+                # a later file's table for a checkpoint replaces an earlier one (its previous checkpoint changed)
+                found[key] = (prev, values)
+                slices[id(values)] = (values, len(pieces), start, rows)
+            pieces.append(table)
+        self._read = (first.key, pieces, slices)
         return found
 
     def store_summaries(self, first: FileId, entries: Sequence[tuple[FileId, FileId | None, dict[str, list[Any]]]]) -> None:
         """
-        Replace the run's stored tables with `entries`: (file, the previous checkpoint, its table) each.
-        Tables this cache returned from `summaries` are taken from the file it read as they were, not
-        converted again: a re-run after a few new checkpoints stores the others in milliseconds.
+        Store the run's tables, `entries`: (file, the previous checkpoint, its table) each. Tables this
+        cache returned from `summaries` stay where they were read: the new ones go to one more small
+        file beside them (a re-run after ten new checkpoints writes their rows, not the run's: rewriting
+        every row was the largest fixed cost of such a re-run). Past `_MAX_RUN_FILES` files, or when the
+        new tables outweigh the stored ones, everything is written into the first file again, taken from
+        the files read as they were (not converted again).
         """
+        read_first, pieces, slices = self._read
+        if read_first != first.key:
+            pieces, slices = [], {}
+
+        def place_of(table: dict[str, list[Any]]) -> tuple[Any, int, int, int] | None:
+            place = slices.get(id(table))
+            return place if place is not None and place[0] is table else None
+
+        held = [place for _, _, table in entries if (place := place_of(table)) is not None]
+        new = [(fid, prev, table) for fid, prev, table in entries if place_of(table) is None]
+        if not new:
+            return  # every table is in the files already
+        held_rows = sum(place[3] for place in held)
+        new_rows = sum(len(table[COLUMNS[0]]) for _, _, table in new)
+        files = self._run_files(first)
+        if held and len(pieces) < _MAX_RUN_FILES and new_rows <= held_rows:
+            self._write_run_file(files[len(pieces)], first, [_arrow_table([table for _, _, table in new])],
+                                 [(fid, prev, len(table[COLUMNS[0]])) for fid, prev, table in new])
+            return
+        parts, rows_of, run = [], [], []
+        for fid, prev, table in entries:
+            place = place_of(table)
+            if place is not None:
+                if run:
+                    parts.append(_arrow_table(run))
+                    run = []
+                parts.append(pieces[place[1]].slice(place[2], place[3]))
+            else:
+                run.append(table)
+            rows_of.append((fid, prev, len(table[COLUMNS[0]])))
+        if run or not parts:
+            parts.append(_arrow_table(run))
+        self._write_run_file(files[0], first, parts, rows_of)
+        for added in files[1:]:  # what they held is in the first file now (or was computed again)
+            with contextlib.suppress(OSError):
+                os.unlink(added)
+
+    def _run_files(self, first: FileId) -> list[str]:
+        """The run's table files: the first, then the ones each re-run added, in the order to read them."""
+        base = self._path(first, "")
+        return [base + ".run.parquet"] + [f"{base}.run.{number}.parquet" for number in range(1, _MAX_RUN_FILES)]
+
+    def _write_run_file(self, path: str, first: FileId, parts: list[Any],
+                        files: list[tuple[FileId, FileId | None, int]]) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        read_first, read_table, slices = self._read
-        pieces, new = [], []
-        for _, _, table in entries:
-            held = slices.get(id(table)) if read_first == first.key else None
-            if held is not None and held[0] is table:
-                if new:
-                    pieces.append(_arrow_table(new))
-                    new = []
-                pieces.append(read_table.slice(held[1], held[2]))
-            else:
-                new.append(table)
-        if new or not pieces:
-            pieces.append(_arrow_table(new))
-        meta = {"first": first.key, "files": [(fid.key, _key(prev), len(t[COLUMNS[0]])) for fid, prev, t in entries]}
-        table = pa.concat_tables(pieces).replace_schema_metadata({b"ckptview": json.dumps(meta).encode()})
+        meta = {"first": first.key, "files": [(fid.key, _key(prev), rows) for fid, prev, rows in files]}
+        table = pa.concat_tables(parts).replace_schema_metadata({b"ckptview": json.dumps(meta).encode()})
         # dictionary pages for the names only: tried on the float columns too (pyarrow's default) they
         # doubled the write, each value being distinct
-        _write_replacing(self._path(first, ".run.parquet"),
-                         lambda path: pq.write_table(table, path, use_dictionary=list(_TEXT_COLUMNS),
-                                                     write_statistics=False))
+        _write_replacing(path, lambda temporary: pq.write_table(table, temporary, use_dictionary=list(_TEXT_COLUMNS),
+                                                                write_statistics=False))
+
+
+# A run's tables live in its first file and up to this many minus one added by re-runs
+_MAX_RUN_FILES = 8
 
 
 # Each column's Arrow type, given rather than inferred: a table read back and one made from new rows concatenate
@@ -361,6 +433,11 @@ def _write_replacing(path: str, write: Callable[[str], Any]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def _folder_of(path: str) -> str:
+    """The folder of a path or URL (a URL's path is split at its last slash)."""
+    return path.rpartition("/")[0] if "://" in path else os.path.dirname(os.path.abspath(path))
 
 
 def _key(fid: FileId | None) -> str | None:
