@@ -587,6 +587,31 @@ def test_dcp_directory_listing_equals_dcp_reader(tmp_path: Path, trained_cnn: Sm
         assert [p.name for p in opt.params] == [n for n, _ in trained_cnn.named_parameters()]
 
 
+def test_dcp_item_saved_in_chunks_keeps_its_dtype(tmp_path: Path) -> None:
+    """A tensor several ranks saved in chunks is listed as unsupported (consolidate it first), with the
+    dtype its .metadata names: the check looked for a torch.dtype, which the safe unpickler never
+    makes, and listed every such bfloat16 tensor as float32."""
+    import dataclasses
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    folder = tmp_path / "dcp"
+    dcp.save({"w": torch.randn(4, 3).to(torch.bfloat16)}, checkpoint_id=str(folder))
+    with open(folder / ".metadata", "rb") as stream:
+        metadata = pickle.load(stream)  # our own file: what two ranks saving halves of `w` write instead
+    item = metadata.state_dict_metadata["w"]
+    halves = [ChunkStorageMetadata(offsets=torch.Size([row, 0]), sizes=torch.Size([2, 3])) for row in (0, 2)]
+    metadata.state_dict_metadata["w"] = dataclasses.replace(item, chunks=halves)
+    with open(folder / ".metadata", "wb") as stream:
+        pickle.dump(metadata, stream)
+    with ckptview.open(folder) as ckpt:
+        entry = ckpt.tensor("w")
+        assert (entry.layout, entry.dtype, entry.shape) == ("unsupported", torch.bfloat16, (4, 3))
+        assert "2 chunks" in entry.info.note
+
+
 def test_dcp_metadata_payload_not_run(tmp_path: Path) -> None:
     import pickle
 

@@ -55,6 +55,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    import torch.distributed.checkpoint as dcp
+
+    paths["dcp"] = tmp / "dcp"
+    dcp.save({"model": model.state_dict(), "epoch": 3}, checkpoint_id=str(paths["dcp"]))
     paths["npy"], paths["npz"] = tmp / "weights.npy", tmp / "weights.npz"
     np.save(paths["npy"], np.ones((3, 2), dtype=np.float16))
     np.savez_compressed(paths["npz"], w=np.arange(6.0), mask=np.array([True, False]))
@@ -62,7 +66,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("command", ["info", "tensors", "scan", "tree"])
-@pytest.mark.parametrize("kind", ["zip", "legacy", "safetensors", "training", "pt2", "onnx", "gguf", "npy", "npz"])
+@pytest.mark.parametrize("kind", ["zip", "legacy", "safetensors", "training", "pt2", "onnx", "gguf", "npy", "npz",
+                                  "dcp"])
 def test_header_only_commands_import_no_heavy_module(files: dict[str, Path], command: str, kind: str) -> None:
     code = ("import contextlib, io, json, sys\nfrom ckptview.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"

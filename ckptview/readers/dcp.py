@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
 
 from ckptview.errors import CorruptCheckpointError, ShardError, TruncatedCheckpointError, printable
 from ckptview.readers.model import Checkpoint, FileSource, PickledObject, TensorInfo
 from ckptview.readers.paths import resolve_inside
 from ckptview.readers.torch_pickle import mapped, parse_torch_zip, unpickle
+from ckptview.readers.unpickler import DTypeRef
 from ckptview.readers.zip_directory import NoEndRecord
 
 # DCP's own metadata classes, named exactly (a prefix would let `pathlib.os.system` through): what
@@ -86,7 +86,8 @@ def _read_item(path: str, fqn: str, item: Any, locations: list[tuple[Any, Any]],
     if is_tensor:
         shape = tuple(int(d) for d in _field(item, "size") or ())
         dtype = _field(_field(item, "properties"), "dtype", 0)
-        dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+        # the pickle names it (torch.bfloat16 as a DTypeRef): the unpickler makes no torch.dtype
+        dtype = dtype.name if isinstance(dtype, DTypeRef) else "float32"
         chunks = _field(item, "chunks") or []
         if len(chunks) != 1 or len(locations) != 1:
             return TensorInfo(shape=shape, dtype=dtype, storage=None, layout="unsupported",
@@ -97,7 +98,7 @@ def _read_item(path: str, fqn: str, item: Any, locations: list[tuple[Any, Any]],
     info = locations[0][1]
     relative, start, length = _field(info, "relative_path"), int(_field(info, "offset")), int(_field(info, "length"))
     if _field(info, "transform_descriptors"):
-        return TensorInfo(shape=(), dtype=torch.uint8, storage=None, layout="unsupported",
+        return TensorInfo(shape=(), dtype="uint8", storage=None, layout="unsupported",
                           note="stored with transforms (compression); load it with torch.distributed.checkpoint")
     source = _source(path, relative, sources)
     file_size = os.path.getsize(source.path)
