@@ -378,16 +378,31 @@ def unpickled_by_its_loader(path: str) -> bool:
     checkpoint extension, and a gate that skipped it passed a folder holding code.
     """
     try:
-        with open(path, "rb") as stream:
-            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
-                return False
-            head = stream.read(HEAD_BYTES)
-            size = os.fstat(stream.fileno()).st_size
+        # non-blocking: a named pipe in the folder would otherwise hold the open until something wrote to it
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return False
-    probe = Probe(path, head, size)
-    return bool(head) and (_is_pickle(probe) or any(name.rpartition("/")[2] in ("data.pkl", "constants.pkl")
-                                                    for name in probe.zip_names))
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            return False
+        head, size = os.pread(descriptor, HEAD_BYTES, 0), info.st_size
+        if head.startswith(ZIP_MAGIC):
+            from ckptview.readers.zip_directory import BadZip, directory_bytes
+
+            # the names searched in the directory's bytes, no record made per member: a crafted directory of
+            # millions of names costs its bytes, not a zipfile.ZipInfo each. A name that only ends so (a
+            # "mydata.pkl") is opened and judged too.
+            try:
+                directory, _ = directory_bytes(lambda offset, count: os.pread(descriptor, count, offset), size)
+            except (BadZip, struct.error):
+                return True  # a zip this cannot read may still be one torch reads: opened, it gets its line
+            return b"data.pkl" in directory or b"constants.pkl" in directory
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)
+    return bool(head) and _is_pickle(Probe(path, head, size))
 
 
 def find_format(probe: Probe) -> Format | None:

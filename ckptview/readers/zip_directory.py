@@ -66,6 +66,16 @@ def read_directory(read: Callable[[int, int], bytes], size: int) -> list[Member]
     Raises:
         BadZip: no end record (a cut-off file), or a directory that is not where the end record says.
     """
+    return _entries(*directory_bytes(read, size))
+
+
+def directory_bytes(read: Callable[[int, int], bytes], size: int) -> tuple[bytes, int]:
+    """The archive's central directory as stored, and how far bytes prepended to the archive shift
+    its offsets (`read_directory` without making a record per member).
+
+    Raises:
+        BadZip: as `read_directory`.
+    """
     tail_size = min(size, _END.size + _MAX_COMMENT)
     tail = read(size - tail_size, tail_size)
     at = tail.rfind(b"PK\x05\x06")
@@ -89,7 +99,7 @@ def read_directory(read: Callable[[int, int], bytes], size: int) -> list[Member]
     directory = read(dir_offset + shift, dir_size)
     if len(directory) < dir_size:
         raise BadZip("the directory is cut off")
-    return _entries(directory, shift)
+    return directory, shift
 
 
 def _entries(directory: bytes, shift: int) -> list[Member]:
