@@ -70,11 +70,15 @@ def print_json(data: Any) -> None:
 
 def print_json_lines(items: list[str]) -> None:
     """A JSON list whose elements are already encoded (`item_encoder`), laid out as `print_json` lays one out."""
-    sys.stdout.write(strict_json("[\n  " + ",\n  ".join(items) + "\n]") + "\n" if items else "[]\n")
+    text = ",\n  ".join(items)
+    if "NaN" in text or "Infinity" in text:  # only the elements that hold one are looked at again
+        text = ",\n  ".join(map(strict_json, items))
+    sys.stdout.write("[\n  " + text + "\n]\n" if items else "[]\n")
 
 
-# a JSON string (skipped whole: a name may read "NaN") or one of the bare tokens json writes for non-finite floats
-_STRING_OR_NON_FINITE = re.compile(r'"(?:[^"\\]|\\.)*"|-?Infinity|NaN')
+# a JSON string (skipped whole: a name may read "NaN"; unrolled, so a long one is one match, not one per
+# character) or one of the bare tokens json writes for non-finite floats
+_STRING_OR_NON_FINITE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|-?Infinity|NaN')
 
 
 def strict_json(text: str) -> str:
