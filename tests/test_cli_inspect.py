@@ -220,9 +220,13 @@ def test_a_folder_scan_judges_pickles_by_content_whatever_their_name(tmp_path: P
     (zoo / "notes.txt").write_bytes(b"\x80\x02N.")  # a pickle by content, but a name no loader unpickles
     (zoo / "tokenizer.model").write_bytes(b"\n\x0b\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02")  # protobuf
     os.mkfifo(zoo / "pipe")  # looked at without blocking: nothing will ever write to it
+    import tarfile
+
+    with tarfile.open(zoo / "backup", "w") as archive:  # torch.load unpickles a pre-1.0 tar's members
+        archive.add(zoo / "notes.txt", arcname="pickle")
     assert main(["scan", "--json", str(zoo)]) == 3
     records = {Path(r["path"]).name: r["needs_code"] for r in json.loads(capsys.readouterr().out)}
-    assert records == {"blob": False, "model.torchscript": True, "weights.pickle": True}
+    assert records == {"backup": None, "blob": False, "model.torchscript": True, "weights.pickle": True}
     assert main(["info", str(zoo / "blob")]) == 0 and not marker.exists()
     capsys.readouterr()
     empty = tmp_path / "empty"

@@ -372,7 +372,8 @@ DIRECTORY_ROWS: tuple[tuple[str, str], ...] = (
 def unpickled_by_its_loader(path: str) -> bool:
     """
     Whether the file at `path`, whatever its name, is content `torch.load` or `pickle.load` unpickles:
-    a pickle, or a zip holding a `data.pkl` or `constants.pkl` (torch.save, TorchScript). Checked
+    a pickle, a zip holding a `data.pkl` or `constants.pkl` (torch.save, TorchScript), or a tar (the
+    pre-1.0 torch.save format). Checked
     from its first bytes (and a zip's directory); False for anything unreadable or not a regular file.
     A folder scan judges such files by content: a `model.torchscript` or `weights.pickle` has no
     checkpoint extension, and a gate that skipped it passed a folder holding code.
@@ -402,7 +403,8 @@ def unpickled_by_its_loader(path: str) -> bool:
         return False
     finally:
         os.close(descriptor)
-    return bool(head) and _is_pickle(Probe(path, head, size))
+    # torch.load also unpickles the members of a pre-1.0 torch.save tar
+    return bool(head) and (_is_pickle(Probe(path, head, size)) or head[257:262] == b"ustar")
 
 
 def find_format(probe: Probe) -> Format | None:
