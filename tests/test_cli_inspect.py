@@ -237,6 +237,19 @@ def test_a_folder_scan_judges_pickles_by_content_whatever_their_name(tmp_path: P
         assert "no checkpoint files in" in capsys.readouterr().err
 
 
+def test_a_hub_cache_folder_lists_each_file_once_by_its_name(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The Hugging Face hub's cache keeps a file as `blobs/<hash>` and `snapshots/<rev>/pytorch_model.bin`, a
+    link to it: judged by content, the blob was listed beside the link, under its hash."""
+    repo = tmp_path / "models--org--net"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    torch.save({"w": torch.ones(2)}, repo / "blobs" / "9f86d081884c7d65")
+    (repo / "snapshots" / "abc123" / "pytorch_model.bin").symlink_to("../../blobs/9f86d081884c7d65")
+    assert main(["scan", "--json", str(repo)]) == 0
+    assert [Path(r["path"]).name for r in json.loads(capsys.readouterr().out)] == ["pytorch_model.bin"]
+
+
 def test_a_walked_folder_is_listed_in_the_order_its_files_are_numbered(tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     """A run saved epoch_1 … epoch_12: `scan run/` in a pre-commit hook reads like the run, not like `ls`."""

@@ -72,7 +72,21 @@ def expand_paths(paths: list[str]) -> list[str]:
             folders[:] = [name for name in folders if name not in found and not name.startswith(".")]
             expanded.extend(os.path.join(folder, name) for name in sorted(files, key=natural_order)
                             if _walked_checkpoint(folder, name))
-    return expanded
+    return _once_each(expanded)
+
+
+def _once_each(paths: list[str]) -> list[str]:
+    """`paths` with each file once, by the name it has as a checkpoint: the Hugging Face hub's cache holds
+    each file as a blob named by its hash and as a link named `pytorch_model.bin` to it, and a folder
+    walk found both (the blob by its content)."""
+    chosen: dict[str, str] = {}
+    for path in paths:
+        real = os.path.realpath(path)
+        if real not in chosen or (not chosen[real].lower().endswith(_CHECKPOINT_SUFFIXES)
+                                  and path.lower().endswith(_CHECKPOINT_SUFFIXES)):
+            chosen[real] = path
+    kept = set(chosen.values())
+    return [path for path in dict.fromkeys(paths) if path in kept]
 
 
 # Names no loader unpickles, left unread in a folder walk (a dataset's images, a repository's text)
