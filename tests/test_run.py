@@ -594,3 +594,9 @@ def test_open_checkpoints_stay_within_their_bounds(tmp_path: Path) -> None:
     assert descriptors() - before == 2
     kept.clear()
     assert descriptors() == before and not kept._entries
+
+
+def test_timeline_of_one_checkpoint_says_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.save({"w": torch.ones(2)}, tmp_path / "epoch_1.pt")
+    assert main(["timeline", str(tmp_path), "--no-cache"]) == 0
+    assert capsys.readouterr().out.startswith("1 checkpoint, ordered")

@@ -71,7 +71,8 @@ def render_timeline(summary: RunSummary) -> str:
                      _num(checkpoint.scalars.get("loss")), _num(checkpoint.scalars.get(metric)) if metric else "-",
                      _num(checkpoint.scalars.get("lr")), f"{_num(change)} {module}".strip(), " ".join(marks)))
     header = ("checkpoint", "epoch", "step", "loss", metric or "metric", "lr", "largest change (module)", "marks")
-    lines = [f"{len(summary.checkpoints)} checkpoints, ordered {summary.order_note}",
+    count = len(summary.checkpoints)
+    lines = [f"{count} checkpoint{'' if count == 1 else 's'}, ordered {summary.order_note}",
              text_table(rows, header, align_right=(1, 2, 3, 4, 5))]
     if summary.best:
         lines.append(f"best: {os.path.basename(summary.best.path)} ({summary.best.metric} = "
