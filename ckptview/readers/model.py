@@ -714,8 +714,11 @@ class Checkpoint:
         # parameter_count, total_bytes, info and the stats panel all ask; the tree never changes
         entries = self.tensors()
         # most files store one tensor per storage: then every view is its own, and no identity is needed
-        if len({storage_identity(entry.info.storage) for entry in entries if entry.info.storage is not None}) \
-                == len(entries):
+        # (storage_identity inline: a call per tensor was a tenth of `info` on 20,000 tensors)
+        storages = [entry.info.storage for entry in entries]
+        if len({(id(storage.source), storage.key) for storage in storages if storage is not None}) == len(entries):
+            with self._cache_lock:
+                self._cache["a storage per view"] = True
             return list(entries)
         seen: set[Any] = set()
         unique = []
@@ -734,9 +737,12 @@ class Checkpoint:
     @property
     def total_bytes(self) -> int:
         """Bytes of tensor data, each stored block counted once."""
+        unique = self.unique_tensors()
+        if self._cache.get("a storage per view"):  # no storage counted twice: no identities to compare
+            return sum(entry.info.storage.nbytes for entry in unique)  # type: ignore[union-attr]
         storages: dict[tuple[int, str], int] = {}
         loose = 0
-        for entry in self.unique_tensors():
+        for entry in unique:
             storage = entry.info.storage
             if storage is not None:
                 storages[storage_identity(storage)] = storage.nbytes
