@@ -325,8 +325,9 @@ class RunCache:
             place = slices.get(id(table))
             return place if place is not None and place[0] is table else None
 
-        held = [place for _, _, table in entries if (place := place_of(table)) is not None]
-        new = [(fid, prev, table) for fid, prev, table in entries if place_of(table) is None]
+        placed = [(fid, prev, table, place_of(table)) for fid, prev, table in entries]
+        held = [place for *_, place in placed if place is not None]
+        new = [(fid, prev, table) for fid, prev, table, place in placed if place is None]
         if not new:
             return  # every table is in the files already
         held_rows = sum(place[3] for place in held)
@@ -337,8 +338,7 @@ class RunCache:
                                  [(fid, prev, len(table[COLUMNS[0]])) for fid, prev, table in new])
             return
         parts, rows_of, run = [], [], []
-        for fid, prev, table in entries:
-            place = place_of(table)
+        for fid, prev, table, place in placed:
             if place is not None:
                 if run:
                     parts.append(_arrow_table(run))

@@ -23,7 +23,7 @@ import math
 import os
 import re
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field, replace
@@ -149,6 +149,10 @@ class StatsResult:
 
     def __len__(self) -> int:
         return len(self.tensors)
+
+    def skipped_reasons(self) -> list[tuple[str, int]]:
+        """Why tensors have no statistics, each reason with how many, most frequent first."""
+        return Counter(item.skipped for item in self.tensors if item.skipped).most_common()
 
     def to_frame(self) -> pd.DataFrame:
         """

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
@@ -70,10 +69,10 @@ def render_stats(result: StatsResult, *, rows: int | None = None) -> str:
     if len(result.tensors) > len(tensors):
         lines.append(f"... and {len(result.tensors) - len(tensors):,} more tensors (--all prints every row, --json "
                      "lists them, --filter picks some)")
-    reasons = Counter(item.skipped for item in result.tensors if item.skipped)
+    reasons = result.skipped_reasons()
     if reasons:  # the "-" cells of a skipped tensor said nothing of why
         lines.append("")
-        lines.extend(printable(f"{count:,} without statistics: {reason}") for reason, count in reasons.most_common())
+        lines.extend(printable(f"{count:,} without statistics: {reason}") for reason, count in reasons)
     if result.outliers:
         lines.append(f"\n{len(result.outliers)} outlier(s):")
         lines.extend(printable(f"  {o.name}: {o.check}: {o.message}") for o in result.outliers)

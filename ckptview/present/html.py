@@ -6,7 +6,6 @@ report (`ckptview.report`) puts the same fragments in one page, so both say the 
 from __future__ import annotations
 
 import html
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -238,10 +237,10 @@ def _node_html(node: TreeNode, depth: int, open_depth: int, budget: list[int]) -
 def stats_summary_html(result: StatsResult, frame: pd.DataFrame) -> str:
     flagged = {o.name for o in result.outliers}
     nonfinite = int(((frame["nan_count"] > 0) | (frame["inf_count"] > 0)).sum()) if len(frame) else 0
-    reasons = Counter(item.skipped for item in result.tensors if item.skipped)
     # otherwise a file whose every tensor was skipped (values never saved, all complex) showed an empty
     # plot, NaN cells and "no outliers", with the why in a column scrolled out of sight
-    skipped = "".join(f" {count:,} without statistics: {esc(reason)}." for reason, count in reasons.most_common(3))
+    skipped = "".join(f" {count:,} without statistics: {esc(reason)}."
+                      for reason, count in result.skipped_reasons()[:3])
     return (f"<b>{len(frame):,}</b> tensors; <b>{len(result.outliers)}</b> findings on "
             f"{len(flagged)} tensors; {nonfinite} tensors hold NaN or Inf.{skipped}")
 

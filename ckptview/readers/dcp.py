@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-
 from ckptview.errors import CorruptCheckpointError, ShardError, TruncatedCheckpointError, printable
 from ckptview.readers.model import Checkpoint, FileSource, PickledObject, TensorInfo
 from ckptview.readers.paths import resolve_inside

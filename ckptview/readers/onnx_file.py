@@ -770,7 +770,7 @@ def numpy_to_torch(array: np.ndarray) -> torch.Tensor:
     if name.startswith(("float4", "float6")):
         return torch.from_numpy(np.ascontiguousarray(array.astype(np.float32)))
     by_bits = getattr(torch, name, None) if name in ("bfloat16", "float8_e4m3fn", "float8_e4m3fnuz",
-                                                         "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu") else None
+                                                     "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu") else None
     if by_bits is not None:
         bits = np.ascontiguousarray(array).view(np.uint16 if array.dtype.itemsize == 2 else np.uint8)
         return torch.from_numpy(bits.copy()).view(by_bits)

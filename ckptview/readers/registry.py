@@ -373,8 +373,8 @@ def unpickled_by_its_loader(path: str) -> bool:
     """
     Whether the file at `path`, whatever its name, is content `torch.load` or `pickle.load` unpickles:
     a pickle, a zip holding a `data.pkl` or `constants.pkl` (torch.save, TorchScript), or a tar (the
-    pre-1.0 torch.save format). Checked
-    from its first bytes (and a zip's directory); False for anything unreadable or not a regular file.
+    pre-1.0 torch.save format). Checked from its first bytes (and a zip's directory); False for
+    anything unreadable or not a regular file.
     A folder scan judges such files by content: a `model.torchscript` or `weights.pickle` has no
     checkpoint extension, and a gate that skipped it passed a folder holding code.
     """
