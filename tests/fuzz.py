@@ -393,7 +393,10 @@ for line in sys.stdin:
                     except CkptviewError:
                         pass
         except CkptviewError as exc:
-            answer["verdict"] = "error"
+            named = getattr(exc, "named_globals", None)
+            # refused, but naming what its pickles import before the point of failure: scan exits 3 with them
+            answer["verdict"] = "code" if named else "error"
+            answer["imports"] = sorted(i.name for i in named) if named else None
             if "\n" in str(exc):
                 answer["problem"] = "a CkptviewError message spans lines"
         out = io.StringIO()

@@ -163,6 +163,61 @@ def dcp_metadata_payload(tmp: Path, marker: Path, module: str, name: str) -> Pat
     return folder
 
 
+# --- code, then a failure: torch.load has run the payload before it raises ---------------------------
+
+def code_then_failure(tmp: Path, marker: Path, kind: str) -> Path:
+    """
+    A file torch.load fails on only after unpickling a payload: a legacy file whose protocol record
+    the payload replaces ("legacy-protocol", torch raises "Invalid protocol version"), or whose storages
+    are cut off after a data pickle that starts with it ("legacy-truncated"), and an archive whose
+    data.pkl starts with it and refers to a storage member that is gone ("zip-missing-storage").
+    """
+    payload = call_and_drop(global_op("os", "system"), f"touch {marker}")
+    if kind == "zip-missing-storage":
+        members = zip_members(saved_zip({"w": torch.arange(4.0)}))
+        data = next(d for n, d in members if n.endswith("/data.pkl"))
+        members = [(n, d) for n, d in members if "/data/" not in n]
+        data_pkl = data[:2] + payload + data[2:]  # after PROTO 2: the payload, then the state dict
+        return write_zip(tmp / f"{kind}.pt", replace_member(members, "/data.pkl", data_pkl))
+    parts = legacy_pickles(saved_legacy({"w": torch.arange(1000.0)}))
+    if kind == "legacy-protocol":
+        parts[1] = payload_then(0, marker)
+        return _written(tmp / f"{kind}.pt", b"".join(parts))
+    assert kind == "legacy-truncated"
+    parts[3] = parts[3][:2] + payload + parts[3][2:]
+    return _written(tmp / f"{kind}.pt", b"".join(parts)[:-100])
+
+
+def _written(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+class _Payload:
+    """An object whose unpickling runs `touch marker`: what torch.save writes for it is the payload."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def dcp_bytes_item_payload(tmp: Path, marker: Path) -> Path:
+    """A real DCP folder with a non-tensor item, which dcp.load reads with torch.load(weights_only=False)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp / "dcp-bytes-item"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.ones(3), "extra": _Payload(marker)}, checkpoint_id=str(folder), no_dist=True)
+    return folder
+
+
 # --- poisoning: BUILD aimed at objects the unpickler hands out or makes ------------------------
 
 def _storage_ref(storage_global: bytes, key: str, numel: int) -> bytes:

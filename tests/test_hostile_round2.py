@@ -36,13 +36,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def scan_verdict(path: Path) -> tuple[str, set[str]]:
-    """("error", set()) when ckptview refuses the file, else ("code"/"safe", the imports scan names)."""
+    """("code"/"safe", the imports scan names); ("code", what it names) when ckptview refuses a file
+    whose pickles name globals before the point of failure (`scan` exits 3), else ("error", set())."""
     try:
         with ckptview.open(path) as ckpt:
             imports = {imp.name for imp in ckpt.pickle_imports}
             return ("code" if imports or ckpt.format == "torchscript" else "safe"), imports
-    except CkptviewError:
-        return "error", set()
+    except CkptviewError as exc:
+        named = {imp.name for imp in getattr(exc, "named_globals", [])}
+        return ("code", named) if named else ("error", set())
 
 
 def assert_scan_covers_torch(path: Path) -> str:
@@ -101,6 +103,31 @@ def test_dcp_metadata_globals_are_matched_exactly(tmp_path: Path, module: str, n
     folder = hostile.dcp_metadata_payload(tmp_path, marker, module, name)
     assert assert_scan_covers_torch(folder) == "code"
     assert f"{module}.{name}" in scan_verdict(folder)[1]
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["legacy-protocol", "legacy-truncated", "zip-missing-storage"])
+def test_code_before_a_failure_is_code(tmp_path: Path, kind: str) -> None:
+    # torch.load runs the payload, then fails: scan exits 3 naming it, not 1 as for a merely damaged file
+    marker = tmp_path / "ran"
+    path = hostile.code_then_failure(tmp_path, marker, kind)
+    assert "os.system" in torch_lookups(path)["lookups"]
+    with pytest.raises(CorruptCheckpointError, match="Before that point it names os.system") as caught:
+        ckptview.open(path)
+    assert [imp.name for imp in caught.value.named_globals] == ["os.system"]
+    assert assert_scan_covers_torch(path) == "code"
+    assert cli_main(["scan", str(path)]) == 3
+    assert not marker.exists()
+
+
+def test_dcp_non_tensor_items_are_scanned(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # dcp.load reads a non-tensor item with torch.load(weights_only=False): its pickle is the checkpoint's code
+    marker = tmp_path / "ran"
+    folder = hostile.dcp_bytes_item_payload(tmp_path, marker)
+    assert "posix.system" in torch_lookups(folder)["lookups"]
+    assert assert_scan_covers_torch(folder) == "code"
+    assert cli_main(["scan", str(folder)]) == 3
+    assert "torch.distributed.checkpoint.load would import" in capsys.readouterr().out
     assert not marker.exists()
 
 

@@ -87,13 +87,7 @@ def observe(path: str) -> dict[str, object]:
 
     recording = _recording_module()
     if os.path.isdir(path):
-        import torch.distributed.checkpoint.filesystem as filesystem
-
-        filesystem.pickle = recording  # read_metadata calls pickle.load on .metadata
-        try:
-            filesystem.FileSystemReader(path).read_metadata()
-        except BaseException:  # noqa: BLE001 - a failed load still tells which globals it looked up
-            pass
+        _dcp_load(path, recording)
         return {"lookups": _LOOKUPS, "torchscript": False}
     torchscript = False
     import zipfile
@@ -114,6 +108,49 @@ def observe(path: str) -> dict[str, object]:
         except BaseException:  # noqa: BLE001
             pass
     return {"lookups": _LOOKUPS, "torchscript": torchscript}
+
+
+def _dcp_load(path: str, recording: types.ModuleType) -> None:
+    """
+    DCP's reader on the folder: `read_metadata` pickle.loads the .metadata (recorded), and where it
+    looks up only DCP's own classes the metadata is read for real and `dcp.load` run on a template
+    of its items, with `torch.load(weights_only=False)` (how it reads a non-tensor item) recorded.
+    """
+    import torch
+    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint.filesystem as filesystem
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    real_pickle = filesystem.pickle
+    filesystem.pickle = recording
+    try:
+        filesystem.FileSystemReader(path).read_metadata()
+    except BaseException:  # noqa: BLE001 - a failed load still tells which globals it looked up
+        return
+    finally:
+        filesystem.pickle = real_pickle
+    from ckptview.readers.dcp import _DCP_CLASSES
+
+    if not set(_LOOKUPS) <= set(torch._weights_only_unpickler._get_allowed_globals()) | _DCP_CLASSES:
+        return  # anything else in the metadata: recorded, and never run
+    real_load = torch.load
+
+    def recorded_load(file: object, *args: object, weights_only: object = None, **kwargs: object) -> object:
+        if weights_only is False:
+            kwargs["pickle_module"] = recording
+        return real_load(file, *args, weights_only=weights_only, **kwargs)
+
+    torch.load = recorded_load
+    try:
+        metadata = filesystem.FileSystemReader(path).read_metadata()
+        template = {fqn: torch.empty(item.size, dtype=item.properties.dtype)
+                    if isinstance(item, TensorStorageMetadata) else None
+                    for fqn, item in metadata.state_dict_metadata.items()}
+        dcp.load(template, checkpoint_id=path, no_dist=True)
+    except BaseException:  # noqa: BLE001
+        pass
+    finally:
+        torch.load = real_load
 
 
 def _is_numpy_file(path: str) -> bool:

@@ -385,7 +385,10 @@ def scan(args: argparse.Namespace) -> int:
         if args.json:
             print_json(record)
         elif imports:
-            if ckpt.format.startswith("torch") or ckpt.format == "pickle":
+            if ckpt.format == "torch-dcp":
+                print(f"{printable(ckpt.path)}: its pickles import {len(imports)} global(s) outside the allow-list; "
+                      "torch.distributed.checkpoint.load would import and may call them:")
+            elif ckpt.format.startswith("torch") or ckpt.format == "pickle":
                 print(f"{printable(ckpt.path)}: the pickle imports {len(imports)} global(s) outside the allow-list; "
                       "torch.load(weights_only=False) would import and may call them:")
             elif ckpt.details.get("allow_pickle"):
@@ -401,6 +404,9 @@ def scan(args: argparse.Namespace) -> int:
                   + ", ".join(code_files[:5]) + ")")
         elif obstacle := safe_loader_obstacle(ckpt.details):  # no code, yet the format's safe loader refuses it
             print(f"{printable(ckpt.path)}: needs no foreign code ({ckpt.format}); {obstacle}")
+        elif ckpt.format == "torch-dcp":
+            print(f"{printable(ckpt.path)}: needs no foreign code (torch-dcp); safe to load with "
+                  "torch.distributed.checkpoint.load")
         else:
             print(f"{printable(ckpt.path)}: needs no foreign code ({ckpt.format}); safe to load with torch.load(weights_only=True)"
                   if ckpt.format.startswith("torch") else f"{printable(ckpt.path)}: needs no foreign code ({ckpt.format})")

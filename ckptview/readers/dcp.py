@@ -8,14 +8,17 @@ item's archive is parsed in place: tensor bytes stay in the .distcp files until 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Any
 
 from ckptview.errors import CorruptCheckpointError, ShardError, TruncatedCheckpointError, printable
-from ckptview.readers.model import Checkpoint, FileSource, PickledObject, TensorInfo
+from ckptview.readers.model import Checkpoint, FileSource, PickledObject, PickleImport, TensorInfo
 from ckptview.readers.paths import resolve_inside
-from ckptview.readers.torch_pickle import mapped, parse_torch_zip, unpickle
-from ckptview.readers.unpickler import DTypeRef
+from ckptview.readers.torch_pickle import code_named_before_failing, mapped, merge_imports, parse_torch_zip, unpickle
+from ckptview.readers.unpickler import DTypeRef, SafeUnpickler
 from ckptview.readers.zip_directory import NoEndRecord
+
+_LOADER = "torch.distributed.checkpoint.load"
 
 # DCP's own metadata classes, named exactly (a prefix would let `pathlib.os.system` through): what
 # DCP's reader imports for a checkpoint torch wrote, all plain records.
@@ -42,9 +45,31 @@ def _field(obj: Any, name: str, position: int | None = None) -> Any:
 
 
 def read_dcp(path: str, *, trust: bool) -> Checkpoint:
+    """
+    The directory's items from its .metadata. What DCP's loader would run counts as the checkpoint's
+    imports: the .metadata's globals beyond DCP's own classes, and those of every item's archive
+    (`dcp.load` reads a non-tensor item with `torch.load(weights_only=False)`).
+    """
     metadata_path = os.path.join(path, ".metadata")
+    unpicklers: list[SafeUnpickler] = []
+    imports: Counter[str] = Counter()
+
+    def named() -> list[PickleImport]:
+        counts = imports + Counter({imp.name: imp.count for imp in merge_imports(unpicklers)
+                                    if imp.name not in _DCP_CLASSES})
+        return [PickleImport(name, count) for name, count in sorted(counts.items())]
+
+    with code_named_before_failing(named, loader=_LOADER):
+        root, sources = _read_items(path, metadata_path, unpicklers, imports)
+    size = sum(os.path.getsize(s.path) for s in sources.values()) + os.path.getsize(metadata_path)
+    return Checkpoint(path, "torch-dcp", root, file_size=size, sources=list(sources.values()), pickle_imports=named(),
+                      trust=trust, details={"files": [".metadata", *sorted(os.path.basename(p) for p in sources)]})
+
+
+def _read_items(path: str, metadata_path: str, unpicklers: list[SafeUnpickler],
+                imports: Counter[str]) -> tuple[dict[Any, Any], dict[str, FileSource]]:
     with mapped(metadata_path) as data:
-        metadata, unpickler, _ = unpickle(data, metadata_path, "its .metadata")
+        metadata, _, _ = unpickle(data, metadata_path, "its .metadata", unpicklers=unpicklers, loader=_LOADER)
     items = _field(metadata, "state_dict_metadata")
     storage_data = _field(metadata, "storage_data")
     if not isinstance(items, dict) or not isinstance(storage_data, dict):
@@ -60,13 +85,9 @@ def read_dcp(path: str, *, trust: bool) -> Checkpoint:
     sources: dict[str, FileSource] = {}
     root: dict[Any, Any] = {}
     for fqn, item in items.items():
-        value = _read_item(path, str(fqn), item, locations.get(str(fqn), []), sources)
+        value = _read_item(path, str(fqn), item, locations.get(str(fqn), []), sources, imports)
         _insert(root, planner.get(fqn) if isinstance(planner, dict) else None, str(fqn), value)
-
-    imports = [imp for imp in unpickler.pickle_imports() if imp.name not in _DCP_CLASSES]
-    size = sum(os.path.getsize(s.path) for s in sources.values()) + os.path.getsize(metadata_path)
-    return Checkpoint(path, "torch-dcp", root, file_size=size, sources=list(sources.values()), pickle_imports=imports,
-                      trust=trust, details={"files": [".metadata", *sorted(os.path.basename(p) for p in sources)]})
+    return root, sources
 
 
 def _source(path: str, relative: Any, sources: dict[str, FileSource]) -> FileSource:
@@ -79,8 +100,10 @@ def _source(path: str, relative: Any, sources: dict[str, FileSource]) -> FileSou
     return sources[full]
 
 
-def _read_item(path: str, fqn: str, item: Any, locations: list[tuple[Any, Any]], sources: dict[str, FileSource]) -> Any:
-    """A tensor item as TensorInfo (bytes left in place), a bytes item as its unpickled value."""
+def _read_item(path: str, fqn: str, item: Any, locations: list[tuple[Any, Any]], sources: dict[str, FileSource],
+               imports: Counter[str]) -> Any:
+    """A tensor item as TensorInfo (bytes left in place), a bytes item as its unpickled value; the globals
+    its archive names join `imports`."""
     is_tensor = type(item).class_path.endswith("TensorStorageMetadata") if isinstance(item, PickledObject) else False
     if is_tensor:
         shape = tuple(int(d) for d in _field(item, "size") or ())
@@ -97,6 +120,9 @@ def _read_item(path: str, fqn: str, item: Any, locations: list[tuple[Any, Any]],
     info = locations[0][1]
     relative, start, length = _field(info, "relative_path"), int(_field(info, "offset")), int(_field(info, "length"))
     if _field(info, "transform_descriptors"):
+        if not is_tensor:  # dcp.load undoes the transforms and unpickles the result with weights_only=False
+            imports[f"{printable(fqn)} (a non-tensor item stored with transforms: a pickle ckptview cannot read "
+                    "through)"] += 1
         return TensorInfo(shape=(), dtype="uint8", storage=None, layout="unsupported",
                           note="stored with transforms (compression); load it with torch.distributed.checkpoint")
     source = _source(path, relative, sources)
@@ -111,6 +137,8 @@ def _read_item(path: str, fqn: str, item: Any, locations: list[tuple[Any, Any]],
             raise
         raise CorruptCheckpointError(source.path, f"item {fqn!r} at byte {start:,} is not a torch.save archive: the "
                                                   "file is damaged. Re-save the checkpoint.") from exc
+    for imported in parsed.unpickler.pickle_imports():
+        imports[imported.name] += imported.count
     return parsed.root
 
 

@@ -115,23 +115,48 @@ def unpickle(data: bytes | mmap.mmap, path: str, what: str, storage_for: Any = N
     except CkptviewError:
         raise
     except PICKLE_ERRORS as exc:
-        # pickle imports a global's module when it meets the opcode, before the pickle fails
-        named = unpickler.pickle_imports()
+        # pickle imports a global's module when it meets the opcode, before the pickle fails; so do the
+        # pickles unpickled before this one
+        named = merge_imports(unpicklers) if unpicklers is not None else unpickler.pickle_imports()
         if isinstance(exc, RefusedAt) and exc.unknown_after:
             named.append(PickleImport(UNKNOWN_IMPORTS, 1))
-        warning = ""
-        if named:
-            listed = ", ".join(printable(imp.name) for imp in named[:5]) + (" …" if len(named) > 5 else "")
-            warning = f" Before the damage it names {listed}, which {loader} would import and may call: do not load it."
         error = CorruptCheckpointError(
             path, f"{what} cannot be read: {_why(exc)}. The file is damaged or was not written by {writer}; "
-                  f"re-save it, or copy it again.{warning}",
+                  f"re-save it, or copy it again.{_named_before(named, 'the damage', loader)}",
         )
         error.named_globals = named
         raise error from exc
     if built_numpy_arrays(unpickler):
         value = arrays_as_tensors(value, path)
     return value, unpickler, end
+
+
+def _named_before(named: list[PickleImport], failure: str, loader: str) -> str:
+    if not named:
+        return ""
+    listed = ", ".join(printable(imp.name) for imp in named[:5]) + (" …" if len(named) > 5 else "")
+    return f" Before {failure} it names {listed}, which {loader} would import and may call: do not load it."
+
+
+@contextlib.contextmanager
+def code_named_before_failing(named_so_far: list[SafeUnpickler] | Callable[[], list[PickleImport]],
+                              loader: str = "torch.load(weights_only=False)") -> Iterator[None]:
+    """
+    torch.load unpickles as it reads and fails where ckptview does (a storage the archive lacks, a
+    protocol record it does not know, storages cut off after the data pickle), having imported and
+    perhaps called what the pickles named up to there. An error raised inside carries those globals
+    (`named_globals`, which `scan` reports as code) and says so. `named_so_far`: the unpicklers of
+    the pickles read, or what gives the globals they named.
+    """
+    try:
+        yield
+    except CkptviewError as exc:
+        named = named_so_far() if callable(named_so_far) else merge_imports(named_so_far)
+        if not named or getattr(exc, "named_globals", None) or type(exc).__init__ is not CkptviewError.__init__:
+            raise
+        error = type(exc)(exc.path, exc.reason + _named_before(named, "that point", loader))
+        error.named_globals = named
+        raise error from exc
 
 
 def zip_members(path: str, read: Callable[[int, int], bytes], size: int, *, writer: str = "torch.save") -> list[Member]:
@@ -346,7 +371,10 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
         return resolve_persistent_id(saved_id, storage_for)
 
     data = checked_member_bytes(read, members[prefix + "data.pkl"], path)
-    root, unpickler, _ = unpickle(data, path, "its data.pkl", storage_for, persistent_load=persistent_load)
+    unpicklers: list[SafeUnpickler] = []
+    with code_named_before_failing(unpicklers):
+        root, unpickler, _ = unpickle(data, path, "its data.pkl", storage_for, unpicklers,
+                                      persistent_load=persistent_load)
     return ParsedZip(root, unpickler, names, prefix, byteorder, pickle_protocol(data), len(unsaved_keys))
 
 
@@ -400,6 +428,11 @@ def read_pickle_stream(path: str, size: int, *, trust: bool) -> Checkpoint:
     or any other pickle, listed the same safe way. Every pickle torch.load would unpickle is scanned."""
     _refuse_tar(path)
     unpicklers: list[SafeUnpickler] = []
+    with code_named_before_failing(unpicklers):
+        return _read_pickle_stream(path, size, trust, unpicklers)
+
+
+def _read_pickle_stream(path: str, size: int, trust: bool, unpicklers: list[SafeUnpickler]) -> Checkpoint:
     with mapped(path) as data:
         first, first_unpickler, offset = unpickle(data, path, "its first pickle", unpicklers=unpicklers)
         protocol_used = pickle_protocol(data)
@@ -425,7 +458,8 @@ def read_pickle_stream(path: str, size: int, *, trust: bool) -> Checkpoint:
             return Storage(key=key, source=None, offset=0, nbytes=_STORAGE_SIZE_NOT_YET_KNOWN,  # type: ignore[arg-type]
                            location=location)
 
-        _, _, offset = unpickle(data, path, "its data pickle", record, start=data_start)
+        # counted here, where a failure after it is raised, and not again in the second reading
+        _, _, offset = unpickle(data, path, "its data pickle", record, unpicklers, start=data_start)
         keys, _, offset = unpickle(data, path, "its storage key list", unpicklers=unpicklers, start=offset)
         data_pickle = data[data_start:offset]
     if not isinstance(keys, list) or not all(isinstance(key, (str, int)) for key in keys):
@@ -467,7 +501,7 @@ def read_pickle_stream(path: str, size: int, *, trust: bool) -> Checkpoint:
                            nbytes=view_size * element, location=location, byteorder=storage.byteorder)
         return storage
 
-    root, _, _ = unpickle(data_pickle, path, "its data pickle", storage_for, unpicklers=unpicklers)
+    root, _, _ = unpickle(data_pickle, path, "its data pickle", storage_for)
     imports = merge_imports(unpicklers)
     allowed_named = set().union(*(unpickler.allowed_named for unpickler in unpicklers))
     return Checkpoint(path, "torch-legacy", root, file_size=size, sources=[source], pickle_imports=imports,
