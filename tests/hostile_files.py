@@ -188,6 +188,29 @@ def code_then_failure(tmp: Path, marker: Path, kind: str) -> Path:
     return _written(tmp / f"{kind}.pt", b"".join(parts)[:-100])
 
 
+def past_what_ckptview_refuses(tmp: Path, marker: Path, kind: str) -> Path:
+    """
+    Payloads torch.load reaches where ckptview's reading stops short: after a call ckptview's unpickler
+    refuses and the real one makes ("numpy-call": `numpy.dtypes.Float64DType()`, which numpy's own
+    pickles never call), or in a data.pkl whose recorded CRC-32 no longer matches ("bad-checksum":
+    torch's zip reader checks none).
+    """
+    payload = call_and_drop(global_op("os", "system"), f"touch {marker}")
+    if kind == "numpy-call":
+        return _written(tmp / f"{kind}.pkl", b"\x80\x02" + global_op("numpy.dtypes", "Float64DType") + b")R0"
+                        + payload + b"N.")
+    assert kind == "bad-checksum"
+    members = zip_members(saved_zip({"w": torch.arange(4.0)}))
+    data_pkl = next(d for n, d in members if n.endswith("/data.pkl"))
+    path = write_zip(tmp / f"{kind}.pt", replace_member(members, "/data.pkl", data_pkl[:2] + payload + data_pkl[2:]))
+    archive = bytearray(path.read_bytes())
+    # data.pkl is the first member: its CRC-32 in the local header (byte 14) and in its directory entry (16)
+    for at in (14, archive.index(b"PK\x01\x02") + 16):
+        archive[at] ^= 0xFF
+    path.write_bytes(archive)
+    return path
+
+
 def _written(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path

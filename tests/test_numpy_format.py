@@ -260,7 +260,7 @@ def test_scan_names_every_global_numpy_load_looks_up(tmp_path: Path) -> None:
     content = (tmp_path / "evil.npy").read_bytes()
     (tmp_path / "cut.npy").write_bytes(content[:-1000])
     verdicts = [assert_scan_covers_torch(tmp_path / name) for name in ("evil.npy", "evil.npz", "cut.npy")]
-    assert verdicts == ["code", "code", "error"]
+    assert verdicts == ["code", "code", "code"]  # cut short after naming os.system: scan exits 3
 
 
 def collections_counter() -> object:

@@ -156,3 +156,34 @@ def test_the_memory_guard_checks_at_least_every_prefetch_however_much_is_asked()
     payload = _MemoryGuardedPayload(b"\x8f" * (3 * _PREFETCH + 5))
     buffer = bytearray(8 * _PREFETCH)
     assert [payload.readinto(buffer) for _ in range(5)] == [_PREFETCH, _PREFETCH, _PREFETCH, 5, 0]
+
+
+# --- globals named without unpickling (a refused pickle's rest, which torch.load may read on into) ----
+
+class _Named:
+    """A class pickled by reference: each protocol names it its own way (GLOBAL, or STACK_GLOBAL with the
+    strings memoized and fetched back for the second use)."""
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_globals_named_finds_what_pickletools_lists(protocol: int) -> None:
+    from ckptview.readers.pickle_opcodes import globals_named
+
+    data = pickle.dumps([OrderedDict(a=1), _Named, OrderedDict(b=2), torch.nn.Linear], protocol=protocol)
+    named, unresolved, stopped = globals_named(data)
+    expected = [(arg.split(" ")[0], arg.split(" ")[1]) for op, arg, _ in pickletools.genops(data)
+                if op.name in ("GLOBAL", "INST")]
+    if protocol >= 4:  # STACK_GLOBAL: the classes pickle wrote, in order; a memoized one is fetched, not renamed
+        expected = [("collections", "OrderedDict"), (__name__, "_Named"), ("torch.nn.modules.linear", "Linear")]
+    assert named == expected and not unresolved and stopped
+
+
+def test_globals_named_says_what_it_cannot_tell() -> None:
+    from ckptview.readers.pickle_opcodes import globals_named
+
+    # the strings reach STACK_GLOBAL through a tuple taken apart: no stepping over opcodes tells them
+    indirect = b"\x80\x04" + hostile.text("os") + hostile.text("system") + b"\x86" + b"0" + b"\x93."
+    assert globals_named(indirect)[1] is True
+    long_pickle = pickle.dumps([hostile.global_op("os", "system")] * 1000, protocol=2)
+    assert globals_named(long_pickle, 0, 100)[2] is False  # opcodes left past `end`
+    assert globals_named(long_pickle)[2] is True

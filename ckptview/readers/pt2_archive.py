@@ -136,7 +136,8 @@ class _Archive:
         return sorted(names)
 
     def bytes(self, name: str, limit: int) -> bytes:
-        return checked_member_bytes(self.source.read, self.members[name], self.path, limit, writer=WRITER)
+        return checked_member_bytes(self.source.read, self.members[name], self.path, limit, writer=WRITER,
+                                    loader=LOADER)
 
     def text(self, name: str, limit: int) -> str:
         if name not in self.members:

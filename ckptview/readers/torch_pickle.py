@@ -28,6 +28,7 @@ from ckptview.errors import (
 )
 from ckptview.readers.dtypes import ITEMSIZE, itemsize
 from ckptview.readers.model import Checkpoint, FileSource, PickleImport, RefusedPickle, Storage
+from ckptview.readers.pickle_opcodes import globals_named
 from ckptview.readers.pickle_scan import MemoryBomb, RefusedAt, pickle_extent, unframed
 from ckptview.readers.registry import supported
 from ckptview.readers.remote import source_for
@@ -38,6 +39,7 @@ from ckptview.readers.unpickler import (
     StorageType,
     arrays_as_tensors,
     built_numpy_arrays,
+    foreign_globals,
     resolve_persistent_id,
 )
 from ckptview.readers.weights_only import weights_only_obstacle
@@ -46,6 +48,7 @@ from ckptview.readers.zip_directory import (
     LOCAL_HEADER_BYTES,
     STORED,
     BadZip,
+    ChecksumMismatch,
     Member,
     NoEndRecord,
     data_offset,
@@ -71,6 +74,7 @@ _STORAGE_SIZE_NOT_YET_KNOWN = 1 << 62
 # What a refused pickle "imports" when torch.load could read on from the refusal in more than one way:
 # anything, so a polyglot's scan (a safetensors file that is also a pickle) never calls it safe.
 UNKNOWN_IMPORTS = "<unknown: a pickle frame splits an opcode>"
+UNRESOLVED_IMPORT = "<unknown: a damaged pickle names globals ckptview cannot tell>"
 
 
 def _why(exc: BaseException) -> str:
@@ -120,6 +124,11 @@ def unpickle(data: bytes | mmap.mmap, path: str, what: str, storage_for: Any = N
         named = merge_imports(unpicklers) if unpicklers is not None else unpickler.pickle_imports()
         if isinstance(exc, RefusedAt) and exc.unknown_after:
             named.append(PickleImport(UNKNOWN_IMPORTS, 1))
+        if type(exc) is not pickle.UnpicklingError and not isinstance(exc, EOFError):
+            # not where every unpickler stops (no such opcode, a stack underflow, the end of the data):
+            # torch's may read on where this one refused, or its stand-ins failed where real objects
+            # would not, so the globals the rest of the pickle names count too
+            named += _named_without_unpickling(data, start, known={imp.name for imp in named})
         error = CorruptCheckpointError(
             path, f"{what} cannot be read: {_why(exc)}. The file is damaged or was not written by {writer}; "
                   f"re-save it, or copy it again.{_named_before(named, 'the damage', loader)}",
@@ -131,11 +140,27 @@ def unpickle(data: bytes | mmap.mmap, path: str, what: str, storage_for: Any = N
     return value, unpickler, end
 
 
-def _named_before(named: list[PickleImport], failure: str, loader: str) -> str:
+# Read opcode by opcode in Python (~3 MB/s), so a damaged pickle's failure costs at most ~3 s; what lies
+# beyond counts as an unknown global.
+_READ_WITHOUT_UNPICKLING = 8 << 20
+
+
+def _named_without_unpickling(data: Any, start: int, known: set[str]) -> list[PickleImport]:
+    """The foreign globals the opcodes from `start` to the pickle's STOP name (`globals_named`), less `known`."""
+    pairs, unresolved, stopped = globals_named(data, start, start + _READ_WITHOUT_UNPICKLING)
+    counts = foreign_globals(pairs)
+    if unresolved or not stopped:
+        counts[UNRESOLVED_IMPORT] += 1
+    return [PickleImport(name, count) for name, count in sorted(counts.items()) if name not in known]
+
+
+def _named_before(named: list[PickleImport], failure: str | None, loader: str) -> str:
+    """The sentence that says what a refused file's pickles name, `failure` saying up to where (None: all of it)."""
     if not named:
         return ""
     listed = ", ".join(printable(imp.name) for imp in named[:5]) + (" …" if len(named) > 5 else "")
-    return f" Before {failure} it names {listed}, which {loader} would import and may call: do not load it."
+    return (f" {f'Before {failure} it' if failure else 'It'} names {listed}, which {loader} would import and may "
+            "call: do not load it.")
 
 
 @contextlib.contextmanager
@@ -180,8 +205,10 @@ _SLACK_BYTES = 1 << 20
 
 
 def checked_member_bytes(read: Callable[[int, int], bytes], member: Member, path: str,
-                         limit: int = _MAX_PICKLE_BYTES, *, writer: str = "torch.save") -> bytes:
-    """A member's bytes, checked before any inflation: method, encryption and declared size."""
+                         limit: int = _MAX_PICKLE_BYTES, *, writer: str = "torch.save",
+                         loader: str = "torch.load(weights_only=False)") -> bytes:
+    """A member's bytes, checked before any inflation: method, encryption and declared size. `loader` is
+    named where a pickle member fails its checksum: it unpickles the member all the same."""
     name = printable(member.name)
     if member.flag_bits & 0x1:
         raise CorruptCheckpointError(path, f"archive member {name} is encrypted; {writer} never encrypts, so "
@@ -200,10 +227,17 @@ def checked_member_bytes(read: Callable[[int, int], bytes], member: Member, path
         # where it computed none: only a recorded one that disagrees says the bytes changed
         return read_member(read, member, zero_crc_unchecked=True)
     except BadZip as exc:
-        raise CorruptCheckpointError(
+        # torch unpickles a pickle member whatever its checksum: what it names counts
+        named = (_named_without_unpickling(exc.data, 0, known=set())
+                 if isinstance(exc, ChecksumMismatch) and member.name.endswith(".pkl") else [])
+        error = CorruptCheckpointError(
             path, f"archive member {name} is damaged (its stored checksum or header does not match): the file was "
-                  f"corrupted after saving. Copy it again or re-save it with {writer}.",
-        ) from exc
+                  f"corrupted after saving. Copy it again or re-save it with {writer}."
+                  + _named_before(named, None, loader),
+        )
+        if named:
+            error.named_globals = named
+        raise error from exc
     except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise CorruptCheckpointError(path, f"archive member {name} cannot be read: its compressed data is "
                                            "damaged. Re-save the file.") from exc
@@ -232,6 +266,27 @@ def archive_prefix(path: str, names: list[str], *, loader: str = "torch.load") -
                                            f"{printable(prefix)}: torch's writers never write that, and {loader} "
                                            "refuses it. Re-save the file.")
     return prefix
+
+
+def _named_in_repeated_pickles(read: Callable[[int, int], bytes], listed: list[Member],
+                               path: str) -> list[PickleImport]:
+    """What the copies of a .pkl member the archive names more than once name: torch reads one of
+    them, and which one depends on its zip reader."""
+    repeated = {name for name, count in Counter(member.name for member in listed).items() if count > 1}
+    counts: Counter[str] = Counter()
+    for member in listed:
+        if member.name not in repeated or not member.name.endswith(".pkl"):
+            continue
+        if member.file_size > _READ_WITHOUT_UNPICKLING:
+            counts[UNRESOLVED_IMPORT] += 1
+            continue
+        try:
+            named = _named_without_unpickling(checked_member_bytes(read, member, path), 0, known=set())
+        except CkptviewError as exc:
+            named = getattr(exc, "named_globals", [])
+        for imported in named:
+            counts[imported.name] += imported.count
+    return [PickleImport(name, count) for name, count in sorted(counts.items())]
 
 
 def is_torchscript_archive(names: list[str], prefix: str) -> bool:
@@ -292,7 +347,15 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
     refuse_overlapping_members(path, listed, "the archive")
     names = [member.name for member in listed]
     members = {member.name: member for member in listed}
-    prefix = archive_prefix(path, names)
+    try:
+        prefix = archive_prefix(path, names)
+    except CorruptCheckpointError as exc:
+        named = _named_in_repeated_pickles(read, listed, path)
+        if not named:
+            raise
+        error = CorruptCheckpointError(path, exc.reason + _named_before(named, None, "torch.load(weights_only=False)"))
+        error.named_globals = named
+        raise error from exc
     if prefix + "data.pkl" not in members:
         if prefix + "byteorder" in members or prefix + ".data/serialization_id" in members:  # torch.save's own records
             raise CorruptCheckpointError(path, "a torch.save archive without its data.pkl: torch.save stopped before "

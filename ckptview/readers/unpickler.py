@@ -608,11 +608,7 @@ class SafeUnpickler(pickle.Unpickler):
         self._stand_ins: dict[str, type[PickledObject]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        # Python 2 era names (__builtin__.long, copy_reg), mapped as pickle's fix_imports does
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        else:
-            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        module, name = _current_name(module, name)
         full_name = f"{module}.{name}"
         allowed = _allowed(numpy_too=module.partition(".")[0] == "numpy")
         if full_name in allowed:
@@ -652,6 +648,25 @@ class SafeUnpickler(pickle.Unpickler):
 
     def script_classes(self) -> list[str]:
         return sorted(name for name in self.imports if name.startswith(SCRIPT_CLASS_PREFIX))
+
+
+def _current_name(module: str, name: str) -> tuple[str, str]:
+    """Python 2 era names (__builtin__.long, copy_reg) mapped as pickle's fix_imports does."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+def foreign_globals(pairs: list[tuple[str, str]]) -> Counter[str]:
+    """Of these (module, name) globals, those `SafeUnpickler.pickle_imports` would report, counted."""
+    counts: Counter[str] = Counter()
+    for module, name in pairs:
+        module, name = _current_name(module, name)
+        full_name = f"{module}.{name}"
+        if (full_name not in _allowed(numpy_too=module.partition(".")[0] == "numpy")
+                and full_name not in TORCH_SAFE_CLASSES and not full_name.startswith(SCRIPT_CLASS_PREFIX)):
+            counts[full_name] += 1
+    return counts
 
 
 def resolve_persistent_id(saved_id: Any, storage_for: Callable[..., Storage] | None) -> Any:

@@ -44,6 +44,15 @@ class BadZip(Exception):
     """The bytes are not a zip archive zipfile would read; the message says which part is wrong."""
 
 
+class ChecksumMismatch(BadZip):
+    """A member whose bytes disagree with its recorded CRC-32; `data` holds them (readers that check
+    no CRC, as torch's, read them as they are)."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__("a checksum that does not match")
+        self.data = data
+
+
 class NoEndRecord(BadZip):
     """No end-of-archive record in the file's last 64 KiB: a zip cut off before its directory was written."""
 
@@ -229,6 +238,8 @@ def read_member(read: Callable[[int, int], bytes], member: Member, *, zero_crc_u
         data = zlib.decompressobj(-15).decompress(stored, member.file_size)
     else:
         data = stored[:member.file_size]
-    if len(data) != member.file_size or (zlib.crc32(data) != member.crc and (member.crc or not zero_crc_unchecked)):
-        raise BadZip("a checksum that does not match")
+    if len(data) != member.file_size:
+        raise BadZip("shorter than its directory entry says")
+    if zlib.crc32(data) != member.crc and (member.crc or not zero_crc_unchecked):
+        raise ChecksumMismatch(data)
     return data
