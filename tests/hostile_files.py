@@ -211,6 +211,44 @@ def past_what_ckptview_refuses(tmp: Path, marker: Path, kind: str) -> Path:
     return path
 
 
+def legacy_tar(tmp: Path, marker: Path, payload_in: str | None) -> Path:
+    """
+    A file in torch's pre-1.0 tar format, laid out as torch.load's `legacy_load` reads it: `storages`
+    (a count; per storage its (key, location, storage class), element count and bytes; the views),
+    `tensors` (a count; per tensor its (key, storage key, tensor class), ndim, padding, sizes, strides,
+    offset) and `pickle` (the object, tensors by persistent id). `payload_in`: the member whose last
+    pickle runs the payload first, or None for none.
+    """
+    import tarfile
+
+    def dumped(value: object, member: str, persistent: dict[int, str] | None = None) -> bytes:
+        buffer = io.BytesIO()
+        pickler = pickle.Pickler(buffer, protocol=2)
+        if persistent:
+            pickler.persistent_id = lambda obj: persistent.get(id(obj))  # type: ignore[method-assign]
+        pickler.dump(value)
+        data = buffer.getvalue()
+        return payload_then(value, marker) if member == payload_in and not persistent else data
+
+    values = b"".join(struct.pack("<f", v) for v in (1.0, 2.0, 3.0, 4.0))
+    storages = (dumped(1, "") + dumped(("0", "cpu", torch.FloatStorage), "") + struct.pack("<q", 4) + values
+                + dumped([], "storages"))
+    tensors = (dumped(1, "") + dumped((1, "0", torch.FloatTensor), "tensors")
+               + struct.pack("<ii", 1, 0) + struct.pack("<q", 4) + struct.pack("<q", 1) + struct.pack("<q", 0))
+    weight = object()
+    root = dumped({"w": weight}, "pickle", {id(weight): "1"})
+    if payload_in == "pickle":  # the payload first, then the state dict with its persistent id
+        root = root[:2] + call_and_drop(global_op("os", "system"), f"touch {marker}") + root[2:]
+    path = tmp / f"legacy-tar-{payload_in or 'benign'}.pt"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (("sys_info", dumped({"little_endian": True}, "")), ("storages", storages),
+                           ("tensors", tensors), ("pickle", root)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
 def _written(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path

@@ -137,6 +137,17 @@ def test_code_past_where_ckptview_stops_reading_is_code(tmp_path: Path, kind: st
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("payload_in", [None, "storages", "tensors", "pickle"])
+def test_legacy_tar_pickles_are_scanned(tmp_path: Path, payload_in: str | None) -> None:
+    # torch.load reads a tar holding `storages` as its pre-1.0 format, unpickling member by member
+    marker = tmp_path / "ran"
+    path = hostile.legacy_tar(tmp_path, marker, payload_in)
+    verdict = assert_scan_covers_torch(path)
+    assert verdict == ("error" if payload_in is None else "code")
+    assert cli_main(["scan", str(path)]) == (1 if payload_in is None else 3)
+    assert not marker.exists()
+
+
 def test_dcp_non_tensor_items_are_scanned(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # dcp.load reads a non-tensor item with torch.load(weights_only=False): its pickle is the checkpoint's code
     marker = tmp_path / "ran"

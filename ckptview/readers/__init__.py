@@ -37,6 +37,7 @@ from ckptview.readers.sniff import not_a_checkpoint
 __all__ = ["open_checkpoint", "Checkpoint", "TensorEntry", "TensorInfo", "PickledObject", "PickleImport"]
 
 _CODE_VERDICT_ONLY = contextvars.ContextVar("ckptview_code_verdict_only", default=False)
+_TAR_BLOCK = 512  # the smallest tar: one header block
 
 
 @contextlib.contextmanager
@@ -122,7 +123,17 @@ def _open_file(path: str, head: bytes, size: int, *, trust: bool, shard_of: str 
         return ckpt
     if head.startswith(EMPTY_ZIP_MAGIC):
         raise UnsupportedFormatError(path, f"an empty zip archive, not a checkpoint; {supported()}.")
-    raise UnsupportedFormatError(path, not_a_checkpoint(head))
+    error = UnsupportedFormatError(path, not_a_checkpoint(head))
+    if size >= _TAR_BLOCK:
+        from ckptview.readers.torch_pickle import legacy_tar_imports, named_sentence
+
+        # torch.load reads any tar that holds a `storages` member as its pre-1.0 format, unpickling as it goes
+        named = legacy_tar_imports(path)
+        if named:
+            error = UnsupportedFormatError(path, error.reason + named_sentence(named, None))
+            error.named_globals = named
+    raise error
+
 
 
 def _scan_pickle_reading(ckpt: Checkpoint, head: bytes, size: int) -> None:

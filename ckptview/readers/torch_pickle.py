@@ -131,7 +131,7 @@ def unpickle(data: bytes | mmap.mmap, path: str, what: str, storage_for: Any = N
             named += _named_without_unpickling(data, start, known={imp.name for imp in named})
         error = CorruptCheckpointError(
             path, f"{what} cannot be read: {_why(exc)}. The file is damaged or was not written by {writer}; "
-                  f"re-save it, or copy it again.{_named_before(named, 'the damage', loader)}",
+                  f"re-save it, or copy it again.{named_sentence(named, 'the damage', loader)}",
         )
         error.named_globals = named
         raise error from exc
@@ -154,7 +154,8 @@ def _named_without_unpickling(data: Any, start: int, known: set[str]) -> list[Pi
     return [PickleImport(name, count) for name, count in sorted(counts.items()) if name not in known]
 
 
-def _named_before(named: list[PickleImport], failure: str | None, loader: str) -> str:
+def named_sentence(named: list[PickleImport], failure: str | None,
+                   loader: str = "torch.load(weights_only=False)") -> str:
     """The sentence that says what a refused file's pickles name, `failure` saying up to where (None: all of it)."""
     if not named:
         return ""
@@ -179,7 +180,7 @@ def code_named_before_failing(named_so_far: list[SafeUnpickler] | Callable[[], l
         named = named_so_far() if callable(named_so_far) else merge_imports(named_so_far)
         if not named or getattr(exc, "named_globals", None) or type(exc).__init__ is not CkptviewError.__init__:
             raise
-        error = type(exc)(exc.path, exc.reason + _named_before(named, "that point", loader))
+        error = type(exc)(exc.path, exc.reason + named_sentence(named, "that point", loader))
         error.named_globals = named
         raise error from exc
 
@@ -233,7 +234,7 @@ def checked_member_bytes(read: Callable[[int, int], bytes], member: Member, path
         error = CorruptCheckpointError(
             path, f"archive member {name} is damaged (its stored checksum or header does not match): the file was "
                   f"corrupted after saving. Copy it again or re-save it with {writer}."
-                  + _named_before(named, None, loader),
+                  + named_sentence(named, None, loader),
         )
         if named:
             error.named_globals = named
@@ -353,7 +354,7 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
         named = _named_in_repeated_pickles(read, listed, path)
         if not named:
             raise
-        error = CorruptCheckpointError(path, exc.reason + _named_before(named, None, "torch.load(weights_only=False)"))
+        error = CorruptCheckpointError(path, exc.reason + named_sentence(named, None))
         error.named_globals = named
         raise error from exc
     if prefix + "data.pkl" not in members:
@@ -463,16 +464,97 @@ def _storage_offset(read: Callable[[int, int], bytes], name: str, header_offset:
 def _refuse_tar(path: str) -> None:
     """torch.load first tries a file as the pre-1.0 tar format and unpickles the tar's members; a
     pickle-looking file that is also a valid tar would be read as the tar, so it is refused."""
-    import tarfile  # only legacy files get here: its import (and bz2's, lzma's) is 1.5 ms of every command
-
-    try:
-        with tarfile.open(path, mode="r:"):
-            pass
-    except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeDecodeError):
+    named = legacy_tar_imports(path)
+    if named is None:
         return
-    raise UnsupportedFormatError(path, "a tar archive (the pre-1.0 torch.save format): torch.load would unpickle "
-                                       "its members, which ckptview does not read. Load it once with torch.load in a "
-                                       "trusted environment and re-save it with torch.save.")
+    error = UnsupportedFormatError(path, "a tar archive (the pre-1.0 torch.save format): torch.load would unpickle "
+                                         "its members, which ckptview does not list. Load it once with torch.load in "
+                                         "a trusted environment and re-save it with torch.save."
+                                         + named_sentence(named, None))
+    error.named_globals = named
+    raise error
+
+
+def legacy_tar_imports(path: str) -> list[PickleImport] | None:
+    """
+    What torch.load(weights_only=False) would import from a file it reads as its pre-1.0 tar format,
+    or None when Python's tarfile (torch's reader) does not open it. torch unpickles, in this order:
+    in the `storages` member a count, then per storage its (key, location, storage type) before the
+    storage's count and bytes, then the views; in `tensors` a count, then per tensor its (key,
+    storage, type) before its sizes; then the `pickle` member. They are read here the same way, up
+    to where torch would fail; a member that is no regular file counts as unknown globals.
+    """
+    import tarfile  # only tar-looking files get here: its import (and bz2's, lzma's) is 1.5 ms of every command
+
+    members: dict[str, Any] = {}  # the last member of each name torch reads, as its getmember finds it
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            while (member := tar.next()) is not None:
+                if member.name in ("storages", "tensors", "pickle"):
+                    members[member.name] = member
+                tar.members.clear()  # a tar of a million files is stepped through, not held
+    except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeDecodeError):
+        return None
+    unpicklers: list[SafeUnpickler] = []
+    unknown: list[PickleImport] = []
+    try:
+        with mapped(path) as data:
+            _step_legacy_tar(data, path, members, unpicklers, unknown)
+    except CkptviewError as exc:
+        named = getattr(exc, "named_globals", None)
+        if named:
+            return named + unknown
+    return merge_imports(unpicklers) + unknown
+
+
+def _step_legacy_tar(data: Any, path: str, members: dict[str, Any], unpicklers: list[SafeUnpickler],
+                     unknown: list[PickleImport]) -> None:
+    def member_at(name: str) -> tuple[int, int] | None:
+        member = members.get(name)
+        if member is None:
+            return None  # torch's extract fails (KeyError) before reading on
+        if not member.isfile() or member.issparse():
+            unknown.append(PickleImport(f"<unknown: tar member {printable(name)} is no regular file; torch.load "
+                                        "would read what it points to>", 1))
+            return None
+        return member.offset_data, member.offset_data + member.size
+
+    def load(position: int, what: str) -> tuple[Any, int]:
+        value, _, after = unpickle(data, path, what, unpicklers=unpicklers, start=position)
+        return value, after
+
+    storages = member_at("storages")
+    if storages is None:
+        return
+    position, end = storages
+    count, position = load(position, "the tar's storage count")
+    for _ in range(count if type(count) is int else 0):
+        if position >= end:
+            return  # torch meets the member's end: EOFError
+        args, position = load(position, "a storage record of the tar")
+        if not (type(args) is tuple and len(args) == 3 and isinstance(args[2], StorageType)):
+            return  # torch fails taking it apart, or on a stand-in's _dtype
+        numel = int.from_bytes(data[position:position + 8], "little", signed=True)
+        position += 8 + numel * itemsize(args[2].dtype)
+        if numel < 0 or position > end:
+            return
+    _, position = load(position, "the tar's storage views")
+    tensors = member_at("tensors")
+    if tensors is None:
+        return
+    position, end = tensors
+    count, position = load(position, "the tar's tensor count")
+    for _ in range(count if type(count) is int else 0):
+        if position >= end:
+            return
+        _, position = load(position, "a tensor record of the tar")
+        ndim = int.from_bytes(data[position:position + 4], "little", signed=True)
+        position += 8 + 16 * ndim + 8
+        if ndim < 0 or position > end:
+            return
+    pickled = member_at("pickle")
+    if pickled is not None:
+        load(pickled[0], "the tar's pickle")
 
 
 @contextlib.contextmanager
