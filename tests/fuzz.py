@@ -285,6 +285,8 @@ def make_seeds(folder: Path) -> dict[str, bytes]:
     seeds = {"zip": hostile.saved_zip(model.state_dict()), "legacy": hostile.saved_legacy(model.state_dict()),
              "zip-model": hostile.saved_zip({"model": model.state_dict(), "epoch": 3,
                                              "optimizer": torch.optim.Adam(model.parameters()).state_dict()})}
+    # the pre-1.0 tar format torch.load still reads: its members' pickles, stepped through as torch does
+    seeds["legacy-tar"] = hostile.legacy_tar(folder, folder / "never-written", None).read_bytes()
     save_file(model.state_dict(), folder / "s.safetensors")
     seeds["safetensors"] = (folder / "s.safetensors").read_bytes()
     # a torch.export program: JSON tables, raw weights and a nested torch.save archive of its example inputs

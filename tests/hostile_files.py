@@ -12,7 +12,6 @@ import json
 import pickle
 import struct
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -396,11 +395,3 @@ def many_tensor_safetensors(path: Path, count: int) -> Path:
         stream.write(struct.pack(f"<{count}f", *range(count)))
     return path
 
-
-FAMILIES: dict[str, Callable[..., object]] = {
-    "legacy_side_pickle": legacy_side_pickle,
-    "zip_duplicate_data_pkl": zip_duplicate_data_pkl,
-    "zip_second_folder": zip_second_folder,
-    "dcp_metadata_payload": dcp_metadata_payload,
-    "poisoning_files": poisoning_files,
-}
