@@ -191,16 +191,20 @@ def past_what_ckptview_refuses(tmp: Path, marker: Path, kind: str) -> Path:
     """
     Payloads torch.load reaches where ckptview's reading stops short: after a call ckptview's unpickler
     refuses and the real one makes ("numpy-call": `numpy.dtypes.Float64DType()`, which numpy's own
-    pickles never call), or in a data.pkl whose recorded CRC-32 no longer matches ("bad-checksum":
-    torch's zip reader checks none).
+    pickles never call), in a data.pkl whose recorded CRC-32 no longer matches ("bad-checksum":
+    torch's zip reader checks none), or after a tensor whose storage was re-zipped with deflate
+    ("deflated-storage": ckptview refuses the storage, torch inflates it).
     """
     payload = call_and_drop(global_op("os", "system"), f"touch {marker}")
     if kind == "numpy-call":
         return _written(tmp / f"{kind}.pkl", b"\x80\x02" + global_op("numpy.dtypes", "Float64DType") + b")R0"
                         + payload + b"N.")
-    assert kind == "bad-checksum"
     members = zip_members(saved_zip({"w": torch.arange(4.0)}))
     data_pkl = next(d for n, d in members if n.endswith("/data.pkl"))
+    if kind == "deflated-storage":  # re-zipped with deflate, which torch reads; the payload after the tensor
+        return write_zip(tmp / f"{kind}.pt", replace_member(members, "/data.pkl", data_pkl[:-1] + payload + b"."),
+                         compression=zipfile.ZIP_DEFLATED)
+    assert kind == "bad-checksum"
     path = write_zip(tmp / f"{kind}.pt", replace_member(members, "/data.pkl", data_pkl[:2] + payload + data_pkl[2:]))
     archive = bytearray(path.read_bytes())
     # data.pkl is the first member: its CRC-32 in the local header (byte 14) and in its directory entry (16)

@@ -122,14 +122,14 @@ def test_code_before_a_failure_is_code(tmp_path: Path, kind: str) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("kind", ["numpy-call", "bad-checksum"])
+@pytest.mark.parametrize("kind", ["numpy-call", "bad-checksum", "deflated-storage"])
 def test_code_past_where_ckptview_stops_reading_is_code(tmp_path: Path, kind: str) -> None:
     # ckptview refuses the file where torch.load reads on and runs the payload: the opcodes it did not
     # unpickle are read for the globals they name, and scan exits 3 naming them
     marker = tmp_path / "ran"
     path = hostile.past_what_ckptview_refuses(tmp_path, marker, kind)
     assert "os.system" in torch_lookups(path)["lookups"]
-    with pytest.raises(CorruptCheckpointError, match="names os.system") as caught:
+    with pytest.raises(CkptviewError, match="names os.system") as caught:
         ckptview.open(path)
     assert [imp.name for imp in caught.value.named_globals] == ["os.system"]
     assert assert_scan_covers_torch(path) == "code"
@@ -145,6 +145,21 @@ def test_legacy_tar_pickles_are_scanned(tmp_path: Path, payload_in: str | None) 
     verdict = assert_scan_covers_torch(path)
     assert verdict == ("error" if payload_in is None else "code")
     assert cli_main(["scan", str(path)]) == (1 if payload_in is None else 3)
+    assert not marker.exists()
+
+
+def test_a_file_of_no_format_that_torch_unpickles_is_scanned(tmp_path: Path) -> None:
+    # torch.load unpickles any file that is no zip or tar: this one imports torch._utils.os.system (a
+    # dotted STACK_GLOBAL, os.system) before a BINBYTES8 longer than the file, which no format claims
+    marker = tmp_path / "ran"
+    path = tmp_path / "blob.bin"
+    path.write_bytes(b"\x88" + hostile.text("torch") + hostile.text("_utils.os.system") + b"\x93]a"
+                     + b"\x8e" + struct.pack("<Q", 2**40) + b"abc")
+    assert "torch._utils.os.system" in torch_lookups(path)["lookups"]
+    with pytest.raises(UnsupportedFormatError, match="unknown binary data.*names torch._utils.os.system"):
+        ckptview.open(path)
+    assert assert_scan_covers_torch(path) == "code"
+    assert cli_main(["scan", str(path)]) == 3
     assert not marker.exists()
 
 

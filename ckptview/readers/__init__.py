@@ -123,15 +123,16 @@ def _open_file(path: str, head: bytes, size: int, *, trust: bool, shard_of: str 
         return ckpt
     if head.startswith(EMPTY_ZIP_MAGIC):
         raise UnsupportedFormatError(path, f"an empty zip archive, not a checkpoint; {supported()}.")
-    error = UnsupportedFormatError(path, not_a_checkpoint(head))
-    if size >= _TAR_BLOCK:
-        from ckptview.readers.torch_pickle import legacy_tar_imports, named_sentence
+    from ckptview.readers.torch_pickle import legacy_tar_imports, named_sentence
 
-        # torch.load reads any tar that holds a `storages` member as its pre-1.0 format, unpickling as it goes
-        named = legacy_tar_imports(path)
-        if named:
-            error = UnsupportedFormatError(path, error.reason + named_sentence(named, None))
-            error.named_globals = named
+    # torch.load reads any tar that holds a `storages` member as its pre-1.0 format, and any other file
+    # that is no zip as a pickle, importing what it names until it fails
+    named = (legacy_tar_imports(path) if size >= _TAR_BLOCK else None)
+    if named is None:
+        named = _named_when_read_as_pickle(path, head, size)
+    error = UnsupportedFormatError(path, not_a_checkpoint(head) + named_sentence(named, None))
+    if named:
+        error.named_globals = named
     raise error
 
 
@@ -144,19 +145,24 @@ def _scan_pickle_reading(ckpt: Checkpoint, head: bytes, size: int) -> None:
     the first bytes read so, the file is scanned as a pickle too and what it names joins the
     checkpoint's `pickle_imports`, so `scan` never calls such a polyglot safe.
     """
-    if not reads_as_pickle(head, whole=size <= len(head)):
-        return
-    from ckptview.readers.torch_pickle import read_pickle_stream
-
-    try:
-        with read_pickle_stream(ckpt.path, size, trust=False) as as_pickle:
-            named = list(as_pickle.pickle_imports)
-    except CkptviewError as exc:  # damaged as a pickle, but what it named before failing torch imports too
-        named = list(getattr(exc, "named_globals", []))
+    named = _named_when_read_as_pickle(ckpt.path, head, size)
     if named:
         known = {imp.name for imp in ckpt.pickle_imports}
         ckpt.pickle_imports = ckpt.pickle_imports + tuple(imp for imp in named if imp.name not in known)
         ckpt.details["imports_when_read_as_pickle"] = [imp.name for imp in named]
+
+
+def _named_when_read_as_pickle(path: str, head: bytes, size: int) -> list[PickleImport]:
+    """What torch.load(weights_only=False) imports reading the file as a pickle, when its first bytes read as one."""
+    if not reads_as_pickle(head, whole=size <= len(head)):
+        return []
+    from ckptview.readers.torch_pickle import read_pickle_stream
+
+    try:
+        with read_pickle_stream(path, size, trust=False) as as_pickle:
+            return list(as_pickle.pickle_imports)
+    except CkptviewError as exc:  # damaged as a pickle, but what it named before failing torch imports too
+        return list(getattr(exc, "named_globals", []))
 
 
 @contextlib.contextmanager

@@ -269,21 +269,20 @@ def archive_prefix(path: str, names: list[str], *, loader: str = "torch.load") -
     return prefix
 
 
-def _named_in_repeated_pickles(read: Callable[[int, int], bytes], listed: list[Member],
-                               path: str) -> list[PickleImport]:
-    """What the copies of a .pkl member the archive names more than once name: torch reads one of
-    them, and which one depends on its zip reader."""
-    repeated = {name for name, count in Counter(member.name for member in listed).items() if count > 1}
+def _named_in_data_pkl(read: Callable[[int, int], bytes], listed: list[Member], path: str) -> list[PickleImport]:
+    """What the data.pkl torch.load would unpickle names, read without unpickling: every copy of it
+    where the archive repeats the name (torch reads one of them, which one depends on its zip reader)."""
+    wanted = listed[0].name.split("/", 1)[0] + "/data.pkl" if listed else ""
     counts: Counter[str] = Counter()
     for member in listed:
-        if member.name not in repeated or not member.name.endswith(".pkl"):
+        if member.name != wanted:
             continue
         if member.file_size > _READ_WITHOUT_UNPICKLING:
             counts[UNRESOLVED_IMPORT] += 1
             continue
         try:
             named = _named_without_unpickling(checked_member_bytes(read, member, path), 0, known=set())
-        except CkptviewError as exc:
+        except CkptviewError as exc:  # one torch cannot read either (encrypted, bzip2), or its checksum fails
             named = getattr(exc, "named_globals", [])
         for imported in named:
             counts[imported.name] += imported.count
@@ -345,18 +344,28 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
     read = archive_reader(source.read)
 
     listed = zip_members(path, read, archive_size)
+    try:
+        return _parse_listed(source, path, file_size, base_offset, archive_reader, listed)
+    except CkptviewError as exc:
+        # refused where torch.load would unpickle data.pkl all the same (members that overlap, a
+        # repeated name, a storage re-zipped with deflate, ...): what data.pkl names counts
+        named = [] if getattr(exc, "named_globals", None) else _named_in_data_pkl(read, listed, path)
+        if not named or type(exc).__init__ is not CkptviewError.__init__:
+            raise
+        error = type(exc)(exc.path, exc.reason + named_sentence(named, None))
+        error.named_globals = named
+        raise error from exc
+
+
+def _parse_listed(source: Any, path: str, file_size: int, base_offset: int,
+                  archive_reader: Callable[[Callable[[int, int], bytes]], Callable[[int, int], bytes]],
+                  listed: list[Member]) -> ParsedZip:
+    """`parse_torch_zip` past the archive's directory (`listed`)."""
+    read = archive_reader(source.read)
     refuse_overlapping_members(path, listed, "the archive")
     names = [member.name for member in listed]
     members = {member.name: member for member in listed}
-    try:
-        prefix = archive_prefix(path, names)
-    except CorruptCheckpointError as exc:
-        named = _named_in_repeated_pickles(read, listed, path)
-        if not named:
-            raise
-        error = CorruptCheckpointError(path, exc.reason + named_sentence(named, None))
-        error.named_globals = named
-        raise error from exc
+    prefix = archive_prefix(path, names)
     if prefix + "data.pkl" not in members:
         if prefix + "byteorder" in members or prefix + ".data/serialization_id" in members:  # torch.save's own records
             raise CorruptCheckpointError(path, "a torch.save archive without its data.pkl: torch.save stopped before "
