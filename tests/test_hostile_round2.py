@@ -163,6 +163,22 @@ def test_a_file_of_no_format_that_torch_unpickles_is_scanned(tmp_path: Path) -> 
     assert not marker.exists()
 
 
+def test_a_polyglot_whose_format_is_refused_names_what_its_pickle_imports(tmp_path: Path) -> None:
+    # a safetensors header (its 9th byte "{") inside a pickle's string: refused as safetensors (the
+    # length is absurd), while torch.load unpickles it and runs the payload after the string
+    marker = tmp_path / "ran"
+    inside = b'abcd{"x":1}'
+    path = tmp_path / "polyglot.bin"  # torch.load reads a name ending .safetensors with safetensors
+    path.write_bytes(b"\x80\x02\x8c" + bytes([len(inside)]) + inside + b"0"
+                     + hostile.call_and_drop(hostile.global_op("os", "system"), f"touch {marker}") + b"N.")
+    assert "os.system" in torch_lookups(path)["lookups"]
+    with pytest.raises(CorruptCheckpointError, match="safetensors header claims .* It names os.system") as caught:
+        ckptview.open(path)
+    assert [imp.name for imp in caught.value.named_globals] == ["os.system"]
+    assert cli_main(["scan", str(path)]) == 3
+    assert not marker.exists()
+
+
 def test_dcp_non_tensor_items_are_scanned(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # dcp.load reads a non-tensor item with torch.load(weights_only=False): its pickle is the checkpoint's code
     marker = tmp_path / "ran"

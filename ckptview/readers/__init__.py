@@ -116,24 +116,33 @@ def _open_file(path: str, head: bytes, size: int, *, trust: bool, shard_of: str 
         raise ShardError(shard_of, f"its shard {os.path.basename(path)} is not a checkpoint file ckptview reads "
                                    "(shards are safetensors or torch.save files, not indexes): re-download the set.")
     if fmt is not None:
-        with _errors_as_ours(path, fmt.label):
-            ckpt = fmt.read(path, size, trust=trust)
-        if fmt.name != "torch-legacy" and not head.startswith(ZIP_MAGIC):
+        read_as_pickle_too = fmt.name != "torch-legacy" and not head.startswith(ZIP_MAGIC)
+        try:
+            with _errors_as_ours(path, fmt.label):
+                ckpt = fmt.read(path, size, trust=trust)
+        except CkptviewError as exc:
+            # a file torch.load would read as a pickle (no zip): what that reading imports counts
+            error = exc
+            if read_as_pickle_too and not getattr(exc, "named_globals", None):
+                from ckptview.readers.torch_pickle import naming
+
+                error = naming(exc, _named_when_read_as_pickle(path, head, size))
+            if error is exc:
+                raise
+            raise error from exc
+        if read_as_pickle_too:
             _scan_pickle_reading(ckpt, head, size)
         return ckpt
     if head.startswith(EMPTY_ZIP_MAGIC):
         raise UnsupportedFormatError(path, f"an empty zip archive, not a checkpoint; {supported()}.")
-    from ckptview.readers.torch_pickle import legacy_tar_imports, named_sentence
+    from ckptview.readers.torch_pickle import legacy_tar_imports, naming
 
     # torch.load reads any tar that holds a `storages` member as its pre-1.0 format, and any other file
     # that is no zip as a pickle, importing what it names until it fails
     named = (legacy_tar_imports(path) if size >= _TAR_BLOCK else None)
     if named is None:
         named = _named_when_read_as_pickle(path, head, size)
-    error = UnsupportedFormatError(path, not_a_checkpoint(head) + named_sentence(named, None))
-    if named:
-        error.named_globals = named
-    raise error
+    raise naming(UnsupportedFormatError(path, not_a_checkpoint(head)), named)
 
 
 

@@ -131,7 +131,7 @@ def unpickle(data: bytes | mmap.mmap, path: str, what: str, storage_for: Any = N
             named += _named_without_unpickling(data, start, known={imp.name for imp in named})
         error = CorruptCheckpointError(
             path, f"{what} cannot be read: {_why(exc)}. The file is damaged or was not written by {writer}; "
-                  f"re-save it, or copy it again.{named_sentence(named, 'the damage', loader)}",
+                  f"re-save it, or copy it again.{_named_sentence(named, 'the damage', loader)}",
         )
         error.named_globals = named
         raise error from exc
@@ -154,7 +154,7 @@ def _named_without_unpickling(data: Any, start: int, known: set[str]) -> list[Pi
     return [PickleImport(name, count) for name, count in sorted(counts.items()) if name not in known]
 
 
-def named_sentence(named: list[PickleImport], failure: str | None,
+def _named_sentence(named: list[PickleImport], failure: str | None,
                    loader: str = "torch.load(weights_only=False)") -> str:
     """The sentence that says what a refused file's pickles name, `failure` saying up to where (None: all of it)."""
     if not named:
@@ -162,6 +162,17 @@ def named_sentence(named: list[PickleImport], failure: str | None,
     listed = ", ".join(printable(imp.name) for imp in named[:5]) + (" …" if len(named) > 5 else "")
     return (f" {f'Before {failure} it' if failure else 'It'} names {listed}, which {loader} would import and may "
             "call: do not load it.")
+
+
+def naming(exc: CkptviewError, named: list[PickleImport], failure: str | None = None,
+           loader: str = "torch.load(weights_only=False)") -> CkptviewError:
+    """`exc` again, its message saying what the file's pickles name (`_named_sentence`) and carrying them
+    as `named_globals`, which `scan` reports as code; `exc` itself where it names some already."""
+    if not named or getattr(exc, "named_globals", None) or type(exc).__init__ is not CkptviewError.__init__:
+        return exc
+    error = type(exc)(exc.path, exc.reason + _named_sentence(named, failure, loader))
+    error.named_globals = named
+    return error
 
 
 @contextlib.contextmanager
@@ -177,11 +188,10 @@ def code_named_before_failing(named_so_far: list[SafeUnpickler] | Callable[[], l
     try:
         yield
     except CkptviewError as exc:
-        named = named_so_far() if callable(named_so_far) else merge_imports(named_so_far)
-        if not named or getattr(exc, "named_globals", None) or type(exc).__init__ is not CkptviewError.__init__:
+        error = naming(exc, named_so_far() if callable(named_so_far) else merge_imports(named_so_far), "that point",
+                       loader)
+        if error is exc:
             raise
-        error = type(exc)(exc.path, exc.reason + named_sentence(named, "that point", loader))
-        error.named_globals = named
         raise error from exc
 
 
@@ -234,7 +244,7 @@ def checked_member_bytes(read: Callable[[int, int], bytes], member: Member, path
         error = CorruptCheckpointError(
             path, f"archive member {name} is damaged (its stored checksum or header does not match): the file was "
                   f"corrupted after saving. Copy it again or re-save it with {writer}."
-                  + named_sentence(named, None, loader),
+                  + _named_sentence(named, None, loader),
         )
         if named:
             error.named_globals = named
@@ -349,11 +359,9 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
     except CkptviewError as exc:
         # refused where torch.load would unpickle data.pkl all the same (members that overlap, a
         # repeated name, a storage re-zipped with deflate, ...): what data.pkl names counts
-        named = [] if getattr(exc, "named_globals", None) else _named_in_data_pkl(read, listed, path)
-        if not named or type(exc).__init__ is not CkptviewError.__init__:
+        error = exc if getattr(exc, "named_globals", None) else naming(exc, _named_in_data_pkl(read, listed, path))
+        if error is exc:
             raise
-        error = type(exc)(exc.path, exc.reason + named_sentence(named, None))
-        error.named_globals = named
         raise error from exc
 
 
@@ -476,12 +484,10 @@ def _refuse_tar(path: str) -> None:
     named = legacy_tar_imports(path)
     if named is None:
         return
-    error = UnsupportedFormatError(path, "a tar archive (the pre-1.0 torch.save format): torch.load would unpickle "
-                                         "its members, which ckptview does not list. Load it once with torch.load in "
-                                         "a trusted environment and re-save it with torch.save."
-                                         + named_sentence(named, None))
-    error.named_globals = named
-    raise error
+    raise naming(UnsupportedFormatError(path, "a tar archive (the pre-1.0 torch.save format): torch.load would "
+                                              "unpickle its members, which ckptview does not list. Load it once with "
+                                              "torch.load in a trusted environment and re-save it with torch.save."),
+                 named)
 
 
 def legacy_tar_imports(path: str) -> list[PickleImport] | None:
