@@ -16,6 +16,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -108,26 +109,18 @@ def test_dcp_metadata_globals_are_matched_exactly(tmp_path: Path, module: str, n
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("kind", ["legacy-protocol", "legacy-truncated", "zip-missing-storage"])
-def test_code_before_a_failure_is_code(tmp_path: Path, kind: str) -> None:
-    # torch.load runs the payload, then fails: scan exits 3 naming it, not 1 as for a merely damaged file
+@pytest.mark.parametrize(("make", "kind"), [
+    # torch.load runs the payload, then fails where ckptview does
+    (hostile.code_then_failure, "legacy-protocol"), (hostile.code_then_failure, "legacy-truncated"),
+    (hostile.code_then_failure, "zip-missing-storage"),
+    # ckptview stops reading where torch.load reads on: the opcodes it did not unpickle are read for their globals
+    (hostile.past_what_ckptview_refuses, "numpy-call"), (hostile.past_what_ckptview_refuses, "bad-checksum"),
+    (hostile.past_what_ckptview_refuses, "deflated-storage"),
+])
+def test_code_torch_reaches_in_a_refused_file_is_code(tmp_path: Path, make: Any, kind: str) -> None:
+    # scan exits 3 naming the payload, not 1 as for a merely damaged file
     marker = tmp_path / "ran"
-    path = hostile.code_then_failure(tmp_path, marker, kind)
-    assert "os.system" in torch_lookups(path)["lookups"]
-    with pytest.raises(CorruptCheckpointError, match="Before that point it names os.system") as caught:
-        ckptview.open(path)
-    assert [imp.name for imp in caught.value.named_globals] == ["os.system"]
-    assert assert_scan_covers_torch(path) == "code"
-    assert cli_main(["scan", str(path)]) == 3
-    assert not marker.exists()
-
-
-@pytest.mark.parametrize("kind", ["numpy-call", "bad-checksum", "deflated-storage"])
-def test_code_past_where_ckptview_stops_reading_is_code(tmp_path: Path, kind: str) -> None:
-    # ckptview refuses the file where torch.load reads on and runs the payload: the opcodes it did not
-    # unpickle are read for the globals they name, and scan exits 3 naming them
-    marker = tmp_path / "ran"
-    path = hostile.past_what_ckptview_refuses(tmp_path, marker, kind)
+    path = make(tmp_path, marker, kind)
     assert "os.system" in torch_lookups(path)["lookups"]
     with pytest.raises(CkptviewError, match="names os.system") as caught:
         ckptview.open(path)

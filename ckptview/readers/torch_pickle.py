@@ -538,35 +538,40 @@ def _step_legacy_tar(data: Any, path: str, members: dict[str, Any], unpicklers: 
         value, _, after = unpickle(data, path, what, unpicklers=unpicklers, start=position)
         return value, after
 
-    storages = member_at("storages")
-    if storages is None:
-        return
-    position, end = storages
-    count, position = load(position, "the tar's storage count")
-    for _ in range(count if type(count) is int else 0):
-        if position >= end:
-            return  # torch meets the member's end: EOFError
-        args, position = load(position, "a storage record of the tar")
-        if not (type(args) is tuple and len(args) == 3 and isinstance(args[2], StorageType)):
-            return  # torch fails taking it apart, or on a stand-in's _dtype
+    def records(member: str, what: str, length_after: Callable[[Any, int], int | None]) -> int | None:
+        """A count, then that many records, each before as many bytes as `length_after(record, offset)`
+        says; where the member's pickles end, or None where torch stops reading."""
+        bounds = member_at(member)
+        if bounds is None:
+            return None
+        position, end = bounds
+        count, position = load(position, f"the tar's {what} count")
+        for _ in range(count if type(count) is int else 0):
+            if position >= end:
+                return None  # torch meets the member's end: EOFError
+            record, position = load(position, f"a {what} record of the tar")
+            length = length_after(record, position)
+            if length is None or position + length > end:
+                return None
+            position += length
+        return position
+
+    def storage_bytes(record: Any, position: int) -> int | None:
+        if not (type(record) is tuple and len(record) == 3 and isinstance(record[2], StorageType)):
+            return None  # torch fails taking it apart, or on a stand-in's _dtype
         numel = int.from_bytes(data[position:position + 8], "little", signed=True)
-        position += 8 + numel * itemsize(args[2].dtype)
-        if numel < 0 or position > end:
-            return
-    _, position = load(position, "the tar's storage views")
-    tensors = member_at("tensors")
-    if tensors is None:
-        return
-    position, end = tensors
-    count, position = load(position, "the tar's tensor count")
-    for _ in range(count if type(count) is int else 0):
-        if position >= end:
-            return
-        _, position = load(position, "a tensor record of the tar")
+        return 8 + numel * itemsize(record[2].dtype) if numel >= 0 else None
+
+    def tensor_sizes(record: Any, position: int) -> int | None:
         ndim = int.from_bytes(data[position:position + 4], "little", signed=True)
-        position += 8 + 16 * ndim + 8
-        if ndim < 0 or position > end:
-            return
+        return 4 + 4 + 16 * ndim + 8 if ndim >= 0 else None  # ndim, padding, sizes and strides, offset
+
+    views_at = records("storages", "storage", storage_bytes)
+    if views_at is None:
+        return
+    load(views_at, "the tar's storage views")
+    if records("tensors", "tensor", tensor_sizes) is None:
+        return
     pickled = member_at("pickle")
     if pickled is not None:
         load(pickled[0], "the tar's pickle")
