@@ -26,7 +26,7 @@ import ckptview
 from ckptview.cli import main as cli_main
 from ckptview.errors import CkptviewError, CorruptCheckpointError, ShardError, UnsupportedFormatError
 from ckptview.readers.dcp import _DCP_CLASSES
-from ckptview.readers.torch_pickle import UNKNOWN_IMPORTS
+from ckptview.readers.torch_pickle import TORCHSCRIPT_CODE, UNKNOWN_IMPORTS
 from ckptview.readers.unpickler import _allowed
 from ckptview.readers.weights_only import TORCH_SAFE_CLASSES
 
@@ -87,6 +87,23 @@ def test_zip_with_repeated_member_names_is_refused(tmp_path: Path, evil_first: b
     # torch reads one of the copies, which one depends on its zip reader: what either names counts
     assert [imp.name for imp in caught.value.named_globals] == ["os.system"]
     assert assert_scan_covers_torch(path) == "code"
+    assert cli_main(["scan", str(path)]) == 3
+
+
+def test_a_refused_torchscript_archive_is_code(tmp_path: Path) -> None:
+    # torch.load hands an archive with constants.pkl to torch.jit.load, which runs its code: refused
+    # for a repeated data.pkl, it still needs code
+    saved = tmp_path / "script.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), saved)
+    members = hostile.zip_members(saved.read_bytes())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = hostile.write_zip(tmp_path / "repeated.pt", members + [m for m in members if m[0].endswith("/data.pkl")])
+    with pytest.raises(CorruptCheckpointError, match="2 members named .*TorchScript code") as caught:
+        ckptview.open(path)
+    assert [imp.name for imp in caught.value.named_globals] == [TORCHSCRIPT_CODE]
     assert cli_main(["scan", str(path)]) == 3
 
 

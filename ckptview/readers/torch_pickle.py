@@ -75,6 +75,7 @@ _STORAGE_SIZE_NOT_YET_KNOWN = 1 << 62
 # anything, so a polyglot's scan (a safetensors file that is also a pickle) never calls it safe.
 UNKNOWN_IMPORTS = "<unknown: a pickle frame splits an opcode>"
 UNRESOLVED_IMPORT = "<unknown: a damaged pickle names globals ckptview cannot tell>"
+TORCHSCRIPT_CODE = "<TorchScript code: torch.load runs it through torch.jit.load>"
 
 
 def _why(exc: BaseException) -> str:
@@ -281,9 +282,13 @@ def archive_prefix(path: str, names: list[str], *, loader: str = "torch.load") -
 
 def _named_in_data_pkl(read: Callable[[int, int], bytes], listed: list[Member], path: str) -> list[PickleImport]:
     """What the data.pkl torch.load would unpickle names, read without unpickling: every copy of it
-    where the archive repeats the name (torch reads one of them, which one depends on its zip reader)."""
-    wanted = listed[0].name.split("/", 1)[0] + "/data.pkl" if listed else ""
+    where the archive repeats the name (torch reads one of them, which one depends on its zip reader);
+    and, for a TorchScript archive, the code torch.jit.load runs."""
+    prefix = listed[0].name.split("/", 1)[0] + "/" if listed else ""
+    wanted = prefix + "data.pkl"
     counts: Counter[str] = Counter()
+    if listed and is_torchscript_archive([member.name for member in listed], prefix):
+        counts[TORCHSCRIPT_CODE] += 1
     for member in listed:
         if member.name != wanted:
             continue
