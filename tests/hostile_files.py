@@ -252,6 +252,21 @@ def legacy_tar(tmp: Path, marker: Path, payload_in: str | None) -> Path:
     return path
 
 
+def tar_header_bomb(tmp: Path, size: int = 1 << 30) -> Path:
+    """A tar whose first header is a pax header `size` bytes long (tarfile reads one whole), the file
+    sparse past its first block: cheap on disk, as large as the header claims."""
+    import tarfile
+
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, size
+    path = tmp / "pax-header-bomb.tar"
+    with open(path, "wb") as stream:
+        stream.write(header.tobuf(format=tarfile.USTAR_FORMAT))
+        stream.seek(512 + size - 1)
+        stream.write(b"\0")
+    return path
+
+
 def _written(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path

@@ -385,6 +385,15 @@ def _import_baseline_mb() -> float:
     return _BASELINE[0]
 
 
+def test_a_tar_header_bomb_is_not_read_whole(tmp_path: Path) -> None:
+    # tarfile reads a pax header whole: one claiming 1 GB must not be read to say what the tar is
+    path = hostile.tar_header_bomb(tmp_path)
+    result = _run_measured(_OPEN_REFUSED.format(path=str(path)))
+    assert result["refused"] and "tar archive" in result["message"], result
+    assert result["peak_mb"] < 100 + _import_baseline_mb(), result
+    assert cli_main(["scan", str(path)]) == 3  # torch would read it and go on: what follows is unknown
+
+
 def test_overlapping_view_statistics_stay_bounded(tmp_path: Path) -> None:
     path = hostile.overlapping_view(tmp_path)
     code = (f"import ckptview\nckpt = ckptview.open({str(path)!r})\n"

@@ -508,11 +508,14 @@ def legacy_tar_imports(path: str) -> list[PickleImport] | None:
 
     members: dict[str, Any] = {}  # the last member of each name torch reads, as its getmember finds it
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with open(path, "rb") as raw, tarfile.open(fileobj=_HeaderReads(raw), mode="r:") as tar:
             while (member := tar.next()) is not None:
                 if member.name in ("storages", "tensors", "pickle"):
                     members[member.name] = member
                 tar.members.clear()  # a tar of a million files is stepped through, not held
+    except _HeaderTooLarge:
+        # torch would read it whole and go on: what lies past it is not known
+        return [PickleImport("<unknown: a tar header of more than 16 MB, which ckptview does not read>", 1)]
     except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeDecodeError):
         return None
     unpicklers: list[SafeUnpickler] = []
@@ -525,6 +528,31 @@ def legacy_tar_imports(path: str) -> list[PickleImport] | None:
         if named:
             return named + unknown
     return merge_imports(unpicklers) + unknown
+
+
+class _HeaderTooLarge(Exception):
+    pass
+
+
+class _HeaderReads:
+    """A file for tarfile to step through headers with: it reads a pax or GNU long-name header whole,
+    so a header claiming gigabytes would be read into memory; a read of more than 16 MB raises."""
+
+    _LIMIT = 16 << 20
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or size > self._LIMIT:
+            raise _HeaderTooLarge()
+        return self._raw.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
 
 
 def _step_legacy_tar(data: Any, path: str, members: dict[str, Any], unpicklers: list[SafeUnpickler],
