@@ -131,6 +131,32 @@ def test_custom_object_in_a_keras3_config_is_code(tmp_path: Path) -> None:
     assert code == 3 and "my_project.layers.Gate" in out
 
 
+@pytest.mark.parametrize("kind", ["h5-weight-missing", "keras-weights-damaged"])
+def test_code_in_the_config_of_a_refused_file_is_still_code(tmp_path: Path, kind: str) -> None:
+    # load_model builds the model from its config (running a Lambda, importing a custom class) before
+    # it reads a weight: a file refused for its weights still needs code
+    if kind == "h5-weight-missing":
+        path = tmp_path / "lambda.h5"
+        shutil.copy(FIXTURES / "keras3_lambda.h5", path)
+        with h5py.File(path, "r+") as h5:
+            del h5["model_weights/head/head/bias"]
+        named = "Lambda 'doubler'"
+    else:
+        path = tmp_path / "custom.keras"
+        with zipfile.ZipFile(FIXTURES / "keras3_trained.keras") as source, zipfile.ZipFile(path, "w") as target:
+            config = json.loads(source.read("config.json"))
+            config["config"]["layers"][4].update(module="my_project.layers", class_name="Gate",
+                                                 registered_name="my_project>Gate")
+            target.writestr("config.json", json.dumps(config))
+            target.writestr("model.weights.h5", b"not HDF5 at all")
+        named = "my_project.layers.Gate"
+    with pytest.raises(CkptviewError, match=f"It names .*{re.escape(named)}.*keras.models.load_model") as caught:
+        ckptview.open(path)
+    assert any(named in imp.name for imp in caught.value.named_globals)
+    code, out, _ = cli("scan", str(path))
+    assert code == 3 and named in out
+
+
 def test_keras_archive_deflated_reads_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A deflated model.weights.h5 is inflated once into a temporary file, whose name is gone as soon
     as the archive is opened: nothing is left behind, even by a checkpoint never closed."""

@@ -29,6 +29,7 @@ ones through h5py, a band of rows one chunk tall at a time.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -60,6 +61,7 @@ from ckptview.readers.model import (
     TensorInfo,
     contiguous_stride,
 )
+from ckptview.readers.torch_pickle import naming
 from ckptview.readers.zip_directory import BadZip, data_offset
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -128,10 +130,29 @@ def read_keras_h5(path: str, size: int, *, trust: bool) -> Checkpoint:
 
 def read_keras_zip(path: str, size: int, *, trust: bool) -> Checkpoint:
     local_only(path, "a .keras archive")
+    with zipfile.ZipFile(path) as archive:
+        config = _zip_json(path, archive, "config.json")
+    with _config_code_counts(_code_in_config(config)):
+        return _read_keras_zip(path, size, trust, config)
+
+
+@contextlib.contextmanager
+def _config_code_counts(code: list[PickleImport]) -> Iterator[None]:
+    """load_model builds the model from its config before it reads a weight: a file refused past its
+    config still runs the code the config holds, and the refusal names it (`scan` exits 3)."""
+    try:
+        yield
+    except CkptviewError as exc:
+        error = naming(exc, code, loader="keras.models.load_model")
+        if error is exc:
+            raise
+        raise error from exc
+
+
+def _read_keras_zip(path: str, size: int, trust: bool, config: Any) -> Checkpoint:
     import h5py
 
     with zipfile.ZipFile(path) as archive:
-        config = _zip_json(path, archive, "config.json")
         metadata_json = _zip_json(path, archive, "metadata.json") if "metadata.json" in archive.namelist() else None
         member = archive.getinfo("model.weights.h5")
         if member.file_size > _MAX_EXPANSION * size:
@@ -146,7 +167,7 @@ def read_keras_zip(path: str, size: int, *, trust: bool) -> Checkpoint:
     # A stored member is read in place through the archive's own file.
     if stored:
         stream: Any = _Window(path, base_offset, member.file_size)
-        h5 = h5py.File(stream, "r", locking=False)
+        h5 = _weights_file(path, h5py, stream)
         reader = _Reader(path, size, h5, FileSource(path), base_offset=base_offset, inner_size=member.file_size,
                          keep_open=(h5, stream))
         with open(path, "rb") as raw, mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ) as data:
@@ -159,11 +180,19 @@ def read_keras_zip(path: str, size: int, *, trust: bool) -> Checkpoint:
     with _inflated_copy(path, member) as spill:
         source = FileSource(spill.name)
         source.open()
-        h5 = h5py.File(spill.name, "r", locking=False)
+        h5 = _weights_file(path, h5py, spill.name)
         reader = _Reader(path, size, h5, source, base_offset=0, inner_size=member.file_size, keep_open=(h5,))
         with mmap.mmap(spill.fileno(), 0, access=mmap.ACCESS_READ) as data:
             reader.heap_bytes = (data, 0, member.file_size)
             return reader.read(trust, config=config, metadata_json=metadata_json, format="keras")
+
+
+def _weights_file(path: str, h5py: Any, name_or_stream: Any) -> Any:
+    try:
+        return h5py.File(name_or_stream, "r", locking=False)
+    except OSError as exc:
+        raise CorruptCheckpointError(path, "its model.weights.h5 is an HDF5 file h5py cannot open "
+                                           f"({_first_line(exc)}): the archive is damaged. Save the model again.") from exc
 
 
 def _inflated_copy(path: str, member: zipfile.ZipInfo) -> Any:
@@ -429,6 +458,7 @@ class _Reader:
         self.layers: dict[str, LayerRole] = {}
         self.optimizer_name = ""
         self.heap_bytes: tuple[Any, int, int] | None = None  # (buffer, start, end) of the HDF5 file's bytes
+        self.code: list[PickleImport] = []  # what the model's config would run, once it is read
 
     # -- safety --------------------------------------------------------------------------------
 
@@ -576,7 +606,8 @@ class _Reader:
     def read(self, trust: bool, **kwargs: Any) -> Checkpoint:
         """The checkpoint; the HDF5 file stays open only when a dataset is read through h5py."""
         try:
-            return self.checkpoint(trust, **kwargs)
+            with _config_code_counts(self.code):
+                return self.checkpoint(trust, **kwargs)
         finally:
             for item in self.keep_open:  # not handed to a row source: nothing reads through h5py later
                 item.close()
@@ -587,6 +618,7 @@ class _Reader:
         h5 = self.h5
         attrs = self.attrs(h5)
         model_config = config if config is not None else _json_attr(self.path, attrs, "model_config")
+        self.code.extend(_code_in_config(model_config))
         training_config = _json_attr(self.path, attrs, "training_config")
         if training_config is None and isinstance(config, dict):  # a .keras archive keeps it in its config
             training_config = config.get("compile_config")
@@ -637,7 +669,7 @@ class _Reader:
             metadata["layers"] = ", ".join(shown) + (f", … {more} more" if more > 0 else "")
         return Checkpoint(self.path, format, root, file_size=self.size, sources=self.sources, trust=trust,
                           details=details, metadata=metadata, layers=self.layers,
-                          pickle_imports=_code_in_config(model_config))
+                          pickle_imports=self.code)
 
     def legacy_weights(self, group: Any, classes: Mapping[str, str], *, prefix: str) -> dict[str, TensorInfo]:
         weights: dict[str, TensorInfo] = {}
