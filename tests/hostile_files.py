@@ -297,6 +297,20 @@ def dcp_bytes_item_payload(tmp: Path, marker: Path) -> Path:
     return folder
 
 
+def dcp_item_replaced_by_pickle(tmp: Path, marker: Path) -> Path:
+    """A real DCP folder whose non-tensor item's bytes are overwritten, in place, by a plain pickle
+    running the payload: no torch.save archive, which dcp.load hands to torch.load all the same."""
+    folder = dcp_bytes_item_payload(tmp, marker)
+    metadata = pickle.loads((folder / ".metadata").read_bytes())  # written just now by torch: trusted
+    index, info = next((index, info) for index, info in metadata.storage_data.items() if index.fqn == "extra")
+    replacement = payload_then(None, marker)
+    data_file = folder / info.relative_path
+    data = bytearray(data_file.read_bytes())
+    data[info.offset:info.offset + info.length] = replacement + bytes(info.length - len(replacement))
+    data_file.write_bytes(data)
+    return folder
+
+
 # --- poisoning: BUILD aimed at objects the unpickler hands out or makes ------------------------
 
 def _storage_ref(storage_global: bytes, key: str, numel: int) -> bytes:

@@ -11,10 +11,17 @@ import os
 from collections import Counter
 from typing import Any
 
-from ckptview.errors import CorruptCheckpointError, ShardError, TruncatedCheckpointError, printable
+from ckptview.errors import CkptviewError, CorruptCheckpointError, ShardError, TruncatedCheckpointError, printable
 from ckptview.readers.model import Checkpoint, FileSource, PickledObject, PickleImport, TensorInfo
 from ckptview.readers.paths import resolve_inside
-from ckptview.readers.torch_pickle import code_named_before_failing, mapped, merge_imports, parse_torch_zip, unpickle
+from ckptview.readers.torch_pickle import (
+    code_named_before_failing,
+    mapped,
+    merge_imports,
+    naming,
+    parse_torch_zip,
+    unpickle,
+)
 from ckptview.readers.unpickler import DTypeRef, SafeUnpickler
 from ckptview.readers.zip_directory import NoEndRecord
 
@@ -135,11 +142,25 @@ def _read_item(path: str, fqn: str, item: Any, locations: list[tuple[Any, Any]],
     except TruncatedCheckpointError as exc:
         if not isinstance(exc.__cause__, NoEndRecord):
             raise
-        raise CorruptCheckpointError(source.path, f"item {fqn!r} at byte {start:,} is not a torch.save archive: the "
-                                                  "file is damaged. Re-save the checkpoint.") from exc
+        error = CorruptCheckpointError(source.path, f"item {fqn!r} at byte {start:,} is not a torch.save archive: the "
+                                                    "file is damaged. Re-save the checkpoint.")
+        if not is_tensor:  # dcp.load hands it to torch.load(weights_only=False), which unpickles what is no zip
+            error = naming(error, _imports_read_as_pickle(source.path, start), loader=_LOADER)
+        raise error from exc
     for imported in parsed.unpickler.pickle_imports():
         imports[imported.name] += imported.count
     return parsed.root
+
+
+def _imports_read_as_pickle(path: str, start: int) -> list[PickleImport]:
+    """What unpickling the bytes at `start` of the file imports (up to where it fails)."""
+    unpicklers: list[SafeUnpickler] = []
+    try:
+        with mapped(path) as data:
+            unpickle(data, path, "an item", unpicklers=unpicklers, start=start, loader=_LOADER)
+    except CkptviewError as exc:
+        return list(getattr(exc, "named_globals", []))
+    return merge_imports(unpicklers)
 
 
 def _refuse_overlaps(path: str, storage_data: dict[Any, Any]) -> None:
