@@ -200,7 +200,7 @@ def test_dcp_non_tensor_items_are_scanned(tmp_path: Path, capsys: pytest.Capture
     assert cli_main(["scan", str(folder)]) == 3
     said = capsys.readouterr().out
     assert ("torch.distributed.checkpoint.load would import" in said if make is hostile.dcp_bytes_item_payload
-            else f"{folder}: NEEDS CODE: damaged, but imports os.system" in said)
+            else f"{folder}: NEEDS CODE: refused, but its loader would import os.system" in said)
     assert not marker.exists()
 
 

@@ -116,7 +116,7 @@ def test_a_damaged_pickle_names_what_it_imports_before_the_damage(tmp_path: Path
     torch.save({"w": torch.ones(2)}, good)
     assert cli_main(["scan", str(good), str(path)]) == 3
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].startswith(f"{path}: NEEDS CODE: damaged, but imports os.system")
+    assert lines[1].startswith(f"{path}: NEEDS CODE: refused, but its loader would import os.system")
     assert cli_main(["info", str(path)]) == 1
     assert not marker.exists()
 

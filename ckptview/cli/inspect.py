@@ -441,8 +441,9 @@ def _scan_many(paths: list[str], args: argparse.Namespace) -> int:
             records.append(_damaged_scan_record(path, error))
             codes.append(EXIT_NEEDS_CODE)
             names = [imp.name for imp in error.named_globals]
-            line = (f"NEEDS CODE: damaged, but imports {', '.join(names[:5])}"
-                    + (f" and {len(names) - 5} more" if len(names) > 5 else "") + " before the damage")
+            # refused (damaged, or unlike what its writer makes), yet its loader gets as far as these
+            line = (f"NEEDS CODE: refused, but its loader would import {', '.join(names[:5])}"
+                    + (f" and {len(names) - 5} more" if len(names) > 5 else "") + " (`ckptview info` says why)")
         elif ckpt is None:
             records.append({"path": path, "error": str(error), "needs_code": None})
             codes.append(1)
