@@ -311,6 +311,18 @@ def test_timeline_text_writes_steps_whole_and_huge_figures_short(tmp_path: Path,
     assert "1234567" in rows[0] and "2469134" in rows[1] and "5.237e+30 w" in rows[1]
 
 
+@pytest.mark.parametrize("validation", [False, True])
+def test_timeline_text_has_a_column_for_the_deciding_metric_unless_it_is_the_loss(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], validation: bool) -> None:
+    # best by the training loss printed the loss column twice, both headed "loss"
+    for epoch in (1, 2):
+        torch.save({"model": {"w": torch.full((4,), float(epoch))}, "epoch": epoch, "loss": 1.0 / epoch,
+                    **({"val_acc": 0.5 + epoch / 10} if validation else {})}, tmp_path / f"epoch_{epoch}.pt")
+    assert main(["timeline", str(tmp_path), "--no-cache"]) == 0
+    header = capsys.readouterr().out.splitlines()[1].split()
+    assert header.count("loss") == 1 and ("val_acc" in header) == validation
+
+
 def test_timeline_says_what_not_moving_means(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """It said "relative change below 0" of a layer whose changes were all exactly 0."""
     for epoch in (1, 2, 3, 4):

@@ -56,7 +56,8 @@ def _num(value: Any) -> str:
 
 def render_timeline(summary: RunSummary) -> str:
     """The run as text: one row per checkpoint (epoch, step, the best metric, largest module change), then findings."""
-    metric = summary.best.metric if summary.best else None
+    # the metric that decided the best checkpoint gets a column of its own, unless it is the loss
+    metric = summary.best.metric if summary.best and summary.best.metric != "loss" else None
     largest = summary.largest_change()
     nonfinite = set(summary.nonfinite)
     rows = []
@@ -68,12 +69,14 @@ def render_timeline(summary: RunSummary) -> str:
         if checkpoint.path in nonfinite:
             marks.append("NaN/Inf")
         rows.append((checkpoint.name, _num(checkpoint.epoch), _num(checkpoint.step),
-                     _num(checkpoint.scalars.get("loss")), _num(checkpoint.scalars.get(metric)) if metric else "-",
+                     _num(checkpoint.scalars.get("loss")),
+                     *((_num(checkpoint.scalars.get(metric)),) if metric else ()),
                      _num(checkpoint.scalars.get("lr")), f"{_num(change)} {module}".strip(), " ".join(marks)))
-    header = ("checkpoint", "epoch", "step", "loss", metric or "metric", "lr", "largest change (module)", "marks")
+    header = ("checkpoint", "epoch", "step", "loss", *((metric,) if metric else ()), "lr", "largest change (module)",
+              "marks")
     count = len(summary.checkpoints)
     lines = [f"{count} checkpoint{'' if count == 1 else 's'}, ordered {summary.order_note}",
-             text_table(rows, header, align_right=(1, 2, 3, 4, 5))]
+             text_table(rows, header, align_right=tuple(range(1, header.index("lr") + 1)))]
     if summary.best:
         lines.append(f"best: {os.path.basename(summary.best.path)} ({summary.best.metric} = "
                      f"{_num(summary.best.value)}), {summary.best.note}")
