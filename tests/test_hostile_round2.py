@@ -204,6 +204,24 @@ def test_dcp_non_tensor_items_are_scanned(tmp_path: Path, capsys: pytest.Capture
     assert not marker.exists()
 
 
+def test_a_damaged_dcp_metadata_naming_only_dcp_classes_is_no_code(tmp_path: Path) -> None:
+    # DCP's own classes are no foreign code in a damaged .metadata either: exit 1 (damaged), not 3
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "dcp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.ones(3), "epoch": 3}, checkpoint_id=str(folder), no_dist=True)
+    metadata = bytearray((folder / ".metadata").read_bytes())
+    metadata[-1] = 0xFF  # its STOP, now no opcode: the pickle fails after naming every class
+    (folder / ".metadata").write_bytes(metadata)
+    with pytest.raises(CorruptCheckpointError, match="cannot be read") as caught:
+        ckptview.open(folder)
+    assert not getattr(caught.value, "named_globals", None) and "names" not in str(caught.value)
+
+
 def test_normal_files_scan_as_torch_reads_them(tmp_path: Path) -> None:
     for name, save in {"zip.pt": lambda p: torch.save({"w": torch.ones(2), "n": 3}, p),
                        "legacy.pt": lambda p: torch.save({"w": torch.ones(2)}, p, _use_new_zipfile_serialization=False),

@@ -145,7 +145,6 @@ def _open_file(path: str, head: bytes, size: int, *, trust: bool, shard_of: str 
     raise naming(UnsupportedFormatError(path, not_a_checkpoint(head)), named)
 
 
-
 def _scan_pickle_reading(ckpt: Checkpoint, head: bytes, size: int) -> None:
     """
     torch.load(weights_only=False) unpickles every file that is not a zip or tar archive, whatever

@@ -76,7 +76,8 @@ def read_dcp(path: str, *, trust: bool) -> Checkpoint:
 def _read_items(path: str, metadata_path: str, unpicklers: list[SafeUnpickler],
                 imports: Counter[str]) -> tuple[dict[Any, Any], dict[str, FileSource]]:
     with mapped(metadata_path) as data:
-        metadata, _, _ = unpickle(data, metadata_path, "its .metadata", unpicklers=unpicklers, loader=_LOADER)
+        metadata, _, _ = unpickle(data, metadata_path, "its .metadata", unpicklers=unpicklers, loader=_LOADER,
+                                  own_classes=_DCP_CLASSES)
     items = _field(metadata, "state_dict_metadata")
     storage_data = _field(metadata, "storage_data")
     if not isinstance(items, dict) or not isinstance(storage_data, dict):

@@ -94,13 +94,15 @@ def _why(exc: BaseException) -> str:
 def unpickle(data: bytes | mmap.mmap, path: str, what: str, storage_for: Any = None,
              unpicklers: list[SafeUnpickler] | None = None, start: int = 0, *, writer: str = "torch.save",
              loader: str = "torch.load(weights_only=False)",
-             persistent_load: Callable[[Any], Any] | None = None) -> tuple[Any, SafeUnpickler, int]:
+             persistent_load: Callable[[Any], Any] | None = None,
+             own_classes: frozenset[str] = frozenset()) -> tuple[Any, SafeUnpickler, int]:
     """
     Unpickle the pickle at `start` of `data`; return its value, its unpickler and the offset just
     past it. `unpicklers`, when given, collects the unpickler even when the pickle is damaged, so
     the globals it named before failing are known. `writer` and `loader` name, in the message
     about a damaged pickle, what writes such files and what would unpickle this one.
-    `persistent_load`: see `SafeUnpickler`.
+    `persistent_load`: see `SafeUnpickler`. `own_classes`: the loader's own, which a damaged pickle's
+    message does not count as code (DCP's metadata classes).
     """
     refused = None
     try:
@@ -130,6 +132,7 @@ def unpickle(data: bytes | mmap.mmap, path: str, what: str, storage_for: Any = N
             # torch's may read on where this one refused, or its stand-ins failed where real objects
             # would not, so the globals the rest of the pickle names count too
             named += _named_without_unpickling(data, start, known={imp.name for imp in named})
+        named = [imp for imp in named if imp.name not in own_classes]
         error = CorruptCheckpointError(
             path, f"{what} cannot be read: {_why(exc)}. The file is damaged or was not written by {writer}; "
                   f"re-save it, or copy it again.{_named_sentence(named, 'the damage', loader)}",
