@@ -263,6 +263,55 @@ def test_saved_model_with_a_file_op_is_code_and_never_runs(tmp_path: Path) -> No
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("name", ("keras2_savedmodel_lambda", "keras2_savedmodel_lambda_pre25"))
+def test_keras2_saved_model_with_a_lambda_is_code_and_never_runs(tmp_path: Path, name: str) -> None:
+    """
+    `tf_keras.models.load_model` ran the Lambda layer's bytecode of both layouts (keras_metadata.pb,
+    and the layer configs in saved_model.pb's object graph as before TF 2.5), `tf.saved_model.load`
+    did not: what the fixture script recorded. scan named neither code before.
+    """
+    ran = report(f"{name}.json")
+    assert ran["tf_keras.models.load_model ran the Lambda"] and not ran["tf.saved_model.load ran the Lambda"]
+    marker = Path("/tmp/ckptview-keras-lambda-ran")
+    marker.unlink(missing_ok=True)
+    folder = tmp_path / name
+    shutil.copytree(FIXTURES / name, folder)
+    for path in (folder, folder / "saved_model.pb"):
+        code, out, err = cli("scan", str(path))
+        assert code == 3, (out, err)
+        assert "keras.layers.Lambda 'doubler'" in out and "tf.keras.models.load_model runs it" in out
+    with ckptview.open(folder) as ckpt:
+        assert [imp.name.split(" ")[0] for imp in ckpt.pickle_imports] == ["keras.layers.Lambda"]
+        assert sorted(entry.name for entry in ckpt.tensors()) == ["head.bias", "head.kernel"]
+        ckpt.tensor("head.kernel").load()
+    check_every_tab(folder)
+    assert not marker.exists()
+
+
+def test_keras_metadata_is_read_as_protobuf_reads_it(tmp_path: Path) -> None:
+    folder = tmp_path / "lambda"
+    shutil.copytree(FIXTURES / "keras2_savedmodel_lambda", folder)
+    metadata = folder / "keras_metadata.pb"
+    original = metadata.read_bytes()
+    # a group (field 9) SavedMetadata does not have: protobuf keeps it as an unknown field and reads on,
+    # and load_model ran the Lambda all the same
+    metadata.write_bytes(b"\x4b\x08\x01\x4c" + original)
+    code, out, _ = cli("scan", str(folder))
+    assert code == 3 and "keras.layers.Lambda 'doubler'" in out, out
+    # cut off: protobuf refuses it, and load_model with it, before any layer is called; the SavedModel
+    # itself (what tf.saved_model.load reads) is whole
+    metadata.write_bytes(original[:len(original) // 2])
+    code, out, _ = cli("scan", str(folder))
+    assert code == 0, out
+    with ckptview.open(folder) as ckpt:
+        assert "damaged" in ckpt.details["keras_metadata"] and not ckpt.pickle_imports
+    # linked out of the folder: refused, as linked variables are
+    (tmp_path / "elsewhere.pb").write_bytes(original)
+    metadata.unlink()
+    metadata.symlink_to(tmp_path / "elsewhere.pb")
+    refused(folder / "saved_model.pb", CorruptCheckpointError, "not a file inside its folder")
+
+
 def test_saved_model_variables_linked_out_of_the_folder_are_refused(tmp_path: Path) -> None:
     folder = tmp_path / "linked"
     shutil.copytree(FIXTURES / "savedmodel", folder)

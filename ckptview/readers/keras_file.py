@@ -132,7 +132,7 @@ def read_keras_zip(path: str, size: int, *, trust: bool) -> Checkpoint:
     local_only(path, "a .keras archive")
     with zipfile.ZipFile(path) as archive:
         config = _zip_json(path, archive, "config.json")
-    with _config_code_counts(_code_in_config(config)):
+    with _config_code_counts(code_in_config(config)):
         return _read_keras_zip(path, size, trust, config)
 
 
@@ -618,7 +618,7 @@ class _Reader:
         h5 = self.h5
         attrs = self.attrs(h5)
         model_config = config if config is not None else _json_attr(self.path, attrs, "model_config")
-        self.code.extend(_code_in_config(model_config))
+        self.code.extend(code_in_config(model_config))
         training_config = _json_attr(self.path, attrs, "training_config")
         if training_config is None and isinstance(config, dict):  # a .keras archive keeps it in its config
             training_config = config.get("compile_config")
@@ -939,7 +939,7 @@ def _walk_dicts(node: Any) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]
             stack.extend((value, parents) for value in item)
 
 
-def _code_in_config(model_config: Any) -> list[PickleImport]:
+def code_in_config(model_config: Any) -> list[PickleImport]:
     """
     What loading the model would run: a `Lambda` layer holds marshalled Python bytecode that
     `load_model` executes (Keras 3 refuses it only in safe mode), and a class from outside Keras

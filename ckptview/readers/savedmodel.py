@@ -9,10 +9,14 @@ variables are read as the TensorFlow checkpoint they are (`variables/variables.i
 Ops that touch the file system or run Python (`ReadFile`, `WriteFile`, `PyFunc`, ...) are listed
 in `Checkpoint.pickle_imports`, so `ckptview scan` exits 3 naming them. The checkpoint machinery
 every SavedModel has (`SaveV2`, `RestoreV2`, `MergeV2Checkpoints` in its saver functions) is not.
+So is what a Keras 2 SavedModel's layer configs would run: `tf.keras.models.load_model` rebuilds
+the model from them (keras_metadata.pb), calling a `Lambda` layer's marshalled bytecode, which
+`tf.saved_model.load` never reads.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from typing import Any
@@ -31,6 +35,7 @@ CODE_OPS = {
     "FixedLengthRecordDataset": "reads files", "LoadAndRemapMatrix": "reads a checkpoint file",
 }
 _MAX_PB_BYTES = 2 << 30  # protobuf's own limit for one message
+KERAS_METADATA = "keras_metadata.pb"
 
 
 def _text(value: Any) -> str:
@@ -93,6 +98,7 @@ def read_meta_graphs(path: str, data: bytes) -> list[dict[str, Any]]:
         graph_ops: Counter[str] = Counter()
         functions: dict[str, Counter[str]] = {}
         signatures: dict[str, Any] = {}
+        keras_configs: list[bytes] = []
         for field, field_wire, value in _fields(meta):
             if field == 1 and field_wire == 2:  # MetaInfoDef
                 for info_number, info_wire, info in _fields(value):
@@ -120,9 +126,65 @@ def read_meta_graphs(path: str, data: bytes) -> list[dict[str, Any]]:
             elif field == 5 and field_wire == 2:  # signature_def map entry
                 parts = {n: v for n, w, v in _fields(value) if w == 2}
                 signatures[_text(parts.get(1, b""))] = _signature(parts.get(2, b""))
+            elif field == 7 and field_wire == 2:  # SavedObjectGraph
+                keras_configs.extend(_user_object_metadata(value))
         graphs.append({"tags": tags, "tensorflow_version": version, "signatures": signatures,
-                       "graph_ops": dict(graph_ops), "functions": {k: dict(v) for k, v in functions.items()}})
+                       "graph_ops": dict(graph_ops), "functions": {k: dict(v) for k, v in functions.items()},
+                       "keras_configs": keras_configs})
     return graphs
+
+
+def _user_object_metadata(object_graph: bytes) -> list[bytes]:
+    """
+    The layer configs SavedModels written before TF 2.5 keep in their object graph (every
+    `SavedUserObject.metadata` of its nodes), which `tf.keras.models.load_model` reads when the
+    folder has no keras_metadata.pb. All of them, and every copy of a repeated field: what this
+    reads decides only what counts as code.
+    """
+    found = []
+    for number, wire, node in _fields(object_graph):
+        if number == 1 and wire == 2:
+            for kind, kind_wire, user_object in _fields(node):
+                if kind == 4 and kind_wire == 2:
+                    found.extend(value for field, field_wire, value in _fields(user_object)
+                                 if field == 3 and field_wire == 2)
+    return found
+
+
+def _keras_code(path: str, folder: str, graphs: list[dict[str, Any]], details: dict[str, Any]) -> list[PickleImport]:
+    """
+    What `tf.keras.models.load_model` would run of a Keras 2 SavedModel: it rebuilds the model
+    from the JSON config of every layer (`SavedMetadata.nodes[].metadata` of keras_metadata.pb,
+    else the object graph's) and calls the layers on its inputs, Lambda layers' bytecode included.
+    A keras_metadata.pb that does not decode is noted in `details`: protobuf refuses it too, and
+    load_model with it, before anything runs.
+    """
+    from ckptview.readers.keras_file import code_in_config
+
+    configs = [config for graph in graphs for config in graph["keras_configs"]]
+    if os.path.lexists(os.path.join(folder, KERAS_METADATA)):
+        metadata_path = resolve_inside(folder, KERAS_METADATA, named_by=path, what="the Keras metadata")
+        details["files"] = [*details.get("files", []), KERAS_METADATA]
+        if os.path.getsize(metadata_path) > _MAX_PB_BYTES:
+            details["keras_metadata"] = "over 2 GB, more than protobuf reads: tf.keras.models.load_model refuses it"
+        else:
+            with open(metadata_path, "rb") as stream:
+                data = stream.read()
+            try:
+                configs += [value for number, wire, node in _fields(data) if number == 1 and wire == 2
+                            for field, field_wire, value in _fields(node) if field == 5 and field_wire == 2]
+            except (IndexError, ValueError):
+                details["keras_metadata"] = "damaged (does not decode): tf.keras.models.load_model refuses it"
+    documents = []
+    for config in configs:
+        try:
+            # as Keras reads it (json_utils.decode is json.loads), and protobuf's strings are UTF-8
+            documents.append(json.loads(bytes(config).decode("utf-8")))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            continue  # load_model fails on it as it gets there, before it calls any layer
+    # tf.saved_model.load reads no layer config: only Keras's loader runs these
+    return [PickleImport(f"{found.name} (tf.keras.models.load_model runs it)", found.count)
+            for found in code_in_config(documents)]
 
 
 def _code_ops(graphs: list[dict[str, Any]]) -> list[PickleImport]:
@@ -168,13 +230,14 @@ def read_saved_model(path: str, size: int, *, trust: bool) -> Checkpoint:
         "functions": {name: ops for g in graphs for name, ops in g["functions"].items()},
         "op_counts": dict(op_counts),
     }
-    imports = _code_ops(graphs)
     folder = os.path.dirname(os.path.abspath(path))
+    imports = _code_ops(graphs) + _keras_code(path, folder, graphs, details)
     index = os.path.join(folder, "variables", "variables.index")
     if os.path.lexists(index):
         # `variables` (or the index) being a link out of the SavedModel's folder is refused
         index = resolve_inside(folder, "variables/variables.index", named_by=path, what="the variables index")
-        details["files"] = ["variables/variables.index"]  # read as part of the model (its data files are sources)
+        # read as part of the model (its data files are sources)
+        details["files"] = [*details.get("files", []), "variables/variables.index"]
         bundle = TensorBundle(index, os.path.getsize(index))
         ckpt = bundle.checkpoint(trust, format="savedmodel", details=details, pickle_imports=imports, path=path,
                                  extra_size=size)

@@ -104,9 +104,37 @@ def _fields(buf: bytes) -> Iterator[tuple[int, int, Any]]:
             if pos + 8 > end:
                 raise IndexError(pos)
             value, pos = struct.unpack_from("<Q", buf, pos)[0], pos + 8
+        elif wire == 3:
+            # a group (proto2's nesting, deprecated): protobuf keeps one in a field it does not know as
+            # an unknown field and reads on, so it is stepped over here, not refused
+            start = pos
+            pos = _group_end(buf, pos, end, number)
+            value = buf[start:pos]
         else:
             raise ValueError(f"wire type {wire}")
         yield number, wire, value
+
+
+def _group_end(buf: bytes, pos: int, end: int, number: int) -> int:
+    """Where the group opened just before `pos` ends, past its end tag (groups nest; no recursion)."""
+    open_groups = [number]
+    while open_groups:
+        tag, pos = _varint(buf, pos, end)
+        field, wire = tag >> 3, tag & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos, end)
+        elif wire == 2:
+            length, pos = _varint(buf, pos, end)
+            pos += length
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        elif wire == 3:
+            open_groups.append(field)
+        elif wire != 4 or open_groups.pop() != field:
+            raise ValueError(f"wire type {wire} in a group")
+        if pos > end:
+            raise IndexError(pos)
+    return pos
 
 
 def _signed(value: int) -> int:
