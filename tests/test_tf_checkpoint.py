@@ -312,6 +312,33 @@ def test_keras_metadata_is_read_as_protobuf_reads_it(tmp_path: Path) -> None:
     refused(folder / "saved_model.pb", CorruptCheckpointError, "not a file inside its folder")
 
 
+def test_checkpoint_ops_outside_the_saver_are_code() -> None:
+    """
+    SaveV2 in a serving function wrote files where its prefix said when TensorFlow served the model,
+    and one the saver's restore op runs did as TF1's loader loaded it (what the fixture script
+    recorded); every SavedModel's own saver has SaveV2 and RestoreV2 too, in functions (TF2) or in
+    the graph itself (TF1), and they are no code.
+    """
+    ran = report("savedmodel_savev2.json")
+    assert ran["files after serving"] and not ran["files after tf.saved_model.load"]
+    code, out, _ = cli("scan", str(FIXTURES / "savedmodel_savev2"))
+    assert code == 3, out
+    assert "tf.raw_ops.SaveV2" in out and "beyond the saver's own save; in function __inference_serve" in out
+    # TF1's loader runs the saver's restore op as it loads: a SaveV2 that op runs wrote files then
+    assert report("tf1_savedmodel_restore_writes.json")["files after tf.compat.v1.saved_model.load"]
+    code, out, _ = cli("scan", str(FIXTURES / "tf1_savedmodel_restore_writes"))
+    assert code == 3 and "tf.raw_ops.SaveV2" in out and "beyond the saver's own save; in the graph" in out, out
+    assert report("tf1_savedmodel.json")["saver ops in the graph"] == ["RestoreV2", "SaveV2"]
+    for name in ("savedmodel", "tf1_savedmodel", "keras2_savedmodel_lambda"):
+        with ckptview.open(FIXTURES / name) as ckpt:
+            assert ckpt.details["op_counts"]["SaveV2"] and ckpt.details["op_counts"]["RestoreV2"]
+            assert not [imp.name for imp in ckpt.pickle_imports if "saver's own" in imp.name]
+    code, out, _ = cli("scan", str(FIXTURES / "tf1_savedmodel"))
+    assert code == 0, out
+    with ckptview.open(FIXTURES / "tf1_savedmodel") as ckpt:
+        assert ckpt.tensor("w").load().reshape(-1).tolist() == [1.0, 2.0]
+
+
 def test_saved_model_variables_linked_out_of_the_folder_are_refused(tmp_path: Path) -> None:
     folder = tmp_path / "linked"
     shutil.copytree(FIXTURES / "savedmodel", folder)

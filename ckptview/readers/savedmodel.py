@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from typing import Any
+from typing import Any, NamedTuple
 
 from ckptview.errors import CorruptCheckpointError, TruncatedCheckpointError
 from ckptview.readers.model import Checkpoint, PickleImport
@@ -33,6 +33,15 @@ CODE_OPS = {
     "WholeFileReader": "reads files", "WholeFileReaderV2": "reads files", "ImmutableConst": "maps a file into memory",
     "CreateSummaryFileWriter": "writes files", "TextLineDataset": "reads files", "TFRecordDataset": "reads files",
     "FixedLengthRecordDataset": "reads files", "LoadAndRemapMatrix": "reads a checkpoint file",
+}
+# what every SavedModel's saver runs, and code anywhere else (`_checkpoint_ops_outside_the_saver`)
+# op -> (the saver's part that may run it, what it does)
+CHECKPOINT_OPS = {
+    "SaveV2": ("save", "writes checkpoint files where its prefix says"), "Save": ("save", "writes a checkpoint file"),
+    "SaveSlices": ("save", "writes a checkpoint file"),
+    "MergeV2Checkpoints": ("save", "writes checkpoint files and deletes others"),
+    "RestoreV2": ("restore", "reads checkpoint files where its prefix says"),
+    "Restore": ("restore", "reads checkpoint files"), "RestoreSlice": ("restore", "reads checkpoint files"),
 }
 _MAX_PB_BYTES = 2 << 30  # protobuf's own limit for one message
 KERAS_METADATA = "keras_metadata.pb"
@@ -80,12 +89,58 @@ def _signature(message: bytes) -> dict[str, Any]:
             "method_name": method}
 
 
-def _ops(nodes: list[bytes]) -> Counter[str]:
-    counts: Counter[str] = Counter()
-    for node in nodes:
-        op = next((_text(v) for n, w, v in _fields(node) if n == 2 and w == 2), "")
-        counts[op] += 1
-    return counts
+class _Node(NamedTuple):
+    """What a NodeDef says of what runs: its name, op, inputs and the library functions it calls."""
+
+    name: str
+    op: str
+    inputs: list[str]
+    calls: set[str]
+
+
+def _called(attr_value: bytes) -> set[str]:
+    """Every function an AttrValue names (`func`, a list's `func`s, and those in their own attrs)."""
+    names: set[str] = set()
+    values, functions = [attr_value], []  # AttrValues, NameAttrLists
+    while values or functions:
+        if functions:
+            for field, wire, part in _fields(functions.pop()):
+                if field == 1 and wire == 2:
+                    names.add(_text(part))
+                elif field == 2 and wire == 2:  # its attrs: map entries whose value (2) is an AttrValue
+                    values.extend(v for n, w, v in _fields(part) if n == 2 and w == 2)
+            continue
+        for number, wire, value in _fields(values.pop()):
+            if number == 10 and wire == 2:  # AttrValue.func
+                functions.append(value)
+            elif number == 1 and wire == 2:  # AttrValue.list, whose funcs are field 9
+                functions.extend(v for n, w, v in _fields(value) if n == 9 and w == 2)
+    return names
+
+
+def _nodes(messages: list[bytes]) -> list[_Node]:
+    nodes = []
+    for message in messages:
+        name, op, inputs, calls = "", "", [], set()
+        for number, wire, value in _fields(message):
+            if wire != 2:
+                continue
+            if number == 1:
+                name = _text(value)
+            elif number == 2:
+                op = _text(value)
+            elif number == 3:
+                inputs.append(_text(value).lstrip("^").split(":")[0])
+            elif number == 5:  # attr map entry: the AttrValue is field 2
+                for field, field_wire, attr in _fields(value):
+                    if field == 2 and field_wire == 2:
+                        calls |= _called(attr)
+        nodes.append(_Node(name, op, inputs, calls))
+    return nodes
+
+
+def _ops(nodes: list[_Node]) -> Counter[str]:
+    return Counter(node.op for node in nodes)
 
 
 def read_meta_graphs(path: str, data: bytes) -> list[dict[str, Any]]:
@@ -95,10 +150,12 @@ def read_meta_graphs(path: str, data: bytes) -> list[dict[str, Any]]:
             continue
         tags: list[str] = []
         version = ""
-        graph_ops: Counter[str] = Counter()
-        functions: dict[str, Counter[str]] = {}
+        graph_nodes: list[_Node] = []
+        functions: dict[str, list[_Node]] = {}
         signatures: dict[str, Any] = {}
         keras_configs: list[bytes] = []
+        saver_nodes: dict[str, list[str]] = {"save": [], "restore": []}
+        object_functions: set[str] = set()
         for field, field_wire, value in _fields(meta):
             if field == 1 and field_wire == 2:  # MetaInfoDef
                 for info_number, info_wire, info in _fields(value):
@@ -121,17 +178,93 @@ def read_meta_graphs(path: str, data: bytes) -> list[dict[str, Any]]:
                                     name = next((_text(v) for n, w, v in _fields(part) if n == 1 and w == 2), "")
                                 elif fn_number == 3 and fn_wire == 2:
                                     body.append(part)
-                            functions[name] = _ops(body)
-                graph_ops = _ops(nodes)
+                            functions[name] = functions.get(name, []) + _nodes(body)
+                graph_nodes += _nodes(nodes)
+            elif field == 3 and field_wire == 2:  # SaverDef: the nodes that save (2) and restore (3) variables
+                for n, w, v in _fields(value):
+                    if n in (2, 3) and w == 2:
+                        saver_nodes["save" if n == 2 else "restore"].append(_text(v).split(":")[0])
             elif field == 5 and field_wire == 2:  # signature_def map entry
                 parts = {n: v for n, w, v in _fields(value) if w == 2}
                 signatures[_text(parts.get(1, b""))] = _signature(parts.get(2, b""))
             elif field == 7 and field_wire == 2:  # SavedObjectGraph
-                keras_configs.extend(_user_object_metadata(value))
+                configs, called = _object_graph(value)
+                keras_configs += configs
+                object_functions |= called
         graphs.append({"tags": tags, "tensorflow_version": version, "signatures": signatures,
-                       "graph_ops": dict(graph_ops), "functions": {k: dict(v) for k, v in functions.items()},
-                       "keras_configs": keras_configs})
+                       "graph_ops": dict(_ops(graph_nodes)),
+                       "functions": {name: dict(_ops(body)) for name, body in functions.items()},
+                       "keras_configs": keras_configs,
+                       "checkpoint_ops": _checkpoint_ops_outside_the_saver(graph_nodes, functions, saver_nodes,
+                                                                           object_functions)})
     return graphs
+
+
+def _object_graph(object_graph: bytes) -> tuple[list[bytes], set[str]]:
+    """The Keras layer configs of a SavedObjectGraph (`_user_object_metadata`) and the functions its
+    objects offer to callers (SavedFunction's concrete functions, bare concrete functions)."""
+    called: set[str] = set()
+    for number, wire, node in _fields(object_graph):
+        if number == 1 and wire == 2:
+            for kind, kind_wire, value in _fields(node):
+                if kind in (6, 8) and kind_wire == 2:
+                    called |= {_text(v) for n, w, v in _fields(value) if n == 1 and w == 2}
+    return _user_object_metadata(object_graph), called
+
+
+def _reached(roots: set[str], functions: dict[str, list[_Node]]) -> set[str]:
+    """The library functions `roots` call, directly or through others (a node whose op is a function calls it)."""
+    reached: set[str] = set()
+    pending = [name for name in roots if name in functions]
+    while pending:
+        name = pending.pop()
+        if name in reached:
+            continue
+        reached.add(name)
+        for node in functions[name]:
+            pending.extend(call for call in (*node.calls, node.op) if call in functions and call not in reached)
+    return reached
+
+
+def _checkpoint_ops_outside_the_saver(graph_nodes: list[_Node], functions: dict[str, list[_Node]],
+                                      saver_nodes: dict[str, list[str]], object_functions: set[str]) -> Counter[str]:
+    """
+    The ops that write, read or delete checkpoint files (`SaveV2`, `MergeV2Checkpoints`, ...) where
+    they are more than the SavedModel's own saver: every SavedModel saves and restores its variables
+    with them (the SaverDef's save and restore nodes and what they call), but in a serving function
+    `SaveV2` writes files wherever its prefix says (TensorFlow ran one in a tf.function that way).
+    Writing ops pass only where nothing but saving reaches them, reading ops only where nothing but
+    restoring does: loaders restore as they load (TF1's, TF Serving), and restoring writes nothing.
+    """
+    by_name = {node.name: node for node in graph_nodes}
+    allowed_nodes: dict[str, set[str]] = {}
+    allowed_functions: dict[str, set[str]] = {}
+    for role, starts in saver_nodes.items():
+        needed: set[str] = set()
+        pending = [name for name in starts if name in by_name]
+        while pending:
+            name = pending.pop()
+            if name not in needed:
+                needed.add(name)
+                pending.extend(source for source in by_name[name].inputs if source in by_name and source not in needed)
+        roots = {call for name in needed for call in (*by_name[name].calls, by_name[name].op)}
+        rest = object_functions | {call for node in graph_nodes if node.name not in needed
+                                   for call in (*node.calls, node.op)}
+        allowed_nodes[role] = needed
+        allowed_functions[role] = _reached(roots, functions) - _reached(rest, functions)
+    found: Counter[str] = Counter()
+    for node in graph_nodes:
+        role = CHECKPOINT_OPS.get(node.op, ("", ""))[0]
+        if role and node.name not in allowed_nodes.get(role, ()):
+            found[f"tf.raw_ops.{node.op} ({CHECKPOINT_OPS[node.op][1]}, beyond the saver's own {role}; "
+                  "in the graph)"] += 1
+    for name, body in functions.items():
+        for node in body:
+            role = CHECKPOINT_OPS.get(node.op, ("", ""))[0]
+            if role and name not in allowed_functions.get(role, ()):
+                found[f"tf.raw_ops.{node.op} ({CHECKPOINT_OPS[node.op][1]}, beyond the saver's own {role}; "
+                      f"in function {name})"] += 1
+    return found
 
 
 def _user_object_metadata(object_graph: bytes) -> list[bytes]:
@@ -195,6 +328,8 @@ def _code_ops(graphs: list[dict[str, Any]]) -> list[PickleImport]:
             for op, count in ops.items():
                 if op in CODE_OPS:
                     found[f"tf.raw_ops.{op} ({CODE_OPS[op]}; in {where})"] += count
+    for graph in graphs:
+        found.update(graph["checkpoint_ops"])
     return [PickleImport(name, count) for name, count in found.items()]
 
 
