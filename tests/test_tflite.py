@@ -202,6 +202,21 @@ def external_model(weight: np.ndarray, **quant: object) -> bytes:
     return model + b"\0" * (offset - size) + weight.tobytes()
 
 
+def test_flex_ops_that_touch_files_are_code() -> None:
+    """The converter kept tf.io.write_file as FlexWriteFile (what the fixture script recorded), which a
+    TFLite runtime with TensorFlow's select ops runs; FlexAsString beside it is no code."""
+    recorded = json.loads((FIXTURES / "flex_writefile.tflite.json").read_text())
+    assert "FlexWriteFile" in recorded["ops"] and "not supported" in recorded["tf.lite.Interpreter refused"]
+    code, out, _ = cli("scan", str(FIXTURES / "flex_writefile.tflite"))
+    assert code == 3, out
+    assert "tf.raw_ops.WriteFile as the Flex op FlexWriteFile (writes a file" in out
+    with ckptview.open(FIXTURES / "flex_writefile.tflite") as ckpt:
+        assert [imp.name.split(" ")[0] for imp in ckpt.pickle_imports] == ["tf.raw_ops.WriteFile"]
+        assert ckpt.details["op_counts"]["CUSTOM:FlexAsString"] == 1
+    for plain in ("float.tflite", "int8.tflite"):
+        assert cli("scan", str(FIXTURES / plain))[0] == 0
+
+
 def test_buffers_stored_after_the_flatbuffer(tmp_path: Path) -> None:
     weight = np.arange(24, dtype=np.float32).reshape(4, 6) / 7
     path = tmp_path / "external.tflite"

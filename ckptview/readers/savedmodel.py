@@ -24,25 +24,9 @@ from typing import Any, NamedTuple
 from ckptview.errors import CorruptCheckpointError, TruncatedCheckpointError
 from ckptview.readers.model import Checkpoint, PickleImport
 from ckptview.readers.paths import resolve_inside
+from ckptview.readers.tf_ops import CHECKPOINT_OPS, CODE_OPS
 from ckptview.readers.tf_checkpoint import TF_DTYPES, TF_TYPE_NAMES, TensorBundle, _fields, _signed
 
-# op -> what it does that loading or serving the model would do to the machine
-CODE_OPS = {
-    "ReadFile": "reads a file", "WriteFile": "writes a file", "MatchingFiles": "lists files",
-    "PyFunc": "calls Python code", "PyFuncStateless": "calls Python code", "EagerPyFunc": "calls Python code",
-    "WholeFileReader": "reads files", "WholeFileReaderV2": "reads files", "ImmutableConst": "maps a file into memory",
-    "CreateSummaryFileWriter": "writes files", "TextLineDataset": "reads files", "TFRecordDataset": "reads files",
-    "FixedLengthRecordDataset": "reads files", "LoadAndRemapMatrix": "reads a checkpoint file",
-}
-# what every SavedModel's saver runs, and code anywhere else (`_checkpoint_ops_outside_the_saver`)
-# op -> (the saver's part that may run it, what it does)
-CHECKPOINT_OPS = {
-    "SaveV2": ("save", "writes checkpoint files where its prefix says"), "Save": ("save", "writes a checkpoint file"),
-    "SaveSlices": ("save", "writes a checkpoint file"),
-    "MergeV2Checkpoints": ("save", "writes checkpoint files and deletes others"),
-    "RestoreV2": ("restore", "reads checkpoint files where its prefix says"),
-    "Restore": ("restore", "reads checkpoint files"), "RestoreSlice": ("restore", "reads checkpoint files"),
-}
 _MAX_PB_BYTES = 2 << 30  # protobuf's own limit for one message
 KERAS_METADATA = "keras_metadata.pb"
 

@@ -27,7 +27,16 @@ import numpy as np
 
 from ckptview.errors import CorruptCheckpointError, TruncatedCheckpointError, printable
 from ckptview.lazy import torch
-from ckptview.readers.model import Checkpoint, FileSource, LayerRole, Storage, TensorInfo, contiguous_stride
+from ckptview.readers.model import (
+    Checkpoint,
+    FileSource,
+    LayerRole,
+    PickleImport,
+    Storage,
+    TensorInfo,
+    contiguous_stride,
+)
+from ckptview.readers.tf_ops import CHECKPOINT_OPS, CODE_OPS
 
 TFLITE_IDENTIFIER = b"TFL3"
 
@@ -222,7 +231,7 @@ class _Reader:
                     "operators": ", ".join(f"{name} ×{count}" for name, count in op_counts.most_common(8)),
                     "note": "; ".join(details["notes"])}  # the explorer's Overview shows metadata
         return Checkpoint(self.path, "tflite", root, file_size=self.size, sources=[self.source], trust=trust,
-                          details=details, metadata=metadata, layers=layers)
+                          details=details, metadata=metadata, layers=layers, pickle_imports=_flex_code(op_counts))
 
     def signatures(self) -> dict[str, Any]:
         """The model's SignatureDefs (what `interpreter.get_signature_list()` names): per signature key,
@@ -325,6 +334,23 @@ class _Reader:
         layers[weight] = LayerRole(module, "weight", kind, f"{'×'.join(map(str, shape))} ({layout})")
         if len(inputs) > position + 1 and names.get(inputs[position + 1]) is not None:
             layers[names[inputs[position + 1]]] = LayerRole(module, "bias", kind, "")
+
+
+def _flex_code(op_counts: Counter[str]) -> list[PickleImport]:
+    """
+    TensorFlow ops the converter kept as Flex ops (`SELECT_TF_OPS`: custom ops named "Flex" + the op)
+    that touch the file system: a TFLite runtime with TensorFlow's select ops runs their TensorFlow
+    kernels, `FlexWriteFile` writing where its input says. tf.lite.Interpreter without the Flex
+    delegate refuses the model, so they count only as what such a runtime would do.
+    """
+    found = []
+    for name, count in op_counts.items():
+        op = name.removeprefix("CUSTOM:Flex") if name.startswith("CUSTOM:Flex") else ""
+        what = CODE_OPS.get(op) or CHECKPOINT_OPS.get(op, ("", ""))[1]
+        if what:
+            found.append(PickleImport(f"tf.raw_ops.{op} as the Flex op {name.removeprefix('CUSTOM:')} ({what}, in a "
+                                      "TFLite runtime with TensorFlow's select ops)", count))
+    return found
 
 
 class _Dequantizer:
