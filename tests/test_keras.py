@@ -117,18 +117,58 @@ def test_lambda_layer_is_code_and_never_runs() -> None:
 
 
 def test_custom_object_in_a_keras3_config_is_code(tmp_path: Path) -> None:
-    path = tmp_path / "custom.keras"
+    path = keras3_with(tmp_path, "custom.keras", {"module": "my_project.layers", "class_name": "Gate",
+                                                  "registered_name": "my_project>Gate"})
+    code, out, _ = cli("scan", str(path))
+    assert code == 3 and "my_project.layers.Gate" in out
+
+
+def keras3_with(tmp_path: Path, name: str, layer_4: dict) -> Path:
+    """keras3_trained.keras with its fifth layer's record updated by `layer_4`."""
+    path = tmp_path / name
     with zipfile.ZipFile(FIXTURES / "keras3_trained.keras") as source, zipfile.ZipFile(path, "w") as target:
         for item in source.infolist():
             data = source.read(item.filename)
             if item.filename == "config.json":
                 config = json.loads(data)
-                config["config"]["layers"][4].update(module="my_project.layers", class_name="Gate",
-                                                     registered_name="my_project>Gate")
+                config["config"]["layers"][4].update(layer_4)
                 data = json.dumps(config).encode()
             target.writestr(item, data)
-    code, out, _ = cli("scan", str(path))
-    assert code == 3 and "my_project.layers.Gate" in out
+    return path
+
+
+def test_keras_utilities_and_lookalike_packages_in_a_config_are_code(tmp_path: Path) -> None:
+    # a function from keras.utils where a layer belongs: load_model calls it (Keras before 3.11 in safe
+    # mode too), and get_file downloads where its arguments say
+    utility = keras3_with(tmp_path, "get_file.keras", {"module": "keras.utils", "class_name": "function",
+                                                       "config": "get_file", "registered_name": "get_file"})
+    code, out, _ = cli("scan", str(utility))
+    assert code == 3 and "keras.utils.get_file (a Keras utility" in out, out
+    disabler = keras3_with(tmp_path, "unsafe.keras", {"module": "keras.src.config", "class_name": "function",
+                                                      "config": "enable_unsafe_deserialization"})
+    code, out, _ = cli("scan", str(disabler))
+    assert code == 3 and "enable_unsafe_deserialization" in out, out
+    # a package whose name only starts like Keras's is no part of it
+    lookalike = keras3_with(tmp_path, "lookalike.keras", {"module": "kerastools.layers", "class_name": "Gate"})
+    code, out, _ = cli("scan", str(lookalike))
+    assert code == 3 and "kerastools.layers.Gate (a custom Keras object" in out, out
+
+
+def test_tf_op_lambda_acting_on_files_is_code(tmp_path: Path) -> None:
+    """A Keras 2 TFOpLambda layer calls the TensorFlow function its config names (strings.join, as
+    tf_keras writes it for `tf.strings.join(...)` on a Keras tensor): one that writes files is code."""
+    for function, is_code in (("io.write_file", True), ("compat.v1.gfile.Remove", True), ("print", True),
+                              ("raw_ops.WriteFile", True), ("math.add", False), ("io.decode_png", False),
+                              ("raw_ops.AddV2", False)):
+        path = tmp_path / f"{function}.h5"
+        shutil.copy(FIXTURES / "keras2_trained.h5", path)
+        with h5py.File(path, "r+") as h5:
+            config = json.loads(h5.attrs["model_config"])
+            config["config"]["layers"][3].update(class_name="TFOpLambda",
+                                                 config={"name": "op", "dtype": "float32", "function": function})
+            h5.attrs["model_config"] = json.dumps(config)
+        code, out, _ = cli("scan", str(path))
+        assert (code == 3 and f"tf.{function} (a TFOpLambda layer" in out) if is_code else code == 0, (function, out)
 
 
 @pytest.mark.parametrize("kind", ["h5-weight-missing", "keras-weights-damaged"])

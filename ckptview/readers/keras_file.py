@@ -61,6 +61,7 @@ from ckptview.readers.model import (
     TensorInfo,
     contiguous_stride,
 )
+from ckptview.readers.tf_ops import CHECKPOINT_OPS, CODE_OPS
 from ckptview.readers.torch_pickle import naming
 from ckptview.readers.zip_directory import BadZip, data_offset
 
@@ -939,11 +940,40 @@ def _walk_dicts(node: Any) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]
             stack.extend((value, parents) for value in item)
 
 
+# the packages a config names as Keras's own (the top of its `module`; "kerasfoo" is not one of them)
+_KERAS_PACKAGES = frozenset({"keras", "tf_keras", "tensorflow", "keras_hub", "keras_nlp", "keras_cv"})
+# parts of Keras that act on the machine, not on tensors: a config naming a function or class from them
+# has load_model call it, and Keras versions before 3.11 did so in safe mode too (keras.utils.get_file
+# downloads a file where its arguments say; keras.config.enable_unsafe_deserialization turns safe mode
+# off for the Lambda layers read after it)
+_KERAS_UTILITY_PARTS = frozenset({"utils", "config", "saving"})
+
+
+# TensorFlow functions a Keras 2 TFOpLambda layer may name (its `function`, a TF API name) that act on the
+# machine when the model is built or run, not on tensors: files (tf.io.write_file, tf.io.gfile.rmtree,
+# tf.print's output_stream "file://..."), Python (tf.py_function), op libraries, summaries, checkpoints
+_MACHINE_TF_FUNCTIONS = ("io.write_file", "io.read_file", "io.gfile", "io.matching_files", "write_file", "read_file",
+                         "matching_files", "gfile", "saved_model", "summary", "train", "data", "keras", "print", "Print",
+                         "py_function", "numpy_function", "py_func", "debugging", "config", "load_op_library",
+                         "load_library", "sysconfig", "lite", "distribute", "tpu", "autograph", "function")
+
+
+def _machine_tf_function(name: str) -> bool:
+    for version in ("compat.v1.", "compat.v2."):
+        name = name.removeprefix(version)
+    if name.startswith("raw_ops."):
+        return name.removeprefix("raw_ops.") in CODE_OPS.keys() | CHECKPOINT_OPS.keys()
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in _MACHINE_TF_FUNCTIONS)
+
+
 def code_in_config(model_config: Any) -> list[PickleImport]:
     """
     What loading the model would run: a `Lambda` layer holds marshalled Python bytecode that
-    `load_model` executes (Keras 3 refuses it only in safe mode), and a class from outside Keras
-    (Keras 3 configs name its module; `registered_name` "package>Class") is imported and called.
+    `load_model` executes (Keras 3 refuses it only in safe mode), a class from outside Keras
+    (Keras 3 configs name its module; `registered_name` "package>Class") is imported and called,
+    and so is a Keras utility (`_KERAS_UTILITY_PARTS`) a config names where a layer, initializer or
+    activation belongs, and a Keras 2 `TFOpLambda` layer calling a TensorFlow function that acts
+    on the machine (`_MACHINE_TF_FUNCTIONS`).
     """
     found: dict[str, int] = {}
     for item, parents in _walk_dicts(model_config):
@@ -954,13 +984,22 @@ def code_in_config(model_config: Any) -> list[PickleImport]:
         if class_name == "Lambda":
             layer = config.get("name", "?")
             found[f"keras.layers.Lambda {printable(layer)!r}: a Python function stored as marshalled bytecode"] = 1
+        elif class_name == "TFOpLambda" and isinstance(config.get("function"), str) and _machine_tf_function(
+                config["function"]):
+            label = f"tf.{printable(config['function'])} (a TFOpLambda layer: the model calls it, and it acts on the machine)"
+            found[label] = found.get(label, 0) + 1
         elif class_name == "__lambda__" and not any(parent.get("class_name") == "Lambda" for parent in parents):
             found["a Python lambda stored as marshalled bytecode (__lambda__)"] = found.get(
                 "a Python lambda stored as marshalled bytecode (__lambda__)", 0) + 1
         module = item.get("module")
         registered = item.get("registered_name")
-        custom = (isinstance(module, str) and module and not module.startswith(("keras", "tensorflow"))
-                  or isinstance(registered, str) and ">" in registered)
+        parts = module.split(".") if isinstance(module, str) and module else []
+        if parts and parts[0] in _KERAS_PACKAGES and _KERAS_UTILITY_PARTS.intersection(parts[1:]):
+            called = item["config"] if class_name == "function" and isinstance(item.get("config"), str) else class_name
+            label = f"{printable(module)}.{printable(called)} (a Keras utility, not a layer: load_model calls it)"
+            found[label] = found.get(label, 0) + 1
+            continue
+        custom = (parts and parts[0] not in _KERAS_PACKAGES or isinstance(registered, str) and ">" in registered)
         if custom and class_name not in ("Lambda", "__lambda__", "__keras_tensor__", "__tensor__"):
             label = f"{module}.{class_name}" if isinstance(module, str) and module else str(registered)
             found[f"{printable(label)} (a custom Keras object: load_model imports and calls it)"] = found.get(
