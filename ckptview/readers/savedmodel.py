@@ -162,7 +162,7 @@ def read_meta_graphs(path: str, data: bytes) -> list[dict[str, Any]]:
                                     name = next((_text(v) for n, w, v in _fields(part) if n == 1 and w == 2), "")
                                 elif fn_number == 3 and fn_wire == 2:
                                     body.append(part)
-                            functions[name] = functions.get(name, []) + _nodes(body)
+                            functions.setdefault(name, []).extend(_nodes(body))
                 graph_nodes += _nodes(nodes)
             elif field == 3 and field_wire == 2:  # SaverDef: the nodes that save (2) and restore (3) variables
                 for n, w, v in _fields(value):
@@ -326,7 +326,9 @@ def read_saved_model(path: str, size: int, *, trust: bool) -> Checkpoint:
         raise CorruptCheckpointError(path, "a saved_model.pb over 2 GB, more than protobuf allows: it is damaged. Save "
                                            "the model again.")
     with open(path, "rb") as stream:
-        data = stream.read()
+        # a view: every message is read as a slice of its parent, and a frozen graph's constants (hundreds of
+        # MB) were copied at every level down to the attr holding them
+        data = memoryview(stream.read())
     try:
         graphs = read_meta_graphs(path, data)
     except IndexError:
