@@ -269,7 +269,7 @@ FORMATS: list[Format] = [
          "FlatBuffer walked with the `tflite` bindings over a memory map, never TensorFlow: constant tensors read in "
          "place (also buffers stored after the flatbuffer), int8/uint8/int16/int32 with per-tensor or per-channel "
          "scale and zero point dequantized on load as TFLite does; subgraphs, inputs/outputs and op counts in "
-         "`details`, layers from the operators"),
+         "`details`, layers from the operators; Flex ops that touch files (`FlexWriteFile`, …) named as code"),
     )),
     Format("tf-checkpoint", "TensorFlow checkpoints (<prefix>.index with its .data-* shards)", _is_tf_index,
            "ckptview.readers.tf_checkpoint:read_tf_index", (
@@ -288,7 +288,9 @@ FORMATS: list[Format] = [
                ("TensorFlow SavedModel (folder with `saved_model.pb` and `variables/`)",
                 "`saved_model.pb` decoded statically, never loaded: serving signatures (inputs/outputs, dtypes, "
                 "shapes) and op types per function in `details`; ops that read or write files or call Python "
-                "(`ReadFile`, `WriteFile`, `PyFunc`, …) named as code; the variables read as a TF checkpoint"),
+                "(`ReadFile`, `WriteFile`, `PyFunc`, …, and checkpoint ops such as `SaveV2` outside the model's own "
+                "saver) named as code, and so are a Keras 2 SavedModel's `Lambda` layers and custom objects "
+                "(`keras_metadata.pb`: `tf.keras.models.load_model` runs them); the variables read as a TF checkpoint"),
            )),
     Format("keras", "Keras 3 .keras archives", _is_keras_zip, "ckptview.readers.keras_file:read_keras_zip", (
         ("Keras 3 `.keras` archive",
