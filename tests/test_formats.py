@@ -627,6 +627,31 @@ def test_dcp_metadata_payload_not_run(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def test_dcp_metadata_named_alone_opens_its_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`.metadata` named alone was read as a bare pickle: DCP's own classes and pathlib's were called
+    foreign code (scan exit 3). It is the checkpoint's index; a crafted one is still code."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "dcp"
+    dcp.save({"w": torch.ones(3)}, checkpoint_id=str(folder))
+    assert main(["scan", str(folder / ".metadata")]) == 0
+    assert "no foreign code (torch-dcp)" in capsys.readouterr().out
+    with ckptview.open(folder / ".metadata") as ckpt:
+        assert ckpt.format == "torch-dcp" and torch.equal(ckpt.tensor("w").load(), torch.ones(3))
+    marker = tmp_path / "dcp-pwned"
+    (folder / ".metadata").write_bytes(pickle.dumps(RunsACommand(marker)))
+    assert main(["scan", str(folder / ".metadata")]) == 3
+    assert not marker.exists()
+    # without DCP's data files beside it, a `.metadata` is a file like any other
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / ".metadata").write_bytes(pickle.dumps({"step": 3}))
+    assert main(["scan", str(alone / ".metadata")]) == 0
+    assert "(pickle" in capsys.readouterr().out
+
+
 def test_dcp_items_overlapping_in_a_data_file_are_refused(tmp_path: Path) -> None:
     """DCP writes each item once. An item whose range starts earlier than its archive (over the item
     before it) still parses, as bytes before an archive shift its offsets, so a crafted .metadata could

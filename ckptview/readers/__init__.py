@@ -88,6 +88,13 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False, shard_
     if not stat.S_ISREG(info.st_mode):
         raise UnsupportedFormatError(path, "not a regular file (a device, socket or pipe); give the path of a "
                                            "checkpoint file")
+    if shard_of is None and os.path.basename(path) == ".metadata" and _beside_dcp_data(path):
+        # a DCP checkpoint's index, which dcp.load reads with its data files: alone it read as a bare pickle,
+        # whose classes (DCP's own, pathlib's) were called foreign code
+        from ckptview.readers.dcp import read_dcp
+
+        with gc_paused(), _errors_as_ours(path, "this checkpoint folder"):
+            return read_dcp(os.path.dirname(os.path.abspath(path)), trust=trust)
     try:
         with open(path, "rb") as stream:
             head = stream.read(HEAD_BYTES)
@@ -105,6 +112,14 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust: bool = False, shard_
             # young collection walked all of them (8 ms for 20,000)
             ckpt.tensors()
         return ckpt
+
+
+def _beside_dcp_data(path: str) -> bool:
+    try:
+        with os.scandir(os.path.dirname(os.path.abspath(path))) as entries:
+            return any(entry.name.endswith(".distcp") for entry in entries)
+    except OSError:
+        return False
 
 
 def _open_file(path: str, head: bytes, size: int, *, trust: bool, shard_of: str | None) -> Checkpoint:
