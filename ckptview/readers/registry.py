@@ -364,7 +364,7 @@ DIRECTORY_ROWS: tuple[tuple[str, str], ...] = (
     ("`torch.distributed.checkpoint` folder (`.metadata` + `*.distcp`)",
      "the metadata parsed with the same safe unpickler; each item's bytes read in place; items overlapping in a "
      "data file refused (DCP writes each once); a non-tensor item's pickle scanned too (`dcp.load` reads it with "
-     "`torch.load(weights_only=False)`)"),
+     "`torch.load(weights_only=False)`); its `.metadata` named alone opens the folder"),
     ("Hugging Face `Trainer` checkpoint folder (`checkpoint-500/`: `trainer_state.json` beside the model)",
      "one training checkpoint: the model file (or sharded set), `optimizer.pt`, `scheduler.pt`, `scaler.pt`, "
      "`rng_state*.pth` and `training_args.bin`, each by its own reader, with epoch, step and the last logged "
