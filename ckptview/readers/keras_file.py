@@ -95,6 +95,9 @@ _KERAS3_VARS = {  # the order a Keras 3 layer creates its variables in, for `var
     "GRUCell": ("kernel", "recurrent_kernel", "bias"), "SimpleRNNCell": ("kernel", "recurrent_kernel", "bias"),
     "PReLU": ("alpha",),
 }
+# the nested layers' groups (`layers/<layer>/<key>/vars`) of a Keras 3 layer class, in the order the class
+# makes them: the order of the model's trainable variables, and so of the optimizer's
+_NESTED_ORDER = {"MultiHeadAttention": ("query_dense", "key_dense", "value_dense", "output_dense")}
 # Keras 3 optimizers: their slot variables per trainable variable, in creation order
 _SLOTS = {"adam": ("momentum", "velocity"), "adamw": ("momentum", "velocity"), "nadam": ("momentum", "velocity"),
           "adamax": ("m", "u"), "sgd": ("momentum",), "rmsprop": ("velocity", "momentum"), "adagrad": ("accumulator",)}
@@ -460,6 +463,7 @@ class _Reader:
         self.optimizer_name = ""
         self.heap_bytes: tuple[Any, int, int] | None = None  # (buffer, start, end) of the HDF5 file's bytes
         self.code: list[PickleImport] = []  # what the model's config would run, once it is read
+        self.nested_order_unknown: list[str] = []  # layers whose nested layers' variable order is not known
 
     # -- safety --------------------------------------------------------------------------------
 
@@ -702,9 +706,26 @@ class _Reader:
                    for layer in _layer_configs(model_config)}
         groups = [(self._module_name(h5, path), path, group) for path, group in self._vars_groups(h5)
                   if path.split("/")[0] != "optimizer"]
-        # HDF5 lists a group's members by name; the config has the model's own layer order
+        # HDF5 lists a group's members by name; the config has the model's own layer order, and a layer
+        # class its nested layers' (the order of the optimizer's variables, which have no names)
         order = {name: index for index, name in enumerate(configs)}
-        groups.sort(key=lambda item: order.get(item[0].split(".")[0], len(order)))
+
+        def made_before(item: tuple[str, str, Any]) -> tuple[int, int]:
+            top = item[0].split(".")[0]
+            nested = _NESTED_ORDER.get(str((configs.get(top) or {}).get("class_name")), ())
+            key = item[1].split("/")[-1]
+            return order.get(top, len(order)), nested.index(key) if key in nested else len(nested)
+
+        groups.sort(key=made_before)
+        # layers whose nested layers' order is not known: the optimizer's variables cannot be matched to them
+        nested: dict[str, set[str]] = {}
+        for module, path, _ in groups:
+            if "." in module:
+                nested.setdefault(module.split(".")[0], set()).add(path.split("/")[-1])
+        self.nested_order_unknown = sorted(
+            top for top, keys in nested.items()
+            if len(keys) > 1 and not keys <= set(_NESTED_ORDER.get(str((configs.get(top) or {}).get("class_name")),
+                                                                   ())))
         for module, path, group in groups:
             key = path.rpartition("/")[2]
             layer_config = configs.get(module) if "." not in module else None
@@ -730,7 +751,10 @@ class _Reader:
                              else parts[index + 1])
                 index += 2
             else:
-                names.append(parts[index])
+                # a nested layer (`multi_head_attention/query_dense`): its own name too (`query`), as Keras's paths
+                vars_group = self.child(h5, "/".join(parts[:index + 1]) + "/vars")
+                names.append(str(self.attrs(vars_group).get("name", parts[index])) if vars_group is not None
+                             else parts[index])
                 index += 1
         return ".".join(names)
 
@@ -762,7 +786,8 @@ class _Reader:
         count = sum(1 for name in group if name.isdigit())
         tensors = [self.tensor(self.dataset(group, str(index)), f"optimizer_weights.vars.{index}")
                    for index in range(count)]
-        kind = re.sub(r"_\d+$", "", str(self.attrs(group).get("name", ""))).lower()
+        # Keras 3.15 names AdamW's group "adam_w" (the class name in snake case), older ones "adamw"
+        kind = re.sub(r"_\d+$", "", str(self.attrs(group).get("name", ""))).lower().replace("_", "")
         self.optimizer_name = _OPTIMIZER_CLASSES.get(kind, kind)
         trainable = [name for name in weights if self.kinds.get(name, ("", "", ""))[2] not in
                      ("moving_mean", "moving_variance")]
@@ -772,6 +797,7 @@ class _Reader:
         # Keras 3 writes the iteration count and learning rate first, then each optimizer's slots
         # variable by variable, in the order of the model's trainable variables
         if (slot_names and len(tensors) >= 2 and len(rest) == len(slot_names) * len(trainable)
+                and not self.nested_order_unknown
                 and all(rest[i * len(slot_names) + j].shape == weights[param].shape
                         for i, param in enumerate(trainable) for j in range(len(slot_names)))):
             named = [("iteration", tensors[0]), ("learning_rate", tensors[1])]
@@ -842,7 +868,8 @@ def _class_from_key(key: str) -> str:
     special = {"conv1d": "Conv1D", "conv2d": "Conv2D", "conv3d": "Conv3D", "depthwise_conv2d": "DepthwiseConv2D",
                "separable_conv2d": "SeparableConv2D", "conv2d_transpose": "Conv2DTranspose", "re_lu": "ReLU",
                "p_re_lu": "PReLU", "lstm_cell": "LSTMCell", "gru_cell": "GRUCell", "simple_rnn_cell": "SimpleRNNCell",
-               "cell": "LSTMCell"}
+               "cell": "LSTMCell", "query_dense": "EinsumDense", "key_dense": "EinsumDense",
+               "value_dense": "EinsumDense", "output_dense": "EinsumDense"}
     return special.get(base, "".join(part.capitalize() for part in base.split("_")))
 
 
