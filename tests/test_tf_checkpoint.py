@@ -315,8 +315,8 @@ def test_keras_metadata_is_read_as_protobuf_reads_it(tmp_path: Path) -> None:
 def test_checkpoint_ops_outside_the_saver_are_code() -> None:
     """
     SaveV2 in a serving function wrote files where its prefix said when TensorFlow served the model,
-    and one the saver's restore op runs did as TF1's loader loaded it (what the fixture script
-    recorded); every SavedModel's own saver has SaveV2 and RestoreV2 too, in functions (TF2) or in
+    one the saver's restore op runs did as TF1's loader loaded it, and the saver's own did when a
+    serving output waited on it (what the fixture script recorded); every SavedModel's own saver has SaveV2 and RestoreV2 too, in functions (TF2) or in
     the graph itself (TF1), and they are no code.
     """
     ran = report("savedmodel_savev2.json")
@@ -327,6 +327,10 @@ def test_checkpoint_ops_outside_the_saver_are_code() -> None:
     # TF1's loader runs the saver's restore op as it loads: a SaveV2 that op runs wrote files then
     assert report("tf1_savedmodel_restore_writes.json")["files after tf.compat.v1.saved_model.load"]
     code, out, _ = cli("scan", str(FIXTURES / "tf1_savedmodel_restore_writes"))
+    assert code == 3 and "tf.raw_ops.SaveV2" in out and "beyond the saver's own save; in the graph" in out, out
+    # the saver's own SaveV2, run by a serving output that waits on it: serving wrote checkpoint files
+    assert report("tf1_savedmodel_serving_saves.json")["after serving"]
+    code, out, _ = cli("scan", str(FIXTURES / "tf1_savedmodel_serving_saves"))
     assert code == 3 and "tf.raw_ops.SaveV2" in out and "beyond the saver's own save; in the graph" in out, out
     assert report("tf1_savedmodel.json")["saver ops in the graph"] == ["RestoreV2", "SaveV2"]
     for name in ("savedmodel", "tf1_savedmodel", "keras2_savedmodel_lambda"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from ckptview.errors import CorruptCheckpointError, TruncatedCheckpointError
@@ -221,9 +222,9 @@ def _checkpoint_ops_outside_the_saver(graph_nodes: list[_Node], functions: dict[
     restoring does: loaders restore as they load (TF1's, TF Serving), and restoring writes nothing.
     """
     by_name = {node.name: node for node in graph_nodes}
-    allowed_nodes: dict[str, set[str]] = {}
-    allowed_functions: dict[str, set[str]] = {}
-    for role, starts in saver_nodes.items():
+
+    def needed_by(starts: Iterable[str]) -> set[str]:
+        """The graph nodes running `starts` runs: they and their inputs, control inputs too."""
         needed: set[str] = set()
         pending = [name for name in starts if name in by_name]
         while pending:
@@ -231,10 +232,20 @@ def _checkpoint_ops_outside_the_saver(graph_nodes: list[_Node], functions: dict[
             if name not in needed:
                 needed.add(name)
                 pending.extend(source for source in by_name[name].inputs if source in by_name and source not in needed)
-        roots = {call for name in needed for call in (*by_name[name].calls, by_name[name].op)}
-        rest = object_functions | {call for node in graph_nodes if node.name not in needed
+        return needed
+
+    parts = {role: needed_by(starts) for role, starts in saver_nodes.items()}
+    in_the_saver = set().union(*parts.values())
+    # what anything else runs (a serving output with a control input on the saver's SaveV2 runs it)
+    needed_by_the_rest = needed_by(node.name for node in graph_nodes if node.name not in in_the_saver)
+    allowed_nodes: dict[str, set[str]] = {}
+    allowed_functions: dict[str, set[str]] = {}
+    for role, needed in parts.items():
+        only_this = needed - needed_by_the_rest
+        roots = {call for name in only_this for call in (*by_name[name].calls, by_name[name].op)}
+        rest = object_functions | {call for node in graph_nodes if node.name not in only_this
                                    for call in (*node.calls, node.op)}
-        allowed_nodes[role] = needed
+        allowed_nodes[role] = only_this
         allowed_functions[role] = _reached(roots, functions) - _reached(rest, functions)
     found: Counter[str] = Counter()
     for node in graph_nodes:
