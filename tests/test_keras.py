@@ -162,8 +162,9 @@ def test_tf_op_lambda_acting_on_files_is_code(tmp_path: Path) -> None:
     """A Keras 2 TFOpLambda layer calls the TensorFlow function its config names (strings.join, as
     tf_keras writes it for `tf.strings.join(...)` on a Keras tensor): one that writes files is code."""
     for function, is_code in (("io.write_file", True), ("compat.v1.gfile.Remove", True), ("print", True),
-                              ("raw_ops.WriteFile", True), ("math.add", False), ("io.decode_png", False),
-                              ("raw_ops.AddV2", False)):
+                              ("raw_ops.WriteFile", True), ("debugging.experimental.enable_dump_debug_info", True),
+                              ("math.add", False), ("io.decode_png", False), ("raw_ops.AddV2", False),
+                              ("debugging.assert_equal", False)):
         path = tmp_path / f"{function}.h5"
         shutil.copy(FIXTURES / "keras2_trained.h5", path)
         with h5py.File(path, "r+") as h5:

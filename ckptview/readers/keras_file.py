@@ -981,8 +981,9 @@ _KERAS_UTILITY_PARTS = frozenset({"utils", "config", "saving"})
 # tf.print's output_stream "file://..."), Python (tf.py_function), op libraries, summaries, checkpoints
 _MACHINE_TF_FUNCTIONS = ("io.write_file", "io.read_file", "io.gfile", "io.matching_files", "write_file", "read_file",
                          "matching_files", "gfile", "saved_model", "summary", "train", "data", "keras", "print", "Print",
-                         "py_function", "numpy_function", "py_func", "debugging", "config", "load_op_library",
-                         "load_library", "sysconfig", "lite", "distribute", "tpu", "autograph", "function")
+                         "py_function", "numpy_function", "py_func", "debugging.experimental", "config",
+                         "load_op_library", "load_library", "sysconfig", "lite", "distribute", "tpu", "autograph",
+                         "function")
 
 
 def _machine_tf_function(name: str) -> bool:
