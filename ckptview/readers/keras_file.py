@@ -710,10 +710,12 @@ class _Reader:
         # class its nested layers' (the order of the optimizer's variables, which have no names)
         order = {name: index for index, name in enumerate(configs)}
 
+        def nested_order(top: str) -> tuple[str, ...]:
+            return _NESTED_ORDER.get(str((configs.get(top) or {}).get("class_name")), ())
+
         def made_before(item: tuple[str, str, Any]) -> tuple[int, int]:
             top = item[0].split(".")[0]
-            nested = _NESTED_ORDER.get(str((configs.get(top) or {}).get("class_name")), ())
-            key = item[1].split("/")[-1]
+            nested, key = nested_order(top), item[1].split("/")[-1]
             return order.get(top, len(order)), nested.index(key) if key in nested else len(nested)
 
         groups.sort(key=made_before)
@@ -722,10 +724,8 @@ class _Reader:
         for module, path, _ in groups:
             if "." in module:
                 nested.setdefault(module.split(".")[0], set()).add(path.split("/")[-1])
-        self.nested_order_unknown = sorted(
-            top for top, keys in nested.items()
-            if len(keys) > 1 and not keys <= set(_NESTED_ORDER.get(str((configs.get(top) or {}).get("class_name")),
-                                                                   ())))
+        self.nested_order_unknown = sorted(top for top, keys in nested.items()
+                                           if len(keys) > 1 and not keys <= set(nested_order(top)))
         for module, path, group in groups:
             key = path.rpartition("/")[2]
             layer_config = configs.get(module) if "." not in module else None

@@ -12,7 +12,6 @@ called), so `scan` names every global numpy would import, and its data is never 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import struct
@@ -162,7 +161,13 @@ def read_npz(path: str, size: int, *, trust: bool) -> Checkpoint:
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, NotImplementedError) as exc:
         raise CorruptCheckpointError(path, f"its zip directory is damaged ({exc}): the .npz was cut off or "
                                            "corrupted. Copy it again or re-save it with numpy.savez.") from exc
-    with archive, _object_arrays_count_on_failure(archive, path):
+    from ckptview.readers.torch_pickle import code_named_before_failing, merge_imports
+
+    # numpy.load reads an .npz ckptview refuses (members compressed with bzip2 or lzma, which zipfile
+    # inflates; members that overlap) and unpickles an object array as it is asked for one: what the
+    # pickles of its object arrays import counts, and the refusal names it (`scan` exits 3)
+    with archive, code_named_before_failing(lambda: _object_array_imports(archive, path), failure=None,
+                                            loader="numpy.load(allow_pickle=True)"):
         refuse_overlapping_members(path, [Member(info.filename, info.header_offset, info.compress_type,
                                                  info.compress_size, info.file_size, info.flag_bits, info.CRC)
                                           for info in archive.infolist()], "the .npz")
@@ -177,46 +182,32 @@ def read_npz(path: str, size: int, *, trust: bool) -> Checkpoint:
     details: dict[str, Any] = {"members": members}
     if pickled:
         details["allow_pickle"] = ALLOW_PICKLE.format(names=", ".join(pickled))
-    from ckptview.readers.torch_pickle import merge_imports
-
     return Checkpoint(path, "npz", root, file_size=size, sources=[source], pickle_imports=merge_imports(unpicklers),
                       trust=trust, details=details)
 
 
-@contextlib.contextmanager
-def _object_arrays_count_on_failure(archive: zipfile.ZipFile, path: str) -> Iterator[None]:
-    """
-    numpy.load reads an .npz ckptview refuses (members compressed with bzip2 or lzma, which zipfile
-    inflates; members that overlap) and unpickles an object array as it is asked for one: what the
-    pickles of its object arrays import counts, and the refusal names it (`scan` exits 3).
-    """
-    try:
-        yield
-    except CkptviewError as exc:
-        from ckptview.readers.torch_pickle import merge_imports, naming
+def _object_array_imports(archive: zipfile.ZipFile, path: str) -> list[PickleImport]:
+    """What the pickles of the archive's object arrays import, read member by member as numpy.load would."""
+    from ckptview.readers.torch_pickle import merge_imports
 
-        unpicklers, unknown = [], []
-        for info in archive.infolist():
-            try:
-                with archive.open(info) as stream:
-                    _, _, dtype, _ = _header(stream, path, f"member {info.filename}")  # type: ignore[arg-type]
-                    header_len = stream.tell()
-                if not dtype.hasobject:
-                    continue
-                if info.file_size > _MAX_REFUSED_OBJECT_PICKLE_BYTES:
-                    unknown.append(PickleImport(f"<unknown: member {printable(info.filename)}'s object array, "
-                                                "too large to read for a refused .npz>", 1))
-                    continue
-                unpicklers.append(_scan_object_pickle(archive.read(info), path, f"member {info.filename}",
-                                                      header_len))
-            except CkptviewError as damaged:
-                unknown.extend(getattr(damaged, "named_globals", []))
-            except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error, NotImplementedError):
-                continue  # numpy.load cannot read it either
-        error = naming(exc, merge_imports(unpicklers) + unknown, loader="numpy.load(allow_pickle=True)")
-        if error is exc:
-            raise
-        raise error from exc
+    unpicklers, unknown = [], []
+    for info in archive.infolist():
+        try:
+            with archive.open(info) as stream:
+                _, _, dtype, _ = _header(stream, path, f"member {info.filename}")  # type: ignore[arg-type]
+                header_len = stream.tell()
+            if not dtype.hasobject:
+                continue
+            if info.file_size > _MAX_REFUSED_OBJECT_PICKLE_BYTES:
+                unknown.append(PickleImport(f"<unknown: member {printable(info.filename)}'s object array, "
+                                            "too large to read for a refused .npz>", 1))
+                continue
+            unpicklers.append(_scan_object_pickle(archive.read(info), path, f"member {info.filename}", header_len))
+        except CkptviewError as damaged:
+            unknown.extend(getattr(damaged, "named_globals", []))
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error, NotImplementedError):
+            continue  # numpy.load cannot read it either
+    return merge_imports(unpicklers) + unknown
 
 
 _MAX_REFUSED_OBJECT_PICKLE_BYTES = 64 << 20

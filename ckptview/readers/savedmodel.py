@@ -186,15 +186,23 @@ def read_meta_graphs(path: str, data: bytes) -> list[dict[str, Any]]:
 
 
 def _object_graph(object_graph: bytes) -> tuple[list[bytes], set[str]]:
-    """The Keras layer configs of a SavedObjectGraph (`_user_object_metadata`) and the functions its
-    objects offer to callers (SavedFunction's concrete functions, bare concrete functions)."""
+    """
+    Of a SavedObjectGraph, in one walk of its nodes: the layer configs SavedModels written before TF
+    2.5 keep there (every `SavedUserObject.metadata`, which `tf.keras.models.load_model` reads when the
+    folder has no keras_metadata.pb; all of them, and every copy of a repeated field: what this reads
+    decides only what counts as code), and the functions its objects offer to callers (SavedFunction's
+    concrete functions, bare concrete functions).
+    """
+    configs: list[bytes] = []
     called: set[str] = set()
     for number, wire, node in _fields(object_graph):
         if number == 1 and wire == 2:
             for kind, kind_wire, value in _fields(node):
-                if kind in (6, 8) and kind_wire == 2:
+                if kind == 4 and kind_wire == 2:
+                    configs.extend(v for field, field_wire, v in _fields(value) if field == 3 and field_wire == 2)
+                elif kind in (6, 8) and kind_wire == 2:
                     called |= {_text(v) for n, w, v in _fields(value) if n == 1 and w == 2}
-    return _user_object_metadata(object_graph), called
+    return configs, called
 
 
 def _reached(roots: set[str], functions: dict[str, list[_Node]]) -> set[str]:
@@ -262,23 +270,6 @@ def _checkpoint_ops_outside_the_saver(graph_nodes: list[_Node], functions: dict[
     return found
 
 
-def _user_object_metadata(object_graph: bytes) -> list[bytes]:
-    """
-    The layer configs SavedModels written before TF 2.5 keep in their object graph (every
-    `SavedUserObject.metadata` of its nodes), which `tf.keras.models.load_model` reads when the
-    folder has no keras_metadata.pb. All of them, and every copy of a repeated field: what this
-    reads decides only what counts as code.
-    """
-    found = []
-    for number, wire, node in _fields(object_graph):
-        if number == 1 and wire == 2:
-            for kind, kind_wire, user_object in _fields(node):
-                if kind == 4 and kind_wire == 2:
-                    found.extend(value for field, field_wire, value in _fields(user_object)
-                                 if field == 3 and field_wire == 2)
-    return found
-
-
 def _keras_code(path: str, folder: str, graphs: list[dict[str, Any]], details: dict[str, Any]) -> list[PickleImport]:
     """
     What `tf.keras.models.load_model` would run of a Keras 2 SavedModel: it rebuilds the model
@@ -323,7 +314,6 @@ def _code_ops(graphs: list[dict[str, Any]]) -> list[PickleImport]:
             for op, count in ops.items():
                 if op in CODE_OPS:
                     found[f"tf.raw_ops.{op} ({CODE_OPS[op]}; in {where})"] += count
-    for graph in graphs:
         found.update(graph["checkpoint_ops"])
     return [PickleImport(name, count) for name, count in found.items()]
 

@@ -181,18 +181,22 @@ def naming(exc: CkptviewError, named: list[PickleImport], failure: str | None = 
 
 @contextlib.contextmanager
 def code_named_before_failing(named_so_far: list[SafeUnpickler] | Callable[[], list[PickleImport]],
-                              loader: str = "torch.load(weights_only=False)") -> Iterator[None]:
+                              loader: str = "torch.load(weights_only=False)",
+                              failure: str | None = "that point") -> Iterator[None]:
     """
     torch.load unpickles as it reads and fails where ckptview does (a storage the archive lacks, a
     protocol record it does not know, storages cut off after the data pickle), having imported and
     perhaps called what the pickles named up to there. An error raised inside carries those globals
-    (`named_globals`, which `scan` reports as code) and says so. `named_so_far`: the unpicklers of
-    the pickles read, or what gives the globals they named.
+    (`named_globals`, which `scan` reports as code) and says so (`naming`, with `failure`). `named_so_far`:
+    the unpicklers of the pickles read, or what gives the globals they named, asked only when the error
+    names none yet (it may read the file again).
     """
     try:
         yield
     except CkptviewError as exc:
-        error = naming(exc, named_so_far() if callable(named_so_far) else merge_imports(named_so_far), "that point",
+        if getattr(exc, "named_globals", None):
+            raise
+        error = naming(exc, named_so_far() if callable(named_so_far) else merge_imports(named_so_far), failure,
                        loader)
         if error is exc:
             raise
@@ -362,15 +366,10 @@ def parse_torch_zip(source: Any, path: str, file_size: int, base_offset: int = 0
     read = archive_reader(source.read)
 
     listed = zip_members(path, read, archive_size)
-    try:
+    # refused where torch.load would unpickle data.pkl all the same (members that overlap, a repeated
+    # name, a storage re-zipped with deflate, ...): what data.pkl names counts
+    with code_named_before_failing(lambda: _named_in_data_pkl(read, listed, path), failure=None):
         return _parse_listed(source, path, file_size, base_offset, archive_reader, listed)
-    except CkptviewError as exc:
-        # refused where torch.load would unpickle data.pkl all the same (members that overlap, a
-        # repeated name, a storage re-zipped with deflate, ...): what data.pkl names counts
-        error = exc if getattr(exc, "named_globals", None) else naming(exc, _named_in_data_pkl(read, listed, path))
-        if error is exc:
-            raise
-        raise error from exc
 
 
 def _parse_listed(source: Any, path: str, file_size: int, base_offset: int,
